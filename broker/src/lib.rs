@@ -1,0 +1,11 @@
+//! broker: verify CI job OIDC tokens, decide with CEL policies, mint job-scoped credentials,
+//! revoke them when the job ends, and audit every decision. See ARCHITECTURE.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod oidc;
+pub mod policy;
+pub mod providers;
+pub mod secret;
+pub mod store;
+pub mod time;

@@ -1,0 +1,17 @@
+//! Policies: YAML files under `policies/` declaring credentials, CEL rules and test cases.
+//! Compiled once at load; evaluated per exchange. Default deny; a matching deny rule wins.
+//!
+//! INTERFACE CONTRACT (other modules rely on these names).
+
+use crate::oidc::Platform;
+use serde_json::{Map, Value};
+
+/// What a policy sees of one exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyInput<'a> {
+    /// Configured issuer name.
+    pub issuer: &'a str,
+    pub platform: Platform,
+    /// Verified claims (`claims` in CEL).
+    pub claims: &'a Map<String, Value>,
+}

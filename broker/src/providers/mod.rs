@@ -1,0 +1,171 @@
+//! The provider boundary: one trait that every credential kind implements.
+//!
+//! A credential definition in a policy file selects its kind by key (`api_token:`, later
+//! `postgres:`, `aws_sts:`); [`CredentialSpec`] is the closed set of kinds. A kind without a
+//! provider configured in this broker fails closed at load.
+
+pub mod api_token;
+pub mod template;
+
+use crate::oidc::VerifiedClaims;
+use crate::secret::Sensitive;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+pub use api_token::ApiTokenSpec;
+
+/// Credential kinds, as stored in grants and audit events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    ApiToken,
+}
+
+impl CredentialKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::ApiToken => "api_token",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "api_token" => Some(CredentialKind::ApiToken),
+            _ => None,
+        }
+    }
+}
+
+/// Kind-specific parameters of a credential definition (from a policy file).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialSpec {
+    ApiToken(ApiTokenSpec),
+}
+
+impl CredentialSpec {
+    pub fn kind(&self) -> CredentialKind {
+        match self {
+            CredentialSpec::ApiToken(_) => CredentialKind::ApiToken,
+        }
+    }
+}
+
+/// A named credential definition, as loaded from `policies/`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CredentialDef {
+    pub name: String,
+    pub description: Option<String>,
+    /// Upper bound on any grant's TTL for this credential.
+    #[serde(with = "crate::time::serde_duration")]
+    pub max_ttl: Duration,
+    pub spec: CredentialSpec,
+}
+
+/// One value in a minted credential's response.
+#[derive(Debug, Clone)]
+pub enum Field {
+    /// Shown as-is (host, username, expiry).
+    Public(serde_json::Value),
+    /// A secret: masked by clients, never logged or audited.
+    Secret(Sensitive),
+}
+
+/// What `mint` produced.
+#[derive(Debug)]
+pub struct Minted {
+    /// Response fields in order.
+    pub fields: Vec<(String, Field)>,
+    /// When the credential really stops working (may be later than asked, e.g. AWS's 900 s).
+    pub expires_at: OffsetDateTime,
+    /// Non-secret details kept with the grant (needed to revoke; shown in audit).
+    pub details: serde_json::Value,
+}
+
+/// Inputs to a mint.
+#[derive(Debug)]
+pub struct MintRequest<'a> {
+    pub grant_id: Uuid,
+    pub credential: &'a CredentialDef,
+    /// Decided before minting and already recorded in the grant intent.
+    pub resource_id: &'a str,
+    pub claims: &'a VerifiedClaims,
+    pub now: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
+/// A credential recorded in a grant, as the reaper and revoke path see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IssuedCredential {
+    pub name: String,
+    pub kind: CredentialKind,
+    pub resource_id: String,
+    /// Non-secret details from the intent (and from `Minted::details` once active).
+    pub details: serde_json::Value,
+}
+
+/// Provider failures, each with a stable reason code.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The target system could not be reached or refused the operation transiently.
+    #[error("target unavailable: {0}")]
+    TargetUnavailable(String),
+    /// A claim value could not be used in a template.
+    #[error("invalid claim value: {0}")]
+    InvalidClaim(String),
+    /// The definition cannot be served by this broker's configuration.
+    #[error("misconfigured: {0}")]
+    Misconfigured(String),
+    #[error("internal provider error: {0}")]
+    Internal(String),
+}
+
+impl ProviderError {
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            ProviderError::TargetUnavailable(_) => "target_unavailable",
+            ProviderError::InvalidClaim(_) => "invalid_claim_value",
+            ProviderError::Misconfigured(_) => "provider_misconfigured",
+            ProviderError::Internal(_) => "provider_error",
+        }
+    }
+}
+
+/// Health of a provider for `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    pub ok: bool,
+    pub detail: Option<String>,
+}
+
+/// Outcome of a provider-wide revoke-all.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RevokeAllReport {
+    pub revoked: u64,
+    pub failed: u64,
+}
+
+/// The one trait at the provider boundary.
+#[async_trait]
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> CredentialKind;
+
+    /// Decide the resource id before minting (recorded in the grant intent so a crash between
+    /// mint and finalise leaves a revocation path). Deterministic from the grant.
+    fn resource_id(&self, grant_id: Uuid, credential: &CredentialDef) -> String;
+
+    /// Non-secret details to record with the intent (e.g. target name).
+    fn intent_details(&self, _credential: &CredentialDef) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError>;
+
+    /// Revoke one credential. Idempotent: already gone is success.
+    async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError>;
+
+    async fn health(&self) -> Health {
+        Health { ok: true, detail: None }
+    }
+}

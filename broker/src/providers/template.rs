@@ -1,0 +1,168 @@
+//! String templates over verified claims, used for API-token scopes and subjects (and later for
+//! other kinds' parameters).
+//!
+//! Syntax: literal text with `${claim}` placeholders, where `claim` is a top-level claim name
+//! (`${repository}`, `${ref}`), or `${issuer}` / `${platform}`. Parsed once at policy load.
+//!
+//! Invariant: a substituted value is validated before use: it must be a string (or number) of at
+//! most 256 bytes made of `[A-Za-z0-9._/:@+=-]`. Anything else fails the mint with
+//! `invalid_claim_value`; claims are never spliced unchecked into a credential.
+
+use crate::oidc::VerifiedClaims;
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Claim(String),
+}
+
+/// A parsed template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    source: String,
+    parts: Vec<Part>,
+}
+
+/// Why a template did not render.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("claim {0:?} is missing")]
+    Missing(String),
+    #[error("claim {0:?} has a value that is not allowed in this template")]
+    Invalid(String),
+}
+
+const MAX_VALUE: usize = 256;
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn valid_value(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_VALUE
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/:@+=-".contains(&b))
+}
+
+impl Template {
+    /// Parse `source`; errors name the problem.
+    pub fn parse(source: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = source;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                parts.push(Part::Lit(rest[..start].to_owned()));
+            }
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("template {source:?}: unclosed ${{"))?;
+            let name = &after[..end];
+            if !valid_name(name) {
+                return Err(format!("template {source:?}: bad placeholder name {name:?}"));
+            }
+            parts.push(Part::Claim(name.to_owned()));
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_owned()));
+        }
+        Ok(Self { source: source.to_owned(), parts })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Claim names this template reads.
+    pub fn claims(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Claim(c) => Some(c.as_str()),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// Render over verified claims.
+    pub fn render(&self, claims: &VerifiedClaims) -> Result<String, RenderError> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Claim(name) => {
+                    let v = match name.as_str() {
+                        "issuer" => claims.issuer.clone(),
+                        "platform" => claims.platform.as_str().to_owned(),
+                        _ => match claims.claims.get(name) {
+                            Some(Value::String(s)) => s.clone(),
+                            Some(Value::Number(n)) => n.to_string(),
+                            Some(_) => return Err(RenderError::Invalid(name.clone())),
+                            None => return Err(RenderError::Missing(name.clone())),
+                        },
+                    };
+                    if !valid_value(&v) {
+                        return Err(RenderError::Invalid(name.clone()));
+                    }
+                    out.push_str(&v);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Template {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Template::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for Template {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oidc::Platform;
+    use time::OffsetDateTime;
+
+    fn claims(v: Value) -> VerifiedClaims {
+        VerifiedClaims {
+            issuer: "github".into(),
+            platform: Platform::Github,
+            iss: "https://x".into(),
+            sub: "s".into(),
+            jti: None,
+            exp: OffsetDateTime::UNIX_EPOCH,
+            iat: None,
+            single_use: true,
+            replay_until: OffsetDateTime::UNIX_EPOCH,
+            claims: v.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn renders_claims_and_literals() {
+        let t = Template::parse("deploy:${repository}@${ref}").unwrap();
+        let c = claims(serde_json::json!({"repository": "acme/api", "ref": "refs/heads/main"}));
+        assert_eq!(t.render(&c).unwrap(), "deploy:acme/api@refs/heads/main");
+        assert_eq!(t.claims().collect::<Vec<_>>(), vec!["repository", "ref"]);
+    }
+
+    #[test]
+    fn refuses_hostile_values_and_bad_templates() {
+        let t = Template::parse("repo:${repository}").unwrap();
+        let c = claims(serde_json::json!({"repository": "acme/api\"; drop"}));
+        assert_eq!(t.render(&c), Err(RenderError::Invalid("repository".into())));
+        let c = claims(serde_json::json!({}));
+        assert_eq!(t.render(&c), Err(RenderError::Missing("repository".into())));
+        assert!(Template::parse("x${").is_err());
+        assert!(Template::parse("${a b}").is_err());
+    }
+}
