@@ -130,3 +130,69 @@ impl AuditEvent {
         }
     }
 }
+
+fn claim_str(claims: &serde_json::Map<String, serde_json::Value>, key: &str) -> Option<String> {
+    match claims.get(key)? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(truncate(s)),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Claims are attacker-influenced strings of any length; the audit log keeps a bounded prefix.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 512;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+impl JobAttribution {
+    /// Map GitHub and GitLab claim names onto one shape.
+    pub fn from_claims(claims: &crate::oidc::VerifiedClaims) -> Self {
+        use crate::oidc::Platform;
+        let c = &claims.claims;
+        let pick = |gh: &str, gl: &str| match claims.platform {
+            Platform::Github => claim_str(c, gh),
+            Platform::Gitlab => claim_str(c, gl),
+        };
+        Self {
+            issuer: Some(claims.issuer.clone()),
+            platform: Some(claims.platform.as_str().to_owned()),
+            iss: Some(claims.iss.clone()),
+            sub: Some(truncate(&claims.sub)),
+            repository: pick("repository", "project_path"),
+            repository_id: pick("repository_id", "project_id"),
+            owner: pick("repository_owner", "namespace_path"),
+            owner_id: pick("repository_owner_id", "namespace_id"),
+            git_ref: claim_str(c, "ref"),
+            sha: claim_str(c, "sha"),
+            workflow: pick("workflow", "ci_config_ref_uri"),
+            job_workflow_ref: pick("job_workflow_ref", "ci_config_ref_uri"),
+            run_id: pick("run_id", "pipeline_id"),
+            run_attempt: pick("run_attempt", "__none__"),
+            job_id: pick("check_run_id", "job_id"),
+            actor: pick("actor", "user_login"),
+            event: pick("event_name", "pipeline_source"),
+            environment: claim_str(c, "environment"),
+            runner_environment: claim_str(c, "runner_environment"),
+        }
+    }
+
+    /// The job identity kept with a grant (for job-end webhooks), as JSON.
+    pub fn job_key(&self) -> serde_json::Value {
+        serde_json::json!({
+            "platform": self.platform,
+            "repository_id": self.repository_id,
+            "run_id": self.run_id,
+            "run_attempt": self.run_attempt,
+            "job_id": self.job_id,
+        })
+    }
+}

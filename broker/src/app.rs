@@ -1,0 +1,151 @@
+//! Process wiring: build a [`Broker`] from config, serve HTTP, run the reaper and the issuer key
+//! refresher, reload policies on SIGHUP, shut down gracefully. `anyhow` lives here (startup and
+//! background tasks) and nowhere on a request path.
+
+use crate::config::{Config, LogFormat};
+use crate::http::{self, HttpLimits};
+use crate::oidc::{Verifier, VerifierOptions};
+use crate::policy::LoadOptions;
+use crate::providers::api_token::{ApiTokenProvider, SigningKeys};
+use crate::service::{Broker, BrokerParts};
+use crate::store::Store;
+use crate::time::{SharedClock, SystemClock};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Install the tracing subscriber (text or JSON).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Build the broker from a validated config.
+pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broker>> {
+    let url = cfg.store.url.resolve().map_err(|e| anyhow::anyhow!("store.url: {e}"))?;
+    let store = Store::connect(url.expose()).await.context("connecting to the store")?;
+    store.migrate().await.context("applying store migrations")?;
+    let keys = match &cfg.api_tokens.signing_key {
+        Some(k) => {
+            let active = k.resolve().map_err(|e| anyhow::anyhow!("api_tokens.signing_key: {e}"))?;
+            let retired = cfg
+                .api_tokens
+                .retired_keys
+                .iter()
+                .map(|r| r.resolve().map_err(|e| anyhow::anyhow!("api_tokens.retired_keys: {e}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            SigningKeys::from_pems(&active, &retired).context("api_tokens.signing_key")?
+        }
+        None => {
+            tracing::warn!("api_tokens.signing_key not set: using an ephemeral key (tokens stop verifying on restart; do not run replicas like this)");
+            SigningKeys::ephemeral().context("generating an ephemeral signing key")?
+        }
+    };
+    let api_tokens = Arc::new(ApiTokenProvider::new(Arc::new(keys), cfg.public_url.clone()));
+    let verifier = Verifier::new(cfg.audience.clone(), cfg.issuers.clone(), clock.clone(), VerifierOptions::default())
+        .map_err(|e| anyhow::anyhow!("issuers: {e}"))?;
+    let verifier = Arc::new(verifier);
+    verifier.warm_up().await;
+    let policy_opts = LoadOptions {
+        known_issuers: Some(cfg.issuers.iter().map(|i| i.name.clone()).collect()),
+    };
+    let broker = Broker::new(BrokerParts {
+        verifier,
+        store,
+        clock,
+        api_tokens,
+        extra_providers: Vec::new(),
+        policy_dir: cfg.policies.dir.clone(),
+        policy_opts,
+        grants: cfg.grants.clone(),
+        reaper: cfg.reaper.clone(),
+        max_credentials: cfg.limits.max_credentials_per_exchange,
+    })
+    .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Arc::new(broker))
+}
+
+/// Serve until SIGINT/SIGTERM. `on_ready` runs once the listener is bound (dev quickstart).
+pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let broker = build(&cfg, clock).await?;
+    tracing::info!(digest = %broker.policy_status().digest, "policies loaded");
+    let limits = HttpLimits {
+        max_body_bytes: cfg.limits.max_body_bytes,
+        request_timeout: std::time::Duration::try_from(cfg.limits.request_timeout).unwrap_or(std::time::Duration::from_secs(15)),
+        max_concurrency: cfg.limits.max_concurrency,
+    };
+    let app = http::router(broker.clone(), &limits);
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
+    let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
+    on_ready(addr);
+
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    let _ = stop_tx.send(true);
+    let _ = tokio::join!(reaper, refresher, reloader);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn refresh_keys(b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => b.verifier.refresh_all().await,
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install SIGHUP handler; policy reload needs a restart");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => { let _ = b.reload_policies(); }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.changed().await;
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,403 @@
+//! Broker configuration: one YAML file, environment overrides, validated once at start.
+//!
+//! Rules: unknown keys are rejected; every semantic problem is reported with its key path in
+//! one go; secrets (the store URL may hold a password, signing keys) are referenced by file path
+//! or environment variable name and held as [`Sensitive`], never echoed. `Display` of the
+//! config says whether a secret is set, never its value.
+
+use crate::oidc::IssuerConfig;
+use crate::secret::Sensitive;
+use crate::time::serde_duration;
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use time::Duration;
+
+/// A secret given by reference: exactly one of `file`, `env` (or, for non-secret-bearing values
+/// such as a SQLite path, `value`).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub file: Option<PathBuf>,
+    pub env: Option<String>,
+    /// Inline value. Allowed, but a warning is logged if it looks like it holds a password.
+    pub value: Option<String>,
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretRef")
+            .field("file", &self.file)
+            .field("env", &self.env)
+            .field("value", &self.value.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+impl SecretRef {
+    pub fn inline(v: impl Into<String>) -> Self {
+        Self { value: Some(v.into()), ..Self::default() }
+    }
+
+    /// Read the secret. Errors name the source, never the value.
+    pub fn resolve(&self) -> Result<Sensitive, String> {
+        match (&self.file, &self.env, &self.value) {
+            (Some(p), None, None) => std::fs::read_to_string(p)
+                .map(|s| Sensitive::new(s.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| format!("cannot read file {}: {}", p.display(), e.kind())),
+            (None, Some(var), None) => std::env::var(var)
+                .map(Sensitive::new)
+                .map_err(|_| format!("environment variable {var} is not set")),
+            (None, None, Some(v)) => Ok(Sensitive::new(v.clone())),
+            (None, None, None) => Err("no file, env or value given".into()),
+            _ => Err("give exactly one of file, env, value".into()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match (&self.file, &self.env, &self.value) {
+            (Some(p), _, _) => format!("file {}", p.display()),
+            (_, Some(v), _) => format!("env {v}"),
+            (_, _, Some(_)) => "inline (set)".into(),
+            _ => "unset".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://…` or `sqlite:PATH`.
+    pub url: SecretRef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of policy files (a git checkout).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenConfig {
+    /// The active Ed25519 signing key (PKCS#8 PEM), e.g. `{file: /run/secrets/broker-signing.pem}`.
+    /// Unset: an ephemeral key (tokens stop verifying on restart; fine for one replica in dev).
+    pub signing_key: Option<SecretRef>,
+    /// Retired keys still published until their last token expires.
+    #[serde(default)]
+    pub retired_keys: Vec<SecretRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted (bytes).
+    pub max_body_bytes: usize,
+    /// Whole-request timeout.
+    #[serde(with = "serde_duration")]
+    pub request_timeout: Duration,
+    /// Requests in flight before new ones get 503 `overloaded`.
+    pub max_concurrency: usize,
+    /// Credentials in one exchange.
+    pub max_credentials_per_exchange: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::seconds(15),
+            max_concurrency: 1024,
+            max_credentials_per_exchange: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrantConfig {
+    /// TTL when the request names none.
+    #[serde(with = "serde_duration")]
+    pub default_ttl: Duration,
+    /// Upper bound on any grant, whatever policies say.
+    #[serde(with = "serde_duration")]
+    pub max_ttl: Duration,
+}
+
+impl Default for GrantConfig {
+    fn default() -> Self {
+        Self { default_ttl: Duration::minutes(15), max_ttl: Duration::hours(6) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReaperConfig {
+    /// How often each replica looks for due grants.
+    #[serde(with = "serde_duration")]
+    pub interval: Duration,
+    /// A grant still `issuing` after this long is treated as crashed and cleaned up.
+    #[serde(with = "serde_duration")]
+    pub stale_issuing_after: Duration,
+    /// How long a claimed revocation is reserved for one replica.
+    #[serde(with = "serde_duration")]
+    pub lease: Duration,
+    /// Grants claimed per round.
+    pub batch: u32,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::seconds(5),
+            stale_issuing_after: Duration::minutes(2),
+            lease: Duration::minutes(1),
+            batch: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `broker=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listen address, e.g. `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// The broker's public URL: `iss` of the API tokens it mints.
+    pub public_url: String,
+    /// The audience job tokens must carry (request it with `aud` in the workflow).
+    pub audience: String,
+    pub store: StoreConfig,
+    pub policies: PolicyConfig,
+    pub issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub api_tokens: ApiTokenConfig,
+    #[serde(default)]
+    pub grants: GrantConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub reaper: ReaperConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// Whether the built-in dev issuer may be configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Dev,
+}
+
+impl Config {
+    /// Parse YAML text (unknown keys rejected, with line and column).
+    pub fn parse(text: &str, source: &str) -> Result<Self, String> {
+        serde_saphyr::from_str(text).map_err(|e| format!("{source}: {e}"))
+    }
+
+    /// Read, apply environment overrides, validate.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {}", path.display(), e.kind()))?;
+        let mut cfg = Self::parse(&text, &path.display().to_string())?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        let problems = cfg.validate(Mode::Serve);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(format!("invalid config {}:\n  {}", path.display(), problems.join("\n  ")))
+        }
+    }
+
+    /// Environment overrides (`BROKER_LISTEN`, `BROKER_PUBLIC_URL`, `BROKER_AUDIENCE`,
+    /// `BROKER_STORE_URL_FILE`, `BROKER_STORE_URL_ENV`, `BROKER_POLICIES_DIR`,
+    /// `BROKER_LOG_FORMAT`, `BROKER_LOG_LEVEL`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(v) = get("BROKER_LISTEN") {
+            self.listen = v.parse().map_err(|_| format!("BROKER_LISTEN: not an address: {v:?}"))?;
+        }
+        if let Some(v) = get("BROKER_PUBLIC_URL") {
+            self.public_url = v;
+        }
+        if let Some(v) = get("BROKER_AUDIENCE") {
+            self.audience = v;
+        }
+        if let Some(v) = get("BROKER_STORE_URL_FILE") {
+            self.store.url = SecretRef { file: Some(v.into()), ..SecretRef::default() };
+        }
+        if let Some(v) = get("BROKER_STORE_URL_ENV") {
+            self.store.url = SecretRef { env: Some(v), ..SecretRef::default() };
+        }
+        if let Some(v) = get("BROKER_POLICIES_DIR") {
+            self.policies.dir = v.into();
+        }
+        if let Some(v) = get("BROKER_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                _ => return Err(format!("BROKER_LOG_FORMAT: expected text or json, got {v:?}")),
+            };
+        }
+        if let Some(v) = get("BROKER_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        Ok(())
+    }
+
+    /// Every problem, each naming its key.
+    pub fn validate(&self, mode: Mode) -> Vec<String> {
+        let mut p = Vec::new();
+        if url::Url::parse(&self.public_url).is_err() {
+            p.push(format!("public_url: not a URL: {:?}", self.public_url));
+        }
+        if self.audience.trim().is_empty() {
+            p.push("audience: required (the aud job tokens must carry)".into());
+        } else if self.audience.starts_with("https://github.com/") {
+            p.push(
+                "audience: must be specific to this broker; GitHub's default audience \
+                 (https://github.com/<owner>) is shared by every consumer"
+                    .into(),
+            );
+        }
+        if let Err(e) = self.store.url.resolve() {
+            p.push(format!("store.url: {e}"));
+        }
+        if !self.policies.dir.is_dir() {
+            p.push(format!("policies.dir: not a directory: {}", self.policies.dir.display()));
+        }
+        if self.issuers.is_empty() {
+            p.push("issuers: at least one issuer is required".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, iss) in self.issuers.iter().enumerate() {
+            if !names.insert(iss.name.clone()) {
+                p.push(format!("issuers[{i}].name: duplicate issuer name {:?}", iss.name));
+            }
+            for e in iss.validate() {
+                p.push(format!("issuers[{i}] ({}): {e}", iss.name));
+            }
+            if iss.danger_dev_issuer && mode != Mode::Dev {
+                p.push(format!(
+                    "issuers[{i}] ({}): the built-in development issuer is refused outside `broker dev`",
+                    iss.name
+                ));
+            }
+        }
+        if let Some(k) = &self.api_tokens.signing_key {
+            if let Err(e) = k.resolve() {
+                p.push(format!("api_tokens.signing_key: {e}"));
+            }
+        }
+        for (i, k) in self.api_tokens.retired_keys.iter().enumerate() {
+            if let Err(e) = k.resolve() {
+                p.push(format!("api_tokens.retired_keys[{i}]: {e}"));
+            }
+        }
+        if self.grants.default_ttl <= Duration::ZERO || self.grants.default_ttl > self.grants.max_ttl {
+            p.push("grants.default_ttl: must be positive and at most grants.max_ttl".into());
+        }
+        if self.reaper.interval <= Duration::ZERO || self.reaper.lease <= Duration::ZERO {
+            p.push("reaper.interval and reaper.lease: must be positive".into());
+        }
+        if self.limits.max_body_bytes < 1024 || self.limits.max_concurrency == 0 {
+            p.push("limits: max_body_bytes must be >= 1024 and max_concurrency >= 1".into());
+        }
+        p
+    }
+}
+
+impl fmt::Display for Config {
+    /// A summary safe to log: where secrets come from, never what they are.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "listen: {}", self.listen)?;
+        writeln!(f, "public_url: {}", self.public_url)?;
+        writeln!(f, "audience: {}", self.audience)?;
+        writeln!(f, "store.url: {}", self.store.url.describe())?;
+        writeln!(f, "policies.dir: {}", self.policies.dir.display())?;
+        let names: Vec<&str> = self.issuers.iter().map(|i| i.name.as_str()).collect();
+        writeln!(f, "issuers: {}", names.join(", "))?;
+        writeln!(
+            f,
+            "api_tokens.signing_key: {}",
+            self.api_tokens.signing_key.as_ref().map_or("ephemeral".into(), SecretRef::describe)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> String {
+        format!(
+            "listen: 127.0.0.1:8080\npublic_url: https://broker.example\naudience: https://broker.example\n\
+             store:\n  url: {{value: \"sqlite::memory:\"}}\npolicies:\n  dir: {}\nissuers:\n  - name: github\n    platform: github\n",
+            dir.display()
+        )
+    }
+
+    #[test]
+    fn parses_minimal_config_with_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(&base(d.path()), "t").unwrap();
+        assert!(cfg.validate(Mode::Serve).is_empty(), "{:?}", cfg.validate(Mode::Serve));
+        assert_eq!(cfg.grants.default_ttl, Duration::minutes(15));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_location() {
+        let d = tempfile::tempdir().unwrap();
+        let err = Config::parse(&format!("{}bogus: 1\n", base(d.path())), "broker.yaml").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.starts_with("broker.yaml"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_secrets_are_not_echoed() {
+        let text = "listen: 127.0.0.1:8080\npublic_url: nope\naudience: https://github.com/acme\n\
+                    store:\n  url: {value: \"postgres://u:hunter2@db/x\", env: X}\npolicies:\n  dir: /nonexistent\nissuers: []\n";
+        let cfg = Config::parse(text, "t").unwrap();
+        let p = cfg.validate(Mode::Serve);
+        assert!(p.len() >= 5, "{p:?}");
+        let all = p.join("\n");
+        for key in ["public_url", "audience", "store.url", "policies.dir", "issuers"] {
+            assert!(all.contains(key), "missing {key} in {all}");
+        }
+        assert!(!all.contains("hunter2"));
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert!(!format!("{cfg}").contains("hunter2"));
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = Config::parse(&base(d.path()), "t").unwrap();
+        cfg.apply_env(|k| (k == "BROKER_LISTEN").then(|| "127.0.0.1:9999".to_owned())).unwrap();
+        assert_eq!(cfg.listen.port(), 9999);
+        assert!(cfg.apply_env(|k| (k == "BROKER_LOG_FORMAT").then(|| "xml".to_owned())).is_err());
+    }
+}

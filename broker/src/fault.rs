@@ -1,0 +1,13 @@
+//! Test-only fault points. With the `fault-injection` feature, `BROKER_FAULT_POINT=<name>` makes
+//! the process abort at that point (as if killed), so end-to-end tests can prove that a crash at
+//! any step leaves nothing orphaned. Without the feature this compiles to nothing.
+
+/// Abort the process here if this point was chosen (feature `fault-injection` only).
+#[inline]
+pub fn point(_name: &str) {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("BROKER_FAULT_POINT").is_ok_and(|v| v == _name) {
+        eprintln!("fault injection: aborting at {_name}");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,178 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Error policy:
+//! - Every error response is `{"error": "<stable code>", "message": "<fixed text>"}`; clients and
+//!   the pipeline integrations switch on `error`, never on `message`.
+//! - Messages are fixed per code (plus, for policy denials, the name of the credential the
+//!   caller asked for). They never echo tokens, claims we did not verify, other policies, SQL,
+//!   connection strings or provider error text.
+//! - The detail (the typed error's `Display`, which itself never contains a secret) is logged
+//!   once here, as structured fields, at `warn` for server-side failures and `info` for refusals.
+//! - Status classes: 400 malformed request, 401 invalid job or revocation token, 403 denied by
+//!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
+//!   target unavailable (nothing was issued), 500 a bug or misconfiguration.
+
+use crate::oidc::VerifyError;
+use crate::service::ServiceError;
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An HTTP-facing error: status, stable code, fixed message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+    /// Logged, never sent.
+    detail: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None, detail: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+}
+
+fn token_message(code: &str) -> &'static str {
+    match code {
+        "malformed_token" => "the bearer token is not a well-formed JWT",
+        "unknown_issuer" => "the token's issuer is not configured on this broker",
+        "unsupported_algorithm" => "the token's signing algorithm is not allowed for its issuer",
+        "unknown_key" => "the token was signed with a key its issuer does not publish",
+        "bad_signature" => "the token's signature does not verify",
+        "bad_audience" => "the token's audience does not include this broker's audience",
+        "token_expired" => "the token has expired",
+        "token_not_yet_valid" => "the token is not valid yet",
+        "token_too_old" => "the token was issued too long ago",
+        "missing_claim" => "the token lacks a required claim",
+        "invalid_claim" => "the token has a claim of the wrong type",
+        "token_replayed" => "this token was already used; request a fresh one",
+        _ => "the token was rejected",
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        let code = e.reason_code();
+        let detail = Some(e.to_string());
+        let (status, message) = match &e {
+            ServiceError::BadRequest { code: "payload_too_large", message } => (StatusCode::PAYLOAD_TOO_LARGE, message.clone()),
+            ServiceError::BadRequest { message, .. } => (StatusCode::BAD_REQUEST, message.clone()),
+            ServiceError::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                "send the token as `Authorization: Bearer <token>`".to_owned(),
+            ),
+            ServiceError::Token(v) => token_status(v),
+            ServiceError::Replayed | ServiceError::TokenExhausted => {
+                (StatusCode::UNAUTHORIZED, token_message(code).to_owned())
+            }
+            ServiceError::Denied { credential, reason } => (
+                StatusCode::FORBIDDEN,
+                match *reason {
+                    "claims_too_large" => "the token's claims exceed the policy engine's limits".to_owned(),
+                    _ => format!("credential {credential:?} is not allowed for this job"),
+                },
+            ),
+            ServiceError::Provider { credential, error } => match error.reason_code() {
+                "target_unavailable" => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the target for credential {credential:?} is unavailable; nothing was issued"),
+                ),
+                "invalid_claim_value" => (
+                    StatusCode::FORBIDDEN,
+                    format!("credential {credential:?} cannot be issued for this job's claims"),
+                ),
+                _ => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("credential {credential:?} could not be issued; nothing was issued"),
+                ),
+            },
+            ServiceError::BadRevocationToken => {
+                (StatusCode::UNAUTHORIZED, "the revocation token is not valid".to_owned())
+            }
+            ServiceError::RevokePending => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "revocation failed and will be retried automatically".to_owned(),
+            ),
+            ServiceError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker's store is unavailable; nothing was issued".to_owned(),
+            ),
+        };
+        // Policy denials share one public code; the specific reason (no rule, deny rule, unknown
+        // credential) is in the audit log only, so callers cannot probe other policies.
+        let code = match &e {
+            ServiceError::Denied { reason, .. } if *reason != "claims_too_large" => "policy_denied",
+            _ => code,
+        };
+        let mut err = Self::new(status, code, message);
+        err.detail = detail;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            err.retry_after = Some(5);
+        }
+        err
+    }
+}
+
+fn token_status(v: &VerifyError) -> (StatusCode, String) {
+    let code = v.reason_code();
+    if v.is_unavailable() {
+        (StatusCode::SERVICE_UNAVAILABLE, "the token's issuer keys are unavailable; try again".into())
+    } else if code == "token_too_large" {
+        (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the bearer token is too large".into())
+    } else {
+        (StatusCode::UNAUTHORIZED, token_message(code).to_owned())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), code = self.code, detail = self.detail.as_deref(), "request failed");
+        } else {
+            tracing::info!(status = self.status.as_u16(), code = self.code, detail = self.detail.as_deref(), "request refused");
+        }
+        let mut resp = (self.status, Json(json!({"error": self.code, "message": self.message}))).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::ProviderError;
+
+    #[test]
+    fn mapping_is_stable() {
+        let cases: Vec<(ServiceError, u16, &str)> = vec![
+            (ServiceError::Replayed, 401, "token_replayed"),
+            (ServiceError::Denied { credential: "x".into(), reason: "no_matching_rule" }, 403, "policy_denied"),
+            (
+                ServiceError::Provider { credential: "db".into(), error: ProviderError::TargetUnavailable("conn refused to 10.0.0.1".into()) },
+                503,
+                "target_unavailable",
+            ),
+            (ServiceError::BadRevocationToken, 401, "invalid_revocation_token"),
+            (ServiceError::Store(crate::store::StoreError::Unavailable("x".into())), 503, "store_unavailable"),
+        ];
+        for (e, status, code) in cases {
+            let a = ApiError::from(e);
+            assert_eq!(a.status.as_u16(), status);
+            assert_eq!(a.code, code);
+            assert!(!a.message.contains("10.0.0.1"), "provider detail must not reach the client");
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! The broker's core: the life of one exchange, revocation, the reaper and introspection.
+//! Free of HTTP: `http/` translates requests into calls here and errors into responses.
+//!
+//! Invariants kept here:
+//! - No credential without a revocation path: the grant intent (with every resource id) is
+//!   committed before any provider mints anything.
+//! - No grant without an audit record: activation and its audit event are one transaction; a
+//!   failure after minting revokes what was minted (or leaves the grant `issuing` for the reaper).
+//! - All or nothing: one credential denied or failed → nothing issued.
+//! - An exchange that issued nothing does not consume the job token (its `jti` is released).
+//! - Every decision, allow or deny, is audited; if the audit cannot be written the caller gets
+//!   503 and no credential.
+
+use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
+use crate::config::{GrantConfig, ReaperConfig};
+use crate::oidc::{Platform, VerifiedClaims, Verifier, VerifyError};
+use crate::policy::{Bundle, Decision, LoadOptions, PolicyInput};
+use crate::providers::api_token::ApiTokenProvider;
+use crate::providers::{
+    CredentialKind, Field, IssuedCredential, MintRequest, Minted, Provider, ProviderError,
+};
+use crate::secret::{Sensitive, random_token, sha256_hex};
+use crate::store::{
+    ClaimedGrant, GrantStatus, JtiRecord, NewGrant, RevokeCause, Store, StoreError,
+};
+use crate::time::SharedClock;
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+/// Prefix of revocation tokens (so secret scanners can find leaked ones).
+pub const REVOCATION_PREFIX: &str = "brk_rvk_";
+
+/// Per-request context from the HTTP layer (non-secret).
+#[derive(Debug, Clone, Default)]
+pub struct RequestCtx {
+    pub request_id: Option<String>,
+    pub client_addr: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+/// `POST /v1/exchange` input.
+#[derive(Debug)]
+pub struct ExchangeRequest {
+    pub token: Sensitive,
+    pub credentials: Vec<String>,
+    /// As written by the caller (`15m`).
+    pub ttl: Option<String>,
+}
+
+/// One minted credential in a response.
+#[derive(Debug)]
+pub struct IssuedOutput {
+    pub name: String,
+    pub kind: CredentialKind,
+    pub fields: Vec<(String, Field)>,
+}
+
+/// `POST /v1/exchange` output.
+#[derive(Debug)]
+pub struct ExchangeResponse {
+    pub grant_id: Uuid,
+    pub expires_at: OffsetDateTime,
+    pub revocation_token: Sensitive,
+    pub credentials: Vec<IssuedOutput>,
+}
+
+/// Why an exchange, revoke or introspection did not succeed. Each maps to one HTTP status and
+/// stable code in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("bad request: {message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("token rejected: {0}")]
+    Token(#[from] VerifyError),
+    #[error("token already used")]
+    Replayed,
+    /// The job token expires (GitLab: the job ends) before any useful TTL.
+    #[error("token expires too soon to grant anything")]
+    TokenExhausted,
+    #[error("credential {credential:?} denied ({reason})")]
+    Denied { credential: String, reason: &'static str },
+    #[error("credential {credential:?} could not be issued: {error}")]
+    Provider { credential: String, error: ProviderError },
+    #[error("invalid revocation token")]
+    BadRevocationToken,
+    /// No usable `Authorization: Bearer` header.
+    #[error("missing bearer token")]
+    MissingToken,
+    #[error("revocation failed and will be retried")]
+    RevokePending,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError {
+    /// Stable reason code (also the audit `reason`).
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            ServiceError::BadRequest { code, .. } => code,
+            ServiceError::Token(e) => e.reason_code(),
+            ServiceError::Replayed => "token_replayed",
+            ServiceError::TokenExhausted => "token_expired",
+            ServiceError::Denied { reason, .. } => reason,
+            ServiceError::Provider { error, .. } => error.reason_code(),
+            ServiceError::BadRevocationToken => "invalid_revocation_token",
+            ServiceError::MissingToken => "missing_token",
+            ServiceError::RevokePending => "revoke_pending",
+            ServiceError::Store(StoreError::Replayed) => "token_replayed",
+            ServiceError::Store(_) => "store_unavailable",
+        }
+    }
+
+    fn outcome(&self) -> Outcome {
+        match self {
+            ServiceError::Provider { .. } | ServiceError::Store(_) | ServiceError::RevokePending => {
+                Outcome::Error
+            }
+            _ => Outcome::Deny,
+        }
+    }
+}
+
+/// The loaded policy bundle and what happened at the last (re)load.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyStatus {
+    pub digest: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub loaded_at: OffsetDateTime,
+    /// The last reload's error, if it was rejected (the previous bundle stays in force).
+    pub last_error: Option<String>,
+}
+
+/// Everything an exchange needs; shared behind `Arc` by the HTTP handlers and the reaper.
+pub struct Broker {
+    pub verifier: Arc<Verifier>,
+    pub store: Store,
+    pub clock: SharedClock,
+    pub api_tokens: Arc<ApiTokenProvider>,
+    providers: BTreeMap<CredentialKind, Arc<dyn Provider>>,
+    policies: ArcSwap<Bundle>,
+    policy_dir: PathBuf,
+    policy_opts: LoadOptions,
+    policy_status: Mutex<PolicyStatus>,
+    grants: GrantConfig,
+    reaper: ReaperConfig,
+    max_credentials: usize,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").field("store", &self.store.backend()).finish_non_exhaustive()
+    }
+}
+
+/// Parts to build a [`Broker`] from.
+pub struct BrokerParts {
+    pub verifier: Arc<Verifier>,
+    pub store: Store,
+    pub clock: SharedClock,
+    pub api_tokens: Arc<ApiTokenProvider>,
+    /// Providers besides the API-token one.
+    pub extra_providers: Vec<Arc<dyn Provider>>,
+    pub policy_dir: PathBuf,
+    pub policy_opts: LoadOptions,
+    pub grants: GrantConfig,
+    pub reaper: ReaperConfig,
+    pub max_credentials: usize,
+}
+
+const MAX_NAME: usize = 64;
+
+fn valid_credential_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_NAME
+        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Broker {
+    /// Load policies and assemble. A bundle that fails to load is a startup error.
+    pub fn new(parts: BrokerParts) -> Result<Self, String> {
+        let bundle = Bundle::load_dir(&parts.policy_dir, &parts.policy_opts)
+            .map_err(|e| format!("policies in {} failed to load:\n{e}", parts.policy_dir.display()))?;
+        let mut providers: BTreeMap<CredentialKind, Arc<dyn Provider>> = BTreeMap::new();
+        providers.insert(CredentialKind::ApiToken, parts.api_tokens.clone());
+        for p in parts.extra_providers {
+            providers.insert(p.kind(), p);
+        }
+        // Fail closed: a credential whose kind has no provider here cannot be served.
+        for def in bundle.credentials() {
+            if !providers.contains_key(&def.spec.kind()) {
+                return Err(format!(
+                    "credential {:?} needs a {} provider, which this broker does not configure",
+                    def.name,
+                    def.spec.kind().as_str()
+                ));
+            }
+        }
+        let status = PolicyStatus {
+            digest: bundle.digest().to_owned(),
+            loaded_at: parts.clock.now(),
+            last_error: None,
+        };
+        Ok(Self {
+            verifier: parts.verifier,
+            store: parts.store,
+            clock: parts.clock,
+            api_tokens: parts.api_tokens,
+            providers,
+            policies: ArcSwap::from_pointee(bundle),
+            policy_dir: parts.policy_dir,
+            policy_opts: parts.policy_opts,
+            policy_status: Mutex::new(status),
+            grants: parts.grants,
+            reaper: parts.reaper,
+            max_credentials: parts.max_credentials,
+        })
+    }
+
+    pub fn policies(&self) -> Arc<Bundle> {
+        self.policies.load_full()
+    }
+
+    pub fn policy_status(&self) -> PolicyStatus {
+        self.policy_status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reload policies from disk. A bundle that fails to load is rejected whole; the old one
+    /// stays in force and the error is kept for `/readyz`.
+    pub fn reload_policies(&self) -> Result<String, String> {
+        let result = Bundle::load_dir(&self.policy_dir, &self.policy_opts)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                match b.credentials().find(|d| !self.providers.contains_key(&d.spec.kind())) {
+                    Some(d) => Err(format!("credential {:?}: no {} provider", d.name, d.spec.kind().as_str())),
+                    None => Ok(b),
+                }
+            });
+        let mut st = self.policy_status.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(bundle) => {
+                let digest = bundle.digest().to_owned();
+                self.policies.store(Arc::new(bundle));
+                *st = PolicyStatus { digest: digest.clone(), loaded_at: self.clock.now(), last_error: None };
+                tracing::info!(digest = %digest, "policies reloaded");
+                Ok(digest)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, kept_digest = %st.digest, "policy reload rejected; previous bundle stays in force");
+                st.last_error = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    fn provider(&self, kind: CredentialKind) -> Result<&Arc<dyn Provider>, ProviderError> {
+        self.providers
+            .get(&kind)
+            .ok_or_else(|| ProviderError::Misconfigured(format!("no {} provider", kind.as_str())))
+    }
+
+    fn base_event(&self, now: OffsetDateTime, action: Action, ctx: &RequestCtx) -> AuditEvent {
+        let mut ev = AuditEvent::new(now, action, Outcome::Deny, "");
+        ev.request_id = ctx.request_id.clone();
+        ev.client_addr = ctx.client_addr.clone();
+        ev.user_agent = ctx.user_agent.clone();
+        ev
+    }
+
+    /// Audit a refusal, then return it. If the audit cannot be written, the caller gets 503.
+    async fn refuse(&self, mut ev: AuditEvent, err: ServiceError) -> ServiceError {
+        ev.outcome = err.outcome();
+        ev.reason = err.reason_code().to_owned();
+        if ev.detail.is_none() {
+            ev.detail = Some(err.to_string());
+        }
+        match self.store.append_audit(&ev).await {
+            Ok(()) => err,
+            Err(e) => {
+                tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
+                ServiceError::Store(e)
+            }
+        }
+    }
+
+    /// Audit a request the HTTP layer refused before it reached the service (no bearer token,
+    /// unreadable body), then return the error to answer with.
+    pub async fn reject(&self, action: Action, ctx: &RequestCtx, err: ServiceError) -> ServiceError {
+        let ev = self.base_event(self.clock.now(), action, ctx);
+        self.refuse(ev, err).await
+    }
+
+    /// The life of one exchange. See ARCHITECTURE.md for the sequence.
+    pub async fn exchange(&self, req: ExchangeRequest, ctx: &RequestCtx) -> Result<ExchangeResponse, ServiceError> {
+        let now = self.clock.now();
+        let bundle = self.policies.load_full();
+        let mut ev = self.base_event(now, Action::Exchange, ctx);
+        ev.bundle_digest = Some(bundle.digest().to_owned());
+        ev.credentials_requested = req.credentials.iter().take(self.max_credentials).cloned().collect();
+
+        // 1. The request itself.
+        let requested_ttl = match self.check_request(&req) {
+            Ok(t) => t,
+            Err(e) => return Err(self.refuse(ev, e).await),
+        };
+
+        // 2. The job token: configured issuer, pinned algorithm, signature, audience, times.
+        let claims = match self.verifier.verify(req.token.expose()).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
+        };
+        ev.job = JobAttribution::from_claims(&claims);
+
+        // 3. Policy: every requested credential must be allowed; deny wins; default deny.
+        let input = PolicyInput { issuer: &claims.issuer, platform: claims.platform, claims: &claims.claims };
+        let eval = bundle.evaluate(&input, &req.credentials);
+        ev.rules_matched = eval.rules_matched.clone();
+        let mut ttl = requested_ttl.unwrap_or(self.grants.default_ttl).min(self.grants.max_ttl);
+        for d in &eval.decisions {
+            match &d.outcome {
+                Decision::Allow { .. } => {
+                    if let Some(m) = d.max_ttl {
+                        ttl = ttl.min(m);
+                    }
+                }
+                other => {
+                    ev.detail = Some(format!("credential {:?}: {}", d.credential, other.reason_code()));
+                    let err = ServiceError::Denied { credential: d.credential.clone(), reason: other.reason_code() };
+                    let mut ev = ev;
+                    ev.reason = other.reason_code().to_owned();
+                    return Err(self.refuse(ev, err).await);
+                }
+            }
+        }
+        // GitLab binds `exp` to the job's timeout: never outlive the job.
+        if claims.platform == Platform::Gitlab {
+            ttl = ttl.min(claims.exp - now);
+        }
+        if ttl < Duration::SECOND {
+            return Err(self.refuse(ev, ServiceError::TokenExhausted).await);
+        }
+        let expires_at = now + ttl;
+        ev.ttl_seconds = Some(ttl.whole_seconds());
+
+        // 4. Intent: grant + resource ids + jti, committed before anything is minted.
+        let grant_id = Uuid::now_v7();
+        let revocation_token = Sensitive::new(format!("{REVOCATION_PREFIX}{}", random_token(32)));
+        let mut defs = Vec::with_capacity(req.credentials.len());
+        let mut issued = Vec::with_capacity(req.credentials.len());
+        for name in &req.credentials {
+            let Some(def) = bundle.credential(name) else {
+                let err = ServiceError::Denied { credential: name.clone(), reason: "unknown_credential" };
+                return Err(self.refuse(ev, err).await);
+            };
+            let provider = match self.provider(def.spec.kind()) {
+                Ok(p) => p,
+                Err(error) => {
+                    return Err(self.refuse(ev, ServiceError::Provider { credential: name.clone(), error }).await);
+                }
+            };
+            issued.push(IssuedCredential {
+                name: name.clone(),
+                kind: def.spec.kind(),
+                resource_id: provider.resource_id(grant_id, def),
+                details: provider.intent_details(def),
+            });
+            defs.push(def);
+        }
+        ev.grant_id = Some(grant_id);
+        ev.resource_ids = issued.iter().map(|c| c.resource_id.clone()).collect();
+        ev.expires_at = Some(expires_at);
+        let jti = match (&claims.jti, claims.single_use) {
+            (Some(j), true) => Some(JtiRecord { iss: claims.iss.clone(), jti: j.clone(), expires_at: claims.replay_until }),
+            _ => None,
+        };
+        let new_grant = NewGrant {
+            id: grant_id,
+            revocation_hash: sha256_hex(revocation_token.expose().as_bytes()),
+            issuer: claims.issuer.clone(),
+            subject: claims.sub.clone(),
+            repository: ev.job.repository.clone(),
+            repository_id: ev.job.repository_id.clone(),
+            job: ev.job.job_key(),
+            bundle_digest: bundle.digest().to_owned(),
+            created_at: now,
+            expires_at,
+            credentials: issued.clone(),
+        };
+        match self.store.begin_grant(&new_grant, jti.as_ref()).await {
+            Ok(()) => {}
+            Err(StoreError::Replayed) => return Err(self.refuse(ev, ServiceError::Replayed).await),
+            Err(e) => {
+                tracing::error!(error = %e, "store unavailable at grant intent");
+                return Err(ServiceError::Store(e));
+            }
+        }
+        crate::fault::point("after_intent");
+
+        // 5. Mint every credential concurrently; all or nothing.
+        let mints = defs.iter().zip(&issued).map(|(def, ic)| {
+            let claims = &claims;
+            async move {
+                let provider = self.provider(def.spec.kind())?;
+                provider
+                    .mint(MintRequest {
+                        grant_id,
+                        credential: def,
+                        resource_id: &ic.resource_id,
+                        claims,
+                        now,
+                        expires_at,
+                    })
+                    .await
+            }
+        });
+        let results: Vec<Result<Minted, ProviderError>> = futures::future::join_all(mints).await;
+        crate::fault::point("after_mint");
+        if let Some(pos) = results.iter().position(Result::is_err) {
+            return Err(self.abort_grant(ev, &claims, jti.as_ref(), &issued, results, pos).await);
+        }
+        let minted: Vec<Minted> = results.into_iter().filter_map(Result::ok).collect();
+
+        // 6. Finalise: grant active + the allow audit event, one transaction.
+        let real_expiry = minted.iter().map(|m| m.expires_at).max().unwrap_or(expires_at);
+        let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
+        ev.outcome = Outcome::Allow;
+        ev.reason = "ok".into();
+        ev.credentials_granted = req.credentials.clone();
+        ev.expires_at = Some(real_expiry);
+        if let Err(e) = self.store.activate_grant(grant_id, real_expiry, &details, &ev).await {
+            tracing::error!(error = %e, grant_id = %grant_id, "could not finalise grant; revoking what was minted");
+            // Best effort now; if this fails too the grant stays `issuing` and the reaper
+            // revokes it once it is stale.
+            if self.revoke_credentials(&issued).await.is_ok() {
+                ev.outcome = Outcome::Error;
+                ev.reason = "store_unavailable".into();
+                ev.credentials_granted.clear();
+                let _ = self.store.fail_grant(grant_id, jti.as_ref(), &ev).await;
+            }
+            return Err(ServiceError::Store(e));
+        }
+        let credentials = minted
+            .into_iter()
+            .zip(issued)
+            .map(|(m, ic)| IssuedOutput { name: ic.name, kind: ic.kind, fields: m.fields })
+            .collect();
+        Ok(ExchangeResponse { grant_id, expires_at: real_expiry, revocation_token, credentials })
+    }
+
+    fn check_request(&self, req: &ExchangeRequest) -> Result<Option<Duration>, ServiceError> {
+        let bad = |message: String| ServiceError::BadRequest { code: "bad_request", message };
+        if req.credentials.is_empty() {
+            return Err(bad("credentials: name at least one credential".into()));
+        }
+        if req.credentials.len() > self.max_credentials {
+            return Err(bad(format!("credentials: at most {} per exchange", self.max_credentials)));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &req.credentials {
+            if !valid_credential_name(n) {
+                return Err(bad("credentials: names are [a-z0-9_-], at most 64 characters".into()));
+            }
+            if !seen.insert(n) {
+                return Err(bad(format!("credentials: {n:?} named twice")));
+            }
+        }
+        match &req.ttl {
+            None => Ok(None),
+            Some(t) => match crate::time::parse_duration(t) {
+                Ok(d) if d >= Duration::SECOND => Ok(Some(d)),
+                Ok(_) => Err(bad("ttl: must be at least 1s".into())),
+                Err(_) => Err(bad("ttl: expected a duration such as 15m".into())),
+            },
+        }
+    }
+
+    /// A mint failed: revoke what was minted, release the token, audit, and report the failure.
+    async fn abort_grant(
+        &self,
+        mut ev: AuditEvent,
+        _claims: &VerifiedClaims,
+        jti: Option<&JtiRecord>,
+        issued: &[IssuedCredential],
+        results: Vec<Result<Minted, ProviderError>>,
+        failed_pos: usize,
+    ) -> ServiceError {
+        let grant_id = ev.grant_id.unwrap_or_default();
+        let mut failure = None;
+        for (pos, r) in results.into_iter().enumerate() {
+            if let Err(e) = r {
+                if pos == failed_pos {
+                    failure = Some(e);
+                }
+            }
+        }
+        let error = failure.unwrap_or_else(|| ProviderError::Internal("mint failed".into()));
+        let credential = issued.get(failed_pos).map(|c| c.name.clone()).unwrap_or_default();
+        tracing::warn!(grant_id = %grant_id, credential = %credential, reason = error.reason_code(), error = %error, "mint failed; undoing the grant");
+        let err = ServiceError::Provider { credential: credential.clone(), error };
+        ev.outcome = Outcome::Error;
+        ev.reason = err.reason_code().to_owned();
+        ev.detail = Some(format!("credential {credential:?}: {}", err.reason_code()));
+        // Revoke every credential of the grant (revoke is idempotent: ones never minted are
+        // "already gone").
+        match self.revoke_credentials(issued).await {
+            Ok(()) => {
+                if let Err(e) = self.store.fail_grant(grant_id, jti, &ev).await {
+                    tracing::error!(error = %e, grant_id = %grant_id, "could not record failed grant; reaper will recover it");
+                    return ServiceError::Store(e);
+                }
+            }
+            Err(e) => {
+                // Leave the grant `issuing`: the reaper recovers it once stale.
+                tracing::error!(grant_id = %grant_id, error = %e, "undo after failed mint failed; reaper will retry");
+                let _ = self.store.append_audit(&ev).await;
+            }
+        }
+        err
+    }
+
+    /// Revoke credentials concurrently; the first error is returned after all were tried.
+    async fn revoke_credentials(&self, creds: &[IssuedCredential]) -> Result<(), ProviderError> {
+        let futs = creds.iter().map(|c| async move { self.provider(c.kind)?.revoke(c).await });
+        let results = futures::future::join_all(futs).await;
+        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+    }
+
+    /// Revoke a claimed grant; finish it or record the failure for a retry. Audited either way.
+    pub async fn revoke_claimed(&self, claimed: &ClaimedGrant, actor: &str, ctx: &RequestCtx) -> Result<(), ServiceError> {
+        let now = self.clock.now();
+        let g = &claimed.grant;
+        let action = match claimed.cause {
+            RevokeCause::Requested => Action::Revoke,
+            RevokeCause::Expired => Action::Expire,
+            RevokeCause::Recovery => Action::Recover,
+        };
+        let mut ev = self.base_event(now, action, ctx);
+        ev.grant_id = Some(g.id);
+        ev.actor = Some(actor.to_owned());
+        ev.resource_ids = g.credentials.iter().map(|c| c.resource_id.clone()).collect();
+        ev.credentials_requested = g.credentials.iter().map(|c| c.name.clone()).collect();
+        ev.bundle_digest = Some(g.bundle_digest.clone());
+        ev.job.issuer = Some(g.issuer.clone());
+        ev.job.sub = Some(g.subject.clone());
+        ev.job.repository = g.repository.clone();
+        ev.job.repository_id = g.repository_id.clone();
+        ev.expires_at = Some(g.expires_at);
+        crate::fault::point("before_revoke");
+        match self.revoke_credentials(&g.credentials).await {
+            Ok(()) => {
+                ev.outcome = Outcome::Success;
+                ev.reason = claimed.cause.as_str().to_owned();
+                self.store.finish_revoke(g.id, claimed.cause, now, &ev).await?;
+                Ok(())
+            }
+            Err(e) => {
+                let attempts = g.revoke_attempts.max(0) as u32 + 1;
+                let backoff = Duration::seconds(i64::from(2u32.saturating_pow(attempts.min(8)))).min(Duration::minutes(5));
+                ev.action = Action::RevokeFailed;
+                ev.outcome = Outcome::Failure;
+                ev.reason = e.reason_code().to_owned();
+                ev.detail = Some(format!("attempt {attempts}; retry in {}s", backoff.whole_seconds()));
+                tracing::warn!(grant_id = %g.id, attempts, reason = e.reason_code(), error = %e, "revocation failed; will retry");
+                self.store.revoke_failed(g.id, e.reason_code(), now + backoff, &ev).await?;
+                Err(ServiceError::RevokePending)
+            }
+        }
+    }
+
+    /// `POST /v1/revoke`: revoke the grant this revocation token belongs to. Idempotent.
+    pub async fn revoke_by_token(&self, token: &Sensitive, ctx: &RequestCtx) -> Result<(Uuid, GrantStatus), ServiceError> {
+        let now = self.clock.now();
+        let ev = self.base_event(now, Action::Revoke, ctx);
+        let t = token.expose();
+        if !t.starts_with(REVOCATION_PREFIX) || t.len() > 128 {
+            return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
+        }
+        let Some(grant) = self.store.grant_by_revocation_hash(&sha256_hex(t.as_bytes())).await? else {
+            return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
+        };
+        if grant.status.is_final() {
+            return Ok((grant.id, grant.status));
+        }
+        match self.store.claim_for_revoke(grant.id, now, self.reaper.lease).await? {
+            Some(claimed) => {
+                self.revoke_claimed(&claimed, "job", ctx).await?;
+                Ok((grant.id, claimed.cause.final_status()))
+            }
+            // Someone else (the reaper, another replica) holds it right now.
+            None => {
+                let status = self.store.grant(grant.id).await?.map_or(GrantStatus::Revoking, |g| g.status);
+                Ok((grant.id, status))
+            }
+        }
+    }
+
+    /// One reaper round: revoke expired grants, recover crashed ones, retry failed revocations.
+    /// Returns how many grants were handled.
+    pub async fn reap_once(&self) -> Result<usize, StoreError> {
+        let now = self.clock.now();
+        let claimed = self
+            .store
+            .claim_due(now, now - self.reaper.stale_issuing_after, self.reaper.lease, self.reaper.batch)
+            .await?;
+        let n = claimed.len();
+        let ctx = RequestCtx::default();
+        let futs = claimed.iter().map(|c| self.revoke_claimed(c, "reaper", &ctx));
+        for r in futures::future::join_all(futs).await {
+            if let Err(e) = r {
+                tracing::debug!(reason = e.reason_code(), "reaper: a revocation is pending retry");
+            }
+        }
+        let _ = self.store.purge_jti(now).await;
+        Ok(n)
+    }
+
+    /// Run the reaper until `shutdown` resolves.
+    pub async fn run_reaper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let period = std::time::Duration::try_from(self.reaper.interval).unwrap_or(std::time::Duration::from_secs(5));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    match self.reap_once().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(grants = n, "reaper round"),
+                        Err(e) => tracing::warn!(error = %e, "reaper: store unavailable"),
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    /// RFC 7662 introspection of an API token minted here.
+    pub async fn introspect(&self, token: &str) -> Result<serde_json::Value, ServiceError> {
+        let inactive = serde_json::json!({ "active": false });
+        let now = self.clock.now();
+        let Ok(c) = self.api_tokens.check(token, now) else {
+            return Ok(inactive);
+        };
+        let Some(status) = self.store.credential_status(CredentialKind::ApiToken, &c.jti).await? else {
+            return Ok(inactive);
+        };
+        if status.grant_status != GrantStatus::Active || status.expires_at <= now {
+            return Ok(inactive);
+        }
+        Ok(serde_json::json!({
+            "active": true,
+            "token_type": "Bearer",
+            "scope": c.scope,
+            "sub": c.sub,
+            "aud": c.aud,
+            "iss": c.iss,
+            "exp": c.exp,
+            "iat": c.iat,
+            "nbf": c.nbf,
+            "jti": c.jti,
+            "grant_id": c.gid,
+            "job": c.job,
+        }))
+    }
+
+    /// Readiness: store reachable, policies loaded, issuer keys available.
+    pub async fn readiness(&self) -> (bool, serde_json::Value) {
+        let store = self.store.ping().await;
+        let stats = self.store.stats().await.ok();
+        let issuers = self.verifier.health();
+        let policy = self.policy_status();
+        let issuers_ok = issuers.iter().any(|h| h.keys_loaded > 0);
+        let ok = store.is_ok() && issuers_ok;
+        let mut providers = serde_json::Map::new();
+        for (k, p) in &self.providers {
+            providers.insert(k.as_str().to_owned(), serde_json::to_value(p.health().await).unwrap_or_default());
+        }
+        (
+            ok,
+            serde_json::json!({
+                "ready": ok,
+                "store": { "ok": store.is_ok(), "backend": self.store.backend(), "error": store.err().map(|e| e.to_string()) },
+                "grants": stats,
+                "policies": policy,
+                "issuers": issuers,
+                "providers": providers,
+            }),
+        )
+    }
+}
