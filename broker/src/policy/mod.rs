@@ -3,6 +3,15 @@
 //!
 //! INTERFACE CONTRACT (other modules rely on these names).
 
+mod bundle;
+pub mod expr;
+mod load;
+
+pub use bundle::{
+    ANY_CREDENTIAL, Bundle, CredentialDecision, Decision, Effect, Evaluation, Rule, TestCase,
+};
+pub use load::{LoadError, LoadErrorKind, LoadErrors, LoadOptions};
+
 use crate::oidc::Platform;
 use serde_json::{Map, Value};
 
