@@ -106,6 +106,8 @@ pub struct PatternUse {
     /// `startsWith`, `endsWith`, `contains`, `matches`.
     pub function: String,
     pub claim: String,
+    /// The literal pattern/prefix, when it is one.
+    pub pattern: Option<String>,
 }
 
 /// One top-level `&&` operand of a `when`, kept for explanations.
@@ -314,9 +316,15 @@ fn collect(e: &IdedExpr, negated: bool, f: &mut Facts) {
             if ["startsWith", "endsWith", "contains", "matches"].contains(&c.func_name.as_str())
                 && let Some(claim) = subject.and_then(claim_name)
             {
+                let arg = if c.target.is_some() {
+                    c.args.first()
+                } else {
+                    c.args.get(1)
+                };
                 f.patterns.push(PatternUse {
                     function: c.func_name.clone(),
                     claim: claim.to_owned(),
+                    pattern: arg.and_then(string_literal).map(str::to_owned),
                 });
             }
         }
@@ -669,7 +677,8 @@ mod tests {
             c.patterns(),
             &[PatternUse {
                 function: "startsWith".into(),
-                claim: "ref".into()
+                claim: "ref".into(),
+                pattern: Some("refs/".into()),
             }]
         );
         assert!(!c.positive_literals().contains("pull_request_target"));
