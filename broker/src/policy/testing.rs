@@ -182,3 +182,39 @@ tests:
         );
     }
 }
+
+/// The example policies shipped in `policies/` must load, lint clean and pass their own tests.
+#[cfg(test)]
+mod example_policies {
+    use crate::policy::{Bundle, LoadOptions};
+    use std::path::Path;
+
+    fn examples() -> Bundle {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let opts = LoadOptions {
+            known_issuers: Some(["github".to_owned(), "gitlab".to_owned()].into()),
+        };
+        match Bundle::load_dir(&dir, &opts) {
+            Ok(b) => b,
+            Err(e) => panic!("example policies do not load:\n{e}"),
+        }
+    }
+
+    #[test]
+    fn every_example_case_passes() {
+        let b = examples();
+        let report = b.run_tests();
+        assert!(report.ok(), "{report}");
+        for file in ["github.yaml", "gitlab.yaml"] {
+            let n = report.cases.iter().filter(|c| c.file == file).count();
+            assert!(n >= 6, "{file} has only {n} test cases");
+        }
+    }
+
+    #[test]
+    fn examples_lint_clean() {
+        let findings = examples().lint();
+        let text: Vec<String> = findings.iter().map(ToString::to_string).collect();
+        assert!(findings.is_empty(), "{}", text.join("\n"));
+    }
+}
