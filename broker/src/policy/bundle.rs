@@ -140,7 +140,8 @@ pub struct CredentialDecision {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Evaluation {
     pub decisions: Vec<CredentialDecision>,
-    /// Rules that matched (deny rules that errored included), in evaluation order.
+    /// Rules that matched (deny rules that errored included), in evaluation order. Only rules
+    /// that apply to the issuer and list a requested credential (or `*`) are evaluated.
     pub rules_matched: Vec<String>,
 }
 
@@ -542,5 +543,34 @@ rules:
         });
         let e = h.join().unwrap();
         assert!(e.all_allowed());
+    }
+
+    #[test]
+    fn worst_case_claims_within_bounds_evaluate_quickly() {
+        let policy = r#"
+credentials:
+  - name: a
+    max_ttl: 1m
+    api_token: { audience: x }
+rules:
+  - name: heavy
+    issuer: github
+    credentials: [a]
+    when: >
+      claims.l.exists(x, x.matches("^(a|b)*c$")) ||
+      claims.l.filter(x, x.startsWith("a")).size() > 100
+"#;
+        let b = Bundle::load_files(&[("h.yaml".into(), policy.into())], &LoadOptions::default())
+            .unwrap();
+        let l: Vec<String> = (0..64).map(|_| "ab".repeat(490)).collect();
+        let claims = json!({ "l": l });
+        let start = std::time::Instant::now();
+        let e = run(&b, "github", claims, &["a"]);
+        assert_eq!(outcomes(&e), vec![("a".into(), "no_matching_rule")]);
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
