@@ -3,6 +3,22 @@
 //!
 //! INTERFACE CONTRACT (other modules rely on these names).
 
+mod bundle;
+pub mod cli;
+mod explain;
+pub mod expr;
+mod lint;
+mod load;
+mod testing;
+
+pub use bundle::{
+    ANY_CREDENTIAL, Bundle, CredentialDecision, Decision, Effect, Evaluation, Rule, TestCase,
+};
+pub use explain::{ConjunctResult, Explanation, RuleExplanation, RuleStatus};
+pub use lint::LintFinding;
+pub use load::{LoadError, LoadErrorKind, LoadErrors, LoadOptions};
+pub use testing::{CaseResult, Expected, Mismatch, TestReport};
+
 use crate::oidc::Platform;
 use serde_json::{Map, Value};
 

@@ -1,0 +1,719 @@
+//! CEL `when` expressions: parsed and vetted once at load, evaluated per exchange.
+//!
+//! The `cel` crate has no type checker and no evaluation cost limit, so this module is where the
+//! cost of a policy is bounded:
+//! - a `when` is at most [`MAX_WHEN_LEN`] bytes;
+//! - comprehension macros (`all`, `exists`, `exists_one`, `map`, `filter`) may not nest, so work
+//!   is linear in the (bounded, see [`check_claims`]) claim sizes;
+//! - `matches` must have a literal pattern; every pattern is compiled once at load into the
+//!   bundle's [`RegexTable`] and the call is rewritten to a table lookup, so no regex is ever
+//!   compiled per request (the built-in recompiles on every call).
+//!
+//! Invariant: evaluation never panics on attacker-controlled claims; every failure is an `Err`
+//! the caller turns into a fail-closed decision.
+
+use cel::common::ast::{CallExpr, EntryExpr, Expr, IdedExpr, LiteralValue, operators};
+use cel::common::types::CelInt;
+use cel::{Context, Env, ExecutionError, Value};
+use regex::Regex;
+use serde_json::{Map, Value as Json};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// Upper bound on the length of one `when` expression, in bytes.
+pub const MAX_WHEN_LEN: usize = 4096;
+/// Bounds on the claims an expression may be evaluated over.
+pub const MAX_CLAIMS_BYTES: usize = 64 * 1024;
+pub const MAX_CLAIMS_DEPTH: usize = 8;
+pub const MAX_CLAIMS_LIST: usize = 64;
+pub const MAX_CLAIMS_STRING: usize = 4096;
+/// Upper bound on a compiled regex program (bytes), well above any sane claim pattern.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// The function `matches` calls are rewritten to: `__broker_regex(subject, table_index)`.
+/// Reserved: a user-written call to it is a load error, so only the rewrite produces it.
+const REGEX_FN: &str = "__broker_regex";
+
+/// Why an expression was refused at load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExprError {
+    #[error("expression is {len} bytes, longer than the limit of {MAX_WHEN_LEN}")]
+    TooLong { len: usize },
+    #[error("CEL syntax error: {0}")]
+    Syntax(String),
+    #[error("comprehension macros ({0}) may not be nested inside one another")]
+    NestedComprehension(String),
+    #[error("the pattern of matches() must be a string literal")]
+    NonLiteralPattern,
+    #[error("invalid regular expression {pattern:?}: {message}")]
+    BadPattern { pattern: String, message: String },
+    #[error("{0}() is reserved")]
+    Reserved(String),
+}
+
+impl ExprError {
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            ExprError::TooLong { .. } => "expression_too_long",
+            ExprError::Syntax(_) => "expression_syntax",
+            ExprError::NestedComprehension(_) => "nested_comprehension",
+            ExprError::NonLiteralPattern => "non_literal_pattern",
+            ExprError::BadPattern { .. } => "bad_pattern",
+            ExprError::Reserved(_) => "reserved_function",
+        }
+    }
+}
+
+/// Every regex of a bundle, compiled once; expressions refer to entries by index.
+#[derive(Debug, Default)]
+pub struct RegexTable {
+    regexes: Vec<Regex>,
+    index: HashMap<String, usize>,
+}
+
+impl RegexTable {
+    /// Index of `pattern`, compiling it on first sight.
+    fn intern(&mut self, pattern: &str) -> Result<usize, ExprError> {
+        if let Some(i) = self.index.get(pattern) {
+            return Ok(*i);
+        }
+        let re = regex::RegexBuilder::new(pattern)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+            .map_err(|e| ExprError::BadPattern {
+                pattern: pattern.to_owned(),
+                message: e.to_string().lines().last().unwrap_or("").trim().to_owned(),
+            })?;
+        let i = self.regexes.len();
+        self.regexes.push(re);
+        self.index.insert(pattern.to_owned(), i);
+        Ok(i)
+    }
+
+    /// Number of distinct compiled patterns.
+    pub fn len(&self) -> usize {
+        self.regexes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.regexes.is_empty()
+    }
+}
+
+/// A call of a string-prefix/pattern function on a claim, recorded for lints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternUse {
+    /// `startsWith`, `endsWith`, `contains`, `matches`.
+    pub function: String,
+    pub claim: String,
+    /// The literal pattern/prefix, when it is one.
+    pub pattern: Option<String>,
+}
+
+/// One top-level `&&` operand of a `when`, kept for explanations.
+#[derive(Debug, Clone)]
+pub struct Conjunct {
+    pub source: String,
+    ast: IdedExpr,
+}
+
+/// A vetted, compiled `when`.
+#[derive(Debug, Clone)]
+pub struct CompiledExpr {
+    source: String,
+    ast: IdedExpr,
+    conjuncts: Vec<Conjunct>,
+    claims: BTreeSet<String>,
+    patterns: Vec<PatternUse>,
+    /// String literals compared for equality/membership (not under `!=` or `!`).
+    positive_literals: BTreeSet<String>,
+}
+
+impl CompiledExpr {
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    /// Top-level claim names the expression reads (`claims.x`, `claims["x"]`, `has(claims.x)`).
+    pub fn claims(&self) -> &BTreeSet<String> {
+        &self.claims
+    }
+    pub fn patterns(&self) -> &[PatternUse] {
+        &self.patterns
+    }
+    pub fn positive_literals(&self) -> &BTreeSet<String> {
+        &self.positive_literals
+    }
+    pub fn conjuncts(&self) -> &[Conjunct] {
+        &self.conjuncts
+    }
+}
+
+/// The CEL environment shared by every expression of a bundle.
+pub fn new_env() -> Env {
+    Env::stdlib()
+}
+
+/// Parse and vet `source`; patterns go into `table`.
+pub fn compile(env: &Env, source: &str, table: &mut RegexTable) -> Result<CompiledExpr, ExprError> {
+    if source.len() > MAX_WHEN_LEN {
+        return Err(ExprError::TooLong { len: source.len() });
+    }
+    let (mut ast, info) = env
+        .parser()
+        .parse_with_source_info(source)
+        .map_err(|e| ExprError::Syntax(syntax_message(&e)))?;
+    check_nesting(&ast, None)?;
+    let mut facts = Facts::default();
+    collect(&ast, false, &mut facts);
+    rewrite_matches(&mut ast, table)?;
+    let chars: Vec<char> = source.chars().collect();
+    let mut parts = Vec::new();
+    split_and(&ast, &mut parts);
+    let conjuncts = if parts.len() > 1 {
+        parts
+            .into_iter()
+            .map(|c| Conjunct {
+                source: span_text(&c, &info, &chars),
+                ast: c,
+            })
+            .collect()
+    } else {
+        vec![Conjunct {
+            source: source.trim().to_owned(),
+            ast: ast.clone(),
+        }]
+    };
+    Ok(CompiledExpr {
+        source: source.to_owned(),
+        ast,
+        conjuncts,
+        claims: facts.claims,
+        patterns: facts.patterns,
+        positive_literals: facts.literals,
+    })
+}
+
+fn syntax_message(e: &cel::ParseErrors) -> String {
+    let msgs: Vec<String> = e
+        .errors
+        .iter()
+        .map(|p| format!("{}:{}: {}", p.pos.0, p.pos.1, p.msg))
+        .collect();
+    if msgs.is_empty() {
+        "unparseable expression".to_owned()
+    } else {
+        msgs.join("; ")
+    }
+}
+
+/// Children of a node, in source order.
+fn children(e: &IdedExpr) -> Vec<&IdedExpr> {
+    match &e.expr {
+        Expr::Call(c) => c
+            .target
+            .as_deref()
+            .into_iter()
+            .chain(c.args.iter())
+            .collect(),
+        Expr::Comprehension(c) => vec![
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ],
+        Expr::List(l) => l.elements.iter().collect(),
+        Expr::Map(m) => entry_children(&m.entries),
+        Expr::Struct(s) => entry_children(&s.entries),
+        Expr::Select(s) => vec![&s.operand],
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => Vec::new(),
+    }
+}
+
+fn entry_children(entries: &[cel::common::ast::IdedEntryExpr]) -> Vec<&IdedExpr> {
+    let mut out = Vec::new();
+    for e in entries {
+        match &e.expr {
+            EntryExpr::MapEntry(m) => {
+                out.push(&m.key);
+                out.push(&m.value);
+            }
+            EntryExpr::StructField(f) => out.push(&f.value),
+        }
+    }
+    out
+}
+
+/// Refuse a comprehension anywhere inside another: nested loops multiply cost.
+fn check_nesting(e: &IdedExpr, outer: Option<&str>) -> Result<(), ExprError> {
+    let inside = if let Expr::Comprehension(_) = &e.expr {
+        if let Some(o) = outer {
+            return Err(ExprError::NestedComprehension(o.to_owned()));
+        }
+        Some("all/exists/exists_one/map/filter")
+    } else {
+        outer
+    };
+    // A literal call of a macro name that was not expanded (wrong arity) is harmless: it
+    // fails at evaluation as an unknown overload.
+    for c in children(e) {
+        check_nesting(c, inside)?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Facts {
+    claims: BTreeSet<String>,
+    patterns: Vec<PatternUse>,
+    literals: BTreeSet<String>,
+}
+
+fn string_literal(e: &IdedExpr) -> Option<&str> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::String(s)) => Some(s.inner()),
+        _ => None,
+    }
+}
+
+/// `claims.x` or `claims["x"]` → `x`.
+fn claim_name(e: &IdedExpr) -> Option<&str> {
+    match &e.expr {
+        Expr::Select(s) => match &s.operand.expr {
+            Expr::Ident(n) if n == "claims" => Some(s.field.as_str()),
+            _ => None,
+        },
+        Expr::Call(c) if c.func_name == operators::INDEX && c.target.is_none() => {
+            match (c.args.first(), c.args.get(1)) {
+                (Some(base), Some(key)) if matches!(&base.expr, Expr::Ident(n) if n == "claims") => {
+                    string_literal(key)
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn collect(e: &IdedExpr, negated: bool, f: &mut Facts) {
+    if let Some(name) = claim_name(e) {
+        f.claims.insert(name.to_owned());
+    }
+    let mut negated = negated;
+    match &e.expr {
+        Expr::Literal(LiteralValue::String(s)) if !negated => {
+            f.literals.insert(s.inner().to_owned());
+        }
+        Expr::Call(c) => {
+            if c.func_name == operators::NOT_EQUALS || c.func_name == operators::LOGICAL_NOT {
+                negated = !negated;
+            }
+            let subject = match (&c.target, c.args.first()) {
+                (Some(t), _) => Some(&**t),
+                (None, Some(a)) if c.args.len() == 2 => Some(a),
+                _ => None,
+            };
+            if ["startsWith", "endsWith", "contains", "matches"].contains(&c.func_name.as_str())
+                && let Some(claim) = subject.and_then(claim_name)
+            {
+                let arg = if c.target.is_some() {
+                    c.args.first()
+                } else {
+                    c.args.get(1)
+                };
+                f.patterns.push(PatternUse {
+                    function: c.func_name.clone(),
+                    claim: claim.to_owned(),
+                    pattern: arg.and_then(string_literal).map(str::to_owned),
+                });
+            }
+        }
+        _ => {}
+    }
+    for c in children(e) {
+        collect(c, negated, f);
+    }
+}
+
+/// Replace `s.matches("p")` / `matches(s, "p")` with `__broker_regex(s, i)` where `i` indexes
+/// the precompiled table.
+fn rewrite_matches(e: &mut IdedExpr, table: &mut RegexTable) -> Result<(), ExprError> {
+    if let Expr::Call(c) = &mut e.expr {
+        if c.func_name == REGEX_FN {
+            return Err(ExprError::Reserved(REGEX_FN.to_owned()));
+        }
+        if c.func_name == "matches" {
+            let (subject, pattern) = match (c.target.take(), c.args.len()) {
+                (Some(t), 1) => (*t, c.args.remove(0)),
+                (None, 2) => {
+                    let p = c.args.remove(1);
+                    (c.args.remove(0), p)
+                }
+                // Wrong arity: leave it; it fails at evaluation (fail closed).
+                (t, _) => {
+                    c.target = t;
+                    return Ok(());
+                }
+            };
+            let lit = string_literal(&pattern).ok_or(ExprError::NonLiteralPattern)?;
+            let index = table.intern(lit)?;
+            let mut subject = subject;
+            rewrite_matches(&mut subject, table)?;
+            let index_expr = IdedExpr {
+                id: pattern.id,
+                expr: Expr::Literal(LiteralValue::Int(CelInt::from(index as i64))),
+            };
+            *c = CallExpr {
+                func_name: REGEX_FN.to_owned(),
+                target: None,
+                args: vec![subject, index_expr],
+            };
+            return Ok(());
+        }
+    }
+    match &mut e.expr {
+        Expr::Call(c) => {
+            if let Some(t) = c.target.as_deref_mut() {
+                rewrite_matches(t, table)?;
+            }
+            for a in &mut c.args {
+                rewrite_matches(a, table)?;
+            }
+        }
+        Expr::Comprehension(c) => {
+            for x in [
+                &mut c.iter_range,
+                &mut c.accu_init,
+                &mut c.loop_cond,
+                &mut c.loop_step,
+                &mut c.result,
+            ] {
+                rewrite_matches(x, table)?;
+            }
+        }
+        Expr::List(l) => {
+            for x in &mut l.elements {
+                rewrite_matches(x, table)?;
+            }
+        }
+        Expr::Map(m) => rewrite_entries(&mut m.entries, table)?,
+        Expr::Struct(s) => rewrite_entries(&mut s.entries, table)?,
+        Expr::Select(s) => rewrite_matches(&mut s.operand, table)?,
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
+    Ok(())
+}
+
+fn rewrite_entries(
+    entries: &mut [cel::common::ast::IdedEntryExpr],
+    table: &mut RegexTable,
+) -> Result<(), ExprError> {
+    for e in entries {
+        match &mut e.expr {
+            EntryExpr::MapEntry(m) => {
+                rewrite_matches(&mut m.key, table)?;
+                rewrite_matches(&mut m.value, table)?;
+            }
+            EntryExpr::StructField(f) => rewrite_matches(&mut f.value, table)?,
+        }
+    }
+    Ok(())
+}
+
+/// Flatten the top-level `&&` chain into its operands.
+fn split_and(e: &IdedExpr, out: &mut Vec<IdedExpr>) {
+    if let Expr::Call(c) = &e.expr
+        && c.func_name == operators::LOGICAL_AND
+        && c.target.is_none()
+        && c.args.len() == 2
+    {
+        for a in &c.args {
+            split_and(a, out);
+        }
+        return;
+    }
+    out.push(e.clone());
+}
+
+/// Source text of a subtree: from the smallest to the largest offset of its nodes.
+fn span_text(e: &IdedExpr, info: &cel::common::ast::SourceInfo, chars: &[char]) -> String {
+    fn walk(e: &IdedExpr, info: &cel::common::ast::SourceInfo, lo: &mut u32, hi: &mut u32) {
+        if let Some((s, t)) = info.offset_for(e.id) {
+            *lo = (*lo).min(s);
+            *hi = (*hi).max(t);
+        }
+        for c in children(e) {
+            walk(c, info, lo, hi);
+        }
+    }
+    let (mut lo, mut hi) = (u32::MAX, 0u32);
+    walk(e, info, &mut lo, &mut hi);
+    if lo == u32::MAX || lo as usize >= chars.len() {
+        return "<expression>".to_owned();
+    }
+    let end = (hi as usize)
+        .saturating_add(1)
+        .min(chars.len())
+        .max(lo as usize);
+    let mut text: String = chars[lo as usize..end].iter().collect();
+    // Offsets cover tokens, not the parentheses around a group: rebalance for display.
+    let opens = text.matches('(').count();
+    let closes = text.matches(')').count();
+    for _ in closes..opens {
+        text.push(')');
+    }
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Why claims were refused before evaluation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimsError {
+    #[error("claims serialize to more than {MAX_CLAIMS_BYTES} bytes")]
+    TooLarge,
+    #[error("claims nest deeper than {MAX_CLAIMS_DEPTH}")]
+    TooDeep,
+    #[error("a claim list has more than {MAX_CLAIMS_LIST} items")]
+    ListTooLong,
+    #[error("a claim string is longer than {MAX_CLAIMS_STRING} bytes")]
+    StringTooLong,
+}
+
+/// Refuse claim maps whose size would make evaluation expensive.
+pub fn check_claims(claims: &Map<String, Json>) -> Result<(), ClaimsError> {
+    fn walk(v: &Json, depth: usize) -> Result<(), ClaimsError> {
+        if depth > MAX_CLAIMS_DEPTH {
+            return Err(ClaimsError::TooDeep);
+        }
+        match v {
+            Json::String(s) if s.len() > MAX_CLAIMS_STRING => Err(ClaimsError::StringTooLong),
+            Json::Array(a) => {
+                if a.len() > MAX_CLAIMS_LIST {
+                    return Err(ClaimsError::ListTooLong);
+                }
+                a.iter().try_for_each(|x| walk(x, depth + 1))
+            }
+            Json::Object(m) => m.iter().try_for_each(|(k, x)| {
+                if k.len() > MAX_CLAIMS_STRING {
+                    return Err(ClaimsError::StringTooLong);
+                }
+                walk(x, depth + 1)
+            }),
+            _ => Ok(()),
+        }
+    }
+    // The top-level map is depth 1.
+    for (k, v) in claims {
+        if k.len() > MAX_CLAIMS_STRING {
+            return Err(ClaimsError::StringTooLong);
+        }
+        walk(v, 2)?;
+    }
+    let size = serde_json::to_vec(claims)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_CLAIMS_BYTES {
+        return Err(ClaimsError::TooLarge);
+    }
+    Ok(())
+}
+
+/// Variables and functions for evaluating a bundle's expressions over one exchange.
+pub struct Activation {
+    ctx: Context<'static, 'static>,
+}
+
+impl Activation {
+    /// Build the evaluation context. Claims must already have passed [`check_claims`].
+    pub fn new(
+        env: &Arc<Env>,
+        regexes: &Arc<RegexTable>,
+        claims: &Map<String, Json>,
+        issuer: &str,
+        platform: &str,
+    ) -> Result<Self, String> {
+        let mut ctx = Context::with_env(Arc::clone(env));
+        let value = cel::to_value(claims).map_err(|e| format!("claims not representable: {e}"))?;
+        ctx.add_variable_from_value("claims", value);
+        ctx.add_variable_from_value("issuer", issuer.to_owned());
+        ctx.add_variable_from_value("platform", platform.to_owned());
+        let table = Arc::clone(regexes);
+        ctx.add_function(
+            REGEX_FN,
+            move |subject: Arc<String>, index: i64| -> Result<Value, ExecutionError> {
+                let re = usize::try_from(index)
+                    .ok()
+                    .and_then(|i| table.regexes.get(i))
+                    .ok_or_else(|| ExecutionError::function_error("matches", "unknown pattern"))?;
+                Ok(Value::Bool(re.is_match(&subject)))
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Self { ctx })
+    }
+
+    /// Evaluate a whole `when`; anything but a bool is an error.
+    pub fn eval(&self, e: &CompiledExpr) -> Result<bool, String> {
+        self.eval_ast(&e.ast)
+    }
+
+    /// Evaluate one conjunct.
+    pub fn eval_conjunct(&self, c: &Conjunct) -> Result<bool, String> {
+        self.eval_ast(&c.ast)
+    }
+
+    fn eval_ast(&self, ast: &IdedExpr) -> Result<bool, String> {
+        match Value::resolve(ast, &self.ctx) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("evaluated to {:?}, not a bool", other.type_of())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn compile_one(src: &str) -> Result<(CompiledExpr, RegexTable), ExprError> {
+        let env = new_env();
+        let mut t = RegexTable::default();
+        compile(&env, src, &mut t).map(|c| (c, t))
+    }
+
+    fn eval(src: &str, claims: Json) -> Result<bool, String> {
+        let env = Arc::new(new_env());
+        let mut t = RegexTable::default();
+        let c = compile(&env, src, &mut t).map_err(|e| e.to_string())?;
+        let claims = claims.as_object().cloned().unwrap_or_default();
+        let a = Activation::new(&env, &Arc::new(t), &claims, "github", "github")?;
+        a.eval(&c)
+    }
+
+    #[test]
+    fn evaluates_claims_issuer_platform() {
+        let c = json!({"ref": "refs/heads/main", "n": 3, "l": ["a", "b"]});
+        assert_eq!(
+            eval(r#"claims.ref == "refs/heads/main""#, c.clone()),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"issuer == "github" && platform == "github""#, c.clone()),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#"claims.n == 3 && "b" in claims.l"#, c.clone()),
+            Ok(true)
+        );
+        assert!(eval("claims.missing == 1", c.clone()).is_err());
+        assert!(eval("claims.ref", c).unwrap_err().contains("not a bool"));
+    }
+
+    #[test]
+    fn matches_uses_the_precompiled_table() {
+        let c = json!({"ref": "refs/tags/v1.2.3"});
+        assert_eq!(
+            eval(r#"claims.ref.matches("^refs/tags/v[0-9]+")"#, c.clone()),
+            Ok(true)
+        );
+        assert_eq!(eval(r#"matches(claims.ref, "^refs/heads/")"#, c), Ok(false));
+        let (_, t) = compile_one(
+            r#"claims.a.matches("^x$") || claims.b.matches("^x$") || claims.c.matches("^y$")"#,
+        )
+        .unwrap();
+        assert_eq!(t.len(), 2, "identical patterns share one compiled regex");
+        assert_eq!(
+            compile_one(r#"claims.ref.matches(claims.pattern)"#).unwrap_err(),
+            ExprError::NonLiteralPattern
+        );
+        assert_eq!(
+            compile_one(r#"claims.ref.matches("(")"#)
+                .unwrap_err()
+                .reason_code(),
+            "bad_pattern"
+        );
+        assert_eq!(
+            compile_one(r#"__broker_regex(claims.ref, 0)"#)
+                .unwrap_err()
+                .reason_code(),
+            "reserved_function"
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced_at_load() {
+        let long = format!("claims.a == \"{}\"", "x".repeat(MAX_WHEN_LEN));
+        assert!(matches!(compile_one(&long), Err(ExprError::TooLong { .. })));
+        let nested = "claims.l.map(x, claims.l.map(y, y)).size() > 0";
+        assert_eq!(
+            compile_one(nested).unwrap_err().reason_code(),
+            "nested_comprehension"
+        );
+        let nested2 = "claims.l.exists(x, claims.l.all(y, y == x))";
+        assert!(matches!(
+            compile_one(nested2),
+            Err(ExprError::NestedComprehension(_))
+        ));
+        assert!(compile_one(r#"claims.l.exists(x, x == "a")"#).is_ok());
+        assert_eq!(
+            compile_one("claims.a ==").unwrap_err().reason_code(),
+            "expression_syntax"
+        );
+    }
+
+    #[test]
+    fn records_facts_for_lints_and_conjuncts() {
+        let (c, _) = compile_one(
+            r#"claims.repository_id == "1" && claims["ref"].startsWith("refs/") &&
+               claims.event_name != "pull_request_target" && has(claims.environment)"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = c.claims().iter().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            vec!["environment", "event_name", "ref", "repository_id"]
+        );
+        assert_eq!(
+            c.patterns(),
+            &[PatternUse {
+                function: "startsWith".into(),
+                claim: "ref".into(),
+                pattern: Some("refs/".into()),
+            }]
+        );
+        assert!(!c.positive_literals().contains("pull_request_target"));
+        assert!(c.positive_literals().contains("1"));
+        let texts: Vec<&str> = c.conjuncts().iter().map(|x| x.source.as_str()).collect();
+        assert_eq!(texts.len(), 4);
+        assert_eq!(texts[0], r#"claims.repository_id == "1""#);
+        assert!(texts[2].contains("pull_request_target"), "{texts:?}");
+    }
+
+    #[test]
+    fn claims_bounds() {
+        let ok = json!({"a": "x", "l": [1, 2]});
+        assert_eq!(check_claims(ok.as_object().unwrap()), Ok(()));
+        let long_list = json!({"l": (0..65).collect::<Vec<_>>()});
+        assert_eq!(
+            check_claims(long_list.as_object().unwrap()),
+            Err(ClaimsError::ListTooLong)
+        );
+        let long_str = json!({"s": "x".repeat(MAX_CLAIMS_STRING + 1)});
+        assert_eq!(
+            check_claims(long_str.as_object().unwrap()),
+            Err(ClaimsError::StringTooLong)
+        );
+        let mut deep = json!(1);
+        for _ in 0..MAX_CLAIMS_DEPTH {
+            deep = json!({ "d": deep });
+        }
+        assert_eq!(
+            check_claims(deep.as_object().unwrap()),
+            Err(ClaimsError::TooDeep)
+        );
+        let big: Map<String, Json> = (0..40)
+            .map(|i| (format!("k{i}"), json!("x".repeat(2000))))
+            .collect();
+        assert_eq!(check_claims(&big), Err(ClaimsError::TooLarge));
+    }
+}
