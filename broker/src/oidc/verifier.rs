@@ -519,3 +519,6 @@ fn map_jwt_error(e: jsonwebtoken::errors::Error) -> VerifyError {
         _ => VerifyError::MalformedToken("undecodable token"),
     }
 }
+
+#[cfg(test)]
+mod tests;
