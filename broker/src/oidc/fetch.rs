@@ -123,3 +123,160 @@ impl Fetcher {
         KeySet::parse(&body).map_err(fail)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oidc::testkit::{TestIssuer, TestKey, jwks};
+    use axum::Router;
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+
+    /// Serve a router on a free 127.0.0.1 port; returns its base URL.
+    async fn serve(app: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        url
+    }
+
+    fn fetcher(max_bytes: usize) -> Fetcher {
+        Fetcher::new(StdDuration::from_millis(500), max_bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn discovery_then_jwks() {
+        let issuer = TestIssuer::start_with(&[TestKey::Rsa1, TestKey::Ec1]).await;
+        let f = fetcher(256 * 1024);
+        let uri = f.discover(&issuer.url(), true).await.unwrap();
+        assert_eq!(uri, issuer.jwks_url());
+        assert_eq!(f.jwks(&uri).await.unwrap().len(), 2);
+        // Without the danger flag an http jwks_uri from discovery is refused.
+        assert_eq!(
+            f.discover(&issuer.url(), false).await.unwrap_err().code,
+            "discovery_insecure_jwks_uri"
+        );
+    }
+
+    #[tokio::test]
+    async fn body_size_is_capped() {
+        let issuer = TestIssuer::start().await;
+        let f = fetcher(100);
+        assert_eq!(
+            f.jwks(&issuer.jwks_url()).await.unwrap_err().code,
+            "body_too_large"
+        );
+        // Also without a Content-Length header (chunked body).
+        let big = jwks(&[TestKey::Rsa1, TestKey::Rsa2]).to_string();
+        let app = Router::new().route(
+            "/jwks",
+            get(move || {
+                let big = big.clone();
+                async move {
+                    let stream = futures::stream::iter(
+                        big.into_bytes()
+                            .chunks(64)
+                            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+                            .collect::<Vec<_>>(),
+                    );
+                    axum::body::Body::from_stream(stream)
+                }
+            }),
+        );
+        let url = serve(app).await;
+        assert_eq!(
+            fetcher(300)
+                .jwks(&format!("{url}/jwks"))
+                .await
+                .unwrap_err()
+                .code,
+            "body_too_large"
+        );
+        assert_eq!(
+            fetcher(64 * 1024)
+                .jwks(&format!("{url}/jwks"))
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let issuer = TestIssuer::start().await;
+        let target = issuer.jwks_url();
+        let app = Router::new().route(
+            "/jwks",
+            get(move || {
+                let target = target.clone();
+                async move { (StatusCode::FOUND, [(header::LOCATION, target)]).into_response() }
+            }),
+        );
+        let url = serve(app).await;
+        assert_eq!(
+            fetcher(1 << 16)
+                .jwks(&format!("{url}/jwks"))
+                .await
+                .unwrap_err()
+                .code,
+            "redirect_refused"
+        );
+        assert_eq!(issuer.requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn slow_servers_time_out() {
+        let app = Router::new().route(
+            "/jwks",
+            get(|| async {
+                tokio::time::sleep(StdDuration::from_secs(5)).await;
+                "{}"
+            }),
+        );
+        let url = serve(app).await;
+        assert_eq!(
+            fetcher(1 << 16)
+                .jwks(&format!("{url}/jwks"))
+                .await
+                .unwrap_err()
+                .code,
+            "timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_documents() {
+        let app = Router::new()
+            .route(
+                "/.well-known/openid-configuration",
+                get(|| async { "not json" }),
+            )
+            .route(
+                "/jwks",
+                get(|| async { "{\"keys\":[{\"kty\":\"oct\",\"k\":\"AA\"}]}" }),
+            )
+            .route("/err", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }));
+        let url = serve(app).await;
+        let f = fetcher(1 << 16);
+        assert_eq!(
+            f.discover(&url, true).await.unwrap_err().code,
+            "discovery_invalid_json"
+        );
+        assert_eq!(
+            f.jwks(&format!("{url}/jwks")).await.unwrap_err().code,
+            "jwks_no_usable_keys"
+        );
+        assert_eq!(
+            f.jwks(&format!("{url}/err")).await.unwrap_err().code,
+            "http_status"
+        );
+        assert_eq!(
+            f.jwks("http://127.0.0.1:1/jwks").await.unwrap_err().code,
+            "connect_failed"
+        );
+    }
+}

@@ -57,6 +57,16 @@ pub(crate) struct KeySet {
     anonymous: Vec<VerifyKey>,
 }
 
+impl std::fmt::Debug for KeySet {
+    // Key ids only: public, and enough to debug rotation.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("kids", &self.by_kid.keys().collect::<Vec<_>>())
+            .field("without_kid", &self.anonymous.len())
+            .finish()
+    }
+}
+
 impl KeySet {
     pub(crate) fn len(&self) -> usize {
         self.by_kid.len() + self.anonymous.len()

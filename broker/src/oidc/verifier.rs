@@ -323,21 +323,22 @@ impl Verifier {
     /// Refresh every fetched issuer whose keys are older than the refresh interval (or missing),
     /// skipping issuers inside the retry cooldown. Meant for a periodic task; cheap to call often.
     pub async fn refresh_all(&self) {
-        for is in &self.issuers {
-            if matches!(is.source, KeySource::Fixed) {
-                continue;
-            }
-            let _g = is.fetch_lock.lock().await;
-            let now = self.clock.now();
-            let due = {
-                let st = read(&is.state);
-                st.fetched_at
-                    .is_none_or(|t| now - t >= self.opts.refresh_interval)
-            };
-            if due && !self.in_cooldown(is, now) {
-                self.refresh_locked(is).await;
-            }
-        }
+        // Issuers are refreshed concurrently so one slow issuer cannot delay the others.
+        let due = self
+            .issuers
+            .iter()
+            .filter(|is| matches!(is.source, KeySource::Remote { .. }))
+            .map(|is| async move {
+                let _g = is.fetch_lock.lock().await;
+                let now = self.clock.now();
+                let due = read(&is.state)
+                    .fetched_at
+                    .is_none_or(|t| now - t >= self.opts.refresh_interval);
+                if due && !self.in_cooldown(is, now) {
+                    self.refresh_locked(is).await;
+                }
+            });
+        futures::future::join_all(due).await;
     }
 
     /// Best-effort initial fetch of every issuer's keys; failures are recorded in
