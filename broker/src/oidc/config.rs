@@ -96,8 +96,9 @@ fn default_true() -> bool {
 fn default_leeway() -> Duration {
     Duration::seconds(60)
 }
+pub(crate) const DEFAULT_MAX_TOKEN_BYTES: usize = 16 * 1024;
 fn default_max_token_bytes() -> usize {
-    16 * 1024
+    DEFAULT_MAX_TOKEN_BYTES
 }
 
 /// Algorithms a configuration may pin. Anything else (HS*, `none`, EdDSA) is refused.

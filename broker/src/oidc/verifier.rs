@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use time::{Duration, OffsetDateTime};
 
-use super::config::{IssuerConfig, parse_allowed_algorithm};
+use super::config::{DEFAULT_MAX_TOKEN_BYTES, IssuerConfig, parse_allowed_algorithm};
 use super::fetch::Fetcher;
 use super::jwks::{KeySet, VerifyKey};
 use super::{Platform, VerifiedClaims, VerifyConfigError, VerifyError, unverified};
@@ -42,7 +42,9 @@ pub struct VerifierOptions {
     /// How old a key set may get before [`Verifier::refresh_all`] fetches it again. Default 10m.
     pub refresh_interval: Duration,
     /// Minimum time between fetches triggered by unknown `kid`s (and retries after a failed
-    /// fetch). Default 60s.
+    /// fetch). Default 60s. Trade-off: a token signed with a brand-new key that arrives within
+    /// this window after any fetch is refused as `unknown_key`; GitHub and GitLab publish new
+    /// keys well before signing with them, so in practice the periodic refresh has them.
     pub unknown_kid_cooldown: Duration,
     /// Connect and total timeout of each HTTP request. Default 5s.
     pub http_timeout: Duration,
@@ -218,7 +220,12 @@ impl Verifier {
                 name: cfg.name,
             });
         }
-        let max_token_bytes = built.iter().map(|i| i.max_bytes).max().unwrap_or(0);
+        // With no issuers every token is `unknown_issuer`; keep a sane pre-decode cap anyway.
+        let max_token_bytes = built
+            .iter()
+            .map(|i| i.max_bytes)
+            .max()
+            .unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
         Ok(Verifier {
             issuers: built,
             by_iss,

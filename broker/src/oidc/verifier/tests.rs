@@ -640,3 +640,14 @@ fn construction_rejects_bad_configs() {
         "static_jwks_unusable"
     );
 }
+
+#[tokio::test]
+async fn no_issuers_means_unknown_issuer() {
+    let v = verifier(vec![], clock());
+    let t = sign(
+        TestKey::Rsa1,
+        &github_claims("https://token.actions.githubusercontent.com", AUD, now()),
+    );
+    assert_eq!(code(&v, &t).await, "unknown_issuer");
+    assert!(v.health().is_empty() && v.issuer_names().is_empty());
+}
