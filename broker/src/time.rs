@@ -54,8 +54,7 @@ impl Clock for ManualClock {
 
 /// Parse a human duration such as `15m`, `1h30m`, `900s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let std =
-        humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    let std = humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
     Duration::try_from(std).map_err(|_| format!("duration {s:?} is out of range"))
 }
 

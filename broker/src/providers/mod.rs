@@ -166,9 +166,6 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError>;
 
     async fn health(&self) -> Health {
-        Health {
-            ok: true,
-            detail: None,
-        }
+        Health { ok: true, detail: None }
     }
 }

@@ -44,8 +44,7 @@ fn valid_name(name: &str) -> bool {
 fn valid_value(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= MAX_VALUE
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._/:@+=-".contains(&b))
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/:@+=-".contains(&b))
 }
 
 impl Template {
@@ -63,9 +62,7 @@ impl Template {
                 .ok_or_else(|| format!("template {source:?}: unclosed ${{"))?;
             let name = &after[..end];
             if !valid_name(name) {
-                return Err(format!(
-                    "template {source:?}: bad placeholder name {name:?}"
-                ));
+                return Err(format!("template {source:?}: bad placeholder name {name:?}"));
             }
             parts.push(Part::Claim(name.to_owned()));
             rest = &after[end + 1..];
@@ -73,10 +70,7 @@ impl Template {
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_owned()));
         }
-        Ok(Self {
-            source: source.to_owned(),
-            parts,
-        })
+        Ok(Self { source: source.to_owned(), parts })
     }
 
     pub fn source(&self) -> &str {

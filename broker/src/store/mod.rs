@@ -52,10 +52,7 @@ impl GrantStatus {
     }
     /// No further transition happens from here.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            GrantStatus::Revoked | GrantStatus::Expired | GrantStatus::Failed
-        )
+        matches!(self, GrantStatus::Revoked | GrantStatus::Expired | GrantStatus::Failed)
     }
 }
 
@@ -215,11 +212,7 @@ impl Store {
 
     /// One transaction: record `jti` (if given; a live duplicate → `StoreError::Replayed`,
     /// an expired duplicate is replaced) and insert the grant in `issuing` with its credentials.
-    pub async fn begin_grant(
-        &self,
-        grant: &NewGrant,
-        jti: Option<&JtiRecord>,
-    ) -> Result<(), StoreError> {
+    pub async fn begin_grant(&self, grant: &NewGrant, jti: Option<&JtiRecord>) -> Result<(), StoreError> {
         unimplemented!()
     }
     /// One transaction: `issuing` → `active` with the final expiry and per-credential details
@@ -237,12 +230,7 @@ impl Store {
     /// One transaction: `issuing` → `failed` (nothing minted is left: caller revoked it first),
     /// delete the `jti` record if given (an exchange that issued nothing does not consume the
     /// token), append `audit`.
-    pub async fn fail_grant(
-        &self,
-        id: Uuid,
-        release_jti: Option<&JtiRecord>,
-        audit: &AuditEvent,
-    ) -> Result<(), StoreError> {
+    pub async fn fail_grant(&self, id: Uuid, release_jti: Option<&JtiRecord>, audit: &AuditEvent) -> Result<(), StoreError> {
         unimplemented!()
     }
     /// Append one audit event on its own.
@@ -261,23 +249,14 @@ impl Store {
         unimplemented!()
     }
     /// Status of the grant holding credential `(kind, resource_id)`.
-    pub async fn credential_status(
-        &self,
-        kind: CredentialKind,
-        resource_id: &str,
-    ) -> Result<Option<CredentialStatus>, StoreError> {
+    pub async fn credential_status(&self, kind: CredentialKind, resource_id: &str) -> Result<Option<CredentialStatus>, StoreError> {
         unimplemented!()
     }
 
     /// Claim one grant for a requested revocation: `active` | `issuing` | `revoking` (lease
     /// expired) → `revoking` with a lease until `now + lease`. Returns `None` if the grant is in a
     /// final state or another worker holds a live lease (idempotent revoke).
-    pub async fn claim_for_revoke(
-        &self,
-        id: Uuid,
-        now: OffsetDateTime,
-        lease: Duration,
-    ) -> Result<Option<ClaimedGrant>, StoreError> {
+    pub async fn claim_for_revoke(&self, id: Uuid, now: OffsetDateTime, lease: Duration) -> Result<Option<ClaimedGrant>, StoreError> {
         unimplemented!()
     }
     /// Claim up to `limit` grants that need the reaper, each exactly once across replicas
@@ -295,24 +274,12 @@ impl Store {
         unimplemented!()
     }
     /// One transaction: `revoking` → the cause's final status, `revoked_at = now`, append audit.
-    pub async fn finish_revoke(
-        &self,
-        id: Uuid,
-        cause: RevokeCause,
-        now: OffsetDateTime,
-        audit: &AuditEvent,
-    ) -> Result<(), StoreError> {
+    pub async fn finish_revoke(&self, id: Uuid, cause: RevokeCause, now: OffsetDateTime, audit: &AuditEvent) -> Result<(), StoreError> {
         unimplemented!()
     }
     /// One transaction: keep `revoking`, count the attempt, record the (non-secret) error, set
     /// the lease to `retry_at` so the reaper retries then, append audit.
-    pub async fn revoke_failed(
-        &self,
-        id: Uuid,
-        error: &str,
-        retry_at: OffsetDateTime,
-        audit: &AuditEvent,
-    ) -> Result<(), StoreError> {
+    pub async fn revoke_failed(&self, id: Uuid, error: &str, retry_at: OffsetDateTime, audit: &AuditEvent) -> Result<(), StoreError> {
         unimplemented!()
     }
     /// Active grants (for revoke-all), oldest first.
