@@ -8,6 +8,20 @@
 //! INTERFACE CONTRACT (other modules rely on these names; the implementation behind them is
 //! owned by this module).
 
+mod config;
+pub mod dev;
+mod error;
+mod fetch;
+mod jwks;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+mod unverified;
+mod verifier;
+
+pub use config::{GITHUB_ISSUER, GITHUB_JWKS, IssuerConfig};
+pub use error::{VerifyConfigError, VerifyError};
+pub use verifier::{IssuerHealth, Verifier, VerifierOptions};
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;

@@ -1,0 +1,144 @@
+//! !!! UNTRUSTED INPUT !!!
+//!
+//! Decodes a JWT's header and payload WITHOUT checking anything cryptographic. Nothing returned
+//! from here is trusted. It is used for exactly two things:
+//!
+//! 1. pick the configured issuer whose `iss` equals the token's `iss` byte for byte, and
+//! 2. pick that issuer's key by `kid` and check `alg` against the issuer's pinned list.
+//!
+//! Claims are only handed to callers after [`super::verifier`] has verified the signature over
+//! these exact bytes. Header members `jku`, `x5u`, `jwk` and `x5c` are not even read: keys come
+//! only from the configured issuer's own key set.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Map, Value};
+
+use super::VerifyError;
+
+/// The parts of an unverified token needed to route it.
+#[derive(Debug)]
+pub(crate) struct Unverified {
+    /// `alg` as written (may be `none`, `HS256`, anything).
+    pub alg: String,
+    pub kid: Option<String>,
+    /// `iss` from the payload, if it is a string.
+    pub iss: Option<String>,
+}
+
+/// Split and decode. Errors are deliberately coarse and never echo input.
+pub(crate) fn peek(token: &str) -> Result<Unverified, VerifyError> {
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(VerifyError::MalformedToken("expected three segments"));
+    };
+    if h.is_empty() || p.is_empty() {
+        return Err(VerifyError::MalformedToken("empty segment"));
+    }
+    // An empty signature is what `alg: none` tokens carry; it is refused later by alg pinning,
+    // but the signature must at least be well-formed base64url.
+    if URL_SAFE_NO_PAD.decode(s).is_err() {
+        return Err(VerifyError::MalformedToken("signature is not base64url"));
+    }
+    let header = decode_object(h, "header")?;
+    let payload = decode_object(p, "payload")?;
+
+    let alg = match header.get("alg") {
+        Some(Value::String(a)) => a.clone(),
+        _ => return Err(VerifyError::MalformedToken("header alg missing")),
+    };
+    // `crit` lists extensions the verifier must understand; we understand none.
+    if header.contains_key("crit") {
+        return Err(VerifyError::MalformedToken("critical header extensions"));
+    }
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(k)) if !k.is_empty() && k.len() <= 256 => Some(k.clone()),
+        Some(_) => return Err(VerifyError::MalformedToken("header kid invalid")),
+    };
+    let iss = match payload.get("iss") {
+        Some(Value::String(i)) => Some(i.clone()),
+        _ => None,
+    };
+    Ok(Unverified { alg, kid, iss })
+}
+
+fn decode_object(seg: &str, what: &'static str) -> Result<Map<String, Value>, VerifyError> {
+    let bytes = URL_SAFE_NO_PAD.decode(seg).map_err(|_| {
+        VerifyError::MalformedToken(if what == "header" {
+            "header is not base64url"
+        } else {
+            "payload is not base64url"
+        })
+    })?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(VerifyError::MalformedToken(if what == "header" {
+            "header is not a JSON object"
+        } else {
+            "payload is not a JSON object"
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(v: &str) -> String {
+        URL_SAFE_NO_PAD.encode(v)
+    }
+
+    #[test]
+    fn reads_alg_kid_iss() {
+        let t = format!(
+            "{}.{}.{}",
+            enc(r#"{"alg":"RS256","kid":"k1","jku":"https://evil.example"}"#),
+            enc(r#"{"iss":"https://i.example","sub":"x"}"#),
+            enc("sig")
+        );
+        let u = peek(&t).unwrap();
+        assert_eq!(u.alg, "RS256");
+        assert_eq!(u.kid.as_deref(), Some("k1"));
+        assert_eq!(u.iss.as_deref(), Some("https://i.example"));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let cases = [
+            String::new(),
+            "abc".into(),
+            "a.b".into(),
+            "a.b.c.d.e".into(),
+            "!!.??.**".into(),
+            format!("{}.{}.", enc("[]"), enc("{}")),
+            format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc("null")),
+            format!("{}.{}.", enc(r#"{"alg":1}"#), enc("{}")),
+            format!("{}.{}.", enc(r#"{"alg":"RS256","kid":5}"#), enc("{}")),
+            format!(
+                "{}.{}.",
+                enc(r#"{"alg":"RS256","crit":["b64"]}"#),
+                enc("{}")
+            ),
+            format!("{}.{}.%%", enc(r#"{"alg":"RS256"}"#), enc("{}")),
+            format!("{}..x", enc(r#"{"alg":"RS256"}"#)),
+        ];
+        for c in cases {
+            let e = peek(&c).unwrap_err();
+            assert_eq!(e.reason_code(), "malformed_token", "{c:?}");
+        }
+    }
+
+    #[test]
+    fn error_never_echoes_input() {
+        let t = format!(
+            "{}.{}.sig",
+            enc(r#"{"alg":"RS256"}"#),
+            "c2VjcmV0LXRva2VuLXZhbHVl!"
+        );
+        let e = peek(&t).unwrap_err();
+        assert!(!e.to_string().contains("c2VjcmV0"));
+    }
+}
