@@ -18,7 +18,9 @@ use std::sync::Arc;
 pub fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -27,28 +29,49 @@ pub fn init_logging(format: LogFormat, level: &str) {
 
 /// Build the broker from a validated config.
 pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broker>> {
-    let url = cfg.store.url.resolve().map_err(|e| anyhow::anyhow!("store.url: {e}"))?;
-    let store = Store::connect(url.expose()).await.context("connecting to the store")?;
+    let url = cfg
+        .store
+        .url
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("store.url: {e}"))?;
+    let store = Store::connect(url.expose())
+        .await
+        .context("connecting to the store")?;
     store.migrate().await.context("applying store migrations")?;
     let keys = match &cfg.api_tokens.signing_key {
         Some(k) => {
-            let active = k.resolve().map_err(|e| anyhow::anyhow!("api_tokens.signing_key: {e}"))?;
+            let active = k
+                .resolve()
+                .map_err(|e| anyhow::anyhow!("api_tokens.signing_key: {e}"))?;
             let retired = cfg
                 .api_tokens
                 .retired_keys
                 .iter()
-                .map(|r| r.resolve().map_err(|e| anyhow::anyhow!("api_tokens.retired_keys: {e}")))
+                .map(|r| {
+                    r.resolve()
+                        .map_err(|e| anyhow::anyhow!("api_tokens.retired_keys: {e}"))
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             SigningKeys::from_pems(&active, &retired).context("api_tokens.signing_key")?
         }
         None => {
-            tracing::warn!("api_tokens.signing_key not set: using an ephemeral key (tokens stop verifying on restart; do not run replicas like this)");
+            tracing::warn!(
+                "api_tokens.signing_key not set: using an ephemeral key (tokens stop verifying on restart; do not run replicas like this)"
+            );
             SigningKeys::ephemeral().context("generating an ephemeral signing key")?
         }
     };
-    let api_tokens = Arc::new(ApiTokenProvider::new(Arc::new(keys), cfg.public_url.clone()));
-    let verifier = Verifier::new(cfg.audience.clone(), cfg.issuers.clone(), clock.clone(), VerifierOptions::default())
-        .map_err(|e| anyhow::anyhow!("issuers: {e}"))?;
+    let api_tokens = Arc::new(ApiTokenProvider::new(
+        Arc::new(keys),
+        cfg.public_url.clone(),
+    ));
+    let verifier = Verifier::new(
+        cfg.audience.clone(),
+        cfg.issuers.clone(),
+        clock.clone(),
+        VerifierOptions::default(),
+    )
+    .map_err(|e| anyhow::anyhow!("issuers: {e}"))?;
     let verifier = Arc::new(verifier);
     verifier.warm_up().await;
     let policy_opts = LoadOptions {
@@ -77,7 +100,8 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     tracing::info!(digest = %broker.policy_status().digest, "policies loaded");
     let limits = HttpLimits {
         max_body_bytes: cfg.limits.max_body_bytes,
-        request_timeout: std::time::Duration::try_from(cfg.limits.request_timeout).unwrap_or(std::time::Duration::from_secs(15)),
+        request_timeout: std::time::Duration::try_from(cfg.limits.request_timeout)
+            .unwrap_or(std::time::Duration::from_secs(15)),
         max_concurrency: cfg.limits.max_concurrency,
     };
     let app = http::router(broker.clone(), &limits);
@@ -93,10 +117,13 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
     on_ready(addr);
 
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving HTTP")?;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(reaper, refresher, reloader);
     tracing::info!("stopped");
@@ -140,7 +167,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

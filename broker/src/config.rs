@@ -37,7 +37,10 @@ impl fmt::Debug for SecretRef {
 
 impl SecretRef {
     pub fn inline(v: impl Into<String>) -> Self {
-        Self { value: Some(v.into()), ..Self::default() }
+        Self {
+            value: Some(v.into()),
+            ..Self::default()
+        }
     }
 
     /// Read the secret. Errors name the source, never the value.
@@ -128,7 +131,10 @@ pub struct GrantConfig {
 
 impl Default for GrantConfig {
     fn default() -> Self {
-        Self { default_ttl: Duration::minutes(15), max_ttl: Duration::hours(6) }
+        Self {
+            default_ttl: Duration::minutes(15),
+            max_ttl: Duration::hours(6),
+        }
     }
 }
 
@@ -177,7 +183,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Text, level: "info".into() }
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
     }
 }
 
@@ -229,7 +238,11 @@ impl Config {
         if problems.is_empty() {
             Ok(cfg)
         } else {
-            Err(format!("invalid config {}:\n  {}", path.display(), problems.join("\n  ")))
+            Err(format!(
+                "invalid config {}:\n  {}",
+                path.display(),
+                problems.join("\n  ")
+            ))
         }
     }
 
@@ -238,7 +251,9 @@ impl Config {
     /// `BROKER_LOG_FORMAT`, `BROKER_LOG_LEVEL`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("BROKER_LISTEN") {
-            self.listen = v.parse().map_err(|_| format!("BROKER_LISTEN: not an address: {v:?}"))?;
+            self.listen = v
+                .parse()
+                .map_err(|_| format!("BROKER_LISTEN: not an address: {v:?}"))?;
         }
         if let Some(v) = get("BROKER_PUBLIC_URL") {
             self.public_url = v;
@@ -247,10 +262,16 @@ impl Config {
             self.audience = v;
         }
         if let Some(v) = get("BROKER_STORE_URL_FILE") {
-            self.store.url = SecretRef { file: Some(v.into()), ..SecretRef::default() };
+            self.store.url = SecretRef {
+                file: Some(v.into()),
+                ..SecretRef::default()
+            };
         }
         if let Some(v) = get("BROKER_STORE_URL_ENV") {
-            self.store.url = SecretRef { env: Some(v), ..SecretRef::default() };
+            self.store.url = SecretRef {
+                env: Some(v),
+                ..SecretRef::default()
+            };
         }
         if let Some(v) = get("BROKER_POLICIES_DIR") {
             self.policies.dir = v.into();
@@ -259,7 +280,11 @@ impl Config {
             self.log.format = match v.as_str() {
                 "json" => LogFormat::Json,
                 "text" => LogFormat::Text,
-                _ => return Err(format!("BROKER_LOG_FORMAT: expected text or json, got {v:?}")),
+                _ => {
+                    return Err(format!(
+                        "BROKER_LOG_FORMAT: expected text or json, got {v:?}"
+                    ));
+                }
             };
         }
         if let Some(v) = get("BROKER_LOG_LEVEL") {
@@ -287,7 +312,10 @@ impl Config {
             p.push(format!("store.url: {e}"));
         }
         if !self.policies.dir.is_dir() {
-            p.push(format!("policies.dir: not a directory: {}", self.policies.dir.display()));
+            p.push(format!(
+                "policies.dir: not a directory: {}",
+                self.policies.dir.display()
+            ));
         }
         if self.issuers.is_empty() {
             p.push("issuers: at least one issuer is required".into());
@@ -295,7 +323,10 @@ impl Config {
         let mut names = std::collections::BTreeSet::new();
         for (i, iss) in self.issuers.iter().enumerate() {
             if !names.insert(iss.name.clone()) {
-                p.push(format!("issuers[{i}].name: duplicate issuer name {:?}", iss.name));
+                p.push(format!(
+                    "issuers[{i}].name: duplicate issuer name {:?}",
+                    iss.name
+                ));
             }
             for e in iss.validate() {
                 p.push(format!("issuers[{i}] ({}): {e}", iss.name));
@@ -307,17 +338,17 @@ impl Config {
                 ));
             }
         }
-        if let Some(k) = &self.api_tokens.signing_key {
-            if let Err(e) = k.resolve() {
-                p.push(format!("api_tokens.signing_key: {e}"));
-            }
+        if let Some(Err(e)) = self.api_tokens.signing_key.as_ref().map(SecretRef::resolve) {
+            p.push(format!("api_tokens.signing_key: {e}"));
         }
         for (i, k) in self.api_tokens.retired_keys.iter().enumerate() {
             if let Err(e) = k.resolve() {
                 p.push(format!("api_tokens.retired_keys[{i}]: {e}"));
             }
         }
-        if self.grants.default_ttl <= Duration::ZERO || self.grants.default_ttl > self.grants.max_ttl {
+        if self.grants.default_ttl <= Duration::ZERO
+            || self.grants.default_ttl > self.grants.max_ttl
+        {
             p.push("grants.default_ttl: must be positive and at most grants.max_ttl".into());
         }
         if self.reaper.interval <= Duration::ZERO || self.reaper.lease <= Duration::ZERO {
@@ -343,7 +374,10 @@ impl fmt::Display for Config {
         writeln!(
             f,
             "api_tokens.signing_key: {}",
-            self.api_tokens.signing_key.as_ref().map_or("ephemeral".into(), SecretRef::describe)
+            self.api_tokens
+                .signing_key
+                .as_ref()
+                .map_or("ephemeral".into(), SecretRef::describe)
         )
     }
 }
@@ -364,14 +398,19 @@ mod tests {
     fn parses_minimal_config_with_defaults() {
         let d = tempfile::tempdir().unwrap();
         let cfg = Config::parse(&base(d.path()), "t").unwrap();
-        assert!(cfg.validate(Mode::Serve).is_empty(), "{:?}", cfg.validate(Mode::Serve));
+        assert!(
+            cfg.validate(Mode::Serve).is_empty(),
+            "{:?}",
+            cfg.validate(Mode::Serve)
+        );
         assert_eq!(cfg.grants.default_ttl, Duration::minutes(15));
     }
 
     #[test]
     fn unknown_keys_are_rejected_with_location() {
         let d = tempfile::tempdir().unwrap();
-        let err = Config::parse(&format!("{}bogus: 1\n", base(d.path())), "broker.yaml").unwrap_err();
+        let err =
+            Config::parse(&format!("{}bogus: 1\n", base(d.path())), "broker.yaml").unwrap_err();
         assert!(err.contains("bogus"), "{err}");
         assert!(err.starts_with("broker.yaml"), "{err}");
     }
@@ -384,7 +423,13 @@ mod tests {
         let p = cfg.validate(Mode::Serve);
         assert!(p.len() >= 5, "{p:?}");
         let all = p.join("\n");
-        for key in ["public_url", "audience", "store.url", "policies.dir", "issuers"] {
+        for key in [
+            "public_url",
+            "audience",
+            "store.url",
+            "policies.dir",
+            "issuers",
+        ] {
             assert!(all.contains(key), "missing {key} in {all}");
         }
         assert!(!all.contains("hunter2"));
@@ -396,8 +441,12 @@ mod tests {
     fn env_overrides_apply() {
         let d = tempfile::tempdir().unwrap();
         let mut cfg = Config::parse(&base(d.path()), "t").unwrap();
-        cfg.apply_env(|k| (k == "BROKER_LISTEN").then(|| "127.0.0.1:9999".to_owned())).unwrap();
+        cfg.apply_env(|k| (k == "BROKER_LISTEN").then(|| "127.0.0.1:9999".to_owned()))
+            .unwrap();
         assert_eq!(cfg.listen.port(), 9999);
-        assert!(cfg.apply_env(|k| (k == "BROKER_LOG_FORMAT").then(|| "xml".to_owned())).is_err());
+        assert!(
+            cfg.apply_env(|k| (k == "BROKER_LOG_FORMAT").then(|| "xml".to_owned()))
+                .is_err()
+        );
     }
 }

@@ -23,7 +23,9 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         listen,
         public_url: format!("http://{listen}"),
         audience: DEV_AUDIENCE.into(),
-        store: StoreConfig { url: SecretRef::inline(format!("sqlite:{}", db.display())) },
+        store: StoreConfig {
+            url: SecretRef::inline(format!("sqlite:{}", db.display())),
+        },
         policies: PolicyConfig { dir: policies },
         issuers: vec![
             crate::oidc::dev::issuer_config("github", DEV_AUDIENCE),
@@ -32,11 +34,18 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         api_tokens: ApiTokenConfig::default(),
         grants: GrantConfig::default(),
         limits: Limits::default(),
-        reaper: ReaperConfig { interval: time::Duration::seconds(2), ..ReaperConfig::default() },
+        reaper: ReaperConfig {
+            interval: time::Duration::seconds(2),
+            ..ReaperConfig::default()
+        },
         log: LogConfig::default(),
     };
     let problems = cfg.validate(Mode::Dev);
-    if problems.is_empty() { Ok(cfg) } else { Err(problems.join("\n")) }
+    if problems.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(problems.join("\n"))
+    }
 }
 
 /// The quickstart printed when `broker dev` is up.

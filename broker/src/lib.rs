@@ -2,16 +2,16 @@
 //! revoke them when the job ends, and audit every decision. See ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod audit;
+pub mod config;
+pub mod dev;
+pub mod fault;
+pub mod http;
 pub mod oidc;
 pub mod policy;
 pub mod providers;
 pub mod secret;
+pub mod service;
 pub mod store;
 pub mod time;
-pub mod config;
-pub mod fault;
-pub mod http;
-pub mod service;
-pub mod app;
-pub mod dev;

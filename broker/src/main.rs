@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "broker", version, about = "CI/CD OIDC token broker: job tokens in, job-scoped credentials out")]
+#[command(
+    name = "broker",
+    version,
+    about = "CI/CD OIDC token broker: job tokens in, job-scoped credentials out"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -74,10 +78,10 @@ struct DevTokenArgs {
     repo: String,
     /// Default: 1000001 (GitHub) / 2000001 (GitLab), as in the example policies.
     #[arg(long)]
-    repo_id: Option<String>,
+    repo_id: Option<u64>,
     /// Default: 9000001 (GitHub) / 3000001 (GitLab).
     #[arg(long)]
-    owner_id: Option<String>,
+    owner_id: Option<u64>,
     #[arg(long = "ref", default_value = "refs/heads/main")]
     git_ref: String,
     /// GitHub `event_name` / GitLab `pipeline_source`.
@@ -111,7 +115,12 @@ impl StoreArg {
     async fn open(&self) -> anyhow::Result<Store> {
         let url = match (&self.config, &self.store) {
             (_, Some(u)) => broker::secret::Sensitive::new(u.clone()),
-            (Some(c), None) => Config::load(c).map_err(|e| anyhow::anyhow!(e))?.store.url.resolve().map_err(|e| anyhow::anyhow!(e))?,
+            (Some(c), None) => Config::load(c)
+                .map_err(|e| anyhow::anyhow!(e))?
+                .store
+                .url
+                .resolve()
+                .map_err(|e| anyhow::anyhow!(e))?,
             (None, None) => anyhow::bail!("give --config or --store"),
         };
         Ok(Store::connect(url.expose()).await?)
@@ -168,7 +177,10 @@ enum AuditCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -201,21 +213,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
         }
         Cmd::Policy { cmd } => return Ok(policy(cmd)),
-        Cmd::Audit { cmd: AuditCmd::List { store, grant, repository, limit, json } } => {
+        Cmd::Audit {
+            cmd:
+                AuditCmd::List {
+                    store,
+                    grant,
+                    repository,
+                    limit,
+                    json,
+                },
+        } => {
             let store = store.open().await?;
-            let filter = AuditFilter { grant_id: grant, repository, limit, ..AuditFilter::default() };
+            let filter = AuditFilter {
+                grant_id: grant,
+                repository,
+                limit,
+                ..AuditFilter::default()
+            };
             for ev in store.audit_events(&filter).await? {
                 if json {
                     println!("{}", serde_json::to_string(&ev)?);
                 } else {
                     println!(
                         "{}  {:<13} {:<7} {:<24} {:<20} {}",
-                        ev.time.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                        ev.time
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default(),
                         serde_json::to_value(ev.action)?.as_str().unwrap_or(""),
                         serde_json::to_value(ev.outcome)?.as_str().unwrap_or(""),
                         ev.reason,
                         ev.job.repository.as_deref().unwrap_or("-"),
-                        ev.grant_id.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+                        ev.grant_id
+                            .map(|g| g.to_string())
+                            .unwrap_or_else(|| "-".into()),
                     );
                 }
             }
@@ -240,7 +270,9 @@ fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }
@@ -265,9 +297,13 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             args.policies.display()
         );
     }
-    let cfg = broker::dev::config(args.listen, &data_dir, args.policies).map_err(|e| anyhow::anyhow!(e))?;
+    let cfg = broker::dev::config(args.listen, &data_dir, args.policies)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let dir = data_dir.clone();
-    broker::app::serve(cfg, move |addr| println!("{}", broker::dev::quickstart(addr, &dir))).await
+    broker::app::serve(cfg, move |addr| {
+        println!("{}", broker::dev::quickstart(addr, &dir))
+    })
+    .await
 }
 
 fn dev_token(t: &DevTokenArgs) -> anyhow::Result<String> {
@@ -276,20 +312,28 @@ fn dev_token(t: &DevTokenArgs) -> anyhow::Result<String> {
     let owner = t.repo.split('/').next().unwrap_or("acme").to_owned();
     let job = dev::DevJob {
         repository: t.repo.clone(),
-        repository_id: t.repo_id.clone().unwrap_or_else(|| if t.gitlab { "2000001" } else { "1000001" }.into()),
+        repository_id: t
+            .repo_id
+            .unwrap_or(if t.gitlab { 2_000_001 } else { 1_000_001 }),
         owner,
-        owner_id: t.owner_id.clone().unwrap_or_else(|| if t.gitlab { "3000001" } else { "9000001" }.into()),
+        owner_id: t
+            .owner_id
+            .unwrap_or(if t.gitlab { 3_000_001 } else { 9_000_001 }),
         git_ref: t.git_ref.clone(),
         event_name: t.event.clone(),
         environment: t.environment.clone(),
         workflow: "deploy".into(),
         actor: t.actor.clone(),
-        run_id: "4242".into(),
+        run_id: 4242,
         audience: t.audience.clone(),
         ttl,
         now: broker::time::Clock::now(&broker::time::SystemClock),
     };
-    let claims = if t.gitlab { dev::gitlab_claims(&job) } else { dev::github_claims(&job) };
+    let claims = if t.gitlab {
+        dev::gitlab_claims(&job)
+    } else {
+        dev::github_claims(&job)
+    };
     let token = dev::sign(&claims).map_err(|e| anyhow::anyhow!("signing: {e}"))?;
     Ok(format!("{token}\n"))
 }
@@ -303,12 +347,20 @@ fn policy(cmd: PolicyCmd) -> ExitCode {
             cli::check(&dir, known, &mut out)
         }
         PolicyCmd::Test { dir } => cli::test(&dir, &mut out),
-        PolicyCmd::Explain { dir, claims, issuer, platform } => {
+        PolicyCmd::Explain {
+            dir,
+            claims,
+            issuer,
+            platform,
+        } => {
             let platform = match platform.as_str() {
                 "gitlab" => broker::oidc::Platform::Gitlab,
                 _ => broker::oidc::Platform::Github,
             };
-            match std::fs::read_to_string(&claims).map_err(|e| e.to_string()).and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string())) {
+            match std::fs::read_to_string(&claims)
+                .map_err(|e| e.to_string())
+                .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+            {
                 Ok(v) => cli::explain(&dir, &v, &issuer, platform, &mut out),
                 Err(e) => {
                     eprintln!("error: {}: {e}", claims.display());
@@ -317,5 +369,9 @@ fn policy(cmd: PolicyCmd) -> ExitCode {
             }
         }
     };
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

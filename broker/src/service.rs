@@ -83,9 +83,15 @@ pub enum ServiceError {
     #[error("token expires too soon to grant anything")]
     TokenExhausted,
     #[error("credential {credential:?} denied ({reason})")]
-    Denied { credential: String, reason: &'static str },
+    Denied {
+        credential: String,
+        reason: &'static str,
+    },
     #[error("credential {credential:?} could not be issued: {error}")]
-    Provider { credential: String, error: ProviderError },
+    Provider {
+        credential: String,
+        error: ProviderError,
+    },
     #[error("invalid revocation token")]
     BadRevocationToken,
     /// No usable `Authorization: Bearer` header.
@@ -117,9 +123,9 @@ impl ServiceError {
 
     fn outcome(&self) -> Outcome {
         match self {
-            ServiceError::Provider { .. } | ServiceError::Store(_) | ServiceError::RevokePending => {
-                Outcome::Error
-            }
+            ServiceError::Provider { .. }
+            | ServiceError::Store(_)
+            | ServiceError::RevokePending => Outcome::Error,
             _ => Outcome::Deny,
         }
     }
@@ -153,7 +159,9 @@ pub struct Broker {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("store", &self.store.backend()).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("store", &self.store.backend())
+            .finish_non_exhaustive()
     }
 }
 
@@ -177,14 +185,19 @@ const MAX_NAME: usize = 64;
 fn valid_credential_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME
-        && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl Broker {
     /// Load policies and assemble. A bundle that fails to load is a startup error.
     pub fn new(parts: BrokerParts) -> Result<Self, String> {
-        let bundle = Bundle::load_dir(&parts.policy_dir, &parts.policy_opts)
-            .map_err(|e| format!("policies in {} failed to load:\n{e}", parts.policy_dir.display()))?;
+        let bundle = Bundle::load_dir(&parts.policy_dir, &parts.policy_opts).map_err(|e| {
+            format!(
+                "policies in {} failed to load:\n{e}",
+                parts.policy_dir.display()
+            )
+        })?;
         let mut providers: BTreeMap<CredentialKind, Arc<dyn Provider>> = BTreeMap::new();
         providers.insert(CredentialKind::ApiToken, parts.api_tokens.clone());
         for p in parts.extra_providers {
@@ -226,7 +239,10 @@ impl Broker {
     }
 
     pub fn policy_status(&self) -> PolicyStatus {
-        self.policy_status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Reload policies from disk. A bundle that fails to load is rejected whole; the old one
@@ -235,8 +251,16 @@ impl Broker {
         let result = Bundle::load_dir(&self.policy_dir, &self.policy_opts)
             .map_err(|e| e.to_string())
             .and_then(|b| {
-                match b.credentials().find(|d| !self.providers.contains_key(&d.spec.kind())) {
-                    Some(d) => Err(format!("credential {:?}: no {} provider", d.name, d.spec.kind().as_str())),
+                match b
+                    .credentials()
+                    .iter()
+                    .find(|d| !self.providers.contains_key(&d.spec.kind()))
+                {
+                    Some(d) => Err(format!(
+                        "credential {:?}: no {} provider",
+                        d.name,
+                        d.spec.kind().as_str()
+                    )),
                     None => Ok(b),
                 }
             });
@@ -245,7 +269,11 @@ impl Broker {
             Ok(bundle) => {
                 let digest = bundle.digest().to_owned();
                 self.policies.store(Arc::new(bundle));
-                *st = PolicyStatus { digest: digest.clone(), loaded_at: self.clock.now(), last_error: None };
+                *st = PolicyStatus {
+                    digest: digest.clone(),
+                    loaded_at: self.clock.now(),
+                    last_error: None,
+                };
                 tracing::info!(digest = %digest, "policies reloaded");
                 Ok(digest)
             }
@@ -289,18 +317,32 @@ impl Broker {
 
     /// Audit a request the HTTP layer refused before it reached the service (no bearer token,
     /// unreadable body), then return the error to answer with.
-    pub async fn reject(&self, action: Action, ctx: &RequestCtx, err: ServiceError) -> ServiceError {
+    pub async fn reject(
+        &self,
+        action: Action,
+        ctx: &RequestCtx,
+        err: ServiceError,
+    ) -> ServiceError {
         let ev = self.base_event(self.clock.now(), action, ctx);
         self.refuse(ev, err).await
     }
 
     /// The life of one exchange. See ARCHITECTURE.md for the sequence.
-    pub async fn exchange(&self, req: ExchangeRequest, ctx: &RequestCtx) -> Result<ExchangeResponse, ServiceError> {
+    pub async fn exchange(
+        &self,
+        req: ExchangeRequest,
+        ctx: &RequestCtx,
+    ) -> Result<ExchangeResponse, ServiceError> {
         let now = self.clock.now();
         let bundle = self.policies.load_full();
         let mut ev = self.base_event(now, Action::Exchange, ctx);
         ev.bundle_digest = Some(bundle.digest().to_owned());
-        ev.credentials_requested = req.credentials.iter().take(self.max_credentials).cloned().collect();
+        ev.credentials_requested = req
+            .credentials
+            .iter()
+            .take(self.max_credentials)
+            .cloned()
+            .collect();
 
         // 1. The request itself.
         let requested_ttl = match self.check_request(&req) {
@@ -316,10 +358,16 @@ impl Broker {
         ev.job = JobAttribution::from_claims(&claims);
 
         // 3. Policy: every requested credential must be allowed; deny wins; default deny.
-        let input = PolicyInput { issuer: &claims.issuer, platform: claims.platform, claims: &claims.claims };
+        let input = PolicyInput {
+            issuer: &claims.issuer,
+            platform: claims.platform,
+            claims: &claims.claims,
+        };
         let eval = bundle.evaluate(&input, &req.credentials);
         ev.rules_matched = eval.rules_matched.clone();
-        let mut ttl = requested_ttl.unwrap_or(self.grants.default_ttl).min(self.grants.max_ttl);
+        let mut ttl = requested_ttl
+            .unwrap_or(self.grants.default_ttl)
+            .min(self.grants.max_ttl);
         for d in &eval.decisions {
             match &d.outcome {
                 Decision::Allow { .. } => {
@@ -328,8 +376,15 @@ impl Broker {
                     }
                 }
                 other => {
-                    ev.detail = Some(format!("credential {:?}: {}", d.credential, other.reason_code()));
-                    let err = ServiceError::Denied { credential: d.credential.clone(), reason: other.reason_code() };
+                    ev.detail = Some(format!(
+                        "credential {:?}: {}",
+                        d.credential,
+                        other.reason_code()
+                    ));
+                    let err = ServiceError::Denied {
+                        credential: d.credential.clone(),
+                        reason: other.reason_code(),
+                    };
                     let mut ev = ev;
                     ev.reason = other.reason_code().to_owned();
                     return Err(self.refuse(ev, err).await);
@@ -353,13 +408,24 @@ impl Broker {
         let mut issued = Vec::with_capacity(req.credentials.len());
         for name in &req.credentials {
             let Some(def) = bundle.credential(name) else {
-                let err = ServiceError::Denied { credential: name.clone(), reason: "unknown_credential" };
+                let err = ServiceError::Denied {
+                    credential: name.clone(),
+                    reason: "unknown_credential",
+                };
                 return Err(self.refuse(ev, err).await);
             };
             let provider = match self.provider(def.spec.kind()) {
                 Ok(p) => p,
                 Err(error) => {
-                    return Err(self.refuse(ev, ServiceError::Provider { credential: name.clone(), error }).await);
+                    return Err(self
+                        .refuse(
+                            ev,
+                            ServiceError::Provider {
+                                credential: name.clone(),
+                                error,
+                            },
+                        )
+                        .await);
                 }
             };
             issued.push(IssuedCredential {
@@ -374,7 +440,11 @@ impl Broker {
         ev.resource_ids = issued.iter().map(|c| c.resource_id.clone()).collect();
         ev.expires_at = Some(expires_at);
         let jti = match (&claims.jti, claims.single_use) {
-            (Some(j), true) => Some(JtiRecord { iss: claims.iss.clone(), jti: j.clone(), expires_at: claims.replay_until }),
+            (Some(j), true) => Some(JtiRecord {
+                iss: claims.iss.clone(),
+                jti: j.clone(),
+                expires_at: claims.replay_until,
+            }),
             _ => None,
         };
         let new_grant = NewGrant {
@@ -420,18 +490,28 @@ impl Broker {
         let results: Vec<Result<Minted, ProviderError>> = futures::future::join_all(mints).await;
         crate::fault::point("after_mint");
         if let Some(pos) = results.iter().position(Result::is_err) {
-            return Err(self.abort_grant(ev, &claims, jti.as_ref(), &issued, results, pos).await);
+            return Err(self
+                .abort_grant(ev, &claims, jti.as_ref(), &issued, results, pos)
+                .await);
         }
         let minted: Vec<Minted> = results.into_iter().filter_map(Result::ok).collect();
 
         // 6. Finalise: grant active + the allow audit event, one transaction.
-        let real_expiry = minted.iter().map(|m| m.expires_at).max().unwrap_or(expires_at);
+        let real_expiry = minted
+            .iter()
+            .map(|m| m.expires_at)
+            .max()
+            .unwrap_or(expires_at);
         let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
         ev.outcome = Outcome::Allow;
         ev.reason = "ok".into();
         ev.credentials_granted = req.credentials.clone();
         ev.expires_at = Some(real_expiry);
-        if let Err(e) = self.store.activate_grant(grant_id, real_expiry, &details, &ev).await {
+        if let Err(e) = self
+            .store
+            .activate_grant(grant_id, real_expiry, &details, &ev)
+            .await
+        {
             tracing::error!(error = %e, grant_id = %grant_id, "could not finalise grant; revoking what was minted");
             // Best effort now; if this fails too the grant stays `issuing` and the reaper
             // revokes it once it is stale.
@@ -446,23 +526,40 @@ impl Broker {
         let credentials = minted
             .into_iter()
             .zip(issued)
-            .map(|(m, ic)| IssuedOutput { name: ic.name, kind: ic.kind, fields: m.fields })
+            .map(|(m, ic)| IssuedOutput {
+                name: ic.name,
+                kind: ic.kind,
+                fields: m.fields,
+            })
             .collect();
-        Ok(ExchangeResponse { grant_id, expires_at: real_expiry, revocation_token, credentials })
+        Ok(ExchangeResponse {
+            grant_id,
+            expires_at: real_expiry,
+            revocation_token,
+            credentials,
+        })
     }
 
     fn check_request(&self, req: &ExchangeRequest) -> Result<Option<Duration>, ServiceError> {
-        let bad = |message: String| ServiceError::BadRequest { code: "bad_request", message };
+        let bad = |message: String| ServiceError::BadRequest {
+            code: "bad_request",
+            message,
+        };
         if req.credentials.is_empty() {
             return Err(bad("credentials: name at least one credential".into()));
         }
         if req.credentials.len() > self.max_credentials {
-            return Err(bad(format!("credentials: at most {} per exchange", self.max_credentials)));
+            return Err(bad(format!(
+                "credentials: at most {} per exchange",
+                self.max_credentials
+            )));
         }
         let mut seen = std::collections::BTreeSet::new();
         for n in &req.credentials {
             if !valid_credential_name(n) {
-                return Err(bad("credentials: names are [a-z0-9_-], at most 64 characters".into()));
+                return Err(bad(
+                    "credentials: names are [a-z0-9_-], at most 64 characters".into(),
+                ));
             }
             if !seen.insert(n) {
                 return Err(bad(format!("credentials: {n:?} named twice")));
@@ -489,18 +586,20 @@ impl Broker {
         failed_pos: usize,
     ) -> ServiceError {
         let grant_id = ev.grant_id.unwrap_or_default();
-        let mut failure = None;
-        for (pos, r) in results.into_iter().enumerate() {
-            if let Err(e) = r {
-                if pos == failed_pos {
-                    failure = Some(e);
-                }
-            }
-        }
-        let error = failure.unwrap_or_else(|| ProviderError::Internal("mint failed".into()));
-        let credential = issued.get(failed_pos).map(|c| c.name.clone()).unwrap_or_default();
+        let error = results
+            .into_iter()
+            .nth(failed_pos)
+            .and_then(Result::err)
+            .unwrap_or_else(|| ProviderError::Internal("mint failed".into()));
+        let credential = issued
+            .get(failed_pos)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
         tracing::warn!(grant_id = %grant_id, credential = %credential, reason = error.reason_code(), error = %error, "mint failed; undoing the grant");
-        let err = ServiceError::Provider { credential: credential.clone(), error };
+        let err = ServiceError::Provider {
+            credential: credential.clone(),
+            error,
+        };
         ev.outcome = Outcome::Error;
         ev.reason = err.reason_code().to_owned();
         ev.detail = Some(format!("credential {credential:?}: {}", err.reason_code()));
@@ -524,13 +623,20 @@ impl Broker {
 
     /// Revoke credentials concurrently; the first error is returned after all were tried.
     async fn revoke_credentials(&self, creds: &[IssuedCredential]) -> Result<(), ProviderError> {
-        let futs = creds.iter().map(|c| async move { self.provider(c.kind)?.revoke(c).await });
+        let futs = creds
+            .iter()
+            .map(|c| async move { self.provider(c.kind)?.revoke(c).await });
         let results = futures::future::join_all(futs).await;
         results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }
 
     /// Revoke a claimed grant; finish it or record the failure for a retry. Audited either way.
-    pub async fn revoke_claimed(&self, claimed: &ClaimedGrant, actor: &str, ctx: &RequestCtx) -> Result<(), ServiceError> {
+    pub async fn revoke_claimed(
+        &self,
+        claimed: &ClaimedGrant,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> Result<(), ServiceError> {
         let now = self.clock.now();
         let g = &claimed.grant;
         let action = match claimed.cause {
@@ -541,7 +647,11 @@ impl Broker {
         let mut ev = self.base_event(now, action, ctx);
         ev.grant_id = Some(g.id);
         ev.actor = Some(actor.to_owned());
-        ev.resource_ids = g.credentials.iter().map(|c| c.resource_id.clone()).collect();
+        ev.resource_ids = g
+            .credentials
+            .iter()
+            .map(|c| c.resource_id.clone())
+            .collect();
         ev.credentials_requested = g.credentials.iter().map(|c| c.name.clone()).collect();
         ev.bundle_digest = Some(g.bundle_digest.clone());
         ev.job.issuer = Some(g.issuer.clone());
@@ -554,45 +664,69 @@ impl Broker {
             Ok(()) => {
                 ev.outcome = Outcome::Success;
                 ev.reason = claimed.cause.as_str().to_owned();
-                self.store.finish_revoke(g.id, claimed.cause, now, &ev).await?;
+                self.store
+                    .finish_revoke(g.id, claimed.cause, now, &ev)
+                    .await?;
                 Ok(())
             }
             Err(e) => {
                 let attempts = g.revoke_attempts.max(0) as u32 + 1;
-                let backoff = Duration::seconds(i64::from(2u32.saturating_pow(attempts.min(8)))).min(Duration::minutes(5));
+                let backoff = Duration::seconds(i64::from(2u32.saturating_pow(attempts.min(8))))
+                    .min(Duration::minutes(5));
                 ev.action = Action::RevokeFailed;
                 ev.outcome = Outcome::Failure;
                 ev.reason = e.reason_code().to_owned();
-                ev.detail = Some(format!("attempt {attempts}; retry in {}s", backoff.whole_seconds()));
+                ev.detail = Some(format!(
+                    "attempt {attempts}; retry in {}s",
+                    backoff.whole_seconds()
+                ));
                 tracing::warn!(grant_id = %g.id, attempts, reason = e.reason_code(), error = %e, "revocation failed; will retry");
-                self.store.revoke_failed(g.id, e.reason_code(), now + backoff, &ev).await?;
+                self.store
+                    .revoke_failed(g.id, e.reason_code(), now + backoff, &ev)
+                    .await?;
                 Err(ServiceError::RevokePending)
             }
         }
     }
 
     /// `POST /v1/revoke`: revoke the grant this revocation token belongs to. Idempotent.
-    pub async fn revoke_by_token(&self, token: &Sensitive, ctx: &RequestCtx) -> Result<(Uuid, GrantStatus), ServiceError> {
+    pub async fn revoke_by_token(
+        &self,
+        token: &Sensitive,
+        ctx: &RequestCtx,
+    ) -> Result<(Uuid, GrantStatus), ServiceError> {
         let now = self.clock.now();
         let ev = self.base_event(now, Action::Revoke, ctx);
         let t = token.expose();
         if !t.starts_with(REVOCATION_PREFIX) || t.len() > 128 {
             return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
         }
-        let Some(grant) = self.store.grant_by_revocation_hash(&sha256_hex(t.as_bytes())).await? else {
+        let Some(grant) = self
+            .store
+            .grant_by_revocation_hash(&sha256_hex(t.as_bytes()))
+            .await?
+        else {
             return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
         };
         if grant.status.is_final() {
             return Ok((grant.id, grant.status));
         }
-        match self.store.claim_for_revoke(grant.id, now, self.reaper.lease).await? {
+        match self
+            .store
+            .claim_for_revoke(grant.id, now, self.reaper.lease)
+            .await?
+        {
             Some(claimed) => {
                 self.revoke_claimed(&claimed, "job", ctx).await?;
                 Ok((grant.id, claimed.cause.final_status()))
             }
             // Someone else (the reaper, another replica) holds it right now.
             None => {
-                let status = self.store.grant(grant.id).await?.map_or(GrantStatus::Revoking, |g| g.status);
+                let status = self
+                    .store
+                    .grant(grant.id)
+                    .await?
+                    .map_or(GrantStatus::Revoking, |g| g.status);
                 Ok((grant.id, status))
             }
         }
@@ -604,14 +738,24 @@ impl Broker {
         let now = self.clock.now();
         let claimed = self
             .store
-            .claim_due(now, now - self.reaper.stale_issuing_after, self.reaper.lease, self.reaper.batch)
+            .claim_due(
+                now,
+                now - self.reaper.stale_issuing_after,
+                self.reaper.lease,
+                self.reaper.batch,
+            )
             .await?;
         let n = claimed.len();
         let ctx = RequestCtx::default();
-        let futs = claimed.iter().map(|c| self.revoke_claimed(c, "reaper", &ctx));
+        let futs = claimed
+            .iter()
+            .map(|c| self.revoke_claimed(c, "reaper", &ctx));
         for r in futures::future::join_all(futs).await {
             if let Err(e) = r {
-                tracing::debug!(reason = e.reason_code(), "reaper: a revocation is pending retry");
+                tracing::debug!(
+                    reason = e.reason_code(),
+                    "reaper: a revocation is pending retry"
+                );
             }
         }
         let _ = self.store.purge_jti(now).await;
@@ -620,7 +764,8 @@ impl Broker {
 
     /// Run the reaper until `shutdown` resolves.
     pub async fn run_reaper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-        let period = std::time::Duration::try_from(self.reaper.interval).unwrap_or(std::time::Duration::from_secs(5));
+        let period = std::time::Duration::try_from(self.reaper.interval)
+            .unwrap_or(std::time::Duration::from_secs(5));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -644,7 +789,11 @@ impl Broker {
         let Ok(c) = self.api_tokens.check(token, now) else {
             return Ok(inactive);
         };
-        let Some(status) = self.store.credential_status(CredentialKind::ApiToken, &c.jti).await? else {
+        let Some(status) = self
+            .store
+            .credential_status(CredentialKind::ApiToken, &c.jti)
+            .await?
+        else {
             return Ok(inactive);
         };
         if status.grant_status != GrantStatus::Active || status.expires_at <= now {
@@ -676,7 +825,10 @@ impl Broker {
         let ok = store.is_ok() && issuers_ok;
         let mut providers = serde_json::Map::new();
         for (k, p) in &self.providers {
-            providers.insert(k.as_str().to_owned(), serde_json::to_value(p.health().await).unwrap_or_default());
+            providers.insert(
+                k.as_str().to_owned(),
+                serde_json::to_value(p.health().await).unwrap_or_default(),
+            );
         }
         (
             ok,

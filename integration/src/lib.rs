@@ -14,13 +14,20 @@ pub fn broker_bin() -> PathBuf {
     }
     // target/debug/deps/<test> → target/debug/broker
     let exe = std::env::current_exe().unwrap_or_default();
-    let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
     dir.join(format!("broker{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// Repository root (for `policies/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// A free port on 127.0.0.1.
@@ -69,14 +76,23 @@ impl BrokerProcess {
         );
         std::fs::File::create(&config_path)?.write_all(cfg.as_bytes())?;
         let log_path = dir.path().join("broker.log");
-        let mut p = Self { child: None, url: format!("http://127.0.0.1:{port}"), log_path, config_path, _dir: dir };
+        let mut p = Self {
+            child: None,
+            url: format!("http://127.0.0.1:{port}"),
+            log_path,
+            config_path,
+            _dir: dir,
+        };
         p.spawn(&setup.env)?;
         p.wait_healthy().await?;
         Ok(p)
     }
 
     fn spawn(&mut self, env: &[(String, String)]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let child = Command::new(broker_bin())
             .arg("serve")
             .arg("--config")
@@ -137,7 +153,11 @@ impl BrokerProcess {
     /// Send SIGHUP (policy reload) by PID.
     pub fn hangup(&self) -> anyhow::Result<()> {
         let pid = self.pid().context("not running")?;
-        let ok = Command::new("kill").arg("-HUP").arg(pid.to_string()).status()?.success();
+        let ok = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()?
+            .success();
         anyhow::ensure!(ok, "kill -HUP failed");
         Ok(())
     }
@@ -158,4 +178,36 @@ impl Drop for BrokerProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// GitHub-shaped claims for the example policies' `acme/api` (repository id 1000001, owner id
+/// 9000001), push to main, issued now by `iss` for `aud`. Tweak the result per test.
+pub fn acme_api_claims(iss: &str, aud: &str) -> serde_json::Value {
+    use broker::oidc::dev;
+    let now = broker::time::Clock::now(&broker::time::SystemClock);
+    let job = dev::DevJob {
+        repository: "acme/api".into(),
+        repository_id: 1_000_001,
+        owner: "acme".into(),
+        owner_id: 9_000_001,
+        git_ref: "refs/heads/main".into(),
+        event_name: "push".into(),
+        environment: None,
+        workflow: "deploy".into(),
+        actor: "octocat".into(),
+        run_id: 77,
+        audience: aud.into(),
+        ttl: time::Duration::minutes(5),
+        now,
+    };
+    let mut c = dev::github_claims(&job);
+    c["iss"] = serde_json::Value::String(iss.to_owned());
+    c
+}
+
+/// The `issuers:` YAML for a local test issuer named `github`.
+pub fn github_issuer_yaml(url: &str) -> String {
+    format!(
+        "  - name: github\n    platform: github\n    url: {url}\n    danger_allow_insecure_http: true\n"
+    )
 }

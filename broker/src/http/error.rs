@@ -32,13 +32,18 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None, detail: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+            detail: None,
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
-
 }
 
 fn token_message(code: &str) -> &'static str {
@@ -64,7 +69,10 @@ impl From<ServiceError> for ApiError {
         let code = e.reason_code();
         let detail = Some(e.to_string());
         let (status, message) = match &e {
-            ServiceError::BadRequest { code: "payload_too_large", message } => (StatusCode::PAYLOAD_TOO_LARGE, message.clone()),
+            ServiceError::BadRequest {
+                code: "payload_too_large",
+                message,
+            } => (StatusCode::PAYLOAD_TOO_LARGE, message.clone()),
             ServiceError::BadRequest { message, .. } => (StatusCode::BAD_REQUEST, message.clone()),
             ServiceError::MissingToken => (
                 StatusCode::UNAUTHORIZED,
@@ -77,14 +85,18 @@ impl From<ServiceError> for ApiError {
             ServiceError::Denied { credential, reason } => (
                 StatusCode::FORBIDDEN,
                 match *reason {
-                    "claims_too_large" => "the token's claims exceed the policy engine's limits".to_owned(),
+                    "claims_too_large" => {
+                        "the token's claims exceed the policy engine's limits".to_owned()
+                    }
                     _ => format!("credential {credential:?} is not allowed for this job"),
                 },
             ),
             ServiceError::Provider { credential, error } => match error.reason_code() {
                 "target_unavailable" => (
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("the target for credential {credential:?} is unavailable; nothing was issued"),
+                    format!(
+                        "the target for credential {credential:?} is unavailable; nothing was issued"
+                    ),
                 ),
                 "invalid_claim_value" => (
                     StatusCode::FORBIDDEN,
@@ -95,9 +107,10 @@ impl From<ServiceError> for ApiError {
                     format!("credential {credential:?} could not be issued; nothing was issued"),
                 ),
             },
-            ServiceError::BadRevocationToken => {
-                (StatusCode::UNAUTHORIZED, "the revocation token is not valid".to_owned())
-            }
+            ServiceError::BadRevocationToken => (
+                StatusCode::UNAUTHORIZED,
+                "the revocation token is not valid".to_owned(),
+            ),
             ServiceError::RevokePending => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "revocation failed and will be retried automatically".to_owned(),
@@ -125,9 +138,15 @@ impl From<ServiceError> for ApiError {
 fn token_status(v: &VerifyError) -> (StatusCode, String) {
     let code = v.reason_code();
     if v.is_unavailable() {
-        (StatusCode::SERVICE_UNAVAILABLE, "the token's issuer keys are unavailable; try again".into())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the token's issuer keys are unavailable; try again".into(),
+        )
     } else if code == "token_too_large" {
-        (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "the bearer token is too large".into())
+        (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "the bearer token is too large".into(),
+        )
     } else {
         (StatusCode::UNAUTHORIZED, token_message(code).to_owned())
     }
@@ -136,15 +155,27 @@ fn token_status(v: &VerifyError) -> (StatusCode, String) {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::warn!(status = self.status.as_u16(), code = self.code, detail = self.detail.as_deref(), "request failed");
+            tracing::warn!(
+                status = self.status.as_u16(),
+                code = self.code,
+                detail = self.detail.as_deref(),
+                "request failed"
+            );
         } else {
-            tracing::info!(status = self.status.as_u16(), code = self.code, detail = self.detail.as_deref(), "request refused");
+            tracing::info!(
+                status = self.status.as_u16(),
+                code = self.code,
+                detail = self.detail.as_deref(),
+                "request refused"
+            );
         }
-        let mut resp = (self.status, Json(json!({"error": self.code, "message": self.message}))).into_response();
-        if let Some(s) = self.retry_after {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        let mut resp = (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if let Some(v) = self.retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }
@@ -159,20 +190,41 @@ mod tests {
     fn mapping_is_stable() {
         let cases: Vec<(ServiceError, u16, &str)> = vec![
             (ServiceError::Replayed, 401, "token_replayed"),
-            (ServiceError::Denied { credential: "x".into(), reason: "no_matching_rule" }, 403, "policy_denied"),
             (
-                ServiceError::Provider { credential: "db".into(), error: ProviderError::TargetUnavailable("conn refused to 10.0.0.1".into()) },
+                ServiceError::Denied {
+                    credential: "x".into(),
+                    reason: "no_matching_rule",
+                },
+                403,
+                "policy_denied",
+            ),
+            (
+                ServiceError::Provider {
+                    credential: "db".into(),
+                    error: ProviderError::TargetUnavailable("conn refused to 10.0.0.1".into()),
+                },
                 503,
                 "target_unavailable",
             ),
-            (ServiceError::BadRevocationToken, 401, "invalid_revocation_token"),
-            (ServiceError::Store(crate::store::StoreError::Unavailable("x".into())), 503, "store_unavailable"),
+            (
+                ServiceError::BadRevocationToken,
+                401,
+                "invalid_revocation_token",
+            ),
+            (
+                ServiceError::Store(crate::store::StoreError::Unavailable("x".into())),
+                503,
+                "store_unavailable",
+            ),
         ];
         for (e, status, code) in cases {
             let a = ApiError::from(e);
             assert_eq!(a.status.as_u16(), status);
             assert_eq!(a.code, code);
-            assert!(!a.message.contains("10.0.0.1"), "provider detail must not reach the client");
+            assert!(
+                !a.message.contains("10.0.0.1"),
+                "provider detail must not reach the client"
+            );
         }
     }
 }

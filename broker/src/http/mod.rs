@@ -7,17 +7,17 @@
 pub mod error;
 
 use crate::audit::Action;
+use crate::providers::Field;
 use crate::secret::Sensitive;
 use crate::service::ServiceError;
+use crate::service::{Broker, ExchangeRequest, RequestCtx};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use crate::service::{Broker, ExchangeRequest, RequestCtx};
-use crate::providers::Field;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use error::ApiError;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -52,7 +52,10 @@ pub fn router(broker: Arc<Broker>, limits: &HttpLimits) -> Router {
     api.layer(
         ServiceBuilder::new()
             // Authorization headers never reach a log line through tracing layers.
-            .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+            .layer(SetSensitiveRequestHeadersLayer::new([
+                header::AUTHORIZATION,
+                header::COOKIE,
+            ]))
             .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
             .layer(axum::middleware::from_fn(log_request))
@@ -66,9 +69,17 @@ pub fn router(broker: Arc<Broker>, limits: &HttpLimits) -> Router {
 
 async fn overloaded(err: tower::BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "the request took too long",
+        )
     } else {
-        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the broker is at capacity; retry shortly");
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the broker is at capacity; retry shortly",
+        );
         e.retry_after = Some(1);
         e
     }
@@ -89,7 +100,11 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
     let start = std::time::Instant::now();
     let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let _g = span.enter();
-    tracing::info!(status = resp.status().as_u16(), elapsed_ms = start.elapsed().as_millis() as u64, "done");
+    tracing::info!(
+        status = resp.status().as_u16(),
+        elapsed_ms = start.elapsed().as_millis() as u64,
+        "done"
+    );
     resp
 }
 
@@ -98,7 +113,12 @@ async fn not_found() -> ApiError {
 }
 
 fn ctx(headers: &HeaderMap, addr: Option<SocketAddr>) -> RequestCtx {
-    let hv = |n: &HeaderName| headers.get(n).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect());
+    let hv = |n: &HeaderName| {
+        headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect())
+    };
     RequestCtx {
         request_id: hv(&REQUEST_ID),
         client_addr: addr.map(|a| a.ip().to_string()),
@@ -120,14 +140,20 @@ fn bearer(headers: &HeaderMap) -> Result<Sensitive, ServiceError> {
 }
 
 fn bad_body(message: String) -> ServiceError {
-    ServiceError::BadRequest { code: "bad_request", message }
+    ServiceError::BadRequest {
+        code: "bad_request",
+        message,
+    }
 }
 
 /// The body, or `payload_too_large` / `bad_request`.
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ServiceError> {
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ServiceError::BadRequest { code: "payload_too_large", message: "the request body is too large".into() }
+            ServiceError::BadRequest {
+                code: "payload_too_large",
+                message: "the request body is too large".into(),
+            }
         } else {
             bad_body("the request body could not be read".into())
         }
@@ -138,7 +164,10 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceEr
     serde_json::from_slice(body).map_err(|e| {
         // serde_json's message names the field and position; it does not echo long input.
         let msg = e.to_string();
-        bad_body(format!("invalid JSON body: {}", msg.chars().take(200).collect::<String>()))
+        bad_body(format!(
+            "invalid JSON body: {}",
+            msg.chars().take(200).collect::<String>()
+        ))
     })
 }
 
@@ -152,11 +181,11 @@ struct ExchangeBody {
 
 async fn exchange(
     State(b): State<Arc<Broker>>,
-    addr: Option<ConnectInfo<SocketAddr>>,
+    addr: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let ctx = ctx(&headers, addr.map(|a| a.0));
+    let ctx = ctx(&headers, addr.map(|a| (a.0).0));
     let parsed = bearer(&headers).and_then(|t| {
         let body: ExchangeBody = json_body(&body_bytes(body)?)?;
         Ok((t, body))
@@ -166,7 +195,14 @@ async fn exchange(
         Err(e) => return Err(b.reject(Action::Exchange, &ctx, e).await.into()),
     };
     let resp = b
-        .exchange(ExchangeRequest { token, credentials: body.credentials, ttl: body.ttl }, &ctx)
+        .exchange(
+            ExchangeRequest {
+                token,
+                credentials: body.credentials,
+                ttl: body.ttl,
+            },
+            &ctx,
+        )
         .await?;
     let mut creds = Map::new();
     for c in resp.credentials {
@@ -189,25 +225,33 @@ async fn exchange(
         "revocation_token": resp.revocation_token.expose(),
         "credentials": creds,
     });
-    Ok((StatusCode::OK, [(header::CACHE_CONTROL, "no-store")], Json(body)).into_response())
+    Ok((
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response())
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 async fn revoke(
     State(b): State<Arc<Broker>>,
-    addr: Option<ConnectInfo<SocketAddr>>,
+    addr: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let ctx = ctx(&headers, addr.map(|a| a.0));
+    let ctx = ctx(&headers, addr.map(|a| (a.0).0));
     let token = match bearer(&headers) {
         Ok(t) => t,
         Err(e) => return Err(b.reject(Action::Revoke, &ctx, e).await.into()),
     };
     let (grant_id, status) = b.revoke_by_token(&token, &ctx).await?;
-    Ok(Json(json!({"grant_id": grant_id, "status": status.as_str()})))
+    Ok(Json(
+        json!({"grant_id": grant_id, "status": status.as_str()}),
+    ))
 }
 
 /// RFC 7662: `token` in a form body (or JSON). Unknown, expired, revoked or foreign tokens are
@@ -251,6 +295,10 @@ async fn healthz() -> Json<Value> {
 
 async fn readyz(State(b): State<Arc<Broker>>) -> Response {
     let (ok, detail) = b.readiness().await;
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(detail)).into_response()
 }

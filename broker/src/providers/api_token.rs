@@ -86,7 +86,10 @@ impl fmt::Debug for SigningKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKeys")
             .field("active_kid", &self.active.kid)
-            .field("retired", &self.retired.iter().map(|k| &k.kid).collect::<Vec<_>>())
+            .field(
+                "retired",
+                &self.retired.iter().map(|k| &k.kid).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -231,7 +234,11 @@ impl ApiTokenProvider {
 
     /// Check a presented token's signature (any published key), issuer and expiry against
     /// `now`. Revocation is checked by the caller against the store.
-    pub fn check(&self, token: &str, now: OffsetDateTime) -> Result<ApiTokenClaims, TokenCheckError> {
+    pub fn check(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<ApiTokenClaims, TokenCheckError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenCheckError::NotOurs)?;
         if header.alg != Algorithm::EdDSA || header.typ.as_deref() != Some(TOKEN_TYPE) {
             return Err(TokenCheckError::NotOurs);
@@ -269,20 +276,31 @@ impl Provider for ApiTokenProvider {
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
         #[allow(irrefutable_let_patterns)] // more kinds join CredentialSpec later
         let CredentialSpec::ApiToken(spec) = &req.credential.spec else {
-            return Err(ProviderError::Misconfigured("not an api_token credential".into()));
+            return Err(ProviderError::Misconfigured(
+                "not an api_token credential".into(),
+            ));
         };
         let render = |t: &Template| {
             t.render(req.claims)
                 .map_err(|e| ProviderError::InvalidClaim(e.to_string()))
         };
-        let scopes = spec.scopes.iter().map(render).collect::<Result<Vec<_>, _>>()?;
+        let scopes = spec
+            .scopes
+            .iter()
+            .map(render)
+            .collect::<Result<Vec<_>, _>>()?;
         let sub = match &spec.subject {
             Some(t) => render(t)?,
             None => req.claims.sub.clone(),
         };
         let job: serde_json::Map<String, Value> = ATTRIBUTION
             .iter()
-            .filter_map(|k| req.claims.claims.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+            .filter_map(|k| {
+                req.claims
+                    .claims
+                    .get(*k)
+                    .map(|v| ((*k).to_owned(), v.clone()))
+            })
             .filter(|(_, v)| v.is_string() || v.is_number())
             .collect();
         let claims = ApiTokenClaims {
@@ -360,7 +378,10 @@ mod tests {
 
     #[tokio::test]
     async fn minted_token_checks_and_expires() {
-        let p = ApiTokenProvider::new(Arc::new(SigningKeys::ephemeral().unwrap()), "https://broker.test".into());
+        let p = ApiTokenProvider::new(
+            Arc::new(SigningKeys::ephemeral().unwrap()),
+            "https://broker.test".into(),
+        );
         let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let d = def();
         let gid = Uuid::now_v7();
@@ -377,17 +398,28 @@ mod tests {
             })
             .await
             .unwrap();
-        let Field::Secret(tok) = &m.fields[0].1 else { panic!("token must be secret") };
+        let Field::Secret(tok) = &m.fields[0].1 else {
+            panic!("token must be secret")
+        };
         assert!(tok.expose().starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"));
         let got = p.check(tok.expose(), now).unwrap();
         assert_eq!(got.jti, rid);
         assert_eq!(got.scope, "deploy:acme/api");
         assert_eq!(got.aud, "https://deploy.example");
         assert!(got.job.get("secret_looking").is_none());
-        assert_eq!(p.check(tok.expose(), now + time::Duration::minutes(11)), Err(TokenCheckError::Expired));
+        assert_eq!(
+            p.check(tok.expose(), now + time::Duration::minutes(11)),
+            Err(TokenCheckError::Expired)
+        );
         // Another broker's key: not ours.
-        let other = ApiTokenProvider::new(Arc::new(SigningKeys::ephemeral().unwrap()), "https://broker.test".into());
-        assert_eq!(other.check(tok.expose(), now), Err(TokenCheckError::NotOurs));
+        let other = ApiTokenProvider::new(
+            Arc::new(SigningKeys::ephemeral().unwrap()),
+            "https://broker.test".into(),
+        );
+        assert_eq!(
+            other.check(tok.expose(), now),
+            Err(TokenCheckError::NotOurs)
+        );
         assert_eq!(p.check("garbage", now), Err(TokenCheckError::NotOurs));
         // Debug never shows key material.
         assert!(!format!("{p:?}").contains("PRIVATE"));
@@ -395,7 +427,10 @@ mod tests {
 
     #[tokio::test]
     async fn hostile_claim_fails_mint() {
-        let p = ApiTokenProvider::new(Arc::new(SigningKeys::ephemeral().unwrap()), "https://b".into());
+        let p = ApiTokenProvider::new(
+            Arc::new(SigningKeys::ephemeral().unwrap()),
+            "https://b".into(),
+        );
         let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
         let d = def();
         let c = claims("acme/api\" or 1=1");
