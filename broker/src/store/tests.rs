@@ -909,10 +909,14 @@ async fn concurrent_claimers_split_the_work(store: Store, url: String) {
     for _ in 0..GRANTS {
         want.push(begin_active(&store, 0, 10).await.id);
     }
+    // Both claimers start together so their claims really overlap.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
     let mut tasks = Vec::new();
     for _ in 0..2 {
         let replica = Store::connect(&url).await.unwrap();
+        let start = start.clone();
         tasks.push(tokio::spawn(async move {
+            start.wait().await;
             let mut mine = Vec::new();
             loop {
                 let batch = replica
@@ -1002,6 +1006,45 @@ store_tests!(
 async fn postgres_concurrent_claimers_claim_each_grant_once() {
     let db = TestDb::postgres().await;
     concurrent_claimers_split_the_work(db.store(), db.url().to_owned()).await;
+    db.cleanup().await;
+}
+
+/// A grant another replica is claiming (its row locked) is skipped, not waited on.
+#[tokio::test]
+async fn postgres_claim_due_skips_locked_rows() {
+    let db = TestDb::postgres().await;
+    let store = db.store();
+    let held = begin_active(&store, 0, 10).await;
+    let free = begin_active(&store, 0, 10).await;
+    let Backend::Postgres(pool) = &store.backend else {
+        unreachable!()
+    };
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM grants WHERE id = $1 FOR UPDATE")
+        .bind(held.id)
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let claimed = store
+        .claim_due(t(20), t(0), Duration::seconds(30), 10)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "did not wait on the lock"
+    );
+    let ids: Vec<_> = claimed.iter().map(|c| c.grant.id).collect();
+    assert_eq!(ids, vec![free.id]);
+
+    other.rollback().await.unwrap();
+    let claimed = store
+        .claim_due(t(20), t(0), Duration::seconds(30), 10)
+        .await
+        .unwrap();
+    let ids: Vec<_> = claimed.iter().map(|c| c.grant.id).collect();
+    assert_eq!(ids, vec![held.id], "released rows are claimable again");
     db.cleanup().await;
 }
 
