@@ -2,7 +2,26 @@
 //! SQLite (embedded default). The only module that contains SQL.
 //!
 //! INTERFACE CONTRACT: the exchange, revoke, reaper and HTTP code call exactly these
-//! functions. Bodies are filled in by the store implementation.
+//! functions.
+//!
+//! Invariants kept by both backends:
+//! - every multi-statement operation is one transaction;
+//! - every state change is a compare-and-set on `grants.status` (the expected status is in the
+//!   `WHERE`), so concurrent callers cannot double-transition a grant;
+//! - every time comes from the caller's clock, never from the database's `now()`;
+//! - no secret is ever stored: the revocation token arrives here only as its SHA-256 hash, and
+//!   [`AuditEvent`] cannot carry a secret;
+//! - no operation hangs: pool acquisition, statements (Postgres `statement_timeout`) and each
+//!   public call as a whole are bounded, and failures become [`StoreError::Unavailable`]
+//!   without the connection URL (it may hold a password).
+
+mod codec;
+mod postgres;
+mod sqlite;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testdb;
+#[cfg(test)]
+mod tests;
 
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -188,29 +207,102 @@ pub enum StoreError {
     BadUrl(String),
 }
 
+impl StoreError {
+    /// Stable reason code for audit events, logs and HTTP error bodies.
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            StoreError::Replayed => "token_replayed",
+            StoreError::Unavailable(_) => "store_unavailable",
+            StoreError::Conflict(_) => "store_conflict",
+            StoreError::BadUrl(_) => "bad_store_url",
+        }
+    }
+}
+
 /// The store handle; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    _private: (),
+    backend: Backend,
 }
 
-#[allow(unused_variables, clippy::unused_async)]
+/// The two pools. Debug prints only the backend name: pool options could reveal the host.
+#[derive(Clone)]
+enum Backend {
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Postgres(_) => f.write_str("Backend::Postgres"),
+            Backend::Sqlite(_) => f.write_str("Backend::Sqlite"),
+        }
+    }
+}
+
+/// Upper bound on one public store call, whatever it waits on (pool, locks, network). The HTTP
+/// layer turns the resulting `Unavailable` into a 503 instead of hanging a request.
+const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn bounded<T>(
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Unavailable(
+            "store operation timed out".to_owned(),
+        )),
+    }
+}
+
+/// Run the backend-specific function of the same name on whichever pool this store holds.
+macro_rules! dispatch {
+    ($self:ident, $f:ident ( $($arg:expr),* $(,)? )) => {
+        bounded(async {
+            match &$self.backend {
+                Backend::Postgres(pool) => postgres::$f(pool, $($arg),*).await,
+                Backend::Sqlite(pool) => sqlite::$f(pool, $($arg),*).await,
+            }
+        })
+        .await
+    };
+}
+
 impl Store {
     /// Connect by URL: `postgres://…` or `sqlite:PATH` / `sqlite::memory:`. Does not migrate.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        unimplemented!()
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = bounded(postgres::connect(url)).await?;
+            Ok(Store {
+                backend: Backend::Postgres(pool),
+            })
+        } else if url.starts_with("sqlite:") {
+            let pool = bounded(sqlite::connect(url)).await?;
+            Ok(Store {
+                backend: Backend::Sqlite(pool),
+            })
+        } else {
+            // Never echo the URL: it may carry a password.
+            Err(StoreError::BadUrl(
+                "expected a postgres://, postgresql:// or sqlite: url".to_owned(),
+            ))
+        }
     }
     /// Apply migrations from `migrations/postgres` or `migrations/sqlite` (embedded).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, migrate())
     }
     /// `SELECT 1` with a short timeout.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, ping())
     }
     /// Which backend (`postgres` | `sqlite`).
     pub fn backend(&self) -> &'static str {
-        unimplemented!()
+        match self.backend {
+            Backend::Postgres(_) => "postgres",
+            Backend::Sqlite(_) => "sqlite",
+        }
     }
 
     /// One transaction: record `jti` (if given; a live duplicate → `StoreError::Replayed`,
@@ -220,7 +312,7 @@ impl Store {
         grant: &NewGrant,
         jti: Option<&JtiRecord>,
     ) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, begin_grant(grant, jti))
     }
     /// One transaction: `issuing` → `active` with the final expiry and per-credential details
     /// (same order as in `NewGrant::credentials`), and append `audit`. Error `Conflict` if the
@@ -232,7 +324,7 @@ impl Store {
         details: &[serde_json::Value],
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, activate_grant(id, expires_at, details, audit))
     }
     /// One transaction: `issuing` → `failed` (nothing minted is left: caller revoked it first),
     /// delete the `jti` record if given (an exchange that issued nothing does not consume the
@@ -243,22 +335,22 @@ impl Store {
         release_jti: Option<&JtiRecord>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, fail_grant(id, release_jti, audit))
     }
     /// Append one audit event on its own.
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, append_audit(audit))
     }
     /// Read audit events back, newest first.
     pub async fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        unimplemented!()
+        dispatch!(self, audit_events(filter))
     }
 
     pub async fn grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {
-        unimplemented!()
+        dispatch!(self, grant(id))
     }
     pub async fn grant_by_revocation_hash(&self, hash: &str) -> Result<Option<Grant>, StoreError> {
-        unimplemented!()
+        dispatch!(self, grant_by_revocation_hash(hash))
     }
     /// Status of the grant holding credential `(kind, resource_id)`.
     pub async fn credential_status(
@@ -266,7 +358,7 @@ impl Store {
         kind: CredentialKind,
         resource_id: &str,
     ) -> Result<Option<CredentialStatus>, StoreError> {
-        unimplemented!()
+        dispatch!(self, credential_status(kind, resource_id))
     }
 
     /// Claim one grant for a requested revocation: `active` | `issuing` | `revoking` (lease
@@ -278,7 +370,8 @@ impl Store {
         now: OffsetDateTime,
         lease: Duration,
     ) -> Result<Option<ClaimedGrant>, StoreError> {
-        unimplemented!()
+        let lease_until = codec::lease_end(now, lease)?;
+        dispatch!(self, claim_for_revoke(id, now, lease_until))
     }
     /// Claim up to `limit` grants that need the reaper, each exactly once across replicas
     /// (Postgres: `FOR UPDATE SKIP LOCKED`): `active` with `expires_at <= now` (cause Expired),
@@ -292,7 +385,11 @@ impl Store {
         lease: Duration,
         limit: u32,
     ) -> Result<Vec<ClaimedGrant>, StoreError> {
-        unimplemented!()
+        let lease_until = codec::lease_end(now, lease)?;
+        dispatch!(
+            self,
+            claim_due(now, stale_issuing_before, lease_until, limit)
+        )
     }
     /// One transaction: `revoking` → the cause's final status, `revoked_at = now`, append audit.
     pub async fn finish_revoke(
@@ -302,7 +399,7 @@ impl Store {
         now: OffsetDateTime,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        unimplemented!()
+        dispatch!(self, finish_revoke(id, cause, now, audit))
     }
     /// One transaction: keep `revoking`, count the attempt, record the (non-secret) error, set
     /// the lease to `retry_at` so the reaper retries then, append audit.
@@ -313,17 +410,26 @@ impl Store {
         retry_at: OffsetDateTime,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        unimplemented!()
+        let error = codec::clip_error(error);
+        dispatch!(self, revoke_failed(id, &error, retry_at, audit))
     }
     /// Active grants (for revoke-all), oldest first.
     pub async fn active_grants(&self, limit: u32) -> Result<Vec<Grant>, StoreError> {
-        unimplemented!()
+        dispatch!(self, active_grants(limit))
     }
     /// Delete replay records past their window. Returns how many.
     pub async fn purge_jti(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
-        unimplemented!()
+        dispatch!(self, purge_jti(now))
     }
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        unimplemented!()
+        dispatch!(self, stats())
+    }
+
+    /// Close the pool (graceful shutdown, tests). Calls after this fail with `Unavailable`.
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Postgres(pool) => pool.close().await,
+            Backend::Sqlite(pool) => pool.close().await,
+        }
     }
 }

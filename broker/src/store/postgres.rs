@@ -1,0 +1,576 @@
+//! The Postgres backend (production).
+//!
+//! Concurrency: state changes are single `UPDATE ... WHERE status = <expected>` statements, which
+//! Postgres re-checks against the latest row version after waiting on a concurrent writer (READ
+//! COMMITTED), so two callers can never both win one transition. The reaper's batch claim locks
+//! its candidates with `FOR UPDATE SKIP LOCKED`, so replicas split the due grants between them
+//! instead of queueing on the same rows.
+
+use super::codec::{
+    ACQUIRE_TIMEOUT, audit_limit, corrupt, enum_text, migrate_err, parse_cause, parse_kind,
+    parse_status,
+};
+use super::{
+    AuditFilter, ClaimedGrant, CredentialStatus, Grant, GrantStatus, JtiRecord, NewGrant,
+    RevokeCause, StoreError, StoreStats,
+};
+use crate::audit::AuditEvent;
+use crate::providers::{CredentialKind, IssuedCredential};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{PgPool, Row};
+use std::collections::HashMap;
+use std::str::FromStr;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Server-side bounds set on every connection (milliseconds). A statement or lock wait that runs
+/// past these is cancelled by the server, so a stuck query cannot hold a request forever.
+const STATEMENT_TIMEOUT_MS: &str = "5000";
+const LOCK_TIMEOUT_MS: &str = "3000";
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: &str = "15000";
+
+const MAX_CONNECTIONS: u32 = 16;
+
+pub(super) async fn connect(url: &str) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|_| StoreError::BadUrl("unparseable postgres url".to_owned()))?
+        .application_name("broker")
+        .options([
+            ("statement_timeout", STATEMENT_TIMEOUT_MS),
+            ("lock_timeout", LOCK_TIMEOUT_MS),
+            (
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT_MS,
+            ),
+        ]);
+    let pool = PgPoolOptions::new()
+        .max_connections(MAX_CONNECTIONS)
+        .min_connections(0)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .idle_timeout(Some(std::time::Duration::from_secs(300)))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+pub(super) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await.map_err(migrate_err)
+}
+
+pub(super) async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
+pub(super) async fn begin_grant(
+    pool: &PgPool,
+    grant: &NewGrant,
+    jti: Option<&JtiRecord>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    if let Some(j) = jti {
+        // Insert, or take over a record whose window has passed; a live record makes the upsert
+        // return nothing. A concurrent exchange of the same token waits on the unique index and
+        // then sees the committed record: exactly one of them wins.
+        let won = sqlx::query(
+            "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (iss, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
+             WHERE used_jti.expires_at <= $4
+             RETURNING 1",
+        )
+        .bind(&j.iss)
+        .bind(&j.jti)
+        .bind(j.expires_at)
+        .bind(grant.created_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if won.is_none() {
+            return Err(StoreError::Replayed);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
+                             bundle_digest, revocation_hash, created_at, expires_at)
+         VALUES ($1, 'issuing', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(grant.id)
+    .bind(&grant.issuer)
+    .bind(&grant.subject)
+    .bind(&grant.repository)
+    .bind(&grant.repository_id)
+    .bind(Json(&grant.job))
+    .bind(&grant.bundle_digest)
+    .bind(&grant.revocation_hash)
+    .bind(grant.created_at)
+    .bind(grant.expires_at)
+    .execute(&mut *tx)
+    .await?;
+    for (position, c) in grant.credentials.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(grant.id)
+        .bind(position_i32(position)?)
+        .bind(&c.name)
+        .bind(c.kind.as_str())
+        .bind(&c.resource_id)
+        .bind(Json(&c.details))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn activate_grant(
+    pool: &PgPool,
+    id: Uuid,
+    expires_at: OffsetDateTime,
+    details: &[serde_json::Value],
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let moved = sqlx::query(
+        "UPDATE grants SET status = 'active', expires_at = $2 WHERE id = $1 AND status = 'issuing'",
+    )
+    .bind(id)
+    .bind(expires_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
+    }
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM grant_credentials WHERE grant_id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if usize::try_from(count).ok() != Some(details.len()) {
+        return Err(StoreError::Conflict(
+            "credential details do not match the grant".to_owned(),
+        ));
+    }
+    for (position, d) in details.iter().enumerate() {
+        sqlx::query(
+            "UPDATE grant_credentials SET details = $3 WHERE grant_id = $1 AND position = $2",
+        )
+        .bind(id)
+        .bind(position_i32(position)?)
+        .bind(Json(d))
+        .execute(&mut *tx)
+        .await?;
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn fail_grant(
+    pool: &PgPool,
+    id: Uuid,
+    release_jti: Option<&JtiRecord>,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    // revoked_at records when the grant stopped being live, as for the other final states.
+    let moved = sqlx::query(
+        "UPDATE grants SET status = 'failed', revoked_at = $2 WHERE id = $1 AND status = 'issuing'",
+    )
+    .bind(id)
+    .bind(audit.time)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
+    }
+    if let Some(j) = release_jti {
+        sqlx::query("DELETE FROM used_jti WHERE iss = $1 AND jti = $2")
+            .bind(&j.iss)
+            .bind(&j.jti)
+            .execute(&mut *tx)
+            .await?;
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn append_audit(pool: &PgPool, audit: &AuditEvent) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn insert_audit(conn: &mut PgConnection, audit: &AuditEvent) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
+                                   repository, repository_id, actor, event)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(audit.id)
+    .bind(audit.time)
+    .bind(enum_text(&audit.action)?)
+    .bind(enum_text(&audit.outcome)?)
+    .bind(&audit.reason)
+    .bind(audit.grant_id)
+    .bind(&audit.request_id)
+    .bind(&audit.job.repository)
+    .bind(&audit.job.repository_id)
+    .bind(&audit.actor)
+    .bind(Json(audit))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn audit_events(
+    pool: &PgPool,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT event FROM audit_events
+         WHERE ($1::uuid IS NULL OR grant_id = $1)
+           AND ($2::text IS NULL OR request_id = $2)
+           AND ($3::text IS NULL OR repository = $3)
+           AND ($4::text IS NULL OR outcome = $4)
+           AND ($5::text IS NULL OR reason = $5)
+           AND ($6::timestamptz IS NULL OR time >= $6)
+         ORDER BY time DESC, seq DESC
+         LIMIT $7",
+    )
+    .bind(filter.grant_id)
+    .bind(&filter.request_id)
+    .bind(&filter.repository)
+    .bind(&filter.outcome)
+    .bind(&filter.reason)
+    .bind(filter.since)
+    .bind(audit_limit(filter.limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<Json<AuditEvent>, _>("event")
+                .map(|j| j.0)
+                .map_err(|_| corrupt("audit event"))
+        })
+        .collect()
+}
+
+pub(super) async fn grant(pool: &PgPool, id: Uuid) -> Result<Option<Grant>, StoreError> {
+    let row = sqlx::query("SELECT * FROM grants WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    with_credentials_one(pool, row).await
+}
+
+pub(super) async fn grant_by_revocation_hash(
+    pool: &PgPool,
+    hash: &str,
+) -> Result<Option<Grant>, StoreError> {
+    let row = sqlx::query("SELECT * FROM grants WHERE revocation_hash = $1")
+        .bind(hash)
+        .fetch_optional(pool)
+        .await?;
+    with_credentials_one(pool, row).await
+}
+
+pub(super) async fn credential_status(
+    pool: &PgPool,
+    kind: CredentialKind,
+    resource_id: &str,
+) -> Result<Option<CredentialStatus>, StoreError> {
+    let row = sqlx::query(
+        "SELECT g.id, g.status, g.expires_at
+         FROM grant_credentials c JOIN grants g ON g.id = c.grant_id
+         WHERE c.kind = $1 AND c.resource_id = $2",
+    )
+    .bind(kind.as_str())
+    .bind(resource_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        Ok(CredentialStatus {
+            grant_id: r.try_get("id")?,
+            grant_status: parse_status(r.try_get("status")?)?,
+            expires_at: r.try_get("expires_at")?,
+        })
+    })
+    .transpose()
+}
+
+pub(super) async fn claim_for_revoke(
+    pool: &PgPool,
+    id: Uuid,
+    now: OffsetDateTime,
+    lease_until: OffsetDateTime,
+) -> Result<Option<ClaimedGrant>, StoreError> {
+    let mut tx = pool.begin().await?;
+    // A revoking grant keeps the cause recorded when it was first claimed; `status` in SET is the
+    // value before this update.
+    let row = sqlx::query(
+        "UPDATE grants
+         SET revoke_cause = CASE WHEN status = 'revoking'
+                                 THEN COALESCE(revoke_cause, 'requested')
+                                 ELSE 'requested' END,
+             status = 'revoking',
+             lease_until = $3
+         WHERE id = $1
+           AND (status IN ('active', 'issuing')
+                OR (status = 'revoking' AND (lease_until IS NULL OR lease_until <= $2)))
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(now)
+    .bind(lease_until)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let claimed = match row {
+        Some(row) => {
+            let mut creds = load_credentials(&mut tx, &[id]).await?;
+            Some(claimed_from_row(
+                &row,
+                creds.remove(&id).unwrap_or_default(),
+            )?)
+        }
+        None => None,
+    };
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+pub(super) async fn claim_due(
+    pool: &PgPool,
+    now: OffsetDateTime,
+    stale_issuing_before: OffsetDateTime,
+    lease_until: OffsetDateTime,
+    limit: u32,
+) -> Result<Vec<ClaimedGrant>, StoreError> {
+    let mut tx = pool.begin().await?;
+    // SKIP LOCKED: rows another replica is claiming right now are left to it, not waited on.
+    // The locking clause re-checks the WHERE against the newest row version, so a row changed
+    // by a transaction that committed meanwhile is only taken if it is still due.
+    let rows = sqlx::query(
+        "WITH due AS (
+             SELECT id FROM grants
+             WHERE (status = 'active' AND expires_at <= $1)
+                OR (status = 'issuing' AND created_at < $2)
+                OR (status = 'revoking' AND lease_until <= $1)
+             ORDER BY expires_at
+             LIMIT $4
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE grants g
+         SET revoke_cause = CASE g.status
+                                WHEN 'active' THEN 'expired'
+                                WHEN 'issuing' THEN 'recovery'
+                                ELSE COALESCE(g.revoke_cause, 'recovery') END,
+             status = 'revoking',
+             lease_until = $3
+         FROM due
+         WHERE g.id = due.id
+           AND g.status IN ('active', 'issuing', 'revoking')
+         RETURNING g.*",
+    )
+    .bind(now)
+    .bind(stale_issuing_before)
+    .bind(lease_until)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .map(|r| r.try_get::<Uuid, _>("id"))
+        .collect::<Result<_, _>>()?;
+    let mut creds = load_credentials(&mut tx, &ids).await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for (row, id) in rows.iter().zip(&ids) {
+        claimed.push(claimed_from_row(row, creds.remove(id).unwrap_or_default())?);
+    }
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+pub(super) async fn finish_revoke(
+    pool: &PgPool,
+    id: Uuid,
+    cause: RevokeCause,
+    now: OffsetDateTime,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let moved = sqlx::query(
+        "UPDATE grants SET status = $2, revoked_at = $3, lease_until = NULL
+         WHERE id = $1 AND status = 'revoking'",
+    )
+    .bind(id)
+    .bind(cause.final_status().as_str())
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not revoking".to_owned()));
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn revoke_failed(
+    pool: &PgPool,
+    id: Uuid,
+    error: &str,
+    retry_at: OffsetDateTime,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    let moved = sqlx::query(
+        "UPDATE grants
+         SET revoke_attempts = revoke_attempts + 1, last_error = $2, lease_until = $3
+         WHERE id = $1 AND status = 'revoking'",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not revoking".to_owned()));
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn active_grants(pool: &PgPool, limit: u32) -> Result<Vec<Grant>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query(
+        "SELECT * FROM grants WHERE status = 'active' ORDER BY created_at, id LIMIT $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .map(|r| r.try_get::<Uuid, _>("id"))
+        .collect::<Result<_, _>>()?;
+    let mut creds = load_credentials(&mut tx, &ids).await?;
+    let mut grants = Vec::with_capacity(rows.len());
+    for (row, id) in rows.iter().zip(&ids) {
+        grants.push(grant_from_row(row, creds.remove(id).unwrap_or_default())?);
+    }
+    tx.commit().await?;
+    Ok(grants)
+}
+
+pub(super) async fn purge_jti(pool: &PgPool, now: OffsetDateTime) -> Result<u64, StoreError> {
+    let done = sqlx::query("DELETE FROM used_jti WHERE expires_at <= $1")
+        .bind(now)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+pub(super) async fn stats(pool: &PgPool) -> Result<StoreStats, StoreError> {
+    let row = sqlx::query(
+        "SELECT count(CASE WHEN status = 'active' THEN 1 END) AS active,
+                count(CASE WHEN status = 'issuing' THEN 1 END) AS issuing,
+                count(CASE WHEN status = 'revoking' AND revoke_attempts > 0 THEN 1 END) AS failing
+         FROM grants WHERE status IN ('active', 'issuing', 'revoking')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(StoreStats {
+        active_grants: row.try_get("active")?,
+        issuing_grants: row.try_get("issuing")?,
+        revoke_failures_pending: row.try_get("failing")?,
+    })
+}
+
+fn position_i32(position: usize) -> Result<i32, StoreError> {
+    i32::try_from(position).map_err(|_| StoreError::Conflict("too many credentials".to_owned()))
+}
+
+async fn with_credentials_one(
+    pool: &PgPool,
+    row: Option<PgRow>,
+) -> Result<Option<Grant>, StoreError> {
+    let Some(row) = row else { return Ok(None) };
+    let id: Uuid = row.try_get("id")?;
+    let mut conn = pool.acquire().await?;
+    let mut creds = load_credentials(&mut conn, &[id]).await?;
+    Ok(Some(grant_from_row(
+        &row,
+        creds.remove(&id).unwrap_or_default(),
+    )?))
+}
+
+/// Credentials of the given grants, each list in position order.
+async fn load_credentials(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<IssuedCredential>>, StoreError> {
+    let mut out: HashMap<Uuid, Vec<IssuedCredential>> = HashMap::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let rows = sqlx::query(
+        "SELECT grant_id, name, kind, resource_id, details FROM grant_credentials
+         WHERE grant_id = ANY($1) ORDER BY grant_id, position",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    for r in rows {
+        let grant_id: Uuid = r.try_get("grant_id")?;
+        let credential = IssuedCredential {
+            name: r.try_get("name")?,
+            kind: parse_kind(r.try_get("kind")?)?,
+            resource_id: r.try_get("resource_id")?,
+            details: r.try_get::<Json<serde_json::Value>, _>("details")?.0,
+        };
+        out.entry(grant_id).or_default().push(credential);
+    }
+    Ok(out)
+}
+
+fn grant_from_row(row: &PgRow, credentials: Vec<IssuedCredential>) -> Result<Grant, StoreError> {
+    Ok(Grant {
+        id: row.try_get("id")?,
+        status: parse_status(row.try_get("status")?)?,
+        issuer: row.try_get("issuer")?,
+        subject: row.try_get("subject")?,
+        repository: row.try_get("repository")?,
+        repository_id: row.try_get("repository_id")?,
+        job: row.try_get::<Json<serde_json::Value>, _>("job")?.0,
+        bundle_digest: row.try_get("bundle_digest")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        revoke_attempts: row.try_get("revoke_attempts")?,
+        last_error: row.try_get("last_error")?,
+        credentials,
+    })
+}
+
+fn claimed_from_row(
+    row: &PgRow,
+    credentials: Vec<IssuedCredential>,
+) -> Result<ClaimedGrant, StoreError> {
+    let grant = grant_from_row(row, credentials)?;
+    if grant.status != GrantStatus::Revoking {
+        return Err(corrupt("claimed grant"));
+    }
+    let cause: Option<String> = row.try_get("revoke_cause")?;
+    let cause = parse_cause(cause.as_deref().unwrap_or_default())?;
+    Ok(ClaimedGrant { grant, cause })
+}

@@ -1,0 +1,585 @@
+//! The SQLite backend (embedded default, single process).
+//!
+//! Encodings (see `migrations/sqlite`): times are INTEGER unix milliseconds, uuids TEXT in
+//! hyphenated lowercase form, JSON TEXT. Times therefore round-trip with millisecond precision.
+//!
+//! Concurrency: every write transaction starts with `BEGIN IMMEDIATE`, taking SQLite's single
+//! write lock up front (a deferred transaction that reads and then writes can fail with
+//! SQLITE_BUSY instead of waiting). Writers are thus serialised, and each state change is still
+//! an `UPDATE ... WHERE status = <expected>` so a transition happens at most once.
+
+use super::codec::{
+    ACQUIRE_TIMEOUT, audit_limit, corrupt, enum_text, migrate_err, parse_cause, parse_kind,
+    parse_status,
+};
+use super::{
+    AuditFilter, ClaimedGrant, CredentialStatus, Grant, GrantStatus, JtiRecord, NewGrant,
+    RevokeCause, StoreError, StoreStats,
+};
+use crate::audit::AuditEvent;
+use crate::providers::{CredentialKind, IssuedCredential};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use std::str::FromStr;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// How long a statement waits for another connection's write lock before failing as busy.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const MAX_CONNECTIONS: u32 = 8;
+
+pub(super) async fn connect(url: &str) -> Result<SqlitePool, StoreError> {
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|_| StoreError::BadUrl("unparseable sqlite url".to_owned()))?
+        .create_if_missing(true)
+        .foreign_keys(true)
+        // WAL: readers never block the writer. An in-memory database ignores it.
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
+        // the last commits, which the reaper's recovery tolerates.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(BUSY_TIMEOUT);
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    let pool_options = SqlitePoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
+    // An in-memory database lives only as long as a connection to it: keep exactly one forever.
+    let pool_options = if in_memory {
+        pool_options
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+    } else {
+        pool_options.max_connections(MAX_CONNECTIONS)
+    };
+    Ok(pool_options.connect_with(options).await?)
+}
+
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await.map_err(migrate_err)
+}
+
+pub(super) async fn ping(pool: &SqlitePool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
+
+pub(super) async fn begin_grant(
+    pool: &SqlitePool,
+    grant: &NewGrant,
+    jti: Option<&JtiRecord>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    if let Some(j) = jti {
+        // Insert, or take over a record whose window has passed; a live record makes the upsert
+        // return nothing.
+        let won = sqlx::query(
+            "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at
+             WHERE used_jti.expires_at <= $4
+             RETURNING 1",
+        )
+        .bind(&j.iss)
+        .bind(&j.jti)
+        .bind(ms(j.expires_at))
+        .bind(ms(grant.created_at))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if won.is_none() {
+            return Err(StoreError::Replayed);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
+                             bundle_digest, revocation_hash, created_at, expires_at)
+         VALUES ($1, 'issuing', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(grant.id.to_string())
+    .bind(&grant.issuer)
+    .bind(&grant.subject)
+    .bind(&grant.repository)
+    .bind(&grant.repository_id)
+    .bind(json_text(&grant.job)?)
+    .bind(&grant.bundle_digest)
+    .bind(&grant.revocation_hash)
+    .bind(ms(grant.created_at))
+    .bind(ms(grant.expires_at))
+    .execute(&mut *tx)
+    .await?;
+    for (position, c) in grant.credentials.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(grant.id.to_string())
+        .bind(position_i64(position)?)
+        .bind(&c.name)
+        .bind(c.kind.as_str())
+        .bind(&c.resource_id)
+        .bind(json_text(&c.details)?)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn activate_grant(
+    pool: &SqlitePool,
+    id: Uuid,
+    expires_at: OffsetDateTime,
+    details: &[serde_json::Value],
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let moved = sqlx::query(
+        "UPDATE grants SET status = 'active', expires_at = $2 WHERE id = $1 AND status = 'issuing'",
+    )
+    .bind(id.to_string())
+    .bind(ms(expires_at))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
+    }
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM grant_credentials WHERE grant_id = $1")
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
+    if usize::try_from(count).ok() != Some(details.len()) {
+        return Err(StoreError::Conflict(
+            "credential details do not match the grant".to_owned(),
+        ));
+    }
+    for (position, d) in details.iter().enumerate() {
+        sqlx::query(
+            "UPDATE grant_credentials SET details = $3 WHERE grant_id = $1 AND position = $2",
+        )
+        .bind(id.to_string())
+        .bind(position_i64(position)?)
+        .bind(json_text(d)?)
+        .execute(&mut *tx)
+        .await?;
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn fail_grant(
+    pool: &SqlitePool,
+    id: Uuid,
+    release_jti: Option<&JtiRecord>,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    // revoked_at records when the grant stopped being live, as for the other final states.
+    let moved = sqlx::query(
+        "UPDATE grants SET status = 'failed', revoked_at = $2 WHERE id = $1 AND status = 'issuing'",
+    )
+    .bind(id.to_string())
+    .bind(ms(audit.time))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
+    }
+    if let Some(j) = release_jti {
+        sqlx::query("DELETE FROM used_jti WHERE iss = $1 AND jti = $2")
+            .bind(&j.iss)
+            .bind(&j.jti)
+            .execute(&mut *tx)
+            .await?;
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn append_audit(pool: &SqlitePool, audit: &AuditEvent) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    insert_audit(&mut conn, audit).await
+}
+
+async fn insert_audit(conn: &mut SqliteConnection, audit: &AuditEvent) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
+                                   repository, repository_id, actor, event)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(audit.id.to_string())
+    .bind(ms(audit.time))
+    .bind(enum_text(&audit.action)?)
+    .bind(enum_text(&audit.outcome)?)
+    .bind(&audit.reason)
+    .bind(audit.grant_id.map(|g| g.to_string()))
+    .bind(&audit.request_id)
+    .bind(&audit.job.repository)
+    .bind(&audit.job.repository_id)
+    .bind(&audit.actor)
+    .bind(json_text(audit)?)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn audit_events(
+    pool: &SqlitePool,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditEvent>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT event FROM audit_events
+         WHERE ($1 IS NULL OR grant_id = $1)
+           AND ($2 IS NULL OR request_id = $2)
+           AND ($3 IS NULL OR repository = $3)
+           AND ($4 IS NULL OR outcome = $4)
+           AND ($5 IS NULL OR reason = $5)
+           AND ($6 IS NULL OR time >= $6)
+         ORDER BY time DESC, seq DESC
+         LIMIT $7",
+    )
+    .bind(filter.grant_id.map(|g| g.to_string()))
+    .bind(&filter.request_id)
+    .bind(&filter.repository)
+    .bind(&filter.outcome)
+    .bind(&filter.reason)
+    .bind(filter.since.map(ms))
+    .bind(audit_limit(filter.limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let text: &str = r.try_get("event")?;
+            serde_json::from_str(text).map_err(|_| corrupt("audit event"))
+        })
+        .collect()
+}
+
+pub(super) async fn grant(pool: &SqlitePool, id: Uuid) -> Result<Option<Grant>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let row = sqlx::query("SELECT * FROM grants WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        Some(r) => Ok(Some(grant_with_credentials(&mut conn, &r).await?)),
+        None => Ok(None),
+    }
+}
+
+pub(super) async fn grant_by_revocation_hash(
+    pool: &SqlitePool,
+    hash: &str,
+) -> Result<Option<Grant>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let row = sqlx::query("SELECT * FROM grants WHERE revocation_hash = $1")
+        .bind(hash)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        Some(r) => Ok(Some(grant_with_credentials(&mut conn, &r).await?)),
+        None => Ok(None),
+    }
+}
+
+pub(super) async fn credential_status(
+    pool: &SqlitePool,
+    kind: CredentialKind,
+    resource_id: &str,
+) -> Result<Option<CredentialStatus>, StoreError> {
+    let row = sqlx::query(
+        "SELECT g.id, g.status, g.expires_at
+         FROM grant_credentials c JOIN grants g ON g.id = c.grant_id
+         WHERE c.kind = $1 AND c.resource_id = $2",
+    )
+    .bind(kind.as_str())
+    .bind(resource_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        Ok(CredentialStatus {
+            grant_id: uuid_col(&r, "id")?,
+            grant_status: parse_status(r.try_get("status")?)?,
+            expires_at: time_col(&r, "expires_at")?,
+        })
+    })
+    .transpose()
+}
+
+pub(super) async fn claim_for_revoke(
+    pool: &SqlitePool,
+    id: Uuid,
+    now: OffsetDateTime,
+    lease_until: OffsetDateTime,
+) -> Result<Option<ClaimedGrant>, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    // A revoking grant keeps the cause recorded when it was first claimed; `status` in SET is the
+    // value before this update.
+    let row = sqlx::query(
+        "UPDATE grants
+         SET revoke_cause = CASE WHEN status = 'revoking'
+                                 THEN COALESCE(revoke_cause, 'requested')
+                                 ELSE 'requested' END,
+             status = 'revoking',
+             lease_until = $3
+         WHERE id = $1
+           AND (status IN ('active', 'issuing')
+                OR (status = 'revoking' AND (lease_until IS NULL OR lease_until <= $2)))
+         RETURNING *",
+    )
+    .bind(id.to_string())
+    .bind(ms(now))
+    .bind(ms(lease_until))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let claimed = match row {
+        Some(row) => Some(claimed_with_credentials(&mut tx, &row).await?),
+        None => None,
+    };
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+pub(super) async fn claim_due(
+    pool: &SqlitePool,
+    now: OffsetDateTime,
+    stale_issuing_before: OffsetDateTime,
+    lease_until: OffsetDateTime,
+    limit: u32,
+) -> Result<Vec<ClaimedGrant>, StoreError> {
+    // BEGIN IMMEDIATE holds the write lock from the candidate query to the commit, so no other
+    // claimer (in this or another process) can take the same rows.
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let rows = sqlx::query(
+        "UPDATE grants
+         SET revoke_cause = CASE status
+                                WHEN 'active' THEN 'expired'
+                                WHEN 'issuing' THEN 'recovery'
+                                ELSE COALESCE(revoke_cause, 'recovery') END,
+             status = 'revoking',
+             lease_until = $3
+         WHERE id IN (
+             SELECT id FROM grants
+             WHERE (status = 'active' AND expires_at <= $1)
+                OR (status = 'issuing' AND created_at < $2)
+                OR (status = 'revoking' AND lease_until <= $1)
+             ORDER BY expires_at
+             LIMIT $4)
+         RETURNING *",
+    )
+    .bind(ms(now))
+    .bind(ms(stale_issuing_before))
+    .bind(ms(lease_until))
+    .bind(i64::from(limit))
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        claimed.push(claimed_with_credentials(&mut tx, row).await?);
+    }
+    tx.commit().await?;
+    Ok(claimed)
+}
+
+pub(super) async fn finish_revoke(
+    pool: &SqlitePool,
+    id: Uuid,
+    cause: RevokeCause,
+    now: OffsetDateTime,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let moved = sqlx::query(
+        "UPDATE grants SET status = $2, revoked_at = $3, lease_until = NULL
+         WHERE id = $1 AND status = 'revoking'",
+    )
+    .bind(id.to_string())
+    .bind(cause.final_status().as_str())
+    .bind(ms(now))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not revoking".to_owned()));
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn revoke_failed(
+    pool: &SqlitePool,
+    id: Uuid,
+    error: &str,
+    retry_at: OffsetDateTime,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let moved = sqlx::query(
+        "UPDATE grants
+         SET revoke_attempts = revoke_attempts + 1, last_error = $2, lease_until = $3
+         WHERE id = $1 AND status = 'revoking'",
+    )
+    .bind(id.to_string())
+    .bind(error)
+    .bind(ms(retry_at))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not revoking".to_owned()));
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(super) async fn active_grants(pool: &SqlitePool, limit: u32) -> Result<Vec<Grant>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    let rows = sqlx::query(
+        "SELECT * FROM grants WHERE status = 'active' ORDER BY created_at, id LIMIT $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut grants = Vec::with_capacity(rows.len());
+    for row in &rows {
+        grants.push(grant_with_credentials(&mut conn, row).await?);
+    }
+    Ok(grants)
+}
+
+pub(super) async fn purge_jti(pool: &SqlitePool, now: OffsetDateTime) -> Result<u64, StoreError> {
+    let done = sqlx::query("DELETE FROM used_jti WHERE expires_at <= $1")
+        .bind(ms(now))
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+pub(super) async fn stats(pool: &SqlitePool) -> Result<StoreStats, StoreError> {
+    let row = sqlx::query(
+        "SELECT count(CASE WHEN status = 'active' THEN 1 END) AS active,
+                count(CASE WHEN status = 'issuing' THEN 1 END) AS issuing,
+                count(CASE WHEN status = 'revoking' AND revoke_attempts > 0 THEN 1 END) AS failing
+         FROM grants WHERE status IN ('active', 'issuing', 'revoking')",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(StoreStats {
+        active_grants: row.try_get("active")?,
+        issuing_grants: row.try_get("issuing")?,
+        revoke_failures_pending: row.try_get("failing")?,
+    })
+}
+
+/// Unix milliseconds, the schema's time encoding (floor, so ordering is kept before 1970 too).
+pub(super) fn ms(t: OffsetDateTime) -> i64 {
+    let millis = t.unix_timestamp_nanos().div_euclid(1_000_000);
+    // Every OffsetDateTime (years ±9999) fits: i64 milliseconds span ±292 million years.
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
+
+fn from_ms(v: i64) -> Result<OffsetDateTime, StoreError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(v) * 1_000_000)
+        .map_err(|_| corrupt("timestamp"))
+}
+
+fn time_col(row: &SqliteRow, col: &str) -> Result<OffsetDateTime, StoreError> {
+    from_ms(row.try_get(col)?)
+}
+
+fn opt_time_col(row: &SqliteRow, col: &str) -> Result<Option<OffsetDateTime>, StoreError> {
+    row.try_get::<Option<i64>, _>(col)?.map(from_ms).transpose()
+}
+
+fn uuid_col(row: &SqliteRow, col: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(row.try_get(col)?).map_err(|_| corrupt("uuid"))
+}
+
+fn json_col(row: &SqliteRow, col: &str) -> Result<serde_json::Value, StoreError> {
+    serde_json::from_str(row.try_get(col)?).map_err(|_| corrupt("json"))
+}
+
+fn json_text<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v)
+        .map_err(|_| StoreError::Unavailable("value not encodable as json".to_owned()))
+}
+
+fn position_i64(position: usize) -> Result<i64, StoreError> {
+    i64::try_from(position).map_err(|_| StoreError::Conflict("too many credentials".to_owned()))
+}
+
+async fn load_credentials(
+    conn: &mut SqliteConnection,
+    id: &str,
+) -> Result<Vec<IssuedCredential>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT name, kind, resource_id, details FROM grant_credentials
+         WHERE grant_id = $1 ORDER BY position",
+    )
+    .bind(id)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(IssuedCredential {
+                name: r.try_get("name")?,
+                kind: parse_kind(r.try_get("kind")?)?,
+                resource_id: r.try_get("resource_id")?,
+                details: json_col(r, "details")?,
+            })
+        })
+        .collect()
+}
+
+async fn grant_with_credentials(
+    conn: &mut SqliteConnection,
+    row: &SqliteRow,
+) -> Result<Grant, StoreError> {
+    let id: &str = row.try_get("id")?;
+    let credentials = load_credentials(conn, id).await?;
+    grant_from_row(row, credentials)
+}
+
+async fn claimed_with_credentials(
+    conn: &mut SqliteConnection,
+    row: &SqliteRow,
+) -> Result<ClaimedGrant, StoreError> {
+    let grant = grant_with_credentials(conn, row).await?;
+    if grant.status != GrantStatus::Revoking {
+        return Err(corrupt("claimed grant"));
+    }
+    let cause: Option<&str> = row.try_get("revoke_cause")?;
+    let cause = parse_cause(cause.unwrap_or_default())?;
+    Ok(ClaimedGrant { grant, cause })
+}
+
+fn grant_from_row(
+    row: &SqliteRow,
+    credentials: Vec<IssuedCredential>,
+) -> Result<Grant, StoreError> {
+    Ok(Grant {
+        id: uuid_col(row, "id")?,
+        status: parse_status(row.try_get("status")?)?,
+        issuer: row.try_get("issuer")?,
+        subject: row.try_get("subject")?,
+        repository: row.try_get("repository")?,
+        repository_id: row.try_get("repository_id")?,
+        job: json_col(row, "job")?,
+        bundle_digest: row.try_get("bundle_digest")?,
+        created_at: time_col(row, "created_at")?,
+        expires_at: time_col(row, "expires_at")?,
+        revoked_at: opt_time_col(row, "revoked_at")?,
+        revoke_attempts: row.try_get("revoke_attempts")?,
+        last_error: row.try_get("last_error")?,
+        credentials,
+    })
+}

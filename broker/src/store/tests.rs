@@ -1,0 +1,1088 @@
+//! One behaviour suite, run against both backends: each case is an `async fn(Store)` and the
+//! `store_tests!` macro instantiates a `#[tokio::test]` per backend for it.
+
+use super::testdb::TestDb;
+use super::*;
+use crate::audit::{Action, Outcome};
+use crate::secret::{random_token, sha256_hex};
+use serde_json::json;
+use sqlx::Row;
+
+fn t(secs: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_700_000_000 + secs).unwrap()
+}
+
+/// A grant intent created at `t(created)` expiring at `t(expires)`, with two credentials.
+fn new_grant(created: i64, expires: i64) -> NewGrant {
+    let id = Uuid::now_v7();
+    NewGrant {
+        id,
+        revocation_hash: sha256_hex(random_token(32).as_bytes()),
+        issuer: "github".to_owned(),
+        subject: "repo:acme/app:ref:refs/heads/main".to_owned(),
+        repository: Some("acme/app".to_owned()),
+        repository_id: Some("42".to_owned()),
+        job: json!({"run_id": "1001", "run_attempt": "1"}),
+        bundle_digest: "sha256:bundle".to_owned(),
+        created_at: t(created),
+        expires_at: t(expires),
+        credentials: vec![
+            IssuedCredential {
+                name: "deploy".to_owned(),
+                kind: CredentialKind::ApiToken,
+                resource_id: format!("tok-{id}-0"),
+                details: json!({"intent": 0}),
+            },
+            IssuedCredential {
+                name: "read".to_owned(),
+                kind: CredentialKind::ApiToken,
+                resource_id: format!("tok-{id}-1"),
+                details: serde_json::Value::Null,
+            },
+        ],
+    }
+}
+
+fn jti(iss: &str, jti: &str, expires: i64) -> JtiRecord {
+    JtiRecord {
+        iss: iss.to_owned(),
+        jti: jti.to_owned(),
+        expires_at: t(expires),
+    }
+}
+
+fn event(at: i64, action: Action, outcome: Outcome, grant: Option<Uuid>) -> AuditEvent {
+    let mut e = AuditEvent::new(t(at), action, outcome, "ok");
+    e.grant_id = grant;
+    e
+}
+
+async fn begin_active(store: &Store, created: i64, expires: i64) -> NewGrant {
+    let g = new_grant(created, expires);
+    store.begin_grant(&g, None).await.unwrap();
+    let details = vec![json!({"minted": 0}), json!({"minted": 1})];
+    let ev = event(created, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .activate_grant(g.id, t(expires), &details, &ev)
+        .await
+        .unwrap();
+    g
+}
+
+async fn status(store: &Store, id: Uuid) -> GrantStatus {
+    store.grant(id).await.unwrap().unwrap().status
+}
+
+async fn events_for(store: &Store, id: Uuid) -> Vec<AuditEvent> {
+    let filter = AuditFilter {
+        grant_id: Some(id),
+        ..AuditFilter::default()
+    };
+    store.audit_events(&filter).await.unwrap()
+}
+
+/// Every stored row of the grant, credential and audit tables, as text.
+async fn dump_rows(store: &Store) -> String {
+    let mut out = String::new();
+    match &store.backend {
+        Backend::Postgres(pool) => {
+            for sql in [
+                "SELECT row_to_json(x)::text AS r FROM grants x",
+                "SELECT row_to_json(x)::text AS r FROM grant_credentials x",
+                "SELECT row_to_json(x)::text AS r FROM audit_events x",
+                "SELECT row_to_json(x)::text AS r FROM used_jti x",
+            ] {
+                for row in sqlx::query(sql).fetch_all(pool).await.unwrap() {
+                    out.push_str(row.get::<&str, _>("r"));
+                    out.push('\n');
+                }
+            }
+        }
+        Backend::Sqlite(pool) => {
+            for table in ["grants", "grant_credentials", "audit_events", "used_jti"] {
+                let sql = match table {
+                    "grants" => "SELECT * FROM grants",
+                    "grant_credentials" => "SELECT * FROM grant_credentials",
+                    "audit_events" => "SELECT * FROM audit_events",
+                    _ => "SELECT * FROM used_jti",
+                };
+                for row in sqlx::query(sql).fetch_all(pool).await.unwrap() {
+                    for i in 0..row.len() {
+                        if let Ok(Some(s)) = row.try_get::<Option<String>, _>(i) {
+                            out.push_str(&s);
+                        } else if let Ok(Some(n)) = row.try_get::<Option<i64>, _>(i) {
+                            out.push_str(&n.to_string());
+                        }
+                        out.push('|');
+                    }
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn migration_count(store: &Store) -> i64 {
+    let sql = "SELECT count(*) FROM _sqlx_migrations";
+    match &store.backend {
+        Backend::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+        Backend::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+    }
+}
+
+// ---- the suite ----------------------------------------------------------------------------
+
+async fn migrate_twice_is_a_no_op(store: Store) {
+    let before = migration_count(&store).await;
+    assert!(before >= 1);
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(migration_count(&store).await, before);
+    store.ping().await.unwrap();
+}
+
+async fn begin_then_activate_reads_back(store: Store) {
+    let g = new_grant(0, 600);
+    store.begin_grant(&g, None).await.unwrap();
+
+    let issuing = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(issuing.status, GrantStatus::Issuing);
+    assert_eq!(
+        issuing.credentials, g.credentials,
+        "intent credentials, in order"
+    );
+    assert_eq!(issuing.created_at, t(0));
+    assert_eq!(issuing.revoked_at, None);
+    assert_eq!(issuing.revoke_attempts, 0);
+
+    let details = vec![json!({"token_id": "a"}), json!({"token_id": "b"})];
+    let ev = event(1, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .activate_grant(g.id, t(900), &details, &ev)
+        .await
+        .unwrap();
+
+    let active = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(active.status, GrantStatus::Active);
+    assert_eq!(
+        active.expires_at,
+        t(900),
+        "final expiry replaces the intent's"
+    );
+    assert_eq!(active.issuer, "github");
+    assert_eq!(active.subject, g.subject);
+    assert_eq!(active.repository.as_deref(), Some("acme/app"));
+    assert_eq!(active.repository_id.as_deref(), Some("42"));
+    assert_eq!(active.job, g.job);
+    assert_eq!(active.bundle_digest, "sha256:bundle");
+    let got: Vec<_> = active
+        .credentials
+        .iter()
+        .map(|c| c.details.clone())
+        .collect();
+    assert_eq!(got, details);
+    assert_eq!(active.credentials[1].name, "read");
+
+    assert_eq!(events_for(&store, g.id).await, vec![ev]);
+    assert_eq!(store.grant(Uuid::now_v7()).await.unwrap(), None);
+}
+
+async fn replayed_jti_is_refused_until_it_expires(store: Store) {
+    let iss = "https://token.actions.githubusercontent.com";
+    let first = new_grant(0, 600);
+    store
+        .begin_grant(&first, Some(&jti(iss, "j1", 100)))
+        .await
+        .unwrap();
+
+    // Same (iss, jti) inside its window: refused, and nothing of the second grant is written.
+    let second = new_grant(10, 600);
+    let err = store
+        .begin_grant(&second, Some(&jti(iss, "j1", 100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Replayed), "{err:?}");
+    assert_eq!(err.reason_code(), "token_replayed");
+    assert_eq!(store.grant(second.id).await.unwrap(), None);
+
+    // Another issuer with the same jti is a different token.
+    store
+        .begin_grant(&second, Some(&jti("https://gitlab.example", "j1", 100)))
+        .await
+        .unwrap();
+
+    // Past the window the record is replaced.
+    let third = new_grant(200, 800);
+    store
+        .begin_grant(&third, Some(&jti(iss, "j1", 300)))
+        .await
+        .unwrap();
+    let fourth = new_grant(250, 800);
+    let err = store
+        .begin_grant(&fourth, Some(&jti(iss, "j1", 300)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Replayed),
+        "the replaced record has the new window"
+    );
+}
+
+async fn failed_grant_releases_its_jti(store: Store) {
+    let iss = "https://issuer";
+    let g = new_grant(0, 600);
+    store
+        .begin_grant(&g, Some(&jti(iss, "k", 100)))
+        .await
+        .unwrap();
+    let ev = event(5, Action::Exchange, Outcome::Error, Some(g.id));
+    store
+        .fail_grant(g.id, Some(&jti(iss, "k", 100)), &ev)
+        .await
+        .unwrap();
+
+    let failed = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, GrantStatus::Failed);
+    assert_eq!(failed.revoked_at, Some(t(5)));
+    assert_eq!(events_for(&store, g.id).await, vec![ev.clone()]);
+
+    // The token was not consumed: it can be exchanged again.
+    store
+        .begin_grant(&new_grant(6, 600), Some(&jti(iss, "k", 100)))
+        .await
+        .unwrap();
+
+    // Failing again is a conflict.
+    let err = store.fail_grant(g.id, None, &ev).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
+
+async fn transitions_are_compare_and_set(store: Store) {
+    let g = new_grant(0, 600);
+    store.begin_grant(&g, None).await.unwrap();
+
+    // Wrong number of details: refused and rolled back (still issuing, no audit row).
+    let ev = event(1, Action::Exchange, Outcome::Allow, Some(g.id));
+    let err = store
+        .activate_grant(g.id, t(600), &[json!(1)], &ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(status(&store, g.id).await, GrantStatus::Issuing);
+    assert!(events_for(&store, g.id).await.is_empty());
+
+    let details = [json!(1), json!(2)];
+    store
+        .activate_grant(g.id, t(600), &details, &ev)
+        .await
+        .unwrap();
+    let ev2 = event(2, Action::Exchange, Outcome::Allow, Some(g.id));
+    let err = store
+        .activate_grant(g.id, t(600), &details, &ev2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "activate twice: {err:?}"
+    );
+    let err = store.fail_grant(g.id, None, &ev2).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "fail an active grant: {err:?}"
+    );
+    let err = store
+        .finish_revoke(g.id, RevokeCause::Requested, t(3), &ev2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "finish without a claim: {err:?}"
+    );
+    let err = store
+        .revoke_failed(g.id, "x", t(3), &ev2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "fail a revoke without a claim: {err:?}"
+    );
+    assert_eq!(
+        events_for(&store, g.id).await,
+        vec![ev],
+        "refused transitions leave no audit"
+    );
+
+    let err = store
+        .activate_grant(Uuid::now_v7(), t(600), &[], &ev2)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(_)),
+        "unknown grant: {err:?}"
+    );
+}
+
+async fn duplicates_are_conflicts_and_roll_back(store: Store) {
+    let g = new_grant(0, 600);
+    store.begin_grant(&g, None).await.unwrap();
+
+    // Same revocation hash.
+    let mut dup = new_grant(0, 600);
+    dup.revocation_hash = g.revocation_hash.clone();
+    let err = store
+        .begin_grant(&dup, Some(&jti("i", "dup", 100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+
+    // Same credential resource id.
+    let mut dup = new_grant(0, 600);
+    dup.credentials[0].resource_id = g.credentials[0].resource_id.clone();
+    let err = store
+        .begin_grant(&dup, Some(&jti("i", "dup", 100)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(store.grant(dup.id).await.unwrap(), None);
+
+    // Both attempts rolled back their jti record too.
+    store
+        .begin_grant(&new_grant(1, 600), Some(&jti("i", "dup", 100)))
+        .await
+        .unwrap();
+}
+
+async fn grant_by_revocation_hash_finds_it(store: Store) {
+    let token = random_token(32);
+    let mut g = new_grant(0, 600);
+    g.revocation_hash = sha256_hex(token.as_bytes());
+    store.begin_grant(&g, None).await.unwrap();
+    let found = store
+        .grant_by_revocation_hash(&sha256_hex(token.as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(found.map(|f| f.id), Some(g.id));
+    assert_eq!(
+        store
+            .grant_by_revocation_hash(&sha256_hex(b"other"))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn no_secret_is_stored(store: Store) {
+    // The store only ever receives the hash of the revocation token; check the hash column
+    // round-trips and the token itself appears nowhere after a whole lifecycle.
+    let token = random_token(32);
+    let hash = sha256_hex(token.as_bytes());
+    let mut g = new_grant(0, 600);
+    g.revocation_hash = hash.clone();
+    store
+        .begin_grant(&g, Some(&jti("iss", "jti-1", 600)))
+        .await
+        .unwrap();
+    let ev = event(0, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .activate_grant(g.id, t(600), &[json!({}), json!({})], &ev)
+        .await
+        .unwrap();
+    let claimed = store
+        .claim_for_revoke(g.id, t(10), Duration::seconds(30))
+        .await
+        .unwrap();
+    assert!(claimed.is_some());
+    let ev = event(10, Action::Revoke, Outcome::Success, Some(g.id));
+    store
+        .finish_revoke(g.id, RevokeCause::Requested, t(10), &ev)
+        .await
+        .unwrap();
+
+    let rows = dump_rows(&store).await;
+    assert!(rows.contains(&hash), "the hash column is stored as given");
+    assert!(
+        !rows.contains(&token),
+        "the revocation token must never be stored"
+    );
+    let found = store
+        .grant_by_revocation_hash(&hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, g.id);
+}
+
+async fn credential_status_follows_the_lifecycle(store: Store) {
+    let kind = CredentialKind::ApiToken;
+    assert_eq!(store.credential_status(kind, "nope").await.unwrap(), None);
+
+    let g = new_grant(0, 600);
+    let rid = g.credentials[1].resource_id.clone();
+    store.begin_grant(&g, None).await.unwrap();
+    let st = store.credential_status(kind, &rid).await.unwrap().unwrap();
+    assert_eq!(
+        (st.grant_id, st.grant_status, st.expires_at),
+        (g.id, GrantStatus::Issuing, t(600))
+    );
+
+    let ev = event(1, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .activate_grant(g.id, t(700), &[json!(0), json!(1)], &ev)
+        .await
+        .unwrap();
+    let st = store.credential_status(kind, &rid).await.unwrap().unwrap();
+    assert_eq!(
+        (st.grant_status, st.expires_at),
+        (GrantStatus::Active, t(700))
+    );
+
+    store
+        .claim_for_revoke(g.id, t(2), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let st = store.credential_status(kind, &rid).await.unwrap().unwrap();
+    assert_eq!(st.grant_status, GrantStatus::Revoking);
+
+    let ev = event(3, Action::Revoke, Outcome::Success, Some(g.id));
+    store
+        .finish_revoke(g.id, RevokeCause::Requested, t(3), &ev)
+        .await
+        .unwrap();
+    let st = store.credential_status(kind, &rid).await.unwrap().unwrap();
+    assert_eq!(st.grant_status, GrantStatus::Revoked);
+}
+
+async fn claim_for_revoke_is_idempotent(store: Store) {
+    let lease = Duration::seconds(30);
+    let g = begin_active(&store, 0, 600).await;
+
+    let claimed = store
+        .claim_for_revoke(g.id, t(10), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.cause, RevokeCause::Requested);
+    assert_eq!(claimed.grant.status, GrantStatus::Revoking);
+    assert_eq!(claimed.grant.credentials.len(), 2);
+    assert_eq!(claimed.grant.credentials[0].details, json!({"minted": 0}));
+
+    // A live lease: nobody else gets it.
+    assert_eq!(
+        store.claim_for_revoke(g.id, t(20), lease).await.unwrap(),
+        None
+    );
+    // The lease ran out (worker died): claimable again, same cause.
+    let again = store
+        .claim_for_revoke(g.id, t(40), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.cause, RevokeCause::Requested);
+
+    let ev = event(41, Action::Revoke, Outcome::Success, Some(g.id));
+    store
+        .finish_revoke(g.id, RevokeCause::Requested, t(41), &ev)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim_for_revoke(g.id, t(1000), lease).await.unwrap(),
+        None,
+        "final"
+    );
+    assert_eq!(
+        store
+            .claim_for_revoke(Uuid::now_v7(), t(0), lease)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // An issuing grant can be claimed too (revoke while minting).
+    let issuing = new_grant(0, 600);
+    store.begin_grant(&issuing, None).await.unwrap();
+    let c = store
+        .claim_for_revoke(issuing.id, t(1), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.cause, RevokeCause::Requested);
+}
+
+async fn claim_for_revoke_respects_the_reaper(store: Store) {
+    let lease = Duration::seconds(30);
+    let g = begin_active(&store, 0, 100).await;
+    let claimed = store.claim_due(t(100), t(-1000), lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].cause, RevokeCause::Expired);
+
+    // The reaper holds a live lease.
+    assert_eq!(
+        store.claim_for_revoke(g.id, t(110), lease).await.unwrap(),
+        None
+    );
+    // Once it lapses, the request takes over but the recorded cause survives.
+    let taken = store
+        .claim_for_revoke(g.id, t(131), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.cause, RevokeCause::Expired);
+}
+
+async fn claim_due_picks_what_the_reaper_must_handle(store: Store) {
+    let lease = Duration::seconds(30);
+    let expired = begin_active(&store, 0, 50).await;
+    let live = begin_active(&store, 0, 500).await;
+    let stale = new_grant(0, 600);
+    store.begin_grant(&stale, None).await.unwrap();
+    let fresh = new_grant(90, 600);
+    store.begin_grant(&fresh, None).await.unwrap();
+
+    let now = t(100);
+    let mut claimed = store.claim_due(now, t(60), lease, 100).await.unwrap();
+    claimed.sort_by_key(|c| c.grant.id);
+    let mut want = vec![
+        (expired.id, RevokeCause::Expired),
+        (stale.id, RevokeCause::Recovery),
+    ];
+    want.sort_by_key(|w| w.0);
+    let got: Vec<_> = claimed.iter().map(|c| (c.grant.id, c.cause)).collect();
+    assert_eq!(got, want);
+    assert!(
+        claimed
+            .iter()
+            .all(|c| c.grant.status == GrantStatus::Revoking)
+    );
+    assert!(claimed.iter().all(|c| c.grant.credentials.len() == 2));
+    assert_eq!(status(&store, live.id).await, GrantStatus::Active);
+    assert_eq!(status(&store, fresh.id).await, GrantStatus::Issuing);
+
+    // Leases are live: nothing more to claim.
+    assert!(
+        store
+            .claim_due(now, t(60), lease, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // After the leases run out both come back, with their original causes.
+    let mut again = store.claim_due(t(130), t(60), lease, 100).await.unwrap();
+    again.sort_by_key(|c| c.grant.id);
+    let got: Vec<_> = again.iter().map(|c| (c.grant.id, c.cause)).collect();
+    assert_eq!(got, want);
+}
+
+async fn claim_due_honours_the_limit(store: Store) {
+    for _ in 0..5 {
+        begin_active(&store, 0, 10).await;
+    }
+    let lease = Duration::seconds(30);
+    assert_eq!(
+        store.claim_due(t(20), t(0), lease, 2).await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        store.claim_due(t(20), t(0), lease, 2).await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        store.claim_due(t(20), t(0), lease, 2).await.unwrap().len(),
+        1
+    );
+    assert_eq!(
+        store.claim_due(t(20), t(0), lease, 2).await.unwrap().len(),
+        0
+    );
+}
+
+async fn revoke_failed_is_retried_with_the_original_cause(store: Store) {
+    let lease = Duration::seconds(30);
+    let g = begin_active(&store, 0, 50).await;
+    let claimed = store.claim_due(t(100), t(0), lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    let ev = event(101, Action::RevokeFailed, Outcome::Failure, Some(g.id));
+    store
+        .revoke_failed(g.id, "target unavailable", t(200), &ev)
+        .await
+        .unwrap();
+    let grant = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(grant.status, GrantStatus::Revoking);
+    assert_eq!(grant.revoke_attempts, 1);
+    assert_eq!(grant.last_error.as_deref(), Some("target unavailable"));
+    assert_eq!(store.stats().await.unwrap().revoke_failures_pending, 1);
+
+    // The first lease (t(130)) is over but the retry time is not.
+    assert!(
+        store
+            .claim_due(t(150), t(0), lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.claim_for_revoke(g.id, t(150), lease).await.unwrap(),
+        None
+    );
+
+    let retry = store.claim_due(t(200), t(0), lease, 10).await.unwrap();
+    assert_eq!(retry.len(), 1);
+    assert_eq!(retry[0].cause, RevokeCause::Expired);
+    assert_eq!(retry[0].grant.revoke_attempts, 1);
+
+    let long = "e".repeat(5000);
+    let ev2 = event(201, Action::RevokeFailed, Outcome::Failure, Some(g.id));
+    store
+        .revoke_failed(g.id, &long, t(300), &ev2)
+        .await
+        .unwrap();
+    let grant = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(grant.revoke_attempts, 2);
+    assert!(
+        grant.last_error.unwrap().len() <= 1024,
+        "error text is clipped"
+    );
+
+    let retry = store.claim_due(t(300), t(0), lease, 10).await.unwrap();
+    assert_eq!(retry[0].cause, RevokeCause::Expired);
+    let ev3 = event(301, Action::Expire, Outcome::Success, Some(g.id));
+    store
+        .finish_revoke(g.id, retry[0].cause, t(301), &ev3)
+        .await
+        .unwrap();
+    let done = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(done.status, GrantStatus::Expired);
+    assert_eq!(done.revoked_at, Some(t(301)));
+    assert_eq!(store.stats().await.unwrap().revoke_failures_pending, 0);
+
+    let kinds: Vec<_> = events_for(&store, g.id)
+        .await
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            Action::Expire,
+            Action::RevokeFailed,
+            Action::RevokeFailed,
+            Action::Exchange
+        ],
+        "newest first, one per transition"
+    );
+}
+
+async fn finish_revoke_sets_the_final_status_per_cause(store: Store) {
+    let lease = Duration::seconds(30);
+    let requested = begin_active(&store, 0, 600).await;
+    let expired = begin_active(&store, 0, 50).await;
+    let crashed = new_grant(0, 600);
+    store.begin_grant(&crashed, None).await.unwrap();
+
+    store
+        .claim_for_revoke(requested.id, t(100), lease)
+        .await
+        .unwrap()
+        .unwrap();
+    let due = store.claim_due(t(100), t(10), lease, 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+
+    let cases = [
+        (requested.id, RevokeCause::Requested, GrantStatus::Revoked),
+        (expired.id, RevokeCause::Expired, GrantStatus::Expired),
+        (crashed.id, RevokeCause::Recovery, GrantStatus::Failed),
+    ];
+    for (id, cause, want) in cases {
+        let ev = event(110, Action::Revoke, Outcome::Success, Some(id));
+        store.finish_revoke(id, cause, t(110), &ev).await.unwrap();
+        let g = store.grant(id).await.unwrap().unwrap();
+        assert_eq!(g.status, want);
+        assert!(g.status.is_final());
+        assert_eq!(g.revoked_at, Some(t(110)));
+        let err = store
+            .finish_revoke(id, cause, t(111), &ev)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict(_)),
+            "finish twice: {err:?}"
+        );
+    }
+}
+
+async fn audit_events_filter_and_order(store: Store) {
+    let g1 = Uuid::now_v7();
+    let mut a = event(10, Action::Exchange, Outcome::Allow, Some(g1));
+    a.request_id = Some("req-1".to_owned());
+    a.job.repository = Some("acme/app".to_owned());
+    let mut b = event(20, Action::Exchange, Outcome::Deny, None);
+    b.reason = "policy_denied".to_owned();
+    b.request_id = Some("req-2".to_owned());
+    b.job.repository = Some("acme/other".to_owned());
+    let mut c = event(30, Action::Revoke, Outcome::Success, Some(g1));
+    c.actor = Some("job".to_owned());
+    c.job.repository = Some("acme/app".to_owned());
+    // Same time as c, appended later: comes first (ties broken by insertion order).
+    let d = event(30, Action::Admin, Outcome::Success, None);
+    for e in [&a, &b, &c, &d] {
+        store.append_audit(e).await.unwrap();
+    }
+
+    let all = store.audit_events(&AuditFilter::default()).await.unwrap();
+    assert_eq!(
+        all,
+        vec![d.clone(), c.clone(), b.clone(), a.clone()],
+        "newest first, whole events"
+    );
+
+    let by = |f: AuditFilter| {
+        let store = store.clone();
+        async move {
+            let got = store.audit_events(&f).await.unwrap();
+            got.into_iter().map(|e| e.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        by(AuditFilter {
+            grant_id: Some(g1),
+            ..Default::default()
+        })
+        .await,
+        vec![c.id, a.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            request_id: Some("req-2".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![b.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            repository: Some("acme/app".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![c.id, a.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            outcome: Some("deny".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![b.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            reason: Some("policy_denied".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![b.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            since: Some(t(20)),
+            ..Default::default()
+        })
+        .await,
+        vec![d.id, c.id, b.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await,
+        vec![d.id, c.id]
+    );
+    assert_eq!(
+        by(AuditFilter {
+            grant_id: Some(g1),
+            outcome: Some("allow".into()),
+            ..Default::default()
+        })
+        .await,
+        vec![a.id]
+    );
+    assert!(
+        by(AuditFilter {
+            grant_id: Some(Uuid::now_v7()),
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+
+    // Duplicate event ids are refused rather than silently doubled.
+    let err = store.append_audit(&a).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+}
+
+async fn stats_count_grants(store: Store) {
+    assert_eq!(store.stats().await.unwrap(), StoreStats::default());
+    let a = begin_active(&store, 0, 600).await;
+    begin_active(&store, 0, 600).await;
+    store.begin_grant(&new_grant(0, 600), None).await.unwrap();
+    assert_eq!(
+        store.stats().await.unwrap(),
+        StoreStats {
+            active_grants: 2,
+            issuing_grants: 1,
+            revoke_failures_pending: 0
+        }
+    );
+    store
+        .claim_for_revoke(a.id, t(1), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let ev = event(1, Action::RevokeFailed, Outcome::Failure, Some(a.id));
+    store.revoke_failed(a.id, "down", t(60), &ev).await.unwrap();
+    assert_eq!(
+        store.stats().await.unwrap(),
+        StoreStats {
+            active_grants: 1,
+            issuing_grants: 1,
+            revoke_failures_pending: 1
+        }
+    );
+}
+
+async fn active_grants_oldest_first(store: Store) {
+    let old = begin_active(&store, 0, 600).await;
+    let mid = begin_active(&store, 10, 600).await;
+    let new = begin_active(&store, 20, 600).await;
+    store.begin_grant(&new_grant(5, 600), None).await.unwrap(); // issuing: not listed
+    store
+        .claim_for_revoke(mid.id, t(30), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let got: Vec<_> = store
+        .active_grants(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(got, vec![old.id, new.id]);
+    let first = store.active_grants(1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].id, old.id);
+    assert_eq!(first[0].credentials.len(), 2);
+}
+
+async fn purge_jti_removes_only_past_windows(store: Store) {
+    for (i, exp) in [10, 20, 30].into_iter().enumerate() {
+        store
+            .begin_grant(&new_grant(0, 600), Some(&jti("iss", &format!("j{i}"), exp)))
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.purge_jti(t(20)).await.unwrap(), 2);
+    assert_eq!(store.purge_jti(t(20)).await.unwrap(), 0);
+    // j2 is still recorded: replay refused inside its window.
+    let err = store
+        .begin_grant(&new_grant(25, 600), Some(&jti("iss", "j2", 30)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Replayed), "{err:?}");
+    // j0 was purged: usable again (its window is over anyway).
+    store
+        .begin_grant(&new_grant(25, 600), Some(&jti("iss", "j0", 90)))
+        .await
+        .unwrap();
+}
+
+/// Two claimers (separate pools, as two replicas would have) race over 200 due grants: each
+/// grant is handed out exactly once.
+async fn concurrent_claimers_split_the_work(store: Store, url: String) {
+    const GRANTS: usize = 200;
+    let mut want = Vec::with_capacity(GRANTS);
+    for _ in 0..GRANTS {
+        want.push(begin_active(&store, 0, 10).await.id);
+    }
+    // Both claimers start together so their claims really overlap.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let replica = Store::connect(&url).await.unwrap();
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut mine = Vec::new();
+            loop {
+                let batch = replica
+                    .claim_due(t(20), t(0), Duration::minutes(5), 7)
+                    .await
+                    .unwrap();
+                if batch.is_empty() {
+                    break;
+                }
+                mine.extend(batch.into_iter().map(|c| c.grant.id));
+                tokio::task::yield_now().await;
+            }
+            replica.close().await;
+            mine
+        }));
+    }
+    let mut got = Vec::new();
+    let mut per_task = Vec::new();
+    for task in tasks {
+        let mine = task.await.unwrap();
+        per_task.push(mine.len());
+        got.extend(mine);
+    }
+    got.sort();
+    let total = got.len();
+    got.dedup();
+    assert_eq!(
+        total, GRANTS,
+        "no grant claimed twice (per claimer: {per_task:?})"
+    );
+    want.sort();
+    assert_eq!(got, want, "every due grant claimed");
+}
+
+// ---- instantiation per backend ------------------------------------------------------------
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = TestDb::sqlite().await;
+                    super::$name(db.store()).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let db = TestDb::postgres().await;
+                    super::$name(db.store()).await;
+                    db.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    migrate_twice_is_a_no_op,
+    begin_then_activate_reads_back,
+    replayed_jti_is_refused_until_it_expires,
+    failed_grant_releases_its_jti,
+    transitions_are_compare_and_set,
+    duplicates_are_conflicts_and_roll_back,
+    grant_by_revocation_hash_finds_it,
+    no_secret_is_stored,
+    credential_status_follows_the_lifecycle,
+    claim_for_revoke_is_idempotent,
+    claim_for_revoke_respects_the_reaper,
+    claim_due_picks_what_the_reaper_must_handle,
+    claim_due_honours_the_limit,
+    revoke_failed_is_retried_with_the_original_cause,
+    finish_revoke_sets_the_final_status_per_cause,
+    audit_events_filter_and_order,
+    stats_count_grants,
+    active_grants_oldest_first,
+    purge_jti_removes_only_past_windows,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_claimers_claim_each_grant_once() {
+    let db = TestDb::postgres().await;
+    concurrent_claimers_split_the_work(db.store(), db.url().to_owned()).await;
+    db.cleanup().await;
+}
+
+/// A grant another replica is claiming (its row locked) is skipped, not waited on.
+#[tokio::test]
+async fn postgres_claim_due_skips_locked_rows() {
+    let db = TestDb::postgres().await;
+    let store = db.store();
+    let held = begin_active(&store, 0, 10).await;
+    let free = begin_active(&store, 0, 10).await;
+    let Backend::Postgres(pool) = &store.backend else {
+        unreachable!()
+    };
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM grants WHERE id = $1 FOR UPDATE")
+        .bind(held.id)
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let claimed = store
+        .claim_due(t(20), t(0), Duration::seconds(30), 10)
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "did not wait on the lock"
+    );
+    let ids: Vec<_> = claimed.iter().map(|c| c.grant.id).collect();
+    assert_eq!(ids, vec![free.id]);
+
+    other.rollback().await.unwrap();
+    let claimed = store
+        .claim_due(t(20), t(0), Duration::seconds(30), 10)
+        .await
+        .unwrap();
+    let ids: Vec<_> = claimed.iter().map(|c| c.grant.id).collect();
+    assert_eq!(ids, vec![held.id], "released rows are claimable again");
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_concurrent_claimers_claim_each_grant_once() {
+    let db = TestDb::sqlite().await;
+    concurrent_claimers_split_the_work(db.store(), db.url().to_owned()).await;
+    db.cleanup().await;
+}
+
+#[tokio::test]
+async fn connect_rejects_unknown_schemes_without_echoing_the_url() {
+    let err = Store::connect("mysql://user:hunter2@db/x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::BadUrl(_)), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"));
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_unavailable_quickly_and_quietly() {
+    // Port 1 on localhost: nothing listens, the connection is refused at once.
+    let started = std::time::Instant::now();
+    let err = Store::connect("postgres://broker:hunter2@127.0.0.1:1/broker")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!err.to_string().contains("hunter2"));
+    assert!(!format!("{err:?}").contains("hunter2"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn in_memory_sqlite_works() {
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(store.backend(), "sqlite");
+    let g = begin_active(&store, 0, 600).await;
+    assert_eq!(status(&store, g.id).await, GrantStatus::Active);
+    assert!(!format!("{store:?}").contains("memory"));
+}
