@@ -211,3 +211,10 @@ pub fn github_issuer_yaml(url: &str) -> String {
         "  - name: github\n    platform: github\n    url: {url}\n    danger_allow_insecure_http: true\n"
     )
 }
+
+/// The `issuers:` YAML for a local test issuer named `gitlab`.
+pub fn gitlab_issuer_yaml(url: &str) -> String {
+    format!(
+        "  - name: gitlab\n    platform: gitlab\n    url: {url}\n    danger_allow_insecure_http: true\n"
+    )
+}

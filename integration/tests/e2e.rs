@@ -4,7 +4,9 @@
 use broker::oidc::testkit::{self, SignWith, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use broker::store::{AuditFilter, GrantStatus};
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, repo_root};
+use integration::{
+    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
+};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -12,6 +14,7 @@ const AUD: &str = "https://broker.test";
 
 struct Env {
     issuer: TestIssuer,
+    gitlab: TestIssuer,
     db: TestDb,
     broker: BrokerProcess,
     http: reqwest::Client,
@@ -24,10 +27,15 @@ async fn env_with(
     env: Vec<(String, String)>,
 ) -> Env {
     let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
     let broker = BrokerProcess::start(&BrokerSetup {
         store_url: db.url(),
         policies_dir: policies,
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
         audience: AUD,
         extra_yaml: extra_yaml.to_owned(),
         env,
@@ -36,6 +44,7 @@ async fn env_with(
     .expect("broker starts");
     Env {
         issuer,
+        gitlab,
         db,
         broker,
         http: reqwest::Client::new(),
@@ -95,10 +104,12 @@ impl Env {
     async fn finish(self) {
         let Env {
             issuer,
+            gitlab,
             db,
             mut broker,
             ..
         } = self;
+        gitlab.shutdown().await;
         broker.kill();
         issuer.shutdown().await;
         db.cleanup().await;
@@ -160,7 +171,7 @@ async fn full_cycle(db: TestDb) {
 
     assert_eq!(e.introspect(&api_token).await["active"], true);
 
-    let store = e.db.store().await;
+    let store = e.db.store();
     let g = store
         .grant(grant_id)
         .await
@@ -389,7 +400,7 @@ async fn refusals_are_audited_and_grant_nothing() {
         );
         assert!(resp["message"].is_string(), "{what}");
     }
-    let store = e.db.store().await;
+    let store = e.db.store();
     let stats = store.stats().await.expect("stats");
     assert_eq!(
         (stats.active_grants, stats.issuing_grants),
@@ -445,7 +456,7 @@ async fn crash_between_intent_and_finalise_is_recovered() {
         e.broker.wait_exit().await.is_some(),
         "broker aborted at the fault point"
     );
-    let store = e.db.store().await;
+    let store = e.db.store();
     assert_eq!(
         store.stats().await.expect("stats").issuing_grants,
         1,
@@ -512,7 +523,7 @@ async fn reaper_expires_grants() {
         .parse()
         .expect("uuid");
     assert_eq!(e.introspect(&api_token).await["active"], true);
-    let store = e.db.store().await;
+    let store = e.db.store();
     let mut status = GrantStatus::Active;
     for _ in 0..100 {
         status = store
