@@ -118,15 +118,12 @@ impl BrokerProcess {
     pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let client = reqwest::Client::new();
         for _ in 0..200 {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    anyhow::bail!("broker exited early ({status}); log:\n{}", self.log());
-                }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                anyhow::bail!("broker exited early ({status}); log:\n{}", self.log());
             }
-            if let Ok(r) = client.get(format!("{}/healthz", self.url)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
+            let healthy = client.get(format!("{}/healthz", self.url)).send().await;
+            if healthy.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -136,10 +133,8 @@ impl BrokerProcess {
     /// Wait for the process to exit on its own (e.g. at a fault point).
     pub async fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
         for _ in 0..200 {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(s)) = c.try_wait() {
-                    return Some(s);
-                }
+            if let Some(Ok(Some(s))) = self.child.as_mut().map(Child::try_wait) {
+                return Some(s);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

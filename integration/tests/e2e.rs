@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! End to end: the real `broker` binary, a local OIDC issuer over HTTP, a fresh database per
 //! test (Postgres on the machine, and SQLite), assertions on responses AND on store state.
 
