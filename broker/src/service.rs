@@ -13,7 +13,7 @@
 
 use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
 use crate::config::{GrantConfig, ReaperConfig};
-use crate::oidc::{Platform, VerifiedClaims, Verifier, VerifyError};
+use crate::oidc::{Platform, Verifier, VerifyError};
 use crate::policy::{Bundle, Decision, LoadOptions, PolicyInput};
 use crate::providers::api_token::ApiTokenProvider;
 use crate::providers::{
@@ -491,7 +491,7 @@ impl Broker {
         crate::fault::point("after_mint");
         if let Some(pos) = results.iter().position(Result::is_err) {
             return Err(self
-                .abort_grant(ev, &claims, jti.as_ref(), &issued, results, pos)
+                .abort_grant(ev, jti.as_ref(), &issued, results, pos)
                 .await);
         }
         let minted: Vec<Minted> = results.into_iter().filter_map(Result::ok).collect();
@@ -579,7 +579,6 @@ impl Broker {
     async fn abort_grant(
         &self,
         mut ev: AuditEvent,
-        _claims: &VerifiedClaims,
         jti: Option<&JtiRecord>,
         issued: &[IssuedCredential],
         results: Vec<Result<Minted, ProviderError>>,
@@ -841,5 +840,414 @@ impl Broker {
                 "providers": providers,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The exchange, revoke and reaper paths with a manual clock, the dev issuers (static keys,
+    //! no network) and a real SQLite store.
+    use super::*;
+    use crate::oidc::{VerifierOptions, dev};
+    use crate::providers::api_token::SigningKeys;
+    use crate::store::{AuditFilter, testdb::TestDb};
+    use crate::time::{Clock, ManualClock};
+    use async_trait::async_trait;
+    use serde_json::json;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const AUD: &str = "https://broker.test";
+
+    const POLICY: &str = r#"
+credentials:
+  - name: deploy-api
+    max_ttl: 15m
+    api_token: {audience: https://deploy.example, scopes: ["deploy:${repository}"]}
+  - name: flaky
+    max_ttl: 1h
+    api_token: {audience: https://flaky.example}
+  - name: gl-api
+    max_ttl: 1h
+    api_token: {audience: https://deploy.example, scopes: ["deploy:${project_path}"]}
+rules:
+  - name: acme-api
+    issuer: github
+    credentials: [deploy-api, flaky]
+    max_ttl: 10m
+    when: claims.repository_id == "1000001" && claims.repository_owner_id == "9000001" && claims.event_name == "push"
+  - name: acme-gitlab
+    issuer: gitlab
+    credentials: [gl-api]
+    when: claims.project_id == "2000001" && claims.namespace_id == "3000001"
+"#;
+
+    /// The API-token provider, except that minting `flaky` fails with `target_unavailable`
+    /// and the first `fail_revokes` revocations fail.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: ApiTokenProvider,
+        fail_revokes: AtomicUsize,
+        revoked: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Provider for Flaky {
+        fn kind(&self) -> CredentialKind {
+            CredentialKind::ApiToken
+        }
+        fn resource_id(
+            &self,
+            grant_id: Uuid,
+            credential: &crate::providers::CredentialDef,
+        ) -> String {
+            self.inner.resource_id(grant_id, credential)
+        }
+        async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
+            if req.credential.name == "flaky" {
+                return Err(ProviderError::TargetUnavailable(
+                    "connection refused".into(),
+                ));
+            }
+            self.inner.mint(req).await
+        }
+        async fn revoke(&self, c: &IssuedCredential) -> Result<(), ProviderError> {
+            if self.fail_revokes.load(Ordering::SeqCst) > 0 {
+                self.fail_revokes.fetch_sub(1, Ordering::SeqCst);
+                return Err(ProviderError::TargetUnavailable("down".into()));
+            }
+            self.revoked.lock().unwrap().push(c.resource_id.clone());
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        broker: Broker,
+        clock: Arc<ManualClock>,
+        flaky: Arc<Flaky>,
+        _db: TestDb,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn harness() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
+        let clock = Arc::new(ManualClock::at_unix(1_900_000_000));
+        let shared: SharedClock = clock.clone();
+        let verifier = Verifier::new(
+            AUD.into(),
+            vec![
+                dev::issuer_config("github", AUD),
+                dev::gitlab_issuer_config("gitlab", AUD),
+            ],
+            shared.clone(),
+            VerifierOptions::default(),
+        )
+        .unwrap();
+        let keys = Arc::new(SigningKeys::ephemeral().unwrap());
+        let api = Arc::new(ApiTokenProvider::new(
+            keys.clone(),
+            "https://broker.test".into(),
+        ));
+        let flaky = Arc::new(Flaky {
+            inner: ApiTokenProvider::new(keys, "https://broker.test".into()),
+            fail_revokes: AtomicUsize::new(0),
+            revoked: std::sync::Mutex::new(Vec::new()),
+        });
+        let db = TestDb::sqlite().await;
+        let broker = Broker::new(BrokerParts {
+            verifier: Arc::new(verifier),
+            store: db.store(),
+            clock: shared,
+            api_tokens: api,
+            extra_providers: vec![flaky.clone()],
+            policy_dir: dir.path().to_path_buf(),
+            policy_opts: LoadOptions::default(),
+            grants: GrantConfig::default(),
+            reaper: ReaperConfig::default(),
+            max_credentials: 16,
+        })
+        .unwrap();
+        Harness {
+            broker,
+            clock,
+            flaky,
+            _db: db,
+            _dir: dir,
+        }
+    }
+
+    fn job(now: OffsetDateTime, ttl: Duration) -> dev::DevJob {
+        dev::DevJob {
+            repository: "acme/api".into(),
+            repository_id: 1_000_001,
+            owner: "acme".into(),
+            owner_id: 9_000_001,
+            git_ref: "refs/heads/main".into(),
+            event_name: "push".into(),
+            environment: None,
+            workflow: "deploy".into(),
+            actor: "octocat".into(),
+            run_id: 1,
+            audience: AUD.into(),
+            ttl,
+            now,
+        }
+    }
+
+    impl Harness {
+        fn github_token(&self) -> Sensitive {
+            Sensitive::new(
+                dev::sign(&dev::github_claims(&job(
+                    self.clock.now(),
+                    Duration::minutes(5),
+                )))
+                .unwrap(),
+            )
+        }
+        fn gitlab_token(&self, ttl: Duration) -> Sensitive {
+            let mut j = job(self.clock.now(), ttl);
+            j.repository_id = 2_000_001;
+            j.owner_id = 3_000_001;
+            Sensitive::new(dev::sign(&dev::gitlab_claims(&j)).unwrap())
+        }
+        async fn exchange(
+            &self,
+            token: &Sensitive,
+            creds: &[&str],
+            ttl: Option<&str>,
+        ) -> Result<ExchangeResponse, ServiceError> {
+            let req = ExchangeRequest {
+                token: token.clone(),
+                credentials: creds.iter().map(|s| (*s).to_owned()).collect(),
+                ttl: ttl.map(str::to_owned),
+            };
+            self.broker.exchange(req, &RequestCtx::default()).await
+        }
+        async fn audit(&self) -> Vec<crate::audit::AuditEvent> {
+            self.broker
+                .store
+                .audit_events(&AuditFilter::default())
+                .await
+                .unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn ttl_is_the_minimum_of_request_rule_and_credential() {
+        let h = harness().await;
+        let now = h.clock.now();
+        let r = h
+            .exchange(&h.github_token(), &["deploy-api"], Some("1h"))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.expires_at,
+            now + Duration::minutes(10),
+            "rule max_ttl 10m wins over 1h asked"
+        );
+        let r = h
+            .exchange(&h.github_token(), &["deploy-api"], Some("2m"))
+            .await
+            .unwrap();
+        assert_eq!(r.expires_at, now + Duration::minutes(2));
+        let r = h
+            .exchange(&h.github_token(), &["deploy-api"], None)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.expires_at,
+            now + Duration::minutes(10),
+            "default 15m capped by the rule"
+        );
+    }
+
+    #[tokio::test]
+    async fn gitlab_grants_never_outlive_the_job_token() {
+        let h = harness().await;
+        let now = h.clock.now();
+        let r = h
+            .exchange(
+                &h.gitlab_token(Duration::seconds(120)),
+                &["gl-api"],
+                Some("15m"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.expires_at, now + Duration::seconds(120));
+    }
+
+    #[tokio::test]
+    async fn a_failed_mint_issues_nothing_and_does_not_consume_the_token() {
+        let h = harness().await;
+        let token = h.github_token();
+        let err = h
+            .exchange(&token, &["deploy-api", "flaky"], None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "target_unavailable");
+        // Both credentials of the grant were revoked (the minted one and the never-minted one).
+        assert_eq!(h.flaky.revoked.lock().unwrap().len(), 2);
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].outcome, ev[0].reason.as_str()),
+            (Outcome::Error, "target_unavailable")
+        );
+        let grant = h
+            .broker
+            .store
+            .grant(ev[0].grant_id.unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(grant.status, GrantStatus::Failed);
+        // The same job token still works: nothing was issued for it.
+        let ok = h.exchange(&token, &["deploy-api"], None).await.unwrap();
+        assert_eq!(ok.credentials.len(), 1);
+        // ...and now it is consumed.
+        let again = h.exchange(&token, &["deploy-api"], None).await.unwrap_err();
+        assert_eq!(again.reason_code(), "token_replayed");
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_refused_by_the_injected_clock() {
+        let h = harness().await;
+        let token = h.github_token();
+        h.clock.advance(Duration::minutes(10));
+        let err = h.exchange(&token, &["deploy-api"], None).await.unwrap_err();
+        assert_eq!(err.reason_code(), "token_expired");
+        assert_eq!(h.audit().await[0].reason, "token_expired");
+    }
+
+    #[tokio::test]
+    async fn failed_revocation_is_retried_by_the_reaper() {
+        let h = harness().await;
+        let r = h
+            .exchange(&h.github_token(), &["deploy-api"], None)
+            .await
+            .unwrap();
+        h.flaky.fail_revokes.store(1, Ordering::SeqCst);
+        let err = h
+            .broker
+            .revoke_by_token(&r.revocation_token, &RequestCtx::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "revoke_pending");
+        let g = h.broker.store.grant(r.grant_id).await.unwrap().unwrap();
+        assert_eq!((g.status, g.revoke_attempts), (GrantStatus::Revoking, 1));
+        assert_eq!(
+            h.broker
+                .store
+                .stats()
+                .await
+                .unwrap()
+                .revoke_failures_pending,
+            1
+        );
+        // Not before the retry time...
+        assert_eq!(h.broker.reap_once().await.unwrap(), 0);
+        h.clock.advance(Duration::seconds(3));
+        assert_eq!(h.broker.reap_once().await.unwrap(), 1);
+        let g = h.broker.store.grant(r.grant_id).await.unwrap().unwrap();
+        assert_eq!(
+            g.status,
+            GrantStatus::Revoked,
+            "the original cause (requested) is kept"
+        );
+        let reasons: Vec<String> = h
+            .audit()
+            .await
+            .iter()
+            .map(|e| format!("{:?}/{}", e.action, e.reason))
+            .collect();
+        assert!(
+            reasons.contains(&"RevokeFailed/target_unavailable".to_owned()),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&"Revoke/requested".to_owned()),
+            "{reasons:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn reaper_expires_grants_exactly_at_their_ttl() {
+        let h = harness().await;
+        let r = h
+            .exchange(&h.github_token(), &["deploy-api"], Some("2m"))
+            .await
+            .unwrap();
+        let token = match &r.credentials[0].fields[0].1 {
+            Field::Secret(s) => s.expose().to_owned(),
+            Field::Public(_) => panic!("token must be secret"),
+        };
+        assert_eq!(h.broker.introspect(&token).await.unwrap()["active"], true);
+        h.clock.advance(Duration::seconds(119));
+        assert_eq!(h.broker.reap_once().await.unwrap(), 0);
+        h.clock.advance(Duration::seconds(1));
+        assert_eq!(h.broker.reap_once().await.unwrap(), 1);
+        assert_eq!(
+            h.broker
+                .store
+                .grant(r.grant_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .status,
+            GrantStatus::Expired
+        );
+        assert_eq!(
+            h.broker.introspect(&token).await.unwrap(),
+            json!({"active": false})
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_requests_are_refused_and_audited() {
+        let h = harness().await;
+        let t = h.github_token();
+        for (creds, ttl) in [
+            (vec![], None),
+            (vec!["Deploy API"], None),
+            (vec!["deploy-api", "deploy-api"], None),
+            (vec!["deploy-api"], Some("0s")),
+            (vec!["deploy-api"], Some("soon")),
+        ] {
+            let err = h.exchange(&t, &creds, ttl).await.unwrap_err();
+            assert_eq!(err.reason_code(), "bad_request", "{creds:?} {ttl:?}");
+        }
+        assert_eq!(h.audit().await.len(), 5);
+        // None of them consumed the token.
+        assert!(h.exchange(&t, &["deploy-api"], None).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn policy_reload_keeps_the_old_bundle_on_error() {
+        let h = harness().await;
+        let before = h.broker.policy_status().digest;
+        std::fs::write(
+            h._dir.path().join("bad.yaml"),
+            "rules: [{name: x, issuer: github, credentials: [nope], when: 'true'}]",
+        )
+        .unwrap();
+        let err = h.broker.reload_policies().unwrap_err();
+        assert!(err.contains("bad.yaml"), "{err}");
+        let st = h.broker.policy_status();
+        assert_eq!(st.digest, before);
+        assert!(st.last_error.is_some());
+        assert!(
+            h.exchange(&h.github_token(), &["deploy-api"], None)
+                .await
+                .is_ok()
+        );
+        std::fs::remove_file(h._dir.path().join("bad.yaml")).unwrap();
+        std::fs::write(
+            h._dir.path().join("more.yaml"),
+            "credentials: [{name: more, max_ttl: 5m, api_token: {audience: x}}]",
+        )
+        .unwrap();
+        let digest = h.broker.reload_policies().unwrap();
+        assert_ne!(digest, before);
+        assert!(h.broker.policy_status().last_error.is_none());
     }
 }
