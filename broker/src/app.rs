@@ -90,6 +90,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         grants: cfg.grants.clone(),
         reaper: cfg.reaper.clone(),
         max_credentials: cfg.limits.max_credentials_per_exchange,
+        rate_per_minute: cfg.limits.exchanges_per_minute_per_repository,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     Ok(Arc::new(broker))

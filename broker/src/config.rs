@@ -105,6 +105,9 @@ pub struct Limits {
     pub max_concurrency: usize,
     /// Credentials in one exchange.
     pub max_credentials_per_exchange: usize,
+    /// Exchanges per minute allowed for one repository (GitHub `repository_id`, GitLab
+    /// `project_id`) on one replica, as a burst that refills evenly; 0 turns the limit off.
+    pub exchanges_per_minute_per_repository: u32,
 }
 
 impl Default for Limits {
@@ -114,6 +117,7 @@ impl Default for Limits {
             request_timeout: Duration::seconds(15),
             max_concurrency: 1024,
             max_credentials_per_exchange: 16,
+            exchanges_per_minute_per_repository: 600,
         }
     }
 }

@@ -94,6 +94,9 @@ pub enum ServiceError {
     },
     #[error("invalid revocation token")]
     BadRevocationToken,
+    /// Too many exchanges for this repository; retry after the given seconds.
+    #[error("rate limited")]
+    RateLimited { retry_after_secs: u64 },
     /// No usable `Authorization: Bearer` header.
     #[error("missing bearer token")]
     MissingToken,
@@ -115,6 +118,7 @@ impl ServiceError {
             ServiceError::Provider { error, .. } => error.reason_code(),
             ServiceError::BadRevocationToken => "invalid_revocation_token",
             ServiceError::MissingToken => "missing_token",
+            ServiceError::RateLimited { .. } => "rate_limited",
             ServiceError::RevokePending => "revoke_pending",
             ServiceError::Store(StoreError::Replayed) => "token_replayed",
             ServiceError::Store(_) => "store_unavailable",
@@ -155,7 +159,11 @@ pub struct Broker {
     grants: GrantConfig,
     reaper: ReaperConfig,
     max_credentials: usize,
+    rate_limit: Option<RepoRateLimiter>,
 }
+
+/// Per-repository exchange rate limit (in this replica's memory; monotonic time).
+type RepoRateLimiter = governor::DefaultKeyedRateLimiter<String>;
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -178,6 +186,8 @@ pub struct BrokerParts {
     pub grants: GrantConfig,
     pub reaper: ReaperConfig,
     pub max_credentials: usize,
+    /// Exchanges per minute per repository; 0 = unlimited.
+    pub rate_per_minute: u32,
 }
 
 const MAX_NAME: usize = 64;
@@ -231,6 +241,8 @@ impl Broker {
             grants: parts.grants,
             reaper: parts.reaper,
             max_credentials: parts.max_credentials,
+            rate_limit: std::num::NonZeroU32::new(parts.rate_per_minute)
+                .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
         })
     }
 
@@ -356,6 +368,9 @@ impl Broker {
             Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
         };
         ev.job = JobAttribution::from_claims(&claims);
+        if let Err(e) = self.check_rate(&claims.issuer, &ev.job) {
+            return Err(self.refuse(ev, e).await);
+        }
 
         // 3. Policy: every requested credential must be allowed; deny wins; default deny.
         let input = PolicyInput {
@@ -537,6 +552,21 @@ impl Broker {
             expires_at: real_expiry,
             revocation_token,
             credentials,
+        })
+    }
+
+    /// One bucket per (issuer, repository id): a runaway pipeline cannot starve the others.
+    fn check_rate(&self, issuer: &str, job: &JobAttribution) -> Result<(), ServiceError> {
+        let Some(limiter) = &self.rate_limit else {
+            return Ok(());
+        };
+        let key = format!("{issuer}/{}", job.repository_id.as_deref().unwrap_or("-"));
+        limiter.check_key(&key).map_err(|not_until| {
+            use governor::clock::{Clock as _, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ServiceError::RateLimited {
+                retry_after_secs: wait.as_secs().max(1),
+            }
         })
     }
 
@@ -758,6 +788,9 @@ impl Broker {
             }
         }
         let _ = self.store.purge_jti(now).await;
+        if let Some(l) = &self.rate_limit {
+            l.retain_recent();
+        }
         Ok(n)
     }
 
@@ -965,6 +998,7 @@ rules:
             grants: GrantConfig::default(),
             reaper: ReaperConfig::default(),
             max_credentials: 16,
+            rate_per_minute: 3,
         })
         .unwrap();
         Harness {
@@ -1059,6 +1093,28 @@ rules:
             now + Duration::minutes(10),
             "default 15m capped by the rule"
         );
+    }
+
+    #[tokio::test]
+    async fn each_repository_has_its_own_rate_limit() {
+        let h = harness().await;
+        for _ in 0..3 {
+            h.exchange(&h.github_token(), &["deploy-api"], None)
+                .await
+                .unwrap();
+        }
+        let err = h
+            .exchange(&h.github_token(), &["deploy-api"], None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ServiceError::RateLimited { retry_after_secs } if retry_after_secs >= 1)
+        );
+        assert_eq!(h.audit().await[0].reason, "rate_limited");
+        // Another repository (the GitLab project) is not affected.
+        h.exchange(&h.gitlab_token(Duration::minutes(5)), &["gl-api"], None)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

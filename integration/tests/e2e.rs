@@ -390,6 +390,20 @@ async fn refusals_are_audited_and_grant_nothing() {
             400,
             "bad_request",
         ),
+        (
+            "oversized body",
+            Some(e.token()),
+            json!({"credentials": ["deploy-api"], "pad": "x".repeat(100 * 1024)}),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "oversized token",
+            Some(e.token_with(|c| c["pad"] = json!("y".repeat(20 * 1024)))),
+            body.clone(),
+            431,
+            "token_too_large",
+        ),
     ];
     let n = cases.len();
     for (what, token, body, status, code) in cases {

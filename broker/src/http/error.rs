@@ -74,6 +74,11 @@ impl From<ServiceError> for ApiError {
                 message,
             } => (StatusCode::PAYLOAD_TOO_LARGE, message.clone()),
             ServiceError::BadRequest { message, .. } => (StatusCode::BAD_REQUEST, message.clone()),
+            ServiceError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many exchanges for this repository; retry after the time in Retry-After"
+                    .to_owned(),
+            ),
             ServiceError::MissingToken => (
                 StatusCode::UNAUTHORIZED,
                 "send the token as `Authorization: Bearer <token>`".to_owned(),
@@ -130,6 +135,9 @@ impl From<ServiceError> for ApiError {
         err.detail = detail;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             err.retry_after = Some(5);
+        }
+        if let ServiceError::RateLimited { retry_after_secs } = e {
+            err.retry_after = Some(retry_after_secs);
         }
         err
     }
@@ -215,6 +223,13 @@ mod tests {
                 "invalid_revocation_token",
             ),
             (
+                ServiceError::RateLimited {
+                    retry_after_secs: 7,
+                },
+                429,
+                "rate_limited",
+            ),
+            (
                 ServiceError::Store(crate::store::StoreError::Unavailable("x".into())),
                 503,
                 "store_unavailable",
@@ -228,6 +243,9 @@ mod tests {
                 !a.message.contains("10.0.0.1"),
                 "provider detail must not reach the client"
             );
+            if status == 429 {
+                assert_eq!(a.retry_after, Some(7));
+            }
         }
     }
 }
