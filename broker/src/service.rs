@@ -308,6 +308,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Every event records the bundle in force (revocations overwrite it with the grant's).
+        ev.bundle_digest = Some(self.policies.load().digest().to_owned());
         ev
     }
 
