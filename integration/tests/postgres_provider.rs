@@ -25,6 +25,7 @@ fn admin_url() -> String {
 
 /// The app side of one test: a database, group roles, an owner role, a role prefix.
 struct PgFixture {
+    url: String,
     admin: PgPool,
     app_admin: PgPool,
     tag: String,
@@ -45,8 +46,8 @@ async fn exec(pool: &PgPool, sql: String) {
 }
 
 impl PgFixture {
-    async fn new() -> Self {
-        let opts = PgConnectOptions::from_str(&admin_url()).expect("admin url");
+    async fn new(url: String) -> Self {
+        let opts = PgConnectOptions::from_str(&url).expect("admin url");
         let admin = PgPoolOptions::new()
             .max_connections(2)
             .connect_with(opts.clone())
@@ -67,6 +68,7 @@ impl PgFixture {
                 .connect_lazy_with(opts.clone().database(&format!("{tag}_app"))),
             admin,
             tag,
+            url,
         };
         exec(&f.admin, format!("CREATE DATABASE {}", f.app_db)).await;
         for r in [&f.reader, &f.creator, &f.owner] {
@@ -92,7 +94,7 @@ impl PgFixture {
         format!(
             "targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      pool_size: 6\n      connect_timeout: 3s\n      role_prefix: {prefix}\n    down:\n      admin_url: {{value: \"postgres://postgres@127.0.0.1:{down}/postgres\"}}\n      host: 127.0.0.1\n      connect_timeout: 1s\n",
             down = free_port(),
-            url = admin_url(),
+            url = self.url,
             host = self.host,
             port = self.port,
             prefix = self.prefix,
@@ -209,7 +211,12 @@ struct Env {
 }
 
 async fn env(extra_yaml: &str, envs: Vec<(String, String)>) -> Env {
-    let pg = PgFixture::new().await;
+    env_on(admin_url(), extra_yaml, envs).await
+}
+
+/// As [`env`], with the credentials' target on the server at `target_url`.
+async fn env_on(target_url: String, extra_yaml: &str, envs: Vec<(String, String)>) -> Env {
+    let pg = PgFixture::new(target_url).await;
     let db = TestDb::postgres().await;
     let issuer = TestIssuer::start().await;
     let policies = tempfile::tempdir().expect("tmp");
@@ -417,26 +424,37 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
     e.finish().await;
 }
 
-/// With a 2-second TTL and the broker stopped, Postgres itself refuses the role after expiry
+/// With a 2-second TTL and the broker stopped, Postgres itself refuses the login after expiry
 /// (`VALID UNTIL`); the restarted broker's reaper then drops the role.
+///
+/// The machine's server trusts 127.0.0.1 (it checks no password, hence no expiry), so this test
+/// starts its own throwaway cluster with `scram-sha-256` host auth when `initdb` is available;
+/// that also proves the SCRAM verifier the broker sends is one Postgres accepts.
 #[tokio::test]
 async fn expiry_is_enforced_by_postgres_and_the_reaper_drops_the_role() {
-    let mut e = env("reaper:\n  interval: 1s\n", Vec::new()).await;
+    let scram = ScramServer::start();
+    let target = scram.as_ref().map_or_else(admin_url, |s| s.url.clone());
+    let mut e = env_on(target, "reaper:\n  interval: 1s\n", Vec::new()).await;
     let (status, body) = e
         .exchange(&e.token(), json!({"credentials": ["pg-app"], "ttl": "2s"}))
         .await;
     assert_eq!(status, 200, "{body}");
     let username = s(&body["credentials"]["pg-app"]["username"]);
-    let password = s(&body["credentials"]["pg-app"]["password"]);
+    let url = s(&body["credentials"]["pg-app"]["database_url"]);
+    let mut before = login(&url)
+        .await
+        .expect("logs in with its password before expiry");
+    sqlx::query("SELECT 1")
+        .execute(&mut before)
+        .await
+        .expect("works");
+    drop(before);
     e.broker.kill();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         e.pg.role_exists(&username).await,
         "no broker ran to drop it"
     );
-    // Postgres checks VALID UNTIL when it checks the password. The machine's server may trust
-    // 127.0.0.1 (no password check at all), so ask the server itself: a password login of this
-    // role, judged with the server's own rule — rolvaliduntil < now() means refusal.
     let expired: bool =
         sqlx::query("SELECT rolvaliduntil < now() FROM pg_authid WHERE rolname = $1")
             .bind(&username)
@@ -444,9 +462,16 @@ async fn expiry_is_enforced_by_postgres_and_the_reaper_drops_the_role() {
             .await
             .expect("role")
             .get(0);
-    assert!(expired, "Postgres considers the password expired");
-    if let Some(scram) = scram_server_check(&e.pg, &username, &password).await {
-        assert!(scram, "a password login after VALID UNTIL is refused");
+    assert!(expired, "VALID UNTIL is the grant expiry");
+    if scram.is_some() {
+        let err = login(&url)
+            .await
+            .expect_err("Postgres refuses the expired login");
+        assert_eq!(sqlstate(&err), "28P01", "password authentication failed");
+    } else {
+        eprintln!(
+            "note: no initdb here; the server trusts 127.0.0.1, so the refusal is shown by rolvaliduntil only"
+        );
     }
 
     e.broker.restart(&[]).await.expect("restart");
@@ -465,39 +490,127 @@ async fn expiry_is_enforced_by_postgres_and_the_reaper_drops_the_role() {
             .expect("audit");
     assert!(events.iter().any(|ev| json!(ev.action) == json!("expire")));
     e.finish().await;
+    drop(scram);
 }
 
-/// If the test server enforces passwords (not `trust`), check that the expired role's login is
-/// refused with the correct password. `None` when the server does not check passwords.
-async fn scram_server_check(pg: &PgFixture, username: &str, password: &str) -> Option<bool> {
-    // Probe: a wrong password for a role that exists. Accepted means `trust`.
-    let probe = format!("{}probe", pg.prefix);
-    exec(
-        &pg.admin,
-        format!("CREATE ROLE {probe} LOGIN PASSWORD 'right-one'"),
-    )
-    .await;
-    let wrong = PgConnectOptions::new()
-        .host(&pg.host)
-        .port(pg.port)
-        .username(&probe)
-        .password("wrong-one")
-        .database(&pg.app_db);
-    let trusted = sqlx::PgConnection::connect_with(&wrong).await.is_ok();
-    exec(&pg.admin, format!("DROP ROLE {probe}")).await;
-    if trusted {
-        eprintln!(
-            "note: the test server trusts 127.0.0.1; the login refusal is shown by rolvaliduntil only"
-        );
-        return None;
+/// A throwaway Postgres cluster whose TCP connections must authenticate with SCRAM. Stopped
+/// (by its data directory) and removed on drop.
+struct ScramServer {
+    url: String,
+    dir: tempfile::TempDir,
+    bindir: std::path::PathBuf,
+    as_postgres: bool,
+}
+
+impl ScramServer {
+    fn tool(&self, name: &str) -> std::process::Command {
+        cmd(&self.bindir, name, self.as_postgres)
     }
-    let opts = PgConnectOptions::new()
-        .host(&pg.host)
-        .port(pg.port)
-        .username(username)
-        .password(password)
-        .database(&pg.app_db);
-    Some(sqlx::PgConnection::connect_with(&opts).await.is_err())
+
+    fn start() -> Option<Self> {
+        let bindir = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .chain(
+                std::fs::read_dir("/usr/lib/postgresql")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|d| d.path().join("bin")),
+            )
+            .find(|d| d.join("initdb").is_file() && d.join("pg_ctl").is_file())?;
+        // initdb refuses to run as root; use the postgres account then.
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .ok()
+            .is_some_and(|o| o.stdout.starts_with(b"0\n"));
+        let dir = tempfile::tempdir().ok()?;
+        if root {
+            let ok = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path())
+                .status()
+                .ok()?
+                .success();
+            if !ok {
+                return None;
+            }
+        }
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, "admin-pw-for-tests\n").ok()?;
+        if root {
+            let _ = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(&pwfile)
+                .status();
+        }
+        let port = free_port();
+        let data = dir.path().join("data");
+        let ok = cmd(&bindir, "initdb", root)
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        if !ok {
+            return None;
+        }
+        let server = ScramServer {
+            url: format!("postgres://postgres:admin-pw-for-tests@127.0.0.1:{port}/postgres"),
+            bindir,
+            as_postgres: root,
+            dir,
+        };
+        let ok = server
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-o")
+            .arg(format!(
+                "-h 127.0.0.1 -p {port} -k {}",
+                server.dir.path().display()
+            ))
+            .arg("-l")
+            .arg(server.dir.path().join("log"))
+            .args(["-w", "start"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .ok()?
+            .success();
+        ok.then_some(server)
+    }
+}
+
+fn cmd(bindir: &std::path::Path, name: &str, as_postgres: bool) -> std::process::Command {
+    if as_postgres {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bindir.join(name));
+        c
+    } else {
+        std::process::Command::new(bindir.join(name))
+    }
+}
+
+impl Drop for ScramServer {
+    fn drop(&mut self) {
+        let _ = self
+            .tool("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
 }
 
 /// Hostile repository names give plain usernames and reach SQL only as quoted literals.
