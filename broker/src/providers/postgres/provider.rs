@@ -520,8 +520,9 @@ impl Provider for PostgresProvider {
             .execute(&mut *conn)
             .await
         {
-            if matches!(e, sqlx::Error::Database(_)) {
-                // The server refused the statement, which is atomic: no role exists.
+            // The server refused the statement, which is atomic: no role exists, unless the
+            // refusal is that the role already exists (then it must be dropped for real).
+            if matches!(e, sqlx::Error::Database(_)) && sqlstate(&e).as_deref() != Some("42710") {
                 self.never_created.insert(username.to_owned(), ()).await;
             }
             return Err(classify("creating the role", &e));
