@@ -79,12 +79,22 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     let policy_opts = LoadOptions {
         known_issuers: Some(cfg.issuers.iter().map(|i| i.name.clone()).collect()),
     };
+    let mut extra_providers: Vec<Arc<dyn crate::providers::Provider>> = Vec::new();
+    let mut postgres = None;
+    if !cfg.targets.postgres.is_empty() {
+        let p = Arc::new(
+            crate::providers::postgres::PostgresProvider::new(&cfg.targets.postgres)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        );
+        extra_providers.push(p.clone());
+        postgres = Some(p);
+    }
     let broker = Broker::new(BrokerParts {
         verifier,
         store,
         clock,
         api_tokens,
-        extra_providers: Vec::new(),
+        extra_providers,
         policy_dir: cfg.policies.dir.clone(),
         policy_opts,
         grants: cfg.grants.clone(),
@@ -93,6 +103,11 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         rate_per_minute: cfg.limits.exchanges_per_minute_per_repository,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
+    if let Some(p) = postgres {
+        // A typo in a target name fails the start, not a job.
+        p.check_definitions(broker.policies().credentials())
+            .map_err(|e| anyhow::anyhow!("policies: {e}"))?;
+    }
     Ok(Arc::new(broker))
 }
 

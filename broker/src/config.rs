@@ -169,6 +169,77 @@ impl Default for ReaperConfig {
     }
 }
 
+/// `sslmode` handed out in `database_url` (libpq's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    #[default]
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_pool_size() -> u32 {
+    4
+}
+fn default_connect_timeout() -> Duration {
+    Duration::seconds(5)
+}
+fn default_role_prefix() -> String {
+    crate::providers::postgres::naming::DEFAULT_PREFIX.to_owned()
+}
+
+/// One Postgres server the broker creates job users on (`targets.postgres.<name>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresTargetConfig {
+    /// Admin connection string (`postgres://admin:…@db:5432/postgres?sslmode=verify-full&…`):
+    /// it holds a password, so it comes from a file or env var. TLS to the server is set here.
+    pub admin_url: SecretRef,
+    /// Host handed to jobs in `host` and `database_url` (may differ from the admin's).
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// `sslmode` in the `database_url` handed to jobs.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// Admin connections per database (the admin database and each database worked in).
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Bound on connecting (and waiting for a pooled connection); past it: `target_unavailable`.
+    #[serde(default = "default_connect_timeout", with = "serde_duration")]
+    pub connect_timeout: Duration,
+    /// Prefix of every role the broker creates on this server (revoke touches no other role).
+    #[serde(default = "default_role_prefix")]
+    pub role_prefix: String,
+}
+
+/// Systems credentials are minted on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetsConfig {
+    /// Postgres servers by name (`postgres:` credentials name one in `target`).
+    #[serde(default)]
+    pub postgres: std::collections::BTreeMap<String, PostgresTargetConfig>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -209,6 +280,8 @@ pub struct Config {
     pub issuers: Vec<IssuerConfig>,
     #[serde(default)]
     pub api_tokens: ApiTokenConfig,
+    #[serde(default)]
+    pub targets: TargetsConfig,
     #[serde(default)]
     pub grants: GrantConfig,
     #[serde(default)]
@@ -350,6 +423,31 @@ impl Config {
                 p.push(format!("api_tokens.retired_keys[{i}]: {e}"));
             }
         }
+        for (name, t) in &self.targets.postgres {
+            let key = format!("targets.postgres.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
+            }
+            if let Err(e) = t.admin_url.resolve() {
+                p.push(format!("{key}.admin_url: {e}"));
+            }
+            if t.host.trim().is_empty() {
+                p.push(format!("{key}.host: required (the host jobs connect to)"));
+            }
+            if t.pool_size == 0 || t.pool_size > 100 {
+                p.push(format!("{key}.pool_size: must be 1 to 100"));
+            }
+            if t.connect_timeout <= Duration::ZERO {
+                p.push(format!("{key}.connect_timeout: must be positive"));
+            }
+            if let Err(e) = crate::providers::postgres::naming::check_prefix(&t.role_prefix) {
+                p.push(format!("{key}.role_prefix: {e}"));
+            }
+        }
         if self.grants.default_ttl <= Duration::ZERO
             || self.grants.default_ttl > self.grants.max_ttl
         {
@@ -382,7 +480,18 @@ impl fmt::Display for Config {
                 .signing_key
                 .as_ref()
                 .map_or("ephemeral".into(), SecretRef::describe)
-        )
+        )?;
+        for (name, t) in &self.targets.postgres {
+            writeln!(
+                f,
+                "targets.postgres.{name}: admin_url {}, host {}:{}, sslmode {}",
+                t.admin_url.describe(),
+                t.host,
+                t.port,
+                t.sslmode.as_str()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -439,6 +548,43 @@ mod tests {
         assert!(!all.contains("hunter2"));
         assert!(!format!("{cfg:?}").contains("hunter2"));
         assert!(!format!("{cfg}").contains("hunter2"));
+    }
+
+    #[test]
+    fn postgres_targets_parse_and_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = format!(
+            "{}targets:\n  postgres:\n    main:\n      admin_url: {{value: \"postgres://a:hunter2@db/postgres\"}}\n      host: db.example\n",
+            base(d.path())
+        );
+        let cfg = Config::parse(&ok, "t").unwrap();
+        assert!(cfg.validate(Mode::Serve).is_empty());
+        let t = &cfg.targets.postgres["main"];
+        assert_eq!(
+            (t.port, t.sslmode, t.role_prefix.as_str()),
+            (5432, SslMode::VerifyFull, "brk_")
+        );
+        assert!(!format!("{cfg}").contains("hunter2"));
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        let bad = format!(
+            "{}targets:\n  postgres:\n    main:\n      admin_url: {{env: NOPE_NOT_SET_X}}\n      host: ''\n      pool_size: 0\n      role_prefix: pg_x\n",
+            base(d.path())
+        );
+        let p = Config::parse(&bad, "t")
+            .unwrap()
+            .validate(Mode::Serve)
+            .join("\n");
+        for key in [
+            "main.admin_url",
+            "main.host",
+            "main.pool_size",
+            "main.role_prefix",
+        ] {
+            assert!(p.contains(key), "missing {key} in {p}");
+        }
+        assert!(
+            Config::parse(&format!("{}targets:\n  mysql: {{}}\n", base(d.path())), "t").is_err()
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
             crate::oidc::dev::gitlab_issuer_config("gitlab", DEV_AUDIENCE),
         ],
         api_tokens: ApiTokenConfig::default(),
+        targets: Default::default(),
         grants: GrantConfig::default(),
         limits: Limits::default(),
         reaper: ReaperConfig {

@@ -7,7 +7,7 @@
 use super::bundle::{ANY_CREDENTIAL, Bundle, Effect, Rule, TestCase};
 use super::expr::{self, ExprError, RegexTable};
 use crate::oidc::Platform;
-use crate::providers::{ApiTokenSpec, CredentialDef, CredentialSpec};
+use crate::providers::{ApiTokenSpec, CredentialDef, CredentialSpec, PostgresSpec};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use serde_saphyr::Spanned;
@@ -49,7 +49,9 @@ pub enum LoadErrorKind {
     },
     #[error("{0}")]
     Duration(String),
-    #[error("credential {name:?} must have exactly one kind key (api_token), found {found}")]
+    #[error(
+        "credential {name:?} must have exactly one kind key (api_token, postgres), found {found}"
+    )]
     KindCount { name: String, found: usize },
     #[error("rule {rule:?}: when: {error}")]
     Expression { rule: String, error: ExprError },
@@ -149,6 +151,8 @@ struct RawCredential {
     // One optional key per credential kind; exactly one must be present.
     #[serde(default)]
     api_token: Option<ApiTokenSpec>,
+    #[serde(default)]
+    postgres: Option<PostgresSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +337,9 @@ impl<'o> Loader<'o> {
         let mut specs: Vec<CredentialSpec> = Vec::new();
         if let Some(a) = c.api_token {
             specs.push(CredentialSpec::ApiToken(a));
+        }
+        if let Some(p) = c.postgres {
+            specs.push(CredentialSpec::Postgres(p));
         }
         if specs.len() != 1 {
             let kind = LoadErrorKind::KindCount {

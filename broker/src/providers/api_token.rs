@@ -274,7 +274,6 @@ impl Provider for ApiTokenProvider {
     }
 
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
-        #[allow(irrefutable_let_patterns)] // more kinds join CredentialSpec later
         let CredentialSpec::ApiToken(spec) = &req.credential.spec else {
             return Err(ProviderError::Misconfigured(
                 "not an api_token credential".into(),

@@ -5,6 +5,7 @@
 //! provider configured in this broker fails closed at load.
 
 pub mod api_token;
+pub mod postgres;
 pub mod template;
 
 use crate::oidc::VerifiedClaims;
@@ -15,23 +16,27 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 pub use api_token::ApiTokenSpec;
+pub use postgres::PostgresSpec;
 
 /// Credential kinds, as stored in grants and audit events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialKind {
     ApiToken,
+    Postgres,
 }
 
 impl CredentialKind {
     pub fn as_str(self) -> &'static str {
         match self {
             CredentialKind::ApiToken => "api_token",
+            CredentialKind::Postgres => "postgres",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "api_token" => Some(CredentialKind::ApiToken),
+            "postgres" => Some(CredentialKind::Postgres),
             _ => None,
         }
     }
@@ -42,12 +47,14 @@ impl CredentialKind {
 #[serde(rename_all = "snake_case")]
 pub enum CredentialSpec {
     ApiToken(ApiTokenSpec),
+    Postgres(PostgresSpec),
 }
 
 impl CredentialSpec {
     pub fn kind(&self) -> CredentialKind {
         match self {
             CredentialSpec::ApiToken(_) => CredentialKind::ApiToken,
+            CredentialSpec::Postgres(_) => CredentialKind::Postgres,
         }
     }
 }
