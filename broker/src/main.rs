@@ -173,6 +173,14 @@ enum AuditCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Walk the audit hash chain; name the first modified, deleted or reordered event (exit 1).
+    Verify {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -249,6 +257,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { store, json },
+        } => {
+            let report = store.open().await?.verify_audit_chain().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            return Ok(match &report.broken {
+                None => {
+                    if !json {
+                        println!(
+                            "audit chain intact: {} events verified (head seq {}, hash {}); \
+                             {} older events predate the chain",
+                            report.events_checked,
+                            report.head_seq,
+                            report.head_hash,
+                            report.legacy_events
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Some(b) => {
+                    if !json {
+                        println!(
+                            "AUDIT CHAIN BROKEN ({}): {}",
+                            b.kind.reason_code(),
+                            b.message
+                        );
+                        println!("{} events verified before the break", report.events_checked);
+                    }
+                    ExitCode::FAILURE
+                }
+            });
         }
         Cmd::Keygen { out } => {
             let pem = broker::providers::api_token::generate_pem()?;
