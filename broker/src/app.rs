@@ -79,7 +79,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     let policy_opts = LoadOptions {
         known_issuers: Some(cfg.issuers.iter().map(|i| i.name.clone()).collect()),
     };
-    let broker = Broker::new(BrokerParts {
+    let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
         clock,
@@ -93,6 +93,9 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         rate_per_minute: cfg.limits.exchanges_per_minute_per_repository,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
+    broker.set_operators(
+        crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
+    );
     Ok(Arc::new(broker))
 }
 

@@ -184,6 +184,15 @@ pub struct AuditFilter {
     pub limit: u32,
 }
 
+/// The emergency freeze as stored (the filter is the admin layer's JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreezeRecord {
+    pub filter: serde_json::Value,
+    pub reason: String,
+    pub actor: String,
+    pub since: OffsetDateTime,
+}
+
 /// Counts for `/readyz` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
@@ -375,6 +384,20 @@ impl Store {
             return Ok(walker.report(Some(walker.tail_break(found))));
         }
         Ok(walker.report(None))
+    }
+
+    /// The freeze in force, if any.
+    pub async fn freeze_state(&self) -> Result<Option<FreezeRecord>, StoreError> {
+        dispatch!(self, freeze_state())
+    }
+    /// One transaction: replace the freeze (`None` lifts it) and append `audit`. Returns whether
+    /// a freeze was in force before.
+    pub async fn set_freeze(
+        &self,
+        freeze: Option<&FreezeRecord>,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, set_freeze(freeze, audit))
     }
 
     pub async fn grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {

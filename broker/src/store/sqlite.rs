@@ -14,8 +14,8 @@ use super::codec::{
     parse_status,
 };
 use super::{
-    AuditFilter, ClaimedGrant, CredentialStatus, Grant, GrantStatus, JtiRecord, NewGrant,
-    RevokeCause, StoreError, StoreStats,
+    AuditFilter, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus, JtiRecord,
+    NewGrant, RevokeCause, StoreError, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -246,6 +246,49 @@ async fn insert_audit(conn: &mut SqliteConnection, audit: &AuditEvent) -> Result
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+pub(super) async fn freeze_state(pool: &SqlitePool) -> Result<Option<FreezeRecord>, StoreError> {
+    let row = sqlx::query("SELECT filter, reason, actor, since FROM broker_freeze WHERE id = 1")
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        Ok(FreezeRecord {
+            filter: json_col(&r, "filter")?,
+            reason: r.try_get("reason")?,
+            actor: r.try_get("actor")?,
+            since: time_col(&r, "since")?,
+        })
+    })
+    .transpose()
+}
+
+pub(super) async fn set_freeze(
+    pool: &SqlitePool,
+    freeze: Option<&FreezeRecord>,
+    audit: &AuditEvent,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let was = sqlx::query("DELETE FROM broker_freeze WHERE id = 1")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        > 0;
+    if let Some(f) = freeze {
+        sqlx::query(
+            "INSERT INTO broker_freeze (id, filter, reason, actor, since)
+             VALUES (1, $1, $2, $3, $4)",
+        )
+        .bind(json_text(&f.filter)?)
+        .bind(&f.reason)
+        .bind(&f.actor)
+        .bind(ms(f.since))
+        .execute(&mut *tx)
+        .await?;
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(was)
 }
 
 pub(super) async fn chain_head(pool: &SqlitePool) -> Result<ChainHead, StoreError> {

@@ -1007,6 +1007,7 @@ store_tests!(
     audit_chain_detects_a_deleted_event,
     audit_chain_detects_a_deleted_tail,
     audit_chain_detects_reordered_events,
+    freeze_is_kept_and_lifted_with_an_audit_event,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1298,4 +1299,23 @@ async fn postgres_concurrent_appenders_build_one_chain() {
     assert!(report.is_intact(), "{report:?}");
     assert_eq!(report.events_checked, 100);
     db.cleanup().await;
+}
+
+async fn freeze_is_kept_and_lifted_with_an_audit_event(store: Store) {
+    assert_eq!(store.freeze_state().await.unwrap(), None);
+    let f = FreezeRecord {
+        filter: json!({"repository": "acme/app"}),
+        reason: "incident 42".into(),
+        actor: "operator:alice".into(),
+        since: t(10),
+    };
+    let ev = event(10, Action::Admin, Outcome::Success, None);
+    assert!(!store.set_freeze(Some(&f), &ev).await.unwrap());
+    assert_eq!(store.freeze_state().await.unwrap(), Some(f.clone()));
+    let ev2 = event(11, Action::Admin, Outcome::Success, None);
+    assert!(store.set_freeze(None, &ev2).await.unwrap());
+    assert_eq!(store.freeze_state().await.unwrap(), None);
+    let logged = store.audit_events(&AuditFilter::default()).await.unwrap();
+    assert_eq!(logged.len(), 2);
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
 }
