@@ -89,7 +89,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         extra_providers.push(p.clone());
         postgres = Some(p);
     }
-    let broker = Broker::new(BrokerParts {
+    let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
         clock,
@@ -108,6 +108,9 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         p.check_definitions(broker.policies().credentials())
             .map_err(|e| anyhow::anyhow!("policies: {e}"))?;
     }
+    broker.set_operators(
+        crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
+    );
     Ok(Arc::new(broker))
 }
 

@@ -290,6 +290,9 @@ pub struct Config {
     pub reaper: ReaperConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Who may call the operator endpoints (`/v1/admin/*`); tokens kept only as hashes.
+    #[serde(default)]
+    pub operators: Vec<crate::admin::OperatorConfig>,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -397,6 +400,7 @@ impl Config {
         if self.issuers.is_empty() {
             p.push("issuers: at least one issuer is required".into());
         }
+        p.extend(crate::admin::operators::validate(&self.operators));
         let mut names = std::collections::BTreeSet::new();
         for (i, iss) in self.issuers.iter().enumerate() {
             if !names.insert(iss.name.clone()) {

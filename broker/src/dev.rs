@@ -40,6 +40,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
             ..ReaperConfig::default()
         },
         log: LogConfig::default(),
+        operators: Vec::new(),
     };
     let problems = cfg.validate(Mode::Dev);
     if problems.is_empty() {

@@ -2,6 +2,7 @@
 //! revoke them when the job ends, and audit every decision. See ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod config;

@@ -44,6 +44,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
+    /// Print a new operator token and the hash to put under `operators:` in the config.
+    OperatorToken {
+        /// Write the token here (mode 0600) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Break glass: call the operator API of a running broker.
+    Admin(AdminArgs),
     /// Generate an Ed25519 signing key (PKCS#8 PEM) for API tokens.
     Keygen {
         /// Write here (mode 0600) instead of stdout.
@@ -99,6 +107,54 @@ struct DevTokenArgs {
     /// A GitLab-shaped token instead.
     #[arg(long)]
     gitlab: bool,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    #[command(subcommand)]
+    cmd: AdminCmd,
+    /// The broker's base URL.
+    #[arg(long, env = "BROKER_URL", global = true)]
+    url: Option<String>,
+    /// File holding an operator token (admin role).
+    #[arg(long, env = "BROKER_OPERATOR_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct AdminFilterArgs {
+    /// Why (required for revoke-all and freeze; audited).
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(long)]
+    issuer: Option<String>,
+    #[arg(long)]
+    repository: Option<String>,
+    #[arg(long)]
+    repository_id: Option<String>,
+    #[arg(long)]
+    credential: Option<String>,
+    #[arg(long)]
+    kind: Option<String>,
+    /// RFC 3339 (revoke-all only).
+    #[arg(long)]
+    issued_after: Option<String>,
+    /// RFC 3339 (revoke-all only).
+    #[arg(long)]
+    issued_before: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Revoke every active grant matching the filter.
+    RevokeAll(AdminFilterArgs),
+    /// Refuse new exchanges matching the filter on every replica.
+    Freeze(AdminFilterArgs),
+    /// Lift the freeze.
+    Unfreeze {
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -170,6 +226,14 @@ enum AuditCmd {
         #[arg(long, default_value_t = 50)]
         limit: u32,
         /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Walk the audit hash chain; name the first modified, deleted or reordered event (exit 1).
+    Verify {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -250,6 +314,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { store, json },
+        } => {
+            let report = store.open().await?.verify_audit_chain().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            return Ok(match &report.broken {
+                None => {
+                    if !json {
+                        println!(
+                            "audit chain intact: {} events verified (head seq {}, hash {}); \
+                             {} older events predate the chain",
+                            report.events_checked,
+                            report.head_seq,
+                            report.head_hash,
+                            report.legacy_events
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Some(b) => {
+                    if !json {
+                        println!(
+                            "AUDIT CHAIN BROKEN ({}): {}",
+                            b.kind.reason_code(),
+                            b.message
+                        );
+                        println!("{} events verified before the break", report.events_checked);
+                    }
+                    ExitCode::FAILURE
+                }
+            });
+        }
+        Cmd::OperatorToken { out } => {
+            let (token, hash) = broker::admin::operators::new_token();
+            match out {
+                Some(path) => {
+                    write_private(&path, &format!("{}\n", token.expose()))?;
+                    eprintln!("wrote the token to {}", path.display());
+                }
+                None => println!("token:        {}", token.expose()),
+            }
+            println!("token_sha256: {hash}");
+            eprintln!(
+                "add to the config: operators: [{{name: <who>, role: admin|auditor, token_sha256: {hash}}}]"
+            );
+        }
+        Cmd::Admin(args) => return admin(args).await,
         Cmd::Keygen { out } => {
             let pem = broker::providers::api_token::generate_pem()?;
             match out {
@@ -262,6 +375,55 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    use broker::admin::client;
+    let url = args.url.context("give --url (or BROKER_URL)")?;
+    let token_file = args
+        .token_file
+        .context("give --token-file (or BROKER_OPERATOR_TOKEN_FILE)")?;
+    let token = client::read_token(&token_file).map_err(|e| anyhow::anyhow!(e))?;
+    let filter_body = |f: AdminFilterArgs| {
+        let mut filter = serde_json::Map::new();
+        for (k, v) in [
+            ("issuer", f.issuer),
+            ("repository", f.repository),
+            ("repository_id", f.repository_id),
+            ("credential", f.credential),
+            ("kind", f.kind),
+            ("issued_after", f.issued_after),
+            ("issued_before", f.issued_before),
+        ] {
+            if let Some(v) = v {
+                filter.insert(k.to_owned(), serde_json::Value::String(v));
+            }
+        }
+        serde_json::json!({"reason": f.reason.unwrap_or_default(), "filter": filter})
+    };
+    let (path, body) = match args.cmd {
+        AdminCmd::RevokeAll(f) => ("/v1/admin/revoke-all", filter_body(f)),
+        AdminCmd::Freeze(f) => ("/v1/admin/freeze", filter_body(f)),
+        AdminCmd::Unfreeze { reason } => (
+            "/v1/admin/unfreeze",
+            serde_json::json!({"reason": reason.unwrap_or_default()}),
+        ),
+    };
+    let (status, answer) = client::post(&url, path, &token, &body)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    let failures = answer["failures"].as_array().is_some_and(|f| !f.is_empty());
+    if !(200..300).contains(&status) {
+        eprintln!("error: the broker answered {status}");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(if failures {
+        eprintln!("some revocations failed; the reaper retries them");
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {

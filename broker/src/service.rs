@@ -104,6 +104,9 @@ pub enum ServiceError {
     RevokePending,
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// An operator froze exchanges matching this one (`POST /v1/admin/freeze`).
+    #[error("exchanges are frozen by an operator")]
+    Frozen,
 }
 
 impl ServiceError {
@@ -122,6 +125,7 @@ impl ServiceError {
             ServiceError::RevokePending => "revoke_pending",
             ServiceError::Store(StoreError::Replayed) => "token_replayed",
             ServiceError::Store(_) => "store_unavailable",
+            ServiceError::Frozen => "frozen",
         }
     }
 
@@ -160,6 +164,8 @@ pub struct Broker {
     reaper: ReaperConfig,
     max_credentials: usize,
     rate_limit: Option<RepoRateLimiter>,
+    /// Operators and the freeze (issue 6); see `admin/`.
+    pub(crate) admin: crate::admin::AdminState,
 }
 
 /// Per-repository exchange rate limit (in this replica's memory; monotonic time).
@@ -243,7 +249,18 @@ impl Broker {
             max_credentials: parts.max_credentials,
             rate_limit: std::num::NonZeroU32::new(parts.rate_per_minute)
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
+            admin: crate::admin::AdminState::default(),
         })
+    }
+
+    /// Who may call the operator endpoints (none by default: they refuse everyone).
+    pub fn set_operators(&mut self, operators: crate::admin::Operators) {
+        self.admin = crate::admin::AdminState::new(operators);
+    }
+
+    /// The lease a revocation claim holds (reaper config).
+    pub(crate) fn revoke_lease(&self) -> Duration {
+        self.reaper.lease
     }
 
     pub fn policies(&self) -> Arc<Bundle> {
@@ -371,6 +388,17 @@ impl Broker {
         };
         ev.job = JobAttribution::from_claims(&claims);
         if let Err(e) = self.check_rate(&claims.issuer, &ev.job) {
+            return Err(self.refuse(ev, e).await);
+        }
+        if let Err(e) = self
+            .check_freeze(
+                &claims.issuer,
+                ev.job.repository.as_deref(),
+                ev.job.repository_id.as_deref(),
+                &req.credentials,
+            )
+            .await
+        {
             return Err(self.refuse(ev, e).await);
         }
 

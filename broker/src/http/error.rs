@@ -12,6 +12,7 @@
 //!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
 //!   target unavailable (nothing was issued), 500 a bug or misconfiguration.
 
+use crate::admin::AdminError;
 use crate::oidc::VerifyError;
 use crate::service::ServiceError;
 use axum::Json;
@@ -124,6 +125,10 @@ impl From<ServiceError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable; nothing was issued".to_owned(),
             ),
+            ServiceError::Frozen => (
+                StatusCode::FORBIDDEN,
+                "exchanges are frozen by an operator; nothing was issued".to_owned(),
+            ),
         };
         // Policy denials share one public code; the specific reason (no rule, deny rule, unknown
         // credential) is in the audit log only, so callers cannot probe other policies.
@@ -138,6 +143,38 @@ impl From<ServiceError> for ApiError {
         }
         if let ServiceError::RateLimited { retry_after_secs } = e {
             err.retry_after = Some(retry_after_secs);
+        }
+        err
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        let code = e.reason_code();
+        let detail = Some(e.to_string());
+        let (status, message) = match &e {
+            AdminError::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                "send an operator token as `Authorization: Bearer <token>`".to_owned(),
+            ),
+            AdminError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is not a valid operator token".to_owned(),
+            ),
+            AdminError::Forbidden { needed, .. } => (
+                StatusCode::FORBIDDEN,
+                format!("this endpoint needs the {needed} role"),
+            ),
+            AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            AdminError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker's store is unavailable".to_owned(),
+            ),
+        };
+        let mut err = Self::new(status, code, message);
+        err.detail = detail;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            err.retry_after = Some(5);
         }
         err
     }

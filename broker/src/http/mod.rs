@@ -2,8 +2,10 @@
 //! maps every error through [`error::ApiError`].
 //!
 //! Endpoints: `POST /v1/exchange`, `POST /v1/revoke`, `POST /v1/introspect` (RFC 7662),
-//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`.
+//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, and the operator endpoints
+//! under `/v1/admin/` (`admin.rs`).
 
+mod admin;
 pub mod error;
 
 use crate::audit::Action;
@@ -47,6 +49,7 @@ pub fn router(broker: Arc<Broker>, limits: &HttpLimits) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(admin::routes())
         .fallback(not_found)
         .with_state(broker);
     api.layer(

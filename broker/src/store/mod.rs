@@ -15,6 +15,7 @@
 //!   public call as a whole are bounded, and failures become [`StoreError::Unavailable`]
 //!   without the connection URL (it may hold a password).
 
+mod chain;
 mod codec;
 mod postgres;
 mod sqlite;
@@ -25,6 +26,7 @@ mod tests;
 
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
+pub use chain::{BreakKind, ChainBreak, ChainReport};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -180,6 +182,15 @@ pub struct AuditFilter {
     pub since: Option<OffsetDateTime>,
     /// Newest first; at most this many (capped at 1000).
     pub limit: u32,
+}
+
+/// The emergency freeze as stored (the filter is the admin layer's JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreezeRecord {
+    pub filter: serde_json::Value,
+    pub reason: String,
+    pub actor: String,
+    pub since: OffsetDateTime,
 }
 
 /// Counts for `/readyz` and metrics.
@@ -344,6 +355,49 @@ impl Store {
     /// Read audit events back, newest first.
     pub async fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
         dispatch!(self, audit_events(filter))
+    }
+
+    /// Walk the audit hash chain oldest first and report the first event that was modified,
+    /// deleted or reordered (see `chain.rs`). Reads in pages, each a bounded call, so a long
+    /// log is not cut off by the per-call timeout.
+    pub async fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
+        let head = dispatch!(self, chain_head())?;
+        let mut walker = chain::Walker::new(head);
+        let mut after = i64::MIN;
+        loop {
+            let rows = dispatch!(self, chain_page(after, chain::VERIFY_PAGE))?;
+            let Some(last) = rows.last() else { break };
+            after = last.seq;
+            for row in &rows {
+                match walker.check(row) {
+                    chain::Check::Ok => {}
+                    chain::Check::Broken(b) => return Ok(walker.report(Some(b))),
+                    chain::Check::Link { row, prev } => {
+                        let found = dispatch!(self, event_with_hash(&prev))?;
+                        return Ok(walker.report(Some(chain::link_break(&row, found))));
+                    }
+                }
+            }
+        }
+        if let Some(head_hash) = walker.tail_mismatch() {
+            let found = dispatch!(self, event_with_hash(&head_hash))?;
+            return Ok(walker.report(Some(walker.tail_break(found))));
+        }
+        Ok(walker.report(None))
+    }
+
+    /// The freeze in force, if any.
+    pub async fn freeze_state(&self) -> Result<Option<FreezeRecord>, StoreError> {
+        dispatch!(self, freeze_state())
+    }
+    /// One transaction: replace the freeze (`None` lifts it) and append `audit`. Returns whether
+    /// a freeze was in force before.
+    pub async fn set_freeze(
+        &self,
+        freeze: Option<&FreezeRecord>,
+        audit: &AuditEvent,
+    ) -> Result<bool, StoreError> {
+        dispatch!(self, set_freeze(freeze, audit))
     }
 
     pub async fn grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {

@@ -6,13 +6,14 @@
 //! its candidates with `FOR UPDATE SKIP LOCKED`, so replicas split the due grants between them
 //! instead of queueing on the same rows.
 
+use super::chain::{self, ChainHead, ChainRow};
 use super::codec::{
     ACQUIRE_TIMEOUT, audit_limit, corrupt, enum_text, migrate_err, parse_cause, parse_kind,
     parse_status,
 };
 use super::{
-    AuditFilter, ClaimedGrant, CredentialStatus, Grant, GrantStatus, JtiRecord, NewGrant,
-    RevokeCause, StoreError, StoreStats,
+    AuditFilter, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus, JtiRecord,
+    NewGrant, RevokeCause, StoreError, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -208,11 +209,20 @@ pub(super) async fn append_audit(pool: &PgPool, audit: &AuditEvent) -> Result<()
     Ok(())
 }
 
+/// Append one event to the chain, inside the caller's transaction. Locking the head row
+/// serialises appenders across replicas until this transaction ends, so `seq` order is chain
+/// order (see `chain.rs`).
 async fn insert_audit(conn: &mut PgConnection, audit: &AuditEvent) -> Result<(), StoreError> {
-    sqlx::query(
+    let prev: String =
+        sqlx::query_scalar("SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *conn)
+            .await?;
+    let hash = chain::event_hash(&prev, audit)?;
+    let seq: i64 = sqlx::query_scalar(
         "INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
-                                   repository, repository_id, actor, event)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                                   repository, repository_id, actor, event, prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         RETURNING seq",
     )
     .bind(audit.id)
     .bind(audit.time)
@@ -225,9 +235,121 @@ async fn insert_audit(conn: &mut PgConnection, audit: &AuditEvent) -> Result<(),
     .bind(&audit.job.repository_id)
     .bind(&audit.actor)
     .bind(Json(audit))
-    .execute(conn)
+    .bind(&prev)
+    .bind(&hash)
+    .fetch_one(&mut *conn)
     .await?;
+    sqlx::query("UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1")
+        .bind(seq)
+        .bind(&hash)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
+}
+
+pub(super) async fn freeze_state(pool: &PgPool) -> Result<Option<FreezeRecord>, StoreError> {
+    let row = sqlx::query("SELECT filter, reason, actor, since FROM broker_freeze WHERE id = 1")
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        Ok(FreezeRecord {
+            filter: r.try_get::<Json<serde_json::Value>, _>("filter")?.0,
+            reason: r.try_get("reason")?,
+            actor: r.try_get("actor")?,
+            since: r.try_get("since")?,
+        })
+    })
+    .transpose()
+}
+
+pub(super) async fn set_freeze(
+    pool: &PgPool,
+    freeze: Option<&FreezeRecord>,
+    audit: &AuditEvent,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let was = sqlx::query("DELETE FROM broker_freeze WHERE id = 1")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        > 0;
+    if let Some(f) = freeze {
+        sqlx::query(
+            "INSERT INTO broker_freeze (id, filter, reason, actor, since)
+             VALUES (1, $1, $2, $3, $4)",
+        )
+        .bind(Json(&f.filter))
+        .bind(&f.reason)
+        .bind(&f.actor)
+        .bind(f.since)
+        .execute(&mut *tx)
+        .await?;
+    }
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(was)
+}
+
+pub(super) async fn chain_head(pool: &PgPool) -> Result<ChainHead, StoreError> {
+    let row = sqlx::query("SELECT seq, hash, legacy_max_seq FROM audit_chain_head WHERE id = 1")
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| corrupt("audit chain head"))?;
+    Ok(ChainHead {
+        seq: row.try_get("seq")?,
+        hash: row.try_get("hash")?,
+        legacy_max_seq: row.try_get("legacy_max_seq")?,
+    })
+}
+
+pub(super) async fn chain_page(
+    pool: &PgPool,
+    after_seq: i64,
+    limit: u32,
+) -> Result<Vec<ChainRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT seq, id, time, action, outcome, reason, grant_id, request_id, repository,
+                repository_id, actor, event::text AS event, prev_hash, hash
+         FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(after_seq)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ChainRow {
+                seq: r.try_get("seq")?,
+                id: r.try_get::<Uuid, _>("id")?.to_string(),
+                time: r.try_get("time")?,
+                action: r.try_get("action")?,
+                outcome: r.try_get("outcome")?,
+                reason: r.try_get("reason")?,
+                grant_id: r
+                    .try_get::<Option<Uuid>, _>("grant_id")?
+                    .map(|g| g.to_string()),
+                request_id: r.try_get("request_id")?,
+                repository: r.try_get("repository")?,
+                repository_id: r.try_get("repository_id")?,
+                actor: r.try_get("actor")?,
+                event: r.try_get("event")?,
+                prev_hash: r.try_get("prev_hash")?,
+                hash: r.try_get("hash")?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn event_with_hash(
+    pool: &PgPool,
+    hash: &str,
+) -> Result<Option<(i64, String)>, StoreError> {
+    let row = sqlx::query("SELECT seq, id FROM audit_events WHERE hash = $1")
+        .bind(hash)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| Ok((r.try_get("seq")?, r.try_get::<Uuid, _>("id")?.to_string())))
+        .transpose()
 }
 
 pub(super) async fn audit_events(

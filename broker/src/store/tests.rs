@@ -1000,6 +1000,14 @@ store_tests!(
     stats_count_grants,
     active_grants_oldest_first,
     purge_jti_removes_only_past_windows,
+    audit_chain_verifies_when_clean,
+    audit_rows_refuse_update_and_delete,
+    audit_chain_detects_an_edited_event,
+    audit_chain_detects_an_edited_column,
+    audit_chain_detects_a_deleted_event,
+    audit_chain_detects_a_deleted_tail,
+    audit_chain_detects_reordered_events,
+    freeze_is_kept_and_lifted_with_an_audit_event,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1085,4 +1093,229 @@ async fn in_memory_sqlite_works() {
     let g = begin_active(&store, 0, 600).await;
     assert_eq!(status(&store, g.id).await, GrantStatus::Active);
     assert!(!format!("{store:?}").contains("memory"));
+}
+
+// ---- the audit hash chain -----------------------------------------------------------------
+
+/// Run SQL as an attacker with database rights would: with the append-only triggers out of the
+/// way (Postgres: disabled; SQLite: dropped, as SQLite cannot disable a trigger).
+async fn tamper(store: &Store, sql: &str) {
+    match &store.backend {
+        Backend::Postgres(pool) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE audit_events DISABLE TRIGGER USER; {sql}; \
+             ALTER TABLE audit_events ENABLE TRIGGER USER;"
+        )))
+        .execute(pool)
+        .await
+        .map(|_| ()),
+        Backend::Sqlite(pool) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP TRIGGER IF EXISTS audit_events_no_update; \
+             DROP TRIGGER IF EXISTS audit_events_no_delete; {sql};"
+        )))
+        .execute(pool)
+        .await
+        .map(|_| ()),
+    }
+    .unwrap();
+}
+
+/// SQL with the triggers in place; returns the driver's error text, if any.
+async fn try_sql(store: &Store, sql: &'static str) -> Option<String> {
+    let r = match &store.backend {
+        Backend::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+        Backend::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
+    };
+    r.err().map(|e| e.to_string())
+}
+
+/// Five chained events (one through a grant's activation); returns their (seq, id) oldest first.
+async fn chained_events(store: &Store) -> Vec<(i64, String)> {
+    let mut e = event(1, Action::Exchange, Outcome::Deny, None);
+    e.reason = "policy_denied".into();
+    e.job.repository = Some("acme/app".into());
+    e.request_id = Some("req-1".into());
+    store.append_audit(&e).await.unwrap();
+    begin_active(store, 2, 600).await;
+    for at in 3..6 {
+        let mut e = event(at, Action::Admin, Outcome::Success, Some(Uuid::now_v7()));
+        e.actor = Some("operator:alice".into());
+        store.append_audit(&e).await.unwrap();
+    }
+    let sql = "SELECT seq, CAST(id AS TEXT) AS id FROM audit_events ORDER BY seq";
+    let rows = match &store.backend {
+        Backend::Postgres(pool) => sqlx::query(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<i64, _>("seq"), r.get::<String, _>("id")))
+            .collect(),
+        Backend::Sqlite(pool) => sqlx::query(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<i64, _>("seq"), r.get::<String, _>("id")))
+            .collect::<Vec<_>>(),
+    };
+    assert_eq!(rows.len(), 5);
+    rows
+}
+
+async fn broken(store: &Store) -> ChainBreak {
+    let report = store.verify_audit_chain().await.unwrap();
+    assert!(!report.is_intact());
+    report.broken.unwrap()
+}
+
+async fn audit_chain_verifies_when_clean(store: Store) {
+    let empty = store.verify_audit_chain().await.unwrap();
+    assert!(empty.is_intact(), "{empty:?}");
+    assert_eq!(empty.events_checked, 0);
+    let rows = chained_events(&store).await;
+    let report = store.verify_audit_chain().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.events_checked, 5);
+    assert_eq!(report.legacy_events, 0);
+    assert_eq!(report.head_seq, rows[4].0);
+}
+
+async fn audit_rows_refuse_update_and_delete(store: Store) {
+    chained_events(&store).await;
+    let upd = try_sql(&store, "UPDATE audit_events SET reason = 'forged'").await;
+    assert!(upd.unwrap().contains("append-only"));
+    let del = try_sql(&store, "DELETE FROM audit_events").await;
+    assert!(del.unwrap().contains("append-only"));
+    let head = try_sql(&store, "DELETE FROM audit_chain_head").await;
+    assert!(head.is_some(), "the chain head cannot be deleted");
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
+    if store.backend() == "postgres" {
+        let trunc = try_sql(&store, "TRUNCATE audit_events").await;
+        assert!(trunc.unwrap().contains("append-only"));
+    }
+}
+
+async fn audit_chain_detects_an_edited_event(store: Store) {
+    let rows = chained_events(&store).await;
+    let (seq, id) = &rows[2];
+    let sql = if store.backend() == "postgres" {
+        format!(
+            "UPDATE audit_events SET event = jsonb_set(event, '{{reason}}', '\"forged\"'), \
+             reason = 'forged' WHERE seq = {seq}"
+        )
+    } else {
+        format!(
+            "UPDATE audit_events SET event = json_set(event, '$.reason', 'forged'), \
+             reason = 'forged' WHERE seq = {seq}"
+        )
+    };
+    tamper(&store, &sql).await;
+    let b = broken(&store).await;
+    assert_eq!(b.kind, BreakKind::Modified, "{b:?}");
+    assert_eq!((&b.seq, &b.event_id), (seq, id));
+    assert!(b.message.contains(id.as_str()));
+}
+
+async fn audit_chain_detects_an_edited_column(store: Store) {
+    let rows = chained_events(&store).await;
+    let (seq, id) = &rows[3];
+    tamper(
+        &store,
+        &format!("UPDATE audit_events SET actor = 'job' WHERE seq = {seq}"),
+    )
+    .await;
+    let b = broken(&store).await;
+    assert_eq!(b.kind, BreakKind::Modified, "{b:?}");
+    assert_eq!(&b.event_id, id);
+    assert!(b.message.contains("actor"), "{}", b.message);
+}
+
+async fn audit_chain_detects_a_deleted_event(store: Store) {
+    let rows = chained_events(&store).await;
+    tamper(
+        &store,
+        &format!("DELETE FROM audit_events WHERE seq = {}", rows[1].0),
+    )
+    .await;
+    let b = broken(&store).await;
+    assert_eq!(b.kind, BreakKind::Deleted, "{b:?}");
+    // Named: the event that follows the gap.
+    assert_eq!(b.event_id, rows[2].1);
+}
+
+async fn audit_chain_detects_a_deleted_tail(store: Store) {
+    let rows = chained_events(&store).await;
+    tamper(
+        &store,
+        &format!("DELETE FROM audit_events WHERE seq >= {}", rows[3].0),
+    )
+    .await;
+    let b = broken(&store).await;
+    assert_eq!(b.kind, BreakKind::Deleted, "{b:?}");
+    // Named: the newest event left.
+    assert_eq!(b.event_id, rows[2].1);
+    assert!(b.message.contains("after"), "{}", b.message);
+}
+
+async fn audit_chain_detects_reordered_events(store: Store) {
+    let rows = chained_events(&store).await;
+    let (a, b) = (rows[1].0, rows[2].0);
+    tamper(
+        &store,
+        &format!(
+            "UPDATE audit_events SET seq = -1 WHERE seq = {a}; \
+             UPDATE audit_events SET seq = {a} WHERE seq = {b}; \
+             UPDATE audit_events SET seq = {b} WHERE seq = -1"
+        ),
+    )
+    .await;
+    let brk = broken(&store).await;
+    assert_eq!(brk.kind, BreakKind::Reordered, "{brk:?}");
+    // The event now at the earlier position is the one out of place.
+    assert_eq!(brk.event_id, rows[2].1);
+    assert_eq!(brk.seq, a);
+}
+
+/// Replicas appending at once still build one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_appenders_build_one_chain() {
+    let db = TestDb::postgres().await;
+    let mut tasks = Vec::new();
+    for r in 0..4 {
+        // A separate pool per task, as separate replicas would have.
+        let store = Store::connect(db.url()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let e = event(r * 100 + i, Action::Exchange, Outcome::Allow, None);
+                store.append_audit(&e).await.unwrap();
+            }
+            store.close().await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let report = db.store().verify_audit_chain().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.events_checked, 100);
+    db.cleanup().await;
+}
+
+async fn freeze_is_kept_and_lifted_with_an_audit_event(store: Store) {
+    assert_eq!(store.freeze_state().await.unwrap(), None);
+    let f = FreezeRecord {
+        filter: json!({"repository": "acme/app"}),
+        reason: "incident 42".into(),
+        actor: "operator:alice".into(),
+        since: t(10),
+    };
+    let ev = event(10, Action::Admin, Outcome::Success, None);
+    assert!(!store.set_freeze(Some(&f), &ev).await.unwrap());
+    assert_eq!(store.freeze_state().await.unwrap(), Some(f.clone()));
+    let ev2 = event(11, Action::Admin, Outcome::Success, None);
+    assert!(store.set_freeze(None, &ev2).await.unwrap());
+    assert_eq!(store.freeze_state().await.unwrap(), None);
+    let logged = store.audit_events(&AuditFilter::default()).await.unwrap();
+    assert_eq!(logged.len(), 2);
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
 }

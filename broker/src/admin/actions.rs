@@ -1,0 +1,375 @@
+//! Operator actions on the broker: authorize a call, revoke-all, freeze, unfreeze, and the
+//! freeze check on the exchange path.
+
+use super::{
+    AdminError, FREEZE_REFRESH, GrantFilter, MAX_REVOKE_ALL, Operator, REVOKE_ALL_PARALLELISM,
+    Role, clean_reason,
+};
+use crate::audit::{Action, AuditEvent, Outcome};
+use crate::providers::CredentialKind;
+use crate::secret::Sensitive;
+use crate::service::{Broker, RequestCtx, ServiceError};
+use crate::store::FreezeRecord;
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// The freeze in force.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Freeze {
+    pub filter: GrantFilter,
+    pub reason: String,
+    pub actor: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+impl Freeze {
+    /// A stored freeze whose filter this build cannot read freezes everything (fail closed).
+    fn from_record(r: FreezeRecord) -> Self {
+        let filter = serde_json::from_value(r.filter).unwrap_or_default();
+        Self {
+            filter,
+            reason: r.reason,
+            actor: r.actor,
+            since: r.since,
+        }
+    }
+}
+
+/// One grant revoke-all could not revoke now; it stays queued for the reaper.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevokeFailure {
+    pub grant_id: Uuid,
+    pub reason: String,
+}
+
+/// What one revoke-all did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RevokeAllReport {
+    /// Active grants matching the filter.
+    pub matched: usize,
+    /// Grants revoked by this call.
+    pub revoked_grants: usize,
+    /// Credentials revoked, per kind.
+    pub revoked: BTreeMap<String, usize>,
+    /// Grants another worker (the job's own revoke, the reaper) was already revoking.
+    pub already_in_progress: usize,
+    /// Grants whose revocation failed; the reaper retries them.
+    pub failures: Vec<RevokeFailure>,
+    /// More than [`MAX_REVOKE_ALL`] grants matched: call again for the rest.
+    pub truncated: bool,
+}
+
+enum One {
+    Revoked(Vec<CredentialKind>),
+    Busy,
+    Failed(RevokeFailure),
+}
+
+impl Broker {
+    fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
+        let mut ev = AuditEvent::new(self.clock.now(), Action::Admin, Outcome::Deny, what);
+        ev.request_id = ctx.request_id.clone();
+        ev.client_addr = ctx.client_addr.clone();
+        ev.user_agent = ctx.user_agent.clone();
+        ev
+    }
+
+    async fn admin_audit(&self, ev: &AuditEvent) -> Result<(), AdminError> {
+        self.store.append_audit(ev).await.map_err(|e| {
+            tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
+            AdminError::Store(e)
+        })
+    }
+
+    /// Audit and return a 400 for an authenticated operator's malformed request.
+    pub async fn admin_bad_request(
+        &self,
+        op: &Operator,
+        what: &str,
+        msg: String,
+        ctx: &RequestCtx,
+    ) -> AdminError {
+        let mut ev = self.admin_event(ctx, "bad_request");
+        ev.actor = Some(op.actor());
+        ev.detail = Some(format!("{what}: {msg}"));
+        match self.admin_audit(&ev).await {
+            Ok(()) => AdminError::BadRequest(msg),
+            Err(e) => e,
+        }
+    }
+
+    /// Authenticate an operator call needing `needed` for operation `what`. Refusals are
+    /// audited (and a failed audit write turns into 503).
+    pub async fn authorize(
+        &self,
+        token: Option<Sensitive>,
+        needed: Role,
+        what: &str,
+        ctx: &RequestCtx,
+    ) -> Result<Operator, AdminError> {
+        let result = match token {
+            None => Err(AdminError::MissingToken),
+            Some(t) => match self.admin.operators.authenticate(&t) {
+                None => Err(AdminError::Unauthorized),
+                Some(op) if !op.role.allows(needed) => Err(AdminError::Forbidden {
+                    name: op.name.clone(),
+                    needed: needed.as_str(),
+                }),
+                Some(op) => Ok(op),
+            },
+        };
+        match result {
+            Ok(op) => Ok(op),
+            Err(e) => {
+                let mut ev = self.admin_event(ctx, e.reason_code());
+                if let AdminError::Forbidden { name, .. } = &e {
+                    ev.actor = Some(format!("operator:{name}"));
+                }
+                ev.detail = Some(format!("{what}: {e}"));
+                self.admin_audit(&ev).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Revoke every active grant matching `filter`, [`REVOKE_ALL_PARALLELISM`] at a time.
+    pub async fn revoke_all(
+        &self,
+        op: &Operator,
+        reason: &str,
+        filter: &GrantFilter,
+        ctx: &RequestCtx,
+    ) -> Result<RevokeAllReport, AdminError> {
+        let reason = clean_reason(reason);
+        let checked = if reason.is_empty() {
+            Err("reason: required".to_owned())
+        } else {
+            filter.check(false)
+        };
+        if let Err(msg) = checked {
+            let mut ev = self.admin_event(ctx, "bad_request");
+            ev.actor = Some(op.actor());
+            ev.detail = Some(format!("revoke_all: {msg}"));
+            self.admin_audit(&ev).await?;
+            return Err(AdminError::BadRequest(msg));
+        }
+        let grants = self.store.active_grants(MAX_REVOKE_ALL).await?;
+        let truncated = grants.len() >= MAX_REVOKE_ALL as usize;
+        let matching: Vec<_> = grants
+            .into_iter()
+            .filter(|g| filter.matches_grant(g))
+            .collect();
+        let actor = op.actor();
+        let mut report = RevokeAllReport {
+            matched: matching.len(),
+            truncated,
+            ..RevokeAllReport::default()
+        };
+        let lease = self.revoke_lease();
+        let actor_ref = actor.as_str();
+        let results: Vec<One> = futures::stream::iter(
+            matching
+                .into_iter()
+                .map(|g| self.revoke_one(g, lease, actor_ref, ctx)),
+        )
+        .buffer_unordered(REVOKE_ALL_PARALLELISM)
+        .collect()
+        .await;
+        for r in results {
+            match r {
+                One::Revoked(kinds) => {
+                    report.revoked_grants += 1;
+                    for k in kinds {
+                        *report.revoked.entry(k.as_str().to_owned()).or_default() += 1;
+                    }
+                }
+                One::Busy => report.already_in_progress += 1,
+                One::Failed(f) => report.failures.push(f),
+            }
+        }
+        let mut ev = self.admin_event(ctx, "revoke_all");
+        ev.actor = Some(actor);
+        ev.outcome = if report.failures.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        ev.detail = Some(format!(
+            "reason: {reason}; filter: {}; matched {}, revoked {}, in progress {}, failed {}{}",
+            serde_json::to_string(filter).unwrap_or_default(),
+            report.matched,
+            report.revoked_grants,
+            report.already_in_progress,
+            report.failures.len(),
+            if report.truncated { ", truncated" } else { "" }
+        ));
+        self.admin_audit(&ev).await?;
+        Ok(report)
+    }
+
+    async fn revoke_one(
+        &self,
+        g: crate::store::Grant,
+        lease: time::Duration,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> One {
+        let claimed = match self
+            .store
+            .claim_for_revoke(g.id, self.clock.now(), lease)
+            .await
+        {
+            Ok(Some(c)) => c,
+            Ok(None) => return One::Busy,
+            Err(e) => {
+                return One::Failed(RevokeFailure {
+                    grant_id: g.id,
+                    reason: e.reason_code().to_owned(),
+                });
+            }
+        };
+        match self.revoke_claimed(&claimed, actor, ctx).await {
+            Ok(()) => One::Revoked(g.credentials.iter().map(|c| c.kind).collect()),
+            Err(e) => One::Failed(RevokeFailure {
+                grant_id: g.id,
+                reason: e.reason_code().to_owned(),
+            }),
+        }
+    }
+
+    /// Freeze new exchanges matching `filter` on every replica (replaces any freeze in force).
+    pub async fn freeze(
+        &self,
+        op: &Operator,
+        reason: &str,
+        filter: &GrantFilter,
+        ctx: &RequestCtx,
+    ) -> Result<Freeze, AdminError> {
+        let reason = clean_reason(reason);
+        let checked = if reason.is_empty() {
+            Err("reason: required".to_owned())
+        } else {
+            filter.check(true)
+        };
+        let mut ev = self.admin_event(ctx, "freeze");
+        ev.actor = Some(op.actor());
+        if let Err(msg) = checked {
+            ev.reason = "bad_request".into();
+            ev.detail = Some(format!("freeze: {msg}"));
+            self.admin_audit(&ev).await?;
+            return Err(AdminError::BadRequest(msg));
+        }
+        let freeze = Freeze {
+            filter: filter.clone(),
+            reason: reason.clone(),
+            actor: op.actor(),
+            since: ev.time,
+        };
+        let record = FreezeRecord {
+            filter: serde_json::to_value(filter)
+                .map_err(|_| AdminError::BadRequest("filter: not encodable".into()))?,
+            reason: reason.clone(),
+            actor: op.actor(),
+            since: ev.time,
+        };
+        ev.outcome = Outcome::Success;
+        ev.detail = Some(format!(
+            "reason: {reason}; filter: {}",
+            serde_json::to_string(filter).unwrap_or_default()
+        ));
+        self.store.set_freeze(Some(&record), &ev).await?;
+        self.cache_freeze(ev.time, Some(freeze.clone()));
+        Ok(freeze)
+    }
+
+    /// Lift the freeze. Returns whether one was in force.
+    pub async fn unfreeze(
+        &self,
+        op: &Operator,
+        reason: &str,
+        ctx: &RequestCtx,
+    ) -> Result<bool, AdminError> {
+        let mut ev = self.admin_event(ctx, "unfreeze");
+        ev.actor = Some(op.actor());
+        ev.outcome = Outcome::Success;
+        let reason = clean_reason(reason);
+        if !reason.is_empty() {
+            ev.detail = Some(format!("reason: {reason}"));
+        }
+        let was = self.store.set_freeze(None, &ev).await?;
+        self.cache_freeze(ev.time, None);
+        Ok(was)
+    }
+
+    /// The freeze in force as the store has it now (for operators; audited).
+    pub async fn freeze_status(
+        &self,
+        op: &Operator,
+        ctx: &RequestCtx,
+    ) -> Result<Option<Freeze>, AdminError> {
+        let state = self.store.freeze_state().await?.map(Freeze::from_record);
+        let mut ev = self.admin_event(ctx, "freeze_status");
+        ev.actor = Some(op.actor());
+        ev.outcome = Outcome::Success;
+        self.admin_audit(&ev).await?;
+        Ok(state)
+    }
+
+    fn cache_freeze(&self, at: OffsetDateTime, f: Option<Freeze>) {
+        let mut g = self.admin.freeze.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some((at, f));
+    }
+
+    /// The freeze in force, from this replica's cache if it is at most [`FREEZE_REFRESH`] old.
+    pub(crate) async fn current_freeze(&self) -> Result<Option<Freeze>, ServiceError> {
+        let now = self.clock.now();
+        {
+            let g = self.admin.freeze.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, f)) = &*g
+                && *at <= now
+                && now - *at < FREEZE_REFRESH
+            {
+                return Ok(f.clone());
+            }
+        }
+        let f = self.store.freeze_state().await?.map(Freeze::from_record);
+        self.cache_freeze(now, f.clone());
+        Ok(f)
+    }
+
+    /// Refuse an exchange a freeze covers.
+    pub(crate) async fn check_freeze(
+        &self,
+        issuer: &str,
+        repository: Option<&str>,
+        repository_id: Option<&str>,
+        credentials: &[String],
+    ) -> Result<(), ServiceError> {
+        let Some(f) = self.current_freeze().await? else {
+            return Ok(());
+        };
+        let bundle = self.policies();
+        let creds: Vec<(String, Option<CredentialKind>)> = credentials
+            .iter()
+            .map(|n| {
+                let kind = bundle
+                    .credentials()
+                    .iter()
+                    .find(|d| &d.name == n)
+                    .map(|d| d.spec.kind());
+                (n.clone(), kind)
+            })
+            .collect();
+        if f.filter
+            .matches_exchange(issuer, repository, repository_id, &creds)
+        {
+            Err(ServiceError::Frozen)
+        } else {
+            Ok(())
+        }
+    }
+}

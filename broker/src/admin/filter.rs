@@ -1,0 +1,195 @@
+//! Which grants an emergency action applies to: revoke-all selects active grants with it, a
+//! freeze refuses exchanges with it. Every field is optional; an empty filter matches all.
+
+use crate::providers::CredentialKind;
+use crate::store::Grant;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantFilter {
+    /// Configured issuer name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Repository (GitHub) or project path (GitLab), exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Repository / project id, exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository_id: Option<String>,
+    /// Credential definition name: grants (or requests) holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// Credential kind (`api_token`, ...): grants (or requests) holding one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Grants created at or after this time (revoke-all only).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub issued_after: Option<OffsetDateTime>,
+    /// Grants created before this time (revoke-all only).
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub issued_before: Option<OffsetDateTime>,
+}
+
+fn eq_opt(want: &Option<String>, have: Option<&str>) -> bool {
+    want.as_deref().is_none_or(|w| have == Some(w))
+}
+
+impl GrantFilter {
+    /// A problem with the filter, for a 400.
+    pub fn check(&self, for_freeze: bool) -> Result<(), String> {
+        if let Some(k) = &self.kind
+            && CredentialKind::parse(k).is_none()
+        {
+            return Err(format!("filter.kind: unknown credential kind {k:?}"));
+        }
+        if for_freeze && (self.issued_after.is_some() || self.issued_before.is_some()) {
+            return Err(
+                "filter: issued_after/issued_before select existing grants; a freeze applies to \
+                 new exchanges"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == GrantFilter::default()
+    }
+
+    pub fn matches_grant(&self, g: &Grant) -> bool {
+        eq_opt(&self.issuer, Some(&g.issuer))
+            && eq_opt(&self.repository, g.repository.as_deref())
+            && eq_opt(&self.repository_id, g.repository_id.as_deref())
+            && self
+                .credential
+                .as_ref()
+                .is_none_or(|c| g.credentials.iter().any(|x| &x.name == c))
+            && self
+                .kind
+                .as_ref()
+                .is_none_or(|k| g.credentials.iter().any(|x| x.kind.as_str() == k))
+            && self.issued_after.is_none_or(|t| g.created_at >= t)
+            && self.issued_before.is_none_or(|t| g.created_at < t)
+    }
+
+    /// Whether an exchange by this job for these credentials (name, kind) is covered.
+    pub fn matches_exchange(
+        &self,
+        issuer: &str,
+        repository: Option<&str>,
+        repository_id: Option<&str>,
+        credentials: &[(String, Option<CredentialKind>)],
+    ) -> bool {
+        eq_opt(&self.issuer, Some(issuer))
+            && eq_opt(&self.repository, repository)
+            && eq_opt(&self.repository_id, repository_id)
+            && self
+                .credential
+                .as_ref()
+                .is_none_or(|c| credentials.iter().any(|(n, _)| n == c))
+            && self.kind.as_ref().is_none_or(|k| {
+                credentials
+                    .iter()
+                    .any(|(_, kind)| kind.is_some_and(|x| x.as_str() == k))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::providers::IssuedCredential;
+    use crate::store::GrantStatus;
+
+    fn grant(repo: &str, created: i64) -> Grant {
+        Grant {
+            id: uuid::Uuid::now_v7(),
+            status: GrantStatus::Active,
+            issuer: "github".into(),
+            subject: "s".into(),
+            repository: Some(repo.into()),
+            repository_id: Some("1".into()),
+            job: serde_json::Value::Null,
+            bundle_digest: "d".into(),
+            created_at: OffsetDateTime::from_unix_timestamp(created).unwrap(),
+            expires_at: OffsetDateTime::from_unix_timestamp(created + 600).unwrap(),
+            revoked_at: None,
+            revoke_attempts: 0,
+            last_error: None,
+            credentials: vec![IssuedCredential {
+                name: "deploy".into(),
+                kind: CredentialKind::ApiToken,
+                resource_id: "r".into(),
+                details: serde_json::Value::Null,
+            }],
+        }
+    }
+
+    #[test]
+    fn filters_select_grants() {
+        let g = grant("acme/app", 1000);
+        assert!(GrantFilter::default().matches_grant(&g));
+        let f = |json: serde_json::Value| serde_json::from_value::<GrantFilter>(json).unwrap();
+        assert!(
+            f(serde_json::json!({"repository": "acme/app", "kind": "api_token"})).matches_grant(&g)
+        );
+        assert!(!f(serde_json::json!({"repository": "acme/other"})).matches_grant(&g));
+        assert!(!f(serde_json::json!({"issuer": "gitlab"})).matches_grant(&g));
+        assert!(!f(serde_json::json!({"credential": "read"})).matches_grant(&g));
+        let t = |s: i64| OffsetDateTime::from_unix_timestamp(s).unwrap();
+        let after = GrantFilter {
+            issued_after: Some(t(1000)),
+            ..GrantFilter::default()
+        };
+        assert!(after.matches_grant(&g));
+        let before = GrantFilter {
+            issued_before: Some(t(1000)),
+            ..GrantFilter::default()
+        };
+        assert!(!before.matches_grant(&g));
+        assert!(serde_json::from_value::<GrantFilter>(serde_json::json!({"repo": "x"})).is_err());
+    }
+
+    #[test]
+    fn check_rejects_unknown_kinds_and_time_bounds_on_freeze() {
+        let k = GrantFilter {
+            kind: Some("nuclear".into()),
+            ..GrantFilter::default()
+        };
+        assert!(k.check(false).is_err());
+        let t = GrantFilter {
+            issued_after: Some(OffsetDateTime::UNIX_EPOCH),
+            ..GrantFilter::default()
+        };
+        assert!(t.check(false).is_ok());
+        assert!(t.check(true).is_err());
+    }
+
+    #[test]
+    fn exchange_matching() {
+        let creds = vec![("deploy".to_owned(), Some(CredentialKind::ApiToken))];
+        let f = GrantFilter {
+            repository_id: Some("7".into()),
+            ..GrantFilter::default()
+        };
+        assert!(f.matches_exchange("github", Some("a/b"), Some("7"), &creds));
+        assert!(!f.matches_exchange("github", Some("a/b"), Some("8"), &creds));
+        assert!(!f.matches_exchange("github", None, None, &creds));
+        let c = GrantFilter {
+            credential: Some("other".into()),
+            ..GrantFilter::default()
+        };
+        assert!(!c.matches_exchange("github", None, None, &creds));
+        assert!(GrantFilter::default().matches_exchange("x", None, None, &[]));
+    }
+}

@@ -1,0 +1,95 @@
+//! The security team's surface: operator authentication, emergency revoke-all and the freeze
+//! switch. HTTP lives in `http/admin.rs`; this module holds the rules.
+//!
+//! Invariants:
+//! - Operator endpoints never accept a job token (see [`operators`]).
+//! - Every operator call, allowed or refused, writes one `admin` audit event with
+//!   `actor: operator:<name>` (or no actor when the caller is not an operator); if it cannot be
+//!   written the call fails with 503.
+//! - A freeze is kept in the store; each replica re-reads it at most every
+//!   [`FREEZE_REFRESH`] and fails closed on a freeze it cannot parse.
+
+mod actions;
+pub mod client;
+pub mod filter;
+pub mod operators;
+
+pub use actions::{Freeze, RevokeAllReport, RevokeFailure};
+pub use filter::GrantFilter;
+pub use operators::{OPERATOR_PREFIX, Operator, OperatorConfig, Operators, Role};
+
+use crate::store::StoreError;
+use std::sync::Mutex;
+use time::{Duration, OffsetDateTime};
+
+/// How stale a replica's view of the freeze may be: a freeze (or unfreeze) set on one replica
+/// applies on every other replica within this time. The replica that sets it applies it at once.
+pub const FREEZE_REFRESH: Duration = Duration::seconds(5);
+
+/// Grants one revoke-all call handles at most (the rest: call again).
+pub const MAX_REVOKE_ALL: u32 = 100_000;
+
+/// Revocations a revoke-all runs at once.
+pub const REVOKE_ALL_PARALLELISM: usize = 16;
+
+/// Longest operator-supplied `reason` kept (characters).
+pub const MAX_REASON: usize = 500;
+
+/// Why an operator call did not succeed. Each maps to one status and code in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("missing bearer token")]
+    MissingToken,
+    /// Unknown token, or not an operator token at all (a job token).
+    #[error("not a valid operator token")]
+    Unauthorized,
+    #[error("operator {name:?} lacks the {needed} role")]
+    Forbidden { name: String, needed: &'static str },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl AdminError {
+    /// Stable reason code (also the audit `reason`).
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            AdminError::MissingToken => "missing_token",
+            AdminError::Unauthorized => "operator_unauthorized",
+            AdminError::Forbidden { .. } => "operator_forbidden",
+            AdminError::BadRequest(_) => "bad_request",
+            AdminError::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+/// Operator and freeze state held by the broker.
+#[derive(Debug, Default)]
+pub struct AdminState {
+    pub(crate) operators: Operators,
+    /// The freeze as last read from the store, and when it was read (broker clock).
+    pub(crate) freeze: Mutex<Option<(OffsetDateTime, Option<Freeze>)>>,
+}
+
+impl AdminState {
+    pub fn new(operators: Operators) -> Self {
+        Self {
+            operators,
+            freeze: Mutex::new(None),
+        }
+    }
+}
+
+/// Operator-supplied text for the audit log: bounded, no control characters.
+pub(crate) fn clean_reason(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_REASON)
+        .collect::<String>()
+        .trim()
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests;

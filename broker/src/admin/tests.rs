@@ -1,0 +1,505 @@
+//! Operator endpoints through the real router: authentication, roles, job tokens refused,
+//! audit of every call, freeze/unfreeze, and revoke-all over 1,000 grants.
+
+use super::*;
+use crate::audit::Action;
+use crate::config::{GrantConfig, ReaperConfig};
+use crate::http::{HttpLimits, router};
+use crate::oidc::{Verifier, VerifierOptions, dev};
+use crate::policy::LoadOptions;
+use crate::providers::api_token::{ApiTokenProvider, SigningKeys};
+use crate::secret::Sensitive;
+use crate::service::{Broker, BrokerParts, ExchangeRequest, RequestCtx};
+use crate::store::{AuditFilter, GrantStatus, testdb::TestDb};
+use crate::time::{Clock, ManualClock, SharedClock};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const AUD: &str = "https://broker.test";
+const POLICY: &str = r#"
+credentials:
+  - name: deploy-api
+    max_ttl: 1h
+    api_token: {audience: https://deploy.example, scopes: ["deploy:${repository}"]}
+rules:
+  - name: acme-api
+    issuer: github
+    credentials: [deploy-api]
+    when: claims.repository_owner_id == "9000001"
+"#;
+
+struct H {
+    broker: Arc<Broker>,
+    app: axum::Router,
+    clock: Arc<ManualClock>,
+    admin: Sensitive,
+    auditor: Sensitive,
+    _db: TestDb,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness() -> H {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
+    let clock = Arc::new(ManualClock::at_unix(1_900_000_000));
+    let shared: SharedClock = clock.clone();
+    let verifier = Verifier::new(
+        AUD.into(),
+        vec![dev::issuer_config("github", AUD)],
+        shared.clone(),
+        VerifierOptions::default(),
+    )
+    .unwrap();
+    let keys = Arc::new(SigningKeys::ephemeral().unwrap());
+    let db = TestDb::sqlite().await;
+    let mut broker = Broker::new(BrokerParts {
+        verifier: Arc::new(verifier),
+        store: db.store(),
+        clock: shared,
+        api_tokens: Arc::new(ApiTokenProvider::new(keys, AUD.into())),
+        extra_providers: Vec::new(),
+        policy_dir: dir.path().to_path_buf(),
+        policy_opts: LoadOptions::default(),
+        grants: GrantConfig::default(),
+        reaper: ReaperConfig::default(),
+        max_credentials: 16,
+        rate_per_minute: 0,
+    })
+    .unwrap();
+    let (admin, admin_hash) = operators::new_token();
+    let (auditor, auditor_hash) = operators::new_token();
+    broker.set_operators(
+        Operators::from_config(&[
+            OperatorConfig {
+                name: "alice".into(),
+                role: Role::Admin,
+                token_sha256: admin_hash,
+            },
+            OperatorConfig {
+                name: "bob".into(),
+                role: Role::Auditor,
+                token_sha256: auditor_hash,
+            },
+        ])
+        .unwrap(),
+    );
+    let broker = Arc::new(broker);
+    let limits = HttpLimits {
+        max_body_bytes: 64 * 1024,
+        request_timeout: std::time::Duration::from_secs(120),
+        max_concurrency: 64,
+    };
+    H {
+        app: router(broker.clone(), &limits),
+        broker,
+        clock,
+        admin,
+        auditor,
+        _db: db,
+        _dir: dir,
+    }
+}
+
+fn job_token(h: &H, repo: &str, repo_id: u64) -> Sensitive {
+    let job = dev::DevJob {
+        repository: repo.into(),
+        repository_id: repo_id,
+        owner: "acme".into(),
+        owner_id: 9_000_001,
+        git_ref: "refs/heads/main".into(),
+        event_name: "push".into(),
+        environment: None,
+        workflow: "deploy".into(),
+        actor: "octocat".into(),
+        run_id: 1,
+        audience: AUD.into(),
+        ttl: time::Duration::minutes(5),
+        now: h.clock.now(),
+    };
+    Sensitive::new(dev::sign(&dev::github_claims(&job)).unwrap())
+}
+
+async fn call(
+    h: &H,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let body = if body.is_null() {
+        Body::empty()
+    } else {
+        Body::from(body.to_string())
+    };
+    let resp = h
+        .app
+        .clone()
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn exchange(h: &H, repo: &str, repo_id: u64) -> (StatusCode, Value) {
+    let tok = job_token(h, repo, repo_id);
+    call(
+        h,
+        "POST",
+        "/v1/exchange",
+        Some(tok.expose()),
+        json!({"credentials": ["deploy-api"]}),
+    )
+    .await
+}
+
+async fn admin_events(h: &H) -> Vec<crate::audit::AuditEvent> {
+    h.broker
+        .store
+        .audit_events(&AuditFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == Action::Admin)
+        .collect()
+}
+
+#[tokio::test]
+async fn unauthenticated_wrong_role_and_job_token_calls_are_refused_and_audited() {
+    let h = harness().await;
+    let job = job_token(&h, "acme/api", 1);
+    let (other, _) = operators::new_token();
+    let cases: [(Option<&str>, StatusCode, &str); 4] = [
+        (None, StatusCode::UNAUTHORIZED, "missing_token"),
+        (
+            Some(job.expose()),
+            StatusCode::UNAUTHORIZED,
+            "operator_unauthorized",
+        ),
+        (
+            Some(other.expose()),
+            StatusCode::UNAUTHORIZED,
+            "operator_unauthorized",
+        ),
+        (
+            Some(h.auditor.expose()),
+            StatusCode::FORBIDDEN,
+            "operator_forbidden",
+        ),
+    ];
+    for path in [
+        "/v1/admin/revoke-all",
+        "/v1/admin/freeze",
+        "/v1/admin/unfreeze",
+    ] {
+        for (tok, status, code) in &cases {
+            let (s, body) = call(&h, "POST", path, *tok, json!({"reason": "x"})).await;
+            assert_eq!(s, *status, "{path} {body}");
+            assert_eq!(body["error"], *code, "{path}");
+            // The token is never echoed.
+            if let Some(t) = tok {
+                assert!(!body.to_string().contains(t));
+            }
+        }
+    }
+    // GET freeze status: auditors may, job tokens may not.
+    let (s, body) = call(
+        &h,
+        "GET",
+        "/v1/admin/freeze",
+        Some(h.auditor.expose()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["frozen"], false);
+    let (s, _) = call(
+        &h,
+        "GET",
+        "/v1/admin/freeze",
+        Some(job.expose()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let events = admin_events(&h).await;
+    assert_eq!(events.len(), 3 * 4 + 2);
+    let refused: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason == "operator_forbidden")
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.actor.as_deref() == Some("operator:bob"))
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "freeze_status" && e.actor.as_deref() == Some("operator:bob"))
+    );
+    let all = serde_json::to_string(&events).unwrap();
+    assert!(!all.contains(job.expose()) && !all.contains(h.auditor.expose()));
+    // Nothing was frozen or revoked by the refused calls.
+    assert!(h.broker.store.freeze_state().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn freeze_refuses_exchanges_until_unfreeze() {
+    let h = harness().await;
+    let (s, body) = exchange(&h, "acme/api", 1).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+
+    // A reason is required.
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/freeze",
+        Some(h.admin.expose()),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_request"))
+    );
+
+    // Frozen for one repository only.
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/freeze",
+        Some(h.admin.expose()),
+        json!({"reason": "incident 7", "filter": {"repository": "acme/api"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let (s, body) = exchange(&h, "acme/api", 1).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("frozen"))
+    );
+    let (s, _) = exchange(&h, "acme/web", 2).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Frozen for everything.
+    let (s, _) = call(
+        &h,
+        "POST",
+        "/v1/admin/freeze",
+        Some(h.admin.expose()),
+        json!({"reason": "all"}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = exchange(&h, "acme/web", 2).await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (StatusCode::FORBIDDEN, Some("frozen"))
+    );
+    let denied = h
+        .broker
+        .store
+        .audit_events(&AuditFilter {
+            reason: Some("frozen".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(denied.len(), 2);
+
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/unfreeze",
+        Some(h.admin.expose()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["was_frozen"], true);
+    let (s, _) = exchange(&h, "acme/api", 1).await;
+    assert_eq!(s, StatusCode::OK);
+    let events = admin_events(&h).await;
+    assert!(
+        events
+            .iter()
+            .filter(|e| e.reason == "freeze" || e.reason == "unfreeze")
+            .all(|e| e.actor.as_deref() == Some("operator:alice"))
+    );
+    assert!(
+        h.broker
+            .store
+            .verify_audit_chain()
+            .await
+            .unwrap()
+            .is_intact()
+    );
+}
+
+#[tokio::test]
+async fn a_freeze_set_elsewhere_applies_within_the_refresh_bound() {
+    let h = harness().await;
+    // Prime this replica's cache (not frozen).
+    assert_eq!(exchange(&h, "acme/api", 1).await.0, StatusCode::OK);
+    // Another replica freezes: written straight to the store.
+    let rec = crate::store::FreezeRecord {
+        filter: json!({}),
+        reason: "elsewhere".into(),
+        actor: "operator:carol".into(),
+        since: h.clock.now(),
+    };
+    let ev = crate::audit::AuditEvent::new(
+        h.clock.now(),
+        Action::Admin,
+        crate::audit::Outcome::Success,
+        "freeze",
+    );
+    h.broker.store.set_freeze(Some(&rec), &ev).await.unwrap();
+    h.clock.advance(FREEZE_REFRESH);
+    assert_eq!(exchange(&h, "acme/api", 1).await.0, StatusCode::FORBIDDEN);
+    // A freeze this build cannot read freezes everything (fail closed).
+    let rec = crate::store::FreezeRecord {
+        filter: json!({"future_field": 1}),
+        ..rec
+    };
+    let ev = crate::audit::AuditEvent::new(
+        h.clock.now(),
+        Action::Admin,
+        crate::audit::Outcome::Success,
+        "freeze",
+    );
+    h.broker.store.set_freeze(Some(&rec), &ev).await.unwrap();
+    h.clock.advance(FREEZE_REFRESH);
+    assert_eq!(exchange(&h, "acme/web", 2).await.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_all_revokes_a_thousand_grants_in_one_call() {
+    let h = harness().await;
+    const N: usize = 1000;
+    let mut tokens = Vec::with_capacity(N);
+    let ctx = RequestCtx::default();
+    for i in 0..N {
+        let repo = if i % 10 == 0 { "acme/web" } else { "acme/api" };
+        let resp = h
+            .broker
+            .exchange(
+                ExchangeRequest {
+                    token: job_token(&h, repo, 1),
+                    credentials: vec!["deploy-api".into()],
+                    ttl: None,
+                },
+                &ctx,
+            )
+            .await
+            .unwrap();
+        let crate::providers::Field::Secret(s) = &resp.credentials[0]
+            .fields
+            .iter()
+            .find(|(k, _)| k == "token")
+            .unwrap()
+            .1
+        else {
+            panic!("token field is secret")
+        };
+        tokens.push(s.expose().to_owned());
+    }
+    assert_eq!(
+        h.broker.introspect(&tokens[0]).await.unwrap()["active"],
+        true
+    );
+
+    // A filtered call first: only acme/web (every tenth grant).
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/revoke-all",
+        Some(h.admin.expose()),
+        json!({"reason": "web leak", "filter": {"repository": "acme/web"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked"]["api_token"], N / 10);
+    assert_eq!(
+        h.broker.introspect(&tokens[0]).await.unwrap()["active"],
+        false
+    );
+    assert_eq!(
+        h.broker.introspect(&tokens[1]).await.unwrap()["active"],
+        true
+    );
+
+    let started = std::time::Instant::now();
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/revoke-all",
+        Some(h.admin.expose()),
+        json!({"reason": "break glass"}),
+    )
+    .await;
+    let elapsed = started.elapsed();
+    eprintln!("revoke-all: {} grants revoked in {elapsed:?}", N - N / 10);
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["matched"], N - N / 10);
+    assert_eq!(body["revoked_grants"], N - N / 10);
+    assert_eq!(body["failures"], json!([]));
+    for t in &tokens {
+        assert_eq!(h.broker.introspect(t).await.unwrap()["active"], false);
+    }
+    assert!(h.broker.store.active_grants(10).await.unwrap().is_empty());
+    let g = h
+        .broker
+        .store
+        .audit_events(&AuditFilter {
+            reason: Some("requested".into()),
+            limit: 1,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(g[0].actor.as_deref(), Some("operator:alice"));
+    let grant = h
+        .broker
+        .store
+        .grant(g[0].grant_id.unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(grant.status, GrantStatus::Revoked);
+    let summary = admin_events(&h).await;
+    assert!(
+        summary[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("break glass")
+    );
+    assert!(
+        h.broker
+            .store
+            .verify_audit_chain()
+            .await
+            .unwrap()
+            .is_intact()
+    );
+}
