@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod fault;
