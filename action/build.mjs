@@ -5,6 +5,8 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
+// Paths are relative to action/, wherever this is run from.
+process.chdir(new URL('.', import.meta.url).pathname);
 const check = process.argv.includes('--check');
 const outdir = check ? mkdtempSync(join(tmpdir(), 'broker-action-dist-')) : 'dist';
 const entries = ['main', 'post'];
