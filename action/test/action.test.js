@@ -52,7 +52,7 @@ test('main masks first, exports outputs/env/state; post revokes', async (t) => {
   const tokens = await tokenEndpoint();
   const broker = await serve((req) => (req.url === '/v1/exchange' ? [200, GRANT] : [200, { grant_id: 'grant-42', status: 'revoked' }]));
   t.after(() => { tokens.close(); broker.close(); });
-  const inputs = { 'broker-url': `${broker.url}/`, credentials: 'deploy-api\ndb', audience: 'https://broker.test', ttl: '5m' };
+  const inputs = { 'broker-url': `${broker.url}/`, credentials: 'deploy-api\ndb', audience: 'https://broker.test', ttl: '5m', 'export-env': 'true' };
   const main = await runStep('main', { inputs, env: env(tokens) });
   assert.equal(main.code, 0, main.stdout + main.stderr);
   // The audience reached the token endpoint; the runner's bearer was used.
@@ -109,7 +109,7 @@ test('5xx and 429 are retried, each attempt with a fresh job token', async (t) =
   const broker = await serve((req, n) => (n === 1 ? [503, { error: 'store_unavailable', message: 'm' }]
     : n === 2 ? [429, { error: 'rate_limited', message: 'm' }, { 'retry-after': '0' }] : [200, GRANT]));
   t.after(() => { tokens.close(); broker.close(); });
-  const main = await runStep('main', { inputs: { 'broker-url': broker.url, credentials: 'deploy-api', 'export-env': 'false' }, env: env(tokens) });
+  const main = await runStep('main', { inputs: { 'broker-url': broker.url, credentials: 'deploy-api' }, env: env(tokens) });
   assert.equal(main.code, 0, main.stdout);
   assert.equal(broker.calls.length, 3);
   assert.equal(tokens.calls.length, 3);

@@ -295,7 +295,7 @@ async fn github_action_in_the_node_harness() {
 
     // Allowed: push to main of acme/api gets deploy-api.
     let dir = tempfile::tempdir().unwrap();
-    let inputs = json!({"broker-url": e.broker.url, "credentials": "deploy-api", "audience": AUD, "ttl": "5m"});
+    let inputs = json!({"broker-url": e.broker.url, "credentials": "deploy-api", "audience": AUD, "ttl": "5m", "export-env": "true"});
     std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
     let mut cmd = Command::new(&node);
     cmd.arg(&harness)
@@ -405,6 +405,7 @@ jobs:
           credentials: deploy-api
           audience: https://broker.test
           ttl: 5m
+          export-env: true
       - name: use the credential
         run: |
           test -n "$DEPLOY_API_TOKEN"
