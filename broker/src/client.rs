@@ -566,7 +566,7 @@ impl Exchanged {
     }
 }
 
-/// Calls the client made, for the caller to report (stderr, never with secrets).
+/// Progress notices (a retry and its wait) for the caller to show; they never hold a secret.
 pub type Notice = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Client {
