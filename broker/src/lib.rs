@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod dev;
 pub mod fault;

@@ -52,6 +52,10 @@ enum Cmd {
     },
     /// Break glass: call the operator API of a running broker.
     Admin(AdminArgs),
+    /// Exchange this CI job's OIDC token for credentials (run inside the job).
+    Exchange(ExchangeArgs),
+    /// Revoke the grant of `broker exchange` (run when the job ends, also after failure).
+    Revoke(RevokeArgs),
     /// Generate an Ed25519 signing key (PKCS#8 PEM) for API tokens.
     Keygen {
         /// Write here (mode 0600) instead of stdout.
@@ -155,6 +159,76 @@ enum AdminCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The broker's base URL.
+    #[arg(long, env = "BROKER_URL")]
+    broker_url: String,
+    /// Tries in all on network errors, 5xx and 429 (never on 401/403).
+    #[arg(long, default_value_t = 5)]
+    attempts: u32,
+    /// Per-request timeout.
+    #[arg(long, default_value = "30s")]
+    timeout: String,
+}
+
+impl ClientArgs {
+    fn client(&self) -> anyhow::Result<broker::client::Client> {
+        let timeout = humantime::parse_duration(&self.timeout)?;
+        let mut c = broker::client::Client::new(&self.broker_url, timeout)?;
+        c.retry.attempts = self.attempts.max(1);
+        Ok(c)
+    }
+}
+
+#[derive(Args)]
+struct ExchangeArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// A credential to request; `NAME=VAR` puts its main secret in variable VAR. Repeatable.
+    #[arg(
+        long = "credential",
+        short = 'c',
+        required = true,
+        value_delimiter = ','
+    )]
+    credentials: Vec<broker::client::CredentialRequest>,
+    /// Requested lifetime (capped by policy).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// What to print on stdout: env (`export` lines), dotenv, json. Default: env, or nothing
+    /// with --out-dir.
+    #[arg(long)]
+    format: Option<broker::client::Format>,
+    /// Also write one file per variable, plus `env` and `dotenv`, into DIR (mode 0700/0600).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Write the revocation token to this file (mode 0600).
+    #[arg(long)]
+    revocation_file: Option<PathBuf>,
+    /// Read the job token from this environment variable (default: BROKER_ID_TOKEN if set).
+    #[arg(long, conflicts_with = "token_file")]
+    token_env: Option<String>,
+    /// Read the job token from this file.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Audience to request from the GitHub Actions runner when no token variable is set.
+    #[arg(long, env = "BROKER_AUDIENCE")]
+    audience: Option<String>,
+}
+
+#[derive(Args)]
+struct RevokeArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Read the revocation token from this file.
+    #[arg(long)]
+    revocation_file: Option<PathBuf>,
+    /// Read the revocation token from this environment variable.
+    #[arg(long, default_value = "BROKER_REVOCATION_TOKEN")]
+    revocation_env: String,
 }
 
 #[derive(Args)]
@@ -363,6 +437,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Cmd::Admin(args) => return admin(args).await,
+        Cmd::Exchange(args) => return Ok(exchange(args).await),
+        Cmd::Revoke(args) => return Ok(revoke(args).await),
         Cmd::Keygen { out } => {
             let pem = broker::providers::api_token::generate_pem()?;
             match out {
@@ -424,6 +500,150 @@ async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Exit codes of the client subcommands: 3 refused (401/403: change the job or the policy),
+/// 4 broker unavailable after retries, 1 anything else.
+fn client_failure(e: &broker::client::ClientError) -> ExitCode {
+    use broker::client::ClientError;
+    eprintln!("error: {e} [{}]", e.reason_code());
+    match e {
+        _ if e.is_refusal() => ExitCode::from(3),
+        ClientError::Network { .. } => ExitCode::from(4),
+        ClientError::Refused { status, .. } if *status >= 500 || *status == 429 => {
+            ExitCode::from(4)
+        }
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn notice() -> broker::client::Notice {
+    Box::new(|m| eprintln!("broker: {m}"))
+}
+
+async fn exchange(args: ExchangeArgs) -> ExitCode {
+    use broker::client::{self, TokenSource};
+    let client = match args.client.client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let source = match (&args.token_file, &args.token_env) {
+        (Some(f), _) => TokenSource::File(f.clone()),
+        (None, Some(v)) => TokenSource::Env(v.clone()),
+        (None, None) if env_var("BROKER_ID_TOKEN").is_some() => {
+            TokenSource::Env("BROKER_ID_TOKEN".into())
+        }
+        (None, None) if env_var("ACTIONS_ID_TOKEN_REQUEST_URL").is_some() => match &args.audience {
+            Some(a) => TokenSource::GithubRunner {
+                audience: a.clone(),
+            },
+            None => {
+                eprintln!("error: give --audience (the broker's audience) [usage]");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {
+            eprintln!(
+                "error: no job token: set BROKER_ID_TOKEN (GitLab: `id_tokens:`), give \
+                 --token-env/--token-file, or on GitHub Actions grant `permissions: id-token: \
+                 write` [no_token]"
+            );
+            return ExitCode::from(3);
+        }
+    };
+    let env = |k: &str| env_var(k);
+    let result = client
+        .exchange(
+            &source,
+            &env,
+            &args.credentials,
+            args.ttl.as_deref(),
+            &notice(),
+        )
+        .await;
+    let ex = match result {
+        Ok(ex) => ex,
+        Err(e) => {
+            let code = client_failure(&e);
+            if e.is_refusal() {
+                let claims = match source.fetch(client.http(), &env).await {
+                    Ok(t) => client::unverified_claims(t.expose()),
+                    Err(_) => None,
+                };
+                eprint!("{}", client::explain_refusal(&e, claims.as_ref()));
+            }
+            return code;
+        }
+    };
+    let g = &ex.grant;
+    if let Some(dir) = &args.out_dir
+        && let Err(e) = client::write_dir(dir, g, &args.credentials)
+    {
+        return client_failure(&e);
+    }
+    if let Some(f) = &args.revocation_file
+        && let Err(e) = client::write_private(f, g.revocation_token.expose())
+    {
+        return client_failure(&e);
+    }
+    let format = args.format.or(if args.out_dir.is_some() {
+        None
+    } else {
+        Some(client::Format::Env)
+    });
+    if let Some(fmt) = format {
+        print!("{}", client::render(g, ex.raw(), &args.credentials, fmt));
+    }
+    let names: Vec<&str> = g.credentials.iter().map(|c| c.name.as_str()).collect();
+    eprintln!(
+        "broker: granted {} (grant {}, expires {})",
+        names.join(", "),
+        g.grant_id,
+        g.expires_at
+    );
+    ExitCode::SUCCESS
+}
+
+async fn revoke(args: RevokeArgs) -> ExitCode {
+    use broker::secret::Sensitive;
+    let client = match args.client.client() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let token = match &args.revocation_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => Some(t.trim().to_owned()),
+            Err(e) => {
+                eprintln!("error: {}: {e} [io_error]", f.display());
+                return ExitCode::FAILURE;
+            }
+        },
+        None => env_var(&args.revocation_env).map(|t| t.trim().to_owned()),
+    };
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        eprintln!(
+            "error: no revocation token (give --revocation-file or set {}) [no_token]",
+            args.revocation_env
+        );
+        return ExitCode::FAILURE;
+    };
+    match client.revoke(&Sensitive::new(token), &notice()).await {
+        Ok(status) => {
+            eprintln!("broker: grant {status}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_failure(&e),
+    }
 }
 
 fn write_private(path: &std::path::Path, text: &str) -> anyhow::Result<()> {

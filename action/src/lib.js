@@ -1,0 +1,270 @@
+'use strict';
+// Pure helpers of the action: parsing inputs, classifying fields, naming environment variables,
+// retrying HTTP calls, explaining refusals. No @actions/core here, so node tests need no runner.
+//
+// Invariants (the same as the broker's own client, broker/src/client.rs):
+// - a response field is secret unless its name is on PUBLIC_FIELDS (fail closed for new kinds);
+// - network errors, 5xx and 429 are retried with backoff; 4xx never (a 401/403 is final);
+// - nothing here formats a secret into an error message.
+
+const PUBLIC_FIELDS = new Set([
+  'kind', 'expires_at', 'token_type', 'audience', 'scope', 'token_id', 'username', 'user',
+  'host', 'port', 'database', 'region', 'role_arn', 'session_name',
+]);
+
+const MAX_RETRY_AFTER_MS = 30_000;
+
+/** `deploy-api` -> `DEPLOY_API`. */
+function envStem(name) {
+  let s = String(name).replace(/[^A-Za-z0-9]/g, '_').toUpperCase();
+  if (/^[0-9]/.test(s)) s = `_${s}`;
+  return s;
+}
+
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+/**
+ * The `credentials` input: names separated by commas or newlines; `name=VAR` puts the
+ * credential's main secret in environment variable VAR.
+ */
+function parseCredentials(input) {
+  const out = [];
+  for (const raw of String(input || '').split(/[,\n]/)) {
+    const item = raw.trim();
+    if (!item || item.startsWith('#')) continue;
+    const eq = item.indexOf('=');
+    const name = (eq < 0 ? item : item.slice(0, eq)).trim();
+    const envName = eq < 0 ? null : item.slice(eq + 1).trim();
+    if (!name) throw new Error(`credentials: empty name in ${JSON.stringify(item)}`);
+    if (envName !== null && !ENV_NAME.test(envName)) {
+      throw new Error(`credentials: ${JSON.stringify(envName)} is not a valid environment variable name`);
+    }
+    out.push({ name, envName });
+  }
+  if (out.length === 0) throw new Error('credentials: give at least one credential name');
+  return out;
+}
+
+/** `true`/`false` inputs, as the runner passes them. */
+function parseBool(v, dflt) {
+  const s = String(v === undefined || v === null ? '' : v).trim().toLowerCase();
+  if (s === '') return dflt;
+  if (['true', 'yes', '1', 'on'].includes(s)) return true;
+  if (['false', 'no', '0', 'off'].includes(s)) return false;
+  throw new Error(`expected true or false, got ${JSON.stringify(v)}`);
+}
+
+/**
+ * Parse the broker's exchange answer into
+ * `{grantId, expiresAt, revocationToken, credentials: [{name, kind, fields: {k: {value, secret}}}]}`.
+ */
+function parseGrant(body) {
+  if (!body || typeof body !== 'object') throw new Error('the broker sent no JSON object');
+  for (const k of ['grant_id', 'expires_at', 'revocation_token']) {
+    if (typeof body[k] !== 'string') throw new Error(`the broker's answer lacks \`${k}\``);
+  }
+  if (!body.credentials || typeof body.credentials !== 'object') {
+    throw new Error("the broker's answer lacks `credentials`");
+  }
+  const credentials = Object.entries(body.credentials).map(([name, c]) => {
+    const fields = {};
+    for (const [k, v] of Object.entries(c || {})) {
+      if (v === null || v === undefined) continue;
+      const value = typeof v === 'string' ? v : JSON.stringify(v);
+      fields[k] = { value, secret: !PUBLIC_FIELDS.has(k) };
+    }
+    return { name, kind: typeof c.kind === 'string' ? c.kind : 'unknown', fields };
+  });
+  return {
+    grantId: body.grant_id,
+    expiresAt: body.expires_at,
+    revocationToken: body.revocation_token,
+    credentials,
+  };
+}
+
+/** Every secret value of a grant (what must be masked before anything is printed). */
+function secretValues(grant) {
+  const out = [grant.revocationToken];
+  for (const c of grant.credentials) {
+    for (const f of Object.values(c.fields)) if (f.secret && f.value) out.push(f.value);
+  }
+  return out;
+}
+
+/**
+ * Environment variables per kind, the same names as `broker exchange`:
+ * api_token -> <NAME>_TOKEN; postgres -> DATABASE_URL (+ PGUSER/PGPASSWORD);
+ * aws_sts -> AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_REGION;
+ * anything else -> <NAME>_<FIELD> for every field. A requested name replaces the main variable.
+ * Returns [{name, value, secret}].
+ */
+function envVars(grant, requests) {
+  const out = [];
+  for (const c of grant.credentials) {
+    const req = (requests || []).find((r) => r.name === c.name);
+    const custom = req && req.envName;
+    const stem = envStem(c.name);
+    const f = (k) => c.fields[k];
+    const push = (name, field) => { if (field) out.push({ name, value: field.value, secret: field.secret }); };
+    if (c.kind === 'api_token') {
+      push(custom || `${stem}_TOKEN`, f('token'));
+    } else if (c.kind === 'postgres') {
+      push(custom || 'DATABASE_URL', f('url') || f('database_url'));
+      push('PGUSER', f('username'));
+      push('PGPASSWORD', f('password'));
+    } else if (c.kind === 'aws_sts') {
+      push('AWS_ACCESS_KEY_ID', f('access_key_id'));
+      push('AWS_SECRET_ACCESS_KEY', f('secret_access_key'));
+      push('AWS_SESSION_TOKEN', f('session_token'));
+      push('AWS_REGION', f('region'));
+    } else {
+      for (const k of Object.keys(c.fields).sort()) {
+        if (k !== 'kind') push(`${stem}_${envStem(k)}`, f(k));
+      }
+    }
+  }
+  return out;
+}
+
+/** Step outputs: `grant-id`, `expires-at`, and `<credential>-<field>` for every field. */
+function outputs(grant) {
+  const out = [
+    { name: 'grant-id', value: grant.grantId, secret: false },
+    { name: 'expires-at', value: grant.expiresAt, secret: false },
+  ];
+  for (const c of grant.credentials) {
+    for (const [k, f] of Object.entries(c.fields)) {
+      out.push({ name: `${c.name}-${k.replace(/_/g, '-')}`, value: f.value, secret: f.secret });
+    }
+  }
+  return out;
+}
+
+/** An error the broker (or the network) returned; carries no secret. */
+class BrokerError extends Error {
+  constructor(status, code, message) {
+    super(`the broker refused (${status} ${code}): ${message}`);
+    this.status = status;
+    this.code = code;
+  }
+  get refusal() { return this.status === 401 || this.status === 403; }
+}
+
+class NetworkError extends Error {
+  constructor(detail) {
+    super(`cannot reach the broker: ${detail}`);
+    this.code = 'broker_unreachable';
+  }
+}
+
+function retryable(err) {
+  if (err instanceof NetworkError) return true;
+  return err instanceof BrokerError && (err.status === 429 || err.status >= 500);
+}
+
+/** Backoff before retry `n` (0-based): base * 2^n capped at max, up to 25% jitter, at least Retry-After. */
+function delayMs(n, { baseMs = 500, maxMs = 10_000 } = {}, retryAfterS = null, random = Math.random) {
+  const exp = Math.min(baseMs * 2 ** Math.min(n, 16), maxMs);
+  const wait = exp + Math.floor(random() * (exp / 4));
+  if (retryAfterS !== null && Number.isFinite(retryAfterS)) {
+    return Math.max(wait, Math.min(retryAfterS * 1000, MAX_RETRY_AFTER_MS));
+  }
+  return wait;
+}
+
+function cleanText(v, dflt) {
+  // eslint-disable-next-line no-control-regex
+  return (typeof v === 'string' ? v : dflt).replace(/[\u0000-\u001f\u007f]/g, '').slice(0, 300);
+}
+
+/**
+ * POST to the broker with retries. `makeRequest()` is called per attempt and returns
+ * `{url, headers, body}` (so a fresh job token can be fetched each time).
+ * Returns the parsed JSON of a 2xx answer; throws BrokerError / NetworkError.
+ */
+async function postWithRetries(makeRequest, opts = {}) {
+  const attempts = Math.max(1, opts.attempts || 5);
+  const fetchFn = opts.fetch || globalThis.fetch;
+  const sleep = opts.sleep || ((ms) => new Promise((r) => setTimeout(r, ms)));
+  const notice = opts.notice || (() => {});
+  const timeoutMs = opts.timeoutMs || 30_000;
+  for (let n = 1; ; n++) {
+    let err;
+    let retryAfter = null;
+    const req = await makeRequest();
+    try {
+      const resp = await fetchFn(req.url, {
+        method: 'POST',
+        headers: req.headers,
+        body: req.body,
+        redirect: 'error',
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      let body = null;
+      try { body = await resp.json(); } catch { body = null; }
+      if (resp.status >= 200 && resp.status < 300) return body;
+      const ra = resp.headers && resp.headers.get ? resp.headers.get('retry-after') : null;
+      retryAfter = ra !== null && /^\d+$/.test(ra.trim()) ? Number(ra.trim()) : null;
+      err = new BrokerError(resp.status, cleanText(body && body.error, 'http_error'),
+        cleanText(body && body.message, 'no message'));
+    } catch (e) {
+      if (e instanceof BrokerError) throw e;
+      err = new NetworkError(e && e.name === 'TimeoutError' ? 'timed out' : 'connection failed');
+    }
+    if (!retryable(err) || n >= attempts) throw err;
+    const wait = delayMs(n - 1, opts.backoff, retryAfter);
+    notice(`attempt ${n}/${attempts} failed (${err.code}); retrying in ${(wait / 1000).toFixed(1)}s`);
+    await sleep(wait);
+  }
+}
+
+/** The claims of a JWT, decoded WITHOUT verification (for explaining a refusal), or null. */
+function unverifiedClaims(token) {
+  try {
+    const payload = String(token).split('.')[1];
+    const obj = JSON.parse(Buffer.from(payload, 'base64url').toString('utf8'));
+    return obj && typeof obj === 'object' && !Array.isArray(obj) ? obj : null;
+  } catch {
+    return null;
+  }
+}
+
+const HINTS = {
+  policy_denied: 'no policy rule allows this job the credential: compare the claims below with the rule\'s `when` (`broker policy explain --claims FILE` shows which conditions fail)',
+  invalid_claim_value: 'a claim of this job cannot be used in the credential (see the claims below)',
+  claims_too_large: 'the job token\'s claims are too large for the policy engine',
+  bad_audience: 'the `audience` input must be the broker\'s configured audience',
+  token_expired: 'the job token expired before it reached the broker: check the runner\'s clock and retry',
+  token_too_old: 'the job token was issued too long ago: request it just before the exchange',
+  token_not_yet_valid: 'the runner\'s and the broker\'s clocks disagree',
+  token_replayed: 'each job token can be exchanged once: the action requests a fresh one per attempt; do not share tokens',
+  unknown_issuer: 'the broker does not trust this token\'s issuer: check the broker\'s `issuers:`',
+  unknown_key: 'the issuer\'s signing key is unknown to the broker: check the broker\'s `issuers:` URL',
+  bad_signature: 'the token\'s signature does not verify against the issuer\'s keys',
+  unsupported_algorithm: 'the token\'s algorithm is not allowed for its issuer',
+  missing_claim: 'the token lacks a claim the broker requires',
+  missing_token: 'no job token was sent: give the job `permissions: id-token: write`',
+  malformed_token: 'the job token is not a JWT',
+  invalid_revocation_token: 'the revocation token is wrong or belongs to no grant',
+};
+
+/** Lines explaining a refusal: a hint and the (non-secret) claims the policy saw. */
+function explainRefusal(err, claims) {
+  const lines = [];
+  if (HINTS[err.code]) lines.push(`hint: ${HINTS[err.code]}`);
+  if (claims) {
+    lines.push('claims the broker saw (unverified copy of the job token\'s claims):');
+    for (const k of Object.keys(claims).sort()) lines.push(`  ${k}: ${JSON.stringify(claims[k])}`);
+  }
+  return lines;
+}
+
+const NO_ID_TOKEN_HELP = 'ACTIONS_ID_TOKEN_REQUEST_URL is not set, so this job cannot request an OIDC token: '
+  + 'add `permissions: id-token: write` to the job (or workflow). Pull requests from forks never get one.';
+
+module.exports = {
+  PUBLIC_FIELDS, envStem, parseCredentials, parseBool, parseGrant, secretValues, envVars, outputs,
+  BrokerError, NetworkError, retryable, delayMs, postWithRetries, unverifiedClaims, explainRefusal,
+  NO_ID_TOKEN_HELP,
+};

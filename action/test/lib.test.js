@@ -1,0 +1,138 @@
+'use strict';
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const lib = require('../src/lib');
+
+const answer = () => ({
+  grant_id: 'g-1',
+  expires_at: '2030-01-01T00:00:00Z',
+  revocation_token: 'brk_rvk_SECRET_R',
+  credentials: {
+    'deploy-api': { kind: 'api_token', token: 'SECRET_T', token_type: 'Bearer', scope: 'deploy:x', expires_at: 'e' },
+    db: { kind: 'postgres', url: 'postgres://u:SECRET_P@h/d', username: 'u', password: 'SECRET_P' },
+    aws: { kind: 'aws_sts', access_key_id: 'AKIA', secret_access_key: 'SECRET_A', session_token: 'SECRET_S', region: 'eu-west-1' },
+    thing: { kind: 'vault', secret_id: 'SECRET_V', lease: 60 },
+  },
+});
+
+test('parseCredentials: commas, newlines, comments and custom variable names', () => {
+  assert.deepEqual(lib.parseCredentials('a, b=MY_VAR\n# c\n\nd'), [
+    { name: 'a', envName: null }, { name: 'b', envName: 'MY_VAR' }, { name: 'd', envName: null },
+  ]);
+  assert.throws(() => lib.parseCredentials(''), /at least one/);
+  assert.throws(() => lib.parseCredentials('a=1BAD'), /not a valid environment variable/);
+  assert.throws(() => lib.parseCredentials('=X'), /empty name/);
+});
+
+test('parseBool accepts the runner forms and rejects others', () => {
+  assert.equal(lib.parseBool('', true), true);
+  assert.equal(lib.parseBool('False', true), false);
+  assert.equal(lib.parseBool('yes', false), true);
+  assert.throws(() => lib.parseBool('maybe', false));
+});
+
+test('every field not on the public list is secret, including unknown kinds', () => {
+  const g = lib.parseGrant(answer());
+  const secrets = lib.secretValues(g);
+  for (const s of ['brk_rvk_SECRET_R', 'SECRET_T', 'postgres://u:SECRET_P@h/d', 'SECRET_P', 'SECRET_A', 'SECRET_S', 'SECRET_V', 'AKIA', '60']) {
+    assert.ok(secrets.includes(s), s);
+  }
+  for (const p of ['Bearer', 'deploy:x', 'u', 'eu-west-1']) assert.ok(!secrets.includes(p), p);
+  assert.throws(() => lib.parseGrant({ grant_id: 'x' }), /expires_at/);
+});
+
+test('environment variables per credential kind', () => {
+  const g = lib.parseGrant(answer());
+  const vars = Object.fromEntries(lib.envVars(g, []).map((v) => [v.name, v]));
+  assert.equal(vars.DEPLOY_API_TOKEN.value, 'SECRET_T');
+  assert.equal(vars.DATABASE_URL.value, 'postgres://u:SECRET_P@h/d');
+  assert.equal(vars.PGUSER.secret, false);
+  assert.equal(vars.AWS_SECRET_ACCESS_KEY.value, 'SECRET_A');
+  assert.equal(vars.AWS_SESSION_TOKEN.secret, true);
+  assert.equal(vars.AWS_REGION.value, 'eu-west-1');
+  assert.equal(vars.THING_SECRET_ID.value, 'SECRET_V');
+  assert.equal(vars.THING_LEASE.value, '60');
+  const custom = lib.envVars(g, [{ name: 'deploy-api', envName: 'API_TOKEN' }, { name: 'db', envName: 'PRIMARY_DB' }]);
+  const names = custom.map((v) => v.name);
+  assert.ok(names.includes('API_TOKEN') && !names.includes('DEPLOY_API_TOKEN'));
+  assert.ok(names.includes('PRIMARY_DB') && !names.includes('DATABASE_URL'));
+  assert.equal(lib.envStem('9-lives.x'), '_9_LIVES_X');
+});
+
+test('outputs name every field as <credential>-<field>', () => {
+  const o = Object.fromEntries(lib.outputs(lib.parseGrant(answer())).map((x) => [x.name, x]));
+  assert.equal(o['grant-id'].value, 'g-1');
+  assert.equal(o['deploy-api-token'].value, 'SECRET_T');
+  assert.equal(o['deploy-api-token'].secret, true);
+  assert.equal(o['aws-secret-access-key'].value, 'SECRET_A');
+});
+
+test('backoff grows, is capped and honours Retry-After (capped at 30 s)', () => {
+  const opts = { baseMs: 100, maxMs: 400 };
+  assert.equal(lib.delayMs(0, opts, null, () => 0), 100);
+  assert.equal(lib.delayMs(1, opts, null, () => 0), 200);
+  assert.equal(lib.delayMs(9, opts, null, () => 0), 400);
+  assert.ok(lib.delayMs(9, opts, null, () => 0.999) <= 500);
+  assert.equal(lib.delayMs(0, opts, 3, () => 0), 3000);
+  assert.equal(lib.delayMs(0, opts, 3600, () => 0), 30_000);
+});
+
+function fakeFetch(script) {
+  const calls = [];
+  const f = async (url, init) => {
+    calls.push({ url, init });
+    const step = script[Math.min(calls.length - 1, script.length - 1)];
+    if (step === 'network') throw new TypeError('fetch failed');
+    return {
+      status: step.status,
+      headers: new Headers(step.headers || {}),
+      json: async () => step.body,
+    };
+  };
+  f.calls = calls;
+  return f;
+}
+
+const fast = (fetch, extra = {}) => ({ fetch, sleep: async () => {}, attempts: 4, ...extra });
+
+test('retries network errors, 5xx and 429 with a fresh request each time', async () => {
+  const fetch = fakeFetch(['network', { status: 503, body: { error: 'store_unavailable' } },
+    { status: 429, headers: { 'retry-after': '1' }, body: {} }, { status: 200, body: { ok: 1 } }]);
+  let made = 0;
+  const notes = [];
+  const r = await lib.postWithRetries(async () => ({ url: `u${++made}`, headers: {} }), fast(fetch, { notice: (m) => notes.push(m) }));
+  assert.deepEqual(r, { ok: 1 });
+  assert.equal(fetch.calls.length, 4);
+  assert.deepEqual(fetch.calls.map((c) => c.url), ['u1', 'u2', 'u3', 'u4']);
+  assert.equal(notes.length, 3);
+  assert.match(notes[1], /store_unavailable/);
+});
+
+test('never retries 401 or 403 and keeps the broker reason code', async () => {
+  for (const status of [400, 401, 403]) {
+    const fetch = fakeFetch([{ status, body: { error: 'policy_denied', message: 'credential "x" is not allowed' } }]);
+    await assert.rejects(lib.postWithRetries(async () => ({ url: 'u' }), fast(fetch)), (e) => {
+      assert.equal(e.code, 'policy_denied');
+      assert.equal(e.status, status);
+      assert.equal(e.refusal, status !== 400);
+      return true;
+    });
+    assert.equal(fetch.calls.length, 1);
+  }
+});
+
+test('gives up after the last attempt', async () => {
+  const fetch = fakeFetch([{ status: 502, body: null }]);
+  await assert.rejects(lib.postWithRetries(async () => ({ url: 'u' }), fast(fetch)), /502 http_error/);
+  assert.equal(fetch.calls.length, 4);
+});
+
+test('refusals are explained with the claims the policy saw', () => {
+  const payload = Buffer.from(JSON.stringify({ repository: 'acme/api', ref: 'refs/heads/feature' })).toString('base64url');
+  const claims = lib.unverifiedClaims(`h.${payload}.SIGNATURE`);
+  const lines = lib.explainRefusal(new lib.BrokerError(403, 'policy_denied', 'no'), claims).join('\n');
+  assert.match(lines, /policy explain/);
+  assert.match(lines, /refs\/heads\/feature/);
+  assert.doesNotMatch(lines, /SIGNATURE/);
+  assert.equal(lib.unverifiedClaims('not-a-jwt'), null);
+});

