@@ -507,15 +507,7 @@ pub(super) async fn claim_due(
     .bind(i64::from(limit))
     .fetch_all(&mut *tx)
     .await?;
-    let ids: Vec<Uuid> = rows
-        .iter()
-        .map(|r| r.try_get::<Uuid, _>("id"))
-        .collect::<Result<_, _>>()?;
-    let mut creds = load_credentials(&mut tx, &ids).await?;
-    let mut claimed = Vec::with_capacity(rows.len());
-    for (row, id) in rows.iter().zip(&ids) {
-        claimed.push(claimed_from_row(row, creds.remove(id).unwrap_or_default())?);
-    }
+    let claimed = with_credentials(&mut tx, &rows, claimed_from_row).await?;
     tx.commit().await?;
     Ok(claimed)
 }
@@ -581,15 +573,7 @@ pub(super) async fn active_grants(pool: &PgPool, limit: u32) -> Result<Vec<Grant
     .bind(i64::from(limit))
     .fetch_all(&mut *tx)
     .await?;
-    let ids: Vec<Uuid> = rows
-        .iter()
-        .map(|r| r.try_get::<Uuid, _>("id"))
-        .collect::<Result<_, _>>()?;
-    let mut creds = load_credentials(&mut tx, &ids).await?;
-    let mut grants = Vec::with_capacity(rows.len());
-    for (row, id) in rows.iter().zip(&ids) {
-        grants.push(grant_from_row(row, creds.remove(id).unwrap_or_default())?);
-    }
+    let grants = with_credentials(&mut tx, &rows, grant_from_row).await?;
     tx.commit().await?;
     Ok(grants)
 }
@@ -637,6 +621,24 @@ async fn with_credentials_one(
 }
 
 /// Credentials of the given grants, each list in position order.
+/// Build one value per `grants` row (a grant or a claimed grant) with its credentials, loaded
+/// in one query.
+async fn with_credentials<T>(
+    conn: &mut PgConnection,
+    rows: &[PgRow],
+    build: impl Fn(&PgRow, Vec<IssuedCredential>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let ids: Vec<Uuid> = rows
+        .iter()
+        .map(|r| r.try_get::<Uuid, _>("id"))
+        .collect::<Result<_, _>>()?;
+    let mut creds = load_credentials(conn, &ids).await?;
+    rows.iter()
+        .zip(&ids)
+        .map(|(row, id)| build(row, creds.remove(id).unwrap_or_default()))
+        .collect()
+}
+
 async fn load_credentials(
     conn: &mut PgConnection,
     ids: &[Uuid],
