@@ -50,10 +50,17 @@ struct Env {
     http: reqwest::Client,
 }
 
+/// Job tokens the runner's token endpoint handed out.
+type Issued = Arc<std::sync::Mutex<Vec<String>>>;
+
 /// The runner's token endpoint: `GET /token?audience=…` with the runner's bearer.
-async fn token_endpoint(issuer_url: String) -> (String, tokio::sync::oneshot::Sender<()>) {
+/// Every job token it signs is also pushed to `issued`, so a test can look for it in logs.
+async fn token_endpoint(
+    issuer_url: String,
+    issued: Issued,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     async fn token(
-        State(iss): State<Arc<String>>,
+        State((iss, issued)): State<(Arc<String>, Issued)>,
         headers: HeaderMap,
         Query(q): Query<HashMap<String, String>>,
     ) -> Result<axum::Json<Value>, StatusCode> {
@@ -66,13 +73,13 @@ async fn token_endpoint(issuer_url: String) -> (String, tokio::sync::oneshot::Se
         }
         let aud = q.get("audience").cloned().unwrap_or_default();
         let claims = acme_api_claims(&iss, &aud);
-        Ok(axum::Json(
-            json!({"value": testkit::sign(TestKey::Rsa1, &claims)}),
-        ))
+        let jwt = testkit::sign(TestKey::Rsa1, &claims);
+        issued.lock().unwrap().push(jwt.clone());
+        Ok(axum::Json(json!({"value": jwt})))
     }
     let app = axum::Router::new()
         .route("/token", get(token))
-        .with_state(Arc::new(issuer_url));
+        .with_state((Arc::new(issuer_url), issued));
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -105,7 +112,7 @@ async fn env() -> Env {
     })
     .await
     .expect("broker starts");
-    let (tokens_url, tokens_stop) = token_endpoint(github.url()).await;
+    let (tokens_url, tokens_stop) = token_endpoint(github.url(), Issued::default()).await;
     Env {
         github,
         gitlab,
@@ -378,6 +385,331 @@ async fn github_action_in_the_node_harness() {
             .contains("nothing to revoke")
     );
     e.finish().await;
+}
+
+/// One test's side of the machine's Postgres for the action's `DATABASE_URL`: an app database,
+/// a group role and an owner role (all named by a random tag), and the role prefix the broker's
+/// target mints under. [`PgTarget::cleanup`] drops all of it, also roles a failed run left.
+struct PgTarget {
+    admin: sqlx::PgPool,
+    admin_url: String,
+    host: String,
+    port: u16,
+    tag: String,
+    prefix: String,
+    app_db: String,
+    reader: String,
+    owner: String,
+}
+
+impl PgTarget {
+    async fn new() -> Self {
+        use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV};
+        use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+        let admin_url = std::env::var(PG_URL_ENV)
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_PG_URL.to_owned());
+        let opts: PgConnectOptions = admin_url.parse().expect("admin url");
+        let admin = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts.clone())
+            .await
+            .expect("admin connects");
+        // [a-z0-9_] only, so the names need no quoting.
+        let tag = format!("a{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32);
+        let t = Self {
+            host: opts.get_host().to_owned(),
+            port: opts.get_port(),
+            prefix: format!("{tag}u_"),
+            app_db: format!("{tag}_app"),
+            reader: format!("{tag}g_reader"),
+            owner: format!("{tag}g_owner"),
+            admin,
+            admin_url,
+            tag,
+        };
+        for sql in [
+            format!("CREATE DATABASE {}", t.app_db),
+            format!("CREATE ROLE {} NOLOGIN", t.reader),
+            format!("CREATE ROLE {} NOLOGIN", t.owner),
+        ] {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&t.admin)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        t
+    }
+
+    fn target_yaml(&self) -> String {
+        format!(
+            "targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      connect_timeout: 3s\n      role_prefix: {prefix}\n",
+            url = self.admin_url,
+            host = self.host,
+            port = self.port,
+            prefix = self.prefix,
+        )
+    }
+
+    /// Like `policies/github.yaml`: acme/api pinned by repository and owner ids, push to main.
+    fn github_policy(&self) -> String {
+        format!(
+            r#"credentials:
+  - name: app-db
+    max_ttl: 15m
+    postgres:
+      target: main
+      database: {db}
+      roles: [{reader}]
+      owner: {owner}
+rules:
+  - name: acme-api-main-db
+    issuer: github
+    credentials: [app-db]
+    max_ttl: 10m
+    when: >
+      claims.repository_id == "1000001" && claims.repository_owner_id == "9000001" &&
+      claims.ref == "refs/heads/main" && claims.event_name == "push"
+"#,
+            db = self.app_db,
+            reader = self.reader,
+            owner = self.owner,
+        )
+    }
+
+    async fn role_exists(&self, name: &str) -> bool {
+        sqlx::query("SELECT 1 FROM pg_roles WHERE rolname = $1")
+            .bind(name)
+            .fetch_optional(&self.admin)
+            .await
+            .expect("role lookup")
+            .is_some()
+    }
+
+    async fn cleanup(self) {
+        use sqlx::Row;
+        let drop_db = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.app_db);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
+            .execute(&self.admin)
+            .await
+            .expect("drop the app database");
+        let left: Vec<String> =
+            sqlx::query("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
+                .bind(&self.tag)
+                .fetch_all(&self.admin)
+                .await
+                .expect("roles")
+                .into_iter()
+                .map(|r| r.get(0))
+                .collect();
+        for r in left {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP OWNED BY {r}; DROP ROLE {r}"
+            )))
+            .execute(&self.admin)
+            .await
+            .expect("drop a test role");
+        }
+        self.admin.close().await;
+    }
+}
+
+/// Logs in with a connection URL (statement logging off), bounded in time.
+async fn pg_login(url: &str) -> Result<sqlx::PgConnection, String> {
+    use sqlx::{ConnectOptions, Connection};
+    let opts = url
+        .parse::<sqlx::postgres::PgConnectOptions>()
+        .map_err(|e| e.to_string())?
+        .disable_statement_logging();
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::PgConnection::connect_with(&opts),
+    )
+    .await
+    {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("login timed out".into()),
+    }
+}
+
+/// A child process killed (by its PID) if the test ends before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The node harness with a `postgres:` credential and `export-env: true`, against the real
+/// broker minting on the machine's Postgres. Proves: the exported `DATABASE_URL` logs in as the
+/// minted role; `post` revokes it, after which the same URL no longer logs in and the role is
+/// gone; no secret (password, `DATABASE_URL`, revocation token, job token) appears in main's or
+/// post's stdout/stderr except inside `::add-mask::` lines.
+#[tokio::test]
+async fn github_action_database_url_dies_with_post() {
+    let node = PathBuf::from("node");
+    match node_major(&node) {
+        Some(v) if v >= 20 => {}
+        other => {
+            println!("SKIPPED: node >= 20 is needed for the action (found {other:?})");
+            return;
+        }
+    }
+    let pg = PgTarget::new().await;
+    let github = TestIssuer::start().await;
+    let db = TestDb::postgres().await;
+    // Only a GitHub policy file, so no other issuer needs configuring.
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("github.yaml"), pg.github_policy()).unwrap();
+    let mut broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: policies.path(),
+        issuers_yaml: github_issuer_yaml(&github.url()),
+        audience: AUD,
+        extra_yaml: pg.target_yaml(),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+    let issued = Issued::default();
+    let (tokens_url, tokens_stop) = token_endpoint(github.url(), issued.clone()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = json!({"broker-url": broker.url, "credentials": "app-db", "audience": AUD, "ttl": "5m", "export-env": "true"});
+    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(&node)
+            .arg(repo_root().join("action/harness/runner.js"))
+            .arg(dir.path())
+            .env("BROKER_HARNESS_PAUSE", "1")
+            .env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                format!("{tokens_url}/token?api-version=2.0"),
+            )
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", RUNNER_SECRET)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let main_json = dir.path().join("main.json");
+    let start = std::time::Instant::now();
+    while !main_json.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "main did not finish"
+        );
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "harness exited early"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The harness writes main.json in one call; a read that races it shows as a parse error.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let main: Value = serde_json::from_str(&std::fs::read_to_string(&main_json).unwrap()).unwrap();
+    assert_eq!(main["code"], 0, "main failed: {main}");
+    let url = main["env"]["DATABASE_URL"]
+        .as_str()
+        .expect("DATABASE_URL exported")
+        .to_owned();
+    let user = main["env"]["PGUSER"]
+        .as_str()
+        .expect("PGUSER exported")
+        .to_owned();
+    let password = main["env"]["PGPASSWORD"]
+        .as_str()
+        .expect("PGPASSWORD exported")
+        .to_owned();
+    assert!(
+        user.starts_with(&pg.prefix),
+        "minted under the prefix: {user}"
+    );
+    assert!(password.len() >= 32);
+    assert!(url.contains(&password) && url.contains(&pg.app_db));
+    assert_eq!(main["outputs"]["app-db-database-url"], json!(url));
+    let revocation = main["state"]["revocation-token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(revocation.starts_with("brk_rvk_"));
+    let job_tokens = issued.lock().unwrap().clone();
+    assert_eq!(
+        job_tokens.len(),
+        1,
+        "main asked the runner for one job token"
+    );
+
+    // The exported URL logs in, as the minted role.
+    {
+        use sqlx::{Connection, Row};
+        let mut conn = pg_login(&url).await.expect("DATABASE_URL logs in");
+        let who: String = sqlx::query("SELECT current_user::text")
+            .fetch_one(&mut conn)
+            .await
+            .expect("current_user")
+            .get(0);
+        assert_eq!(who, user);
+        conn.close().await.ok();
+    }
+    assert!(pg.role_exists(&user).await);
+
+    // Let the harness run `post`.
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let start = std::time::Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "harness did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
+    let post = &result["post"];
+    assert_eq!(post["code"], 0, "post failed: {post}");
+    assert!(
+        post["stdout"].as_str().unwrap().contains("revoked"),
+        "{post}"
+    );
+
+    // After post: the same URL no longer logs in, and the role is gone.
+    let err = pg_login(&url)
+        .await
+        .expect_err("revoked DATABASE_URL must not log in");
+    assert!(!err.contains(&password), "the error holds no password");
+    assert!(!pg.role_exists(&user).await, "the role is dropped");
+
+    // No secret in either step's output except inside `::add-mask::`, and each was masked.
+    let secrets = [&url, &password, &revocation, &job_tokens[0]];
+    for step in [&result["main"], post] {
+        for stream in ["stdout", "stderr"] {
+            let text = step[stream].as_str().unwrap();
+            let bad = leaked(text, &secrets.map(String::as_str));
+            assert!(bad.is_empty(), "secret in {stream}: {bad:?}");
+        }
+    }
+    let masks = result["main"]["stdout"].as_str().unwrap();
+    for s in [&url, &password, &revocation] {
+        assert!(
+            masks.lines().any(|l| l == format!("::add-mask::{s}")),
+            "a secret was not masked"
+        );
+    }
+
+    let _ = tokens_stop.send(());
+    broker.kill();
+    github.shutdown().await;
+    db.cleanup().await;
+    pg.cleanup().await;
 }
 
 fn act_bin() -> Option<PathBuf> {
