@@ -319,7 +319,7 @@ fn rfc3339(v: &Value) -> time::OffsetDateTime {
 #[tokio::test]
 async fn exchange_returns_working_credentials_and_revoke_denies_the_session() {
     let Some(e) = env().await else { return };
-    let before = time::OffsetDateTime::now_utc();
+    let before = broker::time::Clock::now(&broker::time::SystemClock);
     let (status, body) = e
         .exchange(
             &e.token_with(|_| {}),
@@ -541,7 +541,7 @@ async fn revoke_all_writes_the_token_issue_time_deny_and_the_policy_stays_bounde
     assert_eq!(all["Effect"], "Deny");
     assert!(all["Condition"]["DateLessThan"]["aws:TokenIssueTime"].is_string());
     let parsed = DenyDocument::parse(&text).unwrap();
-    let until = time::OffsetDateTime::now_utc() + time::Duration::minutes(50);
+    let until = broker::time::Clock::now(&broker::time::SystemClock) + time::Duration::minutes(50);
     for rid in &rids {
         assert!(parsed.denies(rid, until), "{rid} lost");
     }

@@ -179,6 +179,12 @@ impl DenyDocument {
 
     /// Deny every session issued before `before`. Returns whether the document changed.
     pub fn revoke_all(&mut self, before: OffsetDateTime) -> bool {
+        // Stored in whole seconds; rounding up never lets a session issued before `before` by.
+        let before = if before.nanosecond() == 0 {
+            before
+        } else {
+            before.replace_nanosecond(0).unwrap_or(before) + Duration::seconds(1)
+        };
         if self.revoke_all_before.is_some_and(|t| t >= before) {
             return false;
         }

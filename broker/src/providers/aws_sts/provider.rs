@@ -421,7 +421,9 @@ impl AwsStsProvider {
     pub async fn revoke_all_roles(&self) -> RevokeAllReport {
         let mut report = RevokeAllReport::default();
         for (target, arn) in self.known_roles() {
-            let before = self.clock.now();
+            // Whole seconds: that is what the document stores, and what the check compares.
+            let now = self.clock.now();
+            let before = now.replace_nanosecond(0).unwrap_or(now);
             let res = match self.target(&target) {
                 Ok(t) => {
                     let t = t.clone();
