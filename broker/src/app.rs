@@ -89,6 +89,14 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         extra_providers.push(p.clone());
         postgres = Some(p);
     }
+    let mut aws = None;
+    if !cfg.targets.aws.is_empty() {
+        let p = Arc::new(
+            crate::providers::aws_sts::AwsStsProvider::new(&cfg.targets.aws, clock.clone()).await,
+        );
+        extra_providers.push(p.clone());
+        aws = Some(p);
+    }
     let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
@@ -111,6 +119,10 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     broker.set_operators(
         crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
     );
+    if let Some(p) = aws {
+        p.check_definitions(broker.policies().credentials())
+            .map_err(|e| anyhow::anyhow!("policies: {e}"))?;
+    }
     Ok(Arc::new(broker))
 }
 

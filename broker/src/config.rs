@@ -231,6 +231,37 @@ pub struct PostgresTargetConfig {
     pub role_prefix: String,
 }
 
+fn default_role_max_session() -> Duration {
+    Duration::hours(1)
+}
+
+/// Whether `r` looks like an AWS region name (`eu-west-1`, `us-gov-west-1`, `cn-north-1`).
+pub fn valid_aws_region(r: &str) -> bool {
+    (4..=32).contains(&r.len())
+        && r.contains('-')
+        && r.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !r.starts_with('-')
+        && !r.ends_with('-')
+}
+
+/// One AWS endpoint/account setting the broker assumes roles through (`targets.aws.<name>`).
+/// The broker's own AWS identity comes from the standard credential chain (env, profile, web
+/// identity / IRSA, instance metadata), never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsTargetConfig {
+    /// Region of the STS endpoint, and the default `region` handed to jobs.
+    pub region: String,
+    /// Endpoint override for STS and IAM (private endpoints; a local test server).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// The brokered roles' `MaxSessionDuration` (AWS: 1h to 12h; default 1h). Grants longer than
+    /// this get sessions this long; it also bounds how long a revoke-all deny is kept.
+    #[serde(default = "default_role_max_session", with = "serde_duration")]
+    pub role_max_session: Duration,
+}
+
 /// Systems credentials are minted on.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,6 +269,9 @@ pub struct TargetsConfig {
     /// Postgres servers by name (`postgres:` credentials name one in `target`).
     #[serde(default)]
     pub postgres: std::collections::BTreeMap<String, PostgresTargetConfig>,
+    /// AWS settings by name (`aws_sts:` credentials name one in `target`).
+    #[serde(default)]
+    pub aws: std::collections::BTreeMap<String, AwsTargetConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -452,6 +486,29 @@ impl Config {
                 p.push(format!("{key}.role_prefix: {e}"));
             }
         }
+        for (name, t) in &self.targets.aws {
+            let key = format!("targets.aws.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
+            }
+            if !valid_aws_region(&t.region) {
+                p.push(format!("{key}.region: not an AWS region name"));
+            }
+            if let Some(u) = &t.endpoint_url
+                && !matches!(url::Url::parse(u), Ok(p) if matches!(p.scheme(), "https" | "http") && p.host().is_some())
+            {
+                p.push(format!("{key}.endpoint_url: must be an http(s) URL"));
+            }
+            if t.role_max_session < Duration::hours(1) || t.role_max_session > Duration::hours(12) {
+                p.push(format!(
+                    "{key}.role_max_session: must be 1h to 12h (AWS's range)"
+                ));
+            }
+        }
         if self.grants.default_ttl <= Duration::ZERO
             || self.grants.default_ttl > self.grants.max_ttl
         {
@@ -493,6 +550,14 @@ impl fmt::Display for Config {
                 t.host,
                 t.port,
                 t.sslmode.as_str()
+            )?;
+        }
+        for (name, t) in &self.targets.aws {
+            writeln!(
+                f,
+                "targets.aws.{name}: region {}, endpoint {}",
+                t.region,
+                t.endpoint_url.as_deref().unwrap_or("default")
             )?;
         }
         Ok(())
@@ -552,6 +617,50 @@ mod tests {
         assert!(!all.contains("hunter2"));
         assert!(!format!("{cfg:?}").contains("hunter2"));
         assert!(!format!("{cfg}").contains("hunter2"));
+    }
+
+    #[test]
+    fn aws_targets_parse_and_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(
+            &format!(
+                "{}targets:\n  aws:\n    main:\n      region: eu-west-1\n      endpoint_url: http://127.0.0.1:5000\n",
+                base(d.path())
+            ),
+            "t",
+        )
+        .unwrap();
+        assert!(cfg.validate(Mode::Serve).is_empty());
+        let t = &cfg.targets.aws["main"];
+        assert_eq!(t.role_max_session, Duration::hours(1));
+        assert!(format!("{cfg}").contains("targets.aws.main: region eu-west-1"));
+        let cfg = Config::parse(
+            &format!(
+                "{}targets:\n  aws:\n    b@d:\n      region: EU\n      endpoint_url: 'ftp://x'\n      role_max_session: 13h\n",
+                base(d.path())
+            ),
+            "t",
+        )
+        .unwrap();
+        let all = cfg.validate(Mode::Serve).join("\n");
+        for key in [
+            "target names",
+            ".region",
+            ".endpoint_url",
+            ".role_max_session",
+        ] {
+            assert!(all.contains(key), "missing {key} in {all}");
+        }
+        assert!(
+            Config::parse(
+                &format!(
+                    "{}targets:\n  aws:\n    m: {{region: eu-west-1, secret: x}}\n",
+                    base(d.path())
+                ),
+                "t"
+            )
+            .is_err()
+        );
     }
 
     #[test]

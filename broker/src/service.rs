@@ -791,6 +791,27 @@ impl Broker {
         }
     }
 
+    /// Provider-wide kill switches (e.g. the AWS `aws:TokenIssueTime` deny on every brokered
+    /// role), for the kinds selected (`None` = every kind). Each provider's outcome, or its
+    /// failure's reason code, by kind.
+    pub async fn revoke_all_providers(
+        &self,
+        kind: Option<CredentialKind>,
+    ) -> BTreeMap<String, Result<crate::providers::RevokeAllReport, &'static str>> {
+        let mut out = BTreeMap::new();
+        for (k, p) in &self.providers {
+            if kind.is_some_and(|want| want != *k) {
+                continue;
+            }
+            let r = p.revoke_all().await.map_err(|e| {
+                tracing::warn!(kind = k.as_str(), error = %e, "provider-wide revoke-all failed");
+                e.reason_code()
+            });
+            out.insert(k.as_str().to_owned(), r);
+        }
+        out
+    }
+
     /// One reaper round: revoke expired grants, recover crashed ones, retry failed revocations.
     /// Returns how many grants were handled.
     pub async fn reap_once(&self) -> Result<usize, StoreError> {

@@ -61,6 +61,10 @@ pub struct RevokeAllReport {
     pub failures: Vec<RevokeFailure>,
     /// More than [`MAX_REVOKE_ALL`] grants matched: call again for the rest.
     pub truncated: bool,
+    /// Provider-wide kill switches applied (only when the filter selects nothing narrower than
+    /// a credential kind): e.g. AWS roles get a deny on sessions issued before now.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub provider_wide: BTreeMap<String, serde_json::Value>,
 }
 
 enum One {
@@ -191,6 +195,43 @@ impl Broker {
                 One::Failed(f) => report.failures.push(f),
             }
         }
+        // A filter narrower than a kind (one repository, one issuer...) must not kill other
+        // jobs' sessions, so provider-wide switches apply only to "everything" or "one kind".
+        let kind_only = GrantFilter {
+            kind: None,
+            ..filter.clone()
+        }
+        .is_empty();
+        if kind_only {
+            let kind = filter.kind.as_deref().and_then(CredentialKind::parse);
+            for (k, r) in self.revoke_all_providers(kind).await {
+                let v = match r {
+                    Ok(rep) if rep.revoked == 0 && rep.failed == 0 && rep.details.is_empty() => {
+                        continue;
+                    }
+                    Ok(rep) => {
+                        if rep.failed > 0 {
+                            report.failures.push(RevokeFailure {
+                                grant_id: uuid::Uuid::nil(),
+                                reason: format!(
+                                    "{k}: provider-wide revoke failed for {} target(s)",
+                                    rep.failed
+                                ),
+                            });
+                        }
+                        serde_json::to_value(&rep).unwrap_or_default()
+                    }
+                    Err(code) => {
+                        report.failures.push(RevokeFailure {
+                            grant_id: uuid::Uuid::nil(),
+                            reason: format!("{k}: {code}"),
+                        });
+                        serde_json::json!({"error": code})
+                    }
+                };
+                report.provider_wide.insert(k, v);
+            }
+        }
         let mut ev = self.admin_event(ctx, "revoke_all");
         ev.actor = Some(actor);
         ev.outcome = if report.failures.is_empty() {
@@ -198,15 +239,21 @@ impl Broker {
         } else {
             Outcome::Failure
         };
-        ev.detail = Some(format!(
-            "reason: {reason}; filter: {}; matched {}, revoked {}, in progress {}, failed {}{}",
-            serde_json::to_string(filter).unwrap_or_default(),
-            report.matched,
-            report.revoked_grants,
-            report.already_in_progress,
-            report.failures.len(),
-            if report.truncated { ", truncated" } else { "" }
-        ));
+        ev.detail = Some(
+            format!(
+                "reason: {reason}; filter: {}; matched {}, revoked {}, in progress {}, failed {}{}",
+                serde_json::to_string(filter).unwrap_or_default(),
+                report.matched,
+                report.revoked_grants,
+                report.already_in_progress,
+                report.failures.len(),
+                if report.truncated { ", truncated" } else { "" }
+            ) + &report
+                .provider_wide
+                .iter()
+                .map(|(k, v)| format!("; {k} provider-wide: {v}"))
+                .collect::<String>(),
+        );
         self.admin_audit(&ev).await?;
         Ok(report)
     }

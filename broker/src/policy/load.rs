@@ -7,7 +7,7 @@
 use super::bundle::{ANY_CREDENTIAL, Bundle, Effect, Rule, TestCase};
 use super::expr::{self, ExprError, RegexTable};
 use crate::oidc::Platform;
-use crate::providers::{ApiTokenSpec, CredentialDef, CredentialSpec, PostgresSpec};
+use crate::providers::{ApiTokenSpec, AwsStsSpec, CredentialDef, CredentialSpec, PostgresSpec};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use serde_saphyr::Spanned;
@@ -50,7 +50,7 @@ pub enum LoadErrorKind {
     #[error("{0}")]
     Duration(String),
     #[error(
-        "credential {name:?} must have exactly one kind key (api_token, postgres), found {found}"
+        "credential {name:?} must have exactly one kind key (api_token, postgres, aws_sts), found {found}"
     )]
     KindCount { name: String, found: usize },
     #[error("rule {rule:?}: when: {error}")]
@@ -153,6 +153,8 @@ struct RawCredential {
     api_token: Option<ApiTokenSpec>,
     #[serde(default)]
     postgres: Option<PostgresSpec>,
+    #[serde(default)]
+    aws_sts: Option<AwsStsSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -340,6 +342,9 @@ impl<'o> Loader<'o> {
         }
         if let Some(p) = c.postgres {
             specs.push(CredentialSpec::Postgres(p));
+        }
+        if let Some(a) = c.aws_sts {
+            specs.push(CredentialSpec::AwsSts(a));
         }
         if specs.len() != 1 {
             let kind = LoadErrorKind::KindCount {

@@ -5,6 +5,7 @@
 //! provider configured in this broker fails closed at load.
 
 pub mod api_token;
+pub mod aws_sts;
 pub mod postgres;
 pub mod template;
 
@@ -16,6 +17,7 @@ use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
 pub use api_token::ApiTokenSpec;
+pub use aws_sts::AwsStsSpec;
 pub use postgres::PostgresSpec;
 
 /// Credential kinds, as stored in grants and audit events.
@@ -24,6 +26,7 @@ pub use postgres::PostgresSpec;
 pub enum CredentialKind {
     ApiToken,
     Postgres,
+    AwsSts,
 }
 
 impl CredentialKind {
@@ -31,12 +34,14 @@ impl CredentialKind {
         match self {
             CredentialKind::ApiToken => "api_token",
             CredentialKind::Postgres => "postgres",
+            CredentialKind::AwsSts => "aws_sts",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "api_token" => Some(CredentialKind::ApiToken),
             "postgres" => Some(CredentialKind::Postgres),
+            "aws_sts" => Some(CredentialKind::AwsSts),
             _ => None,
         }
     }
@@ -48,6 +53,7 @@ impl CredentialKind {
 pub enum CredentialSpec {
     ApiToken(ApiTokenSpec),
     Postgres(PostgresSpec),
+    AwsSts(AwsStsSpec),
 }
 
 impl CredentialSpec {
@@ -55,6 +61,7 @@ impl CredentialSpec {
         match self {
             CredentialSpec::ApiToken(_) => CredentialKind::ApiToken,
             CredentialSpec::Postgres(_) => CredentialKind::Postgres,
+            CredentialSpec::AwsSts(_) => CredentialKind::AwsSts,
         }
     }
 }
@@ -151,6 +158,9 @@ pub struct Health {
 pub struct RevokeAllReport {
     pub revoked: u64,
     pub failed: u64,
+    /// Non-secret account of what was done, one line per target (for the audit event).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
 }
 
 /// The one trait at the provider boundary.
@@ -171,6 +181,12 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
     /// Revoke one credential. Idempotent: already gone is success.
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError>;
+
+    /// Revoke every credential of this kind that is still alive (an operator's kill switch).
+    /// Kinds whose credentials die with their grants need nothing beyond the grants' revocation.
+    async fn revoke_all(&self) -> Result<RevokeAllReport, ProviderError> {
+        Ok(RevokeAllReport::default())
+    }
 
     async fn health(&self) -> Health {
         Health {

@@ -1,0 +1,548 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
+//! End to end for the AWS STS provider: the real `broker` binary assuming roles on a local
+//! moto server (STS + IAM in server mode, installed by `scripts/test` under
+//! `target/test-venv/`). moto does not check trust policies and will "assume" roles that do not
+//! exist, so each test creates its role first and asserts on what the broker sent (visible in
+//! `GetCallerIdentity`) and wrote (`GetRolePolicy`), not on moto refusing anything.
+//!
+//! When moto is not installed (no network when the venv was made), each test says why and
+//! returns; the provider's logic is covered by the unit tests in `broker/src/providers/aws_sts`.
+
+use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::providers::aws_sts::AwsStsProvider;
+use broker::providers::aws_sts::deny::{DENY_POLICY_NAME, DenyDocument, percent_decode};
+use broker::providers::aws_sts::spec::{AwsStsSpec, RoleArn};
+use broker::providers::{
+    CredentialDef, CredentialKind, CredentialSpec, IssuedCredential, Provider,
+};
+use broker::secret::Sensitive;
+use broker::store::AuditFilter;
+use broker::store::testdb::TestDb;
+use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+const AUD: &str = "https://broker.test";
+const ACCOUNT: &str = "123456789012";
+const KEY_ID: &str = "testing";
+const SECRET: &str = "testing";
+
+fn moto_bin() -> PathBuf {
+    std::env::var("BROKER_TEST_MOTO_SERVER")
+        .ok()
+        .filter(|p| !p.trim().is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| integration::repo_root().join("target/test-venv/bin/moto_server"))
+}
+
+/// A moto server on 127.0.0.1 with a free port; stopped by PID on drop.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Moto {
+    async fn start() -> Option<Moto> {
+        let bin = moto_bin();
+        if !bin.exists() {
+            eprintln!(
+                "skipping: moto is not installed at {} (scripts/test installs it; no network?)",
+                bin.display()
+            );
+            return None;
+        }
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let m = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if http
+                .get(format!("{}/moto-api/", m.url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Some(m);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("moto_server did not answer on {}", m.url);
+    }
+
+    async fn sdk(&self, key: &str, secret: &str, token: Option<&str>) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(aws_sdk_sts::config::Credentials::new(
+                key,
+                secret,
+                token.map(str::to_owned),
+                None,
+                "test",
+            ))
+            .load()
+            .await
+    }
+
+    async fn iam(&self) -> aws_sdk_iam::Client {
+        aws_sdk_iam::Client::new(&self.sdk(KEY_ID, SECRET, None).await)
+    }
+
+    /// Create a role (moto would assume a missing one anyway; real AWS would not).
+    async fn create_role(&self, name: &str) -> String {
+        let trust = json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:root")},
+                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]
+            }]
+        });
+        let out = self
+            .iam()
+            .await
+            .create_role()
+            .role_name(name)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .expect("create role");
+        out.role().map(|r| r.arn().to_owned()).expect("role arn")
+    }
+
+    /// The broker's deny policy on `role`, as JSON.
+    async fn deny_policy(&self, role: &str) -> Option<Value> {
+        let out = self
+            .iam()
+            .await
+            .get_role_policy()
+            .role_name(role)
+            .policy_name(DENY_POLICY_NAME)
+            .send()
+            .await
+            .ok()?;
+        let raw = out.policy_document();
+        let text = if raw.starts_with('{') {
+            raw.to_owned()
+        } else {
+            percent_decode(raw).expect("decodable")
+        };
+        Some(serde_json::from_str(&text).expect("policy is JSON"))
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tag() -> String {
+    format!("{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32)
+}
+
+struct Env {
+    moto: Moto,
+    issuer: TestIssuer,
+    db: TestDb,
+    broker: BrokerProcess,
+    http: reqwest::Client,
+    role: String,
+    _policies: tempfile::TempDir,
+}
+
+async fn env() -> Option<Env> {
+    let moto = Moto::start().await?;
+    let role = format!("deploy-{}", tag());
+    let arn = moto.create_role(&role).await;
+    let db = TestDb::sqlite().await;
+    let issuer = TestIssuer::start().await;
+    let policies = tempfile::tempdir().expect("tmp");
+    let policy = format!(
+        r#"credentials:
+  - name: aws-deploy
+    max_ttl: 30m
+    aws_sts:
+      target: main
+      role_arn: {arn}
+      region: eu-west-1
+      session_policy:
+        Version: "2012-10-17"
+        Statement:
+          - Effect: Allow
+            Action: ["s3:GetObject"]
+            Resource: "arn:aws:s3:::artifacts/${{repository_id}}/*"
+  - name: aws-down
+    max_ttl: 30m
+    aws_sts:
+      target: down
+      role_arn: {arn}
+rules:
+  - name: acme
+    issuer: github
+    credentials: [aws-deploy, aws-down]
+    when: claims.repository_id == "1000001"
+"#
+    );
+    std::fs::write(policies.path().join("aws.yaml"), policy).expect("policy");
+    let targets = format!(
+        "targets:\n  aws:\n    main:\n      region: us-east-1\n      endpoint_url: {}\n    down:\n      region: us-east-1\n      endpoint_url: http://127.0.0.1:{}\n",
+        moto.url,
+        free_port()
+    );
+    let envs = [
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: policies.path(),
+        issuers_yaml: github_issuer_yaml(&issuer.url()),
+        audience: AUD,
+        extra_yaml: targets,
+        env: envs,
+    })
+    .await
+    .expect("broker starts");
+    Some(Env {
+        moto,
+        issuer,
+        db,
+        broker,
+        http: reqwest::Client::new(),
+        role,
+        _policies: policies,
+    })
+}
+
+impl Env {
+    fn token_with(&self, f: impl FnOnce(&mut Value)) -> String {
+        let mut c = acme_api_claims(&self.issuer.url(), AUD);
+        f(&mut c);
+        testkit::sign(TestKey::Rsa1, &c)
+    }
+
+    async fn exchange(&self, token: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/exchange", self.broker.url))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .expect("exchange request");
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn revoke(&self, token: &str) -> u16 {
+        self.http
+            .post(format!("{}/v1/revoke", self.broker.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("revoke request")
+            .status()
+            .as_u16()
+    }
+
+    /// Who the minted credentials are, per moto.
+    async fn caller_arn(&self, c: &Value) -> String {
+        let sdk = self
+            .moto
+            .sdk(
+                &s(&c["access_key_id"]),
+                &s(&c["secret_access_key"]),
+                Some(&s(&c["session_token"])),
+            )
+            .await;
+        aws_sdk_sts::Client::new(&sdk)
+            .get_caller_identity()
+            .send()
+            .await
+            .expect("GetCallerIdentity")
+            .arn()
+            .expect("arn")
+            .to_owned()
+    }
+
+    async fn finish(self) {
+        let Env {
+            issuer,
+            db,
+            mut broker,
+            moto,
+            ..
+        } = self;
+        broker.kill();
+        issuer.shutdown().await;
+        db.cleanup().await;
+        drop(moto);
+    }
+}
+
+fn s(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+        .to_owned()
+}
+
+fn rfc3339(v: &Value) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(&s(v), &time::format_description::well_known::Rfc3339)
+        .expect("rfc3339")
+}
+
+/// Exchange returns working credentials for the assumed role with a session name derived from
+/// the job; a 5-minute grant reports AWS's real 15-minute expiry (response and audit); revoke
+/// writes the deny for exactly that session, readable back with GetRolePolicy.
+#[tokio::test]
+async fn exchange_returns_working_credentials_and_revoke_denies_the_session() {
+    let Some(e) = env().await else { return };
+    let before = broker::time::Clock::now(&broker::time::SystemClock);
+    let (status, body) = e
+        .exchange(
+            &e.token_with(|_| {}),
+            json!({"credentials": ["aws-deploy"], "ttl": "5m"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let c = &body["credentials"]["aws-deploy"];
+    assert_eq!(c["kind"], "aws_sts");
+    assert_eq!(c["region"], "eu-west-1");
+    for k in [
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "expiration",
+    ] {
+        assert!(c[k].as_str().is_some_and(|v| !v.is_empty()), "{k} missing");
+    }
+    // Asked for 5 minutes; AWS's floor is 900 s and that is what is reported.
+    let expiration = rfc3339(&c["expiration"]);
+    assert!(
+        expiration >= before + time::Duration::seconds(890),
+        "{expiration}"
+    );
+    assert!(rfc3339(&body["expires_at"]) >= expiration - time::Duration::seconds(1));
+
+    let arn = e.caller_arn(c).await;
+    let prefix = format!(
+        "arn:aws:sts::{ACCOUNT}:assumed-role/{}/acme.api@77.brk-",
+        e.role
+    );
+    assert!(arn.starts_with(&prefix), "{arn}");
+    let session = arn.rsplit('/').next().unwrap().to_owned();
+    let rid = session.rsplit('.').next().unwrap().to_owned();
+    assert!(rid.starts_with("brk-") && rid.len() == 20, "{rid}");
+
+    // The allow event reports the real expiry and the resource id.
+    let grant: uuid::Uuid = s(&body["grant_id"]).parse().unwrap();
+    let events =
+        e.db.store()
+            .audit_events(&AuditFilter {
+                grant_id: Some(grant),
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+    let allow = events
+        .iter()
+        .find(|ev| ev.outcome == broker::audit::Outcome::Allow)
+        .expect("allow event");
+    assert!(allow.expires_at.unwrap() >= expiration - time::Duration::seconds(1));
+    assert!(
+        allow.resource_ids.contains(&rid),
+        "{:?}",
+        allow.resource_ids
+    );
+
+    // No deny before revoke; after it, both statements name this session.
+    assert!(e.moto.deny_policy(&e.role).await.is_none());
+    assert_eq!(e.revoke(&s(&body["revocation_token"])).await, 200);
+    let doc = e
+        .moto
+        .deny_policy(&e.role)
+        .await
+        .expect("deny policy written");
+    let text = doc.to_string();
+    let pattern = format!("*{rid}");
+    let stmts = doc["Statement"].as_array().unwrap();
+    assert_eq!(stmts.len(), 2, "{text}");
+    assert!(
+        stmts
+            .iter()
+            .all(|s| s["Effect"] == "Deny" && s["Action"] == "*")
+    );
+    assert_eq!(
+        stmts[0]["Condition"]["StringLike"]["aws:userid"][0],
+        pattern
+    );
+    assert_eq!(
+        stmts[1]["Condition"]["StringLike"]["sts:SourceIdentity"][0],
+        pattern
+    );
+    assert!(session.ends_with(&rid));
+    // Revoking again is a no-op success.
+    assert_eq!(e.revoke(&s(&body["revocation_token"])).await, 200);
+
+    // No secret reached the broker's debug log.
+    let log = e.broker.log();
+    for k in ["secret_access_key", "session_token"] {
+        assert!(!log.contains(&s(&c[k])), "{k} reached the log");
+    }
+    e.finish().await;
+}
+
+/// Hostile repository, workflow and ref claims give a session name in AWS's alphabet, within
+/// 64 characters, still ending with the grant's resource id.
+#[tokio::test]
+async fn hostile_claims_give_sanitised_session_names() {
+    let Some(e) = env().await else { return };
+    let token = e.token_with(|c| {
+        c["repository"] = json!(format!("ev!l/\"*?{}☃", "x".repeat(80)));
+        c["workflow"] = json!("w\n\"}");
+        c["ref"] = json!("refs/heads/ünï*");
+        c["run_id"] = json!("1 2/3");
+    });
+    let (status, body) = e
+        .exchange(&token, json!({"credentials": ["aws-deploy"], "ttl": "20m"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let arn = e.caller_arn(&body["credentials"]["aws-deploy"]).await;
+    let session = arn.rsplit('/').next().unwrap();
+    assert!(session.len() <= 64, "{session}");
+    assert!(
+        session
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c)),
+        "{session}"
+    );
+    assert!(session.starts_with("ev_l."), "{session}");
+    assert!(session.contains("@1_2.3.brk-"), "{session}");
+    assert_eq!(e.revoke(&s(&body["revocation_token"])).await, 200);
+    e.finish().await;
+}
+
+/// An STS endpoint nobody answers on: 503 `target_unavailable`, no credentials, audited.
+#[tokio::test]
+async fn endpoint_down_is_target_unavailable_and_issues_nothing() {
+    let Some(e) = env().await else { return };
+    let (status, body) = e
+        .exchange(
+            &e.token_with(|_| {}),
+            json!({"credentials": ["aws-deploy", "aws-down"], "ttl": "5m"}),
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "target_unavailable", "{body}");
+    assert!(body.get("credentials").is_none() && body.get("revocation_token").is_none());
+    let events =
+        e.db.store()
+            .audit_events(&AuditFilter {
+                reason: Some("target_unavailable".into()),
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+    assert!(!events.is_empty());
+    // The aws-deploy session minted alongside was undone: denied on the role.
+    let doc = e.moto.deny_policy(&e.role).await;
+    assert!(
+        doc.is_some_and(|d| d.to_string().contains("*brk-")),
+        "the sibling session was not denied"
+    );
+    e.finish().await;
+}
+
+/// Revoke-all writes the `aws:TokenIssueTime` deny next to the per-session denies; a burst of
+/// revocations keeps the policy under IAM's limit.
+#[tokio::test]
+async fn revoke_all_writes_the_token_issue_time_deny_and_the_policy_stays_bounded() {
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let role = format!("deploy-{}", tag());
+    let arn = moto.create_role(&role).await;
+    let mut targets = std::collections::BTreeMap::new();
+    targets.insert(
+        "main".to_owned(),
+        broker::config::AwsTargetConfig {
+            region: "us-east-1".into(),
+            endpoint_url: Some(moto.url.clone()),
+            role_max_session: time::Duration::hours(1),
+        },
+    );
+    let clock = Arc::new(broker::time::SystemClock);
+    let p =
+        AwsStsProvider::with_static_credentials(&targets, clock, KEY_ID, &Sensitive::new(SECRET))
+            .await;
+    let def = CredentialDef {
+        name: "aws-deploy".into(),
+        description: None,
+        max_ttl: time::Duration::minutes(30),
+        spec: CredentialSpec::AwsSts(AwsStsSpec {
+            target: "main".into(),
+            role_arn: RoleArn::parse(&arn).unwrap(),
+            region: None,
+            session_policy: None,
+            managed_policy_arns: Vec::new(),
+        }),
+    };
+    p.check_definitions(std::slice::from_ref(&def)).unwrap();
+    // 150 revocations (intent details only: each denied for the role's full hour).
+    let mut rids = Vec::new();
+    for _ in 0..150 {
+        let rid = p.resource_id(uuid::Uuid::new_v4(), &def);
+        p.revoke(&IssuedCredential {
+            name: def.name.clone(),
+            kind: CredentialKind::AwsSts,
+            resource_id: rid.clone(),
+            details: p.intent_details(&def),
+        })
+        .await
+        .unwrap();
+        rids.push(rid);
+    }
+    let report = p.revoke_all().await.unwrap();
+    assert_eq!((report.revoked, report.failed), (1, 0), "{report:?}");
+    assert!(report.details[0].contains("aws:TokenIssueTime"));
+    let doc = moto.deny_policy(&role).await.expect("deny policy");
+    let text = doc.to_string();
+    assert!(text.len() <= 10_240, "{}", text.len());
+    let all = doc["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == "BrokerRevokeAll")
+        .expect("revoke-all statement");
+    assert_eq!(all["Effect"], "Deny");
+    assert!(all["Condition"]["DateLessThan"]["aws:TokenIssueTime"].is_string());
+    let parsed = DenyDocument::parse(&text).unwrap();
+    let until = broker::time::Clock::now(&broker::time::SystemClock) + time::Duration::minutes(50);
+    for rid in &rids {
+        assert!(parsed.denies(rid, until), "{rid} lost");
+    }
+}
