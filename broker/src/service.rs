@@ -719,10 +719,22 @@ impl Broker {
         ev.job.repository_id = g.repository_id.clone();
         ev.expires_at = Some(g.expires_at);
         crate::fault::point("before_revoke");
+        // What each provider writes to revoke (e.g. an AWS deny statement), for the record.
+        let described: Vec<String> = g
+            .credentials
+            .iter()
+            .filter_map(|c| {
+                let d = self.provider(c.kind).ok()?.revoke_description(c)?;
+                Some(format!("{}: {d}", c.name))
+            })
+            .collect();
         match self.revoke_credentials(&g.credentials).await {
             Ok(()) => {
                 ev.outcome = Outcome::Success;
                 ev.reason = claimed.cause.as_str().to_owned();
+                if !described.is_empty() {
+                    ev.detail = Some(described.join("; "));
+                }
                 self.store
                     .finish_revoke(g.id, claimed.cause, now, &ev)
                     .await?;

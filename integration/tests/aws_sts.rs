@@ -404,6 +404,27 @@ async fn exchange_returns_working_credentials_and_revoke_denies_the_session() {
         pattern
     );
     assert!(session.ends_with(&rid));
+    // The revocation's audit event says what was written, and where.
+    let events =
+        e.db.store()
+            .audit_events(&AuditFilter {
+                grant_id: Some(grant),
+                limit: 10,
+                ..AuditFilter::default()
+            })
+            .await
+            .unwrap();
+    let revoked = events
+        .iter()
+        .find(|ev| ev.action == broker::audit::Action::Revoke)
+        .expect("revoke event");
+    let detail = revoked.detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains(&rid)
+            && detail.contains("broker-revoked-sessions")
+            && detail.contains(&e.role),
+        "{detail}"
+    );
     // Revoking again is a no-op success.
     assert_eq!(e.revoke(&s(&body["revocation_token"])).await, 200);
 

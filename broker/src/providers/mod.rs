@@ -182,6 +182,12 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// Revoke one credential. Idempotent: already gone is success.
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError>;
 
+    /// What `revoke` writes for this credential, in words, for the revocation's audit event
+    /// (e.g. the deny statement put on an AWS role). Never a secret.
+    fn revoke_description(&self, _credential: &IssuedCredential) -> Option<String> {
+        None
+    }
+
     /// Revoke every credential of this kind that is still alive (an operator's kill switch).
     /// Kinds whose credentials die with their grants need nothing beyond the grants' revocation.
     async fn revoke_all(&self) -> Result<RevokeAllReport, ProviderError> {

@@ -602,6 +602,15 @@ impl Provider for AwsStsProvider {
         })
     }
 
+    fn revoke_description(&self, credential: &IssuedCredential) -> Option<String> {
+        let arn = credential.details.get("role_arn").and_then(Value::as_str)?;
+        Some(format!(
+            "deny all actions for sessions whose aws:userid or sts:SourceIdentity ends in {} \
+             (inline policy {DENY_POLICY_NAME} on {arn})",
+            credential.resource_id
+        ))
+    }
+
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError> {
         let rid = credential.resource_id.as_str();
         if self.never_issued.remove(rid).await.is_some() {
