@@ -92,7 +92,9 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     let mut aws = None;
     if !cfg.targets.aws.is_empty() {
         let p = Arc::new(
-            crate::providers::aws_sts::AwsStsProvider::new(&cfg.targets.aws, clock.clone()).await,
+            crate::providers::aws_sts::AwsStsProvider::new(&cfg.targets.aws, clock.clone())
+                .await
+                .with_store(store.clone()),
         );
         extra_providers.push(p.clone());
         aws = Some(p);

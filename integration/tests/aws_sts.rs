@@ -221,7 +221,10 @@ rules:
         policies_dir: policies.path(),
         issuers_yaml: github_issuer_yaml(&issuer.url()),
         audience: AUD,
-        extra_yaml: targets,
+        extra_yaml: format!(
+            "{targets}operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
+            broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+        ),
         env: envs,
     })
     .await
@@ -495,6 +498,46 @@ async fn endpoint_down_is_target_unavailable_and_issues_nothing() {
         doc.is_some_and(|d| d.to_string().contains("*brk-")),
         "the sibling session was not denied"
     );
+    e.finish().await;
+}
+
+/// Operator token configured for the broker under test (test-only).
+const OPERATOR_TOKEN: &str = "brk_op_test-operator-token-for-aws-e2e";
+
+/// The emergency endpoint, unfiltered, puts the `aws:TokenIssueTime` deny on every brokered
+/// role (sessions issued before now die, whoever holds them) and says so in its report.
+#[tokio::test]
+async fn admin_revoke_all_denies_every_earlier_session_of_the_role() {
+    let Some(e) = env().await else {
+        return;
+    };
+    let (status, body) = e
+        .exchange(
+            &e.token_with(|_| {}),
+            json!({"credentials": ["aws-deploy"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let r = e
+        .http
+        .post(format!("{}/v1/admin/revoke-all", e.broker.url))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&json!({"reason": "incident drill"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let report: Value = r.json().await.unwrap();
+    assert_eq!(report["revoked_grants"], 1, "{report}");
+    assert_eq!(report["provider_wide"]["aws_sts"]["revoked"], 1, "{report}");
+    let doc = e.moto.deny_policy(&e.role).await.expect("deny policy");
+    let all = doc["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == "BrokerRevokeAll")
+        .expect("revoke-all statement");
+    assert!(all.to_string().contains("aws:TokenIssueTime"), "{all}");
     e.finish().await;
 }
 

@@ -487,3 +487,30 @@ impl Store {
         }
     }
 }
+
+impl Store {
+    /// Run `work` while holding a lock named `key` that every replica sharing this store
+    /// respects (Postgres: a transaction-scoped advisory lock, released when the transaction
+    /// ends, also if this task is cancelled; SQLite: one node, so the caller's in-process lock
+    /// suffices). For read-modify-write of state kept outside the store, e.g. an AWS role's
+    /// deny policy. Waiting is bounded by the store's statement timeout.
+    pub async fn locked<T>(
+        &self,
+        key: &str,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                let out = work.await;
+                tx.commit().await?;
+                Ok(out)
+            }
+            Backend::Sqlite(_) => Ok(work.await),
+        }
+    }
+}

@@ -1319,3 +1319,48 @@ async fn freeze_is_kept_and_lifted_with_an_audit_event(store: Store) {
     assert_eq!(logged.len(), 2);
     assert!(store.verify_audit_chain().await.unwrap().is_intact());
 }
+
+/// `Store::locked` excludes holders across separate pools (as two replicas would be) and
+/// releases the lock when the work ends.
+#[tokio::test]
+async fn postgres_locked_excludes_other_replicas() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let db = TestDb::postgres().await;
+    let a = db.store();
+    let b = Store::connect(db.url()).await.unwrap();
+    let inside = std::sync::Arc::new(AtomicUsize::new(0));
+    let overlaps = std::sync::Arc::new(AtomicUsize::new(0));
+    let work = |store: Store| {
+        let (inside, overlaps) = (inside.clone(), overlaps.clone());
+        async move {
+            for _ in 0..5 {
+                store
+                    .locked("aws-deny:arn:aws:iam::1:role/x", async {
+                        if inside.fetch_add(1, Ordering::SeqCst) > 0 {
+                            overlaps.fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    })
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    tokio::join!(work(a.clone()), work(b.clone()));
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders at once");
+    // A different key is not blocked by a held one.
+    let held = a.locked(
+        "k1",
+        tokio::time::sleep(std::time::Duration::from_millis(300)),
+    );
+    let other = async {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        b.locked("k2", async { 7 }).await.unwrap()
+    };
+    let (h, o) = tokio::join!(held, other);
+    h.unwrap();
+    assert_eq!(o, 7);
+    b.close().await;
+    db.cleanup().await;
+}

@@ -90,6 +90,8 @@ pub struct AwsStsProvider {
     /// Resource ids whose AssumeRole was refused or never reached AWS: the undo that follows
     /// in this process has nothing to deny.
     never_issued: moka::future::Cache<String, ()>,
+    /// The broker's store, whose lock serialises deny-policy writes across replicas.
+    store: Option<crate::store::Store>,
 }
 
 impl fmt::Debug for AwsStsProvider {
@@ -292,7 +294,14 @@ impl AwsStsProvider {
                 .max_capacity(100_000)
                 .time_to_live(NEVER_ISSUED_TTL)
                 .build(),
+            store: None,
         }
+    }
+
+    /// Serialise deny-policy writes across every replica sharing `store`.
+    pub fn with_store(mut self, store: crate::store::Store) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Every `aws_sts` definition names a configured target (a typo fails the start, not a
@@ -379,6 +388,28 @@ impl AwsStsProvider {
         let role = role_name(arn)?;
         let lock = self.role_lock(arn);
         let _held = lock.lock().await;
+        // Other replicas write the same policy: serialise through the shared store.
+        match &self.store {
+            Some(store) => store
+                .locked(
+                    &format!("aws-deny:{arn}"),
+                    self.write_deny(t, &role, change, check),
+                )
+                .await
+                .map_err(|e| ProviderError::TargetUnavailable(format!("deny-policy lock: {e}")))?,
+            None => self.write_deny(t, &role, change, check).await,
+        }
+    }
+
+    /// The read-modify-write of a role's deny policy (the caller holds the locks).
+    async fn write_deny(
+        &self,
+        t: &Target,
+        role: &str,
+        change: impl Fn(&mut DenyDocument) -> bool,
+        check: impl Fn(&DenyDocument) -> bool,
+    ) -> Result<Option<String>, ProviderError> {
+        let role = role.to_owned();
         for _ in 0..WRITE_ROUNDS {
             let mut doc = self.read_deny(t, &role).await?.unwrap_or_default();
             let now = self.clock.now();
@@ -400,7 +431,7 @@ impl AwsStsProvider {
                 Ok(_) => {}
                 Err(e) if is_no_such_entity(&e) => {
                     // A deleted role has no session left that could act.
-                    tracing::warn!(role = %arn, "brokered role no longer exists; nothing to deny");
+                    tracing::warn!(role = %role, "brokered role no longer exists; nothing to deny");
                     return Ok(None);
                 }
                 Err(e) => return Err(classify("writing the deny policy", &e).0),
@@ -408,7 +439,7 @@ impl AwsStsProvider {
             match self.read_deny(t, &role).await? {
                 Some(stored) if check(&stored) => return Ok(Some(text)),
                 _ => {
-                    tracing::warn!(role = %arn, "deny policy was overwritten concurrently; writing again")
+                    tracing::warn!(role = %role, "deny policy was overwritten concurrently; writing again")
                 }
             }
         }
