@@ -80,24 +80,20 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         known_issuers: Some(cfg.issuers.iter().map(|i| i.name.clone()).collect()),
     };
     let mut extra_providers: Vec<Arc<dyn crate::providers::Provider>> = Vec::new();
-    let mut postgres = None;
     if !cfg.targets.postgres.is_empty() {
         let p = Arc::new(
             crate::providers::postgres::PostgresProvider::new(&cfg.targets.postgres)
                 .map_err(|e| anyhow::anyhow!(e))?,
         );
-        extra_providers.push(p.clone());
-        postgres = Some(p);
+        extra_providers.push(p);
     }
-    let mut aws = None;
     if !cfg.targets.aws.is_empty() {
         let p = Arc::new(
             crate::providers::aws_sts::AwsStsProvider::new(&cfg.targets.aws, clock.clone())
                 .await
                 .with_store(store.clone()),
         );
-        extra_providers.push(p.clone());
-        aws = Some(p);
+        extra_providers.push(p);
     }
     let mut broker = Broker::new(BrokerParts {
         verifier,
@@ -113,18 +109,9 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         rate_per_minute: cfg.limits.exchanges_per_minute_per_repository,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    if let Some(p) = postgres {
-        // A typo in a target name fails the start, not a job.
-        p.check_definitions(broker.policies().credentials())
-            .map_err(|e| anyhow::anyhow!("policies: {e}"))?;
-    }
     broker.set_operators(
         crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
     );
-    if let Some(p) = aws {
-        p.check_definitions(broker.policies().credentials())
-            .map_err(|e| anyhow::anyhow!("policies: {e}"))?;
-    }
     Ok(Arc::new(broker))
 }
 

@@ -198,6 +198,30 @@ pub struct BrokerParts {
 
 const MAX_NAME: usize = 64;
 
+/// Fail closed on a bundle this broker cannot serve: every credential's kind needs a provider
+/// here, and each provider checks its definitions (e.g. that a named target is configured).
+/// Used at start and on every reload, so a reload cannot bring in what a start would refuse.
+fn check_bundle(
+    bundle: &Bundle,
+    providers: &BTreeMap<CredentialKind, Arc<dyn Provider>>,
+) -> Result<(), String> {
+    if let Some(def) = bundle
+        .credentials()
+        .iter()
+        .find(|d| !providers.contains_key(&d.spec.kind()))
+    {
+        return Err(format!(
+            "credential {:?} needs a {} provider, which this broker does not configure",
+            def.name,
+            def.spec.kind().as_str()
+        ));
+    }
+    for p in providers.values() {
+        p.check_definitions(bundle.credentials())?;
+    }
+    Ok(())
+}
+
 fn valid_credential_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= MAX_NAME
@@ -219,16 +243,7 @@ impl Broker {
         for p in parts.extra_providers {
             providers.insert(p.kind(), p);
         }
-        // Fail closed: a credential whose kind has no provider here cannot be served.
-        for def in bundle.credentials() {
-            if !providers.contains_key(&def.spec.kind()) {
-                return Err(format!(
-                    "credential {:?} needs a {} provider, which this broker does not configure",
-                    def.name,
-                    def.spec.kind().as_str()
-                ));
-            }
-        }
+        check_bundle(&bundle, &providers)?;
         let status = PolicyStatus {
             digest: bundle.digest().to_owned(),
             loaded_at: parts.clock.now(),
@@ -279,20 +294,7 @@ impl Broker {
     pub fn reload_policies(&self) -> Result<String, String> {
         let result = Bundle::load_dir(&self.policy_dir, &self.policy_opts)
             .map_err(|e| e.to_string())
-            .and_then(|b| {
-                match b
-                    .credentials()
-                    .iter()
-                    .find(|d| !self.providers.contains_key(&d.spec.kind()))
-                {
-                    Some(d) => Err(format!(
-                        "credential {:?}: no {} provider",
-                        d.name,
-                        d.spec.kind().as_str()
-                    )),
-                    None => Ok(b),
-                }
-            });
+            .and_then(|b| check_bundle(&b, &self.providers).map(|()| b));
         let mut st = self.policy_status.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(bundle) => {
@@ -998,6 +1000,15 @@ rules:
         ) -> String {
             self.inner.resource_id(grant_id, credential)
         }
+        fn check_definitions(
+            &self,
+            defs: &[crate::providers::CredentialDef],
+        ) -> Result<(), String> {
+            match defs.iter().find(|d| d.name == "refused") {
+                Some(_) => Err("credential \"refused\": its target is not configured".into()),
+                None => Ok(()),
+            }
+        }
         async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError> {
             if req.credential.name == "flaky" {
                 return Err(ProviderError::TargetUnavailable(
@@ -1156,6 +1167,20 @@ rules:
             now + Duration::minutes(10),
             "default 15m capped by the rule"
         );
+    }
+
+    #[tokio::test]
+    async fn a_reload_the_providers_refuse_keeps_the_old_bundle() {
+        let h = harness().await;
+        let before = h.broker.policy_status().digest;
+        std::fs::write(
+            h._dir.path().join("more.yaml"),
+            "credentials: [{name: refused, max_ttl: 5m, api_token: {audience: x}}]",
+        )
+        .unwrap();
+        let err = h.broker.reload_policies().unwrap_err();
+        assert!(err.contains("not configured"), "{err}");
+        assert_eq!(h.broker.policy_status().digest, before);
     }
 
     #[tokio::test]

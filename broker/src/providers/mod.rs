@@ -182,6 +182,14 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// Revoke one credential. Idempotent: already gone is success.
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError>;
 
+    /// Check the loaded policy bundle's definitions of this kind against this broker's
+    /// configuration (e.g. a named target exists) and note what the provider must know about
+    /// them (e.g. the roles revoke-all covers). Called at start and on every reload; an error
+    /// rejects the bundle.
+    fn check_definitions(&self, _defs: &[CredentialDef]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// What `revoke` writes for this credential, in words, for the revocation's audit event
     /// (e.g. the deny statement put on an AWS role). Never a secret.
     fn revoke_description(&self, _credential: &IssuedCredential) -> Option<String> {

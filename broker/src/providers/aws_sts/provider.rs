@@ -500,6 +500,10 @@ fn deny_error(e: DenyError) -> ProviderError {
 
 #[async_trait]
 impl Provider for AwsStsProvider {
+    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), String> {
+        AwsStsProvider::check_definitions(self, defs).map_err(|e| e.to_string())
+    }
+
     fn kind(&self) -> CredentialKind {
         CredentialKind::AwsSts
     }

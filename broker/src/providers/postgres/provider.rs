@@ -429,6 +429,10 @@ fn detail_str<'a>(c: &'a IssuedCredential, key: &str) -> Result<&'a str, Provide
 
 #[async_trait]
 impl Provider for PostgresProvider {
+    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), String> {
+        PostgresProvider::check_definitions(self, defs).map_err(|e| e.to_string())
+    }
+
     fn kind(&self) -> CredentialKind {
         CredentialKind::Postgres
     }
