@@ -10,6 +10,7 @@
 //!   [`FREEZE_REFRESH`] and fails closed on a freeze it cannot parse.
 
 mod actions;
+pub mod audit_client;
 pub mod audit_query;
 pub mod client;
 pub mod filter;

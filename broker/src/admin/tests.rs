@@ -623,3 +623,65 @@ async fn audit_query_filters_and_follows_cursors() {
         .collect();
     assert_eq!(repos, vec!["acme/other0", "acme/api"]);
 }
+
+/// The CLI's client over a real socket: follows cursors, stops at `max` with a cursor to
+/// resume from, and reports refusals without the token.
+#[tokio::test]
+async fn audit_client_follows_cursors_up_to_max() {
+    use super::audit_client::query;
+    let h = harness().await;
+    for _ in 0..7 {
+        let (s, _) = exchange(&h, "acme/api", 1).await;
+        assert_eq!(s, StatusCode::OK);
+        h.clock.advance(time::Duration::seconds(1));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = h.app.clone();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let filters = vec![("repository".to_owned(), "acme/api".to_owned())];
+
+    let mut ids = Vec::new();
+    let all = query(&base, &h.auditor, &filters, None, 100, |e| {
+        ids.push(e.id);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(all.fetched, 7);
+    assert_eq!(all.next_cursor, None);
+
+    let mut first = Vec::new();
+    let part = query(&base, &h.auditor, &filters, None, 4, |e| {
+        first.push(e.id);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(part.fetched, 4);
+    let cursor = part.next_cursor.expect("more to come");
+    let mut rest = Vec::new();
+    query(&base, &h.auditor, &filters, Some(cursor), 100, |e| {
+        rest.push(e.id);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    first.extend(rest);
+    assert_eq!(
+        first, ids,
+        "resuming from the cursor continues without gap or repeat"
+    );
+
+    let job = job_token(&h, "acme/api", 1);
+    let err = query(&base, &job, &filters, None, 10, |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(err.contains("401") && !err.contains(job.expose()), "{err}");
+    let bad = vec![("since".to_owned(), "yesterday".to_owned())];
+    let err = query(&base, &h.auditor, &bad, None, 10, |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(err.contains("400"), "{err}");
+    server.abort();
+}
