@@ -1569,3 +1569,73 @@ async fn freeze_is_kept_and_lifted_with_an_audit_event(store: Store) {
     assert_eq!(logged.len(), 2);
     assert!(store.verify_audit_chain().await.unwrap().is_intact());
 }
+
+/// The analyst views of migration 0004 select what their names say, and every view and column
+/// carries a comment.
+#[tokio::test]
+async fn postgres_analyst_views_split_the_log_and_are_documented() {
+    let db = TestDb::postgres().await;
+    let store = db.store();
+    let g = begin_active(&store, 0, 100).await;
+    let mut deny = event(5, Action::Exchange, Outcome::Deny, None);
+    deny.reason = "policy_denied".into();
+    deny.credentials_requested = vec!["admin".into()];
+    store.append_audit(&deny).await.unwrap();
+    let claimed = store
+        .claim_for_revoke(g.id, t(10), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rev = event(11, Action::Revoke, Outcome::Success, Some(g.id));
+    rev.actor = Some("job".into());
+    store
+        .finish_revoke(g.id, claimed.cause, t(11), &rev)
+        .await
+        .unwrap();
+    store
+        .append_audit(&event(12, Action::Admin, Outcome::Success, None))
+        .await
+        .unwrap();
+    let Backend::Postgres(pool) = &store.backend else {
+        unreachable!()
+    };
+    let grants: Vec<Uuid> = sqlx::query_scalar("SELECT grant_id FROM audit_grants")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(grants, vec![g.id]);
+    let denials: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT reason, credentials_requested FROM audit_denials")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(denials, vec![("policy_denied".into(), json!(["admin"]))]);
+    let revs: Vec<(Uuid, String, Option<String>)> =
+        sqlx::query_as("SELECT grant_id, action, actor FROM audit_revocations")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(revs, vec![(g.id, "revoke".into(), Some("job".into()))]);
+    let undocumented: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname || coalesce('.' || a.attname, '')
+         FROM pg_class c
+         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+         WHERE c.relkind = 'v'
+           AND c.relname IN ('audit_grants', 'audit_denials', 'audit_revocations')
+           AND (obj_description(c.oid, 'pg_class') IS NULL
+                OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL))",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(undocumented.is_empty(), "{undocumented:?}");
+    let views: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_views WHERE viewname IN
+         ('audit_grants', 'audit_denials', 'audit_revocations')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(views, 3);
+    db.cleanup().await;
+}
