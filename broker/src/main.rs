@@ -287,8 +287,58 @@ enum PolicyCmd {
     },
 }
 
+#[derive(Args)]
+struct AuditQueryArgs {
+    /// The broker's base URL.
+    #[arg(long, env = "BROKER_URL")]
+    url: String,
+    /// File holding an operator token (auditor or admin role).
+    #[arg(long, env = "BROKER_OPERATOR_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Events at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<String>,
+    /// Events before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
+    #[arg(long)]
+    repository: Option<String>,
+    #[arg(long)]
+    repository_id: Option<String>,
+    /// `job`, `reaper`, `operator:<name>`.
+    #[arg(long)]
+    actor: Option<String>,
+    /// A credential name requested or granted.
+    #[arg(long)]
+    credential: Option<String>,
+    /// A credential kind (api_token, postgres, aws_sts).
+    #[arg(long)]
+    kind: Option<String>,
+    /// allow, deny, error, success, failure.
+    #[arg(long)]
+    outcome: Option<String>,
+    /// A reason code (policy_denied, token_expired, ...).
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(long)]
+    grant_id: Option<String>,
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Resume after a previous run (the cursor it printed).
+    #[arg(long)]
+    cursor: Option<String>,
+    /// Stop after this many events (pages are followed until then).
+    #[arg(long, default_value_t = 1000)]
+    max: usize,
+    /// table, jsonl or csv.
+    #[arg(long, default_value = "table")]
+    format: broker::admin::audit_client::OutputFormat,
+}
+
 #[derive(Subcommand)]
 enum AuditCmd {
+    /// Query a running broker's audit log (`GET /v1/audit`, auditor or admin token).
+    Query(Box<AuditQueryArgs>),
     /// List recent audit events, newest first.
     List {
         #[command(flatten)]
@@ -389,6 +439,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Cmd::Audit {
+            cmd: AuditCmd::Query(args),
+        } => return audit_query(*args).await,
+        Cmd::Audit {
             cmd: AuditCmd::Verify { store, json },
         } => {
             let report = store.open().await?.verify_audit_chain().await?;
@@ -451,6 +504,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn audit_query(a: AuditQueryArgs) -> anyhow::Result<ExitCode> {
+    use broker::admin::audit_client::{header, query, render};
+    use std::io::Write;
+    let token = broker::admin::client::read_token(&a.token_file).map_err(|e| anyhow::anyhow!(e))?;
+    let filters: Vec<(String, String)> = [
+        ("since", a.since),
+        ("until", a.until),
+        ("repository", a.repository),
+        ("repository_id", a.repository_id),
+        ("actor", a.actor),
+        ("credential", a.credential),
+        ("kind", a.kind),
+        ("outcome", a.outcome),
+        ("reason", a.reason),
+        ("grant_id", a.grant_id),
+        ("request_id", a.request_id),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+    .collect();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if let Some(h) = header(a.format) {
+        writeln!(out, "{h}")?;
+    }
+    let outcome = query(&a.url, &token, &filters, a.cursor, a.max, |ev| {
+        let line = render(a.format, ev)?;
+        writeln!(out, "{line}").map_err(|e| format!("writing output: {}", e.kind()))
+    })
+    .await;
+    out.flush()?;
+    match outcome {
+        Ok(o) => {
+            eprintln!("{} events", o.fetched);
+            if let Some(c) = o.next_cursor {
+                eprintln!("more events match: continue with --cursor {c}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {

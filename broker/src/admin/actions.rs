@@ -74,7 +74,7 @@ enum One {
 }
 
 impl Broker {
-    fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
+    pub(super) fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
         let mut ev = AuditEvent::new(self.clock.now(), Action::Admin, Outcome::Deny, what);
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
@@ -82,7 +82,7 @@ impl Broker {
         ev
     }
 
-    async fn admin_audit(&self, ev: &AuditEvent) -> Result<(), AdminError> {
+    pub(super) async fn admin_audit(&self, ev: &AuditEvent) -> Result<(), AdminError> {
         self.store.append_audit(ev).await.map_err(|e| {
             tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
             AdminError::Store(e)

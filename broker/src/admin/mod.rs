@@ -10,11 +10,14 @@
 //!   [`FREEZE_REFRESH`] and fails closed on a freeze it cannot parse.
 
 mod actions;
+pub mod audit_client;
+pub mod audit_query;
 pub mod client;
 pub mod filter;
 pub mod operators;
 
 pub use actions::{Freeze, RevokeAllReport, RevokeFailure};
+pub use audit_query::AuditQueryPage;
 pub use filter::GrantFilter;
 pub use operators::{OPERATOR_PREFIX, Operator, OperatorConfig, Operators, Role};
 

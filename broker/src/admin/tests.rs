@@ -503,3 +503,185 @@ async fn revoke_all_revokes_a_thousand_grants_in_one_call() {
             .is_intact()
     );
 }
+
+#[tokio::test]
+async fn audit_query_is_for_operators_only_and_audited() {
+    let h = harness().await;
+    let (s, _) = exchange(&h, "acme/api", 1).await;
+    assert_eq!(s, StatusCode::OK);
+    let job = job_token(&h, "acme/api", 1);
+    for (tok, status) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some(job.expose()), StatusCode::UNAUTHORIZED),
+    ] {
+        let (s, body) = call(&h, "GET", "/v1/audit", tok, Value::Null).await;
+        assert_eq!(s, status, "{body}");
+        assert!(body.get("events").is_none(), "nothing leaks: {body}");
+    }
+    // Auditor and admin both may.
+    for tok in [&h.auditor, &h.admin] {
+        let (s, body) = call(&h, "GET", "/v1/audit", Some(tok.expose()), Value::Null).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(body["events"].as_array().is_some_and(|e| !e.is_empty()));
+        assert!(body["next_cursor"].is_null());
+    }
+    let events = admin_events(&h).await;
+    let queries: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason == "audit_query")
+        .collect();
+    assert_eq!(queries.len(), 2, "each answered query audited");
+    assert_eq!(queries[0].actor.as_deref(), Some("operator:alice"));
+    assert_eq!(queries[1].actor.as_deref(), Some("operator:bob"));
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason == "missing_token" || e.reason == "operator_unauthorized")
+            .count(),
+        2,
+        "refusals audited"
+    );
+    // A malformed filter is a 400, audited with the operator.
+    let (s, body) = call(
+        &h,
+        "GET",
+        "/v1/audit?repo=acme%2Fapi",
+        Some(h.auditor.expose()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(admin_events(&h).await.iter().any(|e| {
+        e.reason == "bad_request"
+            && e.actor.as_deref() == Some("operator:bob")
+            && e.detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("audit_query"))
+    }));
+}
+
+#[tokio::test]
+async fn audit_query_filters_and_follows_cursors() {
+    let h = harness().await;
+    for i in 0..5 {
+        let (s, _) = exchange(&h, "acme/api", 1).await;
+        assert_eq!(s, StatusCode::OK);
+        h.clock.advance(time::Duration::seconds(1));
+        let (s, _) = exchange(&h, &format!("acme/other{i}"), 2).await;
+        assert_eq!(s, StatusCode::OK);
+        h.clock.advance(time::Duration::seconds(1));
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/audit?repository=acme%2Fapi&outcome=allow&limit=2".to_owned();
+    let mut pages = 0;
+    loop {
+        let (s, body) = call(&h, "GET", &path, Some(h.auditor.expose()), Value::Null).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        pages += 1;
+        for e in body["events"].as_array().unwrap() {
+            assert_eq!(e["job"]["repository"], "acme/api");
+            assert_eq!(e["outcome"], "allow");
+            seen.push(e["id"].as_str().unwrap().to_owned());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => {
+                path = format!("/v1/audit?repository=acme%2Fapi&outcome=allow&limit=2&cursor={c}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 5);
+    let mut dedup = seen.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 5, "no duplicates across pages");
+    let (s, body) = call(
+        &h,
+        "GET",
+        "/v1/audit?action=exchange",
+        Some(h.auditor.expose()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "unknown parameter: {body}");
+    // Time range: the first two seconds hold one exchange per repository.
+    let (s, body) = call(
+        &h,
+        "GET",
+        "/v1/audit?since=2030-03-17T17:46:40Z&until=2030-03-17T17:46:42Z&credential=deploy-api&kind=api_token",
+        Some(h.auditor.expose()),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let repos: Vec<_> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["job"]["repository"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(repos, vec!["acme/other0", "acme/api"]);
+}
+
+/// The CLI's client over a real socket: follows cursors, stops at `max` with a cursor to
+/// resume from, and reports refusals without the token.
+#[tokio::test]
+async fn audit_client_follows_cursors_up_to_max() {
+    use super::audit_client::query;
+    let h = harness().await;
+    for _ in 0..7 {
+        let (s, _) = exchange(&h, "acme/api", 1).await;
+        assert_eq!(s, StatusCode::OK);
+        h.clock.advance(time::Duration::seconds(1));
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = h.app.clone();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let filters = vec![("repository".to_owned(), "acme/api".to_owned())];
+
+    let mut ids = Vec::new();
+    let all = query(&base, &h.auditor, &filters, None, 100, |e| {
+        ids.push(e.id);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(all.fetched, 7);
+    assert_eq!(all.next_cursor, None);
+
+    let mut first = Vec::new();
+    let part = query(&base, &h.auditor, &filters, None, 4, |e| {
+        first.push(e.id);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(part.fetched, 4);
+    let cursor = part.next_cursor.expect("more to come");
+    let mut rest = Vec::new();
+    query(&base, &h.auditor, &filters, Some(cursor), 100, |e| {
+        rest.push(e.id);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    first.extend(rest);
+    assert_eq!(
+        first, ids,
+        "resuming from the cursor continues without gap or repeat"
+    );
+
+    let job = job_token(&h, "acme/api", 1);
+    let err = query(&base, &job, &filters, None, 10, |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(err.contains("401") && !err.contains(job.expose()), "{err}");
+    let bad = vec![("since".to_owned(), "yesterday".to_owned())];
+    let err = query(&base, &h.auditor, &bad, None, 10, |_| Ok(()))
+        .await
+        .unwrap_err();
+    assert!(err.contains("400"), "{err}");
+    server.abort();
+}

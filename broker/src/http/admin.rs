@@ -1,4 +1,4 @@
-//! Operator endpoints (`/v1/admin/*`): bearer operator tokens only (never a job token), every
+//! Operator endpoints (`/v1/admin/*`, `GET /v1/audit`): bearer operator tokens only (never a job token), every
 //! call audited by `admin::actions`.
 
 use super::{bearer, body_bytes, ctx};
@@ -6,9 +6,9 @@ use crate::admin::{AdminError, GrantFilter, Role};
 use crate::service::{Broker, RequestCtx};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -20,6 +20,7 @@ pub(super) fn routes() -> Router<Arc<Broker>> {
         .route("/v1/admin/revoke-all", post(revoke_all))
         .route("/v1/admin/freeze", post(freeze).get(freeze_status))
         .route("/v1/admin/unfreeze", post(unfreeze))
+        .route("/v1/audit", get(audit_query))
 }
 
 #[derive(Deserialize, Default)]
@@ -113,4 +114,23 @@ async fn freeze_status(
         .await?;
     let f = b.freeze_status(&op, &ctx).await?;
     Ok(Json(json!({"frozen": f.is_some(), "freeze": f})))
+}
+
+/// `GET /v1/audit?since=...&repository=...&cursor=...`: auditor or admin.
+async fn audit_query(
+    State(b): State<Arc<Broker>>,
+    addr: Addr,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, super::ApiError> {
+    let ctx = ctx(&headers, addr.map(|a| (a.0).0));
+    let op = b
+        .authorize(bearer(&headers).ok(), Role::Auditor, "audit_query", &ctx)
+        .await?;
+    let pairs: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let page = b.audit_query(&op, &pairs, &ctx).await?;
+    Ok(Json(json!(page)))
 }

@@ -171,7 +171,8 @@ pub struct CredentialStatus {
     pub expires_at: OffsetDateTime,
 }
 
-/// Filter for reading audit events back (CLI, tests; issue 6 extends it).
+/// Filter for reading audit events back (`GET /v1/audit`, CLI, tests). Every field narrows the
+/// result (AND); `None` means "any". The backends apply all of them in SQL, never in memory.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
     pub grant_id: Option<Uuid>,
@@ -179,9 +180,38 @@ pub struct AuditFilter {
     pub repository: Option<String>,
     pub outcome: Option<String>,
     pub reason: Option<String>,
+    /// Events at or after this time.
     pub since: Option<OffsetDateTime>,
+    /// Events strictly before this time.
+    pub until: Option<OffsetDateTime>,
+    pub repository_id: Option<String>,
+    /// `job`, `reaper`, `operator:<name>`...
+    pub actor: Option<String>,
+    /// A credential name the event requested or granted.
+    pub credential: Option<String>,
+    /// A credential kind (`api_token`, ...): events of grants that hold a credential of this
+    /// kind. Events without a grant (denials) never match.
+    pub kind: Option<String>,
+    /// Only events older than the event with this sequence number (the previous page's
+    /// [`AuditPage::next_cursor`]), in the same newest-first order.
+    pub cursor: Option<i64>,
     /// Newest first; at most this many (capped at 1000).
     pub limit: u32,
+}
+
+/// One audit event with its sequence number (insertion order, the pagination cursor).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub event: AuditEvent,
+}
+
+/// One page of audit events, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    /// Set when more events match: pass it as [`AuditFilter::cursor`] for the next page.
+    pub next_cursor: Option<i64>,
 }
 
 /// The emergency freeze as stored (the filter is the admin layer's JSON).
@@ -354,7 +384,26 @@ impl Store {
     }
     /// Read audit events back, newest first.
     pub async fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
-        dispatch!(self, audit_events(filter))
+        let page = self.audit_page(filter).await?;
+        Ok(page.records.into_iter().map(|r| r.event).collect())
+    }
+    /// One page of audit events, newest first (time, then insertion order), with the cursor of
+    /// the next page when more match.
+    pub async fn audit_page(&self, filter: &AuditFilter) -> Result<AuditPage, StoreError> {
+        let limit = codec::audit_limit(filter.limit);
+        // One row more than asked tells whether another page exists without a second query.
+        let mut records = dispatch!(self, audit_records(filter, limit + 1))?;
+        let more = records.len() as i64 > limit;
+        records.truncate(usize::try_from(limit).unwrap_or(0));
+        let next_cursor = if more {
+            records.last().map(|r| r.seq)
+        } else {
+            None
+        };
+        Ok(AuditPage {
+            records,
+            next_cursor,
+        })
     }
 
     /// Walk the audit hash chain oldest first and report the first event that was modified,

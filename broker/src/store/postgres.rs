@@ -8,12 +8,11 @@
 
 use super::chain::{self, ChainHead, ChainRow};
 use super::codec::{
-    ACQUIRE_TIMEOUT, audit_limit, corrupt, enum_text, migrate_err, parse_cause, parse_kind,
-    parse_status,
+    ACQUIRE_TIMEOUT, corrupt, enum_text, migrate_err, parse_cause, parse_kind, parse_status,
 };
 use super::{
-    AuditFilter, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus, JtiRecord,
-    NewGrant, RevokeCause, StoreError, StoreStats,
+    AuditFilter, AuditRecord, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus,
+    JtiRecord, NewGrant, RevokeCause, StoreError, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -352,20 +351,34 @@ pub(super) async fn event_with_hash(
         .transpose()
 }
 
-pub(super) async fn audit_events(
+pub(super) async fn audit_records(
     pool: &PgPool,
     filter: &AuditFilter,
-) -> Result<Vec<AuditEvent>, StoreError> {
+    limit: i64,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    // Each filter is "parameter is NULL or the row matches", so one prepared statement serves
+    // every combination. The cursor compares (time, seq) with the cursor row's, matching the
+    // ORDER BY, so pages neither overlap nor skip events that share a time.
     let rows = sqlx::query(
-        "SELECT event FROM audit_events
+        "SELECT seq, event FROM audit_events
          WHERE ($1::uuid IS NULL OR grant_id = $1)
            AND ($2::text IS NULL OR request_id = $2)
            AND ($3::text IS NULL OR repository = $3)
            AND ($4::text IS NULL OR outcome = $4)
            AND ($5::text IS NULL OR reason = $5)
            AND ($6::timestamptz IS NULL OR time >= $6)
+           AND ($7::timestamptz IS NULL OR time < $7)
+           AND ($8::text IS NULL OR repository_id = $8)
+           AND ($9::text IS NULL OR actor = $9)
+           AND ($10::text IS NULL
+                OR event->'credentials_requested' @> jsonb_build_array($10::text)
+                OR event->'credentials_granted' @> jsonb_build_array($10::text))
+           AND ($11::text IS NULL OR grant_id IN
+                (SELECT grant_id FROM grant_credentials WHERE kind = $11))
+           AND ($12::bigint IS NULL OR (time, seq) <
+                (SELECT c.time, c.seq FROM audit_events c WHERE c.seq = $12))
          ORDER BY time DESC, seq DESC
-         LIMIT $7",
+         LIMIT $13",
     )
     .bind(filter.grant_id)
     .bind(&filter.request_id)
@@ -373,14 +386,25 @@ pub(super) async fn audit_events(
     .bind(&filter.outcome)
     .bind(&filter.reason)
     .bind(filter.since)
-    .bind(audit_limit(filter.limit))
+    .bind(filter.until)
+    .bind(&filter.repository_id)
+    .bind(&filter.actor)
+    .bind(&filter.credential)
+    .bind(&filter.kind)
+    .bind(filter.cursor)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     rows.iter()
         .map(|r| {
-            r.try_get::<Json<AuditEvent>, _>("event")
+            let event = r
+                .try_get::<Json<AuditEvent>, _>("event")
                 .map(|j| j.0)
-                .map_err(|_| corrupt("audit event"))
+                .map_err(|_| corrupt("audit event"))?;
+            Ok(AuditRecord {
+                seq: r.try_get("seq")?,
+                event,
+            })
         })
         .collect()
 }

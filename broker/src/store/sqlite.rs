@@ -10,12 +10,11 @@
 
 use super::chain::{self, ChainHead, ChainRow};
 use super::codec::{
-    ACQUIRE_TIMEOUT, audit_limit, corrupt, enum_text, migrate_err, parse_cause, parse_kind,
-    parse_status,
+    ACQUIRE_TIMEOUT, corrupt, enum_text, migrate_err, parse_cause, parse_kind, parse_status,
 };
 use super::{
-    AuditFilter, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus, JtiRecord,
-    NewGrant, RevokeCause, StoreError, StoreStats,
+    AuditFilter, AuditRecord, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus,
+    JtiRecord, NewGrant, RevokeCause, StoreError, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -351,20 +350,35 @@ pub(super) async fn event_with_hash(
         .transpose()
 }
 
-pub(super) async fn audit_events(
+pub(super) async fn audit_records(
     pool: &SqlitePool,
     filter: &AuditFilter,
-) -> Result<Vec<AuditEvent>, StoreError> {
+    limit: i64,
+) -> Result<Vec<AuditRecord>, StoreError> {
+    // Same shape as the Postgres query (see there); credential names are looked up in the event
+    // JSON with json_each, the cursor with a row-value comparison on (time, seq).
     let rows = sqlx::query(
-        "SELECT event FROM audit_events
+        "SELECT seq, event FROM audit_events
          WHERE ($1 IS NULL OR grant_id = $1)
            AND ($2 IS NULL OR request_id = $2)
            AND ($3 IS NULL OR repository = $3)
            AND ($4 IS NULL OR outcome = $4)
            AND ($5 IS NULL OR reason = $5)
            AND ($6 IS NULL OR time >= $6)
+           AND ($7 IS NULL OR time < $7)
+           AND ($8 IS NULL OR repository_id = $8)
+           AND ($9 IS NULL OR actor = $9)
+           AND ($10 IS NULL
+                OR EXISTS (SELECT 1 FROM json_each(event, '$.credentials_requested') j
+                           WHERE j.value = $10)
+                OR EXISTS (SELECT 1 FROM json_each(event, '$.credentials_granted') j
+                           WHERE j.value = $10))
+           AND ($11 IS NULL OR grant_id IN
+                (SELECT grant_id FROM grant_credentials WHERE kind = $11))
+           AND ($12 IS NULL OR (time, seq) <
+                (SELECT c.time, c.seq FROM audit_events c WHERE c.seq = $12))
          ORDER BY time DESC, seq DESC
-         LIMIT $7",
+         LIMIT $13",
     )
     .bind(filter.grant_id.map(|g| g.to_string()))
     .bind(&filter.request_id)
@@ -372,13 +386,23 @@ pub(super) async fn audit_events(
     .bind(&filter.outcome)
     .bind(&filter.reason)
     .bind(filter.since.map(ms))
-    .bind(audit_limit(filter.limit))
+    .bind(filter.until.map(ms))
+    .bind(&filter.repository_id)
+    .bind(&filter.actor)
+    .bind(&filter.credential)
+    .bind(&filter.kind)
+    .bind(filter.cursor)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     rows.iter()
         .map(|r| {
             let text: &str = r.try_get("event")?;
-            serde_json::from_str(text).map_err(|_| corrupt("audit event"))
+            let event = serde_json::from_str(text).map_err(|_| corrupt("audit event"))?;
+            Ok(AuditRecord {
+                seq: r.try_get("seq")?,
+                event,
+            })
         })
         .collect()
 }

@@ -713,6 +713,254 @@ async fn finish_revoke_sets_the_final_status_per_cause(store: Store) {
     }
 }
 
+/// Every `GET /v1/audit` filter narrows the result in SQL, alone and combined.
+async fn audit_filters_each_narrow(store: Store) {
+    // A grant holding a postgres credential, so the kind filter has something to tell apart.
+    let mut pg = new_grant(0, 100);
+    pg.credentials[1].kind = CredentialKind::Postgres;
+    store.begin_grant(&pg, None).await.unwrap();
+    let tok = new_grant(0, 100);
+    store.begin_grant(&tok, None).await.unwrap();
+
+    let mut a = event(10, Action::Exchange, Outcome::Allow, Some(pg.id));
+    a.job.repository = Some("acme/app".into());
+    a.job.repository_id = Some("42".into());
+    a.credentials_requested = vec!["deploy".into(), "db".into()];
+    a.credentials_granted = vec!["deploy".into(), "db".into()];
+    a.request_id = Some("req-a".into());
+    let mut b = event(20, Action::Exchange, Outcome::Deny, None);
+    b.reason = "policy_denied".into();
+    b.job.repository = Some("acme/other".into());
+    b.job.repository_id = Some("43".into());
+    b.credentials_requested = vec!["admin".into()];
+    let mut c = event(30, Action::Revoke, Outcome::Success, Some(tok.id));
+    c.actor = Some("job".into());
+    c.job.repository = Some("acme/app".into());
+    c.job.repository_id = Some("42".into());
+    let mut d = event(40, Action::Admin, Outcome::Success, None);
+    d.actor = Some("operator:alice".into());
+    d.reason = "revoke_all".into();
+    for e in [&a, &b, &c, &d] {
+        store.append_audit(e).await.unwrap();
+    }
+    let ids = |f: AuditFilter| {
+        let store = store.clone();
+        async move {
+            let got = store.audit_page(&f).await.unwrap();
+            got.records
+                .into_iter()
+                .map(|r| r.event.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let f = AuditFilter::default;
+    assert_eq!(ids(f()).await, vec![d.id, c.id, b.id, a.id]);
+    assert_eq!(
+        ids(AuditFilter {
+            until: Some(t(30)),
+            ..f()
+        })
+        .await,
+        vec![b.id, a.id],
+        "until is exclusive"
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            since: Some(t(20)),
+            until: Some(t(40)),
+            ..f()
+        })
+        .await,
+        vec![c.id, b.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            repository_id: Some("42".into()),
+            ..f()
+        })
+        .await,
+        vec![c.id, a.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            repository: Some("acme/other".into()),
+            ..f()
+        })
+        .await,
+        vec![b.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            actor: Some("operator:alice".into()),
+            ..f()
+        })
+        .await,
+        vec![d.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            credential: Some("db".into()),
+            ..f()
+        })
+        .await,
+        vec![a.id],
+        "granted credential"
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            credential: Some("admin".into()),
+            ..f()
+        })
+        .await,
+        vec![b.id],
+        "requested (denied) credential"
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            credential: Some("nope".into()),
+            ..f()
+        })
+        .await,
+        Vec::<Uuid>::new()
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            kind: Some("postgres".into()),
+            ..f()
+        })
+        .await,
+        vec![a.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            kind: Some("api_token".into()),
+            ..f()
+        })
+        .await,
+        vec![c.id, a.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            outcome: Some("success".into()),
+            ..f()
+        })
+        .await,
+        vec![d.id, c.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            reason: Some("policy_denied".into()),
+            ..f()
+        })
+        .await,
+        vec![b.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            grant_id: Some(tok.id),
+            ..f()
+        })
+        .await,
+        vec![c.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            request_id: Some("req-a".into()),
+            ..f()
+        })
+        .await,
+        vec![a.id]
+    );
+    assert_eq!(
+        ids(AuditFilter {
+            repository_id: Some("42".into()),
+            outcome: Some("allow".into()),
+            ..f()
+        })
+        .await,
+        vec![a.id],
+        "filters combine with AND"
+    );
+    // A value that looks like SQL is just a value.
+    assert_eq!(
+        ids(AuditFilter {
+            actor: Some("x' OR '1'='1".into()),
+            ..f()
+        })
+        .await,
+        Vec::<Uuid>::new()
+    );
+}
+
+/// Pages follow each other newest first with no duplicate and no gap, also across events that
+/// share a time, and the last page has no cursor.
+async fn audit_pages_have_no_gaps_or_duplicates(store: Store) {
+    let mut appended = Vec::new();
+    for i in 0..23 {
+        // Three events per second, so page boundaries fall inside a shared time.
+        let mut e = event(i / 3, Action::Exchange, Outcome::Allow, None);
+        e.job.repository = Some(if i % 2 == 0 { "acme/app" } else { "acme/b" }.into());
+        store.append_audit(&e).await.unwrap();
+        appended.push(e);
+    }
+    let newest_first: Vec<Uuid> = appended.iter().rev().map(|e| e.id).collect();
+    for (limit, repo) in [
+        (5, None),
+        (3, None),
+        (1, None),
+        (23, None),
+        (4, Some("acme/app")),
+    ] {
+        let mut got = Vec::new();
+        let mut cursor = None;
+        let mut pages = 0;
+        loop {
+            let page = store
+                .audit_page(&AuditFilter {
+                    limit,
+                    cursor,
+                    repository: repo.map(str::to_owned),
+                    ..AuditFilter::default()
+                })
+                .await
+                .unwrap();
+            pages += 1;
+            assert!(page.records.len() <= limit as usize);
+            got.extend(page.records.iter().map(|r| r.event.id));
+            match page.next_cursor {
+                Some(c) => {
+                    assert_eq!(Some(c), page.records.last().map(|r| r.seq));
+                    cursor = Some(c);
+                }
+                None => break,
+            }
+            assert!(pages < 100, "pagination does not end");
+        }
+        let want: Vec<Uuid> = match repo {
+            None => newest_first.clone(),
+            Some(r) => appended
+                .iter()
+                .rev()
+                .filter(|e| e.job.repository.as_deref() == Some(r))
+                .map(|e| e.id)
+                .collect(),
+        };
+        assert_eq!(got, want, "limit {limit}, repository {repo:?}");
+        let expected_pages = want.len().div_ceil(limit as usize);
+        assert_eq!(pages, expected_pages, "no empty trailing page");
+    }
+    // An unknown cursor matches nothing rather than restarting from the top.
+    let page = store
+        .audit_page(&AuditFilter {
+            cursor: Some(999_999),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(page.records.is_empty());
+    assert_eq!(page.next_cursor, None);
+}
+
 async fn audit_events_filter_and_order(store: Store) {
     let g1 = Uuid::now_v7();
     let mut a = event(10, Action::Exchange, Outcome::Allow, Some(g1));
@@ -997,6 +1245,8 @@ store_tests!(
     revoke_failed_is_retried_with_the_original_cause,
     finish_revoke_sets_the_final_status_per_cause,
     audit_events_filter_and_order,
+    audit_filters_each_narrow,
+    audit_pages_have_no_gaps_or_duplicates,
     stats_count_grants,
     active_grants_oldest_first,
     purge_jti_removes_only_past_windows,
@@ -1362,5 +1612,75 @@ async fn postgres_locked_excludes_other_replicas() {
     h.unwrap();
     assert_eq!(o, 7);
     b.close().await;
+    db.cleanup().await;
+}
+
+/// The analyst views of migration 0004 select what their names say, and every view and column
+/// carries a comment.
+#[tokio::test]
+async fn postgres_analyst_views_split_the_log_and_are_documented() {
+    let db = TestDb::postgres().await;
+    let store = db.store();
+    let g = begin_active(&store, 0, 100).await;
+    let mut deny = event(5, Action::Exchange, Outcome::Deny, None);
+    deny.reason = "policy_denied".into();
+    deny.credentials_requested = vec!["admin".into()];
+    store.append_audit(&deny).await.unwrap();
+    let claimed = store
+        .claim_for_revoke(g.id, t(10), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rev = event(11, Action::Revoke, Outcome::Success, Some(g.id));
+    rev.actor = Some("job".into());
+    store
+        .finish_revoke(g.id, claimed.cause, t(11), &rev)
+        .await
+        .unwrap();
+    store
+        .append_audit(&event(12, Action::Admin, Outcome::Success, None))
+        .await
+        .unwrap();
+    let Backend::Postgres(pool) = &store.backend else {
+        unreachable!()
+    };
+    let grants: Vec<Uuid> = sqlx::query_scalar("SELECT grant_id FROM audit_grants")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    assert_eq!(grants, vec![g.id]);
+    let denials: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT reason, credentials_requested FROM audit_denials")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(denials, vec![("policy_denied".into(), json!(["admin"]))]);
+    let revs: Vec<(Uuid, String, Option<String>)> =
+        sqlx::query_as("SELECT grant_id, action, actor FROM audit_revocations")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(revs, vec![(g.id, "revoke".into(), Some("job".into()))]);
+    let undocumented: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname || coalesce('.' || a.attname, '')
+         FROM pg_class c
+         LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+         WHERE c.relkind = 'v'
+           AND c.relname IN ('audit_grants', 'audit_denials', 'audit_revocations')
+           AND (obj_description(c.oid, 'pg_class') IS NULL
+                OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL))",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(undocumented.is_empty(), "{undocumented:?}");
+    let views: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_views WHERE viewname IN
+         ('audit_grants', 'audit_denials', 'audit_revocations')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(views, 3);
     db.cleanup().await;
 }
