@@ -1086,19 +1086,8 @@ rules:
 
     fn job(now: OffsetDateTime, ttl: Duration) -> dev::DevJob {
         dev::DevJob {
-            repository: "acme/api".into(),
-            repository_id: 1_000_001,
-            owner: "acme".into(),
-            owner_id: 9_000_001,
-            git_ref: "refs/heads/main".into(),
-            event_name: "push".into(),
-            environment: None,
-            workflow: "deploy".into(),
-            actor: "octocat".into(),
-            run_id: 1,
-            audience: AUD.into(),
             ttl,
-            now,
+            ..dev::DevJob::acme_api(AUD, now)
         }
     }
 

@@ -180,20 +180,10 @@ impl Drop for BrokerProcess {
 pub fn acme_api_claims(iss: &str, aud: &str) -> serde_json::Value {
     use broker::oidc::dev;
     let now = broker::time::Clock::now(&broker::time::SystemClock);
+    // Run id 77: the AWS tests expect it in the derived session name.
     let job = dev::DevJob {
-        repository: "acme/api".into(),
-        repository_id: 1_000_001,
-        owner: "acme".into(),
-        owner_id: 9_000_001,
-        git_ref: "refs/heads/main".into(),
-        event_name: "push".into(),
-        environment: None,
-        workflow: "deploy".into(),
-        actor: "octocat".into(),
         run_id: 77,
-        audience: aud.into(),
-        ttl: time::Duration::minutes(5),
-        now,
+        ..dev::DevJob::acme_api(aud, now)
     };
     let mut c = dev::github_claims(&job);
     c["iss"] = serde_json::Value::String(iss.to_owned());

@@ -107,17 +107,7 @@ fn job_token(h: &H, repo: &str, repo_id: u64) -> Sensitive {
     let job = dev::DevJob {
         repository: repo.into(),
         repository_id: repo_id,
-        owner: "acme".into(),
-        owner_id: 9_000_001,
-        git_ref: "refs/heads/main".into(),
-        event_name: "push".into(),
-        environment: None,
-        workflow: "deploy".into(),
-        actor: "octocat".into(),
-        run_id: 1,
-        audience: AUD.into(),
-        ttl: time::Duration::minutes(5),
-        now: h.clock.now(),
+        ..dev::DevJob::acme_api(AUD, h.clock.now())
     };
     Sensitive::new(dev::sign(&dev::github_claims(&job)).unwrap())
 }

@@ -108,6 +108,18 @@ impl DevJob {
         }
     }
 
+    /// The job the example policies (`policies/github.yaml`) allow `deploy-api` for: a push to
+    /// main of `acme/api`, repository id 1000001, owner id 9000001. Tests vary it from here.
+    pub fn acme_api(audience: &str, now: OffsetDateTime) -> Self {
+        Self {
+            repository: "acme/api".into(),
+            repository_id: 1_000_001,
+            owner_id: 9_000_001,
+            run_id: 1,
+            ..Self::example(audience, now)
+        }
+    }
+
     fn ref_type(&self) -> &'static str {
         if self.git_ref.starts_with("refs/tags/") {
             "tag"
