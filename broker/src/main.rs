@@ -360,6 +360,32 @@ enum AuditCmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also prove the chain still passes through this signed checkpoint (from `broker
+        /// audit checkpoint`): detects a log cut or rewritten before it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Check the checkpoint's signature with this JWKS file (the broker's
+        /// /.well-known/jwks.json) instead of the signing keys in --config.
+        #[arg(long, requires = "checkpoint")]
+        jwks: Option<PathBuf>,
+    },
+    /// Record where the audit chain stands and print it as a checkpoint signed with the
+    /// broker's key (api_tokens.signing_key). Keep the output off this host.
+    Checkpoint {
+        #[arg(long, short, env = "BROKER_CONFIG")]
+        config: PathBuf,
+        /// Write the signed checkpoint here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Delete audit events older than DATE, keeping the chain verifiable (a checkpoint is
+    /// recorded at the cut, in the same transaction).
+    Prune {
+        #[command(flatten)]
+        store: StoreArg,
+        /// RFC 3339 time or YYYY-MM-DD (midnight UTC); must not be in the future.
+        #[arg(long)]
+        before: String,
     },
 }
 
@@ -442,9 +468,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd: AuditCmd::Query(args),
         } => return audit_query(*args).await,
         Cmd::Audit {
-            cmd: AuditCmd::Verify { store, json },
+            cmd: AuditCmd::Checkpoint { config, out },
         } => {
-            let report = store.open().await?.verify_audit_chain().await?;
+            let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!(e))?;
+            let keys = config_keys(&cfg)?;
+            let store = Store::connect(
+                cfg.store
+                    .url
+                    .resolve()
+                    .map_err(|e| anyhow::anyhow!(e))?
+                    .expose(),
+            )
+            .await?;
+            let now = broker::time::Clock::now(&broker::time::SystemClock);
+            let cp = store.audit_checkpoint(now).await?;
+            let token = broker::audit::checkpoint::sign(&keys, &cfg.public_url, &cp)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, format!("{token}\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => println!("{token}"),
+            }
+            eprintln!(
+                "checkpoint: seq {}, {} events, chain head {}",
+                cp.seq, cp.event_count, cp.hash
+            );
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Prune { store, before },
+        } => {
+            let now = broker::time::Clock::now(&broker::time::SystemClock);
+            let before = parse_date(&before)?;
+            anyhow::ensure!(before <= now, "--before is in the future");
+            let actor = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
+            );
+            let r = store.open().await?.prune_audit(before, now, &actor).await?;
+            match r.cut_seq {
+                Some(cut) => println!(
+                    "pruned {} events through seq {cut}; the chain now starts after it \
+                     ({} chained events pruned in all)",
+                    r.deleted, r.pruned_events
+                ),
+                None => println!("nothing to prune"),
+            }
+        }
+        Cmd::Audit {
+            cmd:
+                AuditCmd::Verify {
+                    store,
+                    json,
+                    checkpoint,
+                    jwks,
+                },
+        } => {
+            let anchor = match &checkpoint {
+                Some(path) => Some(read_checkpoint(path, jwks.as_deref(), &store)?),
+                None => None,
+            };
+            let report = store
+                .open()
+                .await?
+                .verify_audit_chain_through(anchor.as_ref().map(|c| c.anchor()).as_ref())
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
@@ -459,6 +548,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             report.head_hash,
                             report.legacy_events
                         );
+                        if let Some(cut) = report.pruned_through_seq {
+                            println!(
+                                "walk started at the prune cut: {} events through seq {cut} pruned",
+                                report.pruned_events
+                            );
+                        }
+                        if let Some(c) = &anchor {
+                            println!(
+                                "checkpoint matched: seq {}, {} events, head {}",
+                                c.seq, c.event_count, c.chain_head
+                            );
+                        }
                     }
                     ExitCode::SUCCESS
                 }
@@ -504,6 +605,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The broker's signing keys from its config; checkpoints need a persistent key (an ephemeral
+/// one could not be checked later).
+fn config_keys(cfg: &Config) -> anyhow::Result<broker::providers::api_token::SigningKeys> {
+    let active = cfg
+        .api_tokens
+        .signing_key
+        .as_ref()
+        .context("api_tokens.signing_key is not set: checkpoints need the broker's persistent key")?
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("api_tokens.signing_key: {e}"))?;
+    let retired = cfg
+        .api_tokens
+        .retired_keys
+        .iter()
+        .map(|r| {
+            r.resolve()
+                .map_err(|e| anyhow::anyhow!("api_tokens.retired_keys: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    broker::providers::api_token::SigningKeys::from_pems(&active, &retired)
+        .context("api_tokens.signing_key")
+}
+
+/// Read and check a signed checkpoint: with `jwks` if given, else the keys of the config.
+fn read_checkpoint(
+    path: &std::path::Path,
+    jwks: Option<&std::path::Path>,
+    store: &StoreArg,
+) -> anyhow::Result<broker::audit::checkpoint::CheckpointClaims> {
+    use broker::audit::checkpoint::{VerifyingKeys, verify};
+    let token =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let claims = match jwks {
+        Some(j) => {
+            let text =
+                std::fs::read_to_string(j).with_context(|| format!("reading {}", j.display()))?;
+            let doc: serde_json::Value =
+                serde_json::from_str(&text).context("the JWKS file is not JSON")?;
+            verify(VerifyingKeys::Jwks(&doc), &token)?
+        }
+        None => {
+            let config = store
+                .config
+                .as_ref()
+                .context("give --jwks or --config to check the checkpoint's signature")?;
+            let cfg = Config::load(config).map_err(|e| anyhow::anyhow!(e))?;
+            verify(VerifyingKeys::Keys(&config_keys(&cfg)?), &token)?
+        }
+    };
+    Ok(claims)
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or RFC 3339.
+fn parse_date(s: &str) -> anyhow::Result<time::OffsetDateTime> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let d = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .with_context(|| format!("{s:?} is neither YYYY-MM-DD nor an RFC 3339 time"))?;
+    Ok(d.midnight().assume_utc())
 }
 
 async fn audit_query(a: AuditQueryArgs) -> anyhow::Result<ExitCode> {

@@ -5,6 +5,8 @@
 //! policy decisions and non-secret resource ids only; secrets are [`crate::secret::Sensitive`],
 //! which is not `Serialize`, so they cannot be put here.
 
+pub mod checkpoint;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;

@@ -26,7 +26,7 @@ mod tests;
 
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
-pub use chain::{BreakKind, ChainBreak, ChainReport};
+pub use chain::{BreakKind, ChainAnchor, ChainBreak, ChainReport};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -223,6 +223,59 @@ pub struct FreezeRecord {
     pub since: OffsetDateTime,
 }
 
+/// Why a checkpoint was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// `broker audit checkpoint`: printed signed, to be kept off this database.
+    Export,
+    /// `broker audit prune`: the events up to `seq` were deleted in the same transaction.
+    Prune,
+}
+
+impl CheckpointKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CheckpointKind::Export => "export",
+            CheckpointKind::Prune => "prune",
+        }
+    }
+}
+
+/// Where the audit hash chain stood: the event at `seq` has chain hash `hash` and is the
+/// `event_count`-th chained event ever written (pruned ones included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub kind: CheckpointKind,
+    pub created_at: OffsetDateTime,
+    pub seq: i64,
+    pub hash: String,
+    pub event_count: u64,
+    pub last_event_id: Option<Uuid>,
+    pub last_event_time: Option<OffsetDateTime>,
+}
+
+impl Checkpoint {
+    pub fn anchor(&self) -> ChainAnchor {
+        ChainAnchor {
+            seq: self.seq,
+            hash: self.hash.clone(),
+            count: self.event_count,
+        }
+    }
+}
+
+/// What `prune_audit` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Events deleted (chained and legacy).
+    pub deleted: u64,
+    /// `seq` of the last deleted event: the cut the chain now starts after.
+    pub cut_seq: Option<i64>,
+    /// Chained events pruned so far in total (the cut checkpoint's count).
+    pub pruned_events: u64,
+}
+
 /// Counts for `/readyz` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
@@ -285,6 +338,10 @@ impl std::fmt::Debug for Backend {
 /// Upper bound on one public store call, whatever it waits on (pool, locks, network). The HTTP
 /// layer turns the resulting `Unavailable` into a 503 instead of hanging a request.
 const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Events deleted per prune transaction: each batch stays well inside the statement timeout,
+/// and every batch leaves its own prune checkpoint, so an interrupted prune is still consistent.
+const PRUNE_BATCH: u32 = 5000;
 
 async fn bounded<T>(
     fut: impl std::future::Future<Output = Result<T, StoreError>>,
@@ -410,9 +467,49 @@ impl Store {
     /// deleted or reordered (see `chain.rs`). Reads in pages, each a bounded call, so a long
     /// log is not cut off by the per-call timeout.
     pub async fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
+        self.verify_audit_chain_through(None).await
+    }
+
+    /// [`Store::verify_audit_chain`], and also prove the chain still passes through `anchor`
+    /// (a checkpoint exported earlier): its event, with its hash, at its count. Detects a log
+    /// truncated or rewritten before the checkpoint even when the rewrite left a consistent
+    /// chain. The walk starts at the newest prune cut; an anchor at or before the cut is
+    /// vouched for by the stored checkpoint records only.
+    pub async fn verify_audit_chain_through(
+        &self,
+        anchor: Option<&ChainAnchor>,
+    ) -> Result<ChainReport, StoreError> {
         let head = dispatch!(self, chain_head())?;
-        let mut walker = chain::Walker::new(head);
-        let mut after = i64::MIN;
+        let base = match dispatch!(self, last_prune_checkpoint())? {
+            Some(cp) => chain::ChainBase {
+                seq: Some(cp.seq),
+                hash: cp.hash,
+                count: cp.event_count,
+            },
+            None => chain::ChainBase::genesis(),
+        };
+        let mut walker = chain::Walker::new(head, base.clone());
+        if let Some(a) = anchor {
+            walker = walker.with_anchor(a.clone());
+            if base.seq.is_some_and(|cut| a.seq <= cut) {
+                if dispatch!(self, checkpoint_recorded(a))? {
+                    walker.anchor_met_at_cut();
+                } else {
+                    let b = ChainBreak {
+                        kind: BreakKind::Deleted,
+                        seq: a.seq,
+                        event_id: String::new(),
+                        message: format!(
+                            "the checkpoint (seq {}, {} events) lies in the pruned range but no \
+                             stored checkpoint matches it: the log was cut or rewritten",
+                            a.seq, a.count
+                        ),
+                    };
+                    return Ok(walker.report(Some(b)));
+                }
+            }
+        }
+        let mut after = walker.start_after();
         loop {
             let rows = dispatch!(self, chain_page(after, chain::VERIFY_PAGE))?;
             let Some(last) = rows.last() else { break };
@@ -432,7 +529,66 @@ impl Store {
             let found = dispatch!(self, event_with_hash(&head_hash))?;
             return Ok(walker.report(Some(walker.tail_break(found))));
         }
-        Ok(walker.report(None))
+        let broken = walker.anchor_break();
+        Ok(walker.report(broken))
+    }
+
+    /// Record where the chain stands now (kind `export`) and return it, for `broker audit
+    /// checkpoint` to sign. Appenders wait while the events are counted.
+    pub async fn audit_checkpoint(&self, now: OffsetDateTime) -> Result<Checkpoint, StoreError> {
+        dispatch!(self, record_checkpoint(now))
+    }
+
+    /// Delete the oldest audit events, all older than `before`, keeping the chain verifiable:
+    /// in batches, each one transaction that first records a prune checkpoint at its cut (the
+    /// hash of the last deleted event and the count) and then deletes up to it. Stops at the
+    /// first event at or after `before` (in chain order), so no newer event is deleted even if
+    /// a few older ones after it stay. Appends an `audit_pruned` event when anything went.
+    pub async fn prune_audit(
+        &self,
+        before: OffsetDateTime,
+        now: OffsetDateTime,
+        actor: &str,
+    ) -> Result<PruneReport, StoreError> {
+        let target = dispatch!(self, prune_target(before))?;
+        let mut report = PruneReport {
+            deleted: 0,
+            cut_seq: None,
+            pruned_events: 0,
+        };
+        if let Some(target) = target {
+            while let Some((cp, deleted)) =
+                dispatch!(self, prune_batch(target, before, now, PRUNE_BATCH))?
+            {
+                report.deleted += deleted;
+                report.cut_seq = Some(cp.seq);
+                report.pruned_events = cp.event_count;
+            }
+        }
+        if report.deleted > 0 {
+            let mut ev = crate::audit::AuditEvent::new(
+                now,
+                crate::audit::Action::Admin,
+                crate::audit::Outcome::Success,
+                "audit_pruned",
+            );
+            ev.actor = Some(actor.to_owned());
+            ev.detail = Some(format!(
+                "{} events before {} pruned through seq {}",
+                report.deleted,
+                before
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                report.cut_seq.unwrap_or_default()
+            ));
+            self.append_audit(&ev).await?;
+        }
+        Ok(report)
+    }
+
+    /// The stored checkpoints, oldest first (at most `limit`).
+    pub async fn audit_checkpoints(&self, limit: u32) -> Result<Vec<Checkpoint>, StoreError> {
+        dispatch!(self, checkpoints(limit))
     }
 
     /// The freeze in force, if any.
