@@ -115,7 +115,9 @@ mod tests {
             seq: 42,
             hash: "ab".repeat(32),
             event_count: 40,
-            last_event_id: Some(uuid::Uuid::now_v7()),
+            last_event_id: Some(uuid::Uuid::from_u128(
+                0x0192_f0c1_8d3e_7c44_9a1e_3f5b_2a6d_7e80,
+            )),
             last_event_time: Some(OffsetDateTime::from_unix_timestamp(1_699_999_999).unwrap()),
         }
     }

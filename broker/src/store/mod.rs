@@ -491,7 +491,7 @@ impl Store {
         let mut walker = chain::Walker::new(head, base.clone());
         if let Some(a) = anchor {
             walker = walker.with_anchor(a.clone());
-            if base.seq.is_some_and(|cut| a.seq <= cut) {
+            if a.count > 0 && base.seq.is_some_and(|cut| a.seq <= cut) {
                 if dispatch!(self, checkpoint_recorded(a))? {
                     walker.anchor_met_at_cut();
                 } else {
