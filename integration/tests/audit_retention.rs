@@ -8,7 +8,8 @@
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml, repo_root,
+    BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml,
+    gitlab_issuer_yaml, repo_root,
 };
 use serde_json::json;
 use sqlx::AssertSqlSafe;
@@ -47,6 +48,7 @@ fn s(p: &Path) -> &str {
 async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     let db = TestDb::postgres().await;
     let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("signing.pem");
     std::fs::write(
@@ -59,7 +61,11 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     let broker = BrokerProcess::start(&BrokerSetup {
         store_url: db.url(),
         policies_dir: &repo_root().join("policies"),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
         audience: AUD,
         extra_yaml: format!("api_tokens:\n  signing_key: {{file: {}}}\n", key.display()),
         env: Vec::new(),
@@ -244,5 +250,6 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
 
     drop(broker);
     issuer.shutdown().await;
+    gitlab.shutdown().await;
     db.cleanup().await;
 }

@@ -17,7 +17,7 @@
 
 use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, github_issuer_yaml, repo_root};
+use integration::{BrokerProcess, BrokerSetup, github_issuer_yaml, gitlab_issuer_yaml, repo_root};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::PgPoolOptions;
@@ -209,10 +209,15 @@ async fn audit_queries_over_a_million_events() {
     assert_eq!(report.legacy_events, n as u64);
 
     let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
     let broker = BrokerProcess::start(&BrokerSetup {
         store_url: db.url(),
         policies_dir: &repo_root().join("policies"),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
         audience: "https://broker.test",
         extra_yaml: format!(
             "operators:\n  - name: bench\n    role: auditor\n    token_sha256: {}\n",
@@ -382,6 +387,7 @@ async fn audit_queries_over_a_million_events() {
     }
     drop(broker);
     issuer.shutdown().await;
+    gitlab.shutdown().await;
     pool.close().await;
     db.cleanup().await;
 }

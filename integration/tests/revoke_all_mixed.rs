@@ -314,7 +314,7 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
     let http = reqwest::Client::new();
 
     // ---- 1,000 grants, one credential each, kinds in turn ---------------------------------
-    // With AWS: 450 Postgres users, 450 API tokens, 100 AWS sessions; without: 500 + 500.
+    // With AWS: 500 Postgres users, 400 API tokens, 100 AWS sessions; without: 500 + 500.
     let kind_of = |i: usize| -> &'static str {
         if aws_arn.is_some() && i % 10 == 9 {
             "aws"
@@ -439,6 +439,8 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
             let doc = m.deny_policy(&aws_role).await.expect("deny policy written");
             let text = doc.to_string();
             assert!(text.contains("Deny"), "{text}");
+            // The provider-wide kill switch: no session issued before the call survives.
+            assert!(text.contains("aws:TokenIssueTime"), "{text}");
             println!(
                 "AWS role {aws_role}: deny policy written ({} chars)",
                 text.len()
