@@ -318,7 +318,7 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
     let kind_of = |i: usize| -> &'static str {
         if aws_arn.is_some() && i % 10 == 9 {
             "aws"
-        } else if i % 2 == 0 {
+        } else if i.is_multiple_of(2) {
             "pg-job"
         } else {
             "api"
