@@ -492,7 +492,9 @@ impl Store {
         if let Some(a) = anchor {
             walker = walker.with_anchor(a.clone());
             if a.count > 0 && base.seq.is_some_and(|cut| a.seq <= cut) {
-                if dispatch!(self, checkpoint_recorded(a))? {
+                // Before the cut the events are gone: the checkpoint must be consistent with the
+                // cut (no more events than it covers) and held by the append-only record.
+                if a.count <= base.count && dispatch!(self, checkpoint_recorded(a))? {
                     walker.anchor_met_at_cut();
                 } else {
                     let b = ChainBreak {
