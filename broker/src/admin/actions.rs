@@ -117,7 +117,7 @@ impl Broker {
     ) -> Result<Operator, AdminError> {
         let result = match token {
             None => Err(AdminError::MissingToken),
-            Some(t) => match self.admin.operators.authenticate(&t) {
+            Some(t) => match self.admin.operators.authenticate_any(&t).await {
                 None => Err(AdminError::Unauthorized),
                 Some(op) if !op.role.allows(needed) => Err(AdminError::Forbidden {
                     name: op.name.clone(),
