@@ -16,6 +16,7 @@
 use crate::oidc::{IssuerConfig, Verifier, VerifierOptions};
 use crate::policy::expr::{self, Activation, CompiledExpr, RegexTable};
 use crate::secret::{Sensitive, random_token, sha256_hex};
+use crate::store::JtiRecord;
 use crate::time::SharedClock;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -275,10 +276,15 @@ impl Operators {
 
     /// The operator this bearer token belongs to: an operator token by hash, else a job token
     /// that verifies for an OIDC operator's issuer and satisfies its rule (first in config
-    /// order). Anything else, including a valid job token matching no rule: `None`.
-    pub async fn authenticate_any(&self, token: &Sensitive) -> Option<Operator> {
+    /// order), with the token's replay record when its issuer makes tokens single-use (the
+    /// caller must record it before acting). Anything else, including a valid job token
+    /// matching no rule: `None`.
+    pub async fn authenticate_any(
+        &self,
+        token: &Sensitive,
+    ) -> Option<(Operator, Option<JtiRecord>)> {
         if token.expose().starts_with(OPERATOR_PREFIX) {
-            return self.authenticate(token);
+            return self.authenticate(token).map(|op| (op, None));
         }
         for o in &self.oidc {
             let Ok(claims) = o.verifier.verify(token.expose()).await else {
@@ -298,11 +304,20 @@ impl Operators {
             };
             // An evaluation error is not a match (fail closed).
             if act.eval(&o.rule) == Ok(true) {
-                return Some(Operator {
+                let jti = match (&claims.jti, claims.single_use) {
+                    (Some(j), true) => Some(JtiRecord {
+                        iss: claims.iss.clone(),
+                        jti: j.clone(),
+                        expires_at: claims.replay_until,
+                    }),
+                    _ => None,
+                };
+                let op = Operator {
                     name: o.name.clone(),
                     role: o.role,
                     subject: Some(claims.sub.chars().take(256).collect()),
-                });
+                };
+                return Some((op, jti));
             }
         }
         None

@@ -750,7 +750,23 @@ async fn oidc_operator_rule_admits_only_matching_job_tokens() {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["revoked_grants"], 1);
+    // The job token is single-use: a second call with it is refused.
+    let (status, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/freeze",
+        Some(sec.expose()),
+        json!({"reason": "again"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("token_replayed"))
+    );
     let ev = admin_events(&h).await;
+    assert_eq!(ev[0].reason, "token_replayed");
+    assert_eq!(ev[0].actor.as_deref(), Some("operator:secjob"));
+    let ev: Vec<_> = ev.into_iter().skip(1).collect();
     assert_eq!(ev[0].reason, "revoke_all");
     assert_eq!(
         ev[0].actor.as_deref(),

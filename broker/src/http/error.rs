@@ -164,6 +164,10 @@ impl From<AdminError> for ApiError {
                 StatusCode::UNAUTHORIZED,
                 "the bearer token is not a valid operator token".to_owned(),
             ),
+            AdminError::Replayed { .. } => (
+                StatusCode::UNAUTHORIZED,
+                token_message("token_replayed").to_owned(),
+            ),
             AdminError::Forbidden { needed, .. } => (
                 StatusCode::FORBIDDEN,
                 format!("this endpoint needs the {needed} role"),

@@ -538,6 +538,12 @@ impl Store {
     pub async fn active_grants(&self, limit: u32) -> Result<Vec<Grant>, StoreError> {
         dispatch!(self, active_grants(limit))
     }
+    /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
+    /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares
+    /// `used_jti` with exchanges, so one token serves either one exchange or one operator call.
+    pub async fn record_jti(&self, jti: &JtiRecord, now: OffsetDateTime) -> Result<(), StoreError> {
+        dispatch!(self, record_jti(jti, now))
+    }
     /// Active grants of one finished job (job-end webhooks), oldest first.
     pub async fn active_job_grants(
         &self,

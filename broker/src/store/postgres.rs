@@ -602,6 +602,30 @@ pub(super) async fn active_grants(pool: &PgPool, limit: u32) -> Result<Vec<Grant
     Ok(grants)
 }
 
+pub(super) async fn record_jti(
+    pool: &PgPool,
+    j: &JtiRecord,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    // As in `begin_grant`: insert, or take over a record whose window has passed.
+    let won = sqlx::query(
+        "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at
+         WHERE used_jti.expires_at <= $4
+         RETURNING 1",
+    )
+    .bind(&j.iss)
+    .bind(&j.jti)
+    .bind(j.expires_at)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    match won {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Replayed),
+    }
+}
+
 pub(super) async fn active_job_grants(
     pool: &PgPool,
     job: &JobMatch,

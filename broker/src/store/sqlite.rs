@@ -601,6 +601,30 @@ pub(super) async fn active_grants(pool: &SqlitePool, limit: u32) -> Result<Vec<G
     Ok(grants)
 }
 
+pub(super) async fn record_jti(
+    pool: &SqlitePool,
+    j: &JtiRecord,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    // As in `begin_grant`: insert, or take over a record whose window has passed.
+    let won = sqlx::query(
+        "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at
+         WHERE used_jti.expires_at <= $4
+         RETURNING 1",
+    )
+    .bind(&j.iss)
+    .bind(&j.jti)
+    .bind(ms(j.expires_at))
+    .bind(ms(now))
+    .fetch_optional(pool)
+    .await?;
+    match won {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Replayed),
+    }
+}
+
 pub(super) async fn active_job_grants(
     pool: &SqlitePool,
     job: &JobMatch,

@@ -1270,6 +1270,28 @@ async fn active_job_grants_match_every_field(store: Store) {
     assert!(store.active_job_grants(&m, 100).await.unwrap().is_empty());
 }
 
+async fn record_jti_shares_the_replay_window_with_exchanges(store: Store) {
+    store
+        .record_jti(&jti("iss", "j-1", 100), t(0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record_jti(&jti("iss", "j-1", 100), t(50)).await,
+        Err(StoreError::Replayed)
+    ));
+    // The same token cannot then be exchanged...
+    let g = new_grant(60, 600);
+    assert!(matches!(
+        store.begin_grant(&g, Some(&jti("iss", "j-1", 100))).await,
+        Err(StoreError::Replayed)
+    ));
+    // ...and past its window the record is taken over.
+    store
+        .record_jti(&jti("iss", "j-1", 300), t(100))
+        .await
+        .unwrap();
+}
+
 async fn deliveries_are_recorded_once_per_window(store: Store) {
     store
         .record_delivery("github", "d-1", t(0), t(100))
@@ -1362,6 +1384,7 @@ store_tests!(
     freeze_is_kept_and_lifted_with_an_audit_event,
     active_job_grants_match_every_field,
     deliveries_are_recorded_once_per_window,
+    record_jti_shares_the_replay_window_with_exchanges,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
