@@ -364,9 +364,14 @@ async fn github_completed_job_revokes_its_grants_only() {
     assert!(e.active(&api).await);
 
     // The real one, signed with the old secret (rotation): revokes exactly this job's grant.
+    let started = std::time::Instant::now();
     let (status, body) = e
         .github_delivery("d-1", GH_SECRET_OLD, "workflow_job", &done)
         .await;
+    eprintln!(
+        "webhook: completed delivery revoked an API token and a Postgres user in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["report"]["matched"], 1, "{body}");
     assert_eq!(body["report"]["revoked_grants"], 1, "{body}");
@@ -461,6 +466,15 @@ async fn gitlab_job_event_revokes_that_job_and_refuses_bad_tokens_and_replays() 
     assert_eq!(
         (status, r["error"].as_str()),
         (409, Some("replayed_delivery"))
+    );
+    // Over the body limit (1 MiB by default): refused before anything else.
+    let big = vec![b' '; 2 * 1024 * 1024];
+    let (status, r) = e
+        .deliver("/v1/hooks/gitlab", &hdrs(GL_TOKEN, "k-2"), &big)
+        .await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (413, Some("payload_too_large"))
     );
     assert!(
         !e.broker.log().contains(GL_TOKEN),
