@@ -98,7 +98,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
-        clock,
+        clock: clock.clone(),
         api_tokens,
         extra_providers,
         policy_dir: cfg.policies.dir.clone(),
@@ -110,7 +110,17 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     broker.set_operators(
-        crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
+        crate::admin::Operators::from_config_with_oidc(
+            &cfg.operators,
+            &cfg.issuers,
+            &cfg.audience,
+            clock,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    broker.set_webhooks(
+        crate::webhooks::Webhooks::from_config(&cfg.webhooks, &cfg.issuers)
+            .map_err(|e| anyhow::anyhow!(e))?,
     );
     Ok(Arc::new(broker))
 }
@@ -126,7 +136,7 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
             .unwrap_or(std::time::Duration::from_secs(15)),
         max_concurrency: cfg.limits.max_concurrency,
     };
-    let app = http::router(broker.clone(), &limits);
+    let (app, admin_app) = http::routers(broker.clone(), &limits, cfg.admin_listen.is_some());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -134,6 +144,27 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     tracing::info!(%addr, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The operator API on its own address, stopped with everything else.
+    let admin_server = match (cfg.admin_listen, admin_app) {
+        (Some(a), Some(admin_app)) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding admin_listen {a}"))?;
+            tracing::info!(addr = %l.local_addr()?, "operator API listening");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(
+                    l,
+                    admin_app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+            }))
+        }
+        _ => None,
+    };
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
@@ -148,6 +179,9 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     .context("serving HTTP")?;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(reaper, refresher, reloader);
+    if let Some(s) = admin_server {
+        let _ = s.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
