@@ -126,7 +126,15 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
             .unwrap_or(std::time::Duration::from_secs(15)),
         max_concurrency: cfg.limits.max_concurrency,
     };
-    let app = http::router(broker.clone(), &limits);
+    let metrics_token = match &cfg.metrics.token {
+        Some(t) => Some(
+            t.resolve()
+                .map_err(|e| anyhow::anyhow!("metrics.token: {e}"))?,
+        ),
+        None => None,
+    };
+    let app = http::router(broker.clone(), &limits)
+        .merge(http::metrics_router(broker.clone(), metrics_token));
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -137,6 +145,12 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
+    let watcher = tokio::spawn(watch_policies(
+        broker.clone(),
+        cfg.policies.dir.clone(),
+        cfg.policies.watch_interval,
+        stop_rx.clone(),
+    ));
     on_ready(addr);
 
     axum::serve(
@@ -147,7 +161,7 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     .await
     .context("serving HTTP")?;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(reaper, refresher, reloader);
+    let _ = tokio::join!(reaper, refresher, reloader, watcher);
     tracing::info!("stopped");
     Ok(())
 }
@@ -158,6 +172,44 @@ async fn refresh_keys(b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<boo
     loop {
         tokio::select! {
             _ = tick.tick() => b.verifier.refresh_all().await,
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Reload policies when the files under `dir` change (`policies.watch_interval`). A cheap
+/// digest of what the loader would read is compared each round, so nothing is compiled until
+/// something changed; a rejected bundle is not retried until the files change again (the
+/// previous bundle stays in force, and `/readyz` shows the error).
+async fn watch_policies(
+    b: Arc<Broker>,
+    dir: std::path::PathBuf,
+    every: Option<time::Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(every) = every.and_then(|d| std::time::Duration::try_from(d).ok()) else {
+        let _ = stop.changed().await;
+        return;
+    };
+    let fingerprint = |dir: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || crate::policy::Bundle::dir_fingerprint(&dir))
+            .await
+            .unwrap_or_default()
+    };
+    let mut last = fingerprint(dir.clone()).await;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = fingerprint(dir.clone()).await;
+                if now != last {
+                    last = now;
+                    tracing::info!(dir = %dir.display(), "policy files changed; reloading");
+                    let _ = b.reload_policies();
+                }
+            }
             _ = stop.changed() => break,
         }
     }

@@ -80,6 +80,19 @@ pub struct StoreConfig {
 pub struct PolicyConfig {
     /// Directory of policy files (a git checkout).
     pub dir: PathBuf,
+    /// Poll the directory this often and reload when its files change (a ConfigMap update, a
+    /// git-sync). Unset: reload only on SIGHUP.
+    #[serde(default, with = "serde_duration::option")]
+    pub watch_interval: Option<Duration>,
+}
+
+/// `GET /metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Bearer token a scraper must send. Unset: `/metrics` is open to whoever reaches the
+    /// listener.
+    pub token: Option<SecretRef>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -327,6 +340,8 @@ pub struct Config {
     /// Who may call the operator endpoints (`/v1/admin/*`); tokens kept only as hashes.
     #[serde(default)]
     pub operators: Vec<crate::admin::OperatorConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -453,6 +468,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(Err(e)) = self.metrics.token.as_ref().map(SecretRef::resolve) {
+            p.push(format!("metrics.token: {e}"));
+        }
+        if self
+            .policies
+            .watch_interval
+            .is_some_and(|d| d < Duration::SECOND)
+        {
+            p.push("policies.watch_interval: at least 1s".into());
+        }
         if let Some(Err(e)) = self.api_tokens.signing_key.as_ref().map(SecretRef::resolve) {
             p.push(format!("api_tokens.signing_key: {e}"));
         }
@@ -532,6 +557,16 @@ impl fmt::Display for Config {
         writeln!(f, "audience: {}", self.audience)?;
         writeln!(f, "store.url: {}", self.store.url.describe())?;
         writeln!(f, "policies.dir: {}", self.policies.dir.display())?;
+        if let Some(d) = self.policies.watch_interval {
+            writeln!(
+                f,
+                "policies.watch_interval: {}",
+                crate::time::format_duration(d)
+            )?;
+        }
+        if let Some(t) = &self.metrics.token {
+            writeln!(f, "metrics.token: {}", t.describe())?;
+        }
         let names: Vec<&str> = self.issuers.iter().map(|i| i.name.as_str()).collect();
         writeln!(f, "issuers: {}", names.join(", "))?;
         writeln!(

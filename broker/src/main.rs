@@ -12,7 +12,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "broker",
-    version,
+    version = broker::VERSION,
     about = "CI/CD OIDC token broker: job tokens in, job-scoped credentials out"
 )]
 struct Cli {
