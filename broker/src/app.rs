@@ -14,19 +14,12 @@ use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Install the tracing subscriber (text or JSON).
+/// Install the tracing subscriber (text or JSON), without trace export (see
+/// [`crate::telemetry::init`] for that).
 pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    let off = crate::config::TelemetryConfig::default();
+    // Without an endpoint there is no exporter to build, so this cannot fail.
+    let _ = crate::telemetry::init(format, level, &off);
 }
 
 /// Build the broker from a validated config.

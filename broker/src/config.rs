@@ -86,6 +86,30 @@ pub struct PolicyConfig {
     pub watch_interval: Option<Duration>,
 }
 
+/// OpenTelemetry traces (`telemetry.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector base URL (`http://otel-collector:4318`); spans go to
+    /// `{otlp_endpoint}/v1/traces`. Unset: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Bound on one export request.
+    #[serde(with = "serde_duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "broker".into(),
+            export_timeout: Duration::seconds(10),
+        }
+    }
+}
+
 /// `GET /metrics`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -342,6 +366,8 @@ pub struct Config {
     pub operators: Vec<crate::admin::OperatorConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -468,6 +494,14 @@ impl Config {
                 ));
             }
         }
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            match url::Url::parse(e) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => p.push(format!(
+                    "telemetry.otlp_endpoint: expected an http(s) URL, got {e:?}"
+                )),
+            }
+        }
         if let Some(Err(e)) = self.metrics.token.as_ref().map(SecretRef::resolve) {
             p.push(format!("metrics.token: {e}"));
         }
@@ -566,6 +600,9 @@ impl fmt::Display for Config {
         }
         if let Some(t) = &self.metrics.token {
             writeln!(f, "metrics.token: {}", t.describe())?;
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            writeln!(f, "telemetry.otlp_endpoint: {e}")?;
         }
         let names: Vec<&str> = self.issuers.iter().map(|i| i.name.as_str()).collect();
         writeln!(f, "issuers: {}", names.join(", "))?;

@@ -46,6 +46,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         log: LogConfig::default(),
         operators: Vec::new(),
         metrics: Default::default(),
+        telemetry: Default::default(),
     };
     let problems = cfg.validate(Mode::Dev);
     if problems.is_empty() {

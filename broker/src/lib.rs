@@ -24,4 +24,5 @@ pub mod providers;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod time;

@@ -388,7 +388,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve { config } => {
             let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!(e))?;
-            broker::app::init_logging(cfg.log.format, &cfg.log.level);
+            let _traces = broker::telemetry::init(cfg.log.format, &cfg.log.level, &cfg.telemetry)?;
             tracing::info!(config = %cfg, "starting");
             broker::app::serve(cfg, |_| {}).await?;
         }

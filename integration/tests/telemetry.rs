@@ -1,0 +1,150 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
+//! Traces: the real `broker` binary exports OTLP/HTTP (protobuf) to a collector started here
+//! (an axum server receiving `POST /v1/traces`); the request's span arrives carrying the
+//! request id the client sent, the service name, and nothing secret.
+
+use axum::body::Bytes;
+use axum::routing::post;
+use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::store::testdb::TestDb;
+use integration::{
+    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use prost::Message;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const AUD: &str = "https://broker.test";
+
+type Received = Arc<Mutex<Vec<Bytes>>>;
+
+/// A minimal OTLP/HTTP trace collector: keeps every request body.
+async fn collector() -> (String, Received) {
+    let got: Received = Arc::default();
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| {
+            let keep = keep.clone();
+            async move {
+                keep.lock().unwrap().push(body);
+                // An empty ExportTraceServiceResponse.
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), got)
+}
+
+fn string(v: &Option<AnyValue>) -> Option<&str> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| string(&kv.value))
+}
+
+#[tokio::test]
+async fn request_spans_reach_the_collector_with_the_request_id() {
+    let (endpoint, received) = collector().await;
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!(
+            "telemetry:\n  otlp_endpoint: {endpoint}\n  service_name: broker-otel-test\n"
+        ),
+        // Export promptly instead of the SDK's default 5 s batch delay.
+        env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+    })
+    .await
+    .expect("broker starts");
+
+    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let request_id = format!("otel-{}", uuid::Uuid::new_v4());
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/exchange", broker.url))
+        .bearer_auth(&token)
+        .header("x-request-id", &request_id)
+        .json(&serde_json::json!({"credentials": ["deploy-api"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-request-id"].to_str().unwrap(),
+        request_id,
+        "the id is echoed"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+
+    // Wait (bounded) for the batch exporter to deliver the span.
+    let started = Instant::now();
+    let span = loop {
+        let bodies = received.lock().unwrap().clone();
+        let found = bodies.iter().find_map(|b| {
+            let req = ExportTraceServiceRequest::decode(b.as_ref()).expect("valid OTLP protobuf");
+            req.resource_spans.into_iter().find_map(|rs| {
+                let service = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| attr(&r.attributes, "service.name").map(str::to_owned));
+                rs.scope_spans
+                    .into_iter()
+                    .flat_map(|ss| ss.spans)
+                    .find(|s| attr(&s.attributes, "request_id") == Some(request_id.as_str()))
+                    .map(|s| (service, s))
+            })
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no span with request_id {request_id} after 30 s ({} exports); log:\n{}",
+            received.lock().unwrap().len(),
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (service, span) = span;
+    assert_eq!(service.as_deref(), Some("broker-otel-test"));
+    assert_eq!(span.name, "request");
+    assert_eq!(attr(&span.attributes, "path"), Some("/v1/exchange"));
+    assert_eq!(attr(&span.attributes, "method"), Some("POST"));
+
+    // Nothing secret left the process in a span: not the job token, not what was minted.
+    let all: Vec<u8> = received.lock().unwrap().iter().flatten().copied().collect();
+    let text = String::from_utf8_lossy(&all);
+    let minted = body["credentials"]["deploy-api"]["token"].as_str().unwrap();
+    let revocation = body["revocation_token"].as_str().unwrap();
+    for secret in [token.as_str(), minted, revocation] {
+        assert!(!text.contains(secret), "a secret was exported in a span");
+    }
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}
