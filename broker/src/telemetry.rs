@@ -34,10 +34,10 @@ pub struct TraceGuard {
 
 impl Drop for TraceGuard {
     fn drop(&mut self) {
-        if let Some(p) = self.provider.take() {
-            if let Err(e) = p.shutdown() {
-                tracing::warn!(error = %e, "flushing traces at shutdown failed");
-            }
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing traces at shutdown failed");
         }
     }
 }
