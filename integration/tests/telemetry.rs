@@ -148,3 +148,76 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
     gitlab.shutdown().await;
     db.cleanup().await;
 }
+
+/// `metrics.token`: scrapes without it (or with another token, or a job token) get 401; with
+/// it, the OpenMetrics text, which counts the refused exchange by its reason and holds no
+/// secret.
+#[tokio::test]
+async fn metrics_require_the_configured_token() {
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let scrape_token = format!("scrape-{}", uuid::Uuid::new_v4());
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!("metrics:\n  token: {{value: \"{scrape_token}\"}}\n"),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+    let http = reqwest::Client::new();
+    let url = format!("{}/metrics", broker.url);
+    let job_token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    // One refused exchange (no bearer token) to be counted.
+    let r = http
+        .post(format!("{}/v1/exchange", broker.url))
+        .json(&serde_json::json!({"credentials": ["deploy-api"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for bad in [None, Some("wrong"), Some(job_token.as_str())] {
+        let mut req = http.get(&url);
+        if let Some(t) = bad {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "token {bad:?}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let r = http
+        .get(&url)
+        .bearer_auth(&scrape_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"broker_exchanges_total{outcome="deny",reason="missing_token",kind="none"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("broker_policy_bundle{digest=\""), "{text}");
+    assert!(!text.contains(&scrape_token) && !text.contains(&job_token));
+    assert!(!broker.log().contains(&scrape_token), "scrape token logged");
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}
