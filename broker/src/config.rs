@@ -403,6 +403,7 @@ impl Config {
 
     /// Environment overrides (`BROKER_LISTEN`, `BROKER_PUBLIC_URL`, `BROKER_AUDIENCE`,
     /// `BROKER_STORE_URL_FILE`, `BROKER_STORE_URL_ENV`, `BROKER_POLICIES_DIR`,
+    /// `BROKER_POLICIES_WATCH_INTERVAL`,
     /// `BROKER_LOG_FORMAT`, `BROKER_LOG_LEVEL`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("BROKER_LISTEN") {
@@ -430,6 +431,12 @@ impl Config {
         }
         if let Some(v) = get("BROKER_POLICIES_DIR") {
             self.policies.dir = v.into();
+        }
+        if let Some(v) = get("BROKER_POLICIES_WATCH_INTERVAL") {
+            self.policies.watch_interval =
+                Some(crate::time::parse_duration(&v).map_err(|_| {
+                    format!("BROKER_POLICIES_WATCH_INTERVAL: not a duration: {v:?}")
+                })?);
         }
         if let Some(v) = get("BROKER_LOG_FORMAT") {
             self.log.format = match v.as_str() {

@@ -113,8 +113,48 @@ impl App {
     }
 }
 
+/// Write `files` the way the kubelet projects a ConfigMap: a timestamped hidden directory,
+/// `..data` pointing at it, and visible symlinks `name -> ..data/name`. A later call swaps
+/// `..data` atomically (rename), as a ConfigMap update does.
+fn project_configmap(dir: &std::path::Path, generation: u32, files: &[(&str, &str)]) {
+    let data = format!("..2026_11_23_00_00_0{generation}");
+    std::fs::create_dir(dir.join(&data)).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(&data).join(name), content).unwrap();
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), link).unwrap();
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(&data, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+fn policy(app: &App, pg_rule: bool) -> String {
+    format!(
+        r#"credentials:
+  - name: deploy-api
+    max_ttl: 15m
+    api_token: {{audience: https://deploy.acme.example, scopes: ["deploy:${{repository}}"]}}
+  - name: pg-app
+    max_ttl: 15m
+    postgres: {{target: main, database: {db}, owner: {owner}}}
+rules:
+  - name: acme-main
+    issuer: github
+    credentials: [deploy-api{pg}]
+    when: claims.repository_id == "1000001" && claims.ref == "refs/heads/main"
+"#,
+        db = app.db,
+        owner = app.owner,
+        pg = if pg_rule { ", pg-app" } else { "" },
+    )
+}
+
 struct Cluster {
     app: App,
+    policies: std::path::PathBuf,
     issuer: TestIssuer,
     db: TestDb,
     replicas: [BrokerProcess; 2],
@@ -131,27 +171,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).unwrap();
-        std::fs::write(
-            policies.join("replicas.yaml"),
-            format!(
-                r#"credentials:
-  - name: deploy-api
-    max_ttl: 15m
-    api_token: {{audience: https://deploy.acme.example, scopes: ["deploy:${{repository}}"]}}
-  - name: pg-app
-    max_ttl: 15m
-    postgres: {{target: main, database: {db}, owner: {owner}}}
-rules:
-  - name: acme-main
-    issuer: github
-    credentials: [deploy-api, pg-app]
-    when: claims.repository_id == "1000001" && claims.ref == "refs/heads/main"
-"#,
-                db = app.db,
-                owner = app.owner
-            ),
-        )
-        .unwrap();
+        project_configmap(&policies, 1, &[("replicas.yaml", &policy(&app, true))]);
         // One signing key for both replicas (the chart mounts it from one Secret): a token
         // minted by one must introspect on the other.
         let key = dir.path().join("signing.pem");
@@ -183,10 +203,14 @@ rules:
             audience: AUD,
             extra_yaml: extra,
             // One public URL (the API tokens' `iss`) for both, as behind one Service.
-            env: vec![(
-                "BROKER_PUBLIC_URL".to_owned(),
-                "https://broker.replicas.test".to_owned(),
-            )],
+            env: vec![
+                (
+                    "BROKER_PUBLIC_URL".to_owned(),
+                    "https://broker.replicas.test".to_owned(),
+                ),
+                // As the chart configures it (policies.watch_interval), only faster.
+                ("BROKER_POLICIES_WATCH_INTERVAL".to_owned(), "1s".to_owned()),
+            ],
         };
         // The second replica starts after the first has migrated the store, as after the
         // chart's migration hook.
@@ -198,6 +222,7 @@ rules:
             .expect("replica b starts");
         Self {
             app,
+            policies,
             issuer,
             db,
             replicas: [a, b],
@@ -224,13 +249,35 @@ rules:
     }
 
     async fn exchange(&self, replica: usize, ttl: &str) -> (u16, Value) {
+        self.exchange_for(replica, &["deploy-api", "pg-app"], ttl)
+            .await
+    }
+
+    async fn exchange_for(&self, replica: usize, creds: &[&str], ttl: &str) -> (u16, Value) {
         let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&self.issuer.url(), AUD));
         self.post(
             format!("{}/v1/exchange", self.url(replica)),
             &token,
-            json!({"credentials": ["deploy-api", "pg-app"], "ttl": ttl}),
+            json!({"credentials": creds, "ttl": ttl}),
         )
         .await
+    }
+
+    /// The policy digest a replica serves (`/readyz`).
+    async fn digest(&self, replica: usize) -> String {
+        let v: Value = self
+            .http
+            .get(format!("{}/readyz", self.url(replica)))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("readyz json");
+        v["policies"]["digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     async fn admin(&self, replica: usize, action: &str, body: Value) -> (u16, Value) {
@@ -457,4 +504,77 @@ fn series(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// A ConfigMap update (the kubelet's atomic `..data` swap) reaches both replicas without a
+/// restart (`policies.watch_interval`): both serve the new digest and apply the new rules; a
+/// broken update is rejected and both keep serving the last good bundle.
+#[tokio::test]
+async fn policy_configmap_update_reaches_both_replicas_without_restart() {
+    let c = Cluster::start().await;
+    let before = c.digest(0).await;
+    assert_eq!(before, c.digest(1).await);
+    assert_eq!(c.exchange_for(1, &["pg-app"], "5m").await.0, 200);
+    let pids = [c.replicas[0].pid(), c.replicas[1].pid()];
+
+    // Withdraw pg-app from the rule.
+    project_configmap(&c.policies, 2, &[("replicas.yaml", &policy(&c.app, false))]);
+    let started = Instant::now();
+    let after = loop {
+        let (a, b) = (c.digest(0).await, c.digest(1).await);
+        if a != before && a == b {
+            break a;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "replicas still serve {a} / {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "policy update served by both replicas after {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    for replica in 0..2 {
+        let (status, body) = c.exchange_for(replica, &["pg-app"], "5m").await;
+        assert_eq!(status, 403, "replica {replica}: {body}");
+        assert_eq!(c.exchange_for(replica, &["deploy-api"], "5m").await.0, 200);
+    }
+
+    // A broken update is refused by both; the last good bundle stays in force.
+    project_configmap(&c.policies, 3, &[("replicas.yaml", "rules: [unclosed\n")]);
+    let started = Instant::now();
+    loop {
+        let mut rejected = 0;
+        for replica in 0..2 {
+            let v: Value = c
+                .http
+                .get(format!("{}/readyz", c.url(replica)))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(v["policies"]["digest"], after.as_str(), "{v}");
+            if v["policies"]["last_error"].is_string() {
+                rejected += 1;
+            }
+        }
+        if rejected == 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "broken update not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.exchange_for(0, &["deploy-api"], "5m").await.0, 200);
+    assert_eq!(
+        [c.replicas[0].pid(), c.replicas[1].pid()],
+        pids,
+        "no replica restarted"
+    );
+    c.finish().await;
 }
