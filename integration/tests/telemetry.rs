@@ -134,6 +134,18 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
     assert_eq!(span.name, "request");
     assert_eq!(attr(&span.attributes, "path"), Some("/v1/exchange"));
     assert_eq!(attr(&span.attributes, "method"), Some("POST"));
+    let status = span.attributes.iter().find(|kv| kv.key == "status");
+    assert!(
+        matches!(
+            status.and_then(|kv| kv.value.as_ref()?.value.as_ref()),
+            Some(any_value::Value::IntValue(200))
+        ) || attr(&span.attributes, "status") == Some("200"),
+        "{status:?}"
+    );
+    assert_eq!(
+        span.kind,
+        opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32
+    );
 
     // Nothing secret left the process in a span: not the job token, not what was minted.
     let all: Vec<u8> = received.lock().unwrap().iter().flatten().copied().collect();

@@ -99,9 +99,18 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
         .to_owned();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    // `otel.kind` and `status` shape the exported trace span (telemetry.rs); logs ignore them.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        %method,
+        %path,
+        otel.kind = "server",
+        status = tracing::field::Empty,
+    );
     let start = std::time::Instant::now();
     let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("status", resp.status().as_u16());
     let _g = span.enter();
     tracing::info!(
         status = resp.status().as_u16(),
