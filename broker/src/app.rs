@@ -91,7 +91,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
-        clock,
+        clock: clock.clone(),
         api_tokens,
         extra_providers,
         policy_dir: cfg.policies.dir.clone(),
@@ -103,7 +103,17 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     broker.set_operators(
-        crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
+        crate::admin::Operators::from_config_with_oidc(
+            &cfg.operators,
+            &cfg.issuers,
+            &cfg.audience,
+            clock,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    broker.set_webhooks(
+        crate::webhooks::Webhooks::from_config(&cfg.webhooks, &cfg.issuers)
+            .map_err(|e| anyhow::anyhow!(e))?,
     );
     Ok(Arc::new(broker))
 }
@@ -126,8 +136,14 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
         ),
         None => None,
     };
-    let app = http::router(broker.clone(), &limits)
-        .merge(http::metrics_router(broker.clone(), metrics_token));
+    let (app, admin_app) = http::routers(broker.clone(), &limits, cfg.admin_listen.is_some());
+    // `/metrics` goes with the operator API when that has its own listener (reachable only from
+    // the internal network), else on the main listener.
+    let metrics = http::metrics_router(broker.clone(), metrics_token);
+    let (app, admin_app) = match admin_app {
+        Some(admin) => (app, Some(admin.merge(metrics))),
+        None => (app.merge(metrics), None),
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -135,6 +151,27 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     tracing::info!(%addr, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The operator API on its own address, stopped with everything else.
+    let admin_server = match (cfg.admin_listen, admin_app) {
+        (Some(a), Some(admin_app)) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding admin_listen {a}"))?;
+            tracing::info!(addr = %l.local_addr()?, "operator API listening");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(
+                    l,
+                    admin_app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+            }))
+        }
+        _ => None,
+    };
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
@@ -155,6 +192,9 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     .context("serving HTTP")?;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(reaper, refresher, reloader, watcher);
+    if let Some(s) = admin_server {
+        let _ = s.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -342,6 +342,10 @@ impl Default for LogConfig {
 pub struct Config {
     /// Listen address, e.g. `0.0.0.0:8080`.
     pub listen: SocketAddr,
+    /// Optional separate address for the operator API (`/v1/admin/*`, `/v1/audit`), e.g.
+    /// `127.0.0.1:9090`; when set, those endpoints answer 404 on `listen`.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// The broker's public URL: `iss` of the API tokens it mints.
     pub public_url: String,
     /// The audience job tokens must carry (request it with `aud` in the workflow).
@@ -364,6 +368,9 @@ pub struct Config {
     /// Who may call the operator endpoints (`/v1/admin/*`); tokens kept only as hashes.
     #[serde(default)]
     pub operators: Vec<crate::admin::OperatorConfig>,
+    /// Job-end webhooks (`/v1/hooks/github`, `/v1/hooks/gitlab`); absent = endpoints answer 404.
+    #[serde(default)]
+    pub webhooks: crate::webhooks::WebhooksConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
@@ -483,6 +490,17 @@ impl Config {
             p.push("issuers: at least one issuer is required".into());
         }
         p.extend(crate::admin::operators::validate(&self.operators));
+        p.extend(crate::admin::operators::validate_issuers(
+            &self.operators,
+            &self.issuers,
+        ));
+        p.extend(crate::webhooks::validate(&self.webhooks, &self.issuers));
+        if self
+            .admin_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            p.push("admin_listen: must differ from listen".into());
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, iss) in self.issuers.iter().enumerate() {
             if !names.insert(iss.name.clone()) {
@@ -594,6 +612,17 @@ impl fmt::Display for Config {
     /// A summary safe to log: where secrets come from, never what they are.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "listen: {}", self.listen)?;
+        if let Some(a) = self.admin_listen {
+            writeln!(f, "admin_listen: {a}")?;
+        }
+        if let Some(g) = &self.webhooks.github {
+            let s: Vec<String> = g.secrets.iter().map(SecretRef::describe).collect();
+            writeln!(f, "webhooks.github.secrets: {}", s.join(", "))?;
+        }
+        if let Some(g) = &self.webhooks.gitlab {
+            let s: Vec<String> = g.tokens.iter().map(SecretRef::describe).collect();
+            writeln!(f, "webhooks.gitlab.tokens: {}", s.join(", "))?;
+        }
         writeln!(f, "public_url: {}", self.public_url)?;
         writeln!(f, "audience: {}", self.audience)?;
         writeln!(f, "store.url: {}", self.store.url.describe())?;

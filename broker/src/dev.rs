@@ -21,6 +21,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
     let db = data_dir.join("broker.db");
     let cfg = Config {
         listen,
+        admin_listen: None,
         public_url: format!("http://{listen}"),
         audience: DEV_AUDIENCE.into(),
         store: StoreConfig {
@@ -45,6 +46,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         },
         log: LogConfig::default(),
         operators: Vec::new(),
+        webhooks: Default::default(),
         metrics: Default::default(),
         telemetry: Default::default(),
     };

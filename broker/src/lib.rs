@@ -26,3 +26,4 @@ pub mod service;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod webhooks;

@@ -123,6 +123,16 @@ struct AdminArgs {
     /// File holding an operator token (admin role).
     #[arg(long, env = "BROKER_OPERATOR_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// Break glass from a reviewed pipeline: authenticate with this job's OIDC token (an
+    /// `operators[].oidc` rule must match it), read from this file...
+    #[arg(long, global = true, conflicts_with = "token_file")]
+    id_token_file: Option<PathBuf>,
+    /// ...or from this environment variable (GitLab: the `id_tokens:` variable)...
+    #[arg(long, global = true, conflicts_with_all = ["token_file", "id_token_file"])]
+    id_token_env: Option<String>,
+    /// ...or, on GitHub Actions, requested from the runner for this audience.
+    #[arg(long, global = true, conflicts_with_all = ["token_file", "id_token_file", "id_token_env"])]
+    id_token_audience: Option<String>,
 }
 
 #[derive(Args)]
@@ -554,11 +564,35 @@ async fn audit_query(a: AuditQueryArgs) -> anyhow::Result<ExitCode> {
 
 async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
     use broker::admin::client;
+    use broker::client::TokenSource;
     let url = args.url.context("give --url (or BROKER_URL)")?;
-    let token_file = args
-        .token_file
-        .context("give --token-file (or BROKER_OPERATOR_TOKEN_FILE)")?;
-    let token = client::read_token(&token_file).map_err(|e| anyhow::anyhow!(e))?;
+    let job_source = match (
+        args.id_token_file,
+        args.id_token_env,
+        args.id_token_audience,
+    ) {
+        (Some(f), _, _) => Some(TokenSource::File(f)),
+        (None, Some(v), _) => Some(TokenSource::Env(v)),
+        (None, None, Some(audience)) => Some(TokenSource::GithubRunner { audience }),
+        (None, None, None) => None,
+    };
+    let token = match (job_source, args.token_file) {
+        (Some(source), _) => {
+            let http = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?;
+            let env = |k: &str| env_var(k);
+            source
+                .fetch(&http, &env)
+                .await
+                .map_err(|e| anyhow::anyhow!("job token: {e}"))?
+        }
+        (None, Some(f)) => client::read_token(&f).map_err(|e| anyhow::anyhow!(e))?,
+        (None, None) => anyhow::bail!(
+            "give --token-file (or BROKER_OPERATOR_TOKEN_FILE), or a job token with \
+             --id-token-file / --id-token-env / --id-token-audience"
+        ),
+    };
     let filter_body = |f: AdminFilterArgs| {
         let mut filter = serde_json::Map::new();
         for (k, v) in [

@@ -167,6 +167,8 @@ pub struct Broker {
     rate_limit: Option<RepoRateLimiter>,
     /// Operators and the freeze (issue 6); see `admin/`.
     pub(crate) admin: crate::admin::AdminState,
+    /// Job-end webhook endpoints (none by default); see `webhooks/`.
+    pub(crate) webhooks: crate::webhooks::Webhooks,
 }
 
 /// Per-repository exchange rate limit (in this replica's memory; monotonic time).
@@ -267,12 +269,23 @@ impl Broker {
             rate_limit: std::num::NonZeroU32::new(parts.rate_per_minute)
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             admin: crate::admin::AdminState::default(),
+            webhooks: crate::webhooks::Webhooks::default(),
         })
     }
 
     /// Who may call the operator endpoints (none by default: they refuse everyone).
     pub fn set_operators(&mut self, operators: crate::admin::Operators) {
         self.admin = crate::admin::AdminState::new(operators);
+    }
+
+    /// The job-end webhook endpoints to serve (none by default: they answer 404).
+    pub fn set_webhooks(&mut self, webhooks: crate::webhooks::Webhooks) {
+        self.webhooks = webhooks;
+    }
+
+    /// The configured webhook endpoints.
+    pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
+        &self.webhooks
     }
 
     /// The lease a revocation claim holds (reaper config).
@@ -873,6 +886,7 @@ impl Broker {
             }
         }
         let _ = self.store.purge_jti(now).await;
+        let _ = self.store.purge_deliveries(now).await;
         if let Some(l) = &self.rate_limit {
             l.retain_recent();
         }

@@ -25,6 +25,8 @@ pub enum Action {
     RevokeFailed,
     /// Operator action (revoke-all, freeze, ...).
     Admin,
+    /// A job-end webhook delivery (`/v1/hooks/*`): acted on or refused.
+    Webhook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

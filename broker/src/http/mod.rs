@@ -7,6 +7,7 @@
 
 mod admin;
 pub mod error;
+mod hooks;
 
 use crate::audit::Action;
 use crate::providers::Field;
@@ -40,24 +41,50 @@ pub struct HttpLimits {
     pub max_concurrency: usize,
 }
 
-/// Build the router.
+/// Build the router (every endpoint on one listener).
 pub fn router(broker: Arc<Broker>, limits: &HttpLimits) -> Router {
-    let api = Router::new()
+    routers(broker, limits, false).0
+}
+
+/// The public router and, when `separate_admin`, the operator router (`/v1/admin/*`,
+/// `/v1/audit`, `/healthz`) for the `admin_listen` address. With `separate_admin` the public
+/// router has no operator endpoint at all (404), so they cannot be reached through the public
+/// load balancer.
+pub fn routers(
+    broker: Arc<Broker>,
+    limits: &HttpLimits,
+    separate_admin: bool,
+) -> (Router, Option<Router>) {
+    let public = Router::new()
         .route("/v1/exchange", post(exchange))
         .route("/v1/revoke", post(revoke))
         .route("/v1/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(admin::routes())
-        .fallback(not_found)
-        .with_state(broker);
+        .merge(hooks::routes(broker.webhooks().max_body_bytes()));
+    let (public, admin) = if separate_admin {
+        let admin = admin::routes()
+            .route("/healthz", get(healthz))
+            .fallback(not_found)
+            .with_state(broker.clone());
+        (public, Some(with_layers(admin, limits)))
+    } else {
+        (public.merge(admin::routes()), None)
+    };
+    let public = public.fallback(not_found).with_state(broker);
+    (with_layers(public, limits), admin)
+}
+
+fn with_layers(api: Router, limits: &HttpLimits) -> Router {
     api.layer(
         ServiceBuilder::new()
             // Authorization headers never reach a log line through tracing layers.
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
+                HeaderName::from_static("x-gitlab-token"),
+                HeaderName::from_static("x-hub-signature-256"),
             ]))
             .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -223,6 +223,24 @@ pub struct FreezeRecord {
     pub since: OffsetDateTime,
 }
 
+/// The active grants of one finished job (job-end webhooks). Every field must match; the
+/// optional ones only when given. Values are compared as the strings kept in `grants.job`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobMatch {
+    /// Configured issuer names the delivery may concern (the webhook's platform).
+    pub issuers: Vec<String>,
+    /// `github` | `gitlab` (`grants.job.platform`).
+    pub platform: String,
+    /// GitHub repository id, GitLab project id (`grants.repository_id`).
+    pub repository_id: String,
+    /// GitHub `check_run_id`, GitLab `job_id` (`grants.job.job_id`).
+    pub job_id: String,
+    /// GitHub `run_id` / GitLab `pipeline_id` (`grants.job.run_id`).
+    pub run_id: Option<String>,
+    /// GitHub `run_attempt` (`grants.job.run_attempt`).
+    pub run_attempt: Option<String>,
+}
+
 /// Counts for `/readyz` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
@@ -528,6 +546,39 @@ impl Store {
     /// Active grants (for revoke-all), oldest first.
     pub async fn active_grants(&self, limit: u32) -> Result<Vec<Grant>, StoreError> {
         dispatch!(self, active_grants(limit))
+    }
+    /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
+    /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares
+    /// `used_jti` with exchanges, so one token serves either one exchange or one operator call.
+    pub async fn record_jti(&self, jti: &JtiRecord, now: OffsetDateTime) -> Result<(), StoreError> {
+        dispatch!(self, record_jti(jti, now))
+    }
+    /// Active grants of one finished job (job-end webhooks), oldest first.
+    pub async fn active_job_grants(
+        &self,
+        job: &JobMatch,
+        limit: u32,
+    ) -> Result<Vec<Grant>, StoreError> {
+        dispatch!(self, active_job_grants(job, limit))
+    }
+    /// Record a webhook delivery acted on, or take over a record whose window has passed. A
+    /// live record with the same `(source, id)` → `StoreError::Replayed`.
+    pub async fn record_delivery(
+        &self,
+        source: &str,
+        id: &str,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, record_delivery(source, id, now, expires_at))
+    }
+    /// Drop a delivery record (the delivery could not be processed; let a retry through).
+    pub async fn forget_delivery(&self, source: &str, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, forget_delivery(source, id))
+    }
+    /// Delete webhook delivery records past their window. Returns how many.
+    pub async fn purge_deliveries(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        dispatch!(self, purge_deliveries(now))
     }
     /// Delete replay records past their window. Returns how many.
     pub async fn purge_jti(&self, now: OffsetDateTime) -> Result<u64, StoreError> {

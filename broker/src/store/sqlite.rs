@@ -14,7 +14,7 @@ use super::codec::{
 };
 use super::{
     AuditFilter, AuditRecord, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus,
-    JtiRecord, NewGrant, RevokeCause, StoreError, StoreGauges, StoreStats,
+    JobMatch, JtiRecord, NewGrant, RevokeCause, StoreError, StoreGauges, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -599,6 +599,115 @@ pub(super) async fn active_grants(pool: &SqlitePool, limit: u32) -> Result<Vec<G
         grants.push(grant_with_credentials(&mut conn, row).await?);
     }
     Ok(grants)
+}
+
+pub(super) async fn record_jti(
+    pool: &SqlitePool,
+    j: &JtiRecord,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    // As in `begin_grant`: insert, or take over a record whose window has passed.
+    let won = sqlx::query(
+        "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at
+         WHERE used_jti.expires_at <= $4
+         RETURNING 1",
+    )
+    .bind(&j.iss)
+    .bind(&j.jti)
+    .bind(ms(j.expires_at))
+    .bind(ms(now))
+    .fetch_optional(pool)
+    .await?;
+    match won {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Replayed),
+    }
+}
+
+pub(super) async fn active_job_grants(
+    pool: &SqlitePool,
+    job: &JobMatch,
+    limit: u32,
+) -> Result<Vec<Grant>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    // `grants_active_job_idx` covers (repository_id, json_extract(job, '$.job_id')) of active
+    // rows; the expression must be written exactly so for SQLite to use it.
+    let rows = sqlx::query(
+        "SELECT * FROM grants
+         WHERE status = 'active' AND repository_id = $1 AND json_extract(job, '$.job_id') = $2
+           AND issuer IN (SELECT value FROM json_each($3))
+           AND json_extract(job, '$.platform') = $4
+           AND ($5 IS NULL OR json_extract(job, '$.run_id') = $5)
+           AND ($6 IS NULL OR json_extract(job, '$.run_attempt') = $6)
+         ORDER BY created_at, id LIMIT $7",
+    )
+    .bind(&job.repository_id)
+    .bind(&job.job_id)
+    .bind(json_text(&job.issuers)?)
+    .bind(&job.platform)
+    .bind(&job.run_id)
+    .bind(&job.run_attempt)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut grants = Vec::with_capacity(rows.len());
+    for row in &rows {
+        grants.push(grant_with_credentials(&mut conn, row).await?);
+    }
+    Ok(grants)
+}
+
+pub(super) async fn record_delivery(
+    pool: &SqlitePool,
+    source: &str,
+    id: &str,
+    now: OffsetDateTime,
+    expires_at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    // As for `used_jti`: insert, or take over an expired record; a live one returns nothing.
+    let won = sqlx::query(
+        "INSERT INTO webhook_deliveries (source, delivery_id, received_at, expires_at)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (source, delivery_id) DO UPDATE
+             SET received_at = excluded.received_at, expires_at = excluded.expires_at
+         WHERE webhook_deliveries.expires_at <= $3
+         RETURNING 1",
+    )
+    .bind(source)
+    .bind(id)
+    .bind(ms(now))
+    .bind(ms(expires_at))
+    .fetch_optional(pool)
+    .await?;
+    match won {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Replayed),
+    }
+}
+
+pub(super) async fn forget_delivery(
+    pool: &SqlitePool,
+    source: &str,
+    id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM webhook_deliveries WHERE source = $1 AND delivery_id = $2")
+        .bind(source)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn purge_deliveries(
+    pool: &SqlitePool,
+    now: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query("DELETE FROM webhook_deliveries WHERE expires_at <= $1")
+        .bind(ms(now))
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
 }
 
 pub(super) async fn purge_jti(pool: &SqlitePool, now: OffsetDateTime) -> Result<u64, StoreError> {

@@ -1234,6 +1234,130 @@ async fn concurrent_claimers_split_the_work(store: Store, url: String) {
 
 // ---- instantiation per backend ------------------------------------------------------------
 
+/// A grant for job `(repository_id, run, attempt, job_id)` of `issuer`, made active.
+async fn begin_job_grant(
+    store: &Store,
+    issuer: &str,
+    repository_id: &str,
+    run: &str,
+    attempt: &str,
+    job_id: &str,
+) -> NewGrant {
+    let mut g = new_grant(0, 600);
+    g.issuer = issuer.to_owned();
+    g.repository_id = Some(repository_id.to_owned());
+    g.job = json!({"platform": "github", "repository_id": repository_id, "run_id": run,
+                   "run_attempt": attempt, "job_id": job_id});
+    store.begin_grant(&g, None).await.unwrap();
+    let details = vec![json!({}), json!({})];
+    let ev = event(0, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .activate_grant(g.id, t(600), &details, &ev)
+        .await
+        .unwrap();
+    g
+}
+
+async fn active_job_grants_match_every_field(store: Store) {
+    let want = begin_job_grant(&store, "github", "42", "7", "1", "900").await;
+    // Each differs in one field from `want`.
+    begin_job_grant(&store, "github", "43", "7", "1", "900").await;
+    begin_job_grant(&store, "github", "42", "7", "2", "900").await;
+    begin_job_grant(&store, "github", "42", "8", "1", "900").await;
+    begin_job_grant(&store, "github", "42", "7", "1", "901").await;
+    begin_job_grant(&store, "ghes", "42", "7", "1", "900").await;
+    let m = JobMatch {
+        issuers: vec!["github".into()],
+        platform: "github".into(),
+        repository_id: "42".into(),
+        job_id: "900".into(),
+        run_id: Some("7".into()),
+        run_attempt: Some("1".into()),
+    };
+    let found = store.active_job_grants(&m, 100).await.unwrap();
+    assert_eq!(
+        found.iter().map(|g| g.id).collect::<Vec<_>>(),
+        vec![want.id]
+    );
+    assert_eq!(found[0].credentials.len(), 2);
+    // Another platform's name for the same numbers never matches.
+    let gl = JobMatch {
+        platform: "gitlab".into(),
+        ..m.clone()
+    };
+    assert!(store.active_job_grants(&gl, 100).await.unwrap().is_empty());
+    // Without run id and attempt (GitLab: project + job id), the ghes grant still needs its issuer.
+    let loose = JobMatch {
+        issuers: vec!["github".into(), "ghes".into()],
+        run_id: None,
+        run_attempt: None,
+        ..m.clone()
+    };
+    assert_eq!(store.active_job_grants(&loose, 100).await.unwrap().len(), 4);
+    // Only active grants.
+    store
+        .claim_for_revoke(want.id, t(1), Duration::minutes(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.active_job_grants(&m, 100).await.unwrap().is_empty());
+}
+
+async fn record_jti_shares_the_replay_window_with_exchanges(store: Store) {
+    store
+        .record_jti(&jti("iss", "j-1", 100), t(0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record_jti(&jti("iss", "j-1", 100), t(50)).await,
+        Err(StoreError::Replayed)
+    ));
+    // The same token cannot then be exchanged...
+    let g = new_grant(60, 600);
+    assert!(matches!(
+        store.begin_grant(&g, Some(&jti("iss", "j-1", 100))).await,
+        Err(StoreError::Replayed)
+    ));
+    // ...and past its window the record is taken over.
+    store
+        .record_jti(&jti("iss", "j-1", 300), t(100))
+        .await
+        .unwrap();
+}
+
+async fn deliveries_are_recorded_once_per_window(store: Store) {
+    store
+        .record_delivery("github", "d-1", t(0), t(100))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record_delivery("github", "d-1", t(50), t(150)).await,
+        Err(StoreError::Replayed)
+    ));
+    // The same id from the other source is another delivery.
+    store
+        .record_delivery("gitlab", "d-1", t(50), t(150))
+        .await
+        .unwrap();
+    // Past the window the record is taken over.
+    store
+        .record_delivery("github", "d-1", t(100), t(200))
+        .await
+        .unwrap();
+    // Forgetting lets a retry through.
+    store.forget_delivery("github", "d-1").await.unwrap();
+    store
+        .record_delivery("github", "d-1", t(101), t(200))
+        .await
+        .unwrap();
+    assert_eq!(store.purge_deliveries(t(160)).await.unwrap(), 1);
+    assert_eq!(store.purge_deliveries(t(160)).await.unwrap(), 0);
+    assert!(matches!(
+        store.record_delivery("github", "d-1", t(170), t(300)).await,
+        Err(StoreError::Replayed)
+    ));
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1292,6 +1416,9 @@ store_tests!(
     audit_chain_detects_a_deleted_tail,
     audit_chain_detects_reordered_events,
     freeze_is_kept_and_lifted_with_an_audit_event,
+    active_job_grants_match_every_field,
+    deliveries_are_recorded_once_per_window,
+    record_jti_shares_the_replay_window_with_exchanges,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
