@@ -233,3 +233,50 @@ async fn metrics_require_the_configured_token() {
     gitlab.shutdown().await;
     db.cleanup().await;
 }
+
+/// With `admin_listen` set, `/metrics` is served there with the operator API and answers 404 on
+/// the public listener.
+#[tokio::test]
+async fn metrics_move_to_the_operator_listener() {
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let admin_port = integration::free_port();
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!("admin_listen: 127.0.0.1:{admin_port}\n"),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+    let http = reqwest::Client::new();
+    let public = http
+        .get(format!("{}/metrics", broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+    let admin = format!("http://127.0.0.1:{admin_port}/metrics");
+    let mut text = None;
+    for _ in 0..100 {
+        if let Ok(r) = http.get(&admin).send().await {
+            assert_eq!(r.status(), 200);
+            text = Some(r.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = text.expect("operator listener answers");
+    assert!(text.contains("broker_policy_bundle{digest="), "{text}");
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}
