@@ -27,7 +27,11 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         store: StoreConfig {
             url: SecretRef::inline(format!("sqlite:{}", db.display())),
         },
-        policies: PolicyConfig { dir: policies },
+        // Edits to the policy files take effect without a restart.
+        policies: PolicyConfig {
+            dir: policies,
+            watch_interval: Some(time::Duration::seconds(2)),
+        },
         issuers: vec![
             crate::oidc::dev::issuer_config("github", DEV_AUDIENCE),
             crate::oidc::dev::gitlab_issuer_config("gitlab", DEV_AUDIENCE),
@@ -43,6 +47,8 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         log: LogConfig::default(),
         operators: Vec::new(),
         webhooks: Default::default(),
+        metrics: Default::default(),
+        telemetry: Default::default(),
     };
     let problems = cfg.validate(Mode::Dev);
     if problems.is_empty() {

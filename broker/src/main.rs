@@ -12,7 +12,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "broker",
-    version,
+    version = broker::VERSION,
     about = "CI/CD OIDC token broker: job tokens in, job-scoped credentials out"
 )]
 struct Cli {
@@ -424,7 +424,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve { config } => {
             let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!(e))?;
-            broker::app::init_logging(cfg.log.format, &cfg.log.level);
+            let _traces = broker::telemetry::init(cfg.log.format, &cfg.log.level, &cfg.telemetry)?;
             tracing::info!(config = %cfg, "starting");
             broker::app::serve(cfg, |_| {}).await?;
         }

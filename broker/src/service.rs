@@ -13,6 +13,7 @@
 
 use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
 use crate::config::{GrantConfig, ReaperConfig};
+use crate::metrics::{self, Stage};
 use crate::oidc::{Platform, Verifier, VerifyError};
 use crate::policy::{Bundle, Decision, LoadOptions, PolicyInput};
 use crate::providers::api_token::ApiTokenProvider;
@@ -129,7 +130,7 @@ impl ServiceError {
         }
     }
 
-    fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             ServiceError::Provider { .. }
             | ServiceError::Store(_)
@@ -246,6 +247,7 @@ impl Broker {
             providers.insert(p.kind(), p);
         }
         check_bundle(&bundle, &providers)?;
+        metrics::policy_loaded(bundle.digest());
         let status = PolicyStatus {
             digest: bundle.digest().to_owned(),
             loaded_at: parts.clock.now(),
@@ -319,11 +321,14 @@ impl Broker {
                     last_error: None,
                 };
                 tracing::info!(digest = %digest, "policies reloaded");
+                metrics::policy_reload(true);
+                metrics::policy_loaded(&digest);
                 Ok(digest)
             }
             Err(e) => {
                 tracing::error!(error = %e, kept_digest = %st.digest, "policy reload rejected; previous bundle stays in force");
                 st.last_error = Some(e.clone());
+                metrics::policy_reload(false);
                 Err(e)
             }
         }
@@ -352,7 +357,7 @@ impl Broker {
         if ev.detail.is_none() {
             ev.detail = Some(err.to_string());
         }
-        match self.store.append_audit(&ev).await {
+        match metrics::timed(Stage::Audit, self.store.append_audit(&ev)).await {
             Ok(()) => err,
             Err(e) => {
                 tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
@@ -397,10 +402,11 @@ impl Broker {
         };
 
         // 2. The job token: configured issuer, pinned algorithm, signature, audience, times.
-        let claims = match self.verifier.verify(req.token.expose()).await {
-            Ok(c) => c,
-            Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
-        };
+        let claims =
+            match metrics::timed(Stage::Verify, self.verifier.verify(req.token.expose())).await {
+                Ok(c) => c,
+                Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
+            };
         ev.job = JobAttribution::from_claims(&claims);
         if let Err(e) = self.check_rate(&claims.issuer, &ev.job) {
             return Err(self.refuse(ev, e).await);
@@ -423,7 +429,7 @@ impl Broker {
             platform: claims.platform,
             claims: &claims.claims,
         };
-        let eval = bundle.evaluate(&input, &req.credentials);
+        let eval = metrics::timed_sync(Stage::Policy, || bundle.evaluate(&input, &req.credentials));
         ev.rules_matched = eval.rules_matched.clone();
         let mut ttl = requested_ttl
             .unwrap_or(self.grants.default_ttl)
@@ -520,7 +526,12 @@ impl Broker {
             expires_at,
             credentials: issued.clone(),
         };
-        match self.store.begin_grant(&new_grant, jti.as_ref()).await {
+        match metrics::timed(
+            Stage::Intent,
+            self.store.begin_grant(&new_grant, jti.as_ref()),
+        )
+        .await
+        {
             Ok(()) => {}
             Err(StoreError::Replayed) => return Err(self.refuse(ev, ServiceError::Replayed).await),
             Err(e) => {
@@ -547,7 +558,8 @@ impl Broker {
                     .await
             }
         });
-        let results: Vec<Result<Minted, ProviderError>> = futures::future::join_all(mints).await;
+        let results: Vec<Result<Minted, ProviderError>> =
+            metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
         crate::fault::point("after_mint");
         if let Some(pos) = results.iter().position(Result::is_err) {
             return Err(self
@@ -567,10 +579,12 @@ impl Broker {
         ev.reason = "ok".into();
         ev.credentials_granted = req.credentials.clone();
         ev.expires_at = Some(real_expiry);
-        if let Err(e) = self
-            .store
-            .activate_grant(grant_id, real_expiry, &details, &ev)
-            .await
+        if let Err(e) = metrics::timed(
+            Stage::Activate,
+            self.store
+                .activate_grant(grant_id, real_expiry, &details, &ev),
+        )
+        .await
         {
             tracing::error!(error = %e, grant_id = %grant_id, "could not finalise grant; revoking what was minted");
             // Best effort now; if this fails too the grant stays `issuing` and the reaper
@@ -743,7 +757,13 @@ impl Broker {
                 Some(format!("{}: {d}", c.name))
             })
             .collect();
-        match self.revoke_credentials(&g.credentials).await {
+        let revoked = self.revoke_credentials(&g.credentials).await;
+        metrics::revocation(
+            claimed.cause.as_str(),
+            revoked.is_ok(),
+            g.revoke_attempts > 0,
+        );
+        match revoked {
             Ok(()) => {
                 ev.outcome = Outcome::Success;
                 ev.reason = claimed.cause.as_str().to_owned();

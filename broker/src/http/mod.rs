@@ -2,8 +2,8 @@
 //! maps every error through [`error::ApiError`].
 //!
 //! Endpoints: `POST /v1/exchange`, `POST /v1/revoke`, `POST /v1/introspect` (RFC 7662),
-//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, and the operator endpoints
-//! under `/v1/admin/` (`admin.rs`).
+//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, the operator endpoints
+//! under `/v1/admin/` (`admin.rs`), and `GET /metrics` ([`metrics_router`]).
 
 mod admin;
 pub mod error;
@@ -126,9 +126,18 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
         .to_owned();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    // `otel.kind` and `status` shape the exported trace span (telemetry.rs); logs ignore them.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        %method,
+        %path,
+        otel.kind = "server",
+        status = tracing::field::Empty,
+    );
     let start = std::time::Instant::now();
     let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("status", resp.status().as_u16());
     let _g = span.enter();
     tracing::info!(
         status = resp.status().as_u16(),
@@ -222,9 +231,14 @@ async fn exchange(
     });
     let (token, body) = match parsed {
         Ok(p) => p,
-        Err(e) => return Err(b.reject(Action::Exchange, &ctx, e).await.into()),
+        Err(e) => {
+            let e = b.reject(Action::Exchange, &ctx, e).await;
+            record_exchange(&b, &[], Err(&e));
+            return Err(e.into());
+        }
     };
-    let resp = b
+    let names = body.credentials.clone();
+    let result = b
         .exchange(
             ExchangeRequest {
                 token,
@@ -233,7 +247,9 @@ async fn exchange(
             },
             &ctx,
         )
-        .await?;
+        .await;
+    record_exchange(&b, &names, result.as_ref().map(|_| ()));
+    let resp = result?;
     let mut creds = Map::new();
     for c in resp.credentials {
         let mut fields = Map::new();
@@ -331,4 +347,75 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(detail)).into_response()
+}
+
+/// Count an exchange in `broker_exchanges_total`. The kind label comes from the requested names
+/// as the bundle in force defines them: one kind, `mixed`, or `none` (nothing resolved).
+fn record_exchange(b: &Broker, names: &[String], result: Result<(), &ServiceError>) {
+    let bundle = b.policies();
+    let kinds: std::collections::BTreeSet<&'static str> = names
+        .iter()
+        .filter_map(|n| bundle.credential(n).map(|d| d.spec.kind().as_str()))
+        .collect();
+    let kind = match kinds.len() {
+        0 => "none",
+        1 => kinds.first().copied().unwrap_or("none"),
+        _ => "mixed",
+    };
+    match result {
+        Ok(()) => crate::metrics::exchange("allow", "ok", kind),
+        Err(e) => {
+            let outcome = match e.outcome() {
+                crate::audit::Outcome::Error => "error",
+                _ => "deny",
+            };
+            crate::metrics::exchange(outcome, e.reason_code(), kind);
+        }
+    }
+}
+
+/// `GET /metrics` (Prometheus/OpenMetrics text). With a token configured, only
+/// `Authorization: Bearer <token>` may scrape (compared in constant time); without one the
+/// endpoint is open, so put it on a listener only the scraper reaches.
+pub fn metrics_router(broker: Arc<Broker>, token: Option<Sensitive>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state((broker, token.map(Arc::new)))
+}
+
+async fn metrics(
+    State((b, token)): State<(Arc<Broker>, Option<Arc<Sensitive>>)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(want) = token {
+        let ok = bearer(&headers).is_ok_and(|got| {
+            subtle::ConstantTimeEq::ct_eq(got.expose().as_bytes(), want.expose().as_bytes()).into()
+        });
+        if !ok {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid metrics bearer token is required",
+            ));
+        }
+    }
+    // Store-derived gauges are read on scrape: cheap indexed queries, and always current.
+    let now = b.clock.now();
+    match b.store.gauges(now).await {
+        Ok(g) => {
+            let lag = g
+                .oldest_overdue
+                .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
+            crate::metrics::set_store_gauges(&g.active_by_kind, lag);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: store gauges not refreshed");
+            crate::metrics::store_gauges_failed();
+        }
+    }
+    Ok((
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(),
+    )
+        .into_response())
 }

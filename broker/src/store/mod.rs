@@ -303,6 +303,15 @@ pub struct StoreStats {
     pub revoke_failures_pending: i64,
 }
 
+/// What `/metrics` reads from the store (cluster-wide, whichever replica asks).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreGauges {
+    /// `(kind, active grants holding a credential of it)`, kinds with none omitted.
+    pub active_by_kind: Vec<(String, i64)>,
+    /// Expiry of the oldest grant still `active` or `revoking` after it expired.
+    pub oldest_overdue: Option<OffsetDateTime>,
+}
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -735,6 +744,11 @@ impl Store {
     }
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         dispatch!(self, stats())
+    }
+    /// Metrics gauges: active grants per credential kind, and the expiry of the oldest grant
+    /// past `now` that is not yet revoked (the reaper's lag). Two indexed queries.
+    pub async fn gauges(&self, now: OffsetDateTime) -> Result<StoreGauges, StoreError> {
+        dispatch!(self, gauges(now))
     }
 
     /// Close the pool (graceful shutdown, tests). Calls after this fail with `Unavailable`.

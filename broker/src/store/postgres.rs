@@ -13,7 +13,7 @@ use super::codec::{
 use super::{
     AuditFilter, AuditRecord, ChainAnchor, Checkpoint, CheckpointKind, ClaimedGrant,
     CredentialStatus, FreezeRecord, Grant, GrantStatus, JobMatch, JtiRecord, NewGrant, RevokeCause,
-    StoreError, StoreStats,
+    StoreError, StoreGauges, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -954,6 +954,31 @@ pub(super) async fn stats(pool: &PgPool) -> Result<StoreStats, StoreError> {
         active_grants: row.try_get("active")?,
         issuing_grants: row.try_get("issuing")?,
         revoke_failures_pending: row.try_get("failing")?,
+    })
+}
+
+pub(super) async fn gauges(pool: &PgPool, now: OffsetDateTime) -> Result<StoreGauges, StoreError> {
+    let rows = sqlx::query(
+        "SELECT c.kind, count(DISTINCT g.id) AS n
+         FROM grants g JOIN grant_credentials c ON c.grant_id = g.id
+         WHERE g.status = 'active' GROUP BY c.kind ORDER BY c.kind",
+    )
+    .fetch_all(pool)
+    .await?;
+    let active_by_kind = rows
+        .iter()
+        .map(|r| Ok((r.try_get("kind")?, r.try_get("n")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let oldest_overdue: Option<OffsetDateTime> = sqlx::query_scalar(
+        "SELECT min(expires_at) FROM grants
+         WHERE status IN ('active', 'revoking') AND expires_at < $1",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    Ok(StoreGauges {
+        active_by_kind,
+        oldest_overdue,
     })
 }
 

@@ -1127,6 +1127,39 @@ async fn active_grants_oldest_first(store: Store) {
     assert_eq!(first[0].credentials.len(), 2);
 }
 
+/// `/metrics` gauges: active grants per kind (a grant counted once per kind however many
+/// credentials of it it holds), and the oldest expired grant not yet revoked (active or
+/// revoking), ignoring ones that are still valid, issuing or finished.
+async fn gauges_count_active_by_kind_and_find_the_oldest_overdue(store: Store) {
+    let empty = store.gauges(t(0)).await.unwrap();
+    assert_eq!(empty, crate::store::StoreGauges::default());
+    let overdue_old = begin_active(&store, 0, 100).await;
+    let overdue_revoking = begin_active(&store, 0, 200).await;
+    let _valid = begin_active(&store, 0, 10_000).await;
+    let finished = begin_active(&store, 0, 50).await;
+    store.begin_grant(&new_grant(0, 20), None).await.unwrap(); // issuing: not counted
+    store
+        .claim_for_revoke(overdue_revoking.id, t(300), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let claimed = store
+        .claim_for_revoke(finished.id, t(300), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let ev = event(300, Action::Revoke, Outcome::Success, Some(finished.id));
+    store
+        .finish_revoke(finished.id, claimed.cause, t(300), &ev)
+        .await
+        .unwrap();
+    let g = store.gauges(t(1_000)).await.unwrap();
+    assert_eq!(g.active_by_kind, vec![("api_token".to_owned(), 2)]);
+    assert_eq!(g.oldest_overdue, Some(t(100)), "{:?}", overdue_old.id);
+    // Before anything expired, nothing is overdue.
+    assert_eq!(store.gauges(t(99)).await.unwrap().oldest_overdue, None);
+}
+
 async fn purge_jti_removes_only_past_windows(store: Store) {
     for (i, exp) in [10, 20, 30].into_iter().enumerate() {
         store
@@ -1373,6 +1406,7 @@ store_tests!(
     audit_pages_have_no_gaps_or_duplicates,
     stats_count_grants,
     active_grants_oldest_first,
+    gauges_count_active_by_kind_and_find_the_oldest_overdue,
     purge_jti_removes_only_past_windows,
     audit_chain_verifies_when_clean,
     audit_rows_refuse_update_and_delete,
