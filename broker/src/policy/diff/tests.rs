@@ -1,0 +1,173 @@
+//! Known bundle pairs under `broker/tests/fixtures/policy-diff/<case>/{base,head}` and the
+//! report and exit code each must produce.
+
+use super::*;
+use crate::policy::LoadOptions;
+use std::path::PathBuf;
+
+fn fixture(case: &str) -> PolicyDiff {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy-diff");
+    let load = |side: &str| {
+        Bundle::load_dir(&dir.join(case).join(side), &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{case}/{side}: {e}"))
+    };
+    diff(&load("base"), &load("head"), &[])
+}
+
+fn credential<'a>(d: &'a PolicyDiff, name: &str) -> &'a CredentialChange {
+    d.credentials
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no change for {name}"))
+}
+
+#[test]
+fn rule_widened_to_another_branch() {
+    let d = fixture("branch-widened");
+    assert_eq!(d.exit_code(), EXIT_WIDENED);
+    let c = credential(&d, "deploy-api");
+    assert!(c.widened && !c.narrowed);
+    assert!(c.definition.is_empty());
+    assert_eq!(c.rules, ["main-deploy"]);
+    let refs: Vec<&str> = c
+        .newly_allowed
+        .examples
+        .iter()
+        .map(|e| e.sample.claims["ref"].as_str().unwrap())
+        .collect();
+    assert!(refs.contains(&"refs/heads/release/1.0"), "{refs:?}");
+    assert!(
+        refs.iter().all(|r| r.starts_with("refs/heads/release/")),
+        "{refs:?}"
+    );
+    assert!(
+        c.newly_allowed
+            .examples
+            .iter()
+            .all(|e| e.head == "allow (rule main-deploy)")
+    );
+    assert_eq!(d.rules.len(), 1);
+    assert_eq!(d.rules[0].fields[0].field, "when");
+    assert!(!d.rules[0].unexercised);
+    let lint: Vec<&str> = d.new_lint_findings.iter().map(|f| f.code).collect();
+    assert_eq!(lint, ["wildcard_pattern"]);
+    insta::assert_snapshot!("branch_widened", render_markdown(&d));
+}
+
+#[test]
+fn credential_ttl_raised() {
+    let d = fixture("ttl-raised");
+    assert_eq!(d.exit_code(), EXIT_WIDENED);
+    let c = credential(&d, "deploy-api");
+    assert_eq!(c.change, Change::Changed);
+    assert_eq!(
+        c.definition,
+        [FieldChange {
+            field: "max_ttl".into(),
+            base: Some("15m".into()),
+            head: Some("2h".into()),
+            widens: true,
+        }]
+    );
+    assert!(c.newly_allowed.is_empty() && c.newly_denied.is_empty());
+    assert!(
+        c.longer_ttl.total >= 1,
+        "the main push now gets a longer ceiling"
+    );
+    assert!(d.rules.is_empty() && d.new_lint_findings.is_empty());
+    insta::assert_snapshot!("ttl_raised", render_markdown(&d));
+}
+
+#[test]
+fn deny_rule_removed() {
+    let d = fixture("deny-removed");
+    assert_eq!(d.exit_code(), EXIT_WIDENED);
+    let c = credential(&d, "deploy-api");
+    assert!(c.widened);
+    let prt = c.newly_allowed.examples.iter().find(|e| {
+        e.sample.variation == ["event_name=pull_request_target"]
+            && e.sample.claims["ref"] == "refs/heads/main"
+    });
+    let prt = prt.expect("pull_request_target on main is newly allowed");
+    assert_eq!(prt.base, "deny (rule deny-untrusted)");
+    assert_eq!(prt.head, "allow (rule main-deploy)");
+    assert_eq!(d.rules.len(), 1);
+    assert_eq!(
+        (d.rules[0].change, d.rules[0].effect),
+        (Change::Removed, "deny")
+    );
+    insta::assert_snapshot!("deny_removed", render_markdown(&d));
+}
+
+#[test]
+fn deny_rule_added_narrows_only() {
+    let d = fixture("deny-added");
+    assert_eq!(d.exit_code(), EXIT_NOT_WIDENED);
+    assert!(d.narrowed && !d.widened);
+    let c = credential(&d, "deploy-api");
+    assert!(c.newly_allowed.is_empty());
+    assert!(
+        c.newly_denied
+            .examples
+            .iter()
+            .all(|e| e.sample.claims["environment"] == "staging")
+    );
+    assert!(c.newly_denied.total >= 1);
+    insta::assert_snapshot!("deny_added", render_markdown(&d));
+}
+
+#[test]
+fn nothing_changed() {
+    let d = fixture("unchanged");
+    assert_eq!(d.exit_code(), EXIT_NOT_WIDENED);
+    assert!(d.is_empty(), "{d:#?}");
+    assert!(!d.widened && !d.narrowed);
+    assert_ne!(d.base_digest, d.head_digest, "a comment changed the files");
+    insta::assert_snapshot!("unchanged", render_markdown(&d));
+}
+
+#[test]
+fn json_carries_the_claims_and_the_verdict() {
+    let d = fixture("deny-removed");
+    let v = serde_json::to_value(&d).unwrap();
+    assert_eq!(v["widened"], true);
+    let ex = &v["credentials"][0]["newly_allowed"];
+    assert!(ex["total"].as_u64().unwrap() >= 1);
+    let first = &ex["examples"][0];
+    assert_eq!(first["issuer"], "github");
+    assert_eq!(first["origin"]["source"], "test");
+    assert!(first["claims"]["repository_id"].is_string());
+    assert!(first["base"].as_str().unwrap().starts_with("deny"));
+}
+
+#[test]
+fn audit_seeds_join_the_corpus() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy-diff");
+    let load = |side: &str| {
+        Bundle::load_dir(
+            &dir.join("branch-widened").join(side),
+            &LoadOptions::default(),
+        )
+        .unwrap()
+    };
+    // A real job of another repository id on a release branch: the rule now lets it in only
+    // if it has the pinned id, so only the seed with that id is reported.
+    let job = crate::audit::JobAttribution {
+        issuer: Some("github".into()),
+        platform: Some("github".into()),
+        repository: Some("acme/api".into()),
+        repository_id: Some("1000001".into()),
+        git_ref: Some("refs/heads/release/7.1".into()),
+        event: Some("push".into()),
+        ..Default::default()
+    };
+    let seed = corpus::audit_seed(&job).unwrap();
+    let d = diff(&load("base"), &load("head"), &[seed]);
+    assert_eq!(d.corpus.audit_seeds, 1);
+    let c = credential(&d, "deploy-api");
+    assert!(c.newly_allowed.examples.iter().any(|e| {
+        matches!(&e.sample.origin, Origin::Audit { repository } if repository == "acme/api")
+            && e.sample.variation.is_empty()
+            && e.sample.claims["ref"] == "refs/heads/release/7.1"
+    }));
+}
