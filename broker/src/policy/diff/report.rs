@@ -104,7 +104,13 @@ fn examples(out: &mut String, title: &str, ex: &Examples, ttl: bool) {
         let _ = writeln!(out, "| claim set | key claims | base | head |");
     }
     let _ = writeln!(out, "|---|---|---|---|");
-    for c in ex.examples.iter().take(SHOWN) {
+    // Variations of different seeds often land on the same key claims: show each once.
+    let mut seen = std::collections::HashSet::new();
+    let mut shown = 0;
+    for c in &ex.examples {
+        if shown == SHOWN {
+            break;
+        }
         let (b, h) = if ttl {
             let t =
                 |d: Option<time::Duration>| d.map(crate::time::format_duration).unwrap_or_default();
@@ -112,20 +118,25 @@ fn examples(out: &mut String, title: &str, ex: &Examples, ttl: bool) {
         } else {
             (c.base.clone(), c.head.clone())
         };
+        let claims = claims_line(c);
+        if !seen.insert((claims.clone(), b.clone(), h.clone())) {
+            continue;
+        }
+        shown += 1;
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} |",
             cell(&source_line(c)),
-            cell(&claims_line(c)),
+            cell(&claims),
             cell(&b),
             cell(&h)
         );
     }
-    if ex.total > SHOWN {
+    if ex.total > shown {
         let _ = writeln!(
             out,
-            "\n…and {} more (see `--format json`).",
-            ex.total - SHOWN
+            "\n{} more, or alike in the claims shown (see `--format json`).",
+            ex.total - shown
         );
     }
 }
