@@ -222,6 +222,29 @@ tests:
     }
 
     #[test]
+    fn check_applies_the_schema() {
+        // YAML turns the number into a string for the loader; the schema (and so an editor)
+        // says it is not one, and check fails with the schema's words.
+        let sloppy = POLICY.replace("audience: x", "audience: 5");
+        let (ok, text) = run(|d, o| check(d, None, o), &[("p.yaml", &sloppy)]);
+        assert!(!ok, "{text}");
+        assert!(
+            text.contains("p.yaml:0: schema: at /credentials/0/api_token/audience: 5 is not of type \"string\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("does not conform to the policy schema"),
+            "{text}"
+        );
+        // A problem both see is reported once, by the loader, with its line.
+        let unknown = POLICY.replace("    when:", "    bogus: 1\n    when:");
+        let (ok, text) = run(|d, o| check(d, None, o), &[("p.yaml", &unknown)]);
+        assert!(!ok);
+        assert!(text.contains("p.yaml:9: unknown field `bogus`"), "{text}");
+        assert!(!text.contains("schema:"), "{text}");
+    }
+
+    #[test]
     fn test_and_explain() {
         let (ok, text) = run(test, &[("p.yaml", POLICY)]);
         assert!(ok, "{text}");

@@ -7,6 +7,9 @@
 //! files (unknown key, wrong type, missing key, two kind keys) are refused by both. The loader
 //! stays the authority for what the schema cannot say (CEL, templates, cross-references).
 //!
+//! Optional keys whose value is a mapping or an enum are described without `null`, so an
+//! editor says what is wrong inside the value rather than "matches no alternative".
+//!
 //! The committed copy is `policies/policy.schema.json`; a test fails when it differs from the
 //! generated one (`broker policy schema > policies/policy.schema.json` refreshes it).
 
@@ -55,10 +58,16 @@ struct Credential {
     #[schemars(regex(pattern = DURATION))]
     max_ttl: String,
     /// A JWT signed by the broker for a downstream service.
+    #[serde(default)]
+    #[schemars(with = "ApiToken")]
     api_token: Option<ApiToken>,
     /// A login role on a configured Postgres server for the life of the grant.
+    #[serde(default)]
+    #[schemars(with = "Postgres")]
     postgres: Option<Postgres>,
     /// An AWS session from AssumeRole.
+    #[serde(default)]
+    #[schemars(with = "AwsSts")]
     aws_sts: Option<AwsSts>,
 }
 
@@ -111,6 +120,8 @@ struct AwsSts {
     /// Region handed to the job; default: the target's.
     region: Option<String>,
     /// Inline session policy: a JSON object, or a string of JSON.
+    #[serde(default)]
+    #[schemars(with = "SessionPolicy")]
     session_policy: Option<SessionPolicy>,
     /// Managed policy ARNs applied as session policies.
     #[serde(default)]
@@ -145,6 +156,8 @@ struct Rule {
     /// Configured issuer name this rule applies to.
     issuer: String,
     /// Default `allow`.
+    #[serde(default)]
+    #[schemars(with = "Effect")]
     effect: Option<Effect>,
     /// Credential names; `"*"` (every credential) only in deny rules.
     #[schemars(length(min = 1))]
@@ -173,6 +186,8 @@ struct TestCase {
     description: Option<String>,
     issuer: String,
     /// Required when the issuer is not named github or gitlab.
+    #[serde(default)]
+    #[schemars(with = "Platform")]
     platform: Option<Platform>,
     /// The token's claims.
     claims: Map<String, Value>,
