@@ -171,3 +171,39 @@ fn audit_seeds_join_the_corpus() {
             && e.sample.claims["ref"] == "refs/heads/release/7.1"
     }));
 }
+
+#[test]
+fn kind_parameters_widen_when_added_or_changed_and_narrow_when_removed() {
+    let policy = |scopes: &str, audience: &str| {
+        format!(
+            "credentials:\n  - name: c\n    max_ttl: 5m\n    api_token:\n      audience: {audience}\n      scopes: [{scopes}]\n"
+        )
+    };
+    let load = |text: String| {
+        Bundle::load_files(&[("p.yaml".into(), text)], &LoadOptions::default()).unwrap()
+    };
+    let base = load(policy("\"read\", \"write\"", "a"));
+    let fields = |head: String| {
+        let d = diff(&base, &load(head), &[]);
+        (d.exit_code(), d.credentials[0].definition.clone())
+    };
+    let (code, f) = fields(policy("\"read\"", "a"));
+    assert_eq!(code, EXIT_NOT_WIDENED);
+    assert_eq!(
+        (f[0].field.as_str(), f[0].widens),
+        ("api_token.scopes", false)
+    );
+    let (code, f) = fields(policy("\"read\", \"write\", \"admin\"", "a"));
+    assert_eq!(code, EXIT_WIDENED);
+    assert_eq!(
+        (f[0].field.as_str(), f[0].widens),
+        ("api_token.scopes", true)
+    );
+    let (code, f) = fields(policy("\"read\", \"write\"", "b"));
+    assert_eq!(code, EXIT_WIDENED);
+    assert_eq!(f[0].field, "api_token.audience");
+    assert_eq!(
+        (f[0].base.as_deref(), f[0].head.as_deref()),
+        (Some("a"), Some("b"))
+    );
+}
