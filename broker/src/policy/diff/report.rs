@@ -54,6 +54,20 @@ fn code(s: &str) -> String {
     }
 }
 
+/// Free text built from policy content (lint messages name claims the rule reads, which a
+/// rule may spell with any characters): no control characters, code spans or HTML.
+fn plain(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control())
+        .map(|c| match c {
+            '`' => '\'',
+            '<' => '‹',
+            '>' => '›',
+            c => c,
+        })
+        .collect()
+}
+
 /// Table cell text: no line breaks or pipes.
 fn cell(s: &str) -> String {
     s.replace(['\n', '\r'], " ").replace('|', "\\|")
@@ -258,7 +272,7 @@ pub fn render_markdown(d: &PolicyDiff) -> String {
                 code(&f.location),
                 f.code,
                 f.rule,
-                f.message
+                plain(&f.message)
             );
         }
     }
@@ -275,5 +289,6 @@ mod tests {
         assert_eq!(code(""), "` `");
         assert!(code(&"x".repeat(200)).ends_with("…`"));
         assert_eq!(cell("a|b\nc"), "a\\|b c");
+        assert_eq!(plain("claims.`x`<b>\n"), "claims.'x'‹b›");
     }
 }

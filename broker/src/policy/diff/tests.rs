@@ -207,3 +207,28 @@ fn kind_parameters_widen_when_added_or_changed_and_narrow_when_removed() {
         (Some("a"), Some("b"))
     );
 }
+
+/// Speed of a diff of the shipped example policies against themselves (every claim set is
+/// decided by both bundles). Prints figures; asserts nothing about time.
+/// `cargo test -p broker --lib policy::diff::tests::bench -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_diff_of_the_example_policies() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let b = Bundle::load_dir(&dir, &LoadOptions::default()).unwrap();
+    let started = std::time::Instant::now();
+    let rounds = 5;
+    let mut sets = 0;
+    for _ in 0..rounds {
+        let d = diff(&b, &b, &[]);
+        assert!(d.is_empty());
+        sets = d.corpus.claim_sets;
+    }
+    let per = started.elapsed().as_secs_f64() / f64::from(rounds);
+    eprintln!(
+        "policy diff: {sets} claim sets x {} credentials x 2 bundles in {:.1} ms ({:.0} claim sets/s)",
+        b.credentials().len(),
+        per * 1000.0,
+        sets as f64 / per
+    );
+}
