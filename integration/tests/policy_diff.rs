@@ -260,3 +260,142 @@ async fn audit_log_jobs_join_the_corpus() {
     issuer.shutdown().await;
     db.cleanup().await;
 }
+
+fn gitlab_tools() -> Option<PathBuf> {
+    let bin = repo_root().join("action/tools/node_modules/.bin");
+    (bin.join("gitlab-ci-local").exists() && bin.join("node").exists()).then_some(bin)
+}
+
+type Notes = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// Plays GitLab's notes API: records (path, PRIVATE-TOKEN, body) of every POST.
+async fn notes_api() -> (String, Notes) {
+    use axum::extract::{Form, State};
+    use axum::http::{HeaderMap, StatusCode, Uri};
+    let notes: Notes = Default::default();
+    let app = axum::Router::new()
+        .fallback(
+            |State(n): State<Notes>,
+             uri: Uri,
+             headers: HeaderMap,
+             Form(form): Form<std::collections::HashMap<String, String>>| async move {
+                let token = headers
+                    .get("private-token")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                let body = form.get("body").cloned().unwrap_or_default();
+                n.lock().unwrap().push((uri.path().to_owned(), token, body));
+                (StatusCode::CREATED, "{}")
+            },
+        )
+        .with_state(notes.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/v4", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, notes)
+}
+
+/// The shipped GitLab example (`examples/policy-repo/.gitlab-ci.yml`) run by gitlab-ci-local in
+/// a merge request of a policy repository that widens a rule: check and test pass, the diff
+/// against the target branch is posted as a note with the project token, and the job ends
+/// "allowed to fail" with exit 10.
+#[tokio::test]
+async fn gitlab_example_posts_the_diff_as_a_merge_request_note() {
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let origin = work.path().join("origin.git");
+    let repo = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("policies")).unwrap();
+    git(
+        work.path(),
+        &["init", "-q", "--bare", origin.to_str().unwrap()],
+    );
+    git(&repo, &["init", "-q", "-b", "main"]);
+    let case = fixtures().join("branch-widened");
+    std::fs::copy(
+        case.join("base/policy.yaml"),
+        repo.join("policies/policy.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo_root().join("examples/policy-repo/.gitlab-ci.yml"),
+        repo.join(".gitlab-ci.yml"),
+    )
+    .unwrap();
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "base"]);
+    git(
+        &repo,
+        &["remote", "add", "origin", origin.to_str().unwrap()],
+    );
+    git(&repo, &["push", "-q", "origin", "main"]);
+    git(&repo, &["checkout", "-q", "-b", "release-deploys"]);
+    std::fs::copy(
+        case.join("head/policy.yaml"),
+        repo.join("policies/policy.yaml"),
+    )
+    .unwrap();
+    git(
+        &repo,
+        &["commit", "-q", "-am", "deploy from release branches"],
+    );
+
+    let (api, notes) = notes_api().await;
+    let bin_dir = broker_bin().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}:{}",
+        bin_dir.display(),
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = tokio::process::Command::new(tools.join("gitlab-ci-local"));
+    cmd.current_dir(&repo)
+        .env("PATH", path)
+        .arg("--force-shell-executor");
+    for v in [
+        "CI_PIPELINE_SOURCE=merge_request_event".to_owned(),
+        "CI_MERGE_REQUEST_TARGET_BRANCH_NAME=main".to_owned(),
+        format!("CI_API_V4_URL={api}"),
+        "CI_PROJECT_ID=42".to_owned(),
+        "CI_MERGE_REQUEST_IID=7".to_owned(),
+        "POLICY_REVIEW_TOKEN=glpat-test-only".to_owned(),
+    ] {
+        cmd.arg("--variable").arg(v);
+    }
+    cmd.arg("policy-review").kill_on_drop(true);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(300), cmd.output())
+        .await
+        .expect("gitlab-ci-local finishes")
+        .expect("gitlab-ci-local runs");
+    let log = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "exit 10 is an allowed failure: {log}"
+    );
+    assert!(
+        log.contains("WARN 10"),
+        "the job is marked as widened: {log}"
+    );
+    assert!(log.contains("test result: ok. 1 passed"), "{log}");
+    let notes = notes.lock().unwrap().clone();
+    assert_eq!(notes.len(), 1, "{log}");
+    let (path, token, body) = &notes[0];
+    assert_eq!(path, "/api/v4/projects/42/merge_requests/7/notes");
+    assert_eq!(token, "glpat-test-only");
+    assert!(
+        body.starts_with("## Policy diff: access **widened**"),
+        "{body}"
+    );
+    assert!(body.contains("`refs/heads/release/1.0`"), "{body}");
+}
