@@ -295,6 +295,36 @@ enum PolicyCmd {
         #[arg(long, default_value = "github")]
         platform: String,
     },
+    /// Show what a policy change does to access (exit 0: not widened, 10: widened, 2: error).
+    Diff(PolicyDiffArgs),
+    /// Print the JSON Schema of policy files.
+    Schema,
+}
+
+#[derive(Args)]
+struct PolicyDiffArgs {
+    /// Base: a directory, `REV:PATH` or `git:REV` (the policy directory at a git revision).
+    base: String,
+    /// Head: same forms as BASE.
+    head: String,
+    /// markdown (for a review comment) or json.
+    #[arg(long, default_value = "markdown")]
+    format: broker::policy::cli::DiffFormat,
+    /// Path of the policy directory in the repository, for `git:REV`.
+    #[arg(long, default_value = "policies")]
+    policy_path: String,
+    /// Add the jobs recorded in this broker's audit log to the corpus (GET /v1/audit).
+    #[arg(long, requires = "auditor_token_file")]
+    audit_url: Option<String>,
+    /// File holding an operator token with the auditor (or admin) role.
+    #[arg(long)]
+    auditor_token_file: Option<PathBuf>,
+    /// Audit events at or after this time (RFC 3339).
+    #[arg(long)]
+    audit_since: Option<String>,
+    /// Most audit events read.
+    #[arg(long, default_value_t = 5000)]
+    audit_max: usize,
 }
 
 #[derive(Args)]
@@ -436,6 +466,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store.open().await?.migrate().await?;
             println!("migrations applied");
         }
+        Cmd::Policy {
+            cmd: PolicyCmd::Diff(args),
+        } => return Ok(policy_diff(args).await),
         Cmd::Policy { cmd } => return Ok(policy(cmd)),
         Cmd::Audit {
             cmd:
@@ -724,6 +757,66 @@ async fn audit_query(a: AuditQueryArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `broker policy diff`: materialise both sides, gather audit seeds, diff. Every failure is
+/// [`broker::policy::diff::EXIT_ERROR`] so CI never mistakes an error for "not widened".
+async fn policy_diff(a: PolicyDiffArgs) -> ExitCode {
+    use broker::policy::{cli, diff};
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(diff::EXIT_ERROR)
+    };
+    let repo = std::path::Path::new(".");
+    let base = match diff::source::resolve(&a.base, repo, &a.policy_path) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let head = match diff::source::resolve(&a.head, repo, &a.policy_path) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let mut seeds = Vec::new();
+    if let (Some(url), Some(token_file)) = (&a.audit_url, &a.auditor_token_file) {
+        let token = match broker::admin::client::read_token(token_file) {
+            Ok(t) => t,
+            Err(e) => return fail(&e),
+        };
+        let mut filters = Vec::new();
+        if let Some(s) = &a.audit_since {
+            filters.push(("since".to_owned(), s.clone()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let outcome =
+            broker::admin::audit_client::query(url, &token, &filters, None, a.audit_max, |ev| {
+                // Exchanges carry the claims of the job that asked; other actions repeat them.
+                if ev.action != broker::audit::Action::Exchange {
+                    return Ok(());
+                }
+                if let Some(seed) = diff::corpus::audit_seed(&ev.job) {
+                    let key = format!(
+                        "{}\u{0}{}",
+                        seed.issuer,
+                        serde_json::Value::Object(seed.claims.clone())
+                    );
+                    if seen.insert(key) {
+                        seeds.push(seed);
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        match outcome {
+            Ok(o) => eprintln!(
+                "{} audit event(s) read, {} distinct job(s)",
+                o.fetched,
+                seeds.len()
+            ),
+            Err(e) => return fail(&e),
+        }
+    }
+    let mut out = std::io::stdout();
+    ExitCode::from(cli::diff(&base.dir, &head.dir, &seeds, a.format, &mut out))
 }
 
 async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
@@ -1026,6 +1119,9 @@ fn policy(cmd: PolicyCmd) -> ExitCode {
             cli::check(&dir, known, &mut out)
         }
         PolicyCmd::Test { dir } => cli::test(&dir, &mut out),
+        PolicyCmd::Schema => cli::schema(&mut out),
+        // Dispatched to `policy_diff` (it may call a broker).
+        PolicyCmd::Diff(_) => false,
         PolicyCmd::Explain {
             dir,
             claims,

@@ -577,6 +577,19 @@ impl Bundle {
     }
 }
 
+/// Every policy file under `dir` as `(relative path, content)`, as [`Bundle::load_dir`] reads
+/// them.
+pub(super) fn read_dir_files(dir: &Path) -> Result<Vec<(String, String)>, LoadErrors> {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    collect_files(dir, dir, 0, &mut files, &mut errors);
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
 fn collect_files(
     root: &Path,
     dir: &Path,
