@@ -1080,12 +1080,17 @@ rules:
         inner: ApiTokenProvider,
         fail_revokes: AtomicUsize,
         revoked: std::sync::Mutex<Vec<String>>,
+        /// What `mints_in_memory` answers (off: the intent-first path).
+        in_memory: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
     impl Provider for Flaky {
         fn kind(&self) -> CredentialKind {
             CredentialKind::ApiToken
+        }
+        fn mints_in_memory(&self) -> bool {
+            self.in_memory.load(Ordering::SeqCst)
         }
         fn resource_id(
             &self,
@@ -1153,6 +1158,7 @@ rules:
             inner: ApiTokenProvider::new(keys, "https://broker.test".into()),
             fail_revokes: AtomicUsize::new(0),
             revoked: std::sync::Mutex::new(Vec::new()),
+            in_memory: std::sync::atomic::AtomicBool::new(false),
         });
         let db = TestDb::sqlite().await;
         let broker = Broker::new(BrokerParts {
@@ -1334,6 +1340,52 @@ rules:
         // ...and now it is consumed.
         let again = h.exchange(&token, &["deploy-api"], None).await.unwrap_err();
         assert_eq!(again.reason_code(), "token_replayed");
+    }
+
+    /// In-memory credentials skip the intent: one store write makes the grant `active` with its
+    /// allow event; a failed mint leaves no grant and does not consume the token; a replay is
+    /// refused and writes no second grant.
+    #[tokio::test]
+    async fn in_memory_credentials_are_issued_in_one_store_write() {
+        let h = harness().await;
+        h.flaky.in_memory.store(true, Ordering::SeqCst);
+        let token = h.github_token();
+        let err = h
+            .exchange(&token, &["deploy-api", "flaky"], None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "target_unavailable");
+        assert!(
+            h.flaky.revoked.lock().unwrap().is_empty(),
+            "nothing left the process, so nothing to revoke"
+        );
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].outcome, ev[0].reason.as_str()),
+            (Outcome::Error, "target_unavailable")
+        );
+        let grant_id = ev[0].grant_id.unwrap();
+        assert_eq!(h.broker.store.grant(grant_id).await.unwrap(), None);
+
+        let ok = h.exchange(&token, &["deploy-api"], None).await.unwrap();
+        let grant = h.broker.store.grant(ok.grant_id).await.unwrap().unwrap();
+        assert_eq!(grant.status, GrantStatus::Active);
+        assert_eq!(grant.expires_at, ok.expires_at);
+        assert_ne!(grant.credentials[0].details, serde_json::Value::Null);
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 2);
+        assert_eq!(
+            (ev[0].outcome, ev[0].grant_id),
+            (Outcome::Allow, Some(ok.grant_id))
+        );
+
+        let again = h.exchange(&token, &["deploy-api"], None).await.unwrap_err();
+        assert_eq!(again.reason_code(), "token_replayed");
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 3);
+        let refused = ev[0].grant_id.unwrap();
+        assert_eq!(h.broker.store.grant(refused).await.unwrap(), None);
     }
 
     #[tokio::test]
