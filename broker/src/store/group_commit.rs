@@ -12,7 +12,7 @@
 //!   after that transaction committed (or failed), so nothing is reported written before it is
 //!   durable, and "activation and its audit event are one transaction" holds per item.
 //! - Per-item refusals (`Replayed`, `Conflict`) are decided before the item writes anything
-//!   (see `postgres::insert_grant`, `activate_rows`, `finish_rows`), so a refused item leaves
+//!   (see `postgres::insert_active_grants`, `activate_rows`, `finish_rows`), so a refused item leaves
 //!   nothing in the batch and the others commit.
 //! - Any other error fails the whole batch: every caller gets it and nothing of the batch is
 //!   written (the transaction rolls back), which the callers already handle (fail closed).
@@ -137,12 +137,23 @@ async fn write_batch(
     jobs: &[Job],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;
+    // Grants born active go in together (the common case under load: API-token exchanges).
+    let issues: Vec<(&NewGrant, Option<&JtiRecord>)> = jobs
+        .iter()
+        .filter_map(|j| match &j.op {
+            Op::Issue { grant, jti } => Some((grant, jti.as_ref())),
+            _ => None,
+        })
+        .collect();
+    let mut issued = postgres::insert_active_grants(&mut tx, &issues)
+        .await?
+        .into_iter();
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
         let r = match &job.op {
-            Op::Issue { grant, jti } => {
-                postgres::insert_grant(&mut tx, grant, jti.as_ref(), "active").await
-            }
+            Op::Issue { .. } => issued
+                .next()
+                .unwrap_or_else(|| Err(StoreError::Conflict("batch out of step".to_owned()))),
             Op::Activate {
                 id,
                 expires_at,

@@ -79,7 +79,7 @@ pub(super) async fn begin_grant(
 /// Record `jti` (if given) and insert the grant with its credentials in `status`, inside the
 /// caller's transaction. `Replayed` is returned before anything is written, so a batch (see
 /// `group_commit.rs`) can drop this item and commit the others.
-pub(super) async fn insert_grant(
+async fn insert_grant(
     conn: &mut PgConnection,
     grant: &NewGrant,
     jti: Option<&JtiRecord>,
@@ -152,6 +152,145 @@ pub(super) async fn insert_grant(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Many grants born `active` (in-memory credentials), set-based: three statements for the whole
+/// batch instead of three per grant. Each item's outcome is `Ok` or `Replayed` (its jti is live,
+/// or taken by an earlier item of the same batch); refused items write nothing.
+pub(super) async fn insert_active_grants(
+    conn: &mut PgConnection,
+    items: &[(&NewGrant, Option<&JtiRecord>)],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let mut outcomes: Vec<Result<(), StoreError>> = Vec::with_capacity(items.len());
+    // A token used twice inside one batch: the later use is a replay (and one upsert statement
+    // cannot touch the same row twice).
+    let mut seen = std::collections::HashSet::new();
+    for (_, jti) in items {
+        let fresh = jti.is_none_or(|j| seen.insert((j.iss.as_str(), j.jti.as_str())));
+        outcomes.push(if fresh {
+            Ok(())
+        } else {
+            Err(StoreError::Replayed)
+        });
+    }
+    let claimed: Vec<&JtiRecord> = items
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_ok())
+        .filter_map(|((_, j), _)| *j)
+        .collect();
+    if !claimed.is_empty() {
+        // The earliest `now` of the batch decides whether a used record's window has passed, so
+        // no item takes over a record that was still live at its own time.
+        let now = items.iter().map(|(g, _)| g.created_at).min();
+        let iss: Vec<&str> = claimed.iter().map(|j| j.iss.as_str()).collect();
+        let jti: Vec<&str> = claimed.iter().map(|j| j.jti.as_str()).collect();
+        let exp: Vec<OffsetDateTime> = claimed.iter().map(|j| j.expires_at).collect();
+        let won: Vec<(String, String)> = sqlx::query_as(
+            "INSERT INTO used_jti (iss, jti, expires_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+             ON CONFLICT (iss, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
+             WHERE used_jti.expires_at <= $4
+             RETURNING iss, jti",
+        )
+        .bind(&iss)
+        .bind(&jti)
+        .bind(&exp)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+        let won: std::collections::HashSet<(&str, &str)> =
+            won.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
+        for ((_, j), o) in items.iter().zip(outcomes.iter_mut()) {
+            if let (Some(j), Ok(())) = (j, &o) {
+                if !won.contains(&(j.iss.as_str(), j.jti.as_str())) {
+                    *o = Err(StoreError::Replayed);
+                }
+            }
+        }
+    }
+    let grants: Vec<&NewGrant> = items
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_ok())
+        .map(|((g, _), _)| *g)
+        .collect();
+    if grants.is_empty() {
+        return Ok(outcomes);
+    }
+    sqlx::query(
+        "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
+                             bundle_digest, revocation_hash, created_at, expires_at)
+         SELECT id, 'active', issuer, subject, repository, repository_id, job, bundle_digest,
+                revocation_hash, created_at, expires_at
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                     $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[])
+              AS u(id, issuer, subject, repository, repository_id, job, bundle_digest,
+                   revocation_hash, created_at, expires_at)",
+    )
+    .bind(grants.iter().map(|g| g.id).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.issuer.as_str()).collect::<Vec<_>>())
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.subject.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.repository.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.repository_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(grants.iter().map(|g| Json(&g.job)).collect::<Vec<_>>())
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.bundle_digest.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.revocation_hash.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(grants.iter().map(|g| g.created_at).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.expires_at).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let (mut gid, mut pos, mut name, mut kind, mut rid, mut det) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for g in &grants {
+        for (position, c) in g.credentials.iter().enumerate() {
+            gid.push(g.id);
+            pos.push(position_i32(position)?);
+            name.push(c.name.as_str());
+            kind.push(c.kind.as_str());
+            rid.push(c.resource_id.as_str());
+            det.push(Json(&c.details));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
+         SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                              $6::jsonb[])",
+    )
+    .bind(&gid)
+    .bind(&pos)
+    .bind(&name)
+    .bind(&kind)
+    .bind(&rid)
+    .bind(&det)
+    .execute(&mut *conn)
+    .await?;
+    Ok(outcomes)
 }
 
 /// One transaction: the grant, its jti and credentials, already `active`, with its audit event.
