@@ -742,7 +742,17 @@ async fn main() {
     }
 
     let mut rows = Vec::new();
-    for w in [Workload::ApiToken, Workload::PgUser] {
+    // `BENCH_ONLY=api` or `BENCH_ONLY=pg` runs one family (e.g. while profiling).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let families: Vec<Workload> = [Workload::ApiToken, Workload::PgUser]
+        .into_iter()
+        .filter(|w| match only.as_str() {
+            "api" => *w == Workload::ApiToken,
+            "pg" => *w == Workload::PgUser,
+            _ => true,
+        })
+        .collect();
+    for w in families {
         for &conc in &concs {
             let n = if w == Workload::ApiToken { n_api } else { n_pg };
             let (mut bs, mut os, mut brs, mut ors) = (vec![], vec![], vec![], vec![]);

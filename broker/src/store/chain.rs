@@ -74,9 +74,14 @@ pub(super) fn link_hash(prev: &str, canonical: &str) -> String {
 
 /// The hash an event gets when appended after `prev`.
 pub(super) fn event_hash(prev: &str, audit: &AuditEvent) -> Result<String, StoreError> {
+    Ok(link_hash(prev, &canonical_event(audit)?))
+}
+
+/// The canonical text an event's link hash covers (computable before the chain head is held).
+pub(super) fn canonical_event(audit: &AuditEvent) -> Result<String, StoreError> {
     let v = serde_json::to_value(audit)
         .map_err(|_| StoreError::Unavailable("audit event not encodable".to_owned()))?;
-    Ok(link_hash(prev, &canonical_json(&v)))
+    Ok(canonical_json(&v))
 }
 
 /// One stored audit row as the walk needs it (columns and the event JSON text).

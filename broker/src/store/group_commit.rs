@@ -40,7 +40,7 @@ const QUEUE: usize = 4096;
 pub(super) enum Op {
     /// A grant born `active` (credentials minted in memory) with its jti.
     Issue {
-        grant: NewGrant,
+        grant: Box<NewGrant>,
         jti: Option<JtiRecord>,
     },
     /// `issuing` → `active` with the minted credentials' details.
@@ -78,14 +78,41 @@ impl std::fmt::Debug for GroupWriter {
 }
 
 impl GroupWriter {
-    /// Start the writer tasks on the current runtime.
-    pub(super) fn start(pool: PgPool) -> Self {
+    /// Start the writers on a thread of their own, with their own connections.
+    ///
+    /// Why a thread: a writer holds the chain head lock from its `SELECT … FOR UPDATE` until its
+    /// commit. On the request runtime it would queue behind every request task between two
+    /// statements (verifying and signing are CPU work), stretching that hold and so serialising
+    /// the whole replica on it. On its own thread the OS schedules it as soon as Postgres
+    /// answers. The connections are opened on that thread's runtime for the same reason.
+    pub(super) fn start(pool: &PgPool) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
-        let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..WRITERS {
-            tokio::spawn(writer(pool.clone(), rx.clone()));
-        }
-        Self { queue }
+        let options = (*pool.connect_options()).clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|_| StoreError::Unavailable("cannot start the store writer".to_owned()))?;
+        std::thread::Builder::new()
+            .name("store-writer".to_owned())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let pool = sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(WRITERS as u32)
+                        .min_connections(0)
+                        .acquire_timeout(super::codec::ACQUIRE_TIMEOUT)
+                        .connect_lazy_with(options);
+                    let rx = Arc::new(Mutex::new(rx));
+                    let writers: Vec<_> = (0..WRITERS)
+                        .map(|_| tokio::spawn(writer(pool.clone(), rx.clone())))
+                        .collect();
+                    for w in writers {
+                        let _ = w.await;
+                    }
+                    pool.close().await;
+                });
+            })
+            .map_err(|_| StoreError::Unavailable("cannot start the store writer".to_owned()))?;
+        Ok(Self { queue })
     }
 
     /// Write `op` with `audit` and wait for the commit that holds them.
@@ -141,7 +168,7 @@ async fn write_batch(
     let issues: Vec<(&NewGrant, Option<&JtiRecord>)> = jobs
         .iter()
         .filter_map(|j| match &j.op {
-            Op::Issue { grant, jti } => Some((grant, jti.as_ref())),
+            Op::Issue { grant, jti } => Some((&**grant, jti.as_ref())),
             _ => None,
         })
         .collect();

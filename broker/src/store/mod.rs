@@ -320,7 +320,7 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = bounded(postgres::connect(url)).await?;
             Ok(Store {
-                writer: Some(group_commit::GroupWriter::start(pool.clone())),
+                writer: Some(group_commit::GroupWriter::start(&pool)?),
                 backend: Backend::Postgres(pool),
             })
         } else if url.starts_with("sqlite:") {
@@ -392,7 +392,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         if let Some(w) = &self.writer {
             let op = group_commit::Op::Issue {
-                grant: grant.clone(),
+                grant: Box::new(grant.clone()),
                 jti: jti.cloned(),
             };
             return bounded(w.submit(op, audit)).await;

@@ -202,10 +202,10 @@ pub(super) async fn insert_active_grants(
         let won: std::collections::HashSet<(&str, &str)> =
             won.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
         for ((_, j), o) in items.iter().zip(outcomes.iter_mut()) {
-            if let (Some(j), Ok(())) = (j, &o) {
-                if !won.contains(&(j.iss.as_str(), j.jti.as_str())) {
-                    *o = Err(StoreError::Replayed);
-                }
+            if let (Some(j), Ok(())) = (j, &o)
+                && !won.contains(&(j.iss.as_str(), j.jti.as_str()))
+            {
+                *o = Err(StoreError::Replayed);
             }
         }
     }
@@ -421,14 +421,15 @@ pub(super) async fn insert_audits(
     if audits.is_empty() {
         return Ok(());
     }
-    let mut prev: String =
-        sqlx::query_scalar("SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *conn)
-            .await?;
+    // Everything but the link hashes is computed before the head is locked, so the lock is held
+    // for two round trips and the commit.
+    let canonical = audits
+        .iter()
+        .map(|a| chain::canonical_event(a))
+        .collect::<Result<Vec<_>, _>>()?;
     let n = audits.len();
     let mut cols = AuditColumns::with_capacity(n);
     for a in audits {
-        let hash = chain::event_hash(&prev, a)?;
         cols.ids.push(a.id);
         cols.times.push(a.time);
         cols.actions.push(enum_text(&a.action)?);
@@ -440,10 +441,17 @@ pub(super) async fn insert_audits(
         cols.repository_ids.push(a.job.repository_id.as_deref());
         cols.actors.push(a.actor.as_deref());
         cols.events.push(Json(*a));
+    }
+    let mut prev: String =
+        sqlx::query_scalar("SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
+            .fetch_one(&mut *conn)
+            .await?;
+    for c in &canonical {
+        let hash = chain::link_hash(&prev, c);
         cols.prevs.push(std::mem::replace(&mut prev, hash.clone()));
         cols.hashes.push(hash);
     }
-    let last_seq: i64 = sqlx::query_scalar(
+    sqlx::query(
         "WITH ins AS (
              INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
                                        repository, repository_id, actor, event, prev_hash, hash)
@@ -457,7 +465,7 @@ pub(super) async fn insert_audits(
                                        hash, ord)
              ORDER BY ord
              RETURNING seq)
-         SELECT max(seq) FROM ins",
+         UPDATE audit_chain_head SET seq = (SELECT max(seq) FROM ins), hash = $14 WHERE id = 1",
     )
     .bind(&cols.ids)
     .bind(&cols.times)
@@ -472,13 +480,9 @@ pub(super) async fn insert_audits(
     .bind(&cols.events)
     .bind(&cols.prevs)
     .bind(&cols.hashes)
-    .fetch_one(&mut *conn)
+    .bind(&prev)
+    .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1")
-        .bind(last_seq)
-        .bind(&prev)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 
