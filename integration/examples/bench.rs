@@ -281,7 +281,7 @@ rules:
         "listen: 127.0.0.1:{port}\npublic_url: http://127.0.0.1:{port}\naudience: {AUD}\n\
          store:\n  url: {{value: \"{store}\"}}\npolicies:\n  dir: {pol}\nissuers:\n{iss}\n\
          limits:\n  exchanges_per_minute_per_repository: 0\n\
-         targets:\n  postgres:\n    bench:\n      admin_url: {{value: \"{target}\"}}\n      host: {host}\n      port: {pgport}\n      sslmode: disable\n      pool_size: {pool}\n      role_prefix: {prefix}\n",
+         targets:\n  postgres:\n    bench:\n      admin_url: {{value: \"{target}\"}}\n      host: {host}\n      port: {pgport}\n      sslmode: disable\n      pool_size: {pool}\n      role_prefix: {tag}_\n",
         store = fx.db_url(&fx.store_db),
         pol = policies.display(),
         iss = github_issuer_yaml(issuer),
@@ -289,7 +289,7 @@ rules:
         host = fx.host,
         pgport = fx.port,
         pool = env_or("BENCH_POOL", 16u32),
-        prefix = format!("{}_", fx.tag),
+        tag = fx.tag,
     );
     let path = dir.join("broker.yaml");
     std::fs::write(&path, cfg).unwrap();
