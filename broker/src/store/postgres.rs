@@ -421,8 +421,7 @@ pub(super) async fn insert_audits(
     if audits.is_empty() {
         return Ok(());
     }
-    // Everything but the link hashes is computed before the head is locked, so the lock is held
-    // for two round trips and the commit.
+    // Everything but the link hashes is computed before the head is locked.
     let canonical = audits
         .iter()
         .map(|a| chain::canonical_event(a))
@@ -442,30 +441,37 @@ pub(super) async fn insert_audits(
         cols.actors.push(a.actor.as_deref());
         cols.events.push(Json(*a));
     }
-    let mut prev: String =
-        sqlx::query_scalar("SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *conn)
-            .await?;
-    for c in &canonical {
-        let hash = chain::link_hash(&prev, c);
-        cols.prevs.push(std::mem::replace(&mut prev, hash.clone()));
-        cols.hashes.push(hash);
-    }
+    // One statement: lock the head, chain the link hashes in order (`sha256(prev || canonical)`,
+    // as `chain::link_hash`), insert the rows in chain order and move the head. The head is
+    // therefore held for this one round trip and the commit.
+    let canonical: Vec<Vec<u8>> = canonical.into_iter().map(String::into_bytes).collect();
     sqlx::query(
-        "WITH ins AS (
+        "WITH RECURSIVE
+         head AS (SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE),
+         u AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
+                                    $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[],
+                                    $10::text[], $11::jsonb[], $12::bytea[])
+                    WITH ORDINALITY AS u(id, time, action, outcome, reason, grant_id,
+                                         request_id, repository, repository_id, actor, event,
+                                         canon, ord)),
+         chain(ord, prev, hash) AS (
+             SELECT 0::bigint, NULL::text, (SELECT hash FROM head)
+             UNION ALL
+             SELECT c.ord + 1, c.hash,
+                    encode(sha256(convert_to(c.hash, 'UTF8') || u.canon), 'hex')
+             FROM chain c JOIN u ON u.ord = c.ord + 1),
+         ins AS (
              INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
                                        repository, repository_id, actor, event, prev_hash, hash)
-             SELECT id, time, action, outcome, reason, grant_id, request_id, repository,
-                    repository_id, actor, event, prev_hash, hash
-             FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
-                         $6::uuid[], $7::text[], $8::text[], $9::text[], $10::text[],
-                         $11::jsonb[], $12::text[], $13::text[])
-                  WITH ORDINALITY AS u(id, time, action, outcome, reason, grant_id, request_id,
-                                       repository, repository_id, actor, event, prev_hash,
-                                       hash, ord)
-             ORDER BY ord
+             SELECT u.id, u.time, u.action, u.outcome, u.reason, u.grant_id, u.request_id,
+                    u.repository, u.repository_id, u.actor, u.event, chain.prev, chain.hash
+             FROM u JOIN chain ON chain.ord = u.ord
+             ORDER BY u.ord
              RETURNING seq)
-         UPDATE audit_chain_head SET seq = (SELECT max(seq) FROM ins), hash = $14 WHERE id = 1",
+         UPDATE audit_chain_head
+         SET seq = (SELECT max(seq) FROM ins),
+             hash = (SELECT hash FROM chain ORDER BY ord DESC LIMIT 1)
+         WHERE id = 1",
     )
     .bind(&cols.ids)
     .bind(&cols.times)
@@ -478,9 +484,7 @@ pub(super) async fn insert_audits(
     .bind(&cols.repository_ids)
     .bind(&cols.actors)
     .bind(&cols.events)
-    .bind(&cols.prevs)
-    .bind(&cols.hashes)
-    .bind(&prev)
+    .bind(&canonical)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -499,8 +503,6 @@ struct AuditColumns<'a> {
     repository_ids: Vec<Option<&'a str>>,
     actors: Vec<Option<&'a str>>,
     events: Vec<Json<&'a AuditEvent>>,
-    prevs: Vec<String>,
-    hashes: Vec<String>,
 }
 
 impl AuditColumns<'_> {
@@ -517,8 +519,6 @@ impl AuditColumns<'_> {
             repository_ids: Vec::with_capacity(n),
             actors: Vec::with_capacity(n),
             events: Vec::with_capacity(n),
-            prevs: Vec::with_capacity(n),
-            hashes: Vec::with_capacity(n),
         }
     }
 }
