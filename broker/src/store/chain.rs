@@ -8,6 +8,10 @@
 //! stored JSON (rather than re-serialising into `AuditEvent`) matters because a field an
 //! attacker adds must change the hash, not be silently dropped.
 //!
+//! The Postgres backend computes the same link hash in SQL (`sha256()` over the canonical JSON
+//! sent from here, see `postgres::insert_audits`) so a batch is appended in one statement; the
+//! chain tests verify both backends with `link_hash`.
+//!
 //! Invariant: appenders hold the chain head (a locked row) while they append, so `seq` order is
 //! chain order. A walk in `seq` order therefore sees every event's `prev_hash` equal to the hash
 //! of the row before it, and the newest row's hash equal to the head's.
