@@ -526,6 +526,59 @@ impl Broker {
             expires_at,
             credentials: issued.clone(),
         };
+        // Credentials that exist only in this process until the response (signed tokens) need
+        // no intent: mint, then one transaction (jti + active grant + audit). A failure before
+        // that commit leaves nothing anywhere: the tokens never left the process.
+        let in_memory = defs.iter().all(|d| {
+            self.provider(d.spec.kind())
+                .is_ok_and(|p| p.mints_in_memory())
+        });
+        if in_memory {
+            let results = metrics::timed(
+                Stage::Mint,
+                self.mint_all(&defs, &issued, grant_id, &claims, now, expires_at),
+            )
+            .await;
+            crate::fault::point("after_mint");
+            let minted = match collect_minted(results, &issued) {
+                Ok(m) => m,
+                Err(err) => {
+                    ev.detail = Some(format!("{}: {}", err.0, err.1.reason_code()));
+                    let err = ServiceError::Provider {
+                        credential: err.0,
+                        error: err.1,
+                    };
+                    return Err(self.refuse(ev, err).await);
+                }
+            };
+            let real_expiry = latest_expiry(&minted, expires_at);
+            let mut grant = new_grant;
+            grant.expires_at = real_expiry;
+            for (c, m) in grant.credentials.iter_mut().zip(&minted) {
+                c.details = m.details.clone();
+            }
+            let mut allow = ev.clone();
+            allow.outcome = Outcome::Allow;
+            allow.reason = "ok".into();
+            allow.credentials_granted = req.credentials.clone();
+            allow.expires_at = Some(real_expiry);
+            let issue = self.store.issue_grant(&grant, jti.as_ref(), &allow);
+            return match metrics::timed(Stage::Activate, issue).await {
+                Ok(()) => Ok(respond(
+                    grant_id,
+                    real_expiry,
+                    revocation_token,
+                    minted,
+                    issued,
+                )),
+                Err(StoreError::Replayed) => Err(self.refuse(ev, ServiceError::Replayed).await),
+                Err(e) => {
+                    tracing::error!(error = %e, "store unavailable at grant issue");
+                    Err(ServiceError::Store(e))
+                }
+            };
+        }
+
         match metrics::timed(
             Stage::Intent,
             self.store.begin_grant(&new_grant, jti.as_ref()),
@@ -542,24 +595,11 @@ impl Broker {
         crate::fault::point("after_intent");
 
         // 5. Mint every credential concurrently; all or nothing.
-        let mints = defs.iter().zip(&issued).map(|(def, ic)| {
-            let claims = &claims;
-            async move {
-                let provider = self.provider(def.spec.kind())?;
-                provider
-                    .mint(MintRequest {
-                        grant_id,
-                        credential: def,
-                        resource_id: &ic.resource_id,
-                        claims,
-                        now,
-                        expires_at,
-                    })
-                    .await
-            }
-        });
-        let results: Vec<Result<Minted, ProviderError>> =
-            metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
+        let results = metrics::timed(
+            Stage::Mint,
+            self.mint_all(&defs, &issued, grant_id, &claims, now, expires_at),
+        )
+        .await;
         crate::fault::point("after_mint");
         if let Some(pos) = results.iter().position(Result::is_err) {
             return Err(self
@@ -569,11 +609,7 @@ impl Broker {
         let minted: Vec<Minted> = results.into_iter().filter_map(Result::ok).collect();
 
         // 6. Finalise: grant active + the allow audit event, one transaction.
-        let real_expiry = minted
-            .iter()
-            .map(|m| m.expires_at)
-            .max()
-            .unwrap_or(expires_at);
+        let real_expiry = latest_expiry(&minted, expires_at);
         let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
         ev.outcome = Outcome::Allow;
         ev.reason = "ok".into();
@@ -597,21 +633,39 @@ impl Broker {
             }
             return Err(ServiceError::Store(e));
         }
-        let credentials = minted
-            .into_iter()
-            .zip(issued)
-            .map(|(m, ic)| IssuedOutput {
-                name: ic.name,
-                kind: ic.kind,
-                fields: m.fields,
-            })
-            .collect();
-        Ok(ExchangeResponse {
+        Ok(respond(
             grant_id,
-            expires_at: real_expiry,
+            real_expiry,
             revocation_token,
-            credentials,
-        })
+            minted,
+            issued,
+        ))
+    }
+
+    /// Mint every credential concurrently (results in request order).
+    async fn mint_all(
+        &self,
+        defs: &[&crate::providers::CredentialDef],
+        issued: &[IssuedCredential],
+        grant_id: Uuid,
+        claims: &crate::oidc::VerifiedClaims,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Vec<Result<Minted, ProviderError>> {
+        let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
+            let provider = self.provider(def.spec.kind())?;
+            provider
+                .mint(MintRequest {
+                    grant_id,
+                    credential: def,
+                    resource_id: &ic.resource_id,
+                    claims,
+                    now,
+                    expires_at,
+                })
+                .await
+        });
+        futures::future::join_all(mints).await
     }
 
     /// One bucket per (issuer, repository id): a runaway pipeline cannot starve the others.
@@ -975,6 +1029,50 @@ impl Broker {
     }
 }
 
+/// All minted credentials, or the first failure's credential name and error.
+fn collect_minted(
+    results: Vec<Result<Minted, ProviderError>>,
+    issued: &[IssuedCredential],
+) -> Result<Vec<Minted>, (String, ProviderError)> {
+    let mut minted = Vec::with_capacity(results.len());
+    for (r, ic) in results.into_iter().zip(issued) {
+        match r {
+            Ok(m) => minted.push(m),
+            Err(e) => return Err((ic.name.clone(), e)),
+        }
+    }
+    Ok(minted)
+}
+
+/// The grant lives as long as its longest-lived credential (providers may shorten a TTL).
+fn latest_expiry(minted: &[Minted], planned: OffsetDateTime) -> OffsetDateTime {
+    minted.iter().map(|m| m.expires_at).max().unwrap_or(planned)
+}
+
+fn respond(
+    grant_id: Uuid,
+    expires_at: OffsetDateTime,
+    revocation_token: Sensitive,
+    minted: Vec<Minted>,
+    issued: Vec<IssuedCredential>,
+) -> ExchangeResponse {
+    let credentials = minted
+        .into_iter()
+        .zip(issued)
+        .map(|(m, ic)| IssuedOutput {
+            name: ic.name,
+            kind: ic.kind,
+            fields: m.fields,
+        })
+        .collect();
+    ExchangeResponse {
+        grant_id,
+        expires_at,
+        revocation_token,
+        credentials,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The exchange, revoke and reaper paths with a manual clock, the dev issuers (static keys,
@@ -1020,12 +1118,17 @@ rules:
         inner: ApiTokenProvider,
         fail_revokes: AtomicUsize,
         revoked: std::sync::Mutex<Vec<String>>,
+        /// What `mints_in_memory` answers (off: the intent-first path).
+        in_memory: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait]
     impl Provider for Flaky {
         fn kind(&self) -> CredentialKind {
             CredentialKind::ApiToken
+        }
+        fn mints_in_memory(&self) -> bool {
+            self.in_memory.load(Ordering::SeqCst)
         }
         fn resource_id(
             &self,
@@ -1093,6 +1196,7 @@ rules:
             inner: ApiTokenProvider::new(keys, "https://broker.test".into()),
             fail_revokes: AtomicUsize::new(0),
             revoked: std::sync::Mutex::new(Vec::new()),
+            in_memory: std::sync::atomic::AtomicBool::new(false),
         });
         let db = TestDb::sqlite().await;
         let broker = Broker::new(BrokerParts {
@@ -1274,6 +1378,52 @@ rules:
         // ...and now it is consumed.
         let again = h.exchange(&token, &["deploy-api"], None).await.unwrap_err();
         assert_eq!(again.reason_code(), "token_replayed");
+    }
+
+    /// In-memory credentials skip the intent: one store write makes the grant `active` with its
+    /// allow event; a failed mint leaves no grant and does not consume the token; a replay is
+    /// refused and writes no second grant.
+    #[tokio::test]
+    async fn in_memory_credentials_are_issued_in_one_store_write() {
+        let h = harness().await;
+        h.flaky.in_memory.store(true, Ordering::SeqCst);
+        let token = h.github_token();
+        let err = h
+            .exchange(&token, &["deploy-api", "flaky"], None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "target_unavailable");
+        assert!(
+            h.flaky.revoked.lock().unwrap().is_empty(),
+            "nothing left the process, so nothing to revoke"
+        );
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 1);
+        assert_eq!(
+            (ev[0].outcome, ev[0].reason.as_str()),
+            (Outcome::Error, "target_unavailable")
+        );
+        let grant_id = ev[0].grant_id.unwrap();
+        assert_eq!(h.broker.store.grant(grant_id).await.unwrap(), None);
+
+        let ok = h.exchange(&token, &["deploy-api"], None).await.unwrap();
+        let grant = h.broker.store.grant(ok.grant_id).await.unwrap().unwrap();
+        assert_eq!(grant.status, GrantStatus::Active);
+        assert_eq!(grant.expires_at, ok.expires_at);
+        assert_ne!(grant.credentials[0].details, serde_json::Value::Null);
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 2);
+        assert_eq!(
+            (ev[0].outcome, ev[0].grant_id),
+            (Outcome::Allow, Some(ok.grant_id))
+        );
+
+        let again = h.exchange(&token, &["deploy-api"], None).await.unwrap_err();
+        assert_eq!(again.reason_code(), "token_replayed");
+        let ev = h.audit().await;
+        assert_eq!(ev.len(), 3);
+        let refused = ev[0].grant_id.unwrap();
+        assert_eq!(h.broker.store.grant(refused).await.unwrap(), None);
     }
 
     #[tokio::test]

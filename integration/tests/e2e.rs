@@ -443,23 +443,25 @@ async fn refusals_are_audited_and_grant_nothing() {
     e.finish().await;
 }
 
-/// A broker killed between intent and finalise leaves a grant `issuing`; a restarted broker's
-/// reaper cleans it up (and audits it).
+/// API tokens are minted in memory and committed with their grant in one transaction: a broker
+/// killed after minting leaves nothing behind (no grant, no audit of an allow, the job token not
+/// consumed), so the same token works after a restart. (Credentials with outside effects keep
+/// the intent-first path and its crash recovery: see `postgres_provider.rs`.)
 #[tokio::test]
-async fn crash_between_intent_and_finalise_is_recovered() {
+async fn crash_after_an_in_memory_mint_leaves_nothing() {
     let db = TestDb::postgres().await;
-    let reaper = "reaper:\n  interval: 1s\n  stale_issuing_after: 2s\n  lease: 5s\n";
     let mut e = env_with(
         db,
         &repo_root().join("policies"),
-        reaper,
+        "",
         vec![("BROKER_FAULT_POINT".into(), "after_mint".into())],
     )
     .await;
+    let token = e.token();
     let r = e
         .http
         .post(format!("{}/v1/exchange", e.broker.url))
-        .bearer_auth(e.token())
+        .bearer_auth(&token)
         .json(&json!({"credentials": ["deploy-api"]}))
         .send()
         .await;
@@ -472,41 +474,20 @@ async fn crash_between_intent_and_finalise_is_recovered() {
         "broker aborted at the fault point"
     );
     let store = e.db.store();
-    assert_eq!(
-        store.stats().await.expect("stats").issuing_grants,
-        1,
-        "intent was committed before minting"
-    );
+    let stats = store.stats().await.expect("stats");
+    assert_eq!((stats.issuing_grants, stats.active_grants), (0, 0));
 
     e.broker.restart(&[]).await.expect("restart");
-    let mut recovered = false;
-    for _ in 0..100 {
-        let s = store.stats().await.expect("stats");
-        if s.issuing_grants == 0 && s.active_grants == 0 {
-            recovered = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(recovered, "reaper recovered the crashed grant");
-    let events = store
-        .audit_events(&AuditFilter {
-            limit: 100,
-            ..AuditFilter::default()
-        })
+    let r = e
+        .http
+        .post(format!("{}/v1/exchange", e.broker.url))
+        .bearer_auth(&token)
+        .json(&json!({"credentials": ["deploy-api"]}))
+        .send()
         .await
-        .expect("audit");
-    let rec = events
-        .iter()
-        .find(|ev| json!(ev.action) == json!("recover"))
-        .expect("recovery audited");
-    assert_eq!(json!(rec.outcome), json!("success"));
-    let g = store
-        .grant(rec.grant_id.expect("grant id"))
-        .await
-        .expect("store")
-        .expect("grant");
-    assert_eq!(g.status, GrantStatus::Failed);
+        .expect("exchange");
+    assert_eq!(r.status(), 200, "the token was not consumed by the crash");
+    assert_eq!(store.stats().await.expect("stats").active_grants, 1);
     e.finish().await;
 }
 

@@ -344,6 +344,12 @@ impl Provider for ApiTokenProvider {
         CredentialKind::ApiToken
     }
 
+    /// A signed JWT: nothing exists outside this process until the response is sent, and its
+    /// validity at introspection is the grant's status in the store.
+    fn mints_in_memory(&self) -> bool {
+        true
+    }
+
     fn resource_id(&self, grant_id: Uuid, credential: &CredentialDef) -> String {
         format!("{}.{}", grant_id.simple(), credential.name)
     }

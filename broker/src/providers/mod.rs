@@ -179,6 +179,15 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError>;
 
+    /// True if `mint` only computes in this process (no side effect anywhere else, e.g. a
+    /// signed token): an exchange made only of such credentials mints first and commits the
+    /// grant, jti and audit event in one transaction, since a credential that never left the
+    /// process needs no revocation path. Anything that creates state elsewhere (a database
+    /// user, a cloud session) must keep the default, so its intent is committed before minting.
+    fn mints_in_memory(&self) -> bool {
+        false
+    }
+
     /// Revoke one credential. Idempotent: already gone is success.
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError>;
 

@@ -8,6 +8,10 @@
 //! stored JSON (rather than re-serialising into `AuditEvent`) matters because a field an
 //! attacker adds must change the hash, not be silently dropped.
 //!
+//! The Postgres backend computes the same link hash in SQL (`sha256()` over the canonical JSON
+//! sent from here, see `postgres::insert_audits`) so a batch is appended in one statement; the
+//! chain tests verify both backends with `link_hash`.
+//!
 //! Invariant: appenders hold the chain head (a locked row) while they append, so `seq` order is
 //! chain order. A walk in `seq` order therefore sees every event's `prev_hash` equal to the hash
 //! of the row before it, and the newest row's hash equal to the head's.
@@ -74,9 +78,14 @@ pub(super) fn link_hash(prev: &str, canonical: &str) -> String {
 
 /// The hash an event gets when appended after `prev`.
 pub(super) fn event_hash(prev: &str, audit: &AuditEvent) -> Result<String, StoreError> {
+    Ok(link_hash(prev, &canonical_event(audit)?))
+}
+
+/// The canonical text an event's link hash covers (computable before the chain head is held).
+pub(super) fn canonical_event(audit: &AuditEvent) -> Result<String, StoreError> {
     let v = serde_json::to_value(audit)
         .map_err(|_| StoreError::Unavailable("audit event not encodable".to_owned()))?;
-    Ok(link_hash(prev, &canonical_json(&v)))
+    Ok(canonical_json(&v))
 }
 
 /// One stored audit row as the walk needs it (columns and the event JSON text).

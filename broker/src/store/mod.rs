@@ -17,6 +17,7 @@
 
 mod chain;
 mod codec;
+mod group_commit;
 mod postgres;
 mod sqlite;
 #[cfg(any(test, feature = "testkit"))]
@@ -344,6 +345,9 @@ impl StoreError {
 #[derive(Debug, Clone)]
 pub struct Store {
     backend: Backend,
+    /// Postgres only: batches the chain-appending writes (see `group_commit.rs`). SQLite has a
+    /// single writer and a cheap commit, so it writes directly.
+    writer: Option<group_commit::GroupWriter>,
 }
 
 /// The two pools. Debug prints only the backend name: pool options could reveal the host.
@@ -400,12 +404,14 @@ impl Store {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = bounded(postgres::connect(url)).await?;
             Ok(Store {
+                writer: Some(group_commit::GroupWriter::start(&pool)?),
                 backend: Backend::Postgres(pool),
             })
         } else if url.starts_with("sqlite:") {
             let pool = bounded(sqlite::connect(url)).await?;
             Ok(Store {
                 backend: Backend::Sqlite(pool),
+                writer: None,
             })
         } else {
             // Never echo the URL: it may carry a password.
@@ -449,7 +455,33 @@ impl Store {
         details: &[serde_json::Value],
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        if let Some(w) = &self.writer {
+            let op = group_commit::Op::Activate {
+                id,
+                expires_at,
+                details: details.to_vec(),
+            };
+            return bounded(w.submit(op, audit)).await;
+        }
         dispatch!(self, activate_grant(id, expires_at, details, audit))
+    }
+    /// One transaction: record `jti` (as `begin_grant`), insert the grant already `active` with
+    /// its credentials' final details, and append `audit`. For grants whose credentials were
+    /// minted in memory (nothing to revoke if this fails).
+    pub async fn issue_grant(
+        &self,
+        grant: &NewGrant,
+        jti: Option<&JtiRecord>,
+        audit: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        if let Some(w) = &self.writer {
+            let op = group_commit::Op::Issue {
+                grant: Box::new(grant.clone()),
+                jti: jti.cloned(),
+            };
+            return bounded(w.submit(op, audit)).await;
+        }
+        dispatch!(self, issue_grant(grant, jti, audit))
     }
     /// One transaction: `issuing` → `failed` (nothing minted is left: caller revoked it first),
     /// delete the `jti` record if given (an exchange that issued nothing does not consume the
@@ -464,6 +496,9 @@ impl Store {
     }
     /// Append one audit event on its own.
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        if let Some(w) = &self.writer {
+            return bounded(w.submit(group_commit::Op::Append, audit)).await;
+        }
         dispatch!(self, append_audit(audit))
     }
     /// Read audit events back, newest first.
@@ -687,6 +722,10 @@ impl Store {
         now: OffsetDateTime,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        if let Some(w) = &self.writer {
+            let op = group_commit::Op::Finish { id, cause, now };
+            return bounded(w.submit(op, audit)).await;
+        }
         dispatch!(self, finish_revoke(id, cause, now, audit))
     }
     /// One transaction: keep `revoking`, count the attempt, record the (non-secret) error, set

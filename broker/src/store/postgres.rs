@@ -72,6 +72,20 @@ pub(super) async fn begin_grant(
     jti: Option<&JtiRecord>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
+    insert_grant(&mut tx, grant, jti, "issuing").await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Record `jti` (if given) and insert the grant with its credentials in `status`, inside the
+/// caller's transaction. `Replayed` is returned before anything is written, so a batch (see
+/// `group_commit.rs`) can drop this item and commit the others.
+async fn insert_grant(
+    conn: &mut PgConnection,
+    grant: &NewGrant,
+    jti: Option<&JtiRecord>,
+    status: &str,
+) -> Result<(), StoreError> {
     if let Some(j) = jti {
         // Insert, or take over a record whose window has passed; a live record makes the upsert
         // return nothing. A concurrent exchange of the same token waits on the unique index and
@@ -86,7 +100,7 @@ pub(super) async fn begin_grant(
         .bind(&j.jti)
         .bind(j.expires_at)
         .bind(grant.created_at)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?;
         if won.is_none() {
             return Err(StoreError::Replayed);
@@ -95,7 +109,7 @@ pub(super) async fn begin_grant(
     sqlx::query(
         "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
                              bundle_digest, revocation_hash, created_at, expires_at)
-         VALUES ($1, 'issuing', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         VALUES ($1, $11, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(grant.id)
     .bind(&grant.issuer)
@@ -107,22 +121,189 @@ pub(super) async fn begin_grant(
     .bind(&grant.revocation_hash)
     .bind(grant.created_at)
     .bind(grant.expires_at)
-    .execute(&mut *tx)
+    .bind(status)
+    .execute(&mut *conn)
     .await?;
+    // All credentials in one statement (one round trip whatever their number).
+    let n = grant.credentials.len();
+    let mut positions = Vec::with_capacity(n);
+    let (mut names, mut kinds, mut ids, mut details) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for (position, c) in grant.credentials.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(grant.id)
-        .bind(position_i32(position)?)
-        .bind(&c.name)
-        .bind(c.kind.as_str())
-        .bind(&c.resource_id)
-        .bind(Json(&c.details))
-        .execute(&mut *tx)
-        .await?;
+        positions.push(position_i32(position)?);
+        names.push(c.name.as_str());
+        kinds.push(c.kind.as_str());
+        ids.push(c.resource_id.as_str());
+        details.push(Json(&c.details));
     }
+    sqlx::query(
+        "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
+         SELECT $1, * FROM unnest($2::int4[], $3::text[], $4::text[], $5::text[], $6::jsonb[])",
+    )
+    .bind(grant.id)
+    .bind(&positions)
+    .bind(&names)
+    .bind(&kinds)
+    .bind(&ids)
+    .bind(&details)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Many grants born `active` (in-memory credentials), set-based: three statements for the whole
+/// batch instead of three per grant. Each item's outcome is `Ok` or `Replayed` (its jti is live,
+/// or taken by an earlier item of the same batch); refused items write nothing.
+pub(super) async fn insert_active_grants(
+    conn: &mut PgConnection,
+    items: &[(&NewGrant, Option<&JtiRecord>)],
+) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+    let mut outcomes: Vec<Result<(), StoreError>> = Vec::with_capacity(items.len());
+    // A token used twice inside one batch: the later use is a replay (and one upsert statement
+    // cannot touch the same row twice).
+    let mut seen = std::collections::HashSet::new();
+    for (_, jti) in items {
+        let fresh = jti.is_none_or(|j| seen.insert((j.iss.as_str(), j.jti.as_str())));
+        outcomes.push(if fresh {
+            Ok(())
+        } else {
+            Err(StoreError::Replayed)
+        });
+    }
+    let claimed: Vec<&JtiRecord> = items
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_ok())
+        .filter_map(|((_, j), _)| *j)
+        .collect();
+    if !claimed.is_empty() {
+        // The earliest `now` of the batch decides whether a used record's window has passed, so
+        // no item takes over a record that was still live at its own time.
+        let now = items.iter().map(|(g, _)| g.created_at).min();
+        let iss: Vec<&str> = claimed.iter().map(|j| j.iss.as_str()).collect();
+        let jti: Vec<&str> = claimed.iter().map(|j| j.jti.as_str()).collect();
+        let exp: Vec<OffsetDateTime> = claimed.iter().map(|j| j.expires_at).collect();
+        let won: Vec<(String, String)> = sqlx::query_as(
+            "INSERT INTO used_jti (iss, jti, expires_at)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+             ON CONFLICT (iss, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
+             WHERE used_jti.expires_at <= $4
+             RETURNING iss, jti",
+        )
+        .bind(&iss)
+        .bind(&jti)
+        .bind(&exp)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
+        let won: std::collections::HashSet<(&str, &str)> =
+            won.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
+        for ((_, j), o) in items.iter().zip(outcomes.iter_mut()) {
+            if let (Some(j), Ok(())) = (j, &o)
+                && !won.contains(&(j.iss.as_str(), j.jti.as_str()))
+            {
+                *o = Err(StoreError::Replayed);
+            }
+        }
+    }
+    let grants: Vec<&NewGrant> = items
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| o.is_ok())
+        .map(|((g, _), _)| *g)
+        .collect();
+    if grants.is_empty() {
+        return Ok(outcomes);
+    }
+    sqlx::query(
+        "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
+                             bundle_digest, revocation_hash, created_at, expires_at)
+         SELECT id, 'active', issuer, subject, repository, repository_id, job, bundle_digest,
+                revocation_hash, created_at, expires_at
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                     $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[])
+              AS u(id, issuer, subject, repository, repository_id, job, bundle_digest,
+                   revocation_hash, created_at, expires_at)",
+    )
+    .bind(grants.iter().map(|g| g.id).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.issuer.as_str()).collect::<Vec<_>>())
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.subject.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.repository.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.repository_id.as_deref())
+            .collect::<Vec<_>>(),
+    )
+    .bind(grants.iter().map(|g| Json(&g.job)).collect::<Vec<_>>())
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.bundle_digest.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        grants
+            .iter()
+            .map(|g| g.revocation_hash.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(grants.iter().map(|g| g.created_at).collect::<Vec<_>>())
+    .bind(grants.iter().map(|g| g.expires_at).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?;
+    let (mut gid, mut pos, mut name, mut kind, mut rid, mut det) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for g in &grants {
+        for (position, c) in g.credentials.iter().enumerate() {
+            gid.push(g.id);
+            pos.push(position_i32(position)?);
+            name.push(c.name.as_str());
+            kind.push(c.kind.as_str());
+            rid.push(c.resource_id.as_str());
+            det.push(Json(&c.details));
+        }
+    }
+    sqlx::query(
+        "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
+         SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
+                              $6::jsonb[])",
+    )
+    .bind(&gid)
+    .bind(&pos)
+    .bind(&name)
+    .bind(&kind)
+    .bind(&rid)
+    .bind(&det)
+    .execute(&mut *conn)
+    .await?;
+    Ok(outcomes)
+}
+
+/// One transaction: the grant, its jti and credentials, already `active`, with its audit event.
+pub(super) async fn issue_grant(
+    pool: &PgPool,
+    grant: &NewGrant,
+    jti: Option<&JtiRecord>,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    insert_grant(&mut tx, grant, jti, "active").await?;
+    insert_audit(&mut tx, audit).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -135,39 +316,55 @@ pub(super) async fn activate_grant(
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
-    let moved = sqlx::query(
-        "UPDATE grants SET status = 'active', expires_at = $2 WHERE id = $1 AND status = 'issuing'",
-    )
-    .bind(id)
-    .bind(expires_at)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if moved != 1 {
-        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
-    }
+    activate_rows(&mut tx, id, expires_at, details).await?;
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `issuing` → `active` with the final details, inside the caller's transaction. Checks come
+/// before writes, so a `Conflict` leaves nothing written (a batch drops just this item).
+pub(super) async fn activate_rows(
+    conn: &mut PgConnection,
+    id: Uuid,
+    expires_at: OffsetDateTime,
+    details: &[serde_json::Value],
+) -> Result<(), StoreError> {
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM grant_credentials WHERE grant_id = $1")
             .bind(id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?;
     if usize::try_from(count).ok() != Some(details.len()) {
         return Err(StoreError::Conflict(
             "credential details do not match the grant".to_owned(),
         ));
     }
-    for (position, d) in details.iter().enumerate() {
-        sqlx::query(
-            "UPDATE grant_credentials SET details = $3 WHERE grant_id = $1 AND position = $2",
-        )
-        .bind(id)
-        .bind(position_i32(position)?)
-        .bind(Json(d))
-        .execute(&mut *tx)
-        .await?;
+    let moved = sqlx::query(
+        "UPDATE grants SET status = 'active', expires_at = $2 WHERE id = $1 AND status = 'issuing'",
+    )
+    .bind(id)
+    .bind(expires_at)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
     }
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await?;
+    let positions = (0..details.len())
+        .map(position_i32)
+        .collect::<Result<Vec<_>, _>>()?;
+    let details: Vec<Json<&serde_json::Value>> = details.iter().map(Json).collect();
+    sqlx::query(
+        "UPDATE grant_credentials c SET details = u.details
+         FROM unnest($2::int4[], $3::jsonb[]) AS u(position, details)
+         WHERE c.grant_id = $1 AND c.position = u.position",
+    )
+    .bind(id)
+    .bind(&positions)
+    .bind(&details)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
@@ -209,42 +406,122 @@ pub(super) async fn append_audit(pool: &PgPool, audit: &AuditEvent) -> Result<()
     Ok(())
 }
 
-/// Append one event to the chain, inside the caller's transaction. Locking the head row
-/// serialises appenders across replicas until this transaction ends, so `seq` order is chain
-/// order (see `chain.rs`).
+/// Append one event to the chain, inside the caller's transaction.
 async fn insert_audit(conn: &mut PgConnection, audit: &AuditEvent) -> Result<(), StoreError> {
-    let prev: String =
-        sqlx::query_scalar("SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
-            .fetch_one(&mut *conn)
-            .await?;
-    let hash = chain::event_hash(&prev, audit)?;
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
-                                   repository, repository_id, actor, event, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-         RETURNING seq",
+    insert_audits(conn, &[audit]).await
+}
+
+/// Append events to the chain in the given order, inside the caller's transaction, in three
+/// round trips whatever their number. Locking the head row serialises appenders across replicas
+/// until this transaction ends, so `seq` order is chain order (see `chain.rs`): the rows are
+/// inserted in hash-chain order (`ORDER BY ord`), each taking the next `seq`.
+pub(super) async fn insert_audits(
+    conn: &mut PgConnection,
+    audits: &[&AuditEvent],
+) -> Result<(), StoreError> {
+    if audits.is_empty() {
+        return Ok(());
+    }
+    // Everything but the link hashes is computed before the head is locked.
+    let canonical = audits
+        .iter()
+        .map(|a| chain::canonical_event(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = audits.len();
+    let mut cols = AuditColumns::with_capacity(n);
+    for a in audits {
+        cols.ids.push(a.id);
+        cols.times.push(a.time);
+        cols.actions.push(enum_text(&a.action)?);
+        cols.outcomes.push(enum_text(&a.outcome)?);
+        cols.reasons.push(a.reason.as_str());
+        cols.grant_ids.push(a.grant_id);
+        cols.request_ids.push(a.request_id.as_deref());
+        cols.repositories.push(a.job.repository.as_deref());
+        cols.repository_ids.push(a.job.repository_id.as_deref());
+        cols.actors.push(a.actor.as_deref());
+        cols.events.push(Json(*a));
+    }
+    // One statement: lock the head, chain the link hashes in order (`sha256(prev || canonical)`,
+    // as `chain::link_hash`), insert the rows in chain order and move the head. The head is
+    // therefore held for this one round trip and the commit.
+    let canonical: Vec<Vec<u8>> = canonical.into_iter().map(String::into_bytes).collect();
+    sqlx::query(
+        "WITH RECURSIVE
+         head AS (SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE),
+         u AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
+                                    $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[],
+                                    $10::text[], $11::jsonb[], $12::bytea[])
+                    WITH ORDINALITY AS u(id, time, action, outcome, reason, grant_id,
+                                         request_id, repository, repository_id, actor, event,
+                                         canon, ord)),
+         chain(ord, prev, hash) AS (
+             SELECT 0::bigint, NULL::text, (SELECT hash FROM head)
+             UNION ALL
+             SELECT c.ord + 1, c.hash,
+                    encode(sha256(convert_to(c.hash, 'UTF8') || u.canon), 'hex')
+             FROM chain c JOIN u ON u.ord = c.ord + 1),
+         ins AS (
+             INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
+                                       repository, repository_id, actor, event, prev_hash, hash)
+             SELECT u.id, u.time, u.action, u.outcome, u.reason, u.grant_id, u.request_id,
+                    u.repository, u.repository_id, u.actor, u.event, chain.prev, chain.hash
+             FROM u JOIN chain ON chain.ord = u.ord
+             ORDER BY u.ord
+             RETURNING seq)
+         UPDATE audit_chain_head
+         SET seq = (SELECT max(seq) FROM ins),
+             hash = (SELECT hash FROM chain ORDER BY ord DESC LIMIT 1)
+         WHERE id = 1",
     )
-    .bind(audit.id)
-    .bind(audit.time)
-    .bind(enum_text(&audit.action)?)
-    .bind(enum_text(&audit.outcome)?)
-    .bind(&audit.reason)
-    .bind(audit.grant_id)
-    .bind(&audit.request_id)
-    .bind(&audit.job.repository)
-    .bind(&audit.job.repository_id)
-    .bind(&audit.actor)
-    .bind(Json(audit))
-    .bind(&prev)
-    .bind(&hash)
-    .fetch_one(&mut *conn)
+    .bind(&cols.ids)
+    .bind(&cols.times)
+    .bind(&cols.actions)
+    .bind(&cols.outcomes)
+    .bind(&cols.reasons)
+    .bind(&cols.grant_ids)
+    .bind(&cols.request_ids)
+    .bind(&cols.repositories)
+    .bind(&cols.repository_ids)
+    .bind(&cols.actors)
+    .bind(&cols.events)
+    .bind(&canonical)
+    .execute(&mut *conn)
     .await?;
-    sqlx::query("UPDATE audit_chain_head SET seq = $1, hash = $2 WHERE id = 1")
-        .bind(seq)
-        .bind(&hash)
-        .execute(&mut *conn)
-        .await?;
     Ok(())
+}
+
+/// Column arrays for one multi-row audit insert.
+struct AuditColumns<'a> {
+    ids: Vec<Uuid>,
+    times: Vec<OffsetDateTime>,
+    actions: Vec<String>,
+    outcomes: Vec<String>,
+    reasons: Vec<&'a str>,
+    grant_ids: Vec<Option<Uuid>>,
+    request_ids: Vec<Option<&'a str>>,
+    repositories: Vec<Option<&'a str>>,
+    repository_ids: Vec<Option<&'a str>>,
+    actors: Vec<Option<&'a str>>,
+    events: Vec<Json<&'a AuditEvent>>,
+}
+
+impl AuditColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            times: Vec::with_capacity(n),
+            actions: Vec::with_capacity(n),
+            outcomes: Vec::with_capacity(n),
+            reasons: Vec::with_capacity(n),
+            grant_ids: Vec::with_capacity(n),
+            request_ids: Vec::with_capacity(n),
+            repositories: Vec::with_capacity(n),
+            repository_ids: Vec::with_capacity(n),
+            actors: Vec::with_capacity(n),
+            events: Vec::with_capacity(n),
+        }
+    }
 }
 
 pub(super) async fn freeze_state(pool: &PgPool) -> Result<Option<FreezeRecord>, StoreError> {
@@ -770,6 +1047,20 @@ pub(super) async fn finish_revoke(
     audit: &AuditEvent,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
+    finish_rows(&mut tx, id, cause, now).await?;
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `revoking` → the cause's final status, inside the caller's transaction (`Conflict`, nothing
+/// written, if the grant is not `revoking`).
+pub(super) async fn finish_rows(
+    conn: &mut PgConnection,
+    id: Uuid,
+    cause: RevokeCause,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
     let moved = sqlx::query(
         "UPDATE grants SET status = $2, revoked_at = $3, lease_until = NULL
          WHERE id = $1 AND status = 'revoking'",
@@ -777,14 +1068,12 @@ pub(super) async fn finish_revoke(
     .bind(id)
     .bind(cause.final_status().as_str())
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?
     .rows_affected();
     if moved != 1 {
         return Err(StoreError::Conflict("grant is not revoking".to_owned()));
     }
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await?;
     Ok(())
 }
 

@@ -75,6 +75,33 @@ pub(super) async fn begin_grant(
     jti: Option<&JtiRecord>,
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    insert_grant(&mut tx, grant, jti, "issuing").await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// One transaction: the grant, its jti and credentials, already `active`, with its audit event.
+pub(super) async fn issue_grant(
+    pool: &SqlitePool,
+    grant: &NewGrant,
+    jti: Option<&JtiRecord>,
+    audit: &AuditEvent,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    insert_grant(&mut tx, grant, jti, "active").await?;
+    insert_audit(&mut tx, audit).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Record `jti` (if given) and insert the grant with its credentials in `status`, inside the
+/// caller's transaction.
+async fn insert_grant(
+    tx: &mut SqliteConnection,
+    grant: &NewGrant,
+    jti: Option<&JtiRecord>,
+    status: &str,
+) -> Result<(), StoreError> {
     if let Some(j) = jti {
         // Insert, or take over a record whose window has passed; a live record makes the upsert
         // return nothing.
@@ -97,7 +124,7 @@ pub(super) async fn begin_grant(
     sqlx::query(
         "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
                              bundle_digest, revocation_hash, created_at, expires_at)
-         VALUES ($1, 'issuing', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         VALUES ($1, $11, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(grant.id.to_string())
     .bind(&grant.issuer)
@@ -109,6 +136,7 @@ pub(super) async fn begin_grant(
     .bind(&grant.revocation_hash)
     .bind(ms(grant.created_at))
     .bind(ms(grant.expires_at))
+    .bind(status)
     .execute(&mut *tx)
     .await?;
     for (position, c) in grant.credentials.iter().enumerate() {
@@ -125,7 +153,6 @@ pub(super) async fn begin_grant(
         .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await?;
     Ok(())
 }
 

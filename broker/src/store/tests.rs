@@ -1385,7 +1385,89 @@ macro_rules! store_tests {
     };
 }
 
+/// `issue_grant`: one transaction writes the jti, the grant already `active` with its final
+/// details, and the allow event; a replay writes nothing.
+async fn issue_grant_writes_an_active_grant_in_one_step(store: Store) {
+    let iss = "https://token.actions.githubusercontent.com";
+    let mut g = new_grant(0, 600);
+    g.credentials[0].details = json!({"minted": 0});
+    let ev = event(0, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .issue_grant(&g, Some(&jti(iss, "issue-1", 100)), &ev)
+        .await
+        .unwrap();
+    let back = store.grant(g.id).await.unwrap().unwrap();
+    assert_eq!(back.status, GrantStatus::Active);
+    assert_eq!(back.expires_at, t(600));
+    assert_eq!(back.credentials[0].details, json!({"minted": 0}));
+    assert_eq!(back.credentials.len(), 2);
+    assert_eq!(events_for(&store, g.id).await.len(), 1);
+
+    let again = new_grant(5, 600);
+    let ev = event(5, Action::Exchange, Outcome::Allow, Some(again.id));
+    let err = store
+        .issue_grant(&again, Some(&jti(iss, "issue-1", 100)), &ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Replayed), "{err:?}");
+    assert_eq!(store.grant(again.id).await.unwrap(), None);
+    assert!(events_for(&store, again.id).await.is_empty());
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
+}
+
+/// Many writers at once through one store (on Postgres they share group-commit batches): each
+/// gets its own outcome. Replays and conflicts are refused alone; the rest commit, each with its
+/// event, and the chain stays whole.
+async fn concurrent_writes_get_their_own_outcomes(store: Store) {
+    let iss = "https://token.actions.githubusercontent.com";
+    let mut tasks = Vec::new();
+    for i in 0..40i64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let g = new_grant(i, 600);
+            let ev = event(i, Action::Exchange, Outcome::Allow, Some(g.id));
+            // Every fourth token is the same one: exactly one of those may win.
+            let j = if i % 4 == 0 {
+                jti(iss, "shared", 100)
+            } else {
+                jti(iss, &format!("own-{i}"), 100)
+            };
+            let issued = store.issue_grant(&g, Some(&j), &ev).await;
+            // Activating a grant that is not `issuing` is a conflict, refused alone.
+            let stray = store
+                .activate_grant(g.id, t(600), &[json!(1), json!(2)], &ev)
+                .await;
+            let refusal = event(i, Action::Exchange, Outcome::Deny, None);
+            store.append_audit(&refusal).await.unwrap();
+            (g.id, issued, stray)
+        }));
+    }
+    let (mut won, mut replayed) = (0, 0);
+    for task in tasks {
+        let (id, issued, stray) = task.await.unwrap();
+        match issued {
+            Ok(()) => {
+                assert_eq!(status(&store, id).await, GrantStatus::Active);
+                assert_eq!(events_for(&store, id).await.len(), 1);
+                assert!(matches!(stray, Err(StoreError::Conflict(_))), "{stray:?}");
+                won += 1;
+            }
+            Err(StoreError::Replayed) => {
+                assert_eq!(store.grant(id).await.unwrap(), None);
+                replayed += 1;
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((won, replayed), (31, 9));
+    let report = store.verify_audit_chain().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.events_checked, 31 + 40);
+}
+
 store_tests!(
+    issue_grant_writes_an_active_grant_in_one_step,
+    concurrent_writes_get_their_own_outcomes,
     migrate_twice_is_a_no_op,
     begin_then_activate_reads_back,
     replayed_jti_is_refused_until_it_expires,

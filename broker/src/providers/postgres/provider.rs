@@ -603,33 +603,69 @@ impl Provider for PostgresProvider {
             }
             return Err(classify("disabling login", &e));
         }
-        // 2. End live sessions (DROP ROLE would leave them running).
-        sqlx::query(
-            "SELECT count(pg_terminate_backend(pid, $2)) FROM pg_stat_activity WHERE usename = $1",
-        )
-        .bind(username)
-        .bind(TERMINATE_WAIT_MS)
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| classify("terminating sessions", &e))?;
-        // 3. Every database where the role owns something or holds a privilege.
-        let rows = sqlx::query(
-            "SELECT DISTINCT d.datname FROM pg_shdepend s \
+        // 2. One round trip and one transaction in the credential's database (where the job
+        //    worked): end live sessions (DROP ROLE would leave them running), hand over and drop
+        //    what the role has there, and drop the role unless it still holds something in
+        //    another database or a shared object; then list what is left. The common case (a
+        //    role that only touched its own database) ends here. `username` is `[a-z0-9_]` (checked by `is_ours`), so it
+        //    is safe inside the `$$` bodies; the owner is only used outside them.
+        let lit = quote_literal(username)
+            .map_err(|_| ProviderError::Internal("role name cannot be quoted".into()))?;
+        let elsewhere = format!(
+            "SELECT 1 FROM pg_shdepend s JOIN pg_roles r ON r.oid = s.refobjid \
+             WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = {lit} \
+             AND s.dbid <> (SELECT oid FROM pg_database WHERE datname = current_database())"
+        );
+        let batch = format!(
+            "DO $$BEGIN PERFORM pg_terminate_backend(pid, {TERMINATE_WAIT_MS}) \
+               FROM pg_stat_activity WHERE usename = {lit}; END$$; \
+             REASSIGN OWNED BY {role} TO {owner}; \
+             DROP OWNED BY {role}; \
+             DO $$BEGIN IF NOT EXISTS ({elsewhere}) THEN DROP ROLE {role}; END IF; END$$; \
+             SELECT DISTINCT d.datname::text FROM pg_shdepend s \
              JOIN pg_database d ON d.oid = s.dbid \
              JOIN pg_roles r ON r.oid = s.refobjid \
-             WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = $1 AND d.datallowconn",
-        )
-        .bind(username)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(|e| classify("listing databases the role touched", &e))?;
+             WHERE s.refclassid = 'pg_authid'::regclass AND r.rolname = {lit} AND d.datallowconn \
+             UNION ALL SELECT NULL::text FROM pg_roles WHERE rolname = {lit}"
+        );
         drop(conn);
-        let mut databases = vec![target.admin_db.clone()];
+        let mut conn = match target
+            .pool_for(detail_str(credential, "database")?)
+            .acquire()
+            .await
+        {
+            Ok(c) => c,
+            // That database is gone: work from the admin database instead.
+            Err(e) if sqlstate(&e).as_deref() == Some("3D000") => target
+                .admin_pool
+                .acquire()
+                .await
+                .map_err(|e| classify("connecting to the target", &e))?,
+            Err(e) => return Err(classify("connecting to the credential's database", &e)),
+        };
+        let rows = match sqlx::raw_sql(AssertSqlSafe(batch))
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => rows,
+            // Dropped by someone else since step 1 (a concurrent revoke): gone is success.
+            Err(e) if sqlstate(&e).as_deref() == Some("42704") => return Ok(()),
+            Err(e) => return Err(classify("dropping the role", &e)),
+        };
+        drop(conn);
+        // No row: the role is gone. Otherwise a NULL row says it still exists, and each other
+        // row names a database where it still holds something.
+        if rows.is_empty() {
+            tracing::debug!(role = %username, target = %target.name, "postgres role dropped");
+            return Ok(());
+        }
+        // 3. The role still holds something elsewhere: disown it there, then drop it.
+        let mut databases = Vec::with_capacity(rows.len());
         for r in rows {
-            let d: String = r
+            let d: Option<String> = r
                 .try_get(0)
                 .map_err(|_| ProviderError::Internal("reading pg_shdepend".into()))?;
-            if !databases.contains(&d) {
+            if let Some(d) = d.filter(|d| !databases.contains(d)) {
                 databases.push(d);
             }
         }
