@@ -271,8 +271,9 @@ impl Secrets {
         for (i, s) in self.values.iter().enumerate() {
             let head = &s[..FRAGMENT];
             let tail = &s[s.len() - FRAGMENT..];
-            // A JWT's head is the base64 of a common header: only its tail is unique.
-            let unique_head = !s.starts_with("eyJ");
+            // A JWT's head is the base64 of a common header, and a URL's head is its scheme and
+            // (public) user name: only their tails are unique.
+            let unique_head = !s.starts_with("eyJ") && !s.contains("://");
             if haystack.contains(s.as_str())
                 || haystack.contains(tail)
                 || (unique_head && haystack.contains(head))
@@ -602,4 +603,39 @@ pub fn github_policies() -> anyhow::Result<tempfile::TempDir> {
         dir.path().join("github.yaml"),
     )?;
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+    use super::*;
+
+    /// The leak search finds a secret whole, by its tail (a JWT signature, a password's end) or
+    /// by its head (a random token's start), and never reports the secret itself.
+    #[test]
+    fn secrets_are_found_whole_and_by_fragment() {
+        let mut s = Secrets::default();
+        s.add_response(&serde_json::json!({
+            "revocation_token": "brk_rvk_AAAABBBBCCCCDDDDEEEEFFFFGGGGHHHH",
+            "credentials": {"db": {"username": "brk_user_public", "password": "pw-0123456789abcdefghijKLMNOP"}},
+        }));
+        s.add("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.signature-part-0123456789");
+        s.add("short");
+        assert_eq!(
+            s.len(),
+            3,
+            "short values and public fields are not collected"
+        );
+        assert!(
+            s.find_in("log", "user brk_user_public logged in")
+                .is_empty()
+        );
+        let hits = s.find_in("log", "token=brk_rvk_AAAABBBBCCCC…");
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        assert!(!hits[0].contains("AAAA"), "a hit never quotes the secret");
+        assert_eq!(s.find_in("log", "…6789abcdefghijKLMNOP").len(), 1);
+        assert_eq!(s.find_in("log", "sig=signature-part-0123456789").len(), 1);
+        // A JWT's head is a common header, not evidence of a leak.
+        assert!(s.find_in("log", "eyJhbGciOiJSUzI1NiJ9.eyJ").is_empty());
+    }
 }
