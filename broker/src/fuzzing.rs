@@ -340,8 +340,11 @@ pub fn request(data: &[u8]) {
     }
 }
 
+/// A fuzz target: takes any bytes, panics only when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every fuzz target, by the name of its `fuzz/fuzz_targets/<name>.rs` and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("token", token),
     ("signed_token", signed_token),
     ("cel", cel),

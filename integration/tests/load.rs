@@ -122,7 +122,7 @@ async fn run_load(default_secs: u64) {
                         counts.api.fetch_add(1, Ordering::SeqCst);
                     }
                     // Keep a sample of the secrets for the leak search (all would be a lot).
-                    if n % 16 == 0 {
+                    if n.is_multiple_of(16) {
                         secrets.push(Value::String(tok));
                         secrets.push(body.clone());
                     }
