@@ -136,7 +136,7 @@ async fn store_down_or_stalled_is_503_then_recovers_without_restart() {
         issuers_yaml: github_issuer_yaml(&issuer.url()),
         audience: AUD,
         extra_yaml: format!(
-            "{REAPER}limits:\n  request_timeout: 3s\n  max_concurrency: 2\n  exchanges_per_minute_per_repository: 0\n"
+            "{REAPER}limits:\n  request_timeout: 2s\n  max_concurrency: 2\n  exchanges_per_minute_per_repository: 0\n"
         ),
         env: Vec::new(),
     })
@@ -209,37 +209,45 @@ async fn store_down_or_stalled_is_503_then_recovers_without_restart() {
     secrets.add(t.clone());
     let (status, retry, body) = c.exchange(&t, "deploy-api", "5m").await;
     assert_eq!(status, 503, "{body}");
-    assert!(
-        matches!(
-            body["error"].as_str(),
-            Some("timeout" | "store_unavailable")
-        ),
-        "{body}"
-    );
+    // The request timeout (2 s) is shorter than the store's acquire timeout (3 s): it answers.
+    assert_eq!(body["error"], "timeout", "{body}");
     assert!(retry.is_some());
-    let hung: Vec<_> = (0..2)
-        .map(|_| {
-            let t = token(&issuer);
-            secrets.add(t.clone());
-            let c = Client::new(&broker);
-            tokio::spawn(async move { c.exchange(&t, "deploy-api", "5m").await })
-        })
-        .collect();
-    // Give both a moment to take the two slots (they stay hung for the 3 s timeout).
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let t = token(&issuer);
-    secrets.add(t.clone());
-    let (status, retry, body) = c.exchange(&t, "deploy-api", "5m").await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("overloaded")),
-        "{body}"
-    );
-    assert_eq!(retry, Some(1));
-    for h in hung {
-        let (status, _, body) = h.await.expect("task");
-        assert_eq!(status, 503, "{body}");
+    // Two requests hang in both concurrency slots; the next one is shed at once. The head start
+    // is not a timing assertion: if the probe itself got a slot (a slow machine), it times out
+    // and the round is tried again.
+    let mut shed = None;
+    for _round in 0..3 {
+        let hung: Vec<_> = (0..2)
+            .map(|_| {
+                let t = token(&issuer);
+                secrets.add(t.clone());
+                let c = Client::new(&broker);
+                tokio::spawn(async move { c.exchange(&t, "deploy-api", "5m").await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let t = token(&issuer);
+        secrets.add(t.clone());
+        let (status, retry, body) = c.exchange(&t, "deploy-api", "5m").await;
+        for h in hung {
+            let (status, _, body) = h.await.expect("task");
+            assert_eq!(
+                (status, body["error"].as_str()),
+                (503, Some("timeout")),
+                "{body}"
+            );
+        }
+        if body["error"] == "overloaded" {
+            shed = Some((status, retry));
+            break;
+        }
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("timeout")),
+            "{body}"
+        );
     }
+    assert_eq!(shed, Some((503, Some(1))), "the third request was shed");
 
     // --- back again ---
     proxy.set(ProxyMode::Up);
