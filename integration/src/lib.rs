@@ -267,21 +267,33 @@ impl Secrets {
     /// last 20 characters: a JWT's signature, a password's tail), as `"<what>: secret #i"`
     /// (never the secret itself, so a failing test does not leak it either).
     pub fn find_in(&self, what: &str, haystack: &str) -> Vec<String> {
-        let mut hits = Vec::new();
+        // One pass over the haystack for every fragment (logs and store dumps run to megabytes).
+        // A whole secret contains its tail, so the tails also find whole secrets.
+        let mut patterns: Vec<&[u8]> = Vec::new();
+        let mut owner = Vec::new();
         for (i, s) in self.values.iter().enumerate() {
-            let head = &s[..FRAGMENT];
-            let tail = &s[s.len() - FRAGMENT..];
+            let b = s.as_bytes();
+            patterns.push(&b[b.len() - FRAGMENT..]);
+            owner.push(i);
             // A JWT's head is the base64 of a common header, and a URL's head is its scheme and
             // (public) user name: only their tails are unique.
-            let unique_head = !s.starts_with("eyJ") && !s.contains("://");
-            if haystack.contains(s.as_str())
-                || haystack.contains(tail)
-                || (unique_head && haystack.contains(head))
-            {
-                hits.push(format!("{what}: secret #{i} ({} chars)", s.len()));
+            if !s.starts_with("eyJ") && !s.contains("://") {
+                patterns.push(&b[..FRAGMENT]);
+                owner.push(i);
             }
         }
-        hits
+        let ac = match aho_corasick::AhoCorasick::new(&patterns) {
+            Ok(ac) => ac,
+            Err(e) => return vec![format!("{what}: cannot search: {e}")],
+        };
+        let found: std::collections::BTreeSet<usize> = ac
+            .find_overlapping_iter(haystack.as_bytes())
+            .map(|m| owner[m.pattern().as_usize()])
+            .collect();
+        found
+            .into_iter()
+            .map(|i| format!("{what}: secret #{i} ({} chars)", self.values[i].len()))
+            .collect()
     }
 
     /// Assert that no secret reached the broker's log or its store, and that the broker never
