@@ -125,18 +125,16 @@ pub fn example_claims() -> Value {
     c
 }
 
-/// Target `token`: arbitrary bytes as the bearer token. Invariant: a refusal never echoes the
-/// token.
+/// Target `token`: arbitrary bytes as the bearer token. Invariant: nothing verifies (the
+/// fuzzer cannot sign with the issuer's key, so a success would be a forgery). Error texts
+/// cannot echo the token by construction (`VerifyError` carries only static text).
 pub fn token(data: &[u8]) {
     let h = harness();
     let s = String::from_utf8_lossy(data);
-    if let Err(e) = h.rt.block_on(h.verifier.verify(&s)) {
-        let msg = e.to_string();
-        assert!(
-            s.len() < 8 || !msg.contains(s.as_ref()),
-            "error echoes the token"
-        );
-    }
+    assert!(
+        h.rt.block_on(h.verifier.verify(&s)).is_err(),
+        "unsigned bytes verified"
+    );
 }
 
 /// Target `signed_token`: arbitrary header and claims bytes, signed with the issuer's real key
