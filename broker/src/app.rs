@@ -14,19 +14,12 @@ use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// Install the tracing subscriber (text or JSON).
+/// Install the tracing subscriber (text or JSON), without trace export (see
+/// [`crate::telemetry::init`] for that).
 pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BROKER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    let off = crate::config::TelemetryConfig::default();
+    // Without an endpoint there is no exporter to build, so this cannot fail.
+    let _ = crate::telemetry::init(format, level, &off);
 }
 
 /// Build the broker from a validated config.
@@ -98,7 +91,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
-        clock,
+        clock: clock.clone(),
         api_tokens,
         extra_providers,
         policy_dir: cfg.policies.dir.clone(),
@@ -110,7 +103,17 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     })
     .map_err(|e| anyhow::anyhow!(e))?;
     broker.set_operators(
-        crate::admin::Operators::from_config(&cfg.operators).map_err(|e| anyhow::anyhow!(e))?,
+        crate::admin::Operators::from_config_with_oidc(
+            &cfg.operators,
+            &cfg.issuers,
+            &cfg.audience,
+            clock,
+        )
+        .map_err(|e| anyhow::anyhow!(e))?,
+    );
+    broker.set_webhooks(
+        crate::webhooks::Webhooks::from_config(&cfg.webhooks, &cfg.issuers)
+            .map_err(|e| anyhow::anyhow!(e))?,
     );
     Ok(Arc::new(broker))
 }
@@ -126,7 +129,21 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
             .unwrap_or(std::time::Duration::from_secs(15)),
         max_concurrency: cfg.limits.max_concurrency,
     };
-    let app = http::router(broker.clone(), &limits);
+    let metrics_token = match &cfg.metrics.token {
+        Some(t) => Some(
+            t.resolve()
+                .map_err(|e| anyhow::anyhow!("metrics.token: {e}"))?,
+        ),
+        None => None,
+    };
+    let (app, admin_app) = http::routers(broker.clone(), &limits, cfg.admin_listen.is_some());
+    // `/metrics` goes with the operator API when that has its own listener (reachable only from
+    // the internal network), else on the main listener.
+    let metrics = http::metrics_router(broker.clone(), metrics_token);
+    let (app, admin_app) = match admin_app {
+        Some(admin) => (app, Some(admin.merge(metrics))),
+        None => (app.merge(metrics), None),
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -134,9 +151,36 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     tracing::info!(%addr, "listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The operator API on its own address, stopped with everything else.
+    let admin_server = match (cfg.admin_listen, admin_app) {
+        (Some(a), Some(admin_app)) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding admin_listen {a}"))?;
+            tracing::info!(addr = %l.local_addr()?, "operator API listening");
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(
+                    l,
+                    admin_app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+            }))
+        }
+        _ => None,
+    };
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
+    let watcher = tokio::spawn(watch_policies(
+        broker.clone(),
+        cfg.policies.dir.clone(),
+        cfg.policies.watch_interval,
+        stop_rx.clone(),
+    ));
     on_ready(addr);
 
     axum::serve(
@@ -147,7 +191,10 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     .await
     .context("serving HTTP")?;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(reaper, refresher, reloader);
+    let _ = tokio::join!(reaper, refresher, reloader, watcher);
+    if let Some(s) = admin_server {
+        let _ = s.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
@@ -158,6 +205,44 @@ async fn refresh_keys(b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<boo
     loop {
         tokio::select! {
             _ = tick.tick() => b.verifier.refresh_all().await,
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Reload policies when the files under `dir` change (`policies.watch_interval`). A cheap
+/// digest of what the loader would read is compared each round, so nothing is compiled until
+/// something changed; a rejected bundle is not retried until the files change again (the
+/// previous bundle stays in force, and `/readyz` shows the error).
+async fn watch_policies(
+    b: Arc<Broker>,
+    dir: std::path::PathBuf,
+    every: Option<time::Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(every) = every.and_then(|d| std::time::Duration::try_from(d).ok()) else {
+        let _ = stop.changed().await;
+        return;
+    };
+    let fingerprint = |dir: std::path::PathBuf| async move {
+        tokio::task::spawn_blocking(move || crate::policy::Bundle::dir_fingerprint(&dir))
+            .await
+            .unwrap_or_default()
+    };
+    let mut last = fingerprint(dir.clone()).await;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = fingerprint(dir.clone()).await;
+                if now != last {
+                    last = now;
+                    tracing::info!(dir = %dir.display(), "policy files changed; reloading");
+                    let _ = b.reload_policies();
+                }
+            }
             _ = stop.changed() => break,
         }
     }

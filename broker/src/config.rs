@@ -80,6 +80,43 @@ pub struct StoreConfig {
 pub struct PolicyConfig {
     /// Directory of policy files (a git checkout).
     pub dir: PathBuf,
+    /// Poll the directory this often and reload when its files change (a ConfigMap update, a
+    /// git-sync). Unset: reload only on SIGHUP.
+    #[serde(default, with = "serde_duration::option")]
+    pub watch_interval: Option<Duration>,
+}
+
+/// OpenTelemetry traces (`telemetry.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP collector base URL (`http://otel-collector:4318`); spans go to
+    /// `{otlp_endpoint}/v1/traces`. Unset: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Bound on one export request.
+    #[serde(with = "serde_duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "broker".into(),
+            export_timeout: Duration::seconds(10),
+        }
+    }
+}
+
+/// `GET /metrics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Bearer token a scraper must send. Unset: `/metrics` is open to whoever reaches the
+    /// listener.
+    pub token: Option<SecretRef>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -305,6 +342,10 @@ impl Default for LogConfig {
 pub struct Config {
     /// Listen address, e.g. `0.0.0.0:8080`.
     pub listen: SocketAddr,
+    /// Optional separate address for the operator API (`/v1/admin/*`, `/v1/audit`), e.g.
+    /// `127.0.0.1:9090`; when set, those endpoints answer 404 on `listen`.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
     /// The broker's public URL: `iss` of the API tokens it mints.
     pub public_url: String,
     /// The audience job tokens must carry (request it with `aud` in the workflow).
@@ -327,6 +368,13 @@ pub struct Config {
     /// Who may call the operator endpoints (`/v1/admin/*`); tokens kept only as hashes.
     #[serde(default)]
     pub operators: Vec<crate::admin::OperatorConfig>,
+    /// Job-end webhooks (`/v1/hooks/github`, `/v1/hooks/gitlab`); absent = endpoints answer 404.
+    #[serde(default)]
+    pub webhooks: crate::webhooks::WebhooksConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -362,6 +410,7 @@ impl Config {
 
     /// Environment overrides (`BROKER_LISTEN`, `BROKER_PUBLIC_URL`, `BROKER_AUDIENCE`,
     /// `BROKER_STORE_URL_FILE`, `BROKER_STORE_URL_ENV`, `BROKER_POLICIES_DIR`,
+    /// `BROKER_POLICIES_WATCH_INTERVAL`,
     /// `BROKER_LOG_FORMAT`, `BROKER_LOG_LEVEL`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("BROKER_LISTEN") {
@@ -389,6 +438,12 @@ impl Config {
         }
         if let Some(v) = get("BROKER_POLICIES_DIR") {
             self.policies.dir = v.into();
+        }
+        if let Some(v) = get("BROKER_POLICIES_WATCH_INTERVAL") {
+            self.policies.watch_interval =
+                Some(crate::time::parse_duration(&v).map_err(|_| {
+                    format!("BROKER_POLICIES_WATCH_INTERVAL: not a duration: {v:?}")
+                })?);
         }
         if let Some(v) = get("BROKER_LOG_FORMAT") {
             self.log.format = match v.as_str() {
@@ -435,6 +490,17 @@ impl Config {
             p.push("issuers: at least one issuer is required".into());
         }
         p.extend(crate::admin::operators::validate(&self.operators));
+        p.extend(crate::admin::operators::validate_issuers(
+            &self.operators,
+            &self.issuers,
+        ));
+        p.extend(crate::webhooks::validate(&self.webhooks, &self.issuers));
+        if self
+            .admin_listen
+            .is_some_and(|a| a == self.listen && a.port() != 0)
+        {
+            p.push("admin_listen: must differ from listen".into());
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, iss) in self.issuers.iter().enumerate() {
             if !names.insert(iss.name.clone()) {
@@ -452,6 +518,24 @@ impl Config {
                     iss.name
                 ));
             }
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            match url::Url::parse(e) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                _ => p.push(format!(
+                    "telemetry.otlp_endpoint: expected an http(s) URL, got {e:?}"
+                )),
+            }
+        }
+        if let Some(Err(e)) = self.metrics.token.as_ref().map(SecretRef::resolve) {
+            p.push(format!("metrics.token: {e}"));
+        }
+        if self
+            .policies
+            .watch_interval
+            .is_some_and(|d| d < Duration::SECOND)
+        {
+            p.push("policies.watch_interval: at least 1s".into());
         }
         if let Some(Err(e)) = self.api_tokens.signing_key.as_ref().map(SecretRef::resolve) {
             p.push(format!("api_tokens.signing_key: {e}"));
@@ -528,10 +612,34 @@ impl fmt::Display for Config {
     /// A summary safe to log: where secrets come from, never what they are.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "listen: {}", self.listen)?;
+        if let Some(a) = self.admin_listen {
+            writeln!(f, "admin_listen: {a}")?;
+        }
+        if let Some(g) = &self.webhooks.github {
+            let s: Vec<String> = g.secrets.iter().map(SecretRef::describe).collect();
+            writeln!(f, "webhooks.github.secrets: {}", s.join(", "))?;
+        }
+        if let Some(g) = &self.webhooks.gitlab {
+            let s: Vec<String> = g.tokens.iter().map(SecretRef::describe).collect();
+            writeln!(f, "webhooks.gitlab.tokens: {}", s.join(", "))?;
+        }
         writeln!(f, "public_url: {}", self.public_url)?;
         writeln!(f, "audience: {}", self.audience)?;
         writeln!(f, "store.url: {}", self.store.url.describe())?;
         writeln!(f, "policies.dir: {}", self.policies.dir.display())?;
+        if let Some(d) = self.policies.watch_interval {
+            writeln!(
+                f,
+                "policies.watch_interval: {}",
+                crate::time::format_duration(d)
+            )?;
+        }
+        if let Some(t) = &self.metrics.token {
+            writeln!(f, "metrics.token: {}", t.describe())?;
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint {
+            writeln!(f, "telemetry.otlp_endpoint: {e}")?;
+        }
         let names: Vec<&str> = self.issuers.iter().map(|i| i.name.as_str()).collect();
         writeln!(f, "issuers: {}", names.join(", "))?;
         writeln!(

@@ -21,12 +21,17 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
     let db = data_dir.join("broker.db");
     let cfg = Config {
         listen,
+        admin_listen: None,
         public_url: format!("http://{listen}"),
         audience: DEV_AUDIENCE.into(),
         store: StoreConfig {
             url: SecretRef::inline(format!("sqlite:{}", db.display())),
         },
-        policies: PolicyConfig { dir: policies },
+        // Edits to the policy files take effect without a restart.
+        policies: PolicyConfig {
+            dir: policies,
+            watch_interval: Some(time::Duration::seconds(2)),
+        },
         issuers: vec![
             crate::oidc::dev::issuer_config("github", DEV_AUDIENCE),
             crate::oidc::dev::gitlab_issuer_config("gitlab", DEV_AUDIENCE),
@@ -41,6 +46,9 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         },
         log: LogConfig::default(),
         operators: Vec::new(),
+        webhooks: Default::default(),
+        metrics: Default::default(),
+        telemetry: Default::default(),
     };
     let problems = cfg.validate(Mode::Dev);
     if problems.is_empty() {

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(
     name = "broker",
-    version,
+    version = broker::VERSION,
     about = "CI/CD OIDC token broker: job tokens in, job-scoped credentials out"
 )]
 struct Cli {
@@ -123,6 +123,16 @@ struct AdminArgs {
     /// File holding an operator token (admin role).
     #[arg(long, env = "BROKER_OPERATOR_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// Break glass from a reviewed pipeline: authenticate with this job's OIDC token (an
+    /// `operators[].oidc` rule must match it), read from this file...
+    #[arg(long, global = true, conflicts_with = "token_file")]
+    id_token_file: Option<PathBuf>,
+    /// ...or from this environment variable (GitLab: the `id_tokens:` variable)...
+    #[arg(long, global = true, conflicts_with_all = ["token_file", "id_token_file"])]
+    id_token_env: Option<String>,
+    /// ...or, on GitHub Actions, requested from the runner for this audience.
+    #[arg(long, global = true, conflicts_with_all = ["token_file", "id_token_file", "id_token_env"])]
+    id_token_audience: Option<String>,
 }
 
 #[derive(Args)]
@@ -285,6 +295,36 @@ enum PolicyCmd {
         #[arg(long, default_value = "github")]
         platform: String,
     },
+    /// Show what a policy change does to access (exit 0: not widened, 10: widened, 2: error).
+    Diff(PolicyDiffArgs),
+    /// Print the JSON Schema of policy files.
+    Schema,
+}
+
+#[derive(Args)]
+struct PolicyDiffArgs {
+    /// Base: a directory, `REV:PATH` or `git:REV` (the policy directory at a git revision).
+    base: String,
+    /// Head: same forms as BASE.
+    head: String,
+    /// markdown (for a review comment) or json.
+    #[arg(long, default_value = "markdown")]
+    format: broker::policy::cli::DiffFormat,
+    /// Path of the policy directory in the repository, for `git:REV`.
+    #[arg(long, default_value = "policies")]
+    policy_path: String,
+    /// Add the jobs recorded in this broker's audit log to the corpus (GET /v1/audit).
+    #[arg(long, requires = "auditor_token_file")]
+    audit_url: Option<String>,
+    /// File holding an operator token with the auditor (or admin) role.
+    #[arg(long)]
+    auditor_token_file: Option<PathBuf>,
+    /// Audit events at or after this time (RFC 3339).
+    #[arg(long)]
+    audit_since: Option<String>,
+    /// Most audit events read.
+    #[arg(long, default_value_t = 5000)]
+    audit_max: usize,
 }
 
 #[derive(Args)]
@@ -360,6 +400,32 @@ enum AuditCmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also prove the chain still passes through this signed checkpoint (from `broker
+        /// audit checkpoint`): detects a log cut or rewritten before it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Check the checkpoint's signature with this JWKS file (the broker's
+        /// /.well-known/jwks.json) instead of the signing keys in --config.
+        #[arg(long, requires = "checkpoint")]
+        jwks: Option<PathBuf>,
+    },
+    /// Record where the audit chain stands and print it as a checkpoint signed with the
+    /// broker's key (api_tokens.signing_key). Keep the output off this host.
+    Checkpoint {
+        #[arg(long, short, env = "BROKER_CONFIG")]
+        config: PathBuf,
+        /// Write the signed checkpoint here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Delete audit events older than DATE, keeping the chain verifiable (a checkpoint is
+    /// recorded at the cut, in the same transaction).
+    Prune {
+        #[command(flatten)]
+        store: StoreArg,
+        /// RFC 3339 time or YYYY-MM-DD (midnight UTC); must not be in the future.
+        #[arg(long)]
+        before: String,
     },
 }
 
@@ -388,7 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve { config } => {
             let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!(e))?;
-            broker::app::init_logging(cfg.log.format, &cfg.log.level);
+            let _traces = broker::telemetry::init(cfg.log.format, &cfg.log.level, &cfg.telemetry)?;
             tracing::info!(config = %cfg, "starting");
             broker::app::serve(cfg, |_| {}).await?;
         }
@@ -400,6 +466,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store.open().await?.migrate().await?;
             println!("migrations applied");
         }
+        Cmd::Policy {
+            cmd: PolicyCmd::Diff(args),
+        } => return Ok(policy_diff(args).await),
         Cmd::Policy { cmd } => return Ok(policy(cmd)),
         Cmd::Audit {
             cmd:
@@ -442,9 +511,72 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cmd: AuditCmd::Query(args),
         } => return audit_query(*args).await,
         Cmd::Audit {
-            cmd: AuditCmd::Verify { store, json },
+            cmd: AuditCmd::Checkpoint { config, out },
         } => {
-            let report = store.open().await?.verify_audit_chain().await?;
+            let cfg = Config::load(&config).map_err(|e| anyhow::anyhow!(e))?;
+            let keys = config_keys(&cfg)?;
+            let store = Store::connect(
+                cfg.store
+                    .url
+                    .resolve()
+                    .map_err(|e| anyhow::anyhow!(e))?
+                    .expose(),
+            )
+            .await?;
+            let now = broker::time::Clock::now(&broker::time::SystemClock);
+            let cp = store.audit_checkpoint(now).await?;
+            let token = broker::audit::checkpoint::sign(&keys, &cfg.public_url, &cp)?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, format!("{token}\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+                None => println!("{token}"),
+            }
+            eprintln!(
+                "checkpoint: seq {}, {} events, chain head {}",
+                cp.seq, cp.event_count, cp.hash
+            );
+        }
+        Cmd::Audit {
+            cmd: AuditCmd::Prune { store, before },
+        } => {
+            let now = broker::time::Clock::now(&broker::time::SystemClock);
+            let before = parse_date(&before)?;
+            anyhow::ensure!(before <= now, "--before is in the future");
+            let actor = format!(
+                "cli:{}",
+                std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned())
+            );
+            let r = store.open().await?.prune_audit(before, now, &actor).await?;
+            match r.cut_seq {
+                Some(cut) => println!(
+                    "pruned {} events through seq {cut}; the chain now starts after it \
+                     ({} chained events pruned in all)",
+                    r.deleted, r.pruned_events
+                ),
+                None => println!("nothing to prune"),
+            }
+        }
+        Cmd::Audit {
+            cmd:
+                AuditCmd::Verify {
+                    store,
+                    json,
+                    checkpoint,
+                    jwks,
+                },
+        } => {
+            let anchor = match &checkpoint {
+                Some(path) => Some(read_checkpoint(path, jwks.as_deref(), &store)?),
+                None => None,
+            };
+            let report = store
+                .open()
+                .await?
+                .verify_audit_chain_through(anchor.as_ref().map(|c| c.anchor()).as_ref())
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
@@ -459,6 +591,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             report.head_hash,
                             report.legacy_events
                         );
+                        if let Some(cut) = report.pruned_through_seq {
+                            println!(
+                                "walk started at the prune cut: {} events through seq {cut} pruned",
+                                report.pruned_events
+                            );
+                        }
+                        if let Some(c) = &anchor {
+                            println!(
+                                "checkpoint matched: seq {}, {} events, head {}",
+                                c.seq, c.event_count, c.chain_head
+                            );
+                        }
                     }
                     ExitCode::SUCCESS
                 }
@@ -504,6 +648,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The broker's signing keys from its config; checkpoints need a persistent key (an ephemeral
+/// one could not be checked later).
+fn config_keys(cfg: &Config) -> anyhow::Result<broker::providers::api_token::SigningKeys> {
+    let active = cfg
+        .api_tokens
+        .signing_key
+        .as_ref()
+        .context("api_tokens.signing_key is not set: checkpoints need the broker's persistent key")?
+        .resolve()
+        .map_err(|e| anyhow::anyhow!("api_tokens.signing_key: {e}"))?;
+    let retired = cfg
+        .api_tokens
+        .retired_keys
+        .iter()
+        .map(|r| {
+            r.resolve()
+                .map_err(|e| anyhow::anyhow!("api_tokens.retired_keys: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    broker::providers::api_token::SigningKeys::from_pems(&active, &retired)
+        .context("api_tokens.signing_key")
+}
+
+/// Read and check a signed checkpoint: with `jwks` if given, else the keys of the config.
+fn read_checkpoint(
+    path: &std::path::Path,
+    jwks: Option<&std::path::Path>,
+    store: &StoreArg,
+) -> anyhow::Result<broker::audit::checkpoint::CheckpointClaims> {
+    use broker::audit::checkpoint::{VerifyingKeys, verify};
+    let token =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let claims = match jwks {
+        Some(j) => {
+            let text =
+                std::fs::read_to_string(j).with_context(|| format!("reading {}", j.display()))?;
+            let doc: serde_json::Value =
+                serde_json::from_str(&text).context("the JWKS file is not JSON")?;
+            verify(VerifyingKeys::Jwks(&doc), &token)?
+        }
+        None => {
+            let config = store
+                .config
+                .as_ref()
+                .context("give --jwks or --config to check the checkpoint's signature")?;
+            let cfg = Config::load(config).map_err(|e| anyhow::anyhow!(e))?;
+            verify(VerifyingKeys::Keys(&config_keys(&cfg)?), &token)?
+        }
+    };
+    Ok(claims)
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or RFC 3339.
+fn parse_date(s: &str) -> anyhow::Result<time::OffsetDateTime> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let d = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .with_context(|| format!("{s:?} is neither YYYY-MM-DD nor an RFC 3339 time"))?;
+    Ok(d.midnight().assume_utc())
 }
 
 async fn audit_query(a: AuditQueryArgs) -> anyhow::Result<ExitCode> {
@@ -552,13 +759,97 @@ async fn audit_query(a: AuditQueryArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `broker policy diff`: materialise both sides, gather audit seeds, diff. Every failure is
+/// [`broker::policy::diff::EXIT_ERROR`] so CI never mistakes an error for "not widened".
+async fn policy_diff(a: PolicyDiffArgs) -> ExitCode {
+    use broker::policy::{cli, diff};
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("error: {e}");
+        ExitCode::from(diff::EXIT_ERROR)
+    };
+    let repo = std::path::Path::new(".");
+    let base = match diff::source::resolve(&a.base, repo, &a.policy_path) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let head = match diff::source::resolve(&a.head, repo, &a.policy_path) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let mut seeds = Vec::new();
+    if let (Some(url), Some(token_file)) = (&a.audit_url, &a.auditor_token_file) {
+        let token = match broker::admin::client::read_token(token_file) {
+            Ok(t) => t,
+            Err(e) => return fail(&e),
+        };
+        let mut filters = Vec::new();
+        if let Some(s) = &a.audit_since {
+            filters.push(("since".to_owned(), s.clone()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let outcome =
+            broker::admin::audit_client::query(url, &token, &filters, None, a.audit_max, |ev| {
+                // Exchanges carry the claims of the job that asked; other actions repeat them.
+                if ev.action != broker::audit::Action::Exchange {
+                    return Ok(());
+                }
+                if let Some(seed) = diff::corpus::audit_seed(&ev.job) {
+                    let key = format!(
+                        "{}\u{0}{}",
+                        seed.issuer,
+                        serde_json::Value::Object(seed.claims.clone())
+                    );
+                    if seen.insert(key) {
+                        seeds.push(seed);
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        match outcome {
+            Ok(o) => eprintln!(
+                "{} audit event(s) read, {} distinct job(s)",
+                o.fetched,
+                seeds.len()
+            ),
+            Err(e) => return fail(&e),
+        }
+    }
+    let mut out = std::io::stdout();
+    ExitCode::from(cli::diff(&base.dir, &head.dir, &seeds, a.format, &mut out))
+}
+
 async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
     use broker::admin::client;
+    use broker::client::TokenSource;
     let url = args.url.context("give --url (or BROKER_URL)")?;
-    let token_file = args
-        .token_file
-        .context("give --token-file (or BROKER_OPERATOR_TOKEN_FILE)")?;
-    let token = client::read_token(&token_file).map_err(|e| anyhow::anyhow!(e))?;
+    let job_source = match (
+        args.id_token_file,
+        args.id_token_env,
+        args.id_token_audience,
+    ) {
+        (Some(f), _, _) => Some(TokenSource::File(f)),
+        (None, Some(v), _) => Some(TokenSource::Env(v)),
+        (None, None, Some(audience)) => Some(TokenSource::GithubRunner { audience }),
+        (None, None, None) => None,
+    };
+    let token = match (job_source, args.token_file) {
+        (Some(source), _) => {
+            let http = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(30))
+                .build()?;
+            let env = |k: &str| env_var(k);
+            source
+                .fetch(&http, &env)
+                .await
+                .map_err(|e| anyhow::anyhow!("job token: {e}"))?
+        }
+        (None, Some(f)) => client::read_token(&f).map_err(|e| anyhow::anyhow!(e))?,
+        (None, None) => anyhow::bail!(
+            "give --token-file (or BROKER_OPERATOR_TOKEN_FILE), or a job token with \
+             --id-token-file / --id-token-env / --id-token-audience"
+        ),
+    };
     let filter_body = |f: AdminFilterArgs| {
         let mut filter = serde_json::Map::new();
         for (k, v) in [
@@ -828,6 +1119,9 @@ fn policy(cmd: PolicyCmd) -> ExitCode {
             cli::check(&dir, known, &mut out)
         }
         PolicyCmd::Test { dir } => cli::test(&dir, &mut out),
+        PolicyCmd::Schema => cli::schema(&mut out),
+        // Dispatched to `policy_diff` (it may call a broker).
+        PolicyCmd::Diff(_) => false,
         PolicyCmd::Explain {
             dir,
             claims,

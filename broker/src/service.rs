@@ -13,6 +13,7 @@
 
 use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
 use crate::config::{GrantConfig, ReaperConfig};
+use crate::metrics::{self, Stage};
 use crate::oidc::{Platform, Verifier, VerifyError};
 use crate::policy::{Bundle, Decision, LoadOptions, PolicyInput};
 use crate::providers::api_token::ApiTokenProvider;
@@ -129,7 +130,7 @@ impl ServiceError {
         }
     }
 
-    fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
             ServiceError::Provider { .. }
             | ServiceError::Store(_)
@@ -166,6 +167,8 @@ pub struct Broker {
     rate_limit: Option<RepoRateLimiter>,
     /// Operators and the freeze (issue 6); see `admin/`.
     pub(crate) admin: crate::admin::AdminState,
+    /// Job-end webhook endpoints (none by default); see `webhooks/`.
+    pub(crate) webhooks: crate::webhooks::Webhooks,
 }
 
 /// Per-repository exchange rate limit (in this replica's memory; monotonic time).
@@ -244,6 +247,7 @@ impl Broker {
             providers.insert(p.kind(), p);
         }
         check_bundle(&bundle, &providers)?;
+        metrics::policy_loaded(bundle.digest());
         let status = PolicyStatus {
             digest: bundle.digest().to_owned(),
             loaded_at: parts.clock.now(),
@@ -265,12 +269,23 @@ impl Broker {
             rate_limit: std::num::NonZeroU32::new(parts.rate_per_minute)
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             admin: crate::admin::AdminState::default(),
+            webhooks: crate::webhooks::Webhooks::default(),
         })
     }
 
     /// Who may call the operator endpoints (none by default: they refuse everyone).
     pub fn set_operators(&mut self, operators: crate::admin::Operators) {
         self.admin = crate::admin::AdminState::new(operators);
+    }
+
+    /// The job-end webhook endpoints to serve (none by default: they answer 404).
+    pub fn set_webhooks(&mut self, webhooks: crate::webhooks::Webhooks) {
+        self.webhooks = webhooks;
+    }
+
+    /// The configured webhook endpoints.
+    pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
+        &self.webhooks
     }
 
     /// The lease a revocation claim holds (reaper config).
@@ -306,11 +321,14 @@ impl Broker {
                     last_error: None,
                 };
                 tracing::info!(digest = %digest, "policies reloaded");
+                metrics::policy_reload(true);
+                metrics::policy_loaded(&digest);
                 Ok(digest)
             }
             Err(e) => {
                 tracing::error!(error = %e, kept_digest = %st.digest, "policy reload rejected; previous bundle stays in force");
                 st.last_error = Some(e.clone());
+                metrics::policy_reload(false);
                 Err(e)
             }
         }
@@ -339,7 +357,7 @@ impl Broker {
         if ev.detail.is_none() {
             ev.detail = Some(err.to_string());
         }
-        match self.store.append_audit(&ev).await {
+        match metrics::timed(Stage::Audit, self.store.append_audit(&ev)).await {
             Ok(()) => err,
             Err(e) => {
                 tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
@@ -384,10 +402,11 @@ impl Broker {
         };
 
         // 2. The job token: configured issuer, pinned algorithm, signature, audience, times.
-        let claims = match self.verifier.verify(req.token.expose()).await {
-            Ok(c) => c,
-            Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
-        };
+        let claims =
+            match metrics::timed(Stage::Verify, self.verifier.verify(req.token.expose())).await {
+                Ok(c) => c,
+                Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
+            };
         ev.job = JobAttribution::from_claims(&claims);
         if let Err(e) = self.check_rate(&claims.issuer, &ev.job) {
             return Err(self.refuse(ev, e).await);
@@ -410,7 +429,7 @@ impl Broker {
             platform: claims.platform,
             claims: &claims.claims,
         };
-        let eval = bundle.evaluate(&input, &req.credentials);
+        let eval = metrics::timed_sync(Stage::Policy, || bundle.evaluate(&input, &req.credentials));
         ev.rules_matched = eval.rules_matched.clone();
         let mut caps = Vec::with_capacity(eval.decisions.len());
         for d in &eval.decisions {
@@ -506,7 +525,12 @@ impl Broker {
             expires_at,
             credentials: issued.clone(),
         };
-        match self.store.begin_grant(&new_grant, jti.as_ref()).await {
+        match metrics::timed(
+            Stage::Intent,
+            self.store.begin_grant(&new_grant, jti.as_ref()),
+        )
+        .await
+        {
             Ok(()) => {}
             Err(StoreError::Replayed) => return Err(self.refuse(ev, ServiceError::Replayed).await),
             Err(e) => {
@@ -533,7 +557,8 @@ impl Broker {
                     .await
             }
         });
-        let results: Vec<Result<Minted, ProviderError>> = futures::future::join_all(mints).await;
+        let results: Vec<Result<Minted, ProviderError>> =
+            metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
         crate::fault::point("after_mint");
         if let Some(pos) = results.iter().position(Result::is_err) {
             return Err(self
@@ -553,10 +578,12 @@ impl Broker {
         ev.reason = "ok".into();
         ev.credentials_granted = req.credentials.clone();
         ev.expires_at = Some(real_expiry);
-        if let Err(e) = self
-            .store
-            .activate_grant(grant_id, real_expiry, &details, &ev)
-            .await
+        if let Err(e) = metrics::timed(
+            Stage::Activate,
+            self.store
+                .activate_grant(grant_id, real_expiry, &details, &ev),
+        )
+        .await
         {
             tracing::error!(error = %e, grant_id = %grant_id, "could not finalise grant; revoking what was minted");
             // Best effort now; if this fails too the grant stays `issuing` and the reaper
@@ -730,7 +757,13 @@ impl Broker {
                 Some(format!("{}: {d}", c.name))
             })
             .collect();
-        match self.revoke_credentials(&g.credentials).await {
+        let revoked = self.revoke_credentials(&g.credentials).await;
+        metrics::revocation(
+            claimed.cause.as_str(),
+            revoked.is_ok(),
+            g.revoke_attempts > 0,
+        );
+        match revoked {
             Ok(()) => {
                 crate::fault::point("after_revoke");
                 ev.outcome = Outcome::Success;
@@ -854,6 +887,7 @@ impl Broker {
             }
         }
         let _ = self.store.purge_jti(now).await;
+        let _ = self.store.purge_deliveries(now).await;
         if let Some(l) = &self.rate_limit {
             l.retain_recent();
         }

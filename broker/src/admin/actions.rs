@@ -117,20 +117,30 @@ impl Broker {
     ) -> Result<Operator, AdminError> {
         let result = match token {
             None => Err(AdminError::MissingToken),
-            Some(t) => match self.admin.operators.authenticate(&t) {
+            Some(t) => match self.admin.operators.authenticate_any(&t).await {
                 None => Err(AdminError::Unauthorized),
-                Some(op) if !op.role.allows(needed) => Err(AdminError::Forbidden {
+                Some((op, _)) if !op.role.allows(needed) => Err(AdminError::Forbidden {
                     name: op.name.clone(),
                     needed: needed.as_str(),
                 }),
-                Some(op) => Ok(op),
+                Some((op, None)) => Ok(op),
+                // A single-use job token acts once (shared with exchanges: `used_jti`).
+                Some((op, Some(jti))) => {
+                    match self.store.record_jti(&jti, self.clock.now()).await {
+                        Ok(()) => Ok(op),
+                        Err(crate::store::StoreError::Replayed) => {
+                            Err(AdminError::Replayed { name: op.name })
+                        }
+                        Err(e) => Err(AdminError::Store(e)),
+                    }
+                }
             },
         };
         match result {
             Ok(op) => Ok(op),
             Err(e) => {
                 let mut ev = self.admin_event(ctx, e.reason_code());
-                if let AdminError::Forbidden { name, .. } = &e {
+                if let AdminError::Forbidden { name, .. } | AdminError::Replayed { name } = &e {
                     ev.actor = Some(format!("operator:{name}"));
                 }
                 ev.detail = Some(format!("{what}: {e}"));

@@ -46,6 +46,9 @@ pub enum AdminError {
     /// Unknown token, or not an operator token at all (a job token).
     #[error("not a valid operator token")]
     Unauthorized,
+    /// A single-use job token (OIDC operator) presented a second time.
+    #[error("operator {name:?}: job token already used")]
+    Replayed { name: String },
     #[error("operator {name:?} lacks the {needed} role")]
     Forbidden { name: String, needed: &'static str },
     #[error("bad request: {0}")]
@@ -60,6 +63,7 @@ impl AdminError {
         match self {
             AdminError::MissingToken => "missing_token",
             AdminError::Unauthorized => "operator_unauthorized",
+            AdminError::Replayed { .. } => "token_replayed",
             AdminError::Forbidden { .. } => "operator_forbidden",
             AdminError::BadRequest(_) => "bad_request",
             AdminError::Store(_) => "store_unavailable",

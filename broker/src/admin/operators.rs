@@ -1,12 +1,25 @@
 //! Operator authentication: bearer tokens kept in the config only as SHA-256 hashes, each with a
-//! role. A job token is never an operator token: operator tokens carry the `brk_op_` prefix, so
-//! a JWT cannot match, and nothing here ever verifies a JWT.
+//! role; or, for break-glass through a reviewed pipeline, an OIDC rule: a CI job token from a
+//! configured issuer whose verified claims satisfy a CEL rule (e.g. one workflow on the main
+//! branch of a security repository).
 //!
-//! Invariant: comparison runs over every configured hash in constant time (`subtle`), so timing
-//! reveals neither which operator matched nor how much of a hash did.
+//! Invariants:
+//! - A job token is never accepted on an operator endpoint unless an OIDC operator rule names
+//!   its issuer and its verified claims satisfy that rule. Operator tokens carry the `brk_op_`
+//!   prefix, so a JWT never matches a hash entry.
+//! - Hash comparison runs over every configured hash in constant time (`subtle`), so timing
+//!   reveals neither which operator matched nor how much of a hash did.
+//! - OIDC rules go through the same verifier (configured issuer, pinned algorithms, audience,
+//!   times) and the same CEL compile path (bounded, compiled once at start) as exchanges; a rule
+//!   that errors does not match (fail closed).
 
+use crate::oidc::{IssuerConfig, Verifier, VerifierOptions};
+use crate::policy::expr::{self, Activation, CompiledExpr, RegexTable};
 use crate::secret::{Sensitive, random_token, sha256_hex};
+use crate::store::JtiRecord;
+use crate::time::SharedClock;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 /// Prefix of operator tokens (so secret scanners can find leaked ones).
@@ -35,7 +48,7 @@ impl Role {
     }
 }
 
-/// One entry of the config's `operators:` list.
+/// One entry of the config's `operators:` list: exactly one of `token_sha256` and `oidc`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
@@ -43,7 +56,26 @@ pub struct OperatorConfig {
     pub name: String,
     pub role: Role,
     /// Lowercase hex SHA-256 of the operator's token (`broker operator-token` prints both).
-    pub token_sha256: String,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Or: a CI job token matching this rule authenticates as this operator.
+    #[serde(default)]
+    pub oidc: Option<OidcOperatorConfig>,
+}
+
+/// `operators[].oidc`: which job tokens act as this operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcOperatorConfig {
+    /// A configured issuer name (`issuers[].name`).
+    pub issuer: String,
+    /// The audience the token must carry; default: the broker's `audience`. A distinct one
+    /// (e.g. `<audience>/admin`) keeps exchange tokens and operator tokens apart.
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// CEL over the verified claims, as in a policy rule's `when` (`claims`, `issuer`,
+    /// `platform`), e.g. `claims.repository_id == "123" && claims.ref == "refs/heads/main"`.
+    pub rule: String,
 }
 
 /// An authenticated operator.
@@ -51,12 +83,38 @@ pub struct OperatorConfig {
 pub struct Operator {
     pub name: String,
     pub role: Role,
+    /// For an OIDC operator: the job token's verified `sub`.
+    pub subject: Option<String>,
 }
 
 impl Operator {
-    /// The audit `actor`.
+    /// The audit `actor`: `operator:<name>`, or `operator:<name> (<sub>)` for an OIDC
+    /// operator, so every event it causes names the job that acted.
     pub fn actor(&self) -> String {
-        format!("operator:{}", self.name)
+        match &self.subject {
+            None => format!("operator:{}", self.name),
+            Some(sub) => format!("operator:{} ({sub})", self.name),
+        }
+    }
+}
+
+/// One OIDC operator rule, ready to check tokens.
+struct OidcOperator {
+    name: String,
+    role: Role,
+    verifier: Verifier,
+    env: Arc<cel::Env>,
+    regexes: Arc<RegexTable>,
+    rule: CompiledExpr,
+}
+
+impl std::fmt::Debug for OidcOperator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcOperator")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .field("rule", &self.rule.source())
+            .finish_non_exhaustive()
     }
 }
 
@@ -64,6 +122,7 @@ impl Operator {
 #[derive(Debug, Clone, Default)]
 pub struct Operators {
     list: Vec<(Operator, [u8; 32])>,
+    oidc: Vec<Arc<OidcOperator>>,
 }
 
 fn valid_name(n: &str) -> bool {
@@ -94,46 +153,174 @@ pub fn validate(ops: &[OperatorConfig]) -> Vec<String> {
         if !names.insert(o.name.clone()) {
             p.push(format!("operators[{i}].name: duplicate {:?}", o.name));
         }
-        if parse_hash(&o.token_sha256).is_none() {
-            p.push(format!(
-                "operators[{i}].token_sha256: expected 64 lowercase hex characters (the token's \
-                 SHA-256, not the token)"
-            ));
-        } else if !hashes.insert(o.token_sha256.clone()) {
-            p.push(format!(
-                "operators[{i}].token_sha256: the same token is configured twice"
-            ));
+        match (&o.token_sha256, &o.oidc) {
+            (Some(h), None) => {
+                if parse_hash(h).is_none() {
+                    p.push(format!(
+                        "operators[{i}].token_sha256: expected 64 lowercase hex characters (the \
+                         token's SHA-256, not the token)"
+                    ));
+                } else if !hashes.insert(h.clone()) {
+                    p.push(format!(
+                        "operators[{i}].token_sha256: the same token is configured twice"
+                    ));
+                }
+            }
+            (None, Some(rule)) => {
+                if rule.rule.trim().is_empty() {
+                    p.push(format!("operators[{i}].oidc.rule: required"));
+                } else if let Err(e) =
+                    expr::compile(&expr::new_env(), &rule.rule, &mut RegexTable::default())
+                {
+                    p.push(format!("operators[{i}].oidc.rule: {e}"));
+                }
+                if rule
+                    .audience
+                    .as_deref()
+                    .is_some_and(|a| a.trim().is_empty())
+                {
+                    p.push(format!("operators[{i}].oidc.audience: empty"));
+                }
+            }
+            _ => p.push(format!(
+                "operators[{i}]: give exactly one of token_sha256 and oidc"
+            )),
         }
     }
     p
 }
 
+/// Every problem with the OIDC operators' issuers (needs the issuer list).
+pub fn validate_issuers(ops: &[OperatorConfig], issuers: &[IssuerConfig]) -> Vec<String> {
+    ops.iter()
+        .enumerate()
+        .filter_map(|(i, o)| {
+            let rule = o.oidc.as_ref()?;
+            (!issuers.iter().any(|c| c.name == rule.issuer)).then(|| {
+                format!(
+                    "operators[{i}].oidc.issuer: {:?} is not a configured issuer",
+                    rule.issuer
+                )
+            })
+        })
+        .collect()
+}
+
 impl Operators {
-    /// From validated config; an invalid entry is an error naming it.
+    /// From validated config with token hashes only; an invalid entry (or an OIDC one: use
+    /// [`Self::from_config_with_oidc`]) is an error naming it.
     pub fn from_config(ops: &[OperatorConfig]) -> Result<Self, String> {
-        let problems = validate(ops);
+        if ops.iter().any(|o| o.oidc.is_some()) {
+            return Err("OIDC operators need the issuer configuration".into());
+        }
+        Self::from_config_with_oidc(ops, &[], "-", Arc::new(crate::time::SystemClock))
+    }
+
+    /// From validated config; OIDC rules get a verifier for their issuer (with the rule's
+    /// audience, else `audience`) and their CEL compiled once.
+    pub fn from_config_with_oidc(
+        ops: &[OperatorConfig],
+        issuers: &[IssuerConfig],
+        audience: &str,
+        clock: SharedClock,
+    ) -> Result<Self, String> {
+        let mut problems = validate(ops);
+        problems.extend(validate_issuers(ops, issuers));
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        let list = ops
-            .iter()
-            .filter_map(|o| {
-                parse_hash(&o.token_sha256).map(|h| {
-                    (
-                        Operator {
-                            name: o.name.clone(),
-                            role: o.role,
-                        },
-                        h,
-                    )
-                })
-            })
-            .collect();
-        Ok(Self { list })
+        let mut list = Vec::new();
+        let mut oidc = Vec::new();
+        for (i, o) in ops.iter().enumerate() {
+            if let Some(h) = o.token_sha256.as_deref().and_then(parse_hash) {
+                let op = Operator {
+                    name: o.name.clone(),
+                    role: o.role,
+                    subject: None,
+                };
+                list.push((op, h));
+            }
+            let Some(rule) = &o.oidc else { continue };
+            let Some(mut issuer) = issuers.iter().find(|c| c.name == rule.issuer).cloned() else {
+                continue;
+            };
+            if let Some(a) = &rule.audience {
+                issuer.audience = Some(a.clone());
+            }
+            let verifier = Verifier::new(
+                audience.to_owned(),
+                vec![issuer],
+                clock.clone(),
+                VerifierOptions::default(),
+            )
+            .map_err(|e| format!("operators[{i}].oidc: {e}"))?;
+            let env = Arc::new(expr::new_env());
+            let mut regexes = RegexTable::default();
+            let compiled = expr::compile(&env, &rule.rule, &mut regexes)
+                .map_err(|e| format!("operators[{i}].oidc.rule: {e}"))?;
+            oidc.push(Arc::new(OidcOperator {
+                name: o.name.clone(),
+                role: o.role,
+                verifier,
+                env,
+                regexes: Arc::new(regexes),
+                rule: compiled,
+            }));
+        }
+        Ok(Self { list, oidc })
     }
 
     pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
+        self.list.is_empty() && self.oidc.is_empty()
+    }
+
+    /// The operator this bearer token belongs to: an operator token by hash, else a job token
+    /// that verifies for an OIDC operator's issuer and satisfies its rule (first in config
+    /// order), with the token's replay record when its issuer makes tokens single-use (the
+    /// caller must record it before acting). Anything else, including a valid job token
+    /// matching no rule: `None`.
+    pub async fn authenticate_any(
+        &self,
+        token: &Sensitive,
+    ) -> Option<(Operator, Option<JtiRecord>)> {
+        if token.expose().starts_with(OPERATOR_PREFIX) {
+            return self.authenticate(token).map(|op| (op, None));
+        }
+        for o in &self.oidc {
+            let Ok(claims) = o.verifier.verify(token.expose()).await else {
+                continue;
+            };
+            if expr::check_claims(&claims.claims).is_err() {
+                continue;
+            }
+            let Ok(act) = Activation::new(
+                &o.env,
+                &o.regexes,
+                &claims.claims,
+                &claims.issuer,
+                claims.platform.as_str(),
+            ) else {
+                continue;
+            };
+            // An evaluation error is not a match (fail closed).
+            if act.eval(&o.rule) == Ok(true) {
+                let jti = match (&claims.jti, claims.single_use) {
+                    (Some(j), true) => Some(JtiRecord {
+                        iss: claims.iss.clone(),
+                        jti: j.clone(),
+                        expires_at: claims.replay_until,
+                    }),
+                    _ => None,
+                };
+                let op = Operator {
+                    name: o.name.clone(),
+                    role: o.role,
+                    subject: Some(claims.sub.chars().take(256).collect()),
+                };
+                return Some((op, jti));
+            }
+        }
+        None
     }
 
     /// The operator this token belongs to, if any.
@@ -146,6 +333,7 @@ impl Operators {
         let mut found = None;
         // No early exit: every hash is compared whatever matched.
         for (op, hash) in &self.list {
+            // (hash operators only; OIDC operators are checked in `authenticate_any`)
             if bool::from(hash.ct_eq(&digest)) {
                 found = Some(op.clone());
             }
@@ -169,7 +357,8 @@ mod tests {
         OperatorConfig {
             name: name.into(),
             role,
-            token_sha256: hash.into(),
+            token_sha256: Some(hash.into()),
+            oidc: None,
         }
     }
 
@@ -187,7 +376,8 @@ mod tests {
             ops.authenticate(&alice_tok),
             Some(Operator {
                 name: "alice".into(),
-                role: Role::Admin
+                role: Role::Admin,
+                subject: None,
             })
         );
         assert_eq!(ops.authenticate(&bob_tok).unwrap().role, Role::Auditor);

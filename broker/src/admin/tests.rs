@@ -42,6 +42,10 @@ struct H {
 }
 
 async fn harness() -> H {
+    harness_with(Vec::new()).await
+}
+
+async fn harness_with(extra_operators: Vec<OperatorConfig>) -> H {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
     let clock = Arc::new(ManualClock::at_unix(1_900_000_000));
@@ -71,19 +75,28 @@ async fn harness() -> H {
     .unwrap();
     let (admin, admin_hash) = operators::new_token();
     let (auditor, auditor_hash) = operators::new_token();
+    let mut ops = vec![
+        OperatorConfig {
+            name: "alice".into(),
+            role: Role::Admin,
+            token_sha256: Some(admin_hash),
+            oidc: None,
+        },
+        OperatorConfig {
+            name: "bob".into(),
+            role: Role::Auditor,
+            token_sha256: Some(auditor_hash),
+            oidc: None,
+        },
+    ];
+    ops.extend(extra_operators);
     broker.set_operators(
-        Operators::from_config(&[
-            OperatorConfig {
-                name: "alice".into(),
-                role: Role::Admin,
-                token_sha256: admin_hash,
-            },
-            OperatorConfig {
-                name: "bob".into(),
-                role: Role::Auditor,
-                token_sha256: auditor_hash,
-            },
-        ])
+        Operators::from_config_with_oidc(
+            &ops,
+            &[dev::issuer_config("github", AUD)],
+            AUD,
+            clock.clone(),
+        )
         .unwrap(),
     );
     let broker = Arc::new(broker);
@@ -674,4 +687,133 @@ async fn audit_client_follows_cursors_up_to_max() {
         .unwrap_err();
     assert!(err.contains("400"), "{err}");
     server.abort();
+}
+
+/// An OIDC operator rule admits job tokens whose verified claims satisfy it, and only those;
+/// the audit names the rule's operator and the job's subject.
+#[tokio::test]
+async fn oidc_operator_rule_admits_only_matching_job_tokens() {
+    let h = harness_with(vec![OperatorConfig {
+        name: "secjob".into(),
+        role: Role::Admin,
+        token_sha256: None,
+        oidc: Some(operators::OidcOperatorConfig {
+            issuer: "github".into(),
+            audience: None,
+            rule: r#"claims.repository == "acme/security" && claims.ref == "refs/heads/main""#
+                .into(),
+        }),
+    }])
+    .await;
+    let (status, _) = exchange(&h, "acme/api", 1).await;
+    assert_eq!(status, StatusCode::OK);
+    for t in [
+        job_token(&h, "acme/api", 1),
+        job_token(&h, "acme/security-fork", 2),
+    ] {
+        let (status, body) = call(
+            &h,
+            "POST",
+            "/v1/admin/revoke-all",
+            Some(t.expose()),
+            json!({"reason": "x"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"], "operator_unauthorized");
+    }
+    // Another audience than the broker's: refused.
+    let other_aud = dev::DevJob {
+        repository: "acme/security".into(),
+        audience: "https://elsewhere.test".into(),
+        ..dev::DevJob::acme_api(AUD, h.clock.now())
+    };
+    let t = dev::sign(&dev::github_claims(&other_aud)).unwrap();
+    let (status, _) = call(
+        &h,
+        "POST",
+        "/v1/admin/revoke-all",
+        Some(&t),
+        json!({"reason": "x"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let sec = job_token(&h, "acme/security", 3);
+    let (status, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/revoke-all",
+        Some(sec.expose()),
+        json!({"reason": "break glass"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked_grants"], 1);
+    // The job token is single-use: a second call with it is refused.
+    let (status, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/freeze",
+        Some(sec.expose()),
+        json!({"reason": "again"}),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("token_replayed"))
+    );
+    let ev = admin_events(&h).await;
+    assert_eq!(ev[0].reason, "token_replayed");
+    assert_eq!(ev[0].actor.as_deref(), Some("operator:secjob"));
+    let ev: Vec<_> = ev.into_iter().skip(1).collect();
+    assert_eq!(ev[0].reason, "revoke_all");
+    assert_eq!(
+        ev[0].actor.as_deref(),
+        Some("operator:secjob (repo:acme/security:ref:refs/heads/main)")
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.reason == "operator_unauthorized")
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn oidc_operator_config_is_checked() {
+    let rule = |issuer: &str, rule: &str| OperatorConfig {
+        name: "x".into(),
+        role: Role::Admin,
+        token_sha256: None,
+        oidc: Some(operators::OidcOperatorConfig {
+            issuer: issuer.into(),
+            audience: None,
+            rule: rule.into(),
+        }),
+    };
+    let issuers = [dev::issuer_config("github", AUD)];
+    let clock: SharedClock = Arc::new(ManualClock::at_unix(1_900_000_000));
+    let err =
+        Operators::from_config_with_oidc(&[rule("nope", "true")], &issuers, AUD, clock.clone())
+            .unwrap_err();
+    assert!(err.contains("operators[0].oidc.issuer"), "{err}");
+    let err = Operators::from_config_with_oidc(
+        &[rule("github", "claims.(")],
+        &issuers,
+        AUD,
+        clock.clone(),
+    )
+    .unwrap_err();
+    assert!(err.contains("operators[0].oidc.rule"), "{err}");
+    let both = OperatorConfig {
+        token_sha256: Some(operators::new_token().1),
+        ..rule("github", "true")
+    };
+    let err = Operators::from_config_with_oidc(&[both], &issuers, AUD, clock).unwrap_err();
+    assert!(
+        err.contains("exactly one of token_sha256 and oidc"),
+        "{err}"
+    );
+    assert!(Operators::from_config(&[rule("github", "true")]).is_err());
 }

@@ -5,6 +5,8 @@
 //! policy decisions and non-secret resource ids only; secrets are [`crate::secret::Sensitive`],
 //! which is not `Serialize`, so they cannot be put here.
 
+pub mod checkpoint;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -25,6 +27,8 @@ pub enum Action {
     RevokeFailed,
     /// Operator action (revoke-all, freeze, ...).
     Admin,
+    /// A job-end webhook delivery (`/v1/hooks/*`): acted on or refused.
+    Webhook,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

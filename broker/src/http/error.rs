@@ -10,11 +10,14 @@
 //!   once here, as structured fields, at `warn` for server-side failures and `info` for refusals.
 //! - Status classes: 400 malformed request, 401 invalid job or revocation token, 403 denied by
 //!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
-//!   target unavailable (nothing was issued), 500 a bug or misconfiguration.
+//!   target unavailable (nothing was issued), 500 a bug or misconfiguration. Webhooks add 401
+//!   `bad_signature` (the delivery is not signed by a configured secret) and 409
+//!   `replayed_delivery` (its delivery id was already processed).
 
 use crate::admin::AdminError;
 use crate::oidc::VerifyError;
 use crate::service::ServiceError;
+use crate::webhooks::WebhookError;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -161,12 +164,45 @@ impl From<AdminError> for ApiError {
                 StatusCode::UNAUTHORIZED,
                 "the bearer token is not a valid operator token".to_owned(),
             ),
+            AdminError::Replayed { .. } => (
+                StatusCode::UNAUTHORIZED,
+                token_message("token_replayed").to_owned(),
+            ),
             AdminError::Forbidden { needed, .. } => (
                 StatusCode::FORBIDDEN,
                 format!("this endpoint needs the {needed} role"),
             ),
             AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             AdminError::Store(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker's store is unavailable".to_owned(),
+            ),
+        };
+        let mut err = Self::new(status, code, message);
+        err.detail = detail;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            err.retry_after = Some(5);
+        }
+        err
+    }
+}
+
+impl From<WebhookError> for ApiError {
+    fn from(e: WebhookError) -> Self {
+        let code = e.reason_code();
+        let detail = Some(e.to_string());
+        let (status, message) = match &e {
+            WebhookError::NotConfigured => (StatusCode::NOT_FOUND, "no such endpoint".to_owned()),
+            WebhookError::BadSignature => (
+                StatusCode::UNAUTHORIZED,
+                "the delivery's signature or token does not verify".to_owned(),
+            ),
+            WebhookError::Replayed(_) => (
+                StatusCode::CONFLICT,
+                "this delivery was already processed".to_owned(),
+            ),
+            WebhookError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            WebhookError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),
             ),
@@ -272,6 +308,14 @@ mod tests {
                 "store_unavailable",
             ),
         ];
+        for (e, status, code) in [
+            (WebhookError::BadSignature, 401, "bad_signature"),
+            (WebhookError::Replayed("d".into()), 409, "replayed_delivery"),
+            (WebhookError::NotConfigured, 404, "not_found"),
+        ] {
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.code), (status, code));
+        }
         for (e, status, code) in cases {
             let a = ApiError::from(e);
             assert_eq!(a.status.as_u16(), status);

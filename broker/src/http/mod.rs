@@ -2,11 +2,12 @@
 //! maps every error through [`error::ApiError`].
 //!
 //! Endpoints: `POST /v1/exchange`, `POST /v1/revoke`, `POST /v1/introspect` (RFC 7662),
-//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, and the operator endpoints
-//! under `/v1/admin/` (`admin.rs`).
+//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, the operator endpoints
+//! under `/v1/admin/` (`admin.rs`), and `GET /metrics` ([`metrics_router`]).
 
 mod admin;
 pub mod error;
+mod hooks;
 
 use crate::audit::Action;
 use crate::providers::Field;
@@ -40,24 +41,50 @@ pub struct HttpLimits {
     pub max_concurrency: usize,
 }
 
-/// Build the router.
+/// Build the router (every endpoint on one listener).
 pub fn router(broker: Arc<Broker>, limits: &HttpLimits) -> Router {
-    let api = Router::new()
+    routers(broker, limits, false).0
+}
+
+/// The public router and, when `separate_admin`, the operator router (`/v1/admin/*`,
+/// `/v1/audit`, `/healthz`) for the `admin_listen` address. With `separate_admin` the public
+/// router has no operator endpoint at all (404), so they cannot be reached through the public
+/// load balancer.
+pub fn routers(
+    broker: Arc<Broker>,
+    limits: &HttpLimits,
+    separate_admin: bool,
+) -> (Router, Option<Router>) {
+    let public = Router::new()
         .route("/v1/exchange", post(exchange))
         .route("/v1/revoke", post(revoke))
         .route("/v1/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .merge(admin::routes())
-        .fallback(not_found)
-        .with_state(broker);
+        .merge(hooks::routes(broker.webhooks().max_body_bytes()));
+    let (public, admin) = if separate_admin {
+        let admin = admin::routes()
+            .route("/healthz", get(healthz))
+            .fallback(not_found)
+            .with_state(broker.clone());
+        (public, Some(with_layers(admin, limits)))
+    } else {
+        (public.merge(admin::routes()), None)
+    };
+    let public = public.fallback(not_found).with_state(broker);
+    (with_layers(public, limits), admin)
+}
+
+fn with_layers(api: Router, limits: &HttpLimits) -> Router {
     api.layer(
         ServiceBuilder::new()
             // Authorization headers never reach a log line through tracing layers.
             .layer(SetSensitiveRequestHeadersLayer::new([
                 header::AUTHORIZATION,
                 header::COOKIE,
+                HeaderName::from_static("x-gitlab-token"),
+                HeaderName::from_static("x-hub-signature-256"),
             ]))
             .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
@@ -102,9 +129,18 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
         .to_owned();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let span = tracing::info_span!("request", request_id = %id, %method, %path);
+    // `otel.kind` and `status` shape the exported trace span (telemetry.rs); logs ignore them.
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        %method,
+        %path,
+        otel.kind = "server",
+        status = tracing::field::Empty,
+    );
     let start = std::time::Instant::now();
     let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("status", resp.status().as_u16());
     let _g = span.enter();
     tracing::info!(
         status = resp.status().as_u16(),
@@ -198,9 +234,14 @@ async fn exchange(
     });
     let (token, body) = match parsed {
         Ok(p) => p,
-        Err(e) => return Err(b.reject(Action::Exchange, &ctx, e).await.into()),
+        Err(e) => {
+            let e = b.reject(Action::Exchange, &ctx, e).await;
+            record_exchange(&b, &[], Err(&e));
+            return Err(e.into());
+        }
     };
-    let resp = b
+    let names = body.credentials.clone();
+    let result = b
         .exchange(
             ExchangeRequest {
                 token,
@@ -209,7 +250,9 @@ async fn exchange(
             },
             &ctx,
         )
-        .await?;
+        .await;
+    record_exchange(&b, &names, result.as_ref().map(|_| ()));
+    let resp = result?;
     let mut creds = Map::new();
     for c in resp.credentials {
         let mut fields = Map::new();
@@ -307,4 +350,75 @@ async fn readyz(State(b): State<Arc<Broker>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(detail)).into_response()
+}
+
+/// Count an exchange in `broker_exchanges_total`. The kind label comes from the requested names
+/// as the bundle in force defines them: one kind, `mixed`, or `none` (nothing resolved).
+fn record_exchange(b: &Broker, names: &[String], result: Result<(), &ServiceError>) {
+    let bundle = b.policies();
+    let kinds: std::collections::BTreeSet<&'static str> = names
+        .iter()
+        .filter_map(|n| bundle.credential(n).map(|d| d.spec.kind().as_str()))
+        .collect();
+    let kind = match kinds.len() {
+        0 => "none",
+        1 => kinds.first().copied().unwrap_or("none"),
+        _ => "mixed",
+    };
+    match result {
+        Ok(()) => crate::metrics::exchange("allow", "ok", kind),
+        Err(e) => {
+            let outcome = match e.outcome() {
+                crate::audit::Outcome::Error => "error",
+                _ => "deny",
+            };
+            crate::metrics::exchange(outcome, e.reason_code(), kind);
+        }
+    }
+}
+
+/// `GET /metrics` (Prometheus/OpenMetrics text). With a token configured, only
+/// `Authorization: Bearer <token>` may scrape (compared in constant time); without one the
+/// endpoint is open, so put it on a listener only the scraper reaches.
+pub fn metrics_router(broker: Arc<Broker>, token: Option<Sensitive>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state((broker, token.map(Arc::new)))
+}
+
+async fn metrics(
+    State((b, token)): State<(Arc<Broker>, Option<Arc<Sensitive>>)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(want) = token {
+        let ok = bearer(&headers).is_ok_and(|got| {
+            subtle::ConstantTimeEq::ct_eq(got.expose().as_bytes(), want.expose().as_bytes()).into()
+        });
+        if !ok {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid metrics bearer token is required",
+            ));
+        }
+    }
+    // Store-derived gauges are read on scrape: cheap indexed queries, and always current.
+    let now = b.clock.now();
+    match b.store.gauges(now).await {
+        Ok(g) => {
+            let lag = g
+                .oldest_overdue
+                .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
+            crate::metrics::set_store_gauges(&g.active_by_kind, lag);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: store gauges not refreshed");
+            crate::metrics::store_gauges_failed();
+        }
+    }
+    Ok((
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(),
+    )
+        .into_response())
 }

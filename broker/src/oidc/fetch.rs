@@ -119,8 +119,12 @@ impl Fetcher {
     }
 
     pub(crate) async fn jwks(&self, url: &str) -> Result<KeySet, FetchError> {
-        let body = self.get(url).await?;
-        KeySet::parse(&body).map_err(fail)
+        let result = match self.get(url).await {
+            Ok(body) => KeySet::parse(&body).map_err(fail),
+            Err(e) => Err(e),
+        };
+        crate::metrics::jwks_fetch(result.as_ref().map(|_| ()).map_err(|e| e.code));
+        result
     }
 }
 

@@ -527,6 +527,16 @@ impl Bundle {
         Bundle::load_files(&files, opts)
     }
 
+    /// What `load_dir` would read, as a digest: the same files (or, if reading fails, the
+    /// errors), without compiling anything. The policy watcher reloads only when this changes.
+    pub fn dir_fingerprint(dir: &Path) -> String {
+        let mut files = Vec::new();
+        let mut errors = Vec::new();
+        collect_files(dir, dir, 0, &mut files, &mut errors);
+        files.extend(errors.iter().map(|e| (e.file.clone(), e.to_string())));
+        digest(&files)
+    }
+
     /// Load from in-memory `(relative path, content)` pairs.
     pub fn load_files(
         files: &[(String, String)],
@@ -567,6 +577,19 @@ impl Bundle {
     }
 }
 
+/// Every policy file under `dir` as `(relative path, content)`, as [`Bundle::load_dir`] reads
+/// them.
+pub(super) fn read_dir_files(dir: &Path) -> Result<Vec<(String, String)>, LoadErrors> {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    collect_files(dir, dir, 0, &mut files, &mut errors);
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
 fn collect_files(
     root: &Path,
     dir: &Path,
@@ -600,6 +623,13 @@ fn collect_files(
     let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
     for p in paths {
+        // Hidden entries are skipped: a Kubernetes ConfigMap volume keeps every file twice more
+        // under `..data/` and `..<timestamp>/`, and editors leave `.swp` files.
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        {
+            continue;
+        }
         let meta = match std::fs::metadata(&p) {
             Ok(m) => m,
             Err(e) => {
@@ -827,6 +857,34 @@ tests:
         assert_ne!(a.digest(), c.digest());
         let d = load(&[("a.yaml", GOOD), ("c.yaml", "# x\n")]).unwrap();
         assert_ne!(a.digest(), d.digest(), "renaming a file changes the digest");
+    }
+
+    #[test]
+    fn hidden_entries_are_skipped_and_fingerprinted_like_the_loader_reads() {
+        // The layout of a Kubernetes ConfigMap volume: visible symlinks into `..data`.
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("..2026_11_23");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("p.yaml"), "credentials: []\n").unwrap();
+        std::os::unix::fs::symlink("..2026_11_23", dir.path().join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/p.yaml", dir.path().join("p.yaml")).unwrap();
+        std::fs::write(dir.path().join(".p.yaml.swp"), "not: [yaml").unwrap();
+        let opts = LoadOptions::default();
+        let b = Bundle::load_dir(dir.path(), &opts).unwrap();
+        assert_eq!(
+            b.digest(),
+            Bundle::load_files(&[("p.yaml".into(), "credentials: []\n".into())], &opts)
+                .unwrap()
+                .digest()
+        );
+        let before = Bundle::dir_fingerprint(dir.path());
+        assert_eq!(before, Bundle::dir_fingerprint(dir.path()), "stable");
+        std::fs::write(data.join("p.yaml"), "credentials: []\nrules: []\n").unwrap();
+        assert_ne!(
+            before,
+            Bundle::dir_fingerprint(dir.path()),
+            "content change seen"
+        );
     }
 
     #[test]

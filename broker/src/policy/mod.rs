@@ -5,10 +5,12 @@
 
 mod bundle;
 pub mod cli;
+pub mod diff;
 mod explain;
 pub mod expr;
 mod lint;
 mod load;
+pub mod schema;
 mod testing;
 
 pub use bundle::{

@@ -106,6 +106,36 @@ pub(super) struct ChainHead {
     pub legacy_max_seq: i64,
 }
 
+/// Where a walk starts: the genesis, or the newest prune cut (the events up to `seq` are gone and
+/// the first stored event must follow `hash`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChainBase {
+    /// `seq` of the last pruned event (`None`: nothing pruned, start before the first row).
+    pub seq: Option<i64>,
+    pub hash: String,
+    /// Chained events pruned.
+    pub count: u64,
+}
+
+impl ChainBase {
+    pub fn genesis() -> Self {
+        Self {
+            seq: None,
+            hash: GENESIS.to_owned(),
+            count: 0,
+        }
+    }
+}
+
+/// A point the chain must still pass through: from a checkpoint (see [`super::Checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainAnchor {
+    pub seq: i64,
+    pub hash: String,
+    /// Chained events from the first ever up to and including `seq`.
+    pub count: u64,
+}
+
 /// How the chain is broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -151,6 +181,12 @@ pub struct ChainReport {
     /// What the chain head records.
     pub head_seq: i64,
     pub head_hash: String,
+    /// Chained events deleted by `broker audit prune`; the walk started after them.
+    pub pruned_events: u64,
+    /// `seq` of the last pruned event (the cut), if any.
+    pub pruned_through_seq: Option<i64>,
+    /// Whether a checkpoint was checked and the chain still passes through it.
+    pub checkpoint_matched: Option<bool>,
     /// The first break, if any.
     pub broken: Option<ChainBreak>,
 }
@@ -176,21 +212,96 @@ pub(super) enum Check {
 /// The walk's state, fed rows in `seq` order.
 pub(super) struct Walker {
     head: ChainHead,
+    base: ChainBase,
     expected_prev: String,
     last: Option<(i64, String)>,
     checked: u64,
     legacy: u64,
+    /// A checkpoint still to be met, and whether it was.
+    anchor: Option<ChainAnchor>,
+    anchor_met: bool,
 }
 
 impl Walker {
-    pub fn new(head: ChainHead) -> Self {
+    pub fn new(head: ChainHead, base: ChainBase) -> Self {
         Self {
             head,
-            expected_prev: GENESIS.to_owned(),
+            expected_prev: base.hash.clone(),
+            base,
             last: None,
             checked: 0,
             legacy: 0,
+            anchor: None,
+            anchor_met: false,
         }
+    }
+
+    /// Also require the chain to pass through `anchor` (a checkpoint after the cut). An anchor
+    /// at zero events (taken of an empty log) is met by any chain.
+    pub fn with_anchor(mut self, anchor: ChainAnchor) -> Self {
+        self.anchor_met = anchor.count == 0;
+        self.anchor = Some(anchor);
+        self
+    }
+
+    /// Mark the anchor as met outside the walk (it lies at or before the prune cut and the
+    /// store's checkpoint record vouches for it).
+    pub fn anchor_met_at_cut(&mut self) {
+        self.anchor_met = true;
+    }
+
+    /// The `seq` the walk starts after.
+    pub fn start_after(&self) -> i64 {
+        self.base.seq.unwrap_or(i64::MIN)
+    }
+
+    /// Compare an intact, linked row with the anchor: the chain must hold the anchor's event
+    /// with its hash at its count, and must not skip past it.
+    fn check_anchor(&mut self, row: &ChainRow, hash: &str) -> Option<ChainBreak> {
+        let anchor = self.anchor.as_ref().filter(|_| !self.anchor_met)?;
+        if row.seq < anchor.seq {
+            return None;
+        }
+        if row.seq > anchor.seq {
+            return Some(ChainBreak {
+                kind: BreakKind::Deleted,
+                seq: anchor.seq,
+                event_id: String::new(),
+                message: format!(
+                    "the checkpoint's event (seq {}) is gone: the log was cut or rewritten before event {} (seq {})",
+                    anchor.seq, row.id, row.seq
+                ),
+            });
+        }
+        let count = self.base.count + self.checked;
+        if hash != anchor.hash || count != anchor.count {
+            return Some(brk(
+                BreakKind::Modified,
+                row,
+                &format!(
+                    "does not match the checkpoint (hash {}, {} events; the log has {count}): \
+                     the log was rewritten at or before it",
+                    anchor.hash, anchor.count
+                ),
+            ));
+        }
+        self.anchor_met = true;
+        None
+    }
+
+    /// After the last row: a checkpoint the walk never reached means the log ends before it.
+    pub fn anchor_break(&self) -> Option<ChainBreak> {
+        let anchor = self.anchor.as_ref().filter(|_| !self.anchor_met)?;
+        let (seq, id) = self.last.clone().unwrap_or((0, String::new()));
+        Some(ChainBreak {
+            kind: BreakKind::Deleted,
+            seq,
+            event_id: id,
+            message: format!(
+                "the log ends at seq {seq} but the checkpoint covers seq {} ({} events): events were deleted",
+                anchor.seq, anchor.count
+            ),
+        })
     }
 
     pub fn check(&mut self, row: &ChainRow) -> Check {
@@ -234,7 +345,10 @@ impl Walker {
         self.expected_prev = hash.clone();
         self.last = Some((row.seq, row.id.clone()));
         self.checked += 1;
-        Check::Ok
+        match self.check_anchor(row, hash) {
+            Some(b) => Check::Broken(b),
+            None => Check::Ok,
+        }
     }
 
     /// After the last row: the newest chained event must be the one the head records. Returns
@@ -278,6 +392,12 @@ impl Walker {
             legacy_events: self.legacy,
             head_seq: self.head.seq,
             head_hash: self.head.hash.clone(),
+            pruned_events: self.base.count,
+            pruned_through_seq: self.base.seq,
+            checkpoint_matched: self
+                .anchor
+                .as_ref()
+                .map(|_| self.anchor_met && broken.is_none()),
             broken,
         }
     }

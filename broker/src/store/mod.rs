@@ -26,7 +26,7 @@ mod tests;
 
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
-pub use chain::{BreakKind, ChainBreak, ChainReport};
+pub use chain::{BreakKind, ChainAnchor, ChainBreak, ChainReport};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -223,6 +223,77 @@ pub struct FreezeRecord {
     pub since: OffsetDateTime,
 }
 
+/// Why a checkpoint was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// `broker audit checkpoint`: printed signed, to be kept off this database.
+    Export,
+    /// `broker audit prune`: the events up to `seq` were deleted in the same transaction.
+    Prune,
+}
+
+impl CheckpointKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            CheckpointKind::Export => "export",
+            CheckpointKind::Prune => "prune",
+        }
+    }
+}
+
+/// Where the audit hash chain stood: the event at `seq` has chain hash `hash` and is the
+/// `event_count`-th chained event ever written (pruned ones included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub kind: CheckpointKind,
+    pub created_at: OffsetDateTime,
+    pub seq: i64,
+    pub hash: String,
+    pub event_count: u64,
+    pub last_event_id: Option<Uuid>,
+    pub last_event_time: Option<OffsetDateTime>,
+}
+
+impl Checkpoint {
+    pub fn anchor(&self) -> ChainAnchor {
+        ChainAnchor {
+            seq: self.seq,
+            hash: self.hash.clone(),
+            count: self.event_count,
+        }
+    }
+}
+
+/// What `prune_audit` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Events deleted (chained and legacy).
+    pub deleted: u64,
+    /// `seq` of the last deleted event: the cut the chain now starts after.
+    pub cut_seq: Option<i64>,
+    /// Chained events pruned so far in total (the cut checkpoint's count).
+    pub pruned_events: u64,
+}
+
+/// The active grants of one finished job (job-end webhooks). Every field must match; the
+/// optional ones only when given. Values are compared as the strings kept in `grants.job`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobMatch {
+    /// Configured issuer names the delivery may concern (the webhook's platform).
+    pub issuers: Vec<String>,
+    /// `github` | `gitlab` (`grants.job.platform`).
+    pub platform: String,
+    /// GitHub repository id, GitLab project id (`grants.repository_id`).
+    pub repository_id: String,
+    /// GitHub `check_run_id`, GitLab `job_id` (`grants.job.job_id`).
+    pub job_id: String,
+    /// GitHub `run_id` / GitLab `pipeline_id` (`grants.job.run_id`).
+    pub run_id: Option<String>,
+    /// GitHub `run_attempt` (`grants.job.run_attempt`).
+    pub run_attempt: Option<String>,
+}
+
 /// Counts for `/readyz` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
@@ -230,6 +301,15 @@ pub struct StoreStats {
     pub issuing_grants: i64,
     /// Grants in `revoking` whose last attempt failed.
     pub revoke_failures_pending: i64,
+}
+
+/// What `/metrics` reads from the store (cluster-wide, whichever replica asks).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreGauges {
+    /// `(kind, active grants holding a credential of it)`, kinds with none omitted.
+    pub active_by_kind: Vec<(String, i64)>,
+    /// Expiry of the oldest grant still `active` or `revoking` after it expired.
+    pub oldest_overdue: Option<OffsetDateTime>,
 }
 
 /// Store failures.
@@ -285,6 +365,10 @@ impl std::fmt::Debug for Backend {
 /// Upper bound on one public store call, whatever it waits on (pool, locks, network). The HTTP
 /// layer turns the resulting `Unavailable` into a 503 instead of hanging a request.
 const OPERATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Events deleted per prune transaction: each batch stays well inside the statement timeout,
+/// and every batch leaves its own prune checkpoint, so an interrupted prune is still consistent.
+const PRUNE_BATCH: u32 = 5000;
 
 async fn bounded<T>(
     fut: impl std::future::Future<Output = Result<T, StoreError>>,
@@ -410,9 +494,51 @@ impl Store {
     /// deleted or reordered (see `chain.rs`). Reads in pages, each a bounded call, so a long
     /// log is not cut off by the per-call timeout.
     pub async fn verify_audit_chain(&self) -> Result<ChainReport, StoreError> {
+        self.verify_audit_chain_through(None).await
+    }
+
+    /// [`Store::verify_audit_chain`], and also prove the chain still passes through `anchor`
+    /// (a checkpoint exported earlier): its event, with its hash, at its count. Detects a log
+    /// truncated or rewritten before the checkpoint even when the rewrite left a consistent
+    /// chain. The walk starts at the newest prune cut; an anchor at or before the cut is
+    /// vouched for by the stored checkpoint records only.
+    pub async fn verify_audit_chain_through(
+        &self,
+        anchor: Option<&ChainAnchor>,
+    ) -> Result<ChainReport, StoreError> {
         let head = dispatch!(self, chain_head())?;
-        let mut walker = chain::Walker::new(head);
-        let mut after = i64::MIN;
+        let base = match dispatch!(self, last_prune_checkpoint())? {
+            Some(cp) => chain::ChainBase {
+                seq: Some(cp.seq),
+                hash: cp.hash,
+                count: cp.event_count,
+            },
+            None => chain::ChainBase::genesis(),
+        };
+        let mut walker = chain::Walker::new(head, base.clone());
+        if let Some(a) = anchor {
+            walker = walker.with_anchor(a.clone());
+            if a.count > 0 && base.seq.is_some_and(|cut| a.seq <= cut) {
+                // Before the cut the events are gone: the checkpoint must be consistent with the
+                // cut (no more events than it covers) and held by the append-only record.
+                if a.count <= base.count && dispatch!(self, checkpoint_recorded(a))? {
+                    walker.anchor_met_at_cut();
+                } else {
+                    let b = ChainBreak {
+                        kind: BreakKind::Deleted,
+                        seq: a.seq,
+                        event_id: String::new(),
+                        message: format!(
+                            "the checkpoint (seq {}, {} events) lies in the pruned range but no \
+                             stored checkpoint matches it: the log was cut or rewritten",
+                            a.seq, a.count
+                        ),
+                    };
+                    return Ok(walker.report(Some(b)));
+                }
+            }
+        }
+        let mut after = walker.start_after();
         loop {
             let rows = dispatch!(self, chain_page(after, chain::VERIFY_PAGE))?;
             let Some(last) = rows.last() else { break };
@@ -432,7 +558,66 @@ impl Store {
             let found = dispatch!(self, event_with_hash(&head_hash))?;
             return Ok(walker.report(Some(walker.tail_break(found))));
         }
-        Ok(walker.report(None))
+        let broken = walker.anchor_break();
+        Ok(walker.report(broken))
+    }
+
+    /// Record where the chain stands now (kind `export`) and return it, for `broker audit
+    /// checkpoint` to sign. Appenders wait while the events are counted.
+    pub async fn audit_checkpoint(&self, now: OffsetDateTime) -> Result<Checkpoint, StoreError> {
+        dispatch!(self, record_checkpoint(now))
+    }
+
+    /// Delete the oldest audit events, all older than `before`, keeping the chain verifiable:
+    /// in batches, each one transaction that first records a prune checkpoint at its cut (the
+    /// hash of the last deleted event and the count) and then deletes up to it. Stops at the
+    /// first event at or after `before` (in chain order), so no newer event is deleted even if
+    /// a few older ones after it stay. Appends an `audit_pruned` event when anything went.
+    pub async fn prune_audit(
+        &self,
+        before: OffsetDateTime,
+        now: OffsetDateTime,
+        actor: &str,
+    ) -> Result<PruneReport, StoreError> {
+        let target = dispatch!(self, prune_target(before))?;
+        let mut report = PruneReport {
+            deleted: 0,
+            cut_seq: None,
+            pruned_events: 0,
+        };
+        if let Some(target) = target {
+            while let Some((cp, deleted)) =
+                dispatch!(self, prune_batch(target, before, now, PRUNE_BATCH))?
+            {
+                report.deleted += deleted;
+                report.cut_seq = Some(cp.seq);
+                report.pruned_events = cp.event_count;
+            }
+        }
+        if report.deleted > 0 {
+            let mut ev = crate::audit::AuditEvent::new(
+                now,
+                crate::audit::Action::Admin,
+                crate::audit::Outcome::Success,
+                "audit_pruned",
+            );
+            ev.actor = Some(actor.to_owned());
+            ev.detail = Some(format!(
+                "{} events before {} pruned through seq {}",
+                report.deleted,
+                before
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                report.cut_seq.unwrap_or_default()
+            ));
+            self.append_audit(&ev).await?;
+        }
+        Ok(report)
+    }
+
+    /// The stored checkpoints, oldest first (at most `limit`).
+    pub async fn audit_checkpoints(&self, limit: u32) -> Result<Vec<Checkpoint>, StoreError> {
+        dispatch!(self, checkpoints(limit))
     }
 
     /// The freeze in force, if any.
@@ -520,12 +705,50 @@ impl Store {
     pub async fn active_grants(&self, limit: u32) -> Result<Vec<Grant>, StoreError> {
         dispatch!(self, active_grants(limit))
     }
+    /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
+    /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares
+    /// `used_jti` with exchanges, so one token serves either one exchange or one operator call.
+    pub async fn record_jti(&self, jti: &JtiRecord, now: OffsetDateTime) -> Result<(), StoreError> {
+        dispatch!(self, record_jti(jti, now))
+    }
+    /// Active grants of one finished job (job-end webhooks), oldest first.
+    pub async fn active_job_grants(
+        &self,
+        job: &JobMatch,
+        limit: u32,
+    ) -> Result<Vec<Grant>, StoreError> {
+        dispatch!(self, active_job_grants(job, limit))
+    }
+    /// Record a webhook delivery acted on, or take over a record whose window has passed. A
+    /// live record with the same `(source, id)` → `StoreError::Replayed`.
+    pub async fn record_delivery(
+        &self,
+        source: &str,
+        id: &str,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        dispatch!(self, record_delivery(source, id, now, expires_at))
+    }
+    /// Drop a delivery record (the delivery could not be processed; let a retry through).
+    pub async fn forget_delivery(&self, source: &str, id: &str) -> Result<(), StoreError> {
+        dispatch!(self, forget_delivery(source, id))
+    }
+    /// Delete webhook delivery records past their window. Returns how many.
+    pub async fn purge_deliveries(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
+        dispatch!(self, purge_deliveries(now))
+    }
     /// Delete replay records past their window. Returns how many.
     pub async fn purge_jti(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
         dispatch!(self, purge_jti(now))
     }
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         dispatch!(self, stats())
+    }
+    /// Metrics gauges: active grants per credential kind, and the expiry of the oldest grant
+    /// past `now` that is not yet revoked (the reaper's lag). Two indexed queries.
+    pub async fn gauges(&self, now: OffsetDateTime) -> Result<StoreGauges, StoreError> {
+        dispatch!(self, gauges(now))
     }
 
     /// Close the pool (graceful shutdown, tests). Calls after this fail with `Unavailable`.

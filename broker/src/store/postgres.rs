@@ -11,8 +11,9 @@ use super::codec::{
     ACQUIRE_TIMEOUT, corrupt, enum_text, migrate_err, parse_cause, parse_kind, parse_status,
 };
 use super::{
-    AuditFilter, AuditRecord, ClaimedGrant, CredentialStatus, FreezeRecord, Grant, GrantStatus,
-    JtiRecord, NewGrant, RevokeCause, StoreError, StoreStats,
+    AuditFilter, AuditRecord, ChainAnchor, Checkpoint, CheckpointKind, ClaimedGrant,
+    CredentialStatus, FreezeRecord, Grant, GrantStatus, JobMatch, JtiRecord, NewGrant, RevokeCause,
+    StoreError, StoreGauges, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -339,6 +340,231 @@ pub(super) async fn chain_page(
         .collect()
 }
 
+fn checkpoint_from_row(r: &PgRow) -> Result<Checkpoint, StoreError> {
+    let kind = match r.try_get::<String, _>("kind")?.as_str() {
+        "export" => CheckpointKind::Export,
+        "prune" => CheckpointKind::Prune,
+        _ => return Err(corrupt("audit checkpoint kind")),
+    };
+    Ok(Checkpoint {
+        kind,
+        created_at: r.try_get("created_at")?,
+        seq: r.try_get("seq")?,
+        hash: r.try_get("hash")?,
+        event_count: u64::try_from(r.try_get::<i64, _>("event_count")?)
+            .map_err(|_| corrupt("audit checkpoint count"))?,
+        last_event_id: r.try_get("last_event_id")?,
+        last_event_time: r.try_get("last_event_time")?,
+    })
+}
+
+async fn last_prune(conn: &mut PgConnection) -> Result<Option<Checkpoint>, StoreError> {
+    let row = sqlx::query(
+        "SELECT kind, created_at, seq, hash, event_count, last_event_id, last_event_time
+         FROM audit_checkpoints WHERE kind = 'prune' ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(checkpoint_from_row).transpose()
+}
+
+pub(super) async fn last_prune_checkpoint(pool: &PgPool) -> Result<Option<Checkpoint>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    last_prune(&mut conn).await
+}
+
+pub(super) async fn checkpoint_recorded(
+    pool: &PgPool,
+    anchor: &ChainAnchor,
+) -> Result<bool, StoreError> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM audit_checkpoints WHERE seq = $1 AND hash = $2 AND event_count = $3 LIMIT 1",
+    )
+    .bind(anchor.seq)
+    .bind(&anchor.hash)
+    .bind(count_i64(anchor.count)?)
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.is_some())
+}
+
+fn count_i64(n: u64) -> Result<i64, StoreError> {
+    i64::try_from(n).map_err(|_| StoreError::Conflict("event count out of range".to_owned()))
+}
+
+/// Chained events after the cut `base` up to and including `through`.
+async fn count_chained(
+    conn: &mut PgConnection,
+    base: Option<&Checkpoint>,
+    through: i64,
+) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE seq > $1 AND seq <= $2 AND hash IS NOT NULL",
+    )
+    .bind(base.map_or(0, |b| b.seq))
+    .bind(through)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(base.map_or(0, |b| b.event_count) + u64::try_from(n).unwrap_or(0))
+}
+
+async fn insert_checkpoint(
+    conn: &mut PgConnection,
+    cp: &Checkpoint,
+    pruned_before: Option<OffsetDateTime>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO audit_checkpoints (kind, created_at, seq, hash, event_count, last_event_id,
+                                        last_event_time, pruned_before)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(cp.kind.as_str())
+    .bind(cp.created_at)
+    .bind(cp.seq)
+    .bind(&cp.hash)
+    .bind(count_i64(cp.event_count)?)
+    .bind(cp.last_event_id)
+    .bind(cp.last_event_time)
+    .bind(pruned_before)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn record_checkpoint(
+    pool: &PgPool,
+    now: OffsetDateTime,
+) -> Result<Checkpoint, StoreError> {
+    let mut tx = pool.begin().await?;
+    // Holding the head keeps appenders out while counting, so count, seq and hash agree.
+    let row = sqlx::query("SELECT seq, hash FROM audit_chain_head WHERE id = 1 FOR UPDATE")
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| corrupt("audit chain head"))?;
+    let (seq, hash): (i64, String) = (row.try_get("seq")?, row.try_get("hash")?);
+    let base = last_prune(&mut tx).await?;
+    let event_count = count_chained(&mut tx, base.as_ref(), seq).await?;
+    let last = sqlx::query("SELECT id, time FROM audit_events WHERE seq = $1")
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (last_event_id, last_event_time) = match (&last, &base) {
+        (Some(r), _) => (Some(r.try_get("id")?), Some(r.try_get("time")?)),
+        (None, Some(b)) if b.seq == seq => (b.last_event_id, b.last_event_time),
+        (None, _) => (None, None),
+    };
+    let cp = Checkpoint {
+        kind: CheckpointKind::Export,
+        created_at: now,
+        seq,
+        hash,
+        event_count,
+        last_event_id,
+        last_event_time,
+    };
+    insert_checkpoint(&mut tx, &cp, None).await?;
+    tx.commit().await?;
+    Ok(cp)
+}
+
+pub(super) async fn prune_target(
+    pool: &PgPool,
+    before: OffsetDateTime,
+) -> Result<Option<i64>, StoreError> {
+    // The last event of the longest prefix (in chain order) whose events are all older than
+    // `before`.
+    let target: Option<i64> = sqlx::query_scalar(
+        "SELECT max(seq) FROM audit_events
+         WHERE seq < COALESCE((SELECT min(seq) FROM audit_events WHERE time >= $1),
+                              9223372036854775807)",
+    )
+    .bind(before)
+    .fetch_one(pool)
+    .await?;
+    Ok(target)
+}
+
+pub(super) async fn prune_batch(
+    pool: &PgPool,
+    target: i64,
+    before: OffsetDateTime,
+    now: OffsetDateTime,
+    batch: u32,
+) -> Result<Option<(Checkpoint, u64)>, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM audit_chain_head WHERE id = 1 FOR UPDATE")
+        .execute(&mut *tx)
+        .await?;
+    let base = last_prune(&mut tx).await?;
+    let after = base.as_ref().map_or(0, |b| b.seq);
+    let cut = sqlx::query(
+        "SELECT seq, id, time, hash FROM audit_events
+         WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT 1 OFFSET $3",
+    )
+    .bind(after)
+    .bind(target)
+    .bind(i64::from(batch.saturating_sub(1)))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let cut = match cut {
+        Some(r) => Some(r),
+        None => {
+            sqlx::query(
+                "SELECT seq, id, time, hash FROM audit_events
+                 WHERE seq > $1 AND seq <= $2 ORDER BY seq DESC LIMIT 1",
+            )
+            .bind(after)
+            .bind(target)
+            .fetch_optional(&mut *tx)
+            .await?
+        }
+    };
+    let Some(cut) = cut else {
+        return Ok(None);
+    };
+    let seq: i64 = cut.try_get("seq")?;
+    // A legacy (unchained) event has no hash: the chain has not started yet at it.
+    let hash = cut
+        .try_get::<Option<String>, _>("hash")?
+        .unwrap_or_else(|| chain::GENESIS.to_owned());
+    let cp = Checkpoint {
+        kind: CheckpointKind::Prune,
+        created_at: now,
+        seq,
+        hash,
+        event_count: count_chained(&mut tx, base.as_ref(), seq).await?,
+        last_event_id: Some(cut.try_get("id")?),
+        last_event_time: Some(cut.try_get("time")?),
+    };
+    insert_checkpoint(&mut tx, &cp, Some(before)).await?;
+    // The trigger lets a DELETE through only with this transaction-local setting and only up
+    // to the prune checkpoint just written.
+    sqlx::query("SELECT set_config('broker.audit_prune', 'on', true)")
+        .execute(&mut *tx)
+        .await?;
+    let deleted = sqlx::query("DELETE FROM audit_events WHERE seq <= $1")
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    sqlx::query("SELECT set_config('broker.audit_prune', 'off', true)")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some((cp, deleted)))
+}
+
+pub(super) async fn checkpoints(pool: &PgPool, limit: u32) -> Result<Vec<Checkpoint>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT kind, created_at, seq, hash, event_count, last_event_id, last_event_time
+         FROM audit_checkpoints ORDER BY id LIMIT $1",
+    )
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(checkpoint_from_row).collect()
+}
+
 pub(super) async fn event_with_hash(
     pool: &PgPool,
     hash: &str,
@@ -602,6 +828,111 @@ pub(super) async fn active_grants(pool: &PgPool, limit: u32) -> Result<Vec<Grant
     Ok(grants)
 }
 
+pub(super) async fn record_jti(
+    pool: &PgPool,
+    j: &JtiRecord,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
+    // As in `begin_grant`: insert, or take over a record whose window has passed.
+    let won = sqlx::query(
+        "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
+         ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at
+         WHERE used_jti.expires_at <= $4
+         RETURNING 1",
+    )
+    .bind(&j.iss)
+    .bind(&j.jti)
+    .bind(j.expires_at)
+    .bind(now)
+    .fetch_optional(pool)
+    .await?;
+    match won {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Replayed),
+    }
+}
+
+pub(super) async fn active_job_grants(
+    pool: &PgPool,
+    job: &JobMatch,
+    limit: u32,
+) -> Result<Vec<Grant>, StoreError> {
+    let mut tx = pool.begin().await?;
+    // `grants_active_job_idx` covers (repository_id, job ->> 'job_id') of active rows.
+    let rows = sqlx::query(
+        "SELECT * FROM grants
+         WHERE status = 'active' AND repository_id = $1 AND (job ->> 'job_id') = $2
+           AND issuer = ANY($3) AND (job ->> 'platform') = $4
+           AND ($5::text IS NULL OR (job ->> 'run_id') = $5)
+           AND ($6::text IS NULL OR (job ->> 'run_attempt') = $6)
+         ORDER BY created_at, id LIMIT $7",
+    )
+    .bind(&job.repository_id)
+    .bind(&job.job_id)
+    .bind(&job.issuers)
+    .bind(&job.platform)
+    .bind(&job.run_id)
+    .bind(&job.run_attempt)
+    .bind(i64::from(limit))
+    .fetch_all(&mut *tx)
+    .await?;
+    let grants = with_credentials(&mut tx, &rows, grant_from_row).await?;
+    tx.commit().await?;
+    Ok(grants)
+}
+
+pub(super) async fn record_delivery(
+    pool: &PgPool,
+    source: &str,
+    id: &str,
+    now: OffsetDateTime,
+    expires_at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    // As for `used_jti`: insert, or take over an expired record; a live one returns nothing.
+    let won = sqlx::query(
+        "INSERT INTO webhook_deliveries (source, delivery_id, received_at, expires_at)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (source, delivery_id) DO UPDATE
+             SET received_at = EXCLUDED.received_at, expires_at = EXCLUDED.expires_at
+         WHERE webhook_deliveries.expires_at <= $3
+         RETURNING 1",
+    )
+    .bind(source)
+    .bind(id)
+    .bind(now)
+    .bind(expires_at)
+    .fetch_optional(pool)
+    .await?;
+    match won {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Replayed),
+    }
+}
+
+pub(super) async fn forget_delivery(
+    pool: &PgPool,
+    source: &str,
+    id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM webhook_deliveries WHERE source = $1 AND delivery_id = $2")
+        .bind(source)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub(super) async fn purge_deliveries(
+    pool: &PgPool,
+    now: OffsetDateTime,
+) -> Result<u64, StoreError> {
+    let done = sqlx::query("DELETE FROM webhook_deliveries WHERE expires_at <= $1")
+        .bind(now)
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected())
+}
+
 pub(super) async fn purge_jti(pool: &PgPool, now: OffsetDateTime) -> Result<u64, StoreError> {
     let done = sqlx::query("DELETE FROM used_jti WHERE expires_at <= $1")
         .bind(now)
@@ -623,6 +954,31 @@ pub(super) async fn stats(pool: &PgPool) -> Result<StoreStats, StoreError> {
         active_grants: row.try_get("active")?,
         issuing_grants: row.try_get("issuing")?,
         revoke_failures_pending: row.try_get("failing")?,
+    })
+}
+
+pub(super) async fn gauges(pool: &PgPool, now: OffsetDateTime) -> Result<StoreGauges, StoreError> {
+    let rows = sqlx::query(
+        "SELECT c.kind, count(DISTINCT g.id) AS n
+         FROM grants g JOIN grant_credentials c ON c.grant_id = g.id
+         WHERE g.status = 'active' GROUP BY c.kind ORDER BY c.kind",
+    )
+    .fetch_all(pool)
+    .await?;
+    let active_by_kind = rows
+        .iter()
+        .map(|r| Ok((r.try_get("kind")?, r.try_get("n")?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let oldest_overdue: Option<OffsetDateTime> = sqlx::query_scalar(
+        "SELECT min(expires_at) FROM grants
+         WHERE status IN ('active', 'revoking') AND expires_at < $1",
+    )
+    .bind(now)
+    .fetch_one(pool)
+    .await?;
+    Ok(StoreGauges {
+        active_by_kind,
+        oldest_overdue,
     })
 }
 

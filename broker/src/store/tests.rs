@@ -1127,6 +1127,39 @@ async fn active_grants_oldest_first(store: Store) {
     assert_eq!(first[0].credentials.len(), 2);
 }
 
+/// `/metrics` gauges: active grants per kind (a grant counted once per kind however many
+/// credentials of it it holds), and the oldest expired grant not yet revoked (active or
+/// revoking), ignoring ones that are still valid, issuing or finished.
+async fn gauges_count_active_by_kind_and_find_the_oldest_overdue(store: Store) {
+    let empty = store.gauges(t(0)).await.unwrap();
+    assert_eq!(empty, crate::store::StoreGauges::default());
+    let overdue_old = begin_active(&store, 0, 100).await;
+    let overdue_revoking = begin_active(&store, 0, 200).await;
+    let _valid = begin_active(&store, 0, 10_000).await;
+    let finished = begin_active(&store, 0, 50).await;
+    store.begin_grant(&new_grant(0, 20), None).await.unwrap(); // issuing: not counted
+    store
+        .claim_for_revoke(overdue_revoking.id, t(300), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let claimed = store
+        .claim_for_revoke(finished.id, t(300), Duration::seconds(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let ev = event(300, Action::Revoke, Outcome::Success, Some(finished.id));
+    store
+        .finish_revoke(finished.id, claimed.cause, t(300), &ev)
+        .await
+        .unwrap();
+    let g = store.gauges(t(1_000)).await.unwrap();
+    assert_eq!(g.active_by_kind, vec![("api_token".to_owned(), 2)]);
+    assert_eq!(g.oldest_overdue, Some(t(100)), "{:?}", overdue_old.id);
+    // Before anything expired, nothing is overdue.
+    assert_eq!(store.gauges(t(99)).await.unwrap().oldest_overdue, None);
+}
+
 async fn purge_jti_removes_only_past_windows(store: Store) {
     for (i, exp) in [10, 20, 30].into_iter().enumerate() {
         store
@@ -1201,6 +1234,130 @@ async fn concurrent_claimers_split_the_work(store: Store, url: String) {
 
 // ---- instantiation per backend ------------------------------------------------------------
 
+/// A grant for job `(repository_id, run, attempt, job_id)` of `issuer`, made active.
+async fn begin_job_grant(
+    store: &Store,
+    issuer: &str,
+    repository_id: &str,
+    run: &str,
+    attempt: &str,
+    job_id: &str,
+) -> NewGrant {
+    let mut g = new_grant(0, 600);
+    g.issuer = issuer.to_owned();
+    g.repository_id = Some(repository_id.to_owned());
+    g.job = json!({"platform": "github", "repository_id": repository_id, "run_id": run,
+                   "run_attempt": attempt, "job_id": job_id});
+    store.begin_grant(&g, None).await.unwrap();
+    let details = vec![json!({}), json!({})];
+    let ev = event(0, Action::Exchange, Outcome::Allow, Some(g.id));
+    store
+        .activate_grant(g.id, t(600), &details, &ev)
+        .await
+        .unwrap();
+    g
+}
+
+async fn active_job_grants_match_every_field(store: Store) {
+    let want = begin_job_grant(&store, "github", "42", "7", "1", "900").await;
+    // Each differs in one field from `want`.
+    begin_job_grant(&store, "github", "43", "7", "1", "900").await;
+    begin_job_grant(&store, "github", "42", "7", "2", "900").await;
+    begin_job_grant(&store, "github", "42", "8", "1", "900").await;
+    begin_job_grant(&store, "github", "42", "7", "1", "901").await;
+    begin_job_grant(&store, "ghes", "42", "7", "1", "900").await;
+    let m = JobMatch {
+        issuers: vec!["github".into()],
+        platform: "github".into(),
+        repository_id: "42".into(),
+        job_id: "900".into(),
+        run_id: Some("7".into()),
+        run_attempt: Some("1".into()),
+    };
+    let found = store.active_job_grants(&m, 100).await.unwrap();
+    assert_eq!(
+        found.iter().map(|g| g.id).collect::<Vec<_>>(),
+        vec![want.id]
+    );
+    assert_eq!(found[0].credentials.len(), 2);
+    // Another platform's name for the same numbers never matches.
+    let gl = JobMatch {
+        platform: "gitlab".into(),
+        ..m.clone()
+    };
+    assert!(store.active_job_grants(&gl, 100).await.unwrap().is_empty());
+    // Without run id and attempt (GitLab: project + job id), the ghes grant still needs its issuer.
+    let loose = JobMatch {
+        issuers: vec!["github".into(), "ghes".into()],
+        run_id: None,
+        run_attempt: None,
+        ..m.clone()
+    };
+    assert_eq!(store.active_job_grants(&loose, 100).await.unwrap().len(), 4);
+    // Only active grants.
+    store
+        .claim_for_revoke(want.id, t(1), Duration::minutes(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store.active_job_grants(&m, 100).await.unwrap().is_empty());
+}
+
+async fn record_jti_shares_the_replay_window_with_exchanges(store: Store) {
+    store
+        .record_jti(&jti("iss", "j-1", 100), t(0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record_jti(&jti("iss", "j-1", 100), t(50)).await,
+        Err(StoreError::Replayed)
+    ));
+    // The same token cannot then be exchanged...
+    let g = new_grant(60, 600);
+    assert!(matches!(
+        store.begin_grant(&g, Some(&jti("iss", "j-1", 100))).await,
+        Err(StoreError::Replayed)
+    ));
+    // ...and past its window the record is taken over.
+    store
+        .record_jti(&jti("iss", "j-1", 300), t(100))
+        .await
+        .unwrap();
+}
+
+async fn deliveries_are_recorded_once_per_window(store: Store) {
+    store
+        .record_delivery("github", "d-1", t(0), t(100))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.record_delivery("github", "d-1", t(50), t(150)).await,
+        Err(StoreError::Replayed)
+    ));
+    // The same id from the other source is another delivery.
+    store
+        .record_delivery("gitlab", "d-1", t(50), t(150))
+        .await
+        .unwrap();
+    // Past the window the record is taken over.
+    store
+        .record_delivery("github", "d-1", t(100), t(200))
+        .await
+        .unwrap();
+    // Forgetting lets a retry through.
+    store.forget_delivery("github", "d-1").await.unwrap();
+    store
+        .record_delivery("github", "d-1", t(101), t(200))
+        .await
+        .unwrap();
+    assert_eq!(store.purge_deliveries(t(160)).await.unwrap(), 1);
+    assert_eq!(store.purge_deliveries(t(160)).await.unwrap(), 0);
+    assert!(matches!(
+        store.record_delivery("github", "d-1", t(170), t(300)).await,
+        Err(StoreError::Replayed)
+    ));
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -1249,6 +1406,7 @@ store_tests!(
     audit_pages_have_no_gaps_or_duplicates,
     stats_count_grants,
     active_grants_oldest_first,
+    gauges_count_active_by_kind_and_find_the_oldest_overdue,
     purge_jti_removes_only_past_windows,
     audit_chain_verifies_when_clean,
     audit_rows_refuse_update_and_delete,
@@ -1258,6 +1416,14 @@ store_tests!(
     audit_chain_detects_a_deleted_tail,
     audit_chain_detects_reordered_events,
     freeze_is_kept_and_lifted_with_an_audit_event,
+    audit_prune_keeps_the_chain_verifiable,
+    audit_prune_path_is_guarded,
+    audit_verify_after_prune_detects_edits_after_the_cut,
+    audit_checkpoint_detects_a_truncated_and_rehashed_log,
+    audit_checkpoint_before_the_cut_is_vouched_by_the_record,
+    active_job_grants_match_every_field,
+    deliveries_are_recorded_once_per_window,
+    record_jti_shares_the_replay_window_with_exchanges,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1683,4 +1849,272 @@ async fn postgres_analyst_views_split_the_log_and_are_documented() {
     .unwrap();
     assert_eq!(views, 3);
     db.cleanup().await;
+}
+
+// ---- checkpoints and pruning ----------------------------------------------------------------
+
+/// Run `sql` inside a transaction that opened the prune path (the session flag / guard row), as
+/// an attacker who read the prune code would.
+async fn via_prune_path(store: &Store, sql: &str) -> Option<String> {
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    let r = match &store.backend {
+        Backend::Postgres(pool) => {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("SELECT set_config('broker.audit_prune', 'on', true)")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            match sqlx::raw_sql(sql).execute(&mut *tx).await {
+                Ok(_) => tx.commit().await,
+                Err(e) => Err(e),
+            }
+        }
+        Backend::Sqlite(pool) => {
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query("UPDATE audit_prune_guard SET active = 1")
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            match sqlx::raw_sql(sql).execute(&mut *tx).await {
+                Ok(_) => tx.commit().await,
+                Err(e) => Err(e),
+            }
+        }
+    };
+    r.err().map(|e| e.to_string())
+}
+
+async fn count_events(store: &Store) -> i64 {
+    let sql = "SELECT count(*) FROM audit_events";
+    match &store.backend {
+        Backend::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+        Backend::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+    }
+}
+
+async fn audit_prune_keeps_the_chain_verifiable(store: Store) {
+    // Nothing to prune in an empty log.
+    let none = store.prune_audit(t(100), t(100), "cli:test").await.unwrap();
+    assert_eq!((none.deleted, none.cut_seq), (0, None));
+    let rows = chained_events(&store).await; // times 1, 2, 3, 4, 5
+    let r = store.prune_audit(t(3), t(100), "cli:test").await.unwrap();
+    assert_eq!(r.deleted, 2);
+    assert_eq!(r.cut_seq, Some(rows[1].0));
+    assert_eq!(r.pruned_events, 2);
+    // 3 left + the audit_pruned event.
+    assert_eq!(count_events(&store).await, 4);
+    let pruned = store
+        .audit_events(&AuditFilter {
+            reason: Some("audit_pruned".into()),
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pruned.len(), 1);
+    assert_eq!(pruned[0].actor.as_deref(), Some("cli:test"));
+
+    let report = store.verify_audit_chain().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.events_checked, 4);
+    assert_eq!(report.pruned_events, 2);
+    assert_eq!(report.pruned_through_seq, Some(rows[1].0));
+
+    // The cut is recorded, and a second prune moves it forward.
+    let cps = store.audit_checkpoints(10).await.unwrap();
+    assert_eq!(cps.len(), 1);
+    assert_eq!(cps[0].kind, CheckpointKind::Prune);
+    assert_eq!(cps[0].seq, rows[1].0);
+    assert_eq!(
+        cps[0].last_event_id.map(|u| u.to_string()),
+        Some(rows[1].1.clone())
+    );
+    let again = store.prune_audit(t(3), t(101), "cli:test").await.unwrap();
+    assert_eq!(again.deleted, 0, "nothing older than the date is left");
+    let r2 = store.prune_audit(t(5), t(102), "cli:test").await.unwrap();
+    assert_eq!((r2.deleted, r2.pruned_events), (2, 4));
+    let report = store.verify_audit_chain().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+    assert_eq!(report.pruned_events, 4);
+    // The event at t(5) and the two audit_pruned events.
+    assert_eq!(report.events_checked, 3);
+}
+
+async fn audit_prune_path_is_guarded(store: Store) {
+    let rows = chained_events(&store).await;
+    store.prune_audit(t(3), t(100), "cli:test").await.unwrap();
+    // Ordinary DELETE and UPDATE are still refused, pruned range or not.
+    let del = try_sql(&store, "DELETE FROM audit_events").await;
+    assert!(del.unwrap().contains("append-only"));
+    let upd = try_sql(&store, "UPDATE audit_events SET reason = 'forged'").await;
+    assert!(upd.unwrap().contains("append-only"));
+    // The prune path itself cannot delete past the newest prune checkpoint...
+    let past_cut = via_prune_path(
+        &store,
+        &format!("DELETE FROM audit_events WHERE seq = {}", rows[3].0),
+    )
+    .await;
+    assert!(past_cut.unwrap().contains("append-only"));
+    // ...nor move the cut with a checkpoint that lies about the hash or the count.
+    let ins = |hash: &str, count: i64| {
+        format!(
+            "INSERT INTO audit_checkpoints (kind, created_at, seq, hash, event_count) \
+             VALUES ('prune', 0, {}, '{hash}', {count})",
+            rows[3].0
+        )
+    };
+    let hash3 = {
+        let sql = format!("SELECT hash FROM audit_events WHERE seq = {}", rows[3].0);
+        let h: String = match &store.backend {
+            Backend::Postgres(pool) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            Backend::Sqlite(pool) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+        };
+        h
+    };
+    let pg = store.backend() == "postgres";
+    let fix = |s: String| {
+        if pg {
+            s.replace("VALUES ('prune', 0,", "VALUES ('prune', now(),")
+        } else {
+            s
+        }
+    };
+    let bad_hash = via_prune_path(&store, &fix(ins(chain::GENESIS, 4))).await;
+    assert!(bad_hash.unwrap().contains("hash"), "wrong hash refused");
+    let bad_count = via_prune_path(&store, &fix(ins(&hash3, 3))).await;
+    assert!(bad_count.unwrap().contains("count"), "wrong count refused");
+    assert_eq!(count_events(&store).await, 4);
+    // Checkpoints are append-only.
+    let cp_del = try_sql(&store, "DELETE FROM audit_checkpoints").await;
+    assert!(cp_del.unwrap().contains("append-only"));
+    let cp_upd = try_sql(&store, "UPDATE audit_checkpoints SET event_count = 0").await;
+    assert!(cp_upd.unwrap().contains("append-only"));
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
+}
+
+async fn audit_verify_after_prune_detects_edits_after_the_cut(store: Store) {
+    let rows = chained_events(&store).await;
+    store.prune_audit(t(3), t(100), "cli:test").await.unwrap();
+    let (seq, id) = &rows[3];
+    tamper(
+        &store,
+        &format!("UPDATE audit_events SET actor = 'job' WHERE seq = {seq}"),
+    )
+    .await;
+    let b = broken(&store).await;
+    assert_eq!(b.kind, BreakKind::Modified, "{b:?}");
+    assert_eq!(&b.event_id, id);
+
+    // Deleting the first event after the cut is a deletion too, not a new start.
+    tamper(
+        &store,
+        &format!("DELETE FROM audit_events WHERE seq = {}", rows[2].0),
+    )
+    .await;
+    tamper(
+        &store,
+        &format!("UPDATE audit_events SET actor = 'operator:alice' WHERE seq = {seq}"),
+    )
+    .await;
+    let b = broken(&store).await;
+    assert_eq!(b.kind, BreakKind::Deleted, "{b:?}");
+    assert_eq!(&b.event_id, id);
+}
+
+async fn audit_checkpoint_detects_a_truncated_and_rehashed_log(store: Store) {
+    let empty = store.audit_checkpoint(t(0)).await.unwrap();
+    assert_eq!(
+        (empty.event_count, empty.hash.as_str()),
+        (0, chain::GENESIS)
+    );
+    let rows = chained_events(&store).await;
+    let cp = store.audit_checkpoint(t(10)).await.unwrap();
+    assert_eq!(cp.kind, CheckpointKind::Export);
+    assert_eq!((cp.seq, cp.event_count), (rows[4].0, 5));
+    assert_eq!(
+        cp.last_event_id.map(|u| u.to_string()),
+        Some(rows[4].1.clone())
+    );
+    // The log grows and is pruned: the checkpoint still holds.
+    for at in 11..14 {
+        store
+            .append_audit(&event(at, Action::Admin, Outcome::Success, None))
+            .await
+            .unwrap();
+    }
+    store.prune_audit(t(3), t(20), "cli:test").await.unwrap();
+    let ok = store
+        .verify_audit_chain_through(Some(&cp.anchor()))
+        .await
+        .unwrap();
+    assert!(ok.is_intact(), "{ok:?}");
+    assert_eq!(ok.checkpoint_matched, Some(true));
+    // An empty-log checkpoint is met by any chain.
+    let ok = store
+        .verify_audit_chain_through(Some(&empty.anchor()))
+        .await
+        .unwrap();
+    assert_eq!(ok.checkpoint_matched, Some(true), "{ok:?}");
+
+    // An attacker cuts the log back to before the checkpoint and repairs the head: the chain
+    // alone looks intact, the checkpoint proves the cut.
+    let sql = format!(
+        "DELETE FROM audit_events WHERE seq >= {s}; \
+         UPDATE audit_chain_head SET seq = {p}, \
+         hash = (SELECT hash FROM audit_events WHERE seq = {p})",
+        s = rows[4].0,
+        p = rows[3].0
+    );
+    tamper(&store, &sql).await;
+    assert!(store.verify_audit_chain().await.unwrap().is_intact());
+    let r = store
+        .verify_audit_chain_through(Some(&cp.anchor()))
+        .await
+        .unwrap();
+    let b = r.broken.clone().expect("the checkpoint catches the cut");
+    assert_eq!(b.kind, BreakKind::Deleted, "{b:?}");
+    assert_eq!(r.checkpoint_matched, Some(false));
+
+    // A checkpoint whose hash the log does not hold at that seq: rewritten.
+    let mut forged = cp.anchor();
+    forged.seq = rows[3].0;
+    forged.count = 4;
+    let r = store
+        .verify_audit_chain_through(Some(&forged))
+        .await
+        .unwrap();
+    let b = r.broken.expect("hash differs");
+    assert_eq!(b.kind, BreakKind::Modified, "{b:?}");
+    assert_eq!(b.event_id, rows[3].1);
+}
+
+async fn audit_checkpoint_before_the_cut_is_vouched_by_the_record(store: Store) {
+    let rows = chained_events(&store).await;
+    let early = store.audit_checkpoint(t(6)).await.unwrap();
+    assert_eq!(early.seq, rows[4].0);
+    store
+        .append_audit(&event(7, Action::Admin, Outcome::Success, None))
+        .await
+        .unwrap();
+    store.prune_audit(t(8), t(20), "cli:test").await.unwrap();
+    // The export checkpoint's event is pruned; the stored record vouches for it.
+    let ok = store
+        .verify_audit_chain_through(Some(&early.anchor()))
+        .await
+        .unwrap();
+    assert!(ok.is_intact(), "{ok:?}");
+    assert_eq!(ok.checkpoint_matched, Some(true));
+    // One the store never recorded is refused.
+    let mut unknown = early.anchor();
+    unknown.count += 1;
+    let r = store
+        .verify_audit_chain_through(Some(&unknown))
+        .await
+        .unwrap();
+    assert_eq!(r.broken.expect("unknown").kind, BreakKind::Deleted);
 }

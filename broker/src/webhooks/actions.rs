@@ -1,0 +1,257 @@
+//! A delivery's life: authenticate, parse, refuse replays, find the job's grants, revoke them,
+//! audit. Revocation reuses the revoke path (`claim_for_revoke` → `revoke_claimed`), so each
+//! grant's revocation is audited as any other, with actor `webhook:<source>`, and a failed one
+//! stays queued for the reaper.
+
+use super::event::{self, HookEvent, JobEnd};
+use super::signature::{github_signature_ok, gitlab_token_ok};
+use super::{
+    Delivery, MAX_DELIVERY_ID, MAX_GRANTS_PER_DELIVERY, Source, WebhookError, clean_header,
+};
+use crate::admin::RevokeFailure;
+use crate::audit::{Action, AuditEvent, Outcome};
+use crate::service::{Broker, RequestCtx};
+use crate::store::{Grant, JobMatch, StoreError};
+use futures::StreamExt;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Revocations one delivery runs at once.
+const PARALLELISM: usize = 8;
+
+/// What one acted-on delivery did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HookReport {
+    /// Active grants of the job.
+    pub matched: usize,
+    /// Grants revoked by this delivery.
+    pub revoked_grants: usize,
+    /// Credentials revoked, per kind.
+    pub revoked: BTreeMap<String, usize>,
+    /// Grants another worker (the job's own revoke, the reaper) was already revoking.
+    pub already_in_progress: usize,
+    /// Grants whose revocation failed; the reaper retries them.
+    pub failures: Vec<RevokeFailure>,
+}
+
+/// The answer to a delivery that was not refused.
+#[derive(Debug, Clone)]
+pub enum HookOutcome {
+    /// Verified, but nothing to do (why).
+    Ignored(&'static str),
+    /// A job ended; its grants were handled.
+    Done(HookReport),
+}
+
+enum One {
+    Revoked(Vec<&'static str>),
+    Busy,
+    Failed(RevokeFailure),
+}
+
+impl Broker {
+    fn hook_event(&self, ctx: &RequestCtx, d: &Delivery<'_>) -> AuditEvent {
+        let mut ev = AuditEvent::new(self.clock.now(), Action::Webhook, Outcome::Deny, "");
+        ev.request_id = ctx.request_id.clone();
+        ev.client_addr = ctx.client_addr.clone();
+        ev.user_agent = ctx.user_agent.clone();
+        ev.actor = Some(format!("webhook:{}", d.source.as_str()));
+        ev.job.platform = Some(d.source.platform().as_str().to_owned());
+        // Unauthenticated header text: bounded and printable only.
+        ev.detail = Some(format!(
+            "delivery {}; event {}",
+            d.delivery_id
+                .as_deref()
+                .map_or_else(|| "-".to_owned(), |s| clean_header(s, MAX_DELIVERY_ID)),
+            d.event
+                .as_deref()
+                .map_or_else(|| "-".to_owned(), |s| clean_header(s, 64)),
+        ));
+        ev
+    }
+
+    /// Audit a refused delivery, then return the error (503 if the audit cannot be written).
+    async fn hook_refuse(&self, mut ev: AuditEvent, err: WebhookError) -> WebhookError {
+        ev.reason = err.reason_code().to_owned();
+        if let WebhookError::BadRequest(m) = &err {
+            ev.detail = Some(format!("{}; {m}", ev.detail.unwrap_or_default()));
+        }
+        match self.store.append_audit(&ev).await {
+            Ok(()) => err,
+            Err(e) => {
+                tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
+                WebhookError::Store(e)
+            }
+        }
+    }
+
+    /// Handle one delivery to `POST /v1/hooks/<source>`.
+    pub async fn webhook(
+        &self,
+        d: Delivery<'_>,
+        ctx: &RequestCtx,
+    ) -> Result<HookOutcome, WebhookError> {
+        let Some(ep) = self.webhooks.endpoint(d.source) else {
+            return Err(WebhookError::NotConfigured);
+        };
+        let ev = self.hook_event(ctx, &d);
+
+        // 1. Authenticate before reading anything else the sender says.
+        let authentic = match d.source {
+            Source::Github => github_signature_ok(
+                &ep.secrets,
+                d.credential.as_ref().map(|c| c.expose()),
+                d.body,
+            ),
+            Source::Gitlab => gitlab_token_ok(&ep.secrets, d.credential.as_ref()),
+        };
+        if !authentic {
+            return Err(self.hook_refuse(ev, WebhookError::BadSignature).await);
+        }
+
+        // 2. What ended (or nothing to do).
+        let parsed = match d.source {
+            Source::Github => event::github(d.event.as_deref(), d.body),
+            Source::Gitlab => event::gitlab(d.event.as_deref(), d.body),
+        };
+        let job = match parsed {
+            Ok(HookEvent::JobEnd(j)) => j,
+            Ok(HookEvent::Ignored(why)) => {
+                tracing::debug!(source = d.source.as_str(), why, "webhook delivery ignored");
+                return Ok(HookOutcome::Ignored(why));
+            }
+            Err(msg) => return Err(self.hook_refuse(ev, WebhookError::BadRequest(msg)).await),
+        };
+
+        // 3. Once per delivery id.
+        let id = match d.delivery_id.as_deref() {
+            Some(s) if !s.is_empty() && s.len() <= MAX_DELIVERY_ID && s.is_ascii() => s,
+            _ => {
+                let err = WebhookError::BadRequest(
+                    "a delivery id header (at most 128 ASCII characters) is required".into(),
+                );
+                return Err(self.hook_refuse(ev, err).await);
+            }
+        };
+        let now = self.clock.now();
+        let source = d.source.as_str();
+        match self
+            .store
+            .record_delivery(source, id, now, now + self.webhooks.delivery_ttl)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Replayed) => {
+                let err = WebhookError::Replayed(id.to_owned());
+                return Err(self.hook_refuse(with_job(ev, &job), err).await);
+            }
+            Err(e) => return Err(WebhookError::Store(e)),
+        }
+
+        // 4. The job's active grants; on failure let a retry of this delivery through.
+        let m = JobMatch {
+            issuers: ep.issuers.clone(),
+            platform: d.source.platform().as_str().to_owned(),
+            repository_id: job.repository_id.clone(),
+            job_id: job.job_id.clone(),
+            run_id: job.run_id.clone(),
+            run_attempt: job.run_attempt.clone(),
+        };
+        let grants = match self
+            .store
+            .active_job_grants(&m, MAX_GRANTS_PER_DELIVERY)
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = self.store.forget_delivery(source, id).await;
+                return Err(WebhookError::Store(e));
+            }
+        };
+
+        // 5. Revoke them.
+        let actor = format!("webhook:{source}");
+        let report = self.revoke_job_grants(grants, &actor, ctx).await;
+
+        // 6. One summary event.
+        let mut ev = with_job(ev, &job);
+        ev.outcome = if report.failures.is_empty() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        ev.reason = "job_ended".into();
+        ev.detail = Some(format!(
+            "{}; job {:?} {}; matched {}, revoked {}, in progress {}, failed {}",
+            ev.detail.unwrap_or_default(),
+            job.job_name.as_deref().unwrap_or("-"),
+            job.status.as_deref().unwrap_or("-"),
+            report.matched,
+            report.revoked_grants,
+            report.already_in_progress,
+            report.failures.len()
+        ));
+        self.store.append_audit(&ev).await?;
+        Ok(HookOutcome::Done(report))
+    }
+
+    async fn revoke_job_grants(
+        &self,
+        grants: Vec<Grant>,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> HookReport {
+        let mut report = HookReport {
+            matched: grants.len(),
+            ..HookReport::default()
+        };
+        let lease = self.revoke_lease();
+        let results: Vec<One> = futures::stream::iter(grants.into_iter().map(|g| async move {
+            let kinds: Vec<&'static str> = g.credentials.iter().map(|c| c.kind.as_str()).collect();
+            let fail = |reason: &str| {
+                One::Failed(RevokeFailure {
+                    grant_id: g.id,
+                    reason: reason.to_owned(),
+                })
+            };
+            match self
+                .store
+                .claim_for_revoke(g.id, self.clock.now(), lease)
+                .await
+            {
+                Ok(Some(claimed)) => match self.revoke_claimed(&claimed, actor, ctx).await {
+                    Ok(()) => One::Revoked(kinds),
+                    Err(e) => fail(e.reason_code()),
+                },
+                Ok(None) => One::Busy,
+                Err(e) => fail(e.reason_code()),
+            }
+        }))
+        .buffer_unordered(PARALLELISM)
+        .collect()
+        .await;
+        for r in results {
+            match r {
+                One::Revoked(kinds) => {
+                    report.revoked_grants += 1;
+                    for k in kinds {
+                        *report.revoked.entry(k.to_owned()).or_default() += 1;
+                    }
+                }
+                One::Busy => report.already_in_progress += 1,
+                One::Failed(f) => report.failures.push(f),
+            }
+        }
+        report
+    }
+}
+
+/// The (signed, hence trusted) job identity on the audit event.
+fn with_job(mut ev: AuditEvent, job: &JobEnd) -> AuditEvent {
+    ev.job.repository_id = Some(job.repository_id.clone());
+    ev.job.repository = job.repository.clone();
+    ev.job.run_id = job.run_id.clone();
+    ev.job.run_attempt = job.run_attempt.clone();
+    ev.job.job_id = Some(job.job_id.clone());
+    ev
+}

@@ -1,0 +1,341 @@
+//! Job-end webhooks: GitHub `workflow_job` and GitLab job events revoke the grants of a job that
+//! finished, even when its pipeline never reached its own revoke step. HTTP lives in
+//! `http/hooks.rs`; this module holds the rules.
+//!
+//! Invariants:
+//! - Nothing is revoked, recorded or parsed before the delivery's signature (GitHub HMAC) or
+//!   token (GitLab) verified, in constant time, against one of the configured secrets.
+//! - A delivery matches only grants of its own platform's issuers, its repository id and its job
+//!   id (GitHub: plus run id and attempt); see [`event`] for exactly what is compared.
+//! - Only deliveries that act are recorded, and only after their signature verified, so a forged
+//!   request can neither revoke nor block a real delivery by taking its id.
+//! - Every refused delivery (bad signature, replay, malformed) and every acted-on delivery writes
+//!   one `webhook` audit event; if it cannot be written the call fails with 503.
+
+mod actions;
+pub mod event;
+pub mod signature;
+
+pub use actions::{HookOutcome, HookReport};
+pub use event::{HookEvent, JobEnd};
+
+use crate::config::SecretRef;
+use crate::oidc::{IssuerConfig, Platform};
+use crate::secret::Sensitive;
+use crate::store::StoreError;
+use crate::time::serde_duration;
+use serde::Deserialize;
+use time::Duration;
+
+/// Shortest secret accepted: a short one can be guessed offline from one captured delivery.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Longest delivery id kept (GitHub sends a UUID; GitLab a UUID or an idempotency key).
+pub const MAX_DELIVERY_ID: usize = 128;
+
+/// Grants one delivery revokes at most (one job holds a handful).
+pub const MAX_GRANTS_PER_DELIVERY: u32 = 1000;
+
+fn default_delivery_ttl() -> Duration {
+    Duration::days(7)
+}
+
+fn default_max_body() -> usize {
+    1024 * 1024
+}
+
+/// `webhooks:` in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// `POST /v1/hooks/github`; absent → that endpoint answers 404.
+    #[serde(default)]
+    pub github: Option<GithubHookConfig>,
+    /// `POST /v1/hooks/gitlab`; absent → that endpoint answers 404.
+    #[serde(default)]
+    pub gitlab: Option<GitlabHookConfig>,
+    /// How long a delivery id is remembered (a second delivery with it → 409).
+    #[serde(default = "default_delivery_ttl", with = "serde_duration")]
+    pub delivery_ttl: Duration,
+    /// Largest webhook body accepted (bytes); larger → 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            github: None,
+            gitlab: None,
+            delivery_ttl: default_delivery_ttl(),
+            max_body_bytes: default_max_body(),
+        }
+    }
+}
+
+/// `webhooks.github`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubHookConfig {
+    /// Webhook secrets; a delivery signed with any of them is accepted (rotation: add the new
+    /// one, change it in GitHub, remove the old one).
+    pub secrets: Vec<SecretRef>,
+    /// Configured issuer names whose grants this endpoint may revoke; empty = every GitHub
+    /// issuer. Set it when several GitHub instances (github.com, GHES) are configured: their
+    /// repository ids are independent.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+}
+
+/// `webhooks.gitlab`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitlabHookConfig {
+    /// Secret tokens (`X-Gitlab-Token`); any of them is accepted (rotation).
+    pub tokens: Vec<SecretRef>,
+    /// Configured issuer names whose grants this endpoint may revoke; empty = every GitLab
+    /// issuer.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+}
+
+/// Which endpoint a delivery came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Github,
+    Gitlab,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Github => "github",
+            Source::Gitlab => "gitlab",
+        }
+    }
+    pub fn platform(self) -> Platform {
+        match self {
+            Source::Github => Platform::Github,
+            Source::Gitlab => Platform::Gitlab,
+        }
+    }
+}
+
+/// One configured endpoint: its secrets and the issuers it may touch.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) secrets: Vec<Sensitive>,
+    pub(crate) issuers: Vec<String>,
+}
+
+/// The webhook endpoints as configured (none by default).
+#[derive(Debug, Clone)]
+pub struct Webhooks {
+    github: Option<Endpoint>,
+    gitlab: Option<Endpoint>,
+    pub(crate) delivery_ttl: Duration,
+    max_body_bytes: usize,
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        let d = WebhooksConfig::default();
+        Self {
+            github: None,
+            gitlab: None,
+            delivery_ttl: d.delivery_ttl,
+            max_body_bytes: d.max_body_bytes,
+        }
+    }
+}
+
+/// Every problem with `webhooks:`, each naming its key (never a secret's value).
+pub fn validate(cfg: &WebhooksConfig, issuers: &[IssuerConfig]) -> Vec<String> {
+    let mut p = Vec::new();
+    let mut endpoint = |key: &str, secrets: &[SecretRef], names: &[String], platform: Platform| {
+        if secrets.is_empty() {
+            p.push(format!("webhooks.{key}: at least one secret is required"));
+        }
+        for (i, s) in secrets.iter().enumerate() {
+            match s.resolve() {
+                Err(e) => p.push(format!("webhooks.{key}[{i}]: {e}")),
+                Ok(v) if v.expose().len() < MIN_SECRET_LEN => p.push(format!(
+                    "webhooks.{key}[{i}]: at least {MIN_SECRET_LEN} characters"
+                )),
+                Ok(_) => {}
+            }
+        }
+        for n in names {
+            match issuers.iter().find(|i| &i.name == n) {
+                None => p.push(format!("webhooks.{key}: unknown issuer {n:?}")),
+                Some(i) if i.platform != platform => p.push(format!(
+                    "webhooks.{key}: issuer {n:?} is not a {} issuer",
+                    platform.as_str()
+                )),
+                Some(_) => {}
+            }
+        }
+    };
+    if let Some(g) = &cfg.github {
+        endpoint("github.secrets", &g.secrets, &g.issuers, Platform::Github);
+    }
+    if let Some(g) = &cfg.gitlab {
+        endpoint("gitlab.tokens", &g.tokens, &g.issuers, Platform::Gitlab);
+    }
+    if cfg.delivery_ttl < Duration::minutes(1) {
+        p.push("webhooks.delivery_ttl: at least 1m".into());
+    }
+    if !(1024..=25 * 1024 * 1024).contains(&cfg.max_body_bytes) {
+        p.push("webhooks.max_body_bytes: 1024 to 26214400".into());
+    }
+    p
+}
+
+impl Webhooks {
+    /// From the config; the issuer list fills in each endpoint's default issuers.
+    pub fn from_config(cfg: &WebhooksConfig, issuers: &[IssuerConfig]) -> Result<Self, String> {
+        let problems = validate(cfg, issuers);
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        let build = |secrets: &[SecretRef], names: &[String], platform: Platform| {
+            let secrets = secrets
+                .iter()
+                .map(SecretRef::resolve)
+                .collect::<Result<Vec<_>, _>>()?;
+            let issuers = if names.is_empty() {
+                issuers
+                    .iter()
+                    .filter(|i| i.platform == platform)
+                    .map(|i| i.name.clone())
+                    .collect()
+            } else {
+                names.to_vec()
+            };
+            Ok::<_, String>(Endpoint { secrets, issuers })
+        };
+        Ok(Self {
+            github: cfg
+                .github
+                .as_ref()
+                .map(|g| build(&g.secrets, &g.issuers, Platform::Github))
+                .transpose()?,
+            gitlab: cfg
+                .gitlab
+                .as_ref()
+                .map(|g| build(&g.tokens, &g.issuers, Platform::Gitlab))
+                .transpose()?,
+            delivery_ttl: cfg.delivery_ttl,
+            max_body_bytes: cfg.max_body_bytes,
+        })
+    }
+
+    pub(crate) fn endpoint(&self, source: Source) -> Option<&Endpoint> {
+        match source {
+            Source::Github => self.github.as_ref(),
+            Source::Gitlab => self.gitlab.as_ref(),
+        }
+    }
+
+    /// Largest body the webhook routes accept.
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+}
+
+/// One delivery as received: headers the rules need, and the raw body.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    pub source: Source,
+    /// `X-GitHub-Event` / `X-Gitlab-Event`.
+    pub event: Option<String>,
+    /// `X-GitHub-Delivery` / GitLab `Idempotency-Key`, else `X-Gitlab-Event-UUID`.
+    pub delivery_id: Option<String>,
+    /// `X-Hub-Signature-256` (GitHub) or `X-Gitlab-Token` (GitLab, a secret).
+    pub credential: Option<Sensitive>,
+    pub body: &'a [u8],
+}
+
+/// Why a delivery was refused. Each maps to one status and code in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    /// This endpoint is not configured.
+    #[error("webhook endpoint not configured")]
+    NotConfigured,
+    #[error("missing or invalid webhook signature")]
+    BadSignature,
+    #[error("delivery {0:?} was already processed")]
+    Replayed(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl WebhookError {
+    /// Stable reason code (also the audit `reason`).
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            WebhookError::NotConfigured => "not_found",
+            WebhookError::BadSignature => "bad_signature",
+            WebhookError::Replayed(_) => "replayed_delivery",
+            WebhookError::BadRequest(_) => "bad_request",
+            WebhookError::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+/// Header text for the audit log: bounded, printable ASCII only.
+pub(crate) fn clean_header(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(max)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuers() -> Vec<IssuerConfig> {
+        vec![
+            crate::oidc::dev::issuer_config("github", "aud"),
+            crate::oidc::dev::gitlab_issuer_config("gitlab", "aud"),
+        ]
+    }
+
+    #[test]
+    fn config_names_every_problem_and_never_a_secret() {
+        let cfg: WebhooksConfig = serde_saphyr::from_str(
+            "github: {secrets: [{value: short-secret-x}], issuers: [gitlab, nope]}\n\
+             gitlab: {tokens: []}\ndelivery_ttl: 10s\n",
+        )
+        .unwrap();
+        let p = validate(&cfg, &issuers()).join("\n");
+        assert!(p.contains("webhooks.github.secrets[0]: at least 16"), "{p}");
+        assert!(
+            p.contains("issuer \"gitlab\" is not a github issuer"),
+            "{p}"
+        );
+        assert!(p.contains("unknown issuer \"nope\""), "{p}");
+        assert!(p.contains("webhooks.gitlab.tokens: at least one"), "{p}");
+        assert!(p.contains("webhooks.delivery_ttl"), "{p}");
+        assert!(!p.contains("short-secret-x"), "{p}");
+        assert!(Webhooks::from_config(&cfg, &issuers()).is_err());
+        assert!(serde_saphyr::from_str::<WebhooksConfig>("github: {secret: x}").is_err());
+    }
+
+    #[test]
+    fn endpoints_default_to_their_platforms_issuers() {
+        let cfg: WebhooksConfig =
+            serde_saphyr::from_str("github: {secrets: [{value: 0123456789abcdef}]}\n").unwrap();
+        let w = Webhooks::from_config(&cfg, &issuers()).unwrap();
+        assert_eq!(
+            w.endpoint(Source::Github).unwrap().issuers,
+            vec!["github".to_owned()]
+        );
+        assert!(w.endpoint(Source::Gitlab).is_none());
+        assert!(Webhooks::default().endpoint(Source::Github).is_none());
+        assert!(!format!("{w:?}").contains("0123456789abcdef"));
+    }
+}

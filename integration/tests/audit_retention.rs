@@ -1,0 +1,255 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
+//! End to end for audit checkpoints and retention, through the real binary's CLI against a
+//! real Postgres store: `broker audit checkpoint` signs where the chain stands, `broker audit
+//! verify --checkpoint` proves the log still passes through it (with the config's keys or the
+//! published JWKS), `broker audit prune` cuts old events and verify starts from the cut, and an
+//! attacker who edits after the cut, or truncates and repairs the head, is caught.
+
+use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::store::testdb::TestDb;
+use integration::{
+    BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml,
+    gitlab_issuer_yaml, repo_root,
+};
+use serde_json::json;
+use sqlx::AssertSqlSafe;
+use std::path::Path;
+use std::process::Command;
+
+const AUD: &str = "https://broker.test";
+
+struct Ran {
+    code: i32,
+    out: String,
+}
+
+fn cli(args: &[&str]) -> Ran {
+    let o = Command::new(broker_bin())
+        .args(args)
+        .env_remove("BROKER_CONFIG")
+        .env_remove("BROKER_STORE_URL")
+        .output()
+        .expect("broker runs");
+    Ran {
+        code: o.status.code().unwrap_or(-1),
+        out: format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
+    let db = TestDb::postgres().await;
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("signing.pem");
+    std::fs::write(
+        &key,
+        broker::providers::api_token::generate_pem()
+            .unwrap()
+            .expose(),
+    )
+    .unwrap();
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!("api_tokens:\n  signing_key: {{file: {}}}\n", key.display()),
+        env: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let exchange = || async {
+        let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let r = http
+            .post(format!("{}/v1/exchange", broker.url))
+            .bearer_auth(token)
+            .json(&json!({"credentials": ["deploy-api"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    };
+    for _ in 0..3 {
+        exchange().await;
+    }
+    let config = broker.config_path.clone();
+    let cp = dir.path().join("cp.jwt");
+    let made = cli(&[
+        "audit",
+        "checkpoint",
+        "--config",
+        s(&config),
+        "--out",
+        s(&cp),
+    ]);
+    assert_eq!(made.code, 0, "{}", made.out);
+    assert!(made.out.contains("3 events"), "{}", made.out);
+    let token = std::fs::read_to_string(&cp).unwrap();
+    assert!(token.starts_with("eyJ"), "a JWT");
+    let jwks = dir.path().join("jwks.json");
+    let published = http
+        .get(format!("{}/.well-known/jwks.json", broker.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    std::fs::write(&jwks, published).unwrap();
+
+    // Both ways of checking the signature; the chain passes through the checkpoint.
+    let v = cli(&[
+        "audit",
+        "verify",
+        "--config",
+        s(&config),
+        "--checkpoint",
+        s(&cp),
+    ]);
+    assert_eq!(v.code, 0, "{}", v.out);
+    assert!(v.out.contains("checkpoint matched"), "{}", v.out);
+    let v = cli(&[
+        "audit",
+        "verify",
+        "--store",
+        db.url(),
+        "--checkpoint",
+        s(&cp),
+        "--jwks",
+        s(&jwks),
+    ]);
+    assert_eq!(v.code, 0, "{}", v.out);
+
+    // A checkpoint signed by another key is refused before any walk.
+    let other = broker::providers::api_token::SigningKeys::ephemeral().unwrap();
+    let forged_cp = dir.path().join("forged.jwt");
+    let jwks_doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&jwks).unwrap()).unwrap();
+    let claims = broker::audit::checkpoint::verify(
+        broker::audit::checkpoint::VerifyingKeys::Jwks(&jwks_doc),
+        &token,
+    )
+    .unwrap();
+    assert_eq!(claims.event_count, 3);
+    std::fs::write(
+        &forged_cp,
+        other
+            .sign_document(broker::audit::checkpoint::CHECKPOINT_TYPE, &claims)
+            .unwrap(),
+    )
+    .unwrap();
+    let v = cli(&[
+        "audit",
+        "verify",
+        "--store",
+        db.url(),
+        "--checkpoint",
+        s(&forged_cp),
+        "--jwks",
+        s(&jwks),
+    ]);
+    assert_ne!(v.code, 0, "{}", v.out);
+    assert!(v.out.contains("not a checkpoint signed"), "{}", v.out);
+
+    // Prune everything so far (a future date is refused), then more events.
+    let future = cli(&[
+        "audit",
+        "prune",
+        "--config",
+        s(&config),
+        "--before",
+        "2999-01-01",
+    ]);
+    assert_ne!(future.code, 0, "{}", future.out);
+    let now = broker::time::Clock::now(&broker::time::SystemClock)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let p = cli(&["audit", "prune", "--config", s(&config), "--before", &now]);
+    assert_eq!(p.code, 0, "{}", p.out);
+    assert!(p.out.contains("pruned 3 events"), "{}", p.out);
+    exchange().await;
+    let v = cli(&[
+        "audit",
+        "verify",
+        "--config",
+        s(&config),
+        "--checkpoint",
+        s(&cp),
+    ]);
+    assert_eq!(v.code, 0, "{}", v.out);
+    assert!(v.out.contains("walk started at the prune cut"), "{}", v.out);
+    assert!(v.out.contains("checkpoint matched"), "{}", v.out);
+
+    // A newer checkpoint; then an attacker with table rights cuts the newest event and
+    // repairs the head: the chain alone is intact, the checkpoint is not.
+    let cp2 = dir.path().join("cp2.jwt");
+    let made = cli(&[
+        "audit",
+        "checkpoint",
+        "--config",
+        s(&config),
+        "--out",
+        s(&cp2),
+    ]);
+    assert_eq!(made.code, 0, "{}", made.out);
+    let admin = sqlx::PgPool::connect(db.url()).await.unwrap();
+    sqlx::raw_sql(AssertSqlSafe(
+        "ALTER TABLE audit_events DISABLE TRIGGER USER;
+         DELETE FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events);
+         UPDATE audit_chain_head SET seq = (SELECT max(seq) FROM audit_events),
+             hash = (SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1);
+         ALTER TABLE audit_events ENABLE TRIGGER USER;"
+            .to_owned(),
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let plain = cli(&["audit", "verify", "--config", s(&config)]);
+    assert_eq!(plain.code, 0, "{}", plain.out);
+    let v = cli(&[
+        "audit",
+        "verify",
+        "--config",
+        s(&config),
+        "--checkpoint",
+        s(&cp2),
+    ]);
+    assert_eq!(v.code, 1, "{}", v.out);
+    assert!(v.out.contains("audit_event_deleted"), "{}", v.out);
+
+    // An edit after the cut is still detected.
+    sqlx::raw_sql(AssertSqlSafe(
+        "ALTER TABLE audit_events DISABLE TRIGGER USER;
+         UPDATE audit_events SET reason = 'forged'
+             WHERE seq = (SELECT max(seq) FROM audit_events);
+         ALTER TABLE audit_events ENABLE TRIGGER USER;"
+            .to_owned(),
+    ))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let v = cli(&["audit", "verify", "--config", s(&config)]);
+    assert_eq!(v.code, 1, "{}", v.out);
+    assert!(v.out.contains("audit_event_modified"), "{}", v.out);
+    admin.close().await;
+
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}

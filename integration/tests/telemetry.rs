@@ -1,0 +1,282 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
+//! Traces: the real `broker` binary exports OTLP/HTTP (protobuf) to a collector started here
+//! (an axum server receiving `POST /v1/traces`); the request's span arrives carrying the
+//! request id the client sent, the service name, and nothing secret.
+
+use axum::body::Bytes;
+use axum::routing::post;
+use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::store::testdb::TestDb;
+use integration::{
+    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use prost::Message;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const AUD: &str = "https://broker.test";
+
+type Received = Arc<Mutex<Vec<Bytes>>>;
+
+/// A minimal OTLP/HTTP trace collector: keeps every request body.
+async fn collector() -> (String, Received) {
+    let got: Received = Arc::default();
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |body: Bytes| {
+            let keep = keep.clone();
+            async move {
+                keep.lock().unwrap().push(body);
+                // An empty ExportTraceServiceResponse.
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), got)
+}
+
+fn string(v: &Option<AnyValue>) -> Option<&str> {
+    match v.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| string(&kv.value))
+}
+
+#[tokio::test]
+async fn request_spans_reach_the_collector_with_the_request_id() {
+    let (endpoint, received) = collector().await;
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!(
+            "telemetry:\n  otlp_endpoint: {endpoint}\n  service_name: broker-otel-test\n"
+        ),
+        // Export promptly instead of the SDK's default 5 s batch delay.
+        env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
+    })
+    .await
+    .expect("broker starts");
+
+    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let request_id = format!("otel-{}", uuid::Uuid::new_v4());
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/exchange", broker.url))
+        .bearer_auth(&token)
+        .header("x-request-id", &request_id)
+        .json(&serde_json::json!({"credentials": ["deploy-api"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["x-request-id"].to_str().unwrap(),
+        request_id,
+        "the id is echoed"
+    );
+    let body: serde_json::Value = resp.json().await.unwrap();
+
+    // Wait (bounded) for the batch exporter to deliver the span.
+    let started = Instant::now();
+    let span = loop {
+        let bodies = received.lock().unwrap().clone();
+        let found = bodies.iter().find_map(|b| {
+            let req = ExportTraceServiceRequest::decode(b.as_ref()).expect("valid OTLP protobuf");
+            req.resource_spans.into_iter().find_map(|rs| {
+                let service = rs
+                    .resource
+                    .as_ref()
+                    .and_then(|r| attr(&r.attributes, "service.name").map(str::to_owned));
+                rs.scope_spans
+                    .into_iter()
+                    .flat_map(|ss| ss.spans)
+                    .find(|s| attr(&s.attributes, "request_id") == Some(request_id.as_str()))
+                    .map(|s| (service, s))
+            })
+        });
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no span with request_id {request_id} after 30 s ({} exports); log:\n{}",
+            received.lock().unwrap().len(),
+            broker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (service, span) = span;
+    assert_eq!(service.as_deref(), Some("broker-otel-test"));
+    assert_eq!(span.name, "request");
+    assert_eq!(attr(&span.attributes, "path"), Some("/v1/exchange"));
+    assert_eq!(attr(&span.attributes, "method"), Some("POST"));
+    let status = span.attributes.iter().find(|kv| kv.key == "status");
+    assert!(
+        matches!(
+            status.and_then(|kv| kv.value.as_ref()?.value.as_ref()),
+            Some(any_value::Value::IntValue(200))
+        ) || attr(&span.attributes, "status") == Some("200"),
+        "{status:?}"
+    );
+    assert_eq!(
+        span.kind,
+        opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32
+    );
+
+    // Nothing secret left the process in a span: not the job token, not what was minted.
+    let all: Vec<u8> = received.lock().unwrap().iter().flatten().copied().collect();
+    let text = String::from_utf8_lossy(&all);
+    let minted = body["credentials"]["deploy-api"]["token"].as_str().unwrap();
+    let revocation = body["revocation_token"].as_str().unwrap();
+    for secret in [token.as_str(), minted, revocation] {
+        assert!(!text.contains(secret), "a secret was exported in a span");
+    }
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}
+
+/// `metrics.token`: scrapes without it (or with another token, or a job token) get 401; with
+/// it, the OpenMetrics text, which counts the refused exchange by its reason and holds no
+/// secret.
+#[tokio::test]
+async fn metrics_require_the_configured_token() {
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let scrape_token = format!("scrape-{}", uuid::Uuid::new_v4());
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!("metrics:\n  token: {{value: \"{scrape_token}\"}}\n"),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+    let http = reqwest::Client::new();
+    let url = format!("{}/metrics", broker.url);
+    let job_token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    // One refused exchange (no bearer token) to be counted.
+    let r = http
+        .post(format!("{}/v1/exchange", broker.url))
+        .json(&serde_json::json!({"credentials": ["deploy-api"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    for bad in [None, Some("wrong"), Some(job_token.as_str())] {
+        let mut req = http.get(&url);
+        if let Some(t) = bad {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "token {bad:?}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let r = http
+        .get(&url)
+        .bearer_auth(&scrape_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"broker_exchanges_total{outcome="deny",reason="missing_token",kind="none"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(text.contains("broker_policy_bundle{digest=\""), "{text}");
+    assert!(!text.contains(&scrape_token) && !text.contains(&job_token));
+    assert!(!broker.log().contains(&scrape_token), "scrape token logged");
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}
+
+/// With `admin_listen` set, `/metrics` is served there with the operator API and answers 404 on
+/// the public listener.
+#[tokio::test]
+async fn metrics_move_to_the_operator_listener() {
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let admin_port = integration::free_port();
+    let broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: &repo_root().join("policies"),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&issuer.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
+        audience: AUD,
+        extra_yaml: format!("admin_listen: 127.0.0.1:{admin_port}\n"),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+    let http = reqwest::Client::new();
+    let public = http
+        .get(format!("{}/metrics", broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+    let admin = format!("http://127.0.0.1:{admin_port}/metrics");
+    let mut text = None;
+    for _ in 0..100 {
+        if let Ok(r) = http.get(&admin).send().await {
+            assert_eq!(r.status(), 200);
+            text = Some(r.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = text.expect("operator listener answers");
+    assert!(text.contains("broker_policy_bundle{digest="), "{text}");
+    drop(broker);
+    issuer.shutdown().await;
+    gitlab.shutdown().await;
+    db.cleanup().await;
+}
