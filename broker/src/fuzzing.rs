@@ -94,7 +94,8 @@ fn harness() -> &'static Harness {
             Operators::from_config(&[OperatorConfig {
                 name: "fuzz".into(),
                 role: Role::Admin,
-                token_sha256: hash,
+                token_sha256: Some(hash),
+                oidc: None,
             }])
             .unwrap(),
         );
