@@ -16,6 +16,8 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod fault;
+#[cfg(any(test, feature = "testkit"))]
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod oidc;

@@ -431,16 +431,10 @@ impl Broker {
         };
         let eval = metrics::timed_sync(Stage::Policy, || bundle.evaluate(&input, &req.credentials));
         ev.rules_matched = eval.rules_matched.clone();
-        let mut ttl = requested_ttl
-            .unwrap_or(self.grants.default_ttl)
-            .min(self.grants.max_ttl);
+        let mut caps = Vec::with_capacity(eval.decisions.len());
         for d in &eval.decisions {
             match &d.outcome {
-                Decision::Allow { .. } => {
-                    if let Some(m) = d.max_ttl {
-                        ttl = ttl.min(m);
-                    }
-                }
+                Decision::Allow { .. } => caps.extend(d.max_ttl),
                 other => {
                     ev.detail = Some(format!(
                         "credential {:?}: {}",
@@ -458,9 +452,14 @@ impl Broker {
             }
         }
         // GitLab binds `exp` to the job's timeout: never outlive the job.
-        if claims.platform == Platform::Gitlab {
-            ttl = ttl.min(claims.exp - now);
-        }
+        let job_left = (claims.platform == Platform::Gitlab).then(|| claims.exp - now);
+        let ttl = effective_ttl(
+            requested_ttl,
+            self.grants.default_ttl,
+            self.grants.max_ttl,
+            &caps,
+            job_left,
+        );
         if ttl < Duration::SECOND {
             return Err(self.refuse(ev, ServiceError::TokenExhausted).await);
         }
@@ -633,6 +632,7 @@ impl Broker {
             }
             return Err(ServiceError::Store(e));
         }
+        crate::fault::point("after_activate");
         Ok(respond(
             grant_id,
             real_expiry,
@@ -819,6 +819,7 @@ impl Broker {
         );
         match revoked {
             Ok(()) => {
+                crate::fault::point("after_revoke");
                 ev.outcome = Outcome::Success;
                 ev.reason = claimed.cause.as_str().to_owned();
                 if !described.is_empty() {
@@ -1070,6 +1071,61 @@ fn respond(
         expires_at,
         revocation_token,
         credentials,
+    }
+}
+
+/// The TTL of a grant: the requested TTL (or the default), capped by the broker-wide maximum,
+/// by every allowing decision's ceiling (`min(rule.max_ttl, credential.max_ttl)`) and by the
+/// time the job has left (GitLab's `exp`). Invariant: never above any of them. Below one second
+/// the caller refuses the exchange.
+pub(crate) fn effective_ttl(
+    requested: Option<Duration>,
+    default: Duration,
+    grant_max: Duration,
+    caps: &[Duration],
+    job_left: Option<Duration>,
+) -> Duration {
+    let mut ttl = requested.unwrap_or(default).min(grant_max);
+    for c in caps.iter().chain(job_left.as_ref()) {
+        ttl = ttl.min(*c);
+    }
+    ttl
+}
+
+#[cfg(test)]
+mod ttl_properties {
+    use super::effective_ttl;
+    use proptest::prelude::*;
+    use time::Duration;
+
+    fn secs() -> impl Strategy<Value = Duration> {
+        (-86_400i64..30 * 86_400).prop_map(Duration::seconds)
+    }
+
+    proptest! {
+        #[test]
+        fn ttl_never_exceeds_any_cap(
+            requested in proptest::option::of(secs()),
+            default in secs(),
+            grant_max in secs(),
+            caps in proptest::collection::vec(secs(), 0..5),
+            job_left in proptest::option::of(secs()),
+        ) {
+            let ttl = effective_ttl(requested, default, grant_max, &caps, job_left);
+            prop_assert!(ttl <= grant_max);
+            prop_assert!(ttl <= requested.unwrap_or(default));
+            for c in &caps {
+                prop_assert!(ttl <= *c);
+            }
+            if let Some(j) = job_left {
+                prop_assert!(ttl <= j);
+            }
+            // And it is one of the inputs, not something smaller made up.
+            let mut inputs = vec![requested.unwrap_or(default), grant_max];
+            inputs.extend(&caps);
+            inputs.extend(job_left);
+            prop_assert!(inputs.contains(&ttl));
+        }
     }
 }
 

@@ -99,11 +99,14 @@ fn with_layers(api: Router, limits: &HttpLimits) -> Router {
 
 async fn overloaded(err: tower::BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
-        ApiError::new(
+        let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "timeout",
             "the request took too long",
-        )
+        );
+        // Like every other 503: tell clients when to come back (a hung store or target).
+        e.retry_after = Some(5);
+        e
     } else {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -73,13 +73,79 @@ fn decode_object(seg: &str, what: &'static str) -> Result<Map<String, Value>, Ve
             "payload is not base64url"
         })
     })?;
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(m)) => Ok(m),
+    match serde_json::from_slice::<NoDuplicates>(&bytes) {
+        Ok(NoDuplicates(Value::Object(m))) => Ok(m),
         _ => Err(VerifyError::MalformedToken(if what == "header" {
             "header is not a JSON object"
         } else {
             "payload is not a JSON object"
         })),
+    }
+}
+
+/// A JSON value in which no object has the same member twice, at any depth.
+///
+/// Why: serde_json (here, in jsonwebtoken and in the policy engine's input) silently keeps the
+/// last of duplicate members, and other JWT libraries keep the first. A token saying
+/// `"repository_id":"1","repository_id":"2"` means different things to different readers, so
+/// it means nothing: it is refused as malformed before anything else reads it. serde_json's
+/// recursion limit still applies (deeply nested input is refused, not a stack overflow).
+struct NoDuplicates(Value);
+
+impl<'de> serde::Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicatesVisitor).map(NoDuplicates)
+    }
+}
+
+struct NoDuplicatesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicatesVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON without duplicate object members")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON text cannot spell NaN or infinity, so this never yields null in practice.
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(NoDuplicates(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let NoDuplicates(v) = map.next_value()?;
+            if out.contains_key(&k) {
+                // The member name is token input: not echoed.
+                return Err(serde::de::Error::custom("duplicate object member"));
+            }
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
     }
 }
 
@@ -129,6 +195,43 @@ mod tests {
             let e = peek(&c).unwrap_err();
             assert_eq!(e.reason_code(), "malformed_token", "{c:?}");
         }
+    }
+
+    #[test]
+    fn duplicate_members_at_any_depth_are_malformed() {
+        let header = enc(r#"{"alg":"RS256","kid":"k1"}"#);
+        for (h, p) in [
+            (header.clone(), enc(r#"{"iss":"a","sub":"x","iss":"b"}"#)),
+            (header.clone(), enc(r#"{"iss":"a","n":{"r":"1","r":"2"}}"#)),
+            (
+                header.clone(),
+                enc(r#"{"iss":"a","l":[{"r":"1","r":"1"}]}"#),
+            ),
+            (
+                enc(r#"{"alg":"none","alg":"RS256"}"#),
+                enc(r#"{"iss":"a"}"#),
+            ),
+        ] {
+            let e = peek(&format!("{h}.{p}.sig")).unwrap_err();
+            assert_eq!(e.reason_code(), "malformed_token", "{p}");
+        }
+        // Same name in different objects is fine; numbers and nulls come through unchanged.
+        let ok = format!(
+            "{header}.{}.sig",
+            enc(r#"{"iss":"a","x":{"iss":1.5,"n":null,"b":true,"u":18446744073709551615}}"#)
+        );
+        assert_eq!(peek(&ok).unwrap().iss.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let deep = format!(
+            r#"{{"iss":"a","x":{}1{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
+        let t = format!("{}.{}.sig", enc(r#"{"alg":"RS256"}"#), enc(&deep));
+        assert_eq!(peek(&t).unwrap_err().reason_code(), "malformed_token");
     }
 
     #[test]

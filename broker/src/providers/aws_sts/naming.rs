@@ -189,3 +189,66 @@ mod tests {
         assert_eq!(tags[0].1, "acme/api");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn claim() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(prop_oneof![
+            any::<String>(),
+            "[a-zA-Z0-9/._*?\"'{},@ -]{0,300}",
+        ])
+    }
+
+    fn job() -> impl Strategy<Value = JobAttribution> {
+        (claim(), claim(), claim(), claim(), claim()).prop_map(
+            |(repository, repository_id, workflow, run_id, git_ref)| JobAttribution {
+                repository,
+                repository_id,
+                workflow,
+                run_id,
+                git_ref,
+                ..Default::default()
+            },
+        )
+    }
+
+    proptest! {
+        /// For any claims: the session name (= SourceIdentity) fits AWS (2..=64 characters of
+        /// `[\w+=,.@-]`) and ends with this grant's resource id, so the deny pattern
+        /// `*<resource id>` matches it and no claim can imitate another grant's suffix.
+        #[test]
+        fn session_names_are_valid_for_any_claims(job in job(), gid in any::<u128>(), cred in "[a-z-]{1,20}") {
+            let rid = resource_id(Uuid::from_u128(gid), &cred);
+            prop_assert!(is_resource_id(&rid));
+            let n = session_name(&job, &rid);
+            prop_assert!((2..=MAX_SESSION_NAME).contains(&n.len()), "{}", n);
+            prop_assert!(n.chars().all(session_char), "{}", n);
+            prop_assert!(n.ends_with(&format!(".{rid}")), "{}", n);
+        }
+
+        /// Tags: fixed keys, values of at most 256 characters from AWS's tag alphabet, each
+        /// character either the claim's own or `_` (nothing else is made up or let through).
+        #[test]
+        fn session_tags_are_valid_for_any_claims(job in job()) {
+            for (k, v) in session_tags(&job) {
+                prop_assert!(["repository", "repository_id", "workflow", "run_id", "ref"].contains(&k));
+                prop_assert!(v.chars().count() <= MAX_TAG_VALUE && v.len() <= MAX_TAG_VALUE);
+                prop_assert!(v.chars().all(tag_char), "{}", v);
+                let src = match k {
+                    "repository" => &job.repository,
+                    "repository_id" => &job.repository_id,
+                    "workflow" => &job.workflow,
+                    "run_id" => &job.run_id,
+                    _ => &job.git_ref,
+                };
+                let src = src.as_deref().unwrap_or_default();
+                for (o, i) in v.chars().zip(src.chars()) {
+                    prop_assert!(o == i || o == '_');
+                }
+            }
+        }
+    }
+}

@@ -830,3 +830,28 @@ mod tests {
         assert_eq!(err.reason_code(), "invalid_claim_value");
     }
 }
+
+#[cfg(test)]
+mod session_duration_properties {
+    use super::{MIN_SESSION_SECONDS, session_seconds};
+    use proptest::prelude::*;
+    use time::Duration;
+
+    proptest! {
+        /// `DurationSeconds` never exceeds the role's maximum session, never goes under AWS's
+        /// floor, and equals the grant TTL whenever AWS can express it. (A grant shorter than
+        /// the floor gets a 900 s session; its revocation is the deny policy, written at expiry.)
+        #[test]
+        fn session_never_exceeds_the_role_maximum(
+            ttl in -10_000i64..200_000,
+            max in MIN_SESSION_SECONDS..=43_200i64,
+        ) {
+            let s = i64::from(session_seconds(Duration::seconds(ttl), Duration::seconds(max)));
+            prop_assert!(s <= max);
+            prop_assert!(s >= MIN_SESSION_SECONDS);
+            if (MIN_SESSION_SECONDS..=max).contains(&ttl) {
+                prop_assert_eq!(s, ttl);
+            }
+        }
+    }
+}

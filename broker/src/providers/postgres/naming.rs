@@ -138,3 +138,34 @@ mod tests {
         assert!(!is_ours("brk_", &format!("brk_{}", "a".repeat(60))));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn prefix() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9_]{0,15}".prop_filter("reserved", |p| !p.starts_with("pg_"))
+    }
+
+    proptest! {
+        /// Whatever the credential name (policy input, sanitised anyway), the role name is plain,
+        /// fits Postgres without truncation, is recognisably ours and names the grant.
+        #[test]
+        fn role_names_are_valid_for_any_input(
+            prefix in prefix(),
+            credential in any::<String>(),
+            gid in any::<u128>(),
+        ) {
+            prop_assert!(check_prefix(&prefix).is_ok());
+            let g = Uuid::from_u128(gid);
+            let n = role_name(&prefix, g, &credential);
+            prop_assert!(n.len() <= MAX_ROLE_BYTES, "{}", n);
+            prop_assert!(n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{}", n);
+            prop_assert!(n.starts_with(&prefix));
+            prop_assert!(is_ours(&prefix, &n));
+            prop_assert!(n.contains(&g.simple().to_string()));
+            prop_assert_eq!(n.clone(), role_name(&prefix, g, &credential));
+        }
+    }
+}

@@ -516,3 +516,72 @@ mod tests {
         assert!(StatementTemplate::parse("COMMENT ON ROLE {{username}} IS 'a;b'").is_ok());
     }
 }
+
+#[cfg(test)]
+mod quote_properties {
+    use super::{quote_ident, quote_literal};
+    use proptest::prelude::*;
+
+    /// Read one SQL string literal the way Postgres's lexer does (`'…'` with `''`, or `E'…'`
+    /// with `''` and `\\`), requiring it to span the whole input: (value, rest-was-empty).
+    fn unquote_literal(q: &str) -> Option<String> {
+        let (escape, body) = if let Some(b) = q.strip_prefix(" E'") {
+            (true, b)
+        } else {
+            (false, q.strip_prefix('\'')?)
+        };
+        let mut out = String::new();
+        let mut it = body.chars().peekable();
+        while let Some(c) = it.next() {
+            match c {
+                '\'' if it.peek() == Some(&'\'') => {
+                    it.next();
+                    out.push('\'');
+                }
+                // The closing quote must be the last character: nothing escapes the literal.
+                '\'' => return it.next().is_none().then_some(out),
+                '\\' if escape => out.push(it.next().filter(|n| *n == '\\')?),
+                c => out.push(c),
+            }
+        }
+        None
+    }
+
+    fn unquote_ident(q: &str) -> Option<String> {
+        let body = q.strip_prefix('"')?.strip_suffix('"')?;
+        let mut out = String::new();
+        let mut it = body.chars().peekable();
+        while let Some(c) = it.next() {
+            if c == '"' {
+                // Inside, a quote only ever appears doubled.
+                it.next().filter(|n| *n == '"')?;
+            }
+            out.push(c);
+        }
+        Some(out)
+    }
+
+    proptest! {
+        #[test]
+        fn literals_round_trip_and_never_break_out(v in any::<String>()) {
+            match quote_literal(&v) {
+                Ok(q) => prop_assert_eq!(unquote_literal(&q), Some(v)),
+                Err(_) => prop_assert!(v.contains('\0')),
+            }
+        }
+
+        #[test]
+        fn literals_with_hostile_characters(v in "[a-z'\\\\\";$ -]{0,40}") {
+            let q = quote_literal(&v).unwrap();
+            prop_assert_eq!(unquote_literal(&q), Some(v));
+        }
+
+        #[test]
+        fn identifiers_round_trip_and_never_break_out(v in any::<String>()) {
+            match quote_ident(&v) {
+                Ok(q) => prop_assert_eq!(unquote_ident(&q), Some(v)),
+                Err(_) => prop_assert!(v.contains('\0') || v.is_empty() || v.len() > super::MAX_IDENT_BYTES),
+            }
+        }
+    }
+}
