@@ -142,27 +142,49 @@ async fn writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 return; // every handle dropped
             }
         }
-        match write_batch(&pool, &jobs).await {
-            Ok(outcomes) => {
-                for (job, outcome) in jobs.drain(..).zip(outcomes) {
-                    let _ = job.done.send(outcome);
-                }
+        loop {
+            jobs.retain(|j| !j.abandoned());
+            if jobs.is_empty() {
+                break;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, items = jobs.len(), "store batch failed");
-                for job in jobs.drain(..) {
-                    let _ = job.done.send(Err(same(&e)));
+            match write_batch(&pool, &jobs).await {
+                Ok(Some(outcomes)) => {
+                    for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                        let _ = job.done.send(outcome);
+                    }
+                    break;
+                }
+                // A caller gave up while the batch was written: rolled back; again without it.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, items = jobs.len(), "store batch failed");
+                    for job in jobs.drain(..) {
+                        let _ = job.done.send(Err(same(&e)));
+                    }
+                    break;
                 }
             }
         }
     }
 }
 
+impl Job {
+    /// An issue or activation whose caller stopped waiting (its request timed out or the client
+    /// went away). Its response was never sent, so it must not be committed: an `Issue` then
+    /// leaves nothing (its tokens never left the process) and an `Activate` leaves the grant
+    /// `issuing` for the reaper to revoke, as when a lone transaction is dropped. Revocation
+    /// finishes and refusals' audit events are written whoever waits for them.
+    fn abandoned(&self) -> bool {
+        matches!(self.op, Op::Issue { .. } | Op::Activate { .. }) && self.done.is_closed()
+    }
+}
+
 /// One transaction for the batch: each item's rows, then all their audit events in item order.
+/// `None`: rolled back because a caller gave up meanwhile (see `Job::abandoned`).
 async fn write_batch(
     pool: &PgPool,
     jobs: &[Job],
-) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+) -> Result<Option<Vec<Result<(), StoreError>>>, StoreError> {
     let mut tx = pool.begin().await?;
     // Grants born active go in together (the common case under load: API-token exchanges).
     let issues: Vec<(&NewGrant, Option<&JtiRecord>)> = jobs
@@ -205,8 +227,14 @@ async fn write_batch(
         .map(|(j, _)| &j.audit)
         .collect();
     postgres::insert_audits(&mut tx, &audits).await?;
+    // Last look before the commit (a caller leaving after this point is not seen: its grant is
+    // committed without a response, and simply expires; nobody holds its credentials).
+    if jobs.iter().any(Job::abandoned) {
+        tx.rollback().await?;
+        return Ok(None);
+    }
     tx.commit().await?;
-    Ok(outcomes)
+    Ok(Some(outcomes))
 }
 
 /// The batch's error for each of its callers (`StoreError` holds no handle, so copy it).
@@ -216,5 +244,91 @@ fn same(e: &StoreError) -> StoreError {
         StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
         StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
         StoreError::BadUrl(s) => StoreError::BadUrl(s.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::{Action, Outcome};
+    use crate::providers::{CredentialKind, IssuedCredential};
+    use crate::store::Backend;
+    use crate::store::testdb::TestDb;
+
+    fn grant() -> NewGrant {
+        let id = Uuid::now_v7();
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        NewGrant {
+            id,
+            revocation_hash: crate::secret::sha256_hex(id.as_bytes()),
+            issuer: "github".to_owned(),
+            subject: "repo:acme/app:ref:refs/heads/main".to_owned(),
+            repository: Some("acme/app".to_owned()),
+            repository_id: Some("42".to_owned()),
+            job: serde_json::json!({"run_id": "1"}),
+            bundle_digest: "sha256:bundle".to_owned(),
+            created_at: now,
+            expires_at: now + time::Duration::minutes(5),
+            credentials: vec![IssuedCredential {
+                name: "deploy".to_owned(),
+                kind: CredentialKind::ApiToken,
+                resource_id: format!("tok-{id}"),
+                details: serde_json::Value::Null,
+            }],
+        }
+    }
+
+    fn issue(g: &NewGrant) -> (Job, oneshot::Receiver<Result<(), StoreError>>) {
+        let (done, rx) = oneshot::channel();
+        let mut audit = AuditEvent::new(g.created_at, Action::Exchange, Outcome::Allow, "ok");
+        audit.grant_id = Some(g.id);
+        let op = Op::Issue {
+            grant: Box::new(g.clone()),
+            jti: None,
+        };
+        (Job { op, audit, done }, rx)
+    }
+
+    /// A caller that stopped waiting (its request timed out) must not get a grant committed
+    /// behind its back: the batch rolls back, and the others are written without it.
+    #[tokio::test]
+    async fn an_abandoned_issue_is_never_committed() {
+        let db = TestDb::postgres().await;
+        let store = db.store();
+        let Backend::Postgres(pool) = &store.backend else {
+            unreachable!("TestDb::postgres is a Postgres store")
+        };
+        let (gone, kept) = (grant(), grant());
+        let (gone_job, gone_rx) = issue(&gone);
+        let (kept_job, mut kept_rx) = issue(&kept);
+        let mut jobs = vec![gone_job, kept_job];
+        drop(gone_rx);
+
+        assert!(
+            write_batch(pool, &jobs).await.unwrap().is_none(),
+            "rolled back"
+        );
+        assert!(store.grant(gone.id).await.unwrap().is_none());
+        assert!(store.grant(kept.id).await.unwrap().is_none());
+
+        jobs.retain(|j| !j.abandoned());
+        assert_eq!(jobs.len(), 1);
+        let outcomes = write_batch(pool, &jobs).await.unwrap().expect("committed");
+        assert!(outcomes[0].is_ok());
+        assert!(store.grant(kept.id).await.unwrap().is_some());
+        assert!(store.grant(gone.id).await.unwrap().is_none());
+        assert!(
+            kept_rx.try_recv().is_err(),
+            "the writer loop answers, not write_batch"
+        );
+        let events = store
+            .audit_events(&crate::store::AuditFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(events.len(), 1, "only the kept grant's allow event");
+        assert_eq!(events[0].grant_id, Some(kept.id));
     }
 }
