@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+pub mod moto;
+
 /// The broker binary built by `scripts/test` (or `BROKER_BIN`).
 pub fn broker_bin() -> PathBuf {
     if let Ok(p) = std::env::var("BROKER_BIN") {

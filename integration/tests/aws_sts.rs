@@ -10,7 +10,7 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::providers::aws_sts::AwsStsProvider;
-use broker::providers::aws_sts::deny::{DENY_POLICY_NAME, DenyDocument, percent_decode};
+use broker::providers::aws_sts::deny::DenyDocument;
 use broker::providers::aws_sts::spec::{AwsStsSpec, RoleArn};
 use broker::providers::{
     CredentialDef, CredentialKind, CredentialSpec, IssuedCredential, Provider,
@@ -18,137 +18,12 @@ use broker::providers::{
 use broker::secret::Sensitive;
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
+use integration::moto::{ACCOUNT, KEY_ID, Moto, SECRET};
 use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 const AUD: &str = "https://broker.test";
-const ACCOUNT: &str = "123456789012";
-const KEY_ID: &str = "testing";
-const SECRET: &str = "testing";
-
-fn moto_bin() -> PathBuf {
-    std::env::var("BROKER_TEST_MOTO_SERVER")
-        .ok()
-        .filter(|p| !p.trim().is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| integration::repo_root().join("target/test-venv/bin/moto_server"))
-}
-
-/// A moto server on 127.0.0.1 with a free port; stopped by PID on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    async fn start() -> Option<Moto> {
-        let bin = moto_bin();
-        if !bin.exists() {
-            eprintln!(
-                "skipping: moto is not installed at {} (scripts/test installs it; no network?)",
-                bin.display()
-            );
-            return None;
-        }
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts");
-        let m = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let http = reqwest::Client::new();
-        for _ in 0..300 {
-            if http
-                .get(format!("{}/moto-api/", m.url))
-                .send()
-                .await
-                .is_ok()
-            {
-                return Some(m);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("moto_server did not answer on {}", m.url);
-    }
-
-    async fn sdk(&self, key: &str, secret: &str, token: Option<&str>) -> aws_config::SdkConfig {
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&self.url)
-            .credentials_provider(aws_sdk_sts::config::Credentials::new(
-                key,
-                secret,
-                token.map(str::to_owned),
-                None,
-                "test",
-            ))
-            .load()
-            .await
-    }
-
-    async fn iam(&self) -> aws_sdk_iam::Client {
-        aws_sdk_iam::Client::new(&self.sdk(KEY_ID, SECRET, None).await)
-    }
-
-    /// Create a role (moto would assume a missing one anyway; real AWS would not).
-    async fn create_role(&self, name: &str) -> String {
-        let trust = json!({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Effect": "Allow",
-                "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:root")},
-                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]
-            }]
-        });
-        let out = self
-            .iam()
-            .await
-            .create_role()
-            .role_name(name)
-            .assume_role_policy_document(trust.to_string())
-            .send()
-            .await
-            .expect("create role");
-        out.role().map(|r| r.arn().to_owned()).expect("role arn")
-    }
-
-    /// The broker's deny policy on `role`, as JSON.
-    async fn deny_policy(&self, role: &str) -> Option<Value> {
-        let out = self
-            .iam()
-            .await
-            .get_role_policy()
-            .role_name(role)
-            .policy_name(DENY_POLICY_NAME)
-            .send()
-            .await
-            .ok()?;
-        let raw = out.policy_document();
-        let text = if raw.starts_with('{') {
-            raw.to_owned()
-        } else {
-            percent_decode(raw).expect("decodable")
-        };
-        Some(serde_json::from_str(&text).expect("policy is JSON"))
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn tag() -> String {
     format!("{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32)

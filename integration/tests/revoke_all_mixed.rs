@@ -10,19 +10,17 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
+use integration::moto::Moto;
+use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const AUD: &str = "https://broker.test";
 const OPERATOR_TOKEN: &str = "brk_op_revoke-all-mixed-e2e-admin";
-const ACCOUNT: &str = "123456789012";
 const GRANTS: usize = 1000;
 /// Exchanges in flight while building the grants.
 const CONCURRENCY: usize = 12;
@@ -114,115 +112,6 @@ impl PgTarget {
             exec(&self.admin, format!("DROP OWNED BY {r}; DROP ROLE {r}")).await;
         }
         self.admin.close().await;
-    }
-}
-
-/// moto (STS + IAM) on a free port, stopped by PID on drop; `None` when not installed.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    async fn start() -> Option<Moto> {
-        let bin = std::env::var("BROKER_TEST_MOTO_SERVER")
-            .ok()
-            .filter(|p| !p.trim().is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| integration::repo_root().join("target/test-venv/bin/moto_server"));
-        if !bin.exists() {
-            println!(
-                "SKIPPED (AWS part): moto is not installed at {}; grants are Postgres users and API tokens only",
-                bin.display()
-            );
-            return None;
-        }
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server starts");
-        let m = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let http = reqwest::Client::new();
-        for _ in 0..300 {
-            if http
-                .get(format!("{}/moto-api/", m.url))
-                .send()
-                .await
-                .is_ok()
-            {
-                return Some(m);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("moto_server did not answer on {}", m.url);
-    }
-
-    async fn iam(&self) -> aws_sdk_iam::Client {
-        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&self.url)
-            .credentials_provider(aws_sdk_sts::config::Credentials::new(
-                "testing", "testing", None, None, "test",
-            ))
-            .load()
-            .await;
-        aws_sdk_iam::Client::new(&sdk)
-    }
-
-    async fn create_role(&self, name: &str) -> String {
-        let trust = json!({
-            "Version": "2012-10-17",
-            "Statement": [{
-                "Effect": "Allow",
-                "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT}:root")},
-                "Action": ["sts:AssumeRole", "sts:TagSession", "sts:SetSourceIdentity"]
-            }]
-        });
-        let out = self
-            .iam()
-            .await
-            .create_role()
-            .role_name(name)
-            .assume_role_policy_document(trust.to_string())
-            .send()
-            .await
-            .expect("create role");
-        out.role().map(|r| r.arn().to_owned()).expect("role arn")
-    }
-
-    /// The broker's deny policy on `role`, as JSON.
-    async fn deny_policy(&self, role: &str) -> Option<Value> {
-        use broker::providers::aws_sts::deny::{DENY_POLICY_NAME, percent_decode};
-        let out = self
-            .iam()
-            .await
-            .get_role_policy()
-            .role_name(role)
-            .policy_name(DENY_POLICY_NAME)
-            .send()
-            .await
-            .ok()?;
-        let raw = out.policy_document();
-        let text = if raw.starts_with('{') {
-            raw.to_owned()
-        } else {
-            percent_decode(raw).expect("decodable")
-        };
-        Some(serde_json::from_str(&text).expect("policy is JSON"))
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
