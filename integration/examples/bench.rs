@@ -245,7 +245,7 @@ impl Fixture {
 }
 
 async fn exec(pool: &PgPool, sql: &str) {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+    sqlx::raw_sql(sql)
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

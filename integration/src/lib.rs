@@ -350,7 +350,7 @@ pub async fn dump_store(store_url: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     for t in tables {
         // quote_ident made `t` safe to splice.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT x::text FROM {t} x")))
+        let rows = sqlx::query(&format!("SELECT x::text FROM {t} x"))
             .fetch_all(&mut conn)
             .await?;
         for r in rows {
@@ -526,9 +526,7 @@ impl PgRoleTarget {
             format!("CREATE DATABASE {tag}_app"),
             format!("CREATE ROLE {tag}g_owner NOLOGIN"),
         ] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&admin)
-                .await?;
+            sqlx::raw_sql(&sql).execute(&admin).await?;
         }
         Ok(Self {
             admin,
@@ -593,14 +591,14 @@ impl PgRoleTarget {
                 .into_iter()
                 .map(|r| r.get(0))
                 .collect();
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        let _ = sqlx::raw_sql(&format!(
             "DROP DATABASE IF EXISTS {}_app WITH (FORCE)",
             self.tag
-        )))
+        ))
         .execute(&self.admin)
         .await;
         for r in left {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {r}")))
+            let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {r}"))
                 .execute(&self.admin)
                 .await;
         }

@@ -12,7 +12,6 @@ use integration::{
     gitlab_issuer_yaml, repo_root,
 };
 use serde_json::json;
-use sqlx::AssertSqlSafe;
 use std::path::Path;
 use std::process::Command;
 
@@ -208,14 +207,13 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     ]);
     assert_eq!(made.code, 0, "{}", made.out);
     let admin = sqlx::PgPool::connect(db.url()).await.unwrap();
-    sqlx::raw_sql(AssertSqlSafe(
+    sqlx::raw_sql(
         "ALTER TABLE audit_events DISABLE TRIGGER USER;
          DELETE FROM audit_events WHERE seq = (SELECT max(seq) FROM audit_events);
          UPDATE audit_chain_head SET seq = (SELECT max(seq) FROM audit_events),
              hash = (SELECT hash FROM audit_events ORDER BY seq DESC LIMIT 1);
-         ALTER TABLE audit_events ENABLE TRIGGER USER;"
-            .to_owned(),
-    ))
+         ALTER TABLE audit_events ENABLE TRIGGER USER;",
+    )
     .execute(&admin)
     .await
     .unwrap();
@@ -233,13 +231,12 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     assert!(v.out.contains("audit_event_deleted"), "{}", v.out);
 
     // An edit after the cut is still detected.
-    sqlx::raw_sql(AssertSqlSafe(
+    sqlx::raw_sql(
         "ALTER TABLE audit_events DISABLE TRIGGER USER;
          UPDATE audit_events SET reason = 'forged'
              WHERE seq = (SELECT max(seq) FROM audit_events);
-         ALTER TABLE audit_events ENABLE TRIGGER USER;"
-            .to_owned(),
-    ))
+         ALTER TABLE audit_events ENABLE TRIGGER USER;",
+    )
     .execute(&admin)
     .await
     .unwrap();

@@ -435,7 +435,7 @@ impl PgTarget {
             format!("CREATE ROLE {} NOLOGIN", t.reader),
             format!("CREATE ROLE {} NOLOGIN", t.owner),
         ] {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+            sqlx::raw_sql(&sql)
                 .execute(&t.admin)
                 .await
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -491,7 +491,7 @@ rules:
     async fn cleanup(self) {
         use sqlx::Row;
         let drop_db = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.app_db);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(drop_db))
+        sqlx::raw_sql(&drop_db)
             .execute(&self.admin)
             .await
             .expect("drop the app database");
@@ -505,12 +505,10 @@ rules:
                 .map(|r| r.get(0))
                 .collect();
         for r in left {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP OWNED BY {r}; DROP ROLE {r}"
-            )))
-            .execute(&self.admin)
-            .await
-            .expect("drop a test role");
+            sqlx::raw_sql(&format!("DROP OWNED BY {r}; DROP ROLE {r}"))
+                .execute(&self.admin)
+                .await
+                .expect("drop a test role");
         }
         self.admin.close().await;
     }

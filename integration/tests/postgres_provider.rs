@@ -10,7 +10,7 @@ use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
 use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ struct PgFixture {
 }
 
 async fn exec(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+    sqlx::raw_sql(&sql)
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

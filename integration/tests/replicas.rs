@@ -12,8 +12,8 @@ use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
 use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
+use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Row};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ fn admin_url() -> String {
 }
 
 async fn exec(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+    sqlx::raw_sql(&sql)
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

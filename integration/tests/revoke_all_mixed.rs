@@ -13,8 +13,8 @@ use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
 use integration::moto::Moto;
 use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
+use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Row};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,7 +37,7 @@ fn tag() -> String {
 }
 
 async fn exec(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+    sqlx::raw_sql(&sql)
         .execute(pool)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));

@@ -13,7 +13,7 @@ use integration::{
 };
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
+use sqlx::{ConnectOptions, Connection};
 use std::str::FromStr;
 
 const AUD: &str = "https://broker.test";
@@ -44,7 +44,7 @@ impl Pg {
             .await
             .expect("admin connects");
         let tag = format!("w{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32);
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE ROLE {tag}g_owner NOLOGIN")))
+        sqlx::raw_sql(&format!("CREATE ROLE {tag}g_owner NOLOGIN"))
             .execute(&admin)
             .await
             .unwrap();
@@ -78,7 +78,7 @@ impl Pg {
                 .await
                 .unwrap();
         for r in left {
-            let _ = sqlx::raw_sql(AssertSqlSafe(format!("DROP OWNED BY {r}; DROP ROLE {r}")))
+            let _ = sqlx::raw_sql(&format!("DROP OWNED BY {r}; DROP ROLE {r}"))
                 .execute(&self.admin)
                 .await;
         }

@@ -9,7 +9,6 @@
 #![allow(clippy::panic, clippy::expect_used)]
 
 use super::Store;
-use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgPoolOptions;
 use std::path::PathBuf;
 
@@ -73,7 +72,7 @@ impl TestDb {
             });
         // Only [0-9a-f_] in the name, so quoting it into the statement is safe.
         let name = format!("broker_test_{}", random_suffix());
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\""))
             .execute(&admin)
             .await
             .unwrap_or_else(|e| panic!("Postgres tests: cannot create database {name}: {e}"));
@@ -182,10 +181,8 @@ async fn drop_database(pg: &PgTarget) {
         return;
     };
     let name = &pg.name;
-    let _ = sqlx::raw_sql(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
-    )))
-    .execute(&admin)
-    .await;
+    let _ = sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&admin)
+        .await;
     admin.close().await;
 }

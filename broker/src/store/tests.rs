@@ -1599,17 +1599,17 @@ async fn in_memory_sqlite_works() {
 /// way (Postgres: disabled; SQLite: dropped, as SQLite cannot disable a trigger).
 async fn tamper(store: &Store, sql: &str) {
     match &store.backend {
-        Backend::Postgres(pool) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        Backend::Postgres(pool) => sqlx::raw_sql(&format!(
             "ALTER TABLE audit_events DISABLE TRIGGER USER; {sql}; \
              ALTER TABLE audit_events ENABLE TRIGGER USER;"
-        )))
+        ))
         .execute(pool)
         .await
         .map(|_| ()),
-        Backend::Sqlite(pool) => sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        Backend::Sqlite(pool) => sqlx::raw_sql(&format!(
             "DROP TRIGGER IF EXISTS audit_events_no_update; \
              DROP TRIGGER IF EXISTS audit_events_no_delete; {sql};"
-        )))
+        ))
         .execute(pool)
         .await
         .map(|_| ()),
@@ -1938,7 +1938,7 @@ async fn postgres_analyst_views_split_the_log_and_are_documented() {
 /// Run `sql` inside a transaction that opened the prune path (the session flag / guard row), as
 /// an attacker who read the prune code would.
 async fn via_prune_path(store: &Store, sql: &str) -> Option<String> {
-    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    let sql = &sql;
     let r = match &store.backend {
         Backend::Postgres(pool) => {
             let mut tx = pool.begin().await.unwrap();
@@ -2047,14 +2047,8 @@ async fn audit_prune_path_is_guarded(store: Store) {
     let hash3 = {
         let sql = format!("SELECT hash FROM audit_events WHERE seq = {}", rows[3].0);
         let h: String = match &store.backend {
-            Backend::Postgres(pool) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_one(pool)
-                .await
-                .unwrap(),
-            Backend::Sqlite(pool) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-                .fetch_one(pool)
-                .await
-                .unwrap(),
+            Backend::Postgres(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap(),
+            Backend::Sqlite(pool) => sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap(),
         };
         h
     };

@@ -28,7 +28,7 @@ use crate::secret::Sensitive;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
@@ -372,9 +372,7 @@ impl PostgresProvider {
             .await
             .map_err(|e| classify("extra statements", &e))?;
         for (i, s) in statements.iter().enumerate() {
-            sqlx::query(AssertSqlSafe(s.as_str()))
-                .persistent(false)
-                .execute(&mut *tx)
+            exec(&mut tx, s)
                 .await
                 .map_err(|e| classify(&format!("extra statement {}", i + 1), &e))?;
         }
@@ -406,9 +404,7 @@ impl PostgresProvider {
         let reassign = format!("REASSIGN OWNED BY {role} TO {owner}");
         let drop = format!("DROP OWNED BY {role}");
         for stmt in [reassign, drop] {
-            sqlx::query(AssertSqlSafe(stmt))
-                .persistent(false)
-                .execute(&mut *tx)
+            exec(&mut tx, &stmt)
                 .await
                 .map_err(|e| classify("reassigning owned objects", &e))?;
         }
@@ -519,11 +515,7 @@ impl Provider for PostgresProvider {
                 return Err(classify("connecting to the target", &e));
             }
         };
-        if let Err(e) = sqlx::query(AssertSqlSafe(create.expose()))
-            .persistent(false)
-            .execute(&mut *conn)
-            .await
-        {
+        if let Err(e) = exec(&mut conn, create.expose()).await {
             // The server refused the statement, which is atomic: no role exists, unless the
             // refusal is that the role already exists (then it must be dropped for real).
             if matches!(e, sqlx::Error::Database(_)) && sqlstate(&e).as_deref() != Some("42710") {
@@ -593,11 +585,8 @@ impl Provider for PostgresProvider {
             .map_err(|e| classify("connecting to the target", &e))?;
 
         // 1. Nothing new gets in.
-        if let Err(e) = sqlx::query(AssertSqlSafe(format!("ALTER ROLE {role} NOLOGIN")))
-            .persistent(false)
-            .execute(&mut *conn)
-            .await
-        {
+        let nologin = format!("ALTER ROLE {role} NOLOGIN");
+        if let Err(e) = exec(&mut conn, &nologin).await {
             if sqlstate(&e).as_deref() == Some("42704") {
                 return Ok(()); // already gone
             }
@@ -643,10 +632,7 @@ impl Provider for PostgresProvider {
                 .map_err(|e| classify("connecting to the target", &e))?,
             Err(e) => return Err(classify("connecting to the credential's database", &e)),
         };
-        let rows = match sqlx::raw_sql(AssertSqlSafe(batch))
-            .fetch_all(&mut *conn)
-            .await
-        {
+        let rows = match run_batch(&mut conn, &batch).await {
             Ok(rows) => rows,
             // Dropped by someone else since step 1 (a concurrent revoke): gone is success.
             Err(e) if sqlstate(&e).as_deref() == Some("42704") => return Ok(()),
@@ -678,9 +664,8 @@ impl Provider for PostgresProvider {
             .acquire()
             .await
             .map_err(|e| classify("connecting to the target", &e))?;
-        sqlx::query(AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-            .persistent(false)
-            .execute(&mut *conn)
+        let drop_role = format!("DROP ROLE IF EXISTS {role}");
+        exec(&mut conn, &drop_role)
             .await
             .map_err(|e| classify("dropping the role", &e))?;
         tracing::debug!(role = %username, target = %target.name, databases = databases.len(), "postgres role dropped");
@@ -700,6 +685,29 @@ impl Provider for PostgresProvider {
             detail: (!down.is_empty()).then(|| format!("unreachable: {}", down.join(", "))),
         }
     }
+}
+
+/// Several statements in one round trip (simple query protocol), rows of the last one.
+fn run_batch<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    sql: &'c str,
+) -> futures::future::BoxFuture<'c, Result<Vec<sqlx::postgres::PgRow>, sqlx::Error>> {
+    // A bare string carries no arguments, so it goes as a simple query: several statements.
+    Box::pin(async move { sqlx::Executor::fetch_all(conn, sql).await })
+}
+
+/// One statement, not prepared (role names differ every time).
+fn exec<'c>(
+    conn: &'c mut sqlx::PgConnection,
+    sql: &'c str,
+) -> futures::future::BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::query(sql)
+            .persistent(false)
+            .execute(conn)
+            .await
+            .map(|_| ())
+    })
 }
 
 #[cfg(test)]
