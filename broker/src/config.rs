@@ -239,6 +239,9 @@ fn default_pool_size() -> u32 {
 fn default_connect_timeout() -> Duration {
     Duration::seconds(5)
 }
+fn default_scram_iterations() -> u32 {
+    crate::providers::postgres::scram::DEFAULT_ITERATIONS
+}
 fn default_role_prefix() -> String {
     crate::providers::postgres::naming::DEFAULT_PREFIX.to_owned()
 }
@@ -266,6 +269,10 @@ pub struct PostgresTargetConfig {
     /// Prefix of every role the broker creates on this server (revoke touches no other role).
     #[serde(default = "default_role_prefix")]
     pub role_prefix: String,
+    /// PBKDF2 iterations in the SCRAM-SHA-256 verifier of each created user (1 to 100,000; see
+    /// `providers::postgres::scram` for why the default is 1 and when to raise it).
+    #[serde(default = "default_scram_iterations")]
+    pub scram_iterations: u32,
 }
 
 fn default_role_max_session() -> Duration {
@@ -563,6 +570,11 @@ impl Config {
             if t.pool_size == 0 || t.pool_size > 100 {
                 p.push(format!("{key}.pool_size: must be 1 to 100"));
             }
+            if !(1..=crate::providers::postgres::scram::MAX_ITERATIONS)
+                .contains(&t.scram_iterations)
+            {
+                p.push(format!("{key}.scram_iterations: must be 1 to 100000"));
+            }
             if t.connect_timeout <= Duration::ZERO {
                 p.push(format!("{key}.connect_timeout: must be positive"));
             }
@@ -788,7 +800,7 @@ mod tests {
         assert!(!format!("{cfg}").contains("hunter2"));
         assert!(!format!("{cfg:?}").contains("hunter2"));
         let bad = format!(
-            "{}targets:\n  postgres:\n    main:\n      admin_url: {{env: NOPE_NOT_SET_X}}\n      host: ''\n      pool_size: 0\n      role_prefix: pg_x\n",
+            "{}targets:\n  postgres:\n    main:\n      admin_url: {{env: NOPE_NOT_SET_X}}\n      host: ''\n      pool_size: 0\n      role_prefix: pg_x\n      scram_iterations: 0\n",
             base(d.path())
         );
         let p = Config::parse(&bad, "t")
@@ -800,6 +812,7 @@ mod tests {
             "main.host",
             "main.pool_size",
             "main.role_prefix",
+            "main.scram_iterations",
         ] {
             assert!(p.contains(key), "missing {key} in {p}");
         }

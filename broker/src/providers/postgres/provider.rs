@@ -77,6 +77,7 @@ struct Target {
     pool_size: u32,
     acquire_timeout: std::time::Duration,
     prefix: String,
+    scram_iterations: u32,
 }
 
 impl fmt::Debug for Target {
@@ -322,6 +323,7 @@ impl PostgresProvider {
                     pool_size: t.pool_size,
                     acquire_timeout: acquire,
                     prefix: t.role_prefix.clone(),
+                    scram_iterations: t.scram_iterations,
                 }),
             );
         }
@@ -493,10 +495,15 @@ impl Provider for PostgresProvider {
                 _ => ProviderError::Misconfigured(e.to_string()),
             })?;
         let password = scram::generate_password();
-        let pw = password.clone();
-        let verifier = tokio::task::spawn_blocking(move || scram::verifier(&pw))
-            .await
-            .map_err(|_| ProviderError::Internal("computing the password verifier".into()))?;
+        let verifier = if target.scram_iterations <= scram::INLINE_ITERATIONS {
+            // A few microseconds: not worth a hop to the blocking pool.
+            scram::verifier(&password, target.scram_iterations)
+        } else {
+            let (pw, iterations) = (password.clone(), target.scram_iterations);
+            tokio::task::spawn_blocking(move || scram::verifier(&pw, iterations))
+                .await
+                .map_err(|_| ProviderError::Internal("computing the password verifier".into()))?
+        };
         let groups: Vec<&str> = spec.roles.iter().map(|r| r.as_str()).collect();
         let create = create_role_sql(
             username,
@@ -762,6 +769,7 @@ mod tests {
             pool_size: 1,
             connect_timeout: time::Duration::seconds(1),
             role_prefix: "brk_".into(),
+            scram_iterations: 1,
         };
         targets.insert(
             "main".to_owned(),
@@ -795,6 +803,7 @@ mod tests {
                 pool_size: 1,
                 connect_timeout: time::Duration::seconds(1),
                 role_prefix: "brk_".into(),
+                scram_iterations: 1,
             },
         );
         let p = PostgresProvider::new(&targets).unwrap();
