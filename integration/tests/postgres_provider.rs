@@ -31,6 +31,9 @@ struct PgFixture {
     tag: String,
     prefix: String,
     app_db: String,
+    /// A second database the creator group may create in: objects there make DROP ROLE fail
+    /// in the credential's database, which takes the provider's slower revoke path.
+    other_db: String,
     reader: String,
     creator: String,
     owner: String,
@@ -58,6 +61,7 @@ impl PgFixture {
         let f = Self {
             prefix: format!("{tag}u_"),
             app_db: format!("{tag}_app"),
+            other_db: format!("{tag}_other"),
             reader: format!("{tag}g_reader"),
             creator: format!("{tag}g_creator"),
             owner: format!("{tag}g_owner"),
@@ -71,9 +75,21 @@ impl PgFixture {
             url,
         };
         exec(&f.admin, format!("CREATE DATABASE {}", f.app_db)).await;
+        exec(&f.admin, format!("CREATE DATABASE {}", f.other_db)).await;
         for r in [&f.reader, &f.creator, &f.owner] {
             exec(&f.admin, format!("CREATE ROLE {r} NOLOGIN")).await;
         }
+        let other = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone().database(&f.other_db))
+            .await
+            .expect("other database");
+        exec(
+            &other,
+            format!("GRANT CREATE, USAGE ON SCHEMA public TO {}", f.creator),
+        )
+        .await;
+        other.close().await;
         exec(
             &f.app_admin,
             format!(
@@ -175,11 +191,13 @@ rules:
     /// Drop everything this test made (also roles a failed test left behind).
     async fn cleanup(self) {
         self.app_admin.close().await;
-        exec(
-            &self.admin,
-            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.app_db),
-        )
-        .await;
+        for db in [&self.app_db, &self.other_db] {
+            exec(
+                &self.admin,
+                format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            )
+            .await;
+        }
         let left: Vec<String> =
             sqlx::query("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
                 .bind(&self.tag)
@@ -396,6 +414,21 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
         .expect_err("no createrole");
     assert_eq!(sqlstate(&err), "42501");
 
+    // A table in a second database too: DROP ROLE now fails where the job worked, so revoke
+    // must disown the role in every database that lists it.
+    let other_url = url.replace(
+        &format!("/{}?", e.pg.app_db),
+        &format!("/{}?", e.pg.other_db),
+    );
+    let mut other = login(&other_url)
+        .await
+        .expect("minted user logs in elsewhere");
+    sqlx::raw_sql("CREATE TABLE made_elsewhere (x int)")
+        .execute(&mut other)
+        .await
+        .expect("creator may create there too");
+    drop(other);
+
     // Revoke.
     let (status, body2) = e.revoke(&s(&body["revocation_token"])).await;
     assert_eq!(
@@ -419,6 +452,23 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
     .expect("table survives");
     assert_eq!(row.get::<String, _>(0), e.pg.owner);
     assert_eq!(row.get::<i32, _>(1), 42);
+    let other_admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(
+            PgConnectOptions::from_str(&e.pg.url)
+                .unwrap()
+                .database(&e.pg.other_db),
+        )
+        .await
+        .expect("other database");
+    let owner: String = sqlx::query_scalar(
+        "SELECT tableowner::text FROM pg_tables WHERE tablename = 'made_elsewhere'",
+    )
+    .fetch_one(&other_admin)
+    .await
+    .expect("the table elsewhere survives");
+    assert_eq!(owner, e.pg.owner);
+    other_admin.close().await;
 
     // Idempotent: revoking again is fine.
     let (status, _) = e.revoke(&s(&body["revocation_token"])).await;
