@@ -862,33 +862,33 @@ impl Broker {
         if !t.starts_with(REVOCATION_PREFIX) || t.len() > 128 {
             return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
         }
-        let Some(grant) = self
+        let Some((grant_id, status)) = self
             .store
-            .grant_by_revocation_hash(&sha256_hex(t.as_bytes()))
+            .grant_status_by_revocation_hash(&sha256_hex(t.as_bytes()))
             .await?
         else {
             return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
         };
-        if grant.status.is_final() {
-            return Ok((grant.id, grant.status));
+        if status.is_final() {
+            return Ok((grant_id, status));
         }
         match self
             .store
-            .claim_for_revoke(grant.id, now, self.reaper.lease)
+            .claim_for_revoke(grant_id, now, self.reaper.lease)
             .await?
         {
             Some(claimed) => {
                 self.revoke_claimed(&claimed, "job", ctx).await?;
-                Ok((grant.id, claimed.cause.final_status()))
+                Ok((grant_id, claimed.cause.final_status()))
             }
             // Someone else (the reaper, another replica) holds it right now.
             None => {
                 let status = self
                     .store
-                    .grant(grant.id)
+                    .grant(grant_id)
                     .await?
                     .map_or(GrantStatus::Revoking, |g| g.status);
-                Ok((grant.id, status))
+                Ok((grant_id, status))
             }
         }
     }

@@ -12,7 +12,7 @@
 //!   after that transaction committed (or failed), so nothing is reported written before it is
 //!   durable, and "activation and its audit event are one transaction" holds per item.
 //! - Per-item refusals (`Replayed`, `Conflict`) are decided before the item writes anything
-//!   (see `postgres::insert_active_grants`, `activate_rows`, `finish_rows`), so a refused item leaves
+//!   (see `postgres::insert_grants`, `activate_rows`, `finish_rows`), so a refused item leaves
 //!   nothing in the batch and the others commit.
 //! - Any other error fails the whole batch: every caller gets it and nothing of the batch is
 //!   written (the transaction rolls back), which the callers already handle (fail closed).
@@ -36,8 +36,15 @@ const MAX_BATCH: usize = 64;
 /// Queued items before `submit` waits (back-pressure instead of unbounded memory).
 const QUEUE: usize = 4096;
 
-/// The state change that goes with an audit event.
+/// The state change that goes with an audit event (or, for `Begin`, that has none).
 pub(super) enum Op {
+    /// A grant intent: `issuing`, with its jti and the resource ids it will create, written
+    /// before anything is minted. No audit event (the exchange's outcome is audited when it is
+    /// known: activation, or failure).
+    Begin {
+        grant: Box<NewGrant>,
+        jti: Option<JtiRecord>,
+    },
     /// A grant born `active` (credentials minted in memory) with its jti.
     Issue {
         grant: Box<NewGrant>,
@@ -61,7 +68,7 @@ pub(super) enum Op {
 
 struct Job {
     op: Op,
-    audit: AuditEvent,
+    audit: Option<AuditEvent>,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -117,12 +124,25 @@ impl GroupWriter {
 
     /// Write `op` with `audit` and wait for the commit that holds them.
     pub(super) async fn submit(&self, op: Op, audit: &AuditEvent) -> Result<(), StoreError> {
-        let (done, result) = oneshot::channel();
-        let job = Job {
-            op,
-            audit: audit.clone(),
-            done,
+        self.send(op, Some(audit.clone())).await
+    }
+
+    /// Write a grant intent (no audit event) and wait for the commit that holds it.
+    pub(super) async fn begin(
+        &self,
+        grant: &NewGrant,
+        jti: Option<&JtiRecord>,
+    ) -> Result<(), StoreError> {
+        let op = Op::Begin {
+            grant: Box::new(grant.clone()),
+            jti: jti.cloned(),
         };
+        self.send(op, None).await
+    }
+
+    async fn send(&self, op: Op, audit: Option<AuditEvent>) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        let job = Job { op, audit, done };
         if self.queue.send(job).await.is_err() {
             return Err(StoreError::Unavailable("store writer stopped".to_owned()));
         }
@@ -169,13 +189,17 @@ async fn writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
 }
 
 impl Job {
-    /// An issue or activation whose caller stopped waiting (its request timed out or the client
-    /// went away). Its response was never sent, so it must not be committed: an `Issue` then
-    /// leaves nothing (its tokens never left the process) and an `Activate` leaves the grant
+    /// An intent, issue or activation whose caller stopped waiting (its request timed out or the
+    /// client went away). Its response was never sent, so it must not be committed: a `Begin`
+    /// then leaves nothing (nothing was minted, the jti stays unused), an `Issue` leaves nothing
+    /// (its tokens never left the process) and an `Activate` leaves the grant
     /// `issuing` for the reaper to revoke, as when a lone transaction is dropped. Revocation
     /// finishes and refusals' audit events are written whoever waits for them.
     fn abandoned(&self) -> bool {
-        matches!(self.op, Op::Issue { .. } | Op::Activate { .. }) && self.done.is_closed()
+        matches!(
+            self.op,
+            Op::Begin { .. } | Op::Issue { .. } | Op::Activate { .. }
+        ) && self.done.is_closed()
     }
 }
 
@@ -186,21 +210,23 @@ async fn write_batch(
     jobs: &[Job],
 ) -> Result<Option<Vec<Result<(), StoreError>>>, StoreError> {
     let mut tx = pool.begin().await?;
-    // Grants born active go in together (the common case under load: API-token exchanges).
-    let issues: Vec<(&NewGrant, Option<&JtiRecord>)> = jobs
+    // New grants go in together, intents and grants born active alike (the common cases under
+    // load: Postgres-user intents and API-token exchanges).
+    let inserts: Vec<postgres::GrantInsert<'_>> = jobs
         .iter()
         .filter_map(|j| match &j.op {
-            Op::Issue { grant, jti } => Some((&**grant, jti.as_ref())),
+            Op::Begin { grant, jti } => Some((&**grant, jti.as_ref(), "issuing")),
+            Op::Issue { grant, jti } => Some((&**grant, jti.as_ref(), "active")),
             _ => None,
         })
         .collect();
-    let mut issued = postgres::insert_active_grants(&mut tx, &issues)
+    let mut inserted = postgres::insert_grants(&mut tx, &inserts)
         .await?
         .into_iter();
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
         let r = match &job.op {
-            Op::Issue { .. } => issued
+            Op::Begin { .. } | Op::Issue { .. } => inserted
                 .next()
                 .unwrap_or_else(|| Err(StoreError::Conflict("batch out of step".to_owned()))),
             Op::Activate {
@@ -224,7 +250,7 @@ async fn write_batch(
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| o.is_ok())
-        .map(|(j, _)| &j.audit)
+        .filter_map(|(j, _)| j.audit.as_ref())
         .collect();
     postgres::insert_audits(&mut tx, &audits).await?;
     // Last look before the commit (a caller leaving after this point is not seen: its grant is
@@ -278,6 +304,26 @@ mod tests {
         }
     }
 
+    /// A Postgres test store and its pool (these tests call `write_batch` directly). The
+    /// `TestDb` drops the database when it goes out of scope, so callers keep it.
+    async fn postgres_store() -> (TestDb, crate::store::Store, PgPool) {
+        let db = TestDb::postgres().await;
+        let store = db.store();
+        let Backend::Postgres(pool) = &store.backend else {
+            unreachable!("TestDb::postgres is a Postgres store")
+        };
+        let pool = pool.clone();
+        (db, store, pool)
+    }
+
+    async fn audit_events(store: &crate::store::Store) -> Vec<AuditEvent> {
+        let filter = crate::store::AuditFilter {
+            limit: 10,
+            ..Default::default()
+        };
+        store.audit_events(&filter).await.unwrap()
+    }
+
     fn issue(g: &NewGrant) -> (Job, oneshot::Receiver<Result<(), StoreError>>) {
         let (done, rx) = oneshot::channel();
         let mut audit = AuditEvent::new(g.created_at, Action::Exchange, Outcome::Allow, "ok");
@@ -286,6 +332,7 @@ mod tests {
             grant: Box::new(g.clone()),
             jti: None,
         };
+        let audit = Some(audit);
         (Job { op, audit, done }, rx)
     }
 
@@ -293,11 +340,8 @@ mod tests {
     /// behind its back: the batch rolls back, and the others are written without it.
     #[tokio::test]
     async fn an_abandoned_issue_is_never_committed() {
-        let db = TestDb::postgres().await;
-        let store = db.store();
-        let Backend::Postgres(pool) = &store.backend else {
-            unreachable!("TestDb::postgres is a Postgres store")
-        };
+        let (_db, store, pool) = postgres_store().await;
+        let pool = &pool;
         let (gone, kept) = (grant(), grant());
         let (gone_job, gone_rx) = issue(&gone);
         let (kept_job, mut kept_rx) = issue(&kept);
@@ -321,14 +365,49 @@ mod tests {
             kept_rx.try_recv().is_err(),
             "the writer loop answers, not write_batch"
         );
-        let events = store
-            .audit_events(&crate::store::AuditFilter {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let events = audit_events(&store).await;
         assert_eq!(events.len(), 1, "only the kept grant's allow event");
         assert_eq!(events[0].grant_id, Some(kept.id));
+    }
+
+    /// Intents go through the batch too: `issuing`, no audit event, and a token used twice in
+    /// one batch is a replay for the second use (nothing of it written).
+    #[tokio::test]
+    async fn intents_are_batched_and_a_reused_token_is_refused() {
+        let (_db, store, pool) = postgres_store().await;
+        let pool = &pool;
+        let (a, b) = (grant(), grant());
+        let jti = JtiRecord {
+            iss: "https://issuer.test".to_owned(),
+            jti: "same-token".to_owned(),
+            expires_at: a.expires_at,
+        };
+        let begin = |g: &NewGrant| {
+            let (done, rx) = oneshot::channel();
+            let op = Op::Begin {
+                grant: Box::new(g.clone()),
+                jti: Some(jti.clone()),
+            };
+            (
+                Job {
+                    op,
+                    audit: None,
+                    done,
+                },
+                rx,
+            )
+        };
+        let ((ja, _ra), (jb, _rb)) = (begin(&a), begin(&b));
+        let outcomes = write_batch(pool, &[ja, jb])
+            .await
+            .unwrap()
+            .expect("committed");
+        assert!(outcomes[0].is_ok());
+        assert!(matches!(outcomes[1], Err(StoreError::Replayed)));
+        let stored = store.grant(a.id).await.unwrap().expect("intent written");
+        assert_eq!(stored.status, crate::store::GrantStatus::Issuing);
+        assert!(store.grant(b.id).await.unwrap().is_none());
+        let events = audit_events(&store).await;
+        assert!(events.is_empty(), "an intent has no audit event of its own");
     }
 }

@@ -443,6 +443,9 @@ impl Store {
         grant: &NewGrant,
         jti: Option<&JtiRecord>,
     ) -> Result<(), StoreError> {
+        if let Some(w) = &self.writer {
+            return bounded(w.begin(grant, jti)).await;
+        }
         dispatch!(self, begin_grant(grant, jti))
     }
     /// One transaction: `issuing` → `active` with the final expiry and per-credential details
@@ -674,6 +677,20 @@ impl Store {
     }
     pub async fn grant_by_revocation_hash(&self, hash: &str) -> Result<Option<Grant>, StoreError> {
         dispatch!(self, grant_by_revocation_hash(hash))
+    }
+    /// The id and status of the grant a revocation token belongs to (what a revoke needs
+    /// before it claims the grant; no credentials read).
+    pub async fn grant_status_by_revocation_hash(
+        &self,
+        hash: &str,
+    ) -> Result<Option<(Uuid, GrantStatus)>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(pool) => postgres::grant_status_by_revocation_hash(pool, hash).await,
+            Backend::Sqlite(_) => Ok(self
+                .grant_by_revocation_hash(hash)
+                .await?
+                .map(|g| (g.id, g.status))),
+        }
     }
     /// Status of the grant holding credential `(kind, resource_id)`.
     pub async fn credential_status(

@@ -155,18 +155,22 @@ async fn insert_grant(
     Ok(())
 }
 
-/// Many grants born `active` (in-memory credentials), set-based: three statements for the whole
-/// batch instead of three per grant. Each item's outcome is `Ok` or `Replayed` (its jti is live,
-/// or taken by an earlier item of the same batch); refused items write nothing.
-pub(super) async fn insert_active_grants(
+/// One grant to insert in a batch: the grant, its jti (if single-use), and its first status
+/// (`active` for credentials minted in memory, `issuing` for an intent).
+pub(super) type GrantInsert<'a> = (&'a NewGrant, Option<&'a JtiRecord>, &'static str);
+
+/// Many grants, set-based: three statements for the whole batch instead of three per grant.
+/// Each item's outcome is `Ok` or `Replayed` (its jti is live, or taken by an earlier item of the
+/// same batch); refused items write nothing.
+pub(super) async fn insert_grants(
     conn: &mut PgConnection,
-    items: &[(&NewGrant, Option<&JtiRecord>)],
+    items: &[GrantInsert<'_>],
 ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
     let mut outcomes: Vec<Result<(), StoreError>> = Vec::with_capacity(items.len());
     // A token used twice inside one batch: the later use is a replay (and one upsert statement
     // cannot touch the same row twice).
     let mut seen = std::collections::HashSet::new();
-    for (_, jti) in items {
+    for (_, jti, _) in items {
         let fresh = jti.is_none_or(|j| seen.insert((j.iss.as_str(), j.jti.as_str())));
         outcomes.push(if fresh {
             Ok(())
@@ -178,12 +182,12 @@ pub(super) async fn insert_active_grants(
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| o.is_ok())
-        .filter_map(|((_, j), _)| *j)
+        .filter_map(|((_, j, _), _)| *j)
         .collect();
     if !claimed.is_empty() {
         // The earliest `now` of the batch decides whether a used record's window has passed, so
         // no item takes over a record that was still live at its own time.
-        let now = items.iter().map(|(g, _)| g.created_at).min();
+        let now = items.iter().map(|(g, _, _)| g.created_at).min();
         let iss: Vec<&str> = claimed.iter().map(|j| j.iss.as_str()).collect();
         let jti: Vec<&str> = claimed.iter().map(|j| j.jti.as_str()).collect();
         let exp: Vec<OffsetDateTime> = claimed.iter().map(|j| j.expires_at).collect();
@@ -202,7 +206,7 @@ pub(super) async fn insert_active_grants(
         .await?;
         let won: std::collections::HashSet<(&str, &str)> =
             won.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
-        for ((_, j), o) in items.iter().zip(outcomes.iter_mut()) {
+        for ((_, j, _), o) in items.iter().zip(outcomes.iter_mut()) {
             if let (Some(j), Ok(())) = (j, &o)
                 && !won.contains(&(j.iss.as_str(), j.jti.as_str()))
             {
@@ -210,24 +214,24 @@ pub(super) async fn insert_active_grants(
             }
         }
     }
-    let grants: Vec<&NewGrant> = items
+    let (grants, statuses): (Vec<&NewGrant>, Vec<&str>) = items
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| o.is_ok())
-        .map(|((g, _), _)| *g)
-        .collect();
+        .map(|((g, _, status), _)| (*g, *status))
+        .unzip();
     if grants.is_empty() {
         return Ok(outcomes);
     }
     sqlx::query(
         "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
                              bundle_digest, revocation_hash, created_at, expires_at)
-         SELECT id, 'active', issuer, subject, repository, repository_id, job, bundle_digest,
+         SELECT id, status, issuer, subject, repository, repository_id, job, bundle_digest,
                 revocation_hash, created_at, expires_at
          FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                     $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[])
+                     $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::text[])
               AS u(id, issuer, subject, repository, repository_id, job, bundle_digest,
-                   revocation_hash, created_at, expires_at)",
+                   revocation_hash, created_at, expires_at, status)",
     )
     .bind(grants.iter().map(|g| g.id).collect::<Vec<_>>())
     .bind(grants.iter().map(|g| g.issuer.as_str()).collect::<Vec<_>>())
@@ -264,6 +268,7 @@ pub(super) async fn insert_active_grants(
     )
     .bind(grants.iter().map(|g| g.created_at).collect::<Vec<_>>())
     .bind(grants.iter().map(|g| g.expires_at).collect::<Vec<_>>())
+    .bind(&statuses)
     .execute(&mut *conn)
     .await?;
     let (mut gid, mut pos, mut name, mut kind, mut rid, mut det) =
@@ -931,6 +936,21 @@ pub(super) async fn grant_by_revocation_hash(
     with_credentials_one(pool, row).await
 }
 
+/// The id and status of the grant a revocation token belongs to (one indexed row, no
+/// credentials).
+pub(super) async fn grant_status_by_revocation_hash(
+    pool: &PgPool,
+    hash: &str,
+) -> Result<Option<(Uuid, GrantStatus)>, StoreError> {
+    let row: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM grants WHERE revocation_hash = $1")
+            .bind(hash)
+            .fetch_optional(pool)
+            .await?;
+    row.map(|(id, status)| Ok((id, parse_status(&status)?)))
+        .transpose()
+}
+
 pub(super) async fn credential_status(
     pool: &PgPool,
     kind: CredentialKind,
@@ -961,9 +981,18 @@ pub(super) async fn claim_for_revoke(
     now: OffsetDateTime,
     lease_until: OffsetDateTime,
 ) -> Result<Option<ClaimedGrant>, StoreError> {
+    // The claim is committed without waiting for its WAL flush (`synchronous_commit = off` for
+    // this transaction only): it is visible to every other session at once, which is all the
+    // lease needs, and nothing depends on it surviving a crash of the store. If it is lost, the
+    // grant is `active` again and the revoke is simply repeated (by the caller's retry or the
+    // reaper), which is idempotent; and the revoke's outcome (`finish_revoke`) is committed
+    // durably after it, which flushes the claim too (the WAL is written in order). A revoking
+    // grant keeps the cause recorded when it was first claimed; `status` in SET is the value
+    // before this update.
     let mut tx = pool.begin().await?;
-    // A revoking grant keeps the cause recorded when it was first claimed; `status` in SET is the
-    // value before this update.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     let row = sqlx::query(
         "UPDATE grants
          SET revoke_cause = CASE WHEN status = 'revoking'

@@ -370,6 +370,20 @@ async fn grant_by_revocation_hash_finds_it(store: Store) {
             .unwrap(),
         None
     );
+    assert_eq!(
+        store
+            .grant_status_by_revocation_hash(&sha256_hex(token.as_bytes()))
+            .await
+            .unwrap(),
+        Some((g.id, GrantStatus::Issuing))
+    );
+    assert_eq!(
+        store
+            .grant_status_by_revocation_hash(&sha256_hex(b"other"))
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 async fn no_secret_is_stored(store: Store) {
