@@ -16,7 +16,7 @@
 //!
 //! Environment: `BENCH_PG_URL` (superuser URL, default the local trust-auth server),
 //! `BENCH_N_API` / `BENCH_N_PG` (requests per cell), `BENCH_CONC` (e.g. `1,8,32`),
-//! `BENCH_REPEAT` (runs per cell; the median by ops/s is reported), `BENCH_POOL` (the broker's
+//! `BENCH_REPEAT` (runs per cell, default 3; the median by ops/s is reported), `BENCH_POOL` (the broker's
 //! Postgres target pool size).
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
@@ -239,8 +239,13 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Without TLS, as OpenBao's `connection_url` (loopback on both sides; the machine's server
+    /// offers TLS, which the broker's default `sslmode=prefer` would otherwise take).
     fn db_url(&self, db: &str) -> String {
-        format!("postgres://postgres@{}:{}/{db}", self.host, self.port)
+        format!(
+            "postgres://postgres@{}:{}/{db}?sslmode=disable",
+            self.host, self.port
+        )
     }
 }
 
@@ -650,7 +655,7 @@ fn print_table(rows: &[Row], rss: (u64, u64)) {
 async fn main() {
     let n_api: usize = env_or("BENCH_N_API", 2000);
     let n_pg: usize = env_or("BENCH_N_PG", 500);
-    let repeat: usize = env_or("BENCH_REPEAT", 1).max(1);
+    let repeat: usize = env_or("BENCH_REPEAT", 3).max(1);
     let concs: Vec<usize> = std::env::var("BENCH_CONC")
         .unwrap_or_else(|_| "1,8,32".into())
         .split(',')
