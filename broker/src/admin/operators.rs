@@ -14,7 +14,7 @@
 //!   that errors does not match (fail closed).
 
 use crate::oidc::{IssuerConfig, Verifier, VerifierOptions};
-use crate::policy::expr::{self, Activation, CompiledExpr, RegexTable};
+use crate::policy::expr::{self, Activation, ClaimsUsed, CompiledExpr, RegexTable};
 use crate::secret::{Sensitive, random_token, sha256_hex};
 use crate::store::JtiRecord;
 use crate::time::SharedClock;
@@ -105,6 +105,7 @@ struct OidcOperator {
     verifier: Verifier,
     env: Arc<cel::Env>,
     regexes: Arc<RegexTable>,
+    claims_used: ClaimsUsed,
     rule: CompiledExpr,
 }
 
@@ -264,6 +265,7 @@ impl Operators {
                 verifier,
                 env,
                 regexes: Arc::new(regexes),
+                claims_used: ClaimsUsed::of([&compiled]),
                 rule: compiled,
             }));
         }
@@ -297,6 +299,7 @@ impl Operators {
                 &o.env,
                 &o.regexes,
                 &claims.claims,
+                &o.claims_used,
                 &claims.issuer,
                 claims.platform.as_str(),
             ) else {

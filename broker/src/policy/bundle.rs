@@ -11,7 +11,7 @@
 //! - claims over the size bounds are refused before any expression runs.
 
 use super::PolicyInput;
-use super::expr::{self, Activation, CompiledExpr, RegexTable};
+use super::expr::{self, Activation, ClaimsUsed, CompiledExpr, RegexTable};
 use crate::providers::CredentialDef;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -165,6 +165,8 @@ pub struct Bundle {
     pub(super) tests: Vec<TestCase>,
     pub(super) env: Arc<cel::Env>,
     pub(super) regexes: Arc<RegexTable>,
+    /// The claims the rules can read (converted per exchange; the others are not).
+    pub(super) claims_used: ClaimsUsed,
 }
 
 impl std::fmt::Debug for Bundle {
@@ -224,6 +226,7 @@ impl Bundle {
             &self.env,
             &self.regexes,
             input.claims,
+            &self.claims_used,
             input.issuer,
             input.platform.as_str(),
         )

@@ -9,6 +9,9 @@
 //!   bundle's [`RegexTable`] and the call is rewritten to a table lookup, so no regex is ever
 //!   compiled per request (the built-in recompiles on every call).
 //!
+//! - only the claims the bundle's expressions can read are converted into CEL values per
+//!   exchange ([`ClaimsUsed`]); a GitHub job token carries about 30 claims, a policy reads a few.
+//!
 //! Invariant: evaluation never panics on attacker-controlled claims; every failure is an `Err`
 //! the caller turns into a fail-closed decision.
 
@@ -124,6 +127,9 @@ pub struct CompiledExpr {
     ast: IdedExpr,
     conjuncts: Vec<Conjunct>,
     claims: BTreeSet<String>,
+    /// `claims` is used other than through a literal name (`"x" in claims`, `claims.size()`,
+    /// `claims[claims.k]`, a comprehension over it): every claim may be read.
+    whole_claims: bool,
     patterns: Vec<PatternUse>,
     /// String literals compared for equality/membership (not under `!=` or `!`).
     positive_literals: BTreeSet<String>,
@@ -148,6 +154,60 @@ impl CompiledExpr {
     }
 }
 
+/// The top-level claims a set of expressions can read. An evaluation converts only these from
+/// JSON into CEL values: a claim no expression names cannot change any result, and converting
+/// all of a token's claims was most of the cost of evaluating a policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimsUsed {
+    /// Only these names (read as `claims.x`, `claims["x"]` or `has(claims.x)`).
+    Named(BTreeSet<String>),
+    /// Some expression uses `claims` as a whole: convert every claim.
+    All,
+}
+
+impl ClaimsUsed {
+    pub fn of<'a>(exprs: impl IntoIterator<Item = &'a CompiledExpr>) -> Self {
+        let mut names = BTreeSet::new();
+        for e in exprs {
+            if e.whole_claims {
+                return Self::All;
+            }
+            names.extend(e.claims.iter().cloned());
+        }
+        Self::Named(names)
+    }
+
+    /// `claims` as the CEL value an evaluation sees.
+    fn to_value(&self, claims: &Map<String, Json>) -> Result<Value, String> {
+        let not_representable =
+            |e: cel::SerializationError| format!("claims not representable: {e}");
+        match self {
+            Self::All => cel::to_value(claims).map_err(not_representable),
+            Self::Named(names) => {
+                let mut map = HashMap::with_capacity(names.len());
+                for name in names {
+                    if let Some(v) = claims.get(name) {
+                        map.insert(name.clone(), cel::to_value(v).map_err(not_representable)?);
+                    }
+                }
+                Ok(Value::from(map))
+            }
+        }
+    }
+}
+
+/// Whether `claims` appears anywhere other than as the base of `claims.x` / `claims["x"]`.
+fn reads_whole_claims(e: &IdedExpr) -> bool {
+    if claim_name(e).is_some() {
+        // The base is the `claims` identifier and the key a literal: nothing else below.
+        return false;
+    }
+    match &e.expr {
+        Expr::Ident(n) => n == "claims",
+        _ => children(e).into_iter().any(reads_whole_claims),
+    }
+}
+
 /// The CEL environment shared by every expression of a bundle.
 pub fn new_env() -> Env {
     Env::stdlib()
@@ -166,6 +226,7 @@ pub fn compile(env: &Env, source: &str, table: &mut RegexTable) -> Result<Compil
     let mut facts = Facts::default();
     collect(&ast, false, &mut facts);
     rewrite_matches(&mut ast, table)?;
+    let whole_claims = reads_whole_claims(&ast);
     let chars: Vec<char> = source.chars().collect();
     let mut parts = Vec::new();
     split_and(&ast, &mut parts);
@@ -188,6 +249,7 @@ pub fn compile(env: &Env, source: &str, table: &mut RegexTable) -> Result<Compil
         ast,
         conjuncts,
         claims: facts.claims,
+        whole_claims,
         patterns: facts.patterns,
         positive_literals: facts.literals,
     })
@@ -523,17 +585,18 @@ pub struct Activation {
 }
 
 impl Activation {
-    /// Build the evaluation context. Claims must already have passed [`check_claims`].
+    /// Build the evaluation context for expressions that read `used` of `claims`. Claims must
+    /// already have passed [`check_claims`].
     pub fn new(
         env: &Arc<Env>,
         regexes: &Arc<RegexTable>,
         claims: &Map<String, Json>,
+        used: &ClaimsUsed,
         issuer: &str,
         platform: &str,
     ) -> Result<Self, String> {
         let mut ctx = Context::with_env(Arc::clone(env));
-        let value = cel::to_value(claims).map_err(|e| format!("claims not representable: {e}"))?;
-        ctx.add_variable_from_value("claims", value);
+        ctx.add_variable_from_value("claims", used.to_value(claims)?);
         ctx.add_variable_from_value("issuer", issuer.to_owned());
         ctx.add_variable_from_value("platform", platform.to_owned());
         let table = Arc::clone(regexes);
@@ -586,8 +649,60 @@ mod tests {
         let mut t = RegexTable::default();
         let c = compile(&env, src, &mut t).map_err(|e| e.to_string())?;
         let claims = claims.as_object().cloned().unwrap_or_default();
-        let a = Activation::new(&env, &Arc::new(t), &claims, "github", "github")?;
-        a.eval(&c)
+        let t = Arc::new(t);
+        let eval_with = |used: &ClaimsUsed| {
+            Activation::new(&env, &t, &claims, used, "github", "github")?.eval(&c)
+        };
+        // Converting only the claims the expression names never changes a result.
+        let all = eval_with(&ClaimsUsed::All);
+        assert_eq!(eval_with(&ClaimsUsed::of([&c])), all, "{src}");
+        all
+    }
+
+    #[test]
+    fn claims_used_names_what_expressions_can_read() {
+        let used = |srcs: &[&str]| {
+            let exprs: Vec<CompiledExpr> = srcs.iter().map(|s| compile_one(s).unwrap().0).collect();
+            ClaimsUsed::of(&exprs)
+        };
+        let named =
+            |names: &[&str]| ClaimsUsed::Named(names.iter().map(|n| (*n).to_owned()).collect());
+        assert_eq!(
+            used(&[
+                r#"claims.ref == "x" && has(claims.environment)"#,
+                r#"claims["repository"].startsWith("a/") && claims.l.exists(x, x == "a")"#,
+                r#"claims.sub.matches("^repo:") && issuer == "github""#,
+            ]),
+            named(&["environment", "l", "ref", "repository", "sub"])
+        );
+        assert_eq!(used(&["true"]), named(&[]));
+        for whole in [
+            r#""ref" in claims"#,
+            "claims.size() > 3",
+            r#"claims[claims.k] == "v""#,
+            r#"claims.exists(k, k == "ref")"#,
+            "size(claims) > 0",
+        ] {
+            assert_eq!(
+                used(&[r#"claims.ref == "x""#, whole]),
+                ClaimsUsed::All,
+                "{whole}"
+            );
+        }
+        // The same results as over every claim, including for a claim that is absent.
+        let c = json!({"ref": "refs/heads/main", "sub": "repo:a/b", "other": {"deep": [1, 2]}});
+        assert_eq!(
+            eval(
+                r#"has(claims.environment) || claims.ref.endsWith("main")"#,
+                c.clone()
+            ),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(r#""other" in claims && claims.size() == 3"#, c.clone()),
+            Ok(true)
+        );
+        assert!(eval("claims.missing == 1", c).is_err());
     }
 
     #[test]

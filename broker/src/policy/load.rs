@@ -569,10 +569,11 @@ impl Bundle {
             digest: digest(files),
             credentials: l.credentials,
             credential_index: l.credential_index,
-            rules: l.rules,
             tests: l.tests,
             env: Arc::new(l.env),
             regexes: Arc::new(l.regexes),
+            claims_used: expr::ClaimsUsed::of(l.rules.iter().map(|r| &r.when)),
+            rules: l.rules,
         })
     }
 }
