@@ -902,3 +902,34 @@ async fn all_at_once(
     }
     out
 }
+
+/// A role someone already dropped by hand is revoked (gone is success), the failed first step
+/// does not poison the target's connection pool, and the grant ends `revoked`; the next
+/// exchanges and revokes on the same target work.
+#[tokio::test]
+async fn revoking_a_role_dropped_out_of_band_succeeds() {
+    let e = env("", Vec::new()).await;
+    let (status, body) = e
+        .exchange(&e.token(), json!({"credentials": ["pg-app"], "ttl": "5m"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let username = s(&body["credentials"]["pg-app"]["username"]);
+    exec(&e.pg.admin, format!("DROP ROLE {username}")).await;
+
+    let (status, revoked) = e.revoke(&s(&body["revocation_token"])).await;
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(revoked["status"], json!("revoked"), "{revoked}");
+
+    // The pool serves the next ones (more of them than it has connections).
+    for _ in 0..8 {
+        let (status, body) = e
+            .exchange(&e.token(), json!({"credentials": ["pg-app"], "ttl": "5m"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, revoked) = e.revoke(&s(&body["revocation_token"])).await;
+        assert_eq!(status, 200, "{revoked}");
+        assert_eq!(revoked["status"], json!("revoked"), "{revoked}");
+    }
+    assert_eq!(e.pg.wait_roles(0).await, 0, "every role is gone");
+    e.finish().await;
+}

@@ -10,11 +10,12 @@
 //! `CREATE ROLE … LOGIN PASSWORD '<SCRAM verifier>' VALID UNTIL '<expiry>' IN ROLE …` on the
 //! admin database, then the extra statements in the credential's database in one transaction.
 //!
-//! Revoke, in this order: `ALTER ROLE … NOLOGIN` (nothing new gets in); terminate the role's
-//! sessions (dropping a role does not end them); in every database where the role owns objects
-//! or holds privileges (from `pg_shdepend`, plus the admin database, which covers shared
-//! objects) `REASSIGN OWNED BY … TO owner` and `DROP OWNED BY …`; `DROP ROLE`. A role already
-//! gone is success; a role without the target's prefix is never touched.
+//! Revoke, in this order: `ALTER ROLE … NOLOGIN`, committed (nothing new gets in); then in one
+//! transaction in the credential's database: terminate the role's sessions (dropping a role does
+//! not end them), `REASSIGN OWNED BY … TO owner`, `DROP OWNED BY …`, `DROP ROLE` (both steps
+//! in one round trip). If Postgres refuses the drop because the role still holds something in
+//! another database, the same in every database `pg_shdepend` lists, then `DROP ROLE`. A role
+//! already gone is success; a role without the target's prefix is never touched.
 
 use super::naming;
 use super::scram;
@@ -585,41 +586,31 @@ impl Provider for PostgresProvider {
             .map_err(|_| ProviderError::Internal("owner name cannot be quoted".into()))?;
         let role = quote_ident(username)
             .map_err(|_| ProviderError::Internal("role name cannot be quoted".into()))?;
-        let mut conn = target
-            .admin_pool
-            .acquire()
-            .await
-            .map_err(|e| classify("connecting to the target", &e))?;
-
-        // 1. Nothing new gets in. Committed (visible to every new login at once) without
-        //    waiting for its WAL flush: if the server crashed and lost it, step 2 fails or its
-        //    durable DROP ROLE removes the role anyway, and a failed revoke is retried.
-        let nologin = format!("SET LOCAL synchronous_commit = off; ALTER ROLE {role} NOLOGIN");
-        if let Err(e) = run_batch(&mut conn, &nologin).await {
-            if sqlstate(&e).as_deref() == Some("42704") {
-                return Ok(()); // already gone
-            }
-            return Err(classify("disabling login", &e));
-        }
-        // 2. One round trip and one implicit transaction in the credential's database (where
-        //    the job worked): end live sessions (DROP ROLE would leave them running), hand over
-        //    and drop what the role has there, drop the role. The common case (a role that only
-        //    touched its own database) ends here. Postgres itself refuses the DROP ROLE while the
-        //    role still holds something in another database or a shared object (2BP01); the
-        //    whole batch then rolls back and step 3 takes over. `username` is `[a-z0-9_]`
-        //    (checked by `is_ours`) and quoted as a literal; the owner is an identifier.
-        //    (`pg_stat_get_activity` rather than the `pg_stat_activity` view, and the `regrole`
-        //    cast rather than a join on `pg_roles`: a third of the database CPU per revoke.)
+        // One round trip, two transactions, in the credential's database (where the job worked):
+        // 1. Nothing new gets in: `NOLOGIN`, committed on its own before anything else runs, so
+        //    no session can start after the ones step 2 ends. Committed without waiting for its
+        //    WAL flush (visibility is what it needs): if the server crashed and lost it, the
+        //    durable `DROP ROLE` that follows removes the role anyway, or the revoke fails and
+        //    is retried.
+        // 2. End live sessions (DROP ROLE would leave them running), hand over and drop what the
+        //    role has there, drop the role: one implicit transaction. The common case (a role
+        //    that only touched its own database) ends here. Postgres itself refuses the DROP
+        //    ROLE while the role still holds something in another database or a shared object
+        //    (2BP01); that transaction then rolls back and step 3 takes over.
+        // `username` is `[a-z0-9_]` (checked by `is_ours`) and quoted as a literal; the owner
+        // is an identifier. (`pg_stat_get_activity` rather than the `pg_stat_activity` view, and
+        // the `regrole` cast rather than a join on `pg_roles`: a third of the database CPU per
+        // revoke.)
         let lit = quote_literal(username)
             .map_err(|_| ProviderError::Internal("role name cannot be quoted".into()))?;
         let batch = format!(
-            "SELECT pg_terminate_backend(pid, {TERMINATE_WAIT_MS}) \
+            "BEGIN; SET LOCAL synchronous_commit = off; ALTER ROLE {role} NOLOGIN; COMMIT; \
+             SELECT pg_terminate_backend(pid, {TERMINATE_WAIT_MS}) \
                FROM pg_stat_get_activity(NULL) WHERE usesysid = {lit}::regrole; \
              REASSIGN OWNED BY {role} TO {owner}; \
              DROP OWNED BY {role}; \
              DROP ROLE {role}"
         );
-        drop(conn);
         let mut conn = match target
             .pool_for(detail_str(credential, "database")?)
             .acquire()
@@ -634,16 +625,22 @@ impl Provider for PostgresProvider {
                 .map_err(|e| classify("connecting to the target", &e))?,
             Err(e) => return Err(classify("connecting to the credential's database", &e)),
         };
-        match run_batch(&mut conn, &batch).await {
+        let failed = match run_batch(&mut conn, &batch).await {
             Ok(_) => {
                 tracing::debug!(role = %username, target = %target.name, "postgres role dropped");
                 return Ok(());
             }
-            // Dropped by someone else since step 1 (a concurrent revoke): gone is success.
-            Err(e) if sqlstate(&e).as_deref() == Some("42704") => return Ok(()),
+            Err(e) => e,
+        };
+        // An error in step 1 leaves the connection inside its aborted explicit transaction:
+        // close it rather than hand it back to the pool.
+        let _ = conn.close().await;
+        match sqlstate(&failed).as_deref() {
+            // Already gone (a concurrent or earlier revoke): gone is success.
+            Some("42704") => return Ok(()),
             // It still holds something elsewhere: step 3.
-            Err(e) if sqlstate(&e).as_deref() == Some("2BP01") => {}
-            Err(e) => return Err(classify("dropping the role", &e)),
+            Some("2BP01") => {}
+            _ => return Err(classify("disabling login and dropping the role", &failed)),
         }
         // 3. Disown it in every database `pg_shdepend` (a shared catalog) lists, then drop it.
         let elsewhere = format!(
@@ -652,6 +649,11 @@ impl Provider for PostgresProvider {
              WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = {lit}::regrole \
                AND d.datallowconn"
         );
+        let mut conn = target
+            .admin_pool
+            .acquire()
+            .await
+            .map_err(|e| classify("connecting to the target", &e))?;
         let rows = match run_batch(&mut conn, &elsewhere).await {
             Ok(rows) => rows,
             Err(e) if sqlstate(&e).as_deref() == Some("42704") => return Ok(()),
