@@ -981,18 +981,15 @@ pub(super) async fn claim_for_revoke(
     now: OffsetDateTime,
     lease_until: OffsetDateTime,
 ) -> Result<Option<ClaimedGrant>, StoreError> {
-    // The claim is committed without waiting for its WAL flush (`synchronous_commit = off` for
-    // this transaction only): it is visible to every other session at once, which is all the
-    // lease needs, and nothing depends on it surviving a crash of the store. If it is lost, the
-    // grant is `active` again and the revoke is simply repeated (by the caller's retry or the
-    // reaper), which is idempotent; and the revoke's outcome (`finish_revoke`) is committed
-    // durably after it, which flushes the claim too (the WAL is written in order). A revoking
-    // grant keeps the cause recorded when it was first claimed; `status` in SET is the value
-    // before this update.
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    // One statement in its own implicit transaction, committed without waiting for its WAL
+    // flush: `set_config(…, true)` turns `synchronous_commit` off for this transaction only. The
+    // claim must be visible to every other session at once, which is all the lease needs, and
+    // nothing depends on it surviving a crash of the store: if it is lost, the grant is `active`
+    // again and the revoke is simply repeated (by the caller's retry or the reaper), which is
+    // idempotent; and the revoke's outcome (`finish_revoke`) is committed durably after it,
+    // which flushes the claim too (the WAL is written in order). A revoking grant keeps the
+    // cause recorded when it was first claimed; `status` in SET is the value before this update.
+    let mut conn = pool.acquire().await?;
     let row = sqlx::query(
         "UPDATE grants
          SET revoke_cause = CASE WHEN status = 'revoking'
@@ -1000,28 +997,27 @@ pub(super) async fn claim_for_revoke(
                                  ELSE 'requested' END,
              status = 'revoking',
              lease_until = $3
+         FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
          WHERE id = $1
            AND (status IN ('active', 'issuing')
                 OR (status = 'revoking' AND (lease_until IS NULL OR lease_until <= $2)))
-         RETURNING *",
+         RETURNING grants.*",
     )
     .bind(id)
     .bind(now)
     .bind(lease_until)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
-    let claimed = match row {
-        Some(row) => {
-            let mut creds = load_credentials(&mut tx, &[id]).await?;
-            Some(claimed_from_row(
-                &row,
-                creds.remove(&id).unwrap_or_default(),
-            )?)
-        }
-        None => None,
+    let Some(row) = row else {
+        return Ok(None);
     };
-    tx.commit().await?;
-    Ok(claimed)
+    // Read after the claim committed, as the transaction read them before: a grant's credential
+    // rows change only with its status (activation), which the claim has now taken away.
+    let mut creds = load_credentials(&mut conn, &[id]).await?;
+    Ok(Some(claimed_from_row(
+        &row,
+        creds.remove(&id).unwrap_or_default(),
+    )?))
 }
 
 pub(super) async fn claim_due(
