@@ -159,9 +159,9 @@ async fn insert_grant(
 /// (`active` for credentials minted in memory, `issuing` for an intent).
 pub(super) type GrantInsert<'a> = (&'a NewGrant, Option<&'a JtiRecord>, &'static str);
 
-/// Many grants, set-based: three statements for the whole batch instead of three per grant.
-/// Each item's outcome is `Ok` or `Replayed` (its jti is live, or taken by an earlier item of the
-/// same batch); refused items write nothing.
+/// Many grants, set-based, in one statement: the jti records, the grants and their credentials
+/// for the whole batch. Each item's outcome is `Ok` or `Replayed` (its jti is live, or taken by
+/// an earlier item of the same batch); refused items write nothing.
 pub(super) async fn insert_grants(
     conn: &mut PgConnection,
     items: &[GrantInsert<'_>],
@@ -178,61 +178,68 @@ pub(super) async fn insert_grants(
             Err(StoreError::Replayed)
         });
     }
-    let claimed: Vec<&JtiRecord> = items
+    let fresh: Vec<&GrantInsert<'_>> = items
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| o.is_ok())
-        .filter_map(|((_, j, _), _)| *j)
+        .map(|(i, _)| i)
         .collect();
-    if !claimed.is_empty() {
-        // The earliest `now` of the batch decides whether a used record's window has passed, so
-        // no item takes over a record that was still live at its own time.
-        let now = items.iter().map(|(g, _, _)| g.created_at).min();
-        let iss: Vec<&str> = claimed.iter().map(|j| j.iss.as_str()).collect();
-        let jti: Vec<&str> = claimed.iter().map(|j| j.jti.as_str()).collect();
-        let exp: Vec<OffsetDateTime> = claimed.iter().map(|j| j.expires_at).collect();
-        let won: Vec<(String, String)> = sqlx::query_as(
-            "INSERT INTO used_jti (iss, jti, expires_at)
+    if fresh.is_empty() {
+        return Ok(outcomes);
+    }
+    let claimed: Vec<&JtiRecord> = fresh.iter().filter_map(|(_, j, _)| *j).collect();
+    // The earliest `now` of the batch decides whether a used record's window has passed, so no
+    // item takes over a record that was still live at its own time.
+    let now = items.iter().map(|(g, _, _)| g.created_at).min();
+    let grants: Vec<&NewGrant> = fresh.iter().map(|(g, _, _)| *g).collect();
+    let (mut gid, mut pos, mut name, mut kind, mut rid, mut det) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for g in &grants {
+        for (position, c) in g.credentials.iter().enumerate() {
+            gid.push(g.id);
+            pos.push(position_i32(position)?);
+            name.push(c.name.as_str());
+            kind.push(c.kind.as_str());
+            rid.push(c.resource_id.as_str());
+            det.push(Json(&c.details));
+        }
+    }
+    // `j` claims the jti records (insert, or take over one whose window has passed); a grant
+    // goes in only if it has no jti or its jti was claimed here, and credentials only with their
+    // grant. All parts see one snapshot; the foreign keys are checked at the end of the
+    // statement, when the grants are there.
+    let won: Vec<(String, String)> = sqlx::query_as(
+        "WITH j AS (
+             INSERT INTO used_jti (iss, jti, expires_at)
              SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
              ON CONFLICT (iss, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
              WHERE used_jti.expires_at <= $4
-             RETURNING iss, jti",
-        )
-        .bind(&iss)
-        .bind(&jti)
-        .bind(&exp)
-        .bind(now)
-        .fetch_all(&mut *conn)
-        .await?;
-        let won: std::collections::HashSet<(&str, &str)> =
-            won.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
-        for ((_, j, _), o) in items.iter().zip(outcomes.iter_mut()) {
-            if let (Some(j), Ok(())) = (j, &o)
-                && !won.contains(&(j.iss.as_str(), j.jti.as_str()))
-            {
-                *o = Err(StoreError::Replayed);
-            }
-        }
-    }
-    let (grants, statuses): (Vec<&NewGrant>, Vec<&str>) = items
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| o.is_ok())
-        .map(|((g, _, status), _)| (*g, *status))
-        .unzip();
-    if grants.is_empty() {
-        return Ok(outcomes);
-    }
-    sqlx::query(
-        "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
-                             bundle_digest, revocation_hash, created_at, expires_at)
-         SELECT id, status, issuer, subject, repository, repository_id, job, bundle_digest,
-                revocation_hash, created_at, expires_at
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                     $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::text[])
-              AS u(id, issuer, subject, repository, repository_id, job, bundle_digest,
-                   revocation_hash, created_at, expires_at, status)",
+             RETURNING iss, jti),
+         g AS (
+             INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
+                                 bundle_digest, revocation_hash, created_at, expires_at)
+             SELECT id, status, issuer, subject, repository, repository_id, job, bundle_digest,
+                    revocation_hash, created_at, expires_at
+             FROM unnest($5::uuid[], $6::text[], $7::text[], $8::text[], $9::text[],
+                         $10::jsonb[], $11::text[], $12::text[], $13::timestamptz[],
+                         $14::timestamptz[], $15::text[], $16::text[], $17::text[])
+                  AS u(id, issuer, subject, repository, repository_id, job, bundle_digest,
+                       revocation_hash, created_at, expires_at, status, jti_iss, jti)
+             WHERE u.jti IS NULL
+                OR EXISTS (SELECT 1 FROM j WHERE j.iss = u.jti_iss AND j.jti = u.jti)
+             RETURNING id),
+         c AS (
+             INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
+             SELECT * FROM unnest($18::uuid[], $19::int4[], $20::text[], $21::text[],
+                                  $22::text[], $23::jsonb[])
+                      AS c(grant_id, position, name, kind, resource_id, details)
+             WHERE c.grant_id IN (SELECT id FROM g))
+         SELECT iss, jti FROM j",
     )
+    .bind(claimed.iter().map(|j| j.iss.as_str()).collect::<Vec<_>>())
+    .bind(claimed.iter().map(|j| j.jti.as_str()).collect::<Vec<_>>())
+    .bind(claimed.iter().map(|j| j.expires_at).collect::<Vec<_>>())
+    .bind(now)
     .bind(grants.iter().map(|g| g.id).collect::<Vec<_>>())
     .bind(grants.iter().map(|g| g.issuer.as_str()).collect::<Vec<_>>())
     .bind(
@@ -268,25 +275,23 @@ pub(super) async fn insert_grants(
     )
     .bind(grants.iter().map(|g| g.created_at).collect::<Vec<_>>())
     .bind(grants.iter().map(|g| g.expires_at).collect::<Vec<_>>())
-    .bind(&statuses)
-    .execute(&mut *conn)
-    .await?;
-    let (mut gid, mut pos, mut name, mut kind, mut rid, mut det) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for g in &grants {
-        for (position, c) in g.credentials.iter().enumerate() {
-            gid.push(g.id);
-            pos.push(position_i32(position)?);
-            name.push(c.name.as_str());
-            kind.push(c.kind.as_str());
-            rid.push(c.resource_id.as_str());
-            det.push(Json(&c.details));
-        }
-    }
-    sqlx::query(
-        "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
-         SELECT * FROM unnest($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::text[],
-                              $6::jsonb[])",
+    .bind(
+        fresh
+            .iter()
+            .map(|(_, _, status)| *status)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        fresh
+            .iter()
+            .map(|(_, j, _)| j.map(|j| j.iss.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        fresh
+            .iter()
+            .map(|(_, j, _)| j.map(|j| j.jti.as_str()))
+            .collect::<Vec<_>>(),
     )
     .bind(&gid)
     .bind(&pos)
@@ -294,8 +299,17 @@ pub(super) async fn insert_grants(
     .bind(&kind)
     .bind(&rid)
     .bind(&det)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?;
+    let won: std::collections::HashSet<(&str, &str)> =
+        won.iter().map(|(i, j)| (i.as_str(), j.as_str())).collect();
+    for ((_, j, _), o) in items.iter().zip(outcomes.iter_mut()) {
+        if let (Some(j), Ok(())) = (j, &o)
+            && !won.contains(&(j.iss.as_str(), j.jti.as_str()))
+        {
+            *o = Err(StoreError::Replayed);
+        }
+    }
     Ok(outcomes)
 }
 
@@ -327,49 +341,50 @@ pub(super) async fn activate_grant(
     Ok(())
 }
 
-/// `issuing` → `active` with the final details, inside the caller's transaction. Checks come
-/// before writes, so a `Conflict` leaves nothing written (a batch drops just this item).
+/// `issuing` → `active` with the final details, inside the caller's transaction, in one
+/// statement. Its checks guard its writes, so a `Conflict` leaves nothing written (a batch drops
+/// just this item).
 pub(super) async fn activate_rows(
     conn: &mut PgConnection,
     id: Uuid,
     expires_at: OffsetDateTime,
     details: &[serde_json::Value],
 ) -> Result<(), StoreError> {
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM grant_credentials WHERE grant_id = $1")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await?;
-    if usize::try_from(count).ok() != Some(details.len()) {
+    let positions = (0..details.len())
+        .map(position_i32)
+        .collect::<Result<Vec<_>, _>>()?;
+    let expected = i64::try_from(details.len())
+        .map_err(|_| StoreError::Conflict("too many credentials".to_owned()))?;
+    let details: Vec<Json<&serde_json::Value>> = details.iter().map(Json).collect();
+    // The grant moves only if it is `issuing` and has exactly as many credentials as details
+    // were given; the details are written only if it moved.
+    let (moved, stored): (i64, i64) = sqlx::query_as(
+        "WITH n AS (SELECT count(*) AS stored FROM grant_credentials WHERE grant_id = $1),
+         g AS (
+             UPDATE grants SET status = 'active', expires_at = $2
+             WHERE id = $1 AND status = 'issuing' AND (SELECT stored FROM n) = $5
+             RETURNING id),
+         c AS (
+             UPDATE grant_credentials c SET details = u.details
+             FROM unnest($3::int4[], $4::jsonb[]) AS u(position, details), g
+             WHERE c.grant_id = g.id AND c.position = u.position)
+         SELECT (SELECT count(*) FROM g), (SELECT stored FROM n)",
+    )
+    .bind(id)
+    .bind(expires_at)
+    .bind(&positions)
+    .bind(&details)
+    .bind(expected)
+    .fetch_one(&mut *conn)
+    .await?;
+    if stored != expected {
         return Err(StoreError::Conflict(
             "credential details do not match the grant".to_owned(),
         ));
     }
-    let moved = sqlx::query(
-        "UPDATE grants SET status = 'active', expires_at = $2 WHERE id = $1 AND status = 'issuing'",
-    )
-    .bind(id)
-    .bind(expires_at)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
     if moved != 1 {
         return Err(StoreError::Conflict("grant is not issuing".to_owned()));
     }
-    let positions = (0..details.len())
-        .map(position_i32)
-        .collect::<Result<Vec<_>, _>>()?;
-    let details: Vec<Json<&serde_json::Value>> = details.iter().map(Json).collect();
-    sqlx::query(
-        "UPDATE grant_credentials c SET details = u.details
-         FROM unnest($2::int4[], $3::jsonb[]) AS u(position, details)
-         WHERE c.grant_id = $1 AND c.position = u.position",
-    )
-    .bind(id)
-    .bind(&positions)
-    .bind(&details)
-    .execute(&mut *conn)
-    .await?;
     Ok(())
 }
 
