@@ -420,6 +420,13 @@ impl Store {
             ))
         }
     }
+    /// The Postgres store's group writer (every grant and audit write of a Postgres store goes
+    /// through it; a SQLite store has none and writes directly).
+    fn writer(&self) -> Result<&group_commit::GroupWriter, StoreError> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("store writer missing".to_owned()))
+    }
     /// Apply migrations from `migrations/postgres` or `migrations/sqlite` (embedded).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         dispatch!(self, migrate())
@@ -443,10 +450,10 @@ impl Store {
         grant: &NewGrant,
         jti: Option<&JtiRecord>,
     ) -> Result<(), StoreError> {
-        if let Some(w) = &self.writer {
-            return bounded(w.begin(grant, jti)).await;
+        match &self.backend {
+            Backend::Postgres(_) => bounded(self.writer()?.begin(grant, jti)).await,
+            Backend::Sqlite(pool) => bounded(sqlite::begin_grant(pool, grant, jti)).await,
         }
-        dispatch!(self, begin_grant(grant, jti))
     }
     /// One transaction: `issuing` → `active` with the final expiry and per-credential details
     /// (same order as in `NewGrant::credentials`), and append `audit`. Error `Conflict` if the
@@ -458,15 +465,17 @@ impl Store {
         details: &[serde_json::Value],
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        if let Some(w) = &self.writer {
-            let op = group_commit::Op::Activate {
-                id,
-                expires_at,
-                details: details.to_vec(),
-            };
-            return bounded(w.submit(op, audit)).await;
+        let op = || group_commit::Op::Activate {
+            id,
+            expires_at,
+            details: details.to_vec(),
+        };
+        match &self.backend {
+            Backend::Postgres(_) => bounded(self.writer()?.submit(op(), audit)).await,
+            Backend::Sqlite(pool) => {
+                bounded(sqlite::activate_grant(pool, id, expires_at, details, audit)).await
+            }
         }
-        dispatch!(self, activate_grant(id, expires_at, details, audit))
     }
     /// One transaction: record `jti` (as `begin_grant`), insert the grant already `active` with
     /// its credentials' final details, and append `audit`. For grants whose credentials were
@@ -477,14 +486,14 @@ impl Store {
         jti: Option<&JtiRecord>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        if let Some(w) = &self.writer {
-            let op = group_commit::Op::Issue {
-                grant: Box::new(grant.clone()),
-                jti: jti.cloned(),
-            };
-            return bounded(w.submit(op, audit)).await;
+        let op = || group_commit::Op::Issue {
+            grant: Box::new(grant.clone()),
+            jti: jti.cloned(),
+        };
+        match &self.backend {
+            Backend::Postgres(_) => bounded(self.writer()?.submit(op(), audit)).await,
+            Backend::Sqlite(pool) => bounded(sqlite::issue_grant(pool, grant, jti, audit)).await,
         }
-        dispatch!(self, issue_grant(grant, jti, audit))
     }
     /// One transaction: `issuing` → `failed` (nothing minted is left: caller revoked it first),
     /// delete the `jti` record if given (an exchange that issued nothing does not consume the
@@ -499,10 +508,12 @@ impl Store {
     }
     /// Append one audit event on its own.
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
-        if let Some(w) = &self.writer {
-            return bounded(w.submit(group_commit::Op::Append, audit)).await;
+        match &self.backend {
+            Backend::Postgres(_) => {
+                bounded(self.writer()?.submit(group_commit::Op::Append, audit)).await
+            }
+            Backend::Sqlite(pool) => bounded(sqlite::append_audit(pool, audit)).await,
         }
-        dispatch!(self, append_audit(audit))
     }
     /// Read audit events back, newest first.
     pub async fn audit_events(&self, filter: &AuditFilter) -> Result<Vec<AuditEvent>, StoreError> {
@@ -739,11 +750,13 @@ impl Store {
         now: OffsetDateTime,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        if let Some(w) = &self.writer {
-            let op = group_commit::Op::Finish { id, cause, now };
-            return bounded(w.submit(op, audit)).await;
+        let op = group_commit::Op::Finish { id, cause, now };
+        match &self.backend {
+            Backend::Postgres(_) => bounded(self.writer()?.submit(op, audit)).await,
+            Backend::Sqlite(pool) => {
+                bounded(sqlite::finish_revoke(pool, id, cause, now, audit)).await
+            }
         }
-        dispatch!(self, finish_revoke(id, cause, now, audit))
     }
     /// One transaction: keep `revoking`, count the attempt, record the (non-secret) error, set
     /// the lease to `retry_at` so the reaper retries then, append audit.

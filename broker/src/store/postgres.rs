@@ -66,95 +66,6 @@ pub(super) async fn ping(pool: &PgPool) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub(super) async fn begin_grant(
-    pool: &PgPool,
-    grant: &NewGrant,
-    jti: Option<&JtiRecord>,
-) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    insert_grant(&mut tx, grant, jti, "issuing").await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Record `jti` (if given) and insert the grant with its credentials in `status`, inside the
-/// caller's transaction. `Replayed` is returned before anything is written, so a batch (see
-/// `group_commit.rs`) can drop this item and commit the others.
-async fn insert_grant(
-    conn: &mut PgConnection,
-    grant: &NewGrant,
-    jti: Option<&JtiRecord>,
-    status: &str,
-) -> Result<(), StoreError> {
-    if let Some(j) = jti {
-        // Insert, or take over a record whose window has passed; a live record makes the upsert
-        // return nothing. A concurrent exchange of the same token waits on the unique index and
-        // then sees the committed record: exactly one of them wins.
-        let won = sqlx::query(
-            "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
-             ON CONFLICT (iss, jti) DO UPDATE SET expires_at = EXCLUDED.expires_at
-             WHERE used_jti.expires_at <= $4
-             RETURNING 1",
-        )
-        .bind(&j.iss)
-        .bind(&j.jti)
-        .bind(j.expires_at)
-        .bind(grant.created_at)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if won.is_none() {
-            return Err(StoreError::Replayed);
-        }
-    }
-    sqlx::query(
-        "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
-                             bundle_digest, revocation_hash, created_at, expires_at)
-         VALUES ($1, $11, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(grant.id)
-    .bind(&grant.issuer)
-    .bind(&grant.subject)
-    .bind(&grant.repository)
-    .bind(&grant.repository_id)
-    .bind(Json(&grant.job))
-    .bind(&grant.bundle_digest)
-    .bind(&grant.revocation_hash)
-    .bind(grant.created_at)
-    .bind(grant.expires_at)
-    .bind(status)
-    .execute(&mut *conn)
-    .await?;
-    // All credentials in one statement (one round trip whatever their number).
-    let n = grant.credentials.len();
-    let mut positions = Vec::with_capacity(n);
-    let (mut names, mut kinds, mut ids, mut details) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for (position, c) in grant.credentials.iter().enumerate() {
-        positions.push(position_i32(position)?);
-        names.push(c.name.as_str());
-        kinds.push(c.kind.as_str());
-        ids.push(c.resource_id.as_str());
-        details.push(Json(&c.details));
-    }
-    sqlx::query(
-        "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
-         SELECT $1, * FROM unnest($2::int4[], $3::text[], $4::text[], $5::text[], $6::jsonb[])",
-    )
-    .bind(grant.id)
-    .bind(&positions)
-    .bind(&names)
-    .bind(&kinds)
-    .bind(&ids)
-    .bind(&details)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
 /// One grant to insert in a batch: the grant, its jti (if single-use), and its first status
 /// (`active` for credentials minted in memory, `issuing` for an intent).
 pub(super) type GrantInsert<'a> = (&'a NewGrant, Option<&'a JtiRecord>, &'static str);
@@ -313,34 +224,6 @@ pub(super) async fn insert_grants(
     Ok(outcomes)
 }
 
-/// One transaction: the grant, its jti and credentials, already `active`, with its audit event.
-pub(super) async fn issue_grant(
-    pool: &PgPool,
-    grant: &NewGrant,
-    jti: Option<&JtiRecord>,
-    audit: &AuditEvent,
-) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    insert_grant(&mut tx, grant, jti, "active").await?;
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-pub(super) async fn activate_grant(
-    pool: &PgPool,
-    id: Uuid,
-    expires_at: OffsetDateTime,
-    details: &[serde_json::Value],
-    audit: &AuditEvent,
-) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    activate_rows(&mut tx, id, expires_at, details).await?;
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 /// `issuing` → `active` with the final details, inside the caller's transaction, in one
 /// statement. Its checks guard its writes, so a `Conflict` leaves nothing written (a batch drops
 /// just this item).
@@ -414,13 +297,6 @@ pub(super) async fn fail_grant(
             .execute(&mut *tx)
             .await?;
     }
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
-pub(super) async fn append_audit(pool: &PgPool, audit: &AuditEvent) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
     insert_audit(&mut tx, audit).await?;
     tx.commit().await?;
     Ok(())
@@ -1079,20 +955,6 @@ pub(super) async fn claim_due(
     Ok(claimed)
 }
 
-pub(super) async fn finish_revoke(
-    pool: &PgPool,
-    id: Uuid,
-    cause: RevokeCause,
-    now: OffsetDateTime,
-    audit: &AuditEvent,
-) -> Result<(), StoreError> {
-    let mut tx = pool.begin().await?;
-    finish_rows(&mut tx, id, cause, now).await?;
-    insert_audit(&mut tx, audit).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 /// `revoking` → the cause's final status, inside the caller's transaction (`Conflict`, nothing
 /// written, if the grant is not `revoking`).
 pub(super) async fn finish_rows(
@@ -1162,7 +1024,7 @@ pub(super) async fn record_jti(
     j: &JtiRecord,
     now: OffsetDateTime,
 ) -> Result<(), StoreError> {
-    // As in `begin_grant`: insert, or take over a record whose window has passed.
+    // As in `insert_grants`: insert, or take over a record whose window has passed.
     let won = sqlx::query(
         "INSERT INTO used_jti (iss, jti, expires_at) VALUES ($1, $2, $3)
          ON CONFLICT (iss, jti) DO UPDATE SET expires_at = excluded.expires_at
