@@ -318,7 +318,9 @@ pub(super) async fn insert_audits(
     if audits.is_empty() {
         return Ok(());
     }
-    // Everything but the link hashes is computed before the head is locked.
+    // Everything but the link hashes is computed before the head is locked. The canonical text
+    // is also what the `event` column stores (parsed into jsonb by Postgres): the same JSON, so
+    // each event is serialised once.
     let canonical = audits
         .iter()
         .map(|a| chain::canonical_event(a))
@@ -336,7 +338,6 @@ pub(super) async fn insert_audits(
         cols.repositories.push(a.job.repository.as_deref());
         cols.repository_ids.push(a.job.repository_id.as_deref());
         cols.actors.push(a.actor.as_deref());
-        cols.events.push(Json(*a));
     }
     // One statement: lock the head, chain the link hashes in order (`sha256(prev || canonical)`,
     // as `chain::link_hash`), insert the rows in chain order and move the head. The head is
@@ -347,10 +348,10 @@ pub(super) async fn insert_audits(
          head AS (SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE),
          u AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
                                     $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[],
-                                    $10::text[], $11::jsonb[], $12::bytea[])
+                                    $10::text[], $11::bytea[])
                     WITH ORDINALITY AS u(id, time, action, outcome, reason, grant_id,
-                                         request_id, repository, repository_id, actor, event,
-                                         canon, ord)),
+                                         request_id, repository, repository_id, actor, canon,
+                                         ord)),
          chain(ord, prev, hash) AS (
              SELECT 0::bigint, NULL::text, (SELECT hash FROM head)
              UNION ALL
@@ -361,7 +362,8 @@ pub(super) async fn insert_audits(
              INSERT INTO audit_events (id, time, action, outcome, reason, grant_id, request_id,
                                        repository, repository_id, actor, event, prev_hash, hash)
              SELECT u.id, u.time, u.action, u.outcome, u.reason, u.grant_id, u.request_id,
-                    u.repository, u.repository_id, u.actor, u.event, chain.prev, chain.hash
+                    u.repository, u.repository_id, u.actor,
+                    convert_from(u.canon, 'UTF8')::jsonb, chain.prev, chain.hash
              FROM u JOIN chain ON chain.ord = u.ord
              ORDER BY u.ord
              RETURNING seq)
@@ -380,7 +382,6 @@ pub(super) async fn insert_audits(
     .bind(&cols.repositories)
     .bind(&cols.repository_ids)
     .bind(&cols.actors)
-    .bind(&cols.events)
     .bind(&canonical)
     .execute(&mut *conn)
     .await?;
@@ -399,7 +400,6 @@ struct AuditColumns<'a> {
     repositories: Vec<Option<&'a str>>,
     repository_ids: Vec<Option<&'a str>>,
     actors: Vec<Option<&'a str>>,
-    events: Vec<Json<&'a AuditEvent>>,
 }
 
 impl AuditColumns<'_> {
@@ -415,7 +415,6 @@ impl AuditColumns<'_> {
             repositories: Vec::with_capacity(n),
             repository_ids: Vec::with_capacity(n),
             actors: Vec::with_capacity(n),
-            events: Vec::with_capacity(n),
         }
     }
 }
