@@ -249,6 +249,21 @@ impl Fixture {
     }
 }
 
+/// Every Postgres-user cell creates or drops hundreds of roles, which leaves dead rows in the
+/// shared role catalogs; where autovacuum is off (as on the benchmark machine) they pile up over
+/// a run and slow every later cell, whichever system it measures. Vacuumed before each such
+/// cell (untimed, on the admin connection, whose CPU is not counted), so every cell starts from
+/// the same catalogs.
+async fn vacuum_role_catalogs(admin: &PgPool, when: bool) {
+    if when {
+        exec(
+            admin,
+            "VACUUM pg_catalog.pg_authid, pg_catalog.pg_auth_members, pg_catalog.pg_shdepend",
+        )
+        .await;
+    }
+}
+
 async fn exec(pool: &PgPool, sql: &str) {
     sqlx::raw_sql(sql)
         .execute(pool)
@@ -715,6 +730,14 @@ async fn main() {
             .trim()
     );
 
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&admin)
+        .await
+        .unwrap_or_default();
+    println!(
+        "postgres: autovacuum {autovacuum}; role catalogs vacuumed before each Postgres-user cell"
+    );
+
     // The load client's own ceiling: a trivial endpoint on each server at the top concurrency.
     let top = concs.iter().copied().max().unwrap_or(32);
     for s in [&broker, &bao] {
@@ -762,6 +785,8 @@ async fn main() {
             let n = if w == Workload::ApiToken { n_api } else { n_pg };
             let (mut bs, mut os, mut brs, mut ors) = (vec![], vec![], vec![], vec![]);
             for _ in 0..repeat {
+                let pg = w == Workload::PgUser;
+                vacuum_role_catalogs(&admin, pg).await;
                 let b = broker_cell(
                     w,
                     conc,
@@ -771,6 +796,7 @@ async fn main() {
                     tokens(&issuer.url(), n),
                 )
                 .await;
+                vacuum_role_catalogs(&admin, pg).await;
                 let o = bao_cell(w, conc, &bao, &pg_bao, &client, tokens(&issuer.url(), n)).await;
                 bs.push(summary(&b));
                 os.push(summary(&o));
@@ -786,6 +812,7 @@ async fn main() {
                         "OpenBao users exist"
                     );
                     // Workload 3 revokes exactly the users this cell created.
+                    vacuum_role_catalogs(&admin, true).await;
                     let br = broker_cell(
                         Workload::PgRevoke,
                         conc,
@@ -795,6 +822,7 @@ async fn main() {
                         b.outputs,
                     )
                     .await;
+                    vacuum_role_catalogs(&admin, true).await;
                     let or =
                         bao_cell(Workload::PgRevoke, conc, &bao, &pg_bao, &client, o.outputs).await;
                     assert_eq!(
