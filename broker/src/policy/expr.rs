@@ -7,8 +7,7 @@
 //!   is linear in the (bounded, see [`check_claims`]) claim sizes;
 //! - `matches` must have a literal pattern; every pattern is compiled once at load into the
 //!   bundle's [`RegexTable`] and the call is rewritten to a table lookup, so no regex is ever
-//!   compiled per request (the built-in recompiles on every call).
-//!
+//!   compiled per request (the built-in recompiles on every call);
 //! - only the claims the bundle's expressions can read are converted into CEL values per
 //!   exchange ([`ClaimsUsed`]); a GitHub job token carries about 30 claims, a policy reads a few.
 //!

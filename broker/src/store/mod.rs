@@ -465,13 +465,15 @@ impl Store {
         details: &[serde_json::Value],
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let op = || group_commit::Op::Activate {
-            id,
-            expires_at,
-            details: details.to_vec(),
-        };
         match &self.backend {
-            Backend::Postgres(_) => bounded(self.writer()?.submit(op(), audit)).await,
+            Backend::Postgres(_) => {
+                let op = group_commit::Op::Activate {
+                    id,
+                    expires_at,
+                    details: details.to_vec(),
+                };
+                bounded(self.writer()?.submit(op, audit)).await
+            }
             Backend::Sqlite(pool) => {
                 bounded(sqlite::activate_grant(pool, id, expires_at, details, audit)).await
             }
@@ -486,12 +488,14 @@ impl Store {
         jti: Option<&JtiRecord>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let op = || group_commit::Op::Issue {
-            grant: Box::new(grant.clone()),
-            jti: jti.cloned(),
-        };
         match &self.backend {
-            Backend::Postgres(_) => bounded(self.writer()?.submit(op(), audit)).await,
+            Backend::Postgres(_) => {
+                let op = group_commit::Op::Issue {
+                    grant: Box::new(grant.clone()),
+                    jti: jti.cloned(),
+                };
+                bounded(self.writer()?.submit(op, audit)).await
+            }
             Backend::Sqlite(pool) => bounded(sqlite::issue_grant(pool, grant, jti, audit)).await,
         }
     }
