@@ -523,7 +523,16 @@ impl Provider for PostgresProvider {
                 return Err(classify("connecting to the target", &e));
             }
         };
-        if let Err(e) = exec(&mut conn, create.expose()).await {
+        // Committed without waiting for its WAL flush (`synchronous_commit = off` for this one
+        // implicit transaction): the role is visible to the job's login at once, and losing it
+        // in a crash of the server only fails closed (the login fails; the revoke finds no role,
+        // which is success). The durable intent in the broker's store is what the revocation
+        // path rests on, and the revoke's `DROP ROLE` stays durable.
+        let create = Sensitive::new(format!(
+            "SET LOCAL synchronous_commit = off; {}",
+            create.expose()
+        ));
+        if let Err(e) = run_batch(&mut conn, create.expose()).await {
             // The server refused the statement, which is atomic: no role exists, unless the
             // refusal is that the role already exists (then it must be dropped for real).
             if matches!(e, sqlx::Error::Database(_)) && sqlstate(&e).as_deref() != Some("42710") {
