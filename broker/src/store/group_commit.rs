@@ -85,40 +85,41 @@ impl std::fmt::Debug for GroupWriter {
 }
 
 impl GroupWriter {
-    /// Start the writers on a thread of their own, with their own connections.
+    /// Start the writers, each on a thread of its own with its own connection.
     ///
-    /// Why a thread: a writer holds the chain head lock from its `SELECT … FOR UPDATE` until its
+    /// Why threads: a writer holds the chain head lock from its `SELECT … FOR UPDATE` until its
     /// commit. On the request runtime it would queue behind every request task between two
     /// statements (verifying and signing are CPU work), stretching that hold and so serialising
     /// the whole replica on it. On its own thread the OS schedules it as soon as Postgres
-    /// answers. The connections are opened on that thread's runtime for the same reason.
+    /// answers. One thread per writer, not one for both: a writer preparing its next batch
+    /// (encoding rows, canonical JSON) would otherwise keep the other, which holds the head,
+    /// from sending its `COMMIT`. The connections are opened on those threads' runtimes for the
+    /// same reason.
     pub(super) fn start(pool: &PgPool) -> Result<Self, StoreError> {
         let (queue, rx) = mpsc::channel(QUEUE);
         let options = (*pool.connect_options()).clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|_| StoreError::Unavailable("cannot start the store writer".to_owned()))?;
-        std::thread::Builder::new()
-            .name("store-writer".to_owned())
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let pool = sqlx::postgres::PgPoolOptions::new()
-                        .max_connections(WRITERS as u32)
-                        .min_connections(0)
-                        .acquire_timeout(super::codec::ACQUIRE_TIMEOUT)
-                        .connect_lazy_with(options);
-                    let rx = Arc::new(Mutex::new(rx));
-                    let writers: Vec<_> = (0..WRITERS)
-                        .map(|_| tokio::spawn(writer(pool.clone(), rx.clone())))
-                        .collect();
-                    for w in writers {
-                        let _ = w.await;
-                    }
-                    pool.close().await;
-                });
-            })
-            .map_err(|_| StoreError::Unavailable("cannot start the store writer".to_owned()))?;
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..WRITERS {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|_| StoreError::Unavailable("cannot start the store writer".to_owned()))?;
+            let (options, rx) = (options.clone(), rx.clone());
+            std::thread::Builder::new()
+                .name(format!("store-writer-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let pool = sqlx::postgres::PgPoolOptions::new()
+                            .max_connections(1)
+                            .min_connections(0)
+                            .acquire_timeout(super::codec::ACQUIRE_TIMEOUT)
+                            .connect_lazy_with(options);
+                        writer(pool.clone(), rx).await;
+                        pool.close().await;
+                    });
+                })
+                .map_err(|_| StoreError::Unavailable("cannot start the store writer".to_owned()))?;
+        }
         Ok(Self { queue })
     }
 
