@@ -1,0 +1,1 @@
+//! Unauthenticated writes that grow without bound: floods of refusals beside honest jobs.

@@ -1,0 +1,1 @@
+//! Recovery and scope: issuer backoff, webhook secret scope, request ids and diagnostics.

@@ -1,0 +1,1 @@
+//! Emergency revoke-all at scale: filters in SQL, paged, resumable.

@@ -1,0 +1,1 @@
+//! Text the store cannot hold: NUL bytes, lone surrogates and over-long values beside honest jobs.
