@@ -867,6 +867,7 @@ async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
         }
         serde_json::json!({"reason": f.reason.unwrap_or_default(), "filter": filter})
     };
+    let revoke_all = matches!(args.cmd, AdminCmd::RevokeAll(_));
     let (path, body) = match args.cmd {
         AdminCmd::RevokeAll(f) => ("/v1/admin/revoke-all", filter_body(f)),
         AdminCmd::Freeze(f) => ("/v1/admin/freeze", filter_body(f)),
@@ -875,17 +876,54 @@ async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
             serde_json::json!({"reason": reason.unwrap_or_default()}),
         ),
     };
-    let (status, answer) = client::post(&url, path, &token, &body)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))?;
+    // A revoke-all larger than one call's time budget answers `complete: false`: call again
+    // (each call continues where the store stands) and show the progress on stderr. Bounded:
+    // at most MAX_CALLS calls, and a call that reached no grant at all ends the loop.
+    const MAX_CALLS: u32 = 2000;
+    let started = std::time::Instant::now();
+    let (mut total_revoked, mut total_matched, mut calls) = (0u64, 0u64, 0u32);
+    let (status, mut answer) = loop {
+        let (status, answer) = client::post(&url, path, &token, &body)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        calls += 1;
+        let more = revoke_all
+            && (200..300).contains(&status)
+            && answer["complete"] == serde_json::Value::Bool(false);
+        if !revoke_all {
+            break (status, answer);
+        }
+        total_revoked += answer["revoked_grants"].as_u64().unwrap_or(0);
+        let matched = answer["matched"].as_u64().unwrap_or(0);
+        total_matched += matched;
+        if !more || matched == 0 || calls >= MAX_CALLS {
+            if calls > 1 {
+                eprintln!();
+            }
+            break (status, answer);
+        }
+        eprint!(
+            "\rrevoke-all: {total_revoked} grants revoked, {total_matched} reached, {} s, continuing...",
+            started.elapsed().as_secs()
+        );
+    };
+    if revoke_all && calls > 1 {
+        answer["calls"] = calls.into();
+        answer["total_revoked_grants"] = total_revoked.into();
+        answer["total_matched"] = total_matched.into();
+    }
     println!("{}", serde_json::to_string_pretty(&answer)?);
-    let failures = answer["failures"].as_array().is_some_and(|f| !f.is_empty());
+    if revoke_all && answer["complete"] == serde_json::Value::Bool(false) {
+        eprintln!("revoke-all did not complete; run it again to continue");
+    }
+    let failures = answer["failures"].as_array().is_some_and(|f| !f.is_empty())
+        || (revoke_all && answer["complete"] == serde_json::Value::Bool(false));
     if !(200..300).contains(&status) {
         eprintln!("error: the broker answered {status}");
         return Ok(ExitCode::FAILURE);
     }
     Ok(if failures {
-        eprintln!("some revocations failed; the reaper retries them");
+        eprintln!("some revocations failed (the reaper retries them) or the run is incomplete");
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS

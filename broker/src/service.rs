@@ -772,20 +772,15 @@ impl Broker {
         results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }
 
-    /// Revoke a claimed grant; finish it or record the failure for a retry. Audited either way.
-    pub async fn revoke_claimed(
+    /// An event about grant `g` (a revocation of it), with the grant's identity copied in.
+    fn grant_event(
         &self,
-        claimed: &ClaimedGrant,
+        g: &crate::store::Grant,
+        now: OffsetDateTime,
+        action: Action,
         actor: &str,
         ctx: &RequestCtx,
-    ) -> Result<(), ServiceError> {
-        let now = self.clock.now();
-        let g = &claimed.grant;
-        let action = match claimed.cause {
-            RevokeCause::Requested => Action::Revoke,
-            RevokeCause::Expired => Action::Expire,
-            RevokeCause::Recovery => Action::Recover,
-        };
+    ) -> AuditEvent {
         let mut ev = self.base_event(now, action, ctx);
         ev.grant_id = Some(g.id);
         ev.actor = Some(actor.to_owned());
@@ -801,6 +796,54 @@ impl Broker {
         ev.job.repository = g.repository.clone();
         ev.job.repository_id = g.repository_id.clone();
         ev.expires_at = Some(g.expires_at);
+        ev
+    }
+
+    /// True when revoking `g` is only a change of its status in the store (every credential's
+    /// provider says `revoked_in_store`, e.g. API tokens): revoke-all revokes such grants a
+    /// page at a time. A kind without a provider here is never treated so (fail closed: it
+    /// goes the per-grant way, which records the failure for the reaper).
+    pub(crate) fn revoked_in_store(&self, g: &crate::store::Grant) -> bool {
+        g.credentials
+            .iter()
+            .all(|c| self.provider(c.kind).is_ok_and(|p| p.revoked_in_store()))
+    }
+
+    /// The audit event of a successful requested revocation of `g` by `actor`, as
+    /// [`Broker::revoke_claimed`] writes it.
+    pub(crate) fn revoked_event(
+        &self,
+        g: &crate::store::Grant,
+        now: OffsetDateTime,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> AuditEvent {
+        let mut ev = self.grant_event(g, now, Action::Revoke, actor, ctx);
+        ev.outcome = Outcome::Success;
+        ev.reason = RevokeCause::Requested.as_str().to_owned();
+        ev
+    }
+
+    /// The configured issuer names (what an operator filter may name).
+    pub(crate) fn issuer_names(&self) -> Vec<String> {
+        self.verifier.issuer_names()
+    }
+
+    /// Revoke a claimed grant; finish it or record the failure for a retry. Audited either way.
+    pub async fn revoke_claimed(
+        &self,
+        claimed: &ClaimedGrant,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> Result<(), ServiceError> {
+        let now = self.clock.now();
+        let g = &claimed.grant;
+        let action = match claimed.cause {
+            RevokeCause::Requested => Action::Revoke,
+            RevokeCause::Expired => Action::Expire,
+            RevokeCause::Recovery => Action::Recover,
+        };
+        let mut ev = self.grant_event(g, now, action, actor, ctx);
         crate::fault::point("before_revoke");
         // What each provider writes to revoke (e.g. an AWS deny statement), for the record.
         let described: Vec<String> = g

@@ -2,14 +2,14 @@
 //! freeze check on the exchange path.
 
 use super::{
-    AdminError, FREEZE_REFRESH, GrantFilter, MAX_REVOKE_ALL, Operator, REVOKE_ALL_PARALLELISM,
-    Role, clean_reason,
+    AdminError, FREEZE_REFRESH, GrantFilter, Operator, REVOKE_ALL_CALL_BUDGET, REVOKE_ALL_PAGE,
+    REVOKE_ALL_PARALLELISM, Role, clean_reason,
 };
 use crate::audit::{Action, AuditEvent, Outcome};
 use crate::providers::CredentialKind;
 use crate::secret::Sensitive;
 use crate::service::{Broker, RequestCtx, ServiceError};
-use crate::store::FreezeRecord;
+use crate::store::{FreezeRecord, GrantCursor};
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -49,7 +49,7 @@ pub struct RevokeFailure {
 /// What one revoke-all did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RevokeAllReport {
-    /// Active grants matching the filter.
+    /// Active grants matching the filter that this call reached.
     pub matched: usize,
     /// Grants revoked by this call.
     pub revoked_grants: usize,
@@ -59,8 +59,18 @@ pub struct RevokeAllReport {
     pub already_in_progress: usize,
     /// Grants whose revocation failed; the reaper retries them.
     pub failures: Vec<RevokeFailure>,
-    /// More than [`MAX_REVOKE_ALL`] grants matched: call again for the rest.
+    /// Every grant the filter matched when this call reached it has been handled. `false`: the
+    /// call ran out of its time budget ([`REVOKE_ALL_CALL_BUDGET`]); call again to continue
+    /// (the grants revoked so far stay revoked and are not selected again).
+    pub complete: bool,
+    /// `!complete` (kept for clients of the earlier answer).
     pub truncated: bool,
+    /// Store pages read (each [`REVOKE_ALL_PAGE`] grants at most).
+    pub pages: usize,
+    /// Grants revoked set-based (in-store credentials, a page per transaction).
+    pub revoked_in_store: usize,
+    /// How long this call took, in milliseconds.
+    pub elapsed_ms: u64,
     /// Provider-wide kill switches applied (only when the filter selects nothing narrower than
     /// a credential kind): e.g. AWS roles get a deny on sessions issued before now.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -150,7 +160,45 @@ impl Broker {
         }
     }
 
-    /// Revoke every active grant matching `filter`, [`REVOKE_ALL_PARALLELISM`] at a time.
+    /// Refuse (400 `unknown_filter_value`, audited) a filter naming an issuer, credential or
+    /// kind this broker does not have: it would select nothing and still answer success.
+    async fn check_filter_names(
+        &self,
+        op: &Operator,
+        what: &str,
+        filter: &GrantFilter,
+        ctx: &RequestCtx,
+    ) -> Result<(), AdminError> {
+        let bundle = self.policies();
+        let credentials: Vec<String> = bundle
+            .credentials()
+            .iter()
+            .map(|d| d.name.clone())
+            .collect();
+        let Some((field, value, known)) = filter.unknown_value(&self.issuer_names(), &credentials)
+        else {
+            return Ok(());
+        };
+        let e = AdminError::UnknownFilterValue {
+            field,
+            value: value.chars().take(100).collect(),
+            known,
+        };
+        let mut ev = self.admin_event(ctx, e.reason_code());
+        ev.actor = Some(op.actor());
+        ev.detail = Some(format!("{what}: {e}"));
+        self.admin_audit(&ev).await?;
+        Err(e)
+    }
+
+    /// Revoke every active grant matching `filter`: selected in SQL a page at a time (oldest
+    /// first, keyset-paged); grants revoked in the store alone (API tokens) are revoked a page
+    /// per transaction with one audit event each; the others are claimed and revoked one by one,
+    /// [`REVOKE_ALL_PARALLELISM`] at a time. Stops taking pages after
+    /// [`REVOKE_ALL_CALL_BUDGET`] (`complete: false`); calling again continues, since nothing
+    /// revoked is selected again. A broker killed mid-call leaves every page either revoked
+    /// and audited (one transaction) or untouched; per-grant revocations it had claimed are
+    /// finished by the reaper when their lease runs out.
     pub async fn revoke_all(
         &self,
         op: &Operator,
@@ -158,6 +206,7 @@ impl Broker {
         filter: &GrantFilter,
         ctx: &RequestCtx,
     ) -> Result<RevokeAllReport, AdminError> {
+        let started = std::time::Instant::now();
         let reason = clean_reason(reason);
         let checked = if reason.is_empty() {
             Err("reason: required".to_owned())
@@ -171,40 +220,85 @@ impl Broker {
             self.admin_audit(&ev).await?;
             return Err(AdminError::BadRequest(msg));
         }
-        let grants = self.store.active_grants(MAX_REVOKE_ALL).await?;
-        let truncated = grants.len() >= MAX_REVOKE_ALL as usize;
-        let matching: Vec<_> = grants
-            .into_iter()
-            .filter(|g| filter.matches_grant(g))
-            .collect();
+        self.check_filter_names(op, "revoke_all", filter, ctx)
+            .await?;
+        let select = filter.to_select();
         let actor = op.actor();
-        let mut report = RevokeAllReport {
-            matched: matching.len(),
-            truncated,
-            ..RevokeAllReport::default()
-        };
+        let mut report = RevokeAllReport::default();
         let lease = self.revoke_lease();
         let actor_ref = actor.as_str();
-        let results: Vec<One> = futures::stream::iter(
-            matching
-                .into_iter()
-                .map(|g| self.revoke_one(g, lease, actor_ref, ctx)),
-        )
-        .buffer_unordered(REVOKE_ALL_PARALLELISM)
-        .collect()
-        .await;
-        for r in results {
-            match r {
-                One::Revoked(kinds) => {
-                    report.revoked_grants += 1;
-                    for k in kinds {
-                        *report.revoked.entry(k.as_str().to_owned()).or_default() += 1;
+        let mut cursor: Option<GrantCursor> = None;
+        loop {
+            if started.elapsed() >= REVOKE_ALL_CALL_BUDGET {
+                break;
+            }
+            let page = self
+                .store
+                .active_grants_page(&select, cursor, REVOKE_ALL_PAGE)
+                .await?;
+            report.pages += 1;
+            let Some(last) = page.last() else {
+                report.complete = true;
+                break;
+            };
+            cursor = Some(GrantCursor {
+                created_at: last.created_at,
+                id: last.id,
+            });
+            let full = page.len() >= REVOKE_ALL_PAGE as usize;
+            report.matched += page.len();
+            let (in_store, outside): (Vec<_>, Vec<_>) =
+                page.into_iter().partition(|g| self.revoked_in_store(g));
+            if !in_store.is_empty() {
+                let now = self.clock.now();
+                let events: Vec<_> = in_store
+                    .iter()
+                    .map(|g| self.revoked_event(g, now, actor_ref, ctx))
+                    .collect();
+                let moved = self.store.revoke_in_store(now, &events).await?;
+                let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
+                for g in &in_store {
+                    if moved.contains(&g.id) {
+                        report.revoked_grants += 1;
+                        report.revoked_in_store += 1;
+                        crate::metrics::revocation("requested", true, false);
+                        for c in &g.credentials {
+                            *report
+                                .revoked
+                                .entry(c.kind.as_str().to_owned())
+                                .or_default() += 1;
+                        }
+                    } else {
+                        report.already_in_progress += 1;
                     }
                 }
-                One::Busy => report.already_in_progress += 1,
-                One::Failed(f) => report.failures.push(f),
+            }
+            let results: Vec<One> = futures::stream::iter(
+                outside
+                    .into_iter()
+                    .map(|g| self.revoke_one(g, lease, actor_ref, ctx)),
+            )
+            .buffer_unordered(REVOKE_ALL_PARALLELISM)
+            .collect()
+            .await;
+            for r in results {
+                match r {
+                    One::Revoked(kinds) => {
+                        report.revoked_grants += 1;
+                        for k in kinds {
+                            *report.revoked.entry(k.as_str().to_owned()).or_default() += 1;
+                        }
+                    }
+                    One::Busy => report.already_in_progress += 1,
+                    One::Failed(f) => report.failures.push(f),
+                }
+            }
+            if !full {
+                report.complete = true;
+                break;
             }
         }
+        report.truncated = !report.complete;
         // A filter narrower than a kind (one repository, one issuer...) must not kill other
         // jobs' sessions, so provider-wide switches apply only to "everything" or "one kind".
         let kind_only = GrantFilter {
@@ -242,6 +336,7 @@ impl Broker {
                 report.provider_wide.insert(k, v);
             }
         }
+        report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut ev = self.admin_event(ctx, "revoke_all");
         ev.actor = Some(actor);
         ev.outcome = if report.failures.is_empty() {
@@ -257,7 +352,11 @@ impl Broker {
                 report.revoked_grants,
                 report.already_in_progress,
                 report.failures.len(),
-                if report.truncated { ", truncated" } else { "" }
+                if report.complete {
+                    ""
+                } else {
+                    ", incomplete (call again to continue)"
+                }
             ) + &report
                 .provider_wide
                 .iter()
@@ -320,6 +419,7 @@ impl Broker {
             self.admin_audit(&ev).await?;
             return Err(AdminError::BadRequest(msg));
         }
+        self.check_filter_names(op, "freeze", filter, ctx).await?;
         let freeze = Freeze {
             filter: filter.clone(),
             reason: reason.clone(),

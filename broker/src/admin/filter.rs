@@ -47,11 +47,8 @@ fn eq_opt(want: &Option<String>, have: Option<&str>) -> bool {
 impl GrantFilter {
     /// A problem with the filter, for a 400.
     pub fn check(&self, for_freeze: bool) -> Result<(), String> {
-        if let Some(k) = &self.kind
-            && CredentialKind::parse(k).is_none()
-        {
-            return Err(format!("filter.kind: unknown credential kind {k:?}"));
-        }
+        // Unknown names (issuer, credential, kind) are refused by `unknown_value`, which lists
+        // what exists.
         if for_freeze && (self.issued_after.is_some() || self.issued_before.is_some()) {
             return Err(
                 "filter: issued_after/issued_before select existing grants; a freeze applies to \
@@ -60,6 +57,49 @@ impl GrantFilter {
             );
         }
         Ok(())
+    }
+
+    /// A value naming something this broker does not have: an issuer that is not configured, a
+    /// credential no policy defines, a kind that does not exist. Such a filter would select
+    /// nothing (a revoke-all that revokes nothing, a freeze that freezes nothing, both answering
+    /// success), so it is refused, naming what exists. `kinds` are the kinds this build knows.
+    pub fn unknown_value(
+        &self,
+        issuers: &[String],
+        credentials: &[String],
+    ) -> Option<(&'static str, String, Vec<String>)> {
+        let known_kinds: Vec<String> = CredentialKind::ALL
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        let checks: [(&'static str, &Option<String>, Vec<String>); 3] = [
+            ("issuer", &self.issuer, issuers.to_vec()),
+            ("credential", &self.credential, credentials.to_vec()),
+            ("kind", &self.kind, known_kinds),
+        ];
+        for (field, want, mut known) in checks {
+            if let Some(v) = want
+                && !known.iter().any(|k| k == v)
+            {
+                known.sort();
+                known.dedup();
+                return Some((field, v.clone(), known));
+            }
+        }
+        None
+    }
+
+    /// The store's form of this filter (revoke-all), applied in SQL.
+    pub fn to_select(&self) -> crate::store::GrantSelect {
+        crate::store::GrantSelect {
+            issuer: self.issuer.clone(),
+            repository: self.repository.clone(),
+            repository_id: self.repository_id.clone(),
+            credential: self.credential.clone(),
+            kind: self.kind.clone(),
+            issued_after: self.issued_after,
+            issued_before: self.issued_before,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -161,12 +201,37 @@ mod tests {
     }
 
     #[test]
-    fn check_rejects_unknown_kinds_and_time_bounds_on_freeze() {
-        let k = GrantFilter {
-            kind: Some("nuclear".into()),
-            ..GrantFilter::default()
-        };
-        assert!(k.check(false).is_err());
+    fn unknown_names_are_refused_with_what_exists() {
+        let issuers = vec!["github".to_owned(), "gitlab".to_owned()];
+        let creds = vec!["deploy".to_owned()];
+        let f = |json: serde_json::Value| serde_json::from_value::<GrantFilter>(json).unwrap();
+        let ok =
+            f(serde_json::json!({"issuer": "gitlab", "credential": "deploy", "kind": "postgres"}));
+        assert_eq!(ok.unknown_value(&issuers, &creds), None);
+        assert_eq!(GrantFilter::default().unknown_value(&[], &[]), None);
+        let (field, value, known) = f(serde_json::json!({"issuer": "GitHub"}))
+            .unknown_value(&issuers, &creds)
+            .unwrap();
+        assert_eq!((field, value.as_str()), ("issuer", "GitHub"));
+        assert_eq!(known, issuers);
+        let (field, _, known) = f(serde_json::json!({"credential": "deploy-api"}))
+            .unknown_value(&issuers, &creds)
+            .unwrap();
+        assert_eq!((field, known), ("credential", creds.clone()));
+        let (field, _, known) = f(serde_json::json!({"kind": "nuclear"}))
+            .unknown_value(&issuers, &creds)
+            .unwrap();
+        assert_eq!(field, "kind");
+        assert_eq!(known, vec!["api_token", "aws_sts", "postgres"]);
+        // Repositories are not a closed set: any value is a valid (possibly empty) selection.
+        assert_eq!(
+            f(serde_json::json!({"repository": "nobody/nothing"})).unknown_value(&issuers, &creds),
+            None
+        );
+    }
+
+    #[test]
+    fn check_rejects_time_bounds_on_freeze() {
         let t = GrantFilter {
             issued_after: Some(OffsetDateTime::UNIX_EPOCH),
             ..GrantFilter::default()

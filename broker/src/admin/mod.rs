@@ -29,10 +29,19 @@ use time::{Duration, OffsetDateTime};
 /// applies on every other replica within this time. The replica that sets it applies it at once.
 pub const FREEZE_REFRESH: Duration = Duration::seconds(5);
 
-/// Grants one revoke-all call handles at most (the rest: call again).
-pub const MAX_REVOKE_ALL: u32 = 100_000;
+/// Grants a revoke-all reads per store page (selected in SQL, keyset-paged). Grants revoked in
+/// the store alone (API tokens) are revoked a page per transaction, so this also bounds how
+/// long one such transaction holds the audit chain head.
+pub const REVOKE_ALL_PAGE: u32 = 1000;
 
-/// Revocations a revoke-all runs at once.
+/// How long one revoke-all call keeps taking new pages. A run that needs longer answers
+/// `complete: false` with its counts; the next call continues (what is revoked is no longer
+/// active, so it is not selected again) and `broker admin revoke-all` calls until complete.
+/// Well inside the default request timeout (15 s), so the answer is never lost to it.
+pub const REVOKE_ALL_CALL_BUDGET: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// Revocations with effects outside the store (database users, cloud sessions) a revoke-all
+/// runs at once.
 pub const REVOKE_ALL_PARALLELISM: usize = 16;
 
 /// Longest operator-supplied `reason` kept (characters).
@@ -53,6 +62,13 @@ pub enum AdminError {
     Forbidden { name: String, needed: &'static str },
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A filter names an issuer, credential or kind that does not exist here.
+    #[error("filter.{field}: unknown {field} {value:?}; known: {}", known.join(", "))]
+    UnknownFilterValue {
+        field: &'static str,
+        value: String,
+        known: Vec<String>,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
 }
@@ -66,6 +82,7 @@ impl AdminError {
             AdminError::Replayed { .. } => "token_replayed",
             AdminError::Forbidden { .. } => "operator_forbidden",
             AdminError::BadRequest(_) => "bad_request",
+            AdminError::UnknownFilterValue { .. } => "unknown_filter_value",
             AdminError::Store(_) => "store_unavailable",
         }
     }

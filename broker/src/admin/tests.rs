@@ -817,3 +817,128 @@ fn oidc_operator_config_is_checked() {
     );
     assert!(Operators::from_config(&[rule("github", "true")]).is_err());
 }
+
+/// A filter naming an issuer, credential or kind that does not exist answers 400
+/// `unknown_filter_value` listing what exists (before: revoke-all `matched: 0` and a freeze
+/// `200 frozen: true` that froze nothing), audited, and leaves no freeze behind; honest
+/// exchanges still work after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_filter_values_are_refused_listing_what_exists() {
+    let h = harness().await;
+    for (path, filter, listed) in [
+        (
+            "/v1/admin/revoke-all",
+            json!({"issuer": "gitlab"}),
+            "github",
+        ),
+        ("/v1/admin/freeze", json!({"issuer": "gitlab"}), "github"),
+        (
+            "/v1/admin/revoke-all",
+            json!({"credential": "deploy"}),
+            "deploy-api",
+        ),
+        ("/v1/admin/freeze", json!({"kind": "nuclear"}), "api_token"),
+    ] {
+        let (s, body) = call(
+            &h,
+            "POST",
+            path,
+            Some(h.admin.expose()),
+            json!({"reason": "incident", "filter": filter}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{path} {filter}: {body}");
+        assert_eq!(body["error"], "unknown_filter_value", "{body}");
+        let msg = body["message"].as_str().unwrap();
+        assert!(msg.contains(listed), "{msg}");
+    }
+    assert!(h.broker.store.freeze_state().await.unwrap().is_none());
+    let refused = h
+        .broker
+        .store
+        .audit_events(&AuditFilter {
+            reason: Some("unknown_filter_value".into()),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused.len(), 4);
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.actor.as_deref() == Some("operator:alice"))
+    );
+    assert_eq!(exchange(&h, "acme/api", 1).await.0, StatusCode::OK);
+}
+
+/// More matching grants than one store page: the filter is applied in SQL and the pages are
+/// walked to the end, so the newest matching grants (behind 2,000 older ones that do not
+/// match) are found and revoked, and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_all_finds_the_newest_matching_grants_past_the_first_page() {
+    let h = harness().await;
+    let ctx = RequestCtx::default();
+    let n = REVOKE_ALL_PAGE as usize * 2 + 50;
+    for i in 0..n {
+        let repo = if i >= n - 30 { "acme/hot" } else { "acme/api" };
+        h.clock.advance(time::Duration::milliseconds(2));
+        h.broker
+            .exchange(
+                ExchangeRequest {
+                    token: job_token(&h, repo, 1),
+                    credentials: vec!["deploy-api".into()],
+                    ttl: None,
+                },
+                &ctx,
+            )
+            .await
+            .unwrap();
+    }
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/revoke-all",
+        Some(h.admin.expose()),
+        json!({"reason": "hot leak", "filter": {"repository": "acme/hot"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["matched"], 30, "{body}");
+    assert_eq!(body["revoked_grants"], 30, "{body}");
+    assert_eq!(body["revoked_in_store"], 30, "{body}");
+    assert_eq!(body["complete"], true, "{body}");
+    let (s, body) = call(
+        &h,
+        "POST",
+        "/v1/admin/revoke-all",
+        Some(h.admin.expose()),
+        json!({"reason": "all", "filter": {"kind": "api_token"}}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(body["revoked_grants"], n - 30, "{body}");
+    assert_eq!(body["pages"], 3, "{body}");
+    assert!(h.broker.store.active_grants(10).await.unwrap().is_empty());
+    // One revoke event per grant, and the chain still verifies.
+    let events = h
+        .broker
+        .store
+        .audit_events(&AuditFilter {
+            reason: Some("requested".into()),
+            limit: 1000,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1000);
+    assert!(events.iter().all(|e| e.grant_id.is_some()));
+    assert!(
+        h.broker
+            .store
+            .verify_audit_chain()
+            .await
+            .unwrap()
+            .is_intact()
+    );
+}

@@ -173,6 +173,8 @@ impl From<AdminError> for ApiError {
                 format!("this endpoint needs the {needed} role"),
             ),
             AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            // The operator asked by name; what exists is configuration an admin may see.
+            AdminError::UnknownFilterValue { .. } => (StatusCode::BAD_REQUEST, e.to_string()),
             AdminError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),

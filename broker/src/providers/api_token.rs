@@ -368,6 +368,11 @@ impl Provider for ApiTokenProvider {
         true
     }
 
+    /// Introspection answers from the grant's status, so a revoked grant is a revoked token.
+    fn revoked_in_store(&self) -> bool {
+        true
+    }
+
     fn resource_id(&self, grant_id: Uuid, credential: &CredentialDef) -> String {
         format!("{}.{}", grant_id.simple(), credential.name)
     }

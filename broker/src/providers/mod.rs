@@ -30,6 +30,12 @@ pub enum CredentialKind {
 }
 
 impl CredentialKind {
+    /// Every kind this build knows.
+    pub const ALL: [CredentialKind; 3] = [
+        CredentialKind::ApiToken,
+        CredentialKind::Postgres,
+        CredentialKind::AwsSts,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             CredentialKind::ApiToken => "api_token",
@@ -185,6 +191,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// process needs no revocation path. Anything that creates state elsewhere (a database
     /// user, a cloud session) must keep the default, so its intent is committed before minting.
     fn mints_in_memory(&self) -> bool {
+        false
+    }
+
+    /// True if revoking this kind is nothing but the grant's status in the broker's own store
+    /// (`revoke` does nothing outside it): revoke-all then revokes such grants set-based, a
+    /// page of them per store transaction, instead of one claim and finish per grant.
+    fn revoked_in_store(&self) -> bool {
         false
     }
 

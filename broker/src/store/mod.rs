@@ -295,6 +295,34 @@ pub struct JobMatch {
     pub run_attempt: Option<String>,
 }
 
+/// Which active grants an emergency revoke-all selects. Every field narrows the selection
+/// (AND); `None` means "any". Both backends apply all of them in SQL, so a selection that
+/// matches a few grants among millions reads only those (never "load everything, then filter").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrantSelect {
+    /// Configured issuer name (`grants.issuer`).
+    pub issuer: Option<String>,
+    pub repository: Option<String>,
+    pub repository_id: Option<String>,
+    /// Grants holding a credential of this definition name.
+    pub credential: Option<String>,
+    /// Grants holding a credential of this kind (`api_token`, ...).
+    pub kind: Option<String>,
+    /// Created at or after.
+    pub issued_after: Option<OffsetDateTime>,
+    /// Created strictly before.
+    pub issued_before: Option<OffsetDateTime>,
+}
+
+/// Where the previous page of [`Store::active_grants_page`] ended: its last grant's creation
+/// time and id (keyset pagination, so a page costs the same at the millionth grant as at the
+/// first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantCursor {
+    pub created_at: OffsetDateTime,
+    pub id: Uuid,
+}
+
 /// Counts for `/readyz` and metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
@@ -777,6 +805,29 @@ impl Store {
     /// Active grants (for revoke-all), oldest first.
     pub async fn active_grants(&self, limit: u32) -> Result<Vec<Grant>, StoreError> {
         dispatch!(self, active_grants(limit))
+    }
+    /// One page of the active grants `select` matches, oldest first (creation time, then id),
+    /// after `after`, with their credentials: two queries whatever the page size.
+    pub async fn active_grants_page(
+        &self,
+        select: &GrantSelect,
+        after: Option<GrantCursor>,
+        limit: u32,
+    ) -> Result<Vec<Grant>, StoreError> {
+        dispatch!(self, active_grants_page(select, after, limit))
+    }
+    /// Revoke, set-based, grants whose credentials live only in the broker (API tokens: the
+    /// store's status *is* the revocation, checked at introspection). One transaction: every
+    /// grant named by an event's `grant_id` that is still `active` becomes `revoked`
+    /// (cause `requested`, `revoked_at = now`), and exactly the events of the grants that moved
+    /// are appended to the audit chain, in order. Returns the ids that moved; the others were
+    /// taken meanwhile by another revocation (the job's own, the reaper), which audits them.
+    pub async fn revoke_in_store(
+        &self,
+        now: OffsetDateTime,
+        audits: &[AuditEvent],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        dispatch!(self, revoke_in_store(now, audits))
     }
     /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
     /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares

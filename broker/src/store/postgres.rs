@@ -12,8 +12,8 @@ use super::codec::{
 };
 use super::{
     AuditFilter, AuditRecord, ChainAnchor, Checkpoint, CheckpointKind, ClaimedGrant,
-    CredentialStatus, FreezeRecord, Grant, GrantStatus, JobMatch, JtiRecord, NewGrant, RevokeCause,
-    StoreError, StoreGauges, StoreStats,
+    CredentialStatus, FreezeRecord, Grant, GrantCursor, GrantSelect, GrantStatus, JobMatch,
+    JtiRecord, NewGrant, RevokeCause, StoreError, StoreGauges, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -1170,6 +1170,104 @@ pub(super) async fn gauges(pool: &PgPool, now: OffsetDateTime) -> Result<StoreGa
         active_by_kind,
         oldest_overdue,
     })
+}
+
+/// The `WHERE` conditions of a revoke-all selection, after `status = 'active'`. Only the
+/// given fields add a condition, so each selection gets a plan of its own instead of one generic
+/// plan full of `$n IS NULL OR ...`.
+fn push_select<'a>(q: &mut sqlx::QueryBuilder<'a, sqlx::Postgres>, select: &'a GrantSelect) {
+    if let Some(v) = &select.issuer {
+        q.push(" AND g.issuer = ").push_bind(v);
+    }
+    if let Some(v) = &select.repository {
+        q.push(" AND g.repository = ").push_bind(v);
+    }
+    if let Some(v) = &select.repository_id {
+        q.push(" AND g.repository_id = ").push_bind(v);
+    }
+    if let Some(t) = select.issued_after {
+        q.push(" AND g.created_at >= ").push_bind(t);
+    }
+    if let Some(t) = select.issued_before {
+        q.push(" AND g.created_at < ").push_bind(t);
+    }
+    if let Some(v) = &select.credential {
+        q.push(
+            " AND EXISTS (SELECT 1 FROM grant_credentials c WHERE c.grant_id = g.id AND c.name = ",
+        )
+        .push_bind(v)
+        .push(")");
+    }
+    if let Some(v) = &select.kind {
+        q.push(
+            " AND EXISTS (SELECT 1 FROM grant_credentials c WHERE c.grant_id = g.id AND c.kind = ",
+        )
+        .push_bind(v)
+        .push(")");
+    }
+}
+
+pub(super) async fn active_grants_page(
+    pool: &PgPool,
+    select: &GrantSelect,
+    after: Option<GrantCursor>,
+    limit: u32,
+) -> Result<Vec<Grant>, StoreError> {
+    let mut q = sqlx::QueryBuilder::new("SELECT g.* FROM grants g WHERE g.status = 'active'");
+    push_select(&mut q, select);
+    if let Some(c) = after {
+        // The plain bound lets the (status, created_at) index start at the cursor; the row
+        // comparison breaks ties between grants created in the same microsecond.
+        q.push(" AND g.created_at >= ")
+            .push_bind(c.created_at)
+            .push(" AND (g.created_at, g.id) > (")
+            .push_bind(c.created_at)
+            .push(", ")
+            .push_bind(c.id)
+            .push(")");
+    }
+    q.push(" ORDER BY g.created_at, g.id LIMIT ")
+        .push_bind(i64::from(limit));
+    let mut conn = pool.acquire().await?;
+    let rows = q.build().fetch_all(&mut *conn).await?;
+    with_credentials(&mut conn, &rows, grant_from_row).await
+}
+
+pub(super) async fn revoke_in_store(
+    pool: &PgPool,
+    now: OffsetDateTime,
+    audits: &[AuditEvent],
+) -> Result<Vec<Uuid>, StoreError> {
+    let ids: Vec<Uuid> = audits.iter().filter_map(|a| a.grant_id).collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = pool.begin().await?;
+    // Rows are locked in id order, so two concurrent revoke-alls over overlapping pages wait on
+    // each other instead of deadlocking. `status = 'active'` is re-checked after any wait: a
+    // grant the job's own revoke or the reaper claimed meanwhile is left to them.
+    let moved: Vec<Uuid> = sqlx::query_scalar(
+        "WITH picked AS (
+             SELECT id FROM grants WHERE id = ANY($1) AND status = 'active'
+             ORDER BY id FOR UPDATE)
+         UPDATE grants g
+         SET status = 'revoked', revoke_cause = 'requested', revoked_at = $2, lease_until = NULL
+         FROM picked
+         WHERE g.id = picked.id AND g.status = 'active'
+         RETURNING g.id",
+    )
+    .bind(&ids)
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await?;
+    let moved_set: std::collections::HashSet<Uuid> = moved.iter().copied().collect();
+    let events: Vec<&AuditEvent> = audits
+        .iter()
+        .filter(|a| a.grant_id.is_some_and(|g| moved_set.contains(&g)))
+        .collect();
+    insert_audits(&mut tx, &events).await?;
+    tx.commit().await?;
+    Ok(moved)
 }
 
 fn position_i32(position: usize) -> Result<i32, StoreError> {

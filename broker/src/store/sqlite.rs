@@ -14,8 +14,8 @@ use super::codec::{
 };
 use super::{
     AuditFilter, AuditRecord, ChainAnchor, Checkpoint, CheckpointKind, ClaimedGrant,
-    CredentialStatus, FreezeRecord, Grant, GrantStatus, JobMatch, JtiRecord, NewGrant, RevokeCause,
-    StoreError, StoreGauges, StoreStats,
+    CredentialStatus, FreezeRecord, Grant, GrantCursor, GrantSelect, GrantStatus, JobMatch,
+    JtiRecord, NewGrant, RevokeCause, StoreError, StoreGauges, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -854,6 +854,133 @@ pub(super) async fn active_grants(pool: &SqlitePool, limit: u32) -> Result<Vec<G
         grants.push(grant_with_credentials(&mut conn, row).await?);
     }
     Ok(grants)
+}
+
+/// The `WHERE` conditions of a revoke-all selection, after `status = 'active'` (as Postgres).
+fn push_select(q: &mut sqlx::QueryBuilder<'_, sqlx::Sqlite>, select: &GrantSelect) {
+    if let Some(v) = &select.issuer {
+        q.push(" AND g.issuer = ").push_bind(v.clone());
+    }
+    if let Some(v) = &select.repository {
+        q.push(" AND g.repository = ").push_bind(v.clone());
+    }
+    if let Some(v) = &select.repository_id {
+        q.push(" AND g.repository_id = ").push_bind(v.clone());
+    }
+    if let Some(t) = select.issued_after {
+        q.push(" AND g.created_at >= ").push_bind(ms(t));
+    }
+    if let Some(t) = select.issued_before {
+        q.push(" AND g.created_at < ").push_bind(ms(t));
+    }
+    if let Some(v) = &select.credential {
+        q.push(
+            " AND EXISTS (SELECT 1 FROM grant_credentials c WHERE c.grant_id = g.id AND c.name = ",
+        )
+        .push_bind(v.clone())
+        .push(")");
+    }
+    if let Some(v) = &select.kind {
+        q.push(
+            " AND EXISTS (SELECT 1 FROM grant_credentials c WHERE c.grant_id = g.id AND c.kind = ",
+        )
+        .push_bind(v.clone())
+        .push(")");
+    }
+}
+
+pub(super) async fn active_grants_page(
+    pool: &SqlitePool,
+    select: &GrantSelect,
+    after: Option<GrantCursor>,
+    limit: u32,
+) -> Result<Vec<Grant>, StoreError> {
+    let mut q = sqlx::QueryBuilder::new("SELECT g.* FROM grants g WHERE g.status = 'active'");
+    push_select(&mut q, select);
+    if let Some(c) = after {
+        let t = ms(c.created_at);
+        q.push(" AND g.created_at >= ")
+            .push_bind(t)
+            .push(" AND (g.created_at > ")
+            .push_bind(t)
+            .push(" OR g.id > ")
+            .push_bind(c.id.to_string())
+            .push(")");
+    }
+    q.push(" ORDER BY g.created_at, g.id LIMIT ")
+        .push_bind(i64::from(limit));
+    let mut conn = pool.acquire().await?;
+    let rows = q.build().fetch_all(&mut *conn).await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Every credential of the page in one query (a query per grant is what made a large
+    // revoke-all outlast the store's call limit).
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()?;
+    let cred_rows = sqlx::query(
+        "SELECT grant_id, name, kind, resource_id, details FROM grant_credentials
+         WHERE grant_id IN (SELECT value FROM json_each($1)) ORDER BY grant_id, position",
+    )
+    .bind(json_text(&ids)?)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut creds: std::collections::HashMap<String, Vec<IssuedCredential>> =
+        std::collections::HashMap::with_capacity(ids.len());
+    for r in &cred_rows {
+        creds
+            .entry(r.try_get::<String, _>("grant_id")?)
+            .or_default()
+            .push(IssuedCredential {
+                name: r.try_get("name")?,
+                kind: parse_kind(r.try_get("kind")?)?,
+                resource_id: r.try_get("resource_id")?,
+                details: json_col(r, "details")?,
+            });
+    }
+    rows.iter()
+        .zip(&ids)
+        .map(|(row, id)| grant_from_row(row, creds.remove(id).unwrap_or_default()))
+        .collect()
+}
+
+pub(super) async fn revoke_in_store(
+    pool: &SqlitePool,
+    now: OffsetDateTime,
+    audits: &[AuditEvent],
+) -> Result<Vec<Uuid>, StoreError> {
+    let ids: Vec<String> = audits
+        .iter()
+        .filter_map(|a| a.grant_id.map(|g| g.to_string()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let moved: Vec<String> = sqlx::query_scalar(
+        "UPDATE grants
+         SET status = 'revoked', revoke_cause = 'requested', revoked_at = $2, lease_until = NULL
+         WHERE id IN (SELECT value FROM json_each($1)) AND status = 'active'
+         RETURNING id",
+    )
+    .bind(json_text(&ids)?)
+    .bind(ms(now))
+    .fetch_all(&mut *tx)
+    .await?;
+    let moved = moved
+        .iter()
+        .map(|s| Uuid::parse_str(s).map_err(|_| corrupt("uuid")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let moved_set: std::collections::HashSet<Uuid> = moved.iter().copied().collect();
+    for a in audits {
+        if a.grant_id.is_some_and(|g| moved_set.contains(&g)) {
+            insert_audit(&mut tx, a).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(moved)
 }
 
 pub(super) async fn record_jti(
