@@ -1399,6 +1399,51 @@ macro_rules! store_tests {
     };
 }
 
+/// A revoke-all page is larger than the batches exchanges make: its events are chained the
+/// other way on Postgres (hashes computed in the broker). Small appends before and after, a page
+/// of 150 revoked in the store, a page holding a grant already revoked: every grant moved once,
+/// one event each, and the chain verifies across both ways of appending.
+async fn revoke_in_store_of_a_large_page_keeps_the_chain(store: Store) {
+    let first = begin_active(&store, 0, 600).await;
+    let mut grants = Vec::new();
+    for i in 0..150 {
+        grants.push(begin_active(&store, i, 600).await);
+    }
+    let events = |at: i64, gs: &[NewGrant]| -> Vec<AuditEvent> {
+        gs.iter()
+            .map(|g| event(at, Action::Admin, Outcome::Success, Some(g.id)))
+            .collect()
+    };
+    let one = store
+        .revoke_in_store(t(200), &events(200, std::slice::from_ref(&first)))
+        .await
+        .unwrap();
+    assert_eq!(one, vec![first.id]);
+    let mut page = grants.clone();
+    page.push(first.clone());
+    let moved = store
+        .revoke_in_store(t(300), &events(300, &page))
+        .await
+        .unwrap();
+    assert_eq!(
+        moved.len(),
+        150,
+        "the already revoked grant is not moved again"
+    );
+    assert!(!moved.contains(&first.id));
+    for g in &grants {
+        assert_eq!(status(&store, g.id).await, GrantStatus::Revoked);
+        assert_eq!(events_for(&store, g.id).await.len(), 2, "allow + revoke");
+    }
+    assert_eq!(events_for(&store, first.id).await.len(), 2);
+    store
+        .append_audit(&event(400, Action::Admin, Outcome::Success, None))
+        .await
+        .unwrap();
+    let report = store.verify_audit_chain().await.unwrap();
+    assert!(report.is_intact(), "{report:?}");
+}
+
 /// `issue_grant`: one transaction writes the jti, the grant already `active` with its final
 /// details, and the allow event; a replay writes nothing.
 async fn issue_grant_writes_an_active_grant_in_one_step(store: Store) {
@@ -1481,6 +1526,7 @@ async fn concurrent_writes_get_their_own_outcomes(store: Store) {
 
 store_tests!(
     issue_grant_writes_an_active_grant_in_one_step,
+    revoke_in_store_of_a_large_page_keeps_the_chain,
     concurrent_writes_get_their_own_outcomes,
     migrate_twice_is_a_no_op,
     begin_then_activate_reads_back,
