@@ -135,8 +135,9 @@ async fn env() -> Env {
     let admin_port = free_port();
     let extra = format!(
         "{target}admin_listen: 127.0.0.1:{admin_port}\n\
-         webhooks:\n  github:\n    secrets: [{{value: {GH_SECRET_OLD}}}, {{value: {GH_SECRET}}}]\n  \
-         gitlab:\n    tokens: [{{value: {GL_TOKEN}}}]\n\
+         webhooks:\n  github:\n    secrets: [{{value: {GH_SECRET_OLD}, scope: [\"acme/*\"]}}, \
+         {{value: {GH_SECRET}, scope: [\"acme/*\"]}}]\n  \
+         gitlab:\n    tokens: [{{value: {GL_TOKEN}, scope: [\"acme/api\"]}}]\n\
          operators:\n  - name: secjob\n    role: admin\n    oidc:\n      issuer: github\n      \
          rule: claims.repository == \"acme/security\" && claims.ref == \"refs/heads/main\"\n",
         target = pg.target_yaml(),
@@ -431,7 +432,8 @@ async fn gitlab_job_event_revokes_that_job_and_refuses_bad_tokens_and_replays() 
         .to_owned();
     let body = serde_json::to_vec(&json!({
         "object_kind": "build", "build_id": 4242, "build_status": "success",
-        "build_name": "deploy", "project_id": 2000001, "pipeline_id": 9
+        "build_name": "deploy", "project_id": 2000001, "pipeline_id": 9,
+        "project": {"id": 2000001, "path_with_namespace": "acme/api"}
     }))
     .unwrap();
     let hdrs = |token: &str, key: &str| {
