@@ -180,6 +180,7 @@ impl Env {
         let now = broker::time::Clock::now(&broker::time::SystemClock);
         let mut c = testkit::gitlab_claims(&self.gitlab.url(), AUD, now);
         c["project_id"] = json!("2000001");
+        c["project_path"] = json!("acme/api");
         c["job_id"] = json!(job_id.to_string());
         testkit::sign(TestKey::Rsa1, &c)
     }
@@ -453,6 +454,21 @@ async fn gitlab_job_event_revokes_that_job_and_refuses_bad_tokens_and_replays() 
     assert_eq!((status, r["error"].as_str()), (401, Some("bad_signature")));
     assert!(e.active(&api).await);
     assert_eq!(e.webhook_events("bad_signature").await.len(), 1);
+
+    // The token is scoped to acme/api: a delivery naming another project is refused, audited,
+    // and keeps no id (k-1 is used below).
+    let mut elsewhere: Value = serde_json::from_slice(&body).unwrap();
+    elsewhere["project"]["path_with_namespace"] = json!("other-group/api");
+    let elsewhere = serde_json::to_vec(&elsewhere).unwrap();
+    let (status, r) = e
+        .deliver("/v1/hooks/gitlab", &hdrs(GL_TOKEN, "k-1"), &elsewhere)
+        .await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (403, Some("webhook_out_of_scope"))
+    );
+    assert!(e.active(&api).await);
+    assert_eq!(e.webhook_events("webhook_out_of_scope").await.len(), 1);
 
     let (status, r) = e
         .deliver("/v1/hooks/gitlab", &hdrs(GL_TOKEN, "k-1"), &body)
