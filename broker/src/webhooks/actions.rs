@@ -138,8 +138,9 @@ impl Broker {
         };
 
         // 2b. The repository the delivery names must be inside the secret's scope (a delivery
-        //     that names none is outside every scope). Checked before the delivery id is kept.
-        if !job.repository.as_deref().is_some_and(|r| scope.allows(r)) {
+        //     that names none is outside every scope but `*`). Checked before the delivery id is
+        //     kept.
+        if !scope.allows_named(job.repository.as_deref()) {
             let what = match &job.repository {
                 Some(r) => format!("repository {r:?}"),
                 None => "a delivery without a repository name".to_owned(),
@@ -200,7 +201,7 @@ impl Broker {
         //     scope refuses the whole delivery, nothing is revoked and its id is not kept.
         if let Some(g) = grants
             .iter()
-            .find(|g| !g.repository.as_deref().is_some_and(|r| scope.allows(r)))
+            .find(|g| !scope.allows_named(g.repository.as_deref()))
         {
             let what = format!(
                 "grant {} of repository {:?}",

@@ -126,6 +126,15 @@ impl Scope {
         })
     }
 
+    /// Whether `path` (the name a delivery or a grant gives, if any) is inside the scope: a
+    /// missing name is inside only `*`, which allows any repository anyway.
+    pub fn allows_named(&self, path: Option<&str>) -> bool {
+        match path {
+            Some(p) => self.allows(p),
+            None => self.patterns.contains(&Pattern::Any),
+        }
+    }
+
     /// The patterns as configured (lower-cased), for logs and the audit detail.
     pub fn describe(&self) -> String {
         let p: Vec<String> = self
@@ -175,6 +184,8 @@ mod tests {
         let any = scope(Platform::Github, &["*"]);
         assert!(any.allows("anyone/anything"));
         assert!(!any.allows("not a path"));
+        assert!(any.allows_named(None) && !s.allows_named(None));
+        assert!(s.allows_named(Some("acme/api")));
         assert_eq!(s.describe(), "[acme/*, other/app]");
     }
 
