@@ -199,8 +199,14 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     Ok(())
 }
 
+/// Ticks the key cache every `Verifier::refresh_tick` (1 s): an issuer whose keys are due, or
+/// whose last fetch failed and whose backoff window has ended, is fetched; any other tick costs
+/// a lock and a timestamp comparison per issuer.
 async fn refresh_keys(b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    let every = std::time::Duration::try_from(b.verifier.refresh_tick())
+        .unwrap_or(std::time::Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {

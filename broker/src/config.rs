@@ -58,7 +58,7 @@ impl SecretRef {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match (&self.file, &self.env, &self.value) {
             (Some(p), _, _) => format!("file {}", p.display()),
             (_, Some(v), _) => format!("env {v}"),
@@ -628,11 +628,11 @@ impl fmt::Display for Config {
             writeln!(f, "admin_listen: {a}")?;
         }
         if let Some(g) = &self.webhooks.github {
-            let s: Vec<String> = g.secrets.iter().map(SecretRef::describe).collect();
+            let s: Vec<String> = g.secrets.iter().map(|s| s.describe()).collect();
             writeln!(f, "webhooks.github.secrets: {}", s.join(", "))?;
         }
         if let Some(g) = &self.webhooks.gitlab {
-            let s: Vec<String> = g.tokens.iter().map(SecretRef::describe).collect();
+            let s: Vec<String> = g.tokens.iter().map(|s| s.describe()).collect();
             writeln!(f, "webhooks.gitlab.tokens: {}", s.join(", "))?;
         }
         writeln!(f, "public_url: {}", self.public_url)?;

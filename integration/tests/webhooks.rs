@@ -135,8 +135,9 @@ async fn env() -> Env {
     let admin_port = free_port();
     let extra = format!(
         "{target}admin_listen: 127.0.0.1:{admin_port}\n\
-         webhooks:\n  github:\n    secrets: [{{value: {GH_SECRET_OLD}}}, {{value: {GH_SECRET}}}]\n  \
-         gitlab:\n    tokens: [{{value: {GL_TOKEN}}}]\n\
+         webhooks:\n  github:\n    secrets: [{{value: {GH_SECRET_OLD}, scope: [\"acme/*\"]}}, \
+         {{value: {GH_SECRET}, scope: [\"acme/*\"]}}]\n  \
+         gitlab:\n    tokens: [{{value: {GL_TOKEN}, scope: [\"acme/api\"]}}]\n\
          operators:\n  - name: secjob\n    role: admin\n    oidc:\n      issuer: github\n      \
          rule: claims.repository == \"acme/security\" && claims.ref == \"refs/heads/main\"\n",
         target = pg.target_yaml(),
@@ -179,6 +180,7 @@ impl Env {
         let now = broker::time::Clock::now(&broker::time::SystemClock);
         let mut c = testkit::gitlab_claims(&self.gitlab.url(), AUD, now);
         c["project_id"] = json!("2000001");
+        c["project_path"] = json!("acme/api");
         c["job_id"] = json!(job_id.to_string());
         testkit::sign(TestKey::Rsa1, &c)
     }
@@ -431,7 +433,8 @@ async fn gitlab_job_event_revokes_that_job_and_refuses_bad_tokens_and_replays() 
         .to_owned();
     let body = serde_json::to_vec(&json!({
         "object_kind": "build", "build_id": 4242, "build_status": "success",
-        "build_name": "deploy", "project_id": 2000001, "pipeline_id": 9
+        "build_name": "deploy", "project_id": 2000001, "pipeline_id": 9,
+        "project": {"id": 2000001, "path_with_namespace": "acme/api"}
     }))
     .unwrap();
     let hdrs = |token: &str, key: &str| {
@@ -451,6 +454,21 @@ async fn gitlab_job_event_revokes_that_job_and_refuses_bad_tokens_and_replays() 
     assert_eq!((status, r["error"].as_str()), (401, Some("bad_signature")));
     assert!(e.active(&api).await);
     assert_eq!(e.webhook_events("bad_signature").await.len(), 1);
+
+    // The token is scoped to acme/api: a delivery naming another project is refused, audited,
+    // and keeps no id (k-1 is used below).
+    let mut elsewhere: Value = serde_json::from_slice(&body).unwrap();
+    elsewhere["project"]["path_with_namespace"] = json!("other-group/api");
+    let elsewhere = serde_json::to_vec(&elsewhere).unwrap();
+    let (status, r) = e
+        .deliver("/v1/hooks/gitlab", &hdrs(GL_TOKEN, "k-1"), &elsewhere)
+        .await;
+    assert_eq!(
+        (status, r["error"].as_str()),
+        (403, Some("webhook_out_of_scope"))
+    );
+    assert!(e.active(&api).await);
+    assert_eq!(e.webhook_events("webhook_out_of_scope").await.len(), 1);
 
     let (status, r) = e
         .deliver("/v1/hooks/gitlab", &hdrs(GL_TOKEN, "k-1"), &body)

@@ -11,7 +11,8 @@
 //! - Status classes: 400 malformed request, 401 invalid job or revocation token, 403 denied by
 //!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
 //!   target unavailable (nothing was issued), 500 a bug or misconfiguration. Webhooks add 401
-//!   `bad_signature` (the delivery is not signed by a configured secret) and 409
+//!   `bad_signature` (the delivery is not signed by a configured secret), 403
+//!   `webhook_out_of_scope` (signed, but for a repository outside that secret's scope) and 409
 //!   `replayed_delivery` (its delivery id was already processed).
 
 use crate::admin::AdminError;
@@ -203,6 +204,11 @@ impl From<WebhookError> for ApiError {
                 StatusCode::CONFLICT,
                 "this delivery was already processed".to_owned(),
             ),
+            WebhookError::OutOfScope(_) => (
+                StatusCode::FORBIDDEN,
+                "the delivery concerns a repository outside the scope of the secret that signed it"
+                    .to_owned(),
+            ),
             WebhookError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             WebhookError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -314,6 +320,11 @@ mod tests {
             (WebhookError::BadSignature, 401, "bad_signature"),
             (WebhookError::Replayed("d".into()), 409, "replayed_delivery"),
             (WebhookError::NotConfigured, 404, "not_found"),
+            (
+                WebhookError::OutOfScope("repository \"b/x\"".into()),
+                403,
+                "webhook_out_of_scope",
+            ),
         ] {
             let a = ApiError::from(e);
             assert_eq!((a.status.as_u16(), a.code), (status, code));

@@ -15,9 +15,14 @@
 //! 9. required claims `sub`, `exp`, `iat`, and `jti` for single-use issuers.
 //!
 //! Key cache: per issuer, one fetch at a time (single flight through an async mutex). After any
-//! fetch attempt, successful or not, no further fetch for an unknown `kid` happens until the
-//! cooldown has passed: this one per-issuer timestamp is the negative cache, so a flood of
-//! random `kid`s costs at most one request per window and holds no per-`kid` memory. If the
+//! fetch attempt no further fetch happens until that attempt's window has passed: this one
+//! per-issuer timestamp is the negative cache, so a flood of random `kid`s (or of any tokens
+//! while the issuer is down) costs at most one request per window and holds no per-`kid`
+//! memory. The window after a successful fetch is the unknown-`kid` cooldown (60 s); after a
+//! failed one it is a capped exponential backoff (1 s, 2 s, 4 s, then every 4 s), so an issuer
+//! that was unreachable is used again within seconds of its return instead of a minute later.
+//! The owner calls [`Verifier::refresh_all`] every [`Verifier::refresh_tick`] (1 s), which
+//! retries a failed issuer as soon as its window allows even when no token arrives. If the
 //! issuer is down, cached keys keep verifying for up to `max_stale`; after that the issuer's
 //! tokens fail with `issuer_unavailable` (the keys may have been revoked meanwhile).
 
@@ -41,8 +46,8 @@ use crate::time::SharedClock;
 pub struct VerifierOptions {
     /// How old a key set may get before [`Verifier::refresh_all`] fetches it again. Default 10m.
     pub refresh_interval: Duration,
-    /// Minimum time between fetches triggered by unknown `kid`s (and retries after a failed
-    /// fetch). Default 60s. Trade-off: a token signed with a brand-new key that arrives within
+    /// Minimum time between fetches triggered by unknown `kid`s after a successful fetch.
+    /// Default 60s. Trade-off: a token signed with a brand-new key that arrives within
     /// this window after any fetch is refused as `unknown_key`; GitHub and GitLab publish new
     /// keys well before signing with them, so in practice the periodic refresh has them.
     pub unknown_kid_cooldown: Duration,
@@ -52,6 +57,13 @@ pub struct VerifierOptions {
     pub max_response_bytes: usize,
     /// How long cached keys keep verifying while the issuer cannot be reached. Default 24h.
     pub max_stale: Duration,
+    /// Wait after the first failed fetch before the next attempt; it doubles with each further
+    /// failure up to [`Self::retry_backoff_max`]. Default 1s.
+    pub retry_backoff_initial: Duration,
+    /// Longest wait between attempts while fetches keep failing. Default 4s: at most one
+    /// request per issuer every 4 s per replica while it is down, and service resumes within
+    /// about that long (plus one refresh tick) after it returns.
+    pub retry_backoff_max: Duration,
 }
 
 impl Default for VerifierOptions {
@@ -62,6 +74,8 @@ impl Default for VerifierOptions {
             http_timeout: Duration::seconds(5),
             max_response_bytes: 256 * 1024,
             max_stale: Duration::hours(24),
+            retry_backoff_initial: Duration::seconds(1),
+            retry_backoff_max: Duration::seconds(4),
         }
     }
 }
@@ -94,6 +108,9 @@ struct KeyState {
     fetched_at: Option<OffsetDateTime>,
     last_attempt: Option<OffsetDateTime>,
     last_error: Option<&'static str>,
+    /// Fetches failed in a row since the last success; 0 = the last attempt succeeded (or none
+    /// was made). Decides the retry window (see [`VerifierOptions::retry_backoff_initial`]).
+    failures: u32,
 }
 
 struct Issuer {
@@ -193,6 +210,7 @@ impl Verifier {
                         fetched_at: Some(now),
                         last_attempt: None,
                         last_error: None,
+                        failures: 0,
                     };
                     (KeySource::Fixed, state)
                 }
@@ -359,6 +377,16 @@ impl Verifier {
         self.opts.refresh_interval
     }
 
+    /// How often the owner should tick [`Self::refresh_all`] so a failed issuer is retried as
+    /// soon as its backoff window ends: the shorter of the first backoff step and the refresh
+    /// interval, at least 100 ms. Each tick costs nothing for an issuer that is not due.
+    pub fn refresh_tick(&self) -> Duration {
+        self.opts
+            .retry_backoff_initial
+            .min(self.opts.refresh_interval)
+            .max(Duration::milliseconds(100))
+    }
+
     pub fn health(&self) -> Vec<IssuerHealth> {
         let now = self.clock.now();
         self.issuers
@@ -406,9 +434,9 @@ impl Verifier {
     }
 
     fn in_cooldown(&self, is: &Issuer, now: OffsetDateTime) -> bool {
-        read(&is.state)
-            .last_attempt
-            .is_some_and(|t| now - t < self.opts.unknown_kid_cooldown)
+        let st = read(&is.state);
+        let window = retry_window(&self.opts, st.failures);
+        st.last_attempt.is_some_and(|t| now - t < window)
     }
 
     /// The error for a key we could not find: unknown key if we hold usable keys, else the
@@ -468,17 +496,36 @@ impl Verifier {
         st.last_attempt = Some(now);
         match result {
             Ok(set) => {
-                tracing::debug!(issuer = %is.name, keys = set.len(), "issuer keys refreshed");
+                if st.failures > 0 {
+                    tracing::info!(issuer = %is.name, keys = set.len(), failed_attempts = st.failures, "issuer reachable again; keys refreshed");
+                } else {
+                    tracing::debug!(issuer = %is.name, keys = set.len(), "issuer keys refreshed");
+                }
                 st.keys = Some(Arc::new(set));
                 st.fetched_at = Some(now);
                 st.last_error = None;
+                st.failures = 0;
             }
             Err(e) => {
-                tracing::warn!(issuer = %is.name, reason = e.code, "issuer key fetch failed; keeping cached keys");
+                st.failures = st.failures.saturating_add(1);
+                let retry_in = retry_window(&self.opts, st.failures).whole_milliseconds();
+                tracing::warn!(issuer = %is.name, reason = e.code, failed_attempts = st.failures, retry_in_ms = retry_in as u64, "issuer key fetch failed; keeping cached keys");
                 st.last_error = Some(e.code);
             }
         }
     }
+}
+
+/// How long after an attempt the next one may start: the unknown-`kid` cooldown after a
+/// success, else `initial · 2^(failures-1)` capped at the maximum (1 s, 2 s, 4 s, 4 s, ...).
+fn retry_window(opts: &VerifierOptions, failures: u32) -> Duration {
+    if failures == 0 {
+        return opts.unknown_kid_cooldown;
+    }
+    let factor = 1i32 << failures.saturating_sub(1).min(16);
+    opts.retry_backoff_initial
+        .saturating_mul(factor)
+        .min(opts.retry_backoff_max)
 }
 
 fn read(l: &RwLock<KeyState>) -> std::sync::RwLockReadGuard<'_, KeyState> {

@@ -4,7 +4,7 @@
 //! stays queued for the reaper.
 
 use super::event::{self, HookEvent, JobEnd};
-use super::signature::{github_signature_ok, gitlab_token_ok};
+use super::signature::{github_signature_match, gitlab_token_match};
 use super::{
     Delivery, MAX_DELIVERY_ID, MAX_GRANTS_PER_DELIVERY, Source, WebhookError, clean_header,
 };
@@ -73,7 +73,7 @@ impl Broker {
     /// Audit a refused delivery, then return the error (503 if the audit cannot be written).
     async fn hook_refuse(&self, mut ev: AuditEvent, err: WebhookError) -> WebhookError {
         ev.reason = err.reason_code().to_owned();
-        if let WebhookError::BadRequest(m) = &err {
+        if let WebhookError::BadRequest(m) | WebhookError::OutOfScope(m) = &err {
             ev.detail = Some(format!("{}; {m}", ev.detail.unwrap_or_default()));
         }
         match self.store.append_audit(&ev).await {
@@ -96,18 +96,32 @@ impl Broker {
         };
         let ev = self.hook_event(ctx, &d);
 
-        // 1. Authenticate before reading anything else the sender says.
-        let authentic = match d.source {
-            Source::Github => github_signature_ok(
+        // 1. Authenticate before reading anything else the sender says; remember which secret
+        //    verified, since that decides what the delivery may speak for.
+        let verified_by = match d.source {
+            Source::Github => github_signature_match(
                 &ep.secrets,
                 d.credential.as_ref().map(|c| c.expose()),
                 d.body,
             ),
-            Source::Gitlab => gitlab_token_ok(&ep.secrets, d.credential.as_ref()),
+            Source::Gitlab => gitlab_token_match(&ep.secrets, d.credential.as_ref()),
         };
-        if !authentic {
+        let Some((secret_no, scope)) =
+            verified_by.and_then(|i| ep.scopes.get(i).map(|scope| (i, scope)))
+        else {
             return Err(self.hook_refuse(ev, WebhookError::BadSignature).await);
-        }
+        };
+        let key = match d.source {
+            Source::Github => "secrets",
+            Source::Gitlab => "tokens",
+        };
+        let out_of_scope = |what: String| {
+            WebhookError::OutOfScope(format!(
+                "{what} is outside the scope {} of webhooks.{}.{key}[{secret_no}]",
+                scope.describe(),
+                d.source.as_str()
+            ))
+        };
 
         // 2. What ended (or nothing to do).
         let parsed = match d.source {
@@ -122,6 +136,19 @@ impl Broker {
             }
             Err(msg) => return Err(self.hook_refuse(ev, WebhookError::BadRequest(msg)).await),
         };
+
+        // 2b. The repository the delivery names must be inside the secret's scope (a delivery
+        //     that names none is outside every scope but `*`). Checked before the delivery id is
+        //     kept.
+        if !scope.allows_named(job.repository.as_deref()) {
+            let what = match &job.repository {
+                Some(r) => format!("repository {r:?}"),
+                None => "a delivery without a repository name".to_owned(),
+            };
+            return Err(self
+                .hook_refuse(with_job(ev, &job), out_of_scope(what))
+                .await);
+        }
 
         // 3. Once per delivery id.
         let id = match d.delivery_id.as_deref() {
@@ -168,6 +195,24 @@ impl Broker {
                 return Err(WebhookError::Store(e));
             }
         };
+        // 4b. The name in a delivery is the signer's word; the grants' repositories come from
+        //     verified job tokens. Matching is by repository id, so a holder of one secret could
+        //     name an in-scope repository beside another's id: any matched grant outside the
+        //     scope refuses the whole delivery, nothing is revoked and its id is not kept.
+        if let Some(g) = grants
+            .iter()
+            .find(|g| !scope.allows_named(g.repository.as_deref()))
+        {
+            let what = format!(
+                "grant {} of repository {:?}",
+                g.id,
+                g.repository.as_deref().unwrap_or("-")
+            );
+            let _ = self.store.forget_delivery(source, id).await;
+            return Err(self
+                .hook_refuse(with_job(ev, &job), out_of_scope(what))
+                .await);
+        }
 
         // 5. Revoke them.
         let actor = format!("webhook:{source}");

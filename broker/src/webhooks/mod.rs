@@ -7,6 +7,10 @@
 //!   token (GitLab) verified, in constant time, against one of the configured secrets.
 //! - A delivery matches only grants of its own platform's issuers, its repository id and its job
 //!   id (GitHub: plus run id and attempt); see [`event`] for exactly what is compared.
+//! - A delivery acts only inside the scope of the secret that verified it ([`scope`]): the
+//!   repository it names and the repository of every grant it would revoke (from the grant's
+//!   verified job token) must match that secret's `scope`, else 403 `webhook_out_of_scope`,
+//!   audited, nothing revoked and the delivery id not kept.
 //! - Only deliveries that act are recorded, and only after their signature verified, so a forged
 //!   request can neither revoke nor block a real delivery by taking its id.
 //! - Every refused delivery (bad signature, replay, malformed) and every acted-on delivery writes
@@ -14,10 +18,12 @@
 
 mod actions;
 pub mod event;
+pub mod scope;
 pub mod signature;
 
 pub use actions::{HookOutcome, HookReport};
 pub use event::{HookEvent, JobEnd};
+pub use scope::Scope;
 
 use crate::config::SecretRef;
 use crate::oidc::{IssuerConfig, Platform};
@@ -73,13 +79,67 @@ impl Default for WebhooksConfig {
     }
 }
 
+/// One webhook secret (by reference, as [`SecretRef`]) and the repositories (GitHub) or
+/// projects (GitLab) it may speak for.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedSecret {
+    pub file: Option<std::path::PathBuf>,
+    pub env: Option<String>,
+    pub value: Option<String>,
+    /// Required: `owner/*`, `owner/repo` (GitHub); `group/*`, `group/sub/project` (GitLab);
+    /// `*` for any. Optional in the type only so that a missing one is reported by
+    /// [`validate`] with its key.
+    #[serde(default)]
+    pub scope: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for ScopedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopedSecret")
+            .field("secret", &self.secret_ref())
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+impl ScopedSecret {
+    /// An inline secret with a scope (tests, examples).
+    pub fn inline(value: impl Into<String>, scope: &[&str]) -> Self {
+        Self {
+            value: Some(value.into()),
+            scope: Some(scope.iter().map(|s| (*s).to_owned()).collect()),
+            ..Self::default()
+        }
+    }
+
+    /// Where the secret comes from.
+    pub fn secret_ref(&self) -> SecretRef {
+        SecretRef {
+            file: self.file.clone(),
+            env: self.env.clone(),
+            value: self.value.clone(),
+        }
+    }
+
+    /// For the config summary: where the secret comes from and its scope, never its value.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} scope {:?}",
+            self.secret_ref().describe(),
+            self.scope.as_deref().unwrap_or_default()
+        )
+    }
+}
+
 /// `webhooks.github`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GithubHookConfig {
-    /// Webhook secrets; a delivery signed with any of them is accepted (rotation: add the new
-    /// one, change it in GitHub, remove the old one).
-    pub secrets: Vec<SecretRef>,
+    /// Webhook secrets, each with the repositories it may speak for; a delivery signed with any
+    /// of them is accepted inside that secret's scope (rotation: add the new one with the same
+    /// scope, change it in GitHub, remove the old one).
+    pub secrets: Vec<ScopedSecret>,
     /// Configured issuer names whose grants this endpoint may revoke; empty = every GitHub
     /// issuer. Set it when several GitHub instances (github.com, GHES) are configured: their
     /// repository ids are independent.
@@ -91,8 +151,9 @@ pub struct GithubHookConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitlabHookConfig {
-    /// Secret tokens (`X-Gitlab-Token`); any of them is accepted (rotation).
-    pub tokens: Vec<SecretRef>,
+    /// Secret tokens (`X-Gitlab-Token`), each with the projects it may speak for; any of them
+    /// is accepted inside its scope (rotation).
+    pub tokens: Vec<ScopedSecret>,
     /// Configured issuer names whose grants this endpoint may revoke; empty = every GitLab
     /// issuer.
     #[serde(default)]
@@ -121,10 +182,12 @@ impl Source {
     }
 }
 
-/// One configured endpoint: its secrets and the issuers it may touch.
+/// One configured endpoint: its secrets, each secret's scope (same positions), and the
+/// issuers it may touch.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
     pub(crate) secrets: Vec<Sensitive>,
+    pub(crate) scopes: Vec<Scope>,
     pub(crate) issuers: Vec<String>,
 }
 
@@ -152,17 +215,48 @@ impl Default for Webhooks {
 /// Every problem with `webhooks:`, each naming its key (never a secret's value).
 pub fn validate(cfg: &WebhooksConfig, issuers: &[IssuerConfig]) -> Vec<String> {
     let mut p = Vec::new();
-    let mut endpoint = |key: &str, secrets: &[SecretRef], names: &[String], platform: Platform| {
+    let mut endpoint = |key: &str,
+                        secrets: &[ScopedSecret],
+                        names: &[String],
+                        platform: Platform| {
         if secrets.is_empty() {
             p.push(format!("webhooks.{key}: at least one secret is required"));
         }
+        let mut seen: Vec<(usize, Sensitive)> = Vec::new();
         for (i, s) in secrets.iter().enumerate() {
-            match s.resolve() {
+            match s.secret_ref().resolve() {
                 Err(e) => p.push(format!("webhooks.{key}[{i}]: {e}")),
                 Ok(v) if v.expose().len() < MIN_SECRET_LEN => p.push(format!(
                     "webhooks.{key}[{i}]: at least {MIN_SECRET_LEN} characters"
                 )),
-                Ok(_) => {}
+                Ok(v) => {
+                    // One secret, one scope: a second entry with the same value would never
+                    // be the one that verifies, so its scope would silently not apply.
+                    if let Some((j, _)) = seen.iter().find(|(_, w)| *w == v) {
+                        p.push(format!(
+                            "webhooks.{key}[{i}]: the same secret as [{j}]; give one entry with the combined scope"
+                        ));
+                    }
+                    seen.push((i, v));
+                }
+            }
+            match &s.scope {
+                None => p.push(format!(
+                    "webhooks.{key}[{i}].scope: required ({}; [\"*\"] for any)",
+                    match platform {
+                        Platform::Github =>
+                            "repositories this secret may speak for: owner/* or owner/repo",
+                        Platform::Gitlab =>
+                            "projects this token may speak for: group/* or group/project",
+                    }
+                )),
+                Some(list) => {
+                    if let Err(problems) = Scope::parse(list, platform) {
+                        for m in problems {
+                            p.push(format!("webhooks.{key}[{i}].scope: {m}"));
+                        }
+                    }
+                }
             }
         }
         for n in names {
@@ -198,10 +292,17 @@ impl Webhooks {
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }
-        let build = |secrets: &[SecretRef], names: &[String], platform: Platform| {
+        let build = |secrets: &[ScopedSecret], names: &[String], platform: Platform| {
+            let scopes = secrets
+                .iter()
+                .map(|s| {
+                    Scope::parse(s.scope.as_deref().unwrap_or_default(), platform)
+                        .map_err(|p| p.join("; "))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let secrets = secrets
                 .iter()
-                .map(SecretRef::resolve)
+                .map(|s| s.secret_ref().resolve())
                 .collect::<Result<Vec<_>, _>>()?;
             let issuers = if names.is_empty() {
                 issuers
@@ -212,7 +313,11 @@ impl Webhooks {
             } else {
                 names.to_vec()
             };
-            Ok::<_, String>(Endpoint { secrets, issuers })
+            Ok::<_, String>(Endpoint {
+                secrets,
+                scopes,
+                issuers,
+            })
         };
         Ok(Self {
             github: cfg
@@ -264,6 +369,10 @@ pub enum WebhookError {
     NotConfigured,
     #[error("missing or invalid webhook signature")]
     BadSignature,
+    /// Authentic, but for a repository (or a grant of one) outside the scope of the secret
+    /// that verified it. The message names the repository, never the secret.
+    #[error("delivery outside the scope of its secret: {0}")]
+    OutOfScope(String),
     #[error("delivery {0:?} was already processed")]
     Replayed(String),
     #[error("bad request: {0}")]
@@ -278,6 +387,7 @@ impl WebhookError {
         match self {
             WebhookError::NotConfigured => "not_found",
             WebhookError::BadSignature => "bad_signature",
+            WebhookError::OutOfScope(_) => "webhook_out_of_scope",
             WebhookError::Replayed(_) => "replayed_delivery",
             WebhookError::BadRequest(_) => "bad_request",
             WebhookError::Store(_) => "store_unavailable",
@@ -307,7 +417,7 @@ mod tests {
     #[test]
     fn config_names_every_problem_and_never_a_secret() {
         let cfg: WebhooksConfig = serde_saphyr::from_str(
-            "github: {secrets: [{value: short-secret-x}], issuers: [gitlab, nope]}\n\
+            "github: {secrets: [{value: short-secret-x, scope: [\"*\"]}], issuers: [gitlab, nope]}\n\
              gitlab: {tokens: []}\ndelivery_ttl: 10s\n",
         )
         .unwrap();
@@ -327,8 +437,10 @@ mod tests {
 
     #[test]
     fn endpoints_default_to_their_platforms_issuers() {
-        let cfg: WebhooksConfig =
-            serde_saphyr::from_str("github: {secrets: [{value: 0123456789abcdef}]}\n").unwrap();
+        let cfg: WebhooksConfig = serde_saphyr::from_str(
+            "github: {secrets: [{value: 0123456789abcdef, scope: [\"acme/*\"]}]}\n",
+        )
+        .unwrap();
         let w = Webhooks::from_config(&cfg, &issuers()).unwrap();
         assert_eq!(
             w.endpoint(Source::Github).unwrap().issuers,
@@ -337,5 +449,52 @@ mod tests {
         assert!(w.endpoint(Source::Gitlab).is_none());
         assert!(Webhooks::default().endpoint(Source::Github).is_none());
         assert!(!format!("{w:?}").contains("0123456789abcdef"));
+        assert!(w.endpoint(Source::Github).unwrap().scopes[0].allows("acme/api"));
+    }
+
+    #[test]
+    fn every_secret_needs_a_valid_scope() {
+        let cfg: WebhooksConfig = serde_saphyr::from_str(
+            "github:\n  secrets:\n\
+             \x20   - {value: secret-one-0123456789}\n\
+             \x20   - {value: secret-two-0123456789, scope: []}\n\
+             \x20   - {value: secret-three-012345678, scope: [\"acme\", \"acme/*\"]}\n\
+             \x20   - {value: secret-one-0123456789, scope: [\"*\"]}\n\
+             gitlab:\n  tokens: [{value: token-0123456789abcdef, scope: [\"grp/sub/*\", \"grp/*/x\"]}]\n",
+        )
+        .unwrap();
+        let p = validate(&cfg, &issuers());
+        let all = p.join("\n");
+        assert!(
+            all.contains("webhooks.github.secrets[0].scope: required"),
+            "{all}"
+        );
+        assert!(
+            all.contains("webhooks.github.secrets[1].scope: must list at least one"),
+            "{all}"
+        );
+        assert!(
+            all.contains("webhooks.github.secrets[2].scope: [0] \"acme\": expected"),
+            "{all}"
+        );
+        assert!(
+            all.contains("webhooks.github.secrets[3]: the same secret as [0]"),
+            "{all}"
+        );
+        assert!(
+            all.contains("webhooks.gitlab.tokens[0].scope: [1] \"grp/*/x\""),
+            "{all}"
+        );
+        assert_eq!(p.len(), 5, "{all}");
+        assert!(!all.contains("0123456789"), "{all}");
+        // Explicit wildcard: the behaviour before scopes, for those who want it.
+        let cfg: WebhooksConfig =
+            serde_saphyr::from_str("gitlab: {tokens: [{env: NO_SUCH_VAR_HERE, scope: [\"*\"]}]}\n")
+                .unwrap();
+        let p = validate(&cfg, &issuers()).join("\n");
+        assert!(
+            p.contains("NO_SUCH_VAR_HERE is not set") && !p.contains("scope"),
+            "{p}"
+        );
     }
 }

@@ -8,6 +8,9 @@
 //!   length and compared with `subtle`, again over every configured token.
 //!
 //! Invariant: the secrets and the presented token never reach an error, a log or the audit.
+//! Which secret verified a delivery is returned as its position in the configuration (each
+//! secret carries its own scope, see `scope.rs`); the position is found without branching on
+//! any comparison result.
 
 use crate::secret::Sensitive;
 use aws_lc_rs::hmac;
@@ -18,25 +21,28 @@ const MAX_SIGNATURE_HEADER: usize = 7 + 64;
 
 /// Whether `header` is a valid `sha256=<hex>` HMAC of `body` under any of `secrets`.
 pub fn github_signature_ok(secrets: &[Sensitive], header: Option<&str>, body: &[u8]) -> bool {
-    let Some(h) = header else { return false };
+    github_signature_match(secrets, header, body).is_some()
+}
+
+/// The position of the first of `secrets` under which `header` is a valid `sha256=<hex>` HMAC
+/// of `body`, if any.
+pub fn github_signature_match(
+    secrets: &[Sensitive],
+    header: Option<&str>,
+    body: &[u8],
+) -> Option<usize> {
+    let h = header?;
     if h.len() > MAX_SIGNATURE_HEADER {
-        return false;
+        return None;
     }
-    let Some(hex_sig) = h.strip_prefix("sha256=") else {
-        return false;
-    };
-    let Ok(sig) = hex::decode(hex_sig) else {
-        return false;
-    };
+    let sig = hex::decode(h.strip_prefix("sha256=")?).ok()?;
     if sig.len() != 32 {
-        return false;
+        return None;
     }
-    let mut ok = false;
-    for s in secrets {
+    first_match(secrets.iter().map(|s| {
         let key = hmac::Key::new(hmac::HMAC_SHA256, s.expose().as_bytes());
-        ok |= hmac::verify(&key, body, &sig).is_ok();
-    }
-    ok
+        subtle::Choice::from(u8::from(hmac::verify(&key, body, &sig).is_ok()))
+    }))
 }
 
 /// The `X-Hub-Signature-256` value GitHub would send (tests, and `broker` docs examples).
@@ -47,16 +53,35 @@ pub fn github_sign(secret: &str, body: &[u8]) -> String {
 
 /// Whether `token` equals any of `tokens`.
 pub fn gitlab_token_ok(tokens: &[Sensitive], token: Option<&Sensitive>) -> bool {
-    let Some(t) = token else { return false };
+    gitlab_token_match(tokens, token).is_some()
+}
+
+/// The position of the first of `tokens` equal to `token`, if any.
+pub fn gitlab_token_match(tokens: &[Sensitive], token: Option<&Sensitive>) -> Option<usize> {
+    let t = token?;
     if t.expose().is_empty() || t.expose().len() > 1024 {
-        return false;
+        return None;
     }
     let presented = digest(t.expose());
-    let mut ok = subtle::Choice::from(0);
-    for want in tokens {
-        ok |= digest(want.expose()).ct_eq(&presented);
+    first_match(
+        tokens
+            .iter()
+            .map(|want| digest(want.expose()).ct_eq(&presented)),
+    )
+}
+
+/// The index of the first true `Choice`, computed over all of them without early exit or a
+/// branch on any of them.
+fn first_match(results: impl Iterator<Item = subtle::Choice>) -> Option<usize> {
+    use subtle::ConditionallySelectable;
+    let mut found = subtle::Choice::from(0);
+    let mut index = 0u64;
+    for (i, hit) in results.enumerate() {
+        let take = hit & !found;
+        index.conditional_assign(&(i as u64), take);
+        found |= hit;
     }
-    ok.into()
+    bool::from(found).then_some(index as usize)
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -111,6 +136,21 @@ mod tests {
             assert!(!github_signature_ok(&secrets(), h, body), "case {i}");
         }
         assert!(!github_signature_ok(&[], Some(&good), BODY));
+    }
+
+    #[test]
+    fn the_matching_secret_is_identified() {
+        let s = secrets();
+        let sig = github_sign("new-secret-0123456789", BODY);
+        assert_eq!(github_signature_match(&s, Some(&sig), BODY), Some(1));
+        let sig = github_sign("old-secret-0123456789", BODY);
+        assert_eq!(github_signature_match(&s, Some(&sig), BODY), Some(0));
+        let tok = Sensitive::new("new-secret-0123456789");
+        assert_eq!(gitlab_token_match(&s, Some(&tok)), Some(1));
+        // Two equal secrets: the first wins.
+        let twice = vec![s[1].clone(), s[1].clone()];
+        assert_eq!(gitlab_token_match(&twice, Some(&tok)), Some(0));
+        assert_eq!(gitlab_token_match(&s, Some(&Sensitive::new("nope"))), None);
     }
 
     #[test]

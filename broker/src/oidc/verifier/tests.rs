@@ -651,3 +651,120 @@ async fn no_issuers_means_unknown_issuer() {
     assert_eq!(code(&v, &t).await, "unknown_issuer");
     assert!(v.health().is_empty() && v.issuer_names().is_empty());
 }
+
+#[test]
+fn retry_window_backs_off_then_caps() {
+    let o = VerifierOptions::default();
+    let secs = |n| retry_window(&o, n).whole_seconds();
+    assert_eq!(secs(0), 60, "after a success: the unknown-kid cooldown");
+    assert_eq!(
+        [secs(1), secs(2), secs(3), secs(4), secs(5), secs(u32::MAX)],
+        [1, 2, 4, 4, 4, 4]
+    );
+}
+
+/// An issuer unreachable at start is retried at 0, 1, 3, 7, 11, ... s (backoff 1, 2, 4 s, then
+/// every 4 s) whatever the traffic, and used again at the first attempt after it returns.
+#[tokio::test]
+async fn issuer_down_at_start_is_retried_with_capped_backoff() {
+    let issuer = TestIssuer::start().await;
+    issuer.set_down(true);
+    let c = clock();
+    let v = verifier(
+        vec![issuer.issuer_config("github", Platform::Github)],
+        c.clone(),
+    );
+    assert_eq!(v.refresh_tick(), Duration::seconds(1));
+    v.warm_up().await;
+    assert_eq!(issuer.requests(), 1);
+    let token = |c: &ManualClock| sign(TestKey::Rsa1, &github_claims(&issuer.url(), AUD, c.now()));
+    let mut unknown = header_for(TestKey::Rsa1);
+    unknown["kid"] = json!("no-such-key");
+    let stranger = |c: &ManualClock| {
+        sign_raw(
+            &unknown,
+            &github_claims(&issuer.url(), AUD, c.now()),
+            SignWith::Key(TestKey::Rsa1),
+        )
+    };
+    // 20 s in 250 ms steps: each step a refresh tick and a flood of honest and unknown-kid
+    // tokens; record when the issuer was asked.
+    let mut asked_at_ms = vec![0];
+    for step in 1..=80i64 {
+        c.advance(Duration::milliseconds(250));
+        let before = issuer.requests();
+        v.refresh_all().await;
+        let v = &v;
+        let flood = (0..10).map(|i| {
+            let t = if i % 2 == 0 { token(&c) } else { stranger(&c) };
+            async move { code(v, &t).await }
+        });
+        for r in futures::future::join_all(flood).await {
+            assert_eq!(r, "issuer_unavailable");
+        }
+        if issuer.requests() > before {
+            assert_eq!(issuer.requests(), before + 1, "one request per window");
+            asked_at_ms.push(step * 250);
+        }
+    }
+    assert_eq!(asked_at_ms, [0, 1000, 3000, 7000, 11000, 15000, 19000]);
+    assert_eq!(v.health()[0].last_error.as_deref(), Some("http_status"));
+
+    // Back at 20 s: the attempt due at 23 s succeeds, with or without traffic.
+    issuer.set_down(false);
+    let back = c.now();
+    while code(&v, &token(&c)).await != "ok" {
+        c.advance(Duration::milliseconds(250));
+        v.refresh_all().await;
+        assert!(
+            c.now() - back <= Duration::seconds(4),
+            "not recovered in 4 s"
+        );
+    }
+    assert_eq!(c.now() - back, Duration::seconds(3));
+    assert_eq!(v.health()[0].last_error, None);
+
+    // Healthy again: unknown kids are back to one fetch per 60 s cooldown.
+    let fetches = issuer.jwks_fetches();
+    for _ in 0..3 {
+        c.advance(Duration::seconds(20));
+        v.refresh_all().await;
+        let v = &v;
+        let flood = (0..50).map(|_| {
+            let t = stranger(&c);
+            async move { code(v, &t).await }
+        });
+        for r in futures::future::join_all(flood).await {
+            assert_eq!(r, "unknown_key");
+        }
+        assert_eq!(code(v, &token(&c)).await, "ok");
+    }
+    assert_eq!(issuer.jwks_fetches(), fetches + 1, "60 s: one fetch");
+}
+
+/// A failure after a healthy period starts the backoff again from 1 s; cached keys keep
+/// verifying meanwhile.
+#[tokio::test]
+async fn failed_refresh_backs_off_and_keeps_cached_keys() {
+    let (issuer, v, clock) = github_setup().await;
+    v.warm_up().await;
+    issuer.set_down(true);
+    clock.advance(Duration::minutes(10));
+    v.refresh_all().await;
+    let after_fail = issuer.requests();
+    clock.advance(Duration::milliseconds(900));
+    v.refresh_all().await;
+    assert_eq!(issuer.requests(), after_fail, "inside the 1 s window");
+    clock.advance(Duration::milliseconds(100));
+    v.refresh_all().await;
+    assert_eq!(issuer.requests(), after_fail + 1, "retried after 1 s");
+    let t = sign(
+        TestKey::Rsa1,
+        &github_claims(&issuer.url(), AUD, clock.now()),
+    );
+    assert_eq!(code(&v, &t).await, "ok");
+    issuer.set_down(false);
+    clock.advance(Duration::seconds(2));
+    v.refresh_all().await;
+    assert_eq!(v.health()[0].last_error, None);
+}
