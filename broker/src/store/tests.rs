@@ -1529,13 +1529,13 @@ async fn odd_text_is_stored_escaped_beside_honest_writes(store: Store) {
     let again = new_grant(50, 600);
     let ev = event(50, Action::Exchange, Outcome::Allow, Some(again.id));
     let err = store
-        .issue_grant(&again, Some(&jti(iss, "nul\08", 100)), &ev)
+        .issue_grant(&again, Some(&jti(iss, "nul\x008", 100)), &ev)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Replayed), "{err:?}");
     let found = store
         .audit_events(&AuditFilter {
-            credential: Some("n\012".to_owned()),
+            credential: Some("n\x0012".to_owned()),
             ..AuditFilter::default()
         })
         .await

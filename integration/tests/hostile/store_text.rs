@@ -238,7 +238,7 @@ async fn run(db: TestDb, label: &str) {
     let mut plan: Vec<Kind> = Vec::new();
     let (mut honest, mut bad) = (0, 0);
     while honest < HONEST || bad < PER_KIND * poisoned.len() {
-        if honest < HONEST && (plan.len() % 5 == 0 || bad == PER_KIND * poisoned.len()) {
+        if honest < HONEST && (plan.len().is_multiple_of(5) || bad == PER_KIND * poisoned.len()) {
             plan.push(Kind::Honest);
             honest += 1;
         } else {
