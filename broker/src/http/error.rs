@@ -225,6 +225,10 @@ impl From<WebhookError> for ApiError {
                 "this delivery was already processed".to_owned(),
             ),
             WebhookError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            WebhookError::Store(crate::store::StoreError::Rejected(_)) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the broker's store refused this delivery's data".to_owned(),
+            ),
             WebhookError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),

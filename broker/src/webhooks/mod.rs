@@ -280,6 +280,7 @@ impl WebhookError {
             WebhookError::BadSignature => "bad_signature",
             WebhookError::Replayed(_) => "replayed_delivery",
             WebhookError::BadRequest(_) => "bad_request",
+            WebhookError::Store(e @ crate::store::StoreError::Rejected(_)) => e.reason_code(),
             WebhookError::Store(_) => "store_unavailable",
         }
     }

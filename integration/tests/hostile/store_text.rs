@@ -282,11 +282,23 @@ async fn run(db: TestDb, label: &str) {
         .iter()
         .filter(|s| s.status >= 500 || s.revoke.is_some_and(|r| r >= 500))
         .collect();
-    assert!(fives.is_empty(), "no 5xx anywhere: {fives:?}");
     let ok_pairs = of(Kind::Honest)
         .filter(|s| s.status == 200 && s.revoke == Some(200))
         .count();
-    eprintln!("[{label}] honest exchange+revoke pairs that succeeded: {ok_pairs}/{HONEST}");
+    eprintln!(
+        "[{label}] honest exchange+revoke pairs that succeeded: {ok_pairs}/{HONEST}; \
+         responses with 5xx: {} ({} honest)",
+        fives.len(),
+        fives.iter().filter(|s| s.kind == Kind::Honest).count()
+    );
+    assert!(
+        fives.is_empty(),
+        "no 5xx anywhere: {:?}",
+        fives
+            .iter()
+            .map(|s| (s.kind, s.status, s.code.as_str(), s.revoke))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(
         ok_pairs,
         HONEST,
