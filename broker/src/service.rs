@@ -1652,6 +1652,32 @@ rules:
         assert!(h.exchange(&t, &["deploy-api"], None).await.is_ok());
     }
 
+    /// A name the store could not hold (a NUL, an over-long one) is refused as `invalid_text`
+    /// and audited with the name escaped and cut short, never raw.
+    #[tokio::test]
+    async fn text_the_store_cannot_hold_is_refused_and_audited_escaped() {
+        let h = harness().await;
+        let t = h.github_token();
+        let long = "a".repeat(crate::store::text::MAX_TEXT + 1);
+        for name in ["deploy\0api", long.as_str()] {
+            let err = h.exchange(&t, &[name], None).await.unwrap_err();
+            assert_eq!(err.reason_code(), "invalid_text");
+        }
+        let events = h.audit().await;
+        assert_eq!(events.len(), 2);
+        for ev in &events {
+            assert_eq!(ev.reason, "invalid_text");
+            let shown = &ev.credentials_requested[0];
+            assert!(!shown.contains('\0') && shown.len() < 100, "{shown:?}");
+        }
+        assert!(
+            events
+                .iter()
+                .any(|e| e.credentials_requested[0] == "deploy\\u{0}api")
+        );
+        assert!(h.exchange(&t, &["deploy-api"], None).await.is_ok());
+    }
+
     #[tokio::test]
     async fn policy_reload_keeps_the_old_bundle_on_error() {
         let h = harness().await;

@@ -875,11 +875,20 @@ impl Store {
         now: OffsetDateTime,
         audits: &[AuditEvent],
     ) -> Result<Vec<Uuid>, StoreError> {
-        let audits: Vec<AuditEvent> = audits
+        // Copied only when some event needs escaping (revoke-all pages hold a thousand).
+        let escaped: Vec<AuditEvent>;
+        let audits = if audits
             .iter()
-            .map(|a| text::escape_event(a).into_owned())
-            .collect();
-        let audits = &audits[..];
+            .any(|a| matches!(text::escape_event(a), std::borrow::Cow::Owned(_)))
+        {
+            escaped = audits
+                .iter()
+                .map(|a| text::escape_event(a).into_owned())
+                .collect();
+            &escaped[..]
+        } else {
+            audits
+        };
         dispatch!(self, revoke_in_store(now, audits))
     }
     /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
