@@ -9,6 +9,8 @@
 //! - every state change is a compare-and-set on `grants.status` (the expected status is in the
 //!   `WHERE`), so concurrent callers cannot double-transition a grant;
 //! - every time comes from the caller's clock, never from the database's `now()`;
+//! - no text the database cannot hold reaches a statement: every write escapes its strings
+//!   (claims, audit text, filters) through `text.rs`, the one boundary for outside text;
 //! - no secret is ever stored: the revocation token arrives here only as its SHA-256 hash, and
 //!   [`AuditEvent`] cannot carry a secret;
 //! - no operation hangs: pool acquisition, statements (Postgres `statement_timeout`) and each
