@@ -673,7 +673,9 @@ impl Client {
                         return Ok(body);
                     }
                     let err = refused(status, &body);
-                    if !(status == 429 || status >= 500) {
+                    // `store_rejected`: the store refused this request's data; a retry fails
+                    // the same way.
+                    if !(status == 429 || status >= 500) || err.reason_code() == "store_rejected" {
                         return Err(err);
                     }
                     (err, retry_after)

@@ -76,6 +76,9 @@ pub struct ExchangeResponse {
 pub enum ServiceError {
     #[error("bad request: {message}")]
     BadRequest { code: &'static str, message: String },
+    /// Request text the store cannot hold (see `store::text`); the detail shows it escaped.
+    #[error("invalid text: {}", .0.detail())]
+    InvalidText(#[from] crate::store::text::TextError),
     #[error("token rejected: {0}")]
     Token(#[from] VerifyError),
     #[error("token already used")]
@@ -115,6 +118,7 @@ impl ServiceError {
     pub fn reason_code(&self) -> &'static str {
         match self {
             ServiceError::BadRequest { code, .. } => code,
+            ServiceError::InvalidText(t) => t.reason_code(),
             ServiceError::Token(e) => e.reason_code(),
             ServiceError::Replayed => "token_replayed",
             ServiceError::TokenExhausted => "token_expired",
@@ -125,6 +129,7 @@ impl ServiceError {
             ServiceError::RateLimited { .. } => "rate_limited",
             ServiceError::RevokePending => "revoke_pending",
             ServiceError::Store(StoreError::Replayed) => "token_replayed",
+            ServiceError::Store(e @ StoreError::Rejected(_)) => e.reason_code(),
             ServiceError::Store(_) => "store_unavailable",
             ServiceError::Frozen => "frozen",
         }
@@ -388,11 +393,12 @@ impl Broker {
         let bundle = self.policies.load_full();
         let mut ev = self.base_event(now, Action::Exchange, ctx);
         ev.bundle_digest = Some(bundle.digest().to_owned());
+        // As the caller wrote them, but bounded: a refused name is kept escaped and cut short.
         ev.credentials_requested = req
             .credentials
             .iter()
             .take(self.max_credentials)
-            .cloned()
+            .map(|n| crate::store::text::shown(n))
             .collect();
 
         // 1. The request itself.
@@ -571,6 +577,11 @@ impl Broker {
                     issued,
                 )),
                 Err(StoreError::Replayed) => Err(self.refuse(ev, ServiceError::Replayed).await),
+                // The store refused this item's data (it failed alone, see `group_commit.rs`):
+                // record the refusal as far as the store still takes it.
+                Err(e @ StoreError::Rejected(_)) => {
+                    Err(self.refuse(ev, ServiceError::Store(e)).await)
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "store unavailable at grant issue");
                     Err(ServiceError::Store(e))
@@ -586,6 +597,9 @@ impl Broker {
         {
             Ok(()) => {}
             Err(StoreError::Replayed) => return Err(self.refuse(ev, ServiceError::Replayed).await),
+            Err(e @ StoreError::Rejected(_)) => {
+                return Err(self.refuse(ev, ServiceError::Store(e)).await);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable at grant intent");
                 return Err(ServiceError::Store(e));
@@ -699,6 +713,7 @@ impl Broker {
         }
         let mut seen = std::collections::BTreeSet::new();
         for n in &req.credentials {
+            crate::store::text::check("credentials: a name", n)?;
             if !valid_credential_name(n) {
                 return Err(bad(
                     "credentials: names are [a-z0-9_-], at most 64 characters".into(),
@@ -1634,6 +1649,32 @@ rules:
         }
         assert_eq!(h.audit().await.len(), 5);
         // None of them consumed the token.
+        assert!(h.exchange(&t, &["deploy-api"], None).await.is_ok());
+    }
+
+    /// A name the store could not hold (a NUL, an over-long one) is refused as `invalid_text`
+    /// and audited with the name escaped and cut short, never raw.
+    #[tokio::test]
+    async fn text_the_store_cannot_hold_is_refused_and_audited_escaped() {
+        let h = harness().await;
+        let t = h.github_token();
+        let long = "a".repeat(crate::store::text::MAX_TEXT + 1);
+        for name in ["deploy\0api", long.as_str()] {
+            let err = h.exchange(&t, &[name], None).await.unwrap_err();
+            assert_eq!(err.reason_code(), "invalid_text");
+        }
+        let events = h.audit().await;
+        assert_eq!(events.len(), 2);
+        for ev in &events {
+            assert_eq!(ev.reason, "invalid_text");
+            let shown = &ev.credentials_requested[0];
+            assert!(!shown.contains('\0') && shown.len() < 100, "{shown:?}");
+        }
+        assert!(
+            events
+                .iter()
+                .any(|e| e.credentials_requested[0] == "deploy\\u{0}api")
+        );
         assert!(h.exchange(&t, &["deploy-api"], None).await.is_ok());
     }
 

@@ -116,6 +116,24 @@ impl Broker {
         }
     }
 
+    /// Audit and return a 400 `invalid_text` for an authenticated operator's request text the
+    /// store cannot hold; the event shows the value escaped and cut short, never raw.
+    pub async fn admin_invalid_text(
+        &self,
+        op: &Operator,
+        what: &str,
+        error: crate::store::text::TextError,
+        ctx: &RequestCtx,
+    ) -> AdminError {
+        let mut ev = self.admin_event(ctx, error.reason_code());
+        ev.actor = Some(op.actor());
+        ev.detail = Some(format!("{what}: {}", error.detail()));
+        match self.admin_audit(&ev).await {
+            Ok(()) => AdminError::InvalidText(error),
+            Err(e) => e,
+        }
+    }
+
     /// Authenticate an operator call needing `needed` for operation `what`. Refusals are
     /// audited (and a failed audit write turns into 503).
     pub async fn authorize(

@@ -167,6 +167,21 @@ impl Broker {
         pairs: &[(String, String)],
         ctx: &RequestCtx,
     ) -> Result<AuditQueryPage, AdminError> {
+        // Text the store cannot hold is refused before anything else looks at it.
+        for (name, value) in pairs {
+            let field = AUDIT_PARAMS
+                .iter()
+                .find(|p| **p == name.as_str())
+                .map_or_else(
+                    || "a parameter name".to_owned(),
+                    |p| format!("parameter {p}"),
+                );
+            for text in [name, value] {
+                if let Err(e) = crate::store::text::check(&field, text) {
+                    return Err(self.admin_invalid_text(op, "audit_query", e, ctx).await);
+                }
+            }
+        }
         let filter = match parse_audit_query(pairs) {
             Ok(f) => f,
             Err(msg) => return Err(self.admin_bad_request(op, "audit_query", msg, ctx).await),

@@ -69,6 +69,9 @@ pub enum AdminError {
         value: String,
         known: Vec<String>,
     },
+    /// Request text the store cannot hold (see `store::text`).
+    #[error("invalid text: {}", .0.detail())]
+    InvalidText(#[from] crate::store::text::TextError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
 }
@@ -83,6 +86,8 @@ impl AdminError {
             AdminError::Forbidden { .. } => "operator_forbidden",
             AdminError::BadRequest(_) => "bad_request",
             AdminError::UnknownFilterValue { .. } => "unknown_filter_value",
+            AdminError::InvalidText(t) => t.reason_code(),
+            AdminError::Store(e @ StoreError::Rejected(_)) => e.reason_code(),
             AdminError::Store(_) => "store_unavailable",
         }
     }

@@ -13,7 +13,10 @@
 //!   target unavailable (nothing was issued), 500 a bug or misconfiguration. Webhooks add 401
 //!   `bad_signature` (the delivery is not signed by a configured secret), 403
 //!   `webhook_out_of_scope` (signed, but for a repository outside that secret's scope) and 409
-//!   `replayed_delivery` (its delivery id was already processed).
+//!   `replayed_delivery` (its delivery id was already processed). Text the store cannot hold
+//!   (a NUL, a control character, an over-long value in a request) is 400 `invalid_text`; data
+//!   the store itself refused for one request is 500 `store_rejected` (not an outage: 503 would
+//!   invite a retry that fails the same way).
 
 use crate::admin::AdminError;
 use crate::oidc::VerifyError;
@@ -79,6 +82,11 @@ impl From<ServiceError> for ApiError {
                 message,
             } => (StatusCode::PAYLOAD_TOO_LARGE, message.clone()),
             ServiceError::BadRequest { message, .. } => (StatusCode::BAD_REQUEST, message.clone()),
+            // Names the field and the problem, never the value.
+            ServiceError::InvalidText(t) => (
+                StatusCode::BAD_REQUEST,
+                format!("request text the broker cannot accept: {t}"),
+            ),
             ServiceError::RateLimited { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many exchanges for this repository; retry after the time in Retry-After"
@@ -124,6 +132,11 @@ impl From<ServiceError> for ApiError {
             ServiceError::RevokePending => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "revocation failed and will be retried automatically".to_owned(),
+            ),
+            // Not an outage: this request's data, refused alone (a retry fails the same way).
+            ServiceError::Store(crate::store::StoreError::Rejected(_)) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the broker's store refused this request's data; nothing was issued".to_owned(),
             ),
             ServiceError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -176,6 +189,14 @@ impl From<AdminError> for ApiError {
             AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
             // The operator asked by name; what exists is configuration an admin may see.
             AdminError::UnknownFilterValue { .. } => (StatusCode::BAD_REQUEST, e.to_string()),
+            AdminError::InvalidText(t) => (
+                StatusCode::BAD_REQUEST,
+                format!("request text the broker cannot accept: {t}"),
+            ),
+            AdminError::Store(crate::store::StoreError::Rejected(_)) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the broker's store refused this request's data".to_owned(),
+            ),
             AdminError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),
@@ -210,6 +231,10 @@ impl From<WebhookError> for ApiError {
                     .to_owned(),
             ),
             WebhookError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            WebhookError::Store(crate::store::StoreError::Rejected(_)) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the broker's store refused this delivery's data".to_owned(),
+            ),
             WebhookError::Store(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),
@@ -314,6 +339,20 @@ mod tests {
                 ServiceError::Store(crate::store::StoreError::Unavailable("x".into())),
                 503,
                 "store_unavailable",
+            ),
+            (
+                ServiceError::Store(crate::store::StoreError::Rejected("code 22P05".into())),
+                500,
+                "store_rejected",
+            ),
+            (
+                ServiceError::from(crate::store::text::TextError::new(
+                    "credentials: a name",
+                    crate::store::text::Problem::Control(0),
+                    "a\0",
+                )),
+                400,
+                "invalid_text",
             ),
         ];
         for (e, status, code) in [

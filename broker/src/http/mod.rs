@@ -203,14 +203,31 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ServiceError
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
-    serde_json::from_slice(body).map_err(|e| {
-        // serde_json's message names the field and position; it does not echo long input.
-        let msg = e.to_string();
-        bad_body(format!(
-            "invalid JSON body: {}",
-            msg.chars().take(200).collect::<String>()
-        ))
-    })
+    serde_json::from_slice(body).map_err(json_error)
+}
+
+fn json_error(e: serde_json::Error) -> ServiceError {
+    if crate::store::text::is_surrogate_error(&e) {
+        use crate::store::text::{Problem, TextError};
+        return TextError::new("request body", Problem::Surrogate, "").into();
+    }
+    // serde_json's message names the field and position; it does not echo long input.
+    let msg = e.to_string();
+    bad_body(format!(
+        "invalid JSON body: {}",
+        msg.chars()
+            .filter(|c| !c.is_control())
+            .take(200)
+            .collect::<String>()
+    ))
+}
+
+/// An exchange body: every key and string checked at the text boundary (`store::text`), then
+/// read into its shape (so no refused text reaches an error message either).
+fn exchange_body(body: &[u8]) -> Result<ExchangeBody, ServiceError> {
+    let v: Value = json_body(body)?;
+    crate::store::text::check_json("request body", &v)?;
+    serde_json::from_value(v).map_err(json_error)
 }
 
 #[derive(Deserialize)]
@@ -229,7 +246,7 @@ async fn exchange(
 ) -> Result<Response, ApiError> {
     let ctx = ctx(&headers, addr.map(|a| (a.0).0));
     let parsed = bearer(&headers).and_then(|t| {
-        let body: ExchangeBody = json_body(&body_bytes(body)?)?;
+        let body = exchange_body(&body_bytes(body)?)?;
         Ok((t, body))
     });
     let (token, body) = match parsed {

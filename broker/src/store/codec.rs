@@ -21,6 +21,13 @@ const MAX_ERROR_LEN: usize = 1024;
 const PG_QUERY_CANCELED: &str = "57014";
 /// Postgres `lock_not_available`: what `lock_timeout` raises.
 const PG_LOCK_NOT_AVAILABLE: &str = "55P03";
+/// Postgres SQLSTATE classes that refuse an item's data, not the database: 22 data exception
+/// (22021 a NUL in text, 22P05 `\u0000` in jsonb), 23 integrity (unique and foreign-key
+/// violations are matched before, as conflicts), 54 program limit (an index row too large).
+const PG_DATA_CLASSES: [&str; 3] = ["22", "23", "54"];
+/// SQLite primary result codes that refuse an item's data: TOOBIG, CONSTRAINT (unique and
+/// foreign key matched before), MISMATCH.
+const SQLITE_DATA_CODES: [u32; 3] = [18, 19, 20];
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
@@ -49,12 +56,29 @@ pub(super) fn db_err(e: sqlx::Error) -> StoreError {
             } else if d.is_foreign_key_violation() {
                 StoreError::Conflict("unknown grant".to_owned())
             } else {
+                let postgres = d
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some();
                 match d.code().as_deref() {
                     Some(PG_QUERY_CANCELED) => unavailable("database statement timed out"),
                     Some(PG_LOCK_NOT_AVAILABLE) => unavailable("database lock timed out"),
-                    // SQLite SQLITE_BUSY (5) and its extended codes: busy_timeout ran out.
-                    Some(c) if c == "5" || c.parse::<u32>().is_ok_and(|n| n & 0xff == 5) => {
+                    // SQLite SQLITE_BUSY (5) and its extended codes: busy_timeout ran out. An
+                    // outage, never a data error (checked first: a busy store is retried).
+                    Some(c)
+                        if !postgres
+                            && (c == "5" || c.parse::<u32>().is_ok_and(|n| n & 0xff == 5)) =>
+                    {
                         unavailable("database busy")
+                    }
+                    Some(c) if postgres && PG_DATA_CLASSES.iter().any(|p| c.starts_with(p)) => {
+                        StoreError::Rejected(format!("code {c}"))
+                    }
+                    Some(c)
+                        if !postgres
+                            && c.parse::<u32>()
+                                .is_ok_and(|n| SQLITE_DATA_CODES.contains(&(n & 0xff))) =>
+                    {
+                        StoreError::Rejected(format!("code {c}"))
                     }
                     Some(c) => StoreError::Unavailable(format!("database error (code {c})")),
                     None => unavailable("database error"),

@@ -14,8 +14,11 @@
 //! - Per-item refusals (`Replayed`, `Conflict`) are decided before the item writes anything
 //!   (see `postgres::insert_grants`, `activate_rows`, `finish_rows`), so a refused item leaves
 //!   nothing in the batch and the others commit.
-//! - Any other error fails the whole batch: every caller gets it and nothing of the batch is
-//!   written (the transaction rolls back), which the callers already handle (fail closed).
+//! - Any other error rolls the whole batch back. If it is about the data (a `Rejected` item: a
+//!   NUL the text boundary missed, an oversized value; or a `Conflict` raised by a statement),
+//!   the items are written again one per transaction, so one bad item fails alone and the
+//!   honest ones beside it commit. An outage (`Unavailable`) fails every caller at once (one by
+//!   one they would only wait longer); the callers already handle that (fail closed).
 //! - No added latency: a writer takes whatever is queued when it becomes free; a lone request
 //!   is written alone, at once.
 
@@ -163,27 +166,70 @@ async fn writer(pool: PgPool, rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
                 return; // every handle dropped
             }
         }
-        loop {
-            jobs.retain(|j| !j.abandoned());
-            if jobs.is_empty() {
-                break;
+        commit_jobs(&pool, &mut jobs).await;
+    }
+}
+
+/// Write `jobs` as one batch and answer every caller (draining `jobs`). A batch the database
+/// refused for an item's data (or a conflict it raised) is written again one item per
+/// transaction, so the item at fault fails alone and the others commit; an outage
+/// (`Unavailable`) fails them all at once, since one by one they would only wait longer.
+async fn commit_jobs(pool: &PgPool, jobs: &mut Vec<Job>) {
+    loop {
+        jobs.retain(|j| !j.abandoned());
+        if jobs.is_empty() {
+            return;
+        }
+        match write_batch(pool, jobs).await {
+            Ok(Some(outcomes)) => {
+                for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                    let _ = job.done.send(outcome);
+                }
+                return;
             }
-            match write_batch(&pool, &jobs).await {
-                Ok(Some(outcomes)) => {
-                    for (job, outcome) in jobs.drain(..).zip(outcomes) {
-                        let _ = job.done.send(outcome);
-                    }
-                    break;
+            // A caller gave up while the batch was written: rolled back; again without it.
+            Ok(None) => continue,
+            Err(e) if jobs.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
+                // The batch rolled back whole, so writing each item again is safe.
+                tracing::warn!(error = %e, items = jobs.len(), "store batch refused; writing its items one by one");
+                for job in jobs.drain(..) {
+                    write_alone(pool, job).await;
                 }
-                // A caller gave up while the batch was written: rolled back; again without it.
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, items = jobs.len(), "store batch failed");
-                    for job in jobs.drain(..) {
-                        let _ = job.done.send(Err(same(&e)));
-                    }
-                    break;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, items = jobs.len(), "store batch failed");
+                for job in jobs.drain(..) {
+                    let _ = job.done.send(Err(same(&e)));
                 }
+                return;
+            }
+        }
+    }
+}
+
+/// One item in a transaction of its own; its caller gets its own outcome.
+async fn write_alone(pool: &PgPool, job: Job) {
+    loop {
+        if job.abandoned() {
+            return;
+        }
+        match write_batch(pool, std::slice::from_ref(&job)).await {
+            Ok(Some(mut outcomes)) => {
+                let outcome = outcomes
+                    .pop()
+                    .unwrap_or_else(|| Err(StoreError::Conflict("batch out of step".to_owned())));
+                let _ = job.done.send(outcome);
+                return;
+            }
+            // Its caller left meanwhile: rolled back, and the check above ends it.
+            Ok(None) => continue,
+            Err(e) => {
+                if matches!(e, StoreError::Rejected(_)) {
+                    tracing::warn!(error = %e, "store refused one item's data");
+                }
+                let _ = job.done.send(Err(e));
+                return;
             }
         }
     }
@@ -271,6 +317,7 @@ fn same(e: &StoreError) -> StoreError {
         StoreError::Conflict(s) => StoreError::Conflict(s.clone()),
         StoreError::Unavailable(s) => StoreError::Unavailable(s.clone()),
         StoreError::BadUrl(s) => StoreError::BadUrl(s.clone()),
+        StoreError::Rejected(s) => StoreError::Rejected(s.clone()),
     }
 }
 
@@ -369,6 +416,32 @@ mod tests {
         let events = audit_events(&store).await;
         assert_eq!(events.len(), 1, "only the kept grant's allow event");
         assert_eq!(events[0].grant_id, Some(kept.id));
+    }
+
+    /// An item the database refuses (a NUL that bypassed the text boundary: these tests call
+    /// the writer directly) fails alone with `Rejected`; the honest items batched with it
+    /// commit, each with its event, and the chain stays whole.
+    #[tokio::test]
+    async fn a_refused_item_fails_alone_and_the_others_commit() {
+        let (_db, store, pool) = postgres_store().await;
+        let (a, mut bad, c) = (grant(), grant(), grant());
+        bad.subject = "repo:acme/app\0".to_owned();
+        let ((ja, mut ra), (jb, mut rb), (jc, mut rc)) = (issue(&a), issue(&bad), issue(&c));
+        let mut jobs = vec![ja, jb, jc];
+        commit_jobs(&pool, &mut jobs).await;
+        assert!(jobs.is_empty(), "every caller answered");
+        assert!(matches!(ra.try_recv(), Ok(Ok(()))));
+        let refused = rb.try_recv();
+        assert!(
+            matches!(&refused, Ok(Err(StoreError::Rejected(_)))),
+            "{refused:?}"
+        );
+        assert!(matches!(rc.try_recv(), Ok(Ok(()))));
+        assert!(store.grant(a.id).await.unwrap().is_some());
+        assert!(store.grant(bad.id).await.unwrap().is_none());
+        assert!(store.grant(c.id).await.unwrap().is_some());
+        assert_eq!(audit_events(&store).await.len(), 2);
+        assert!(store.verify_audit_chain().await.unwrap().is_intact());
     }
 
     /// Intents go through the batch too: `issuing`, no audit event, and a token used twice in

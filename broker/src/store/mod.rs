@@ -9,6 +9,8 @@
 //! - every state change is a compare-and-set on `grants.status` (the expected status is in the
 //!   `WHERE`), so concurrent callers cannot double-transition a grant;
 //! - every time comes from the caller's clock, never from the database's `now()`;
+//! - no text the database cannot hold reaches a statement: every write escapes its strings
+//!   (claims, audit text, filters) through `text.rs`, the one boundary for outside text;
 //! - no secret is ever stored: the revocation token arrives here only as its SHA-256 hash, and
 //!   [`AuditEvent`] cannot carry a secret;
 //! - no operation hangs: pool acquisition, statements (Postgres `statement_timeout`) and each
@@ -24,6 +26,7 @@ mod sqlite;
 pub mod testdb;
 #[cfg(test)]
 mod tests;
+pub mod text;
 
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -355,6 +358,11 @@ pub enum StoreError {
     Conflict(String),
     #[error("bad store url: {0}")]
     BadUrl(String),
+    /// The database refused this item's data (Postgres SQLSTATE class 22/23/54, SQLite
+    /// TOOBIG/CONSTRAINT/MISMATCH): not an outage, and a retry would fail the same way. Written
+    /// alone, so other writes batched with it are not affected (see `group_commit.rs`).
+    #[error("data rejected by the store: {0}")]
+    Rejected(String),
 }
 
 impl StoreError {
@@ -365,6 +373,7 @@ impl StoreError {
             StoreError::Unavailable(_) => "store_unavailable",
             StoreError::Conflict(_) => "store_conflict",
             StoreError::BadUrl(_) => "bad_store_url",
+            StoreError::Rejected(_) => "store_rejected",
         }
     }
 }
@@ -478,6 +487,10 @@ impl Store {
         grant: &NewGrant,
         jti: Option<&JtiRecord>,
     ) -> Result<(), StoreError> {
+        let grant = text::escape_grant(grant);
+        let grant = &*grant;
+        let jti = jti.map(text::escape_jti);
+        let jti = jti.as_deref();
         match &self.backend {
             Backend::Postgres(_) => bounded(self.writer()?.begin(grant, jti)).await,
             Backend::Sqlite(pool) => bounded(sqlite::begin_grant(pool, grant, jti)).await,
@@ -493,6 +506,10 @@ impl Store {
         details: &[serde_json::Value],
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        let details = text::escape_details(details);
+        let details = &*details;
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
         match &self.backend {
             Backend::Postgres(_) => {
                 let op = group_commit::Op::Activate {
@@ -516,6 +533,12 @@ impl Store {
         jti: Option<&JtiRecord>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        let grant = text::escape_grant(grant);
+        let grant = &*grant;
+        let jti = jti.map(text::escape_jti);
+        let jti = jti.as_deref();
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
         match &self.backend {
             Backend::Postgres(_) => {
                 let op = group_commit::Op::Issue {
@@ -536,10 +559,16 @@ impl Store {
         release_jti: Option<&JtiRecord>,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        let release_jti = release_jti.map(text::escape_jti);
+        let release_jti = release_jti.as_deref();
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
         dispatch!(self, fail_grant(id, release_jti, audit))
     }
     /// Append one audit event on its own.
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
         match &self.backend {
             Backend::Postgres(_) => {
                 bounded(self.writer()?.submit(group_commit::Op::Append, audit)).await
@@ -555,6 +584,7 @@ impl Store {
     /// One page of audit events, newest first (time, then insertion order), with the cursor of
     /// the next page when more match.
     pub async fn audit_page(&self, filter: &AuditFilter) -> Result<AuditPage, StoreError> {
+        let filter = &escape_filter(filter);
         let limit = codec::audit_limit(filter.limit);
         // One row more than asked tells whether another page exists without a second query.
         let mut records = dispatch!(self, audit_records(filter, limit + 1))?;
@@ -712,7 +742,15 @@ impl Store {
         freeze: Option<&FreezeRecord>,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        dispatch!(self, set_freeze(freeze, audit))
+        let freeze = freeze.map(|f| FreezeRecord {
+            filter: text::escape_json(&f.filter).into_owned(),
+            reason: text::escape(&f.reason).into_owned(),
+            actor: text::escape(&f.actor).into_owned(),
+            since: f.since,
+        });
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
+        dispatch!(self, set_freeze(freeze.as_ref(), audit))
     }
 
     pub async fn grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {
@@ -782,6 +820,8 @@ impl Store {
         now: OffsetDateTime,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
         let op = group_commit::Op::Finish { id, cause, now };
         match &self.backend {
             Backend::Postgres(_) => bounded(self.writer()?.submit(op, audit)).await,
@@ -799,7 +839,9 @@ impl Store {
         retry_at: OffsetDateTime,
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
-        let error = codec::clip_error(error);
+        let error = codec::clip_error(&text::escape(error));
+        let audit = text::escape_event(audit);
+        let audit = &*audit;
         dispatch!(self, revoke_failed(id, &error, retry_at, audit))
     }
     /// Active grants (for revoke-all), oldest first.
@@ -814,6 +856,14 @@ impl Store {
         after: Option<GrantCursor>,
         limit: u32,
     ) -> Result<Vec<Grant>, StoreError> {
+        let select = &GrantSelect {
+            issuer: text::escape_opt(&select.issuer),
+            repository: text::escape_opt(&select.repository),
+            repository_id: text::escape_opt(&select.repository_id),
+            credential: text::escape_opt(&select.credential),
+            kind: text::escape_opt(&select.kind),
+            ..select.clone()
+        };
         dispatch!(self, active_grants_page(select, after, limit))
     }
     /// Revoke, set-based, grants whose credentials live only in the broker (API tokens: the
@@ -827,12 +877,28 @@ impl Store {
         now: OffsetDateTime,
         audits: &[AuditEvent],
     ) -> Result<Vec<Uuid>, StoreError> {
+        // Copied only when some event needs escaping (revoke-all pages hold a thousand).
+        let escaped: Vec<AuditEvent>;
+        let audits = if audits
+            .iter()
+            .any(|a| matches!(text::escape_event(a), std::borrow::Cow::Owned(_)))
+        {
+            escaped = audits
+                .iter()
+                .map(|a| text::escape_event(a).into_owned())
+                .collect();
+            &escaped[..]
+        } else {
+            audits
+        };
         dispatch!(self, revoke_in_store(now, audits))
     }
     /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
     /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares
     /// `used_jti` with exchanges, so one token serves either one exchange or one operator call.
     pub async fn record_jti(&self, jti: &JtiRecord, now: OffsetDateTime) -> Result<(), StoreError> {
+        let jti = text::escape_jti(jti);
+        let jti = &*jti;
         dispatch!(self, record_jti(jti, now))
     }
     /// Active grants of one finished job (job-end webhooks), oldest first.
@@ -841,6 +907,15 @@ impl Store {
         job: &JobMatch,
         limit: u32,
     ) -> Result<Vec<Grant>, StoreError> {
+        let e = |s: &str| text::escape(s).into_owned();
+        let job = &JobMatch {
+            issuers: job.issuers.iter().map(|s| e(s)).collect(),
+            platform: e(&job.platform),
+            repository_id: e(&job.repository_id),
+            job_id: e(&job.job_id),
+            run_id: text::escape_opt(&job.run_id),
+            run_attempt: text::escape_opt(&job.run_attempt),
+        };
         dispatch!(self, active_job_grants(job, limit))
     }
     /// Record a webhook delivery acted on, or take over a record whose window has passed. A
@@ -852,10 +927,14 @@ impl Store {
         now: OffsetDateTime,
         expires_at: OffsetDateTime,
     ) -> Result<(), StoreError> {
+        let (source, id) = (text::escape(source), text::escape(id));
+        let (source, id) = (&*source, &*id);
         dispatch!(self, record_delivery(source, id, now, expires_at))
     }
     /// Drop a delivery record (the delivery could not be processed; let a retry through).
     pub async fn forget_delivery(&self, source: &str, id: &str) -> Result<(), StoreError> {
+        let (source, id) = (text::escape(source), text::escape(id));
+        let (source, id) = (&*source, &*id);
         dispatch!(self, forget_delivery(source, id))
     }
     /// Delete webhook delivery records past their window. Returns how many.
@@ -908,5 +987,21 @@ impl Store {
             }
             Backend::Sqlite(_) => Ok(work.await),
         }
+    }
+}
+
+/// An audit filter with its text escaped as stored text is (see `text.rs`), so a filter value
+/// reaches SQL only in a form the store can hold, and finds what was stored escaped.
+fn escape_filter(f: &AuditFilter) -> AuditFilter {
+    AuditFilter {
+        request_id: text::escape_opt(&f.request_id),
+        repository: text::escape_opt(&f.repository),
+        outcome: text::escape_opt(&f.outcome),
+        reason: text::escape_opt(&f.reason),
+        repository_id: text::escape_opt(&f.repository_id),
+        actor: text::escape_opt(&f.actor),
+        credential: text::escape_opt(&f.credential),
+        kind: text::escape_opt(&f.kind),
+        ..f.clone()
     }
 }

@@ -390,6 +390,7 @@ impl WebhookError {
             WebhookError::OutOfScope(_) => "webhook_out_of_scope",
             WebhookError::Replayed(_) => "replayed_delivery",
             WebhookError::BadRequest(_) => "bad_request",
+            WebhookError::Store(e @ crate::store::StoreError::Rejected(_)) => e.reason_code(),
             WebhookError::Store(_) => "store_unavailable",
         }
     }
