@@ -5,19 +5,17 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const http = require('node:http');
-const https = require('node:https');
-const net = require('node:net');
 const fs = require('node:fs');
 const os = require('node:os');
 const path = require('node:path');
 const { execFileSync } = require('node:child_process');
 const { runStep, leaks, masked, actionNode, declaredNodeMajor } = require('../harness/runner');
+const { proxy, makeCa, tlsFront } = require('../harness/netfixtures');
 
-function serve(handler, tls) {
+function serve(handler) {
   return new Promise((resolve) => {
     const calls = [];
-    const make = tls ? (h) => https.createServer(tls, h) : (h) => http.createServer(h);
-    const srv = make((req, res) => {
+    const srv = http.createServer((req, res) => {
       let body = '';
       req.on('data', (c) => { body += c; });
       req.on('end', () => {
@@ -28,7 +26,7 @@ function serve(handler, tls) {
       });
     });
     srv.listen(0, '127.0.0.1', () => resolve({
-      url: `${tls ? 'https' : 'http'}://127.0.0.1:${srv.address().port}`,
+      url: `http://127.0.0.1:${srv.address().port}`,
       port: srv.address().port,
       calls,
       close: () => { srv.closeAllConnections(); srv.close(); },
@@ -160,38 +158,6 @@ test('the harness runs dist/ with the node that action.yml declares', () => {
     `the action's runtime is node ${declared}, the harness has ${v} (run npm ci in action/)`);
 });
 
-/**
- * A forwarding proxy: answers CONNECT host:port by tunnelling to 127.0.0.1:port (the test's
- * host names do not resolve, so only the proxy can reach them) and counts what it forwarded.
- * Anything but CONNECT is refused and counted apart.
- */
-function proxy() {
-  return new Promise((resolve) => {
-    const tunnels = [];
-    const refused = [];
-    const sockets = new Set();
-    const srv = http.createServer((req, res) => { refused.push(req.url); res.writeHead(405); res.end(); });
-    srv.on('connect', (req, client, head) => {
-      const [host, port] = req.url.split(':');
-      tunnels.push({ host, port: Number(port), auth: req.headers['proxy-authorization'] || null });
-      const upstream = net.connect(Number(port), '127.0.0.1', () => {
-        client.write('HTTP/1.1 200 Connection Established\r\n\r\n');
-        if (head && head.length) upstream.write(head);
-        upstream.pipe(client);
-        client.pipe(upstream);
-      });
-      for (const s of [client, upstream]) { sockets.add(s); s.on('error', () => {}); s.on('close', () => sockets.delete(s)); }
-      upstream.on('error', () => client.destroy());
-    });
-    srv.listen(0, '127.0.0.1', () => resolve({
-      url: `http://127.0.0.1:${srv.address().port}`,
-      tunnels,
-      refused,
-      close: () => { for (const s of sockets) s.destroy(); srv.closeAllConnections(); srv.close(); },
-    }));
-  });
-}
-
 const okBroker = (req) => (req.url === '/v1/exchange' ? [200, GRANT] : [200, { grant_id: 'grant-42', status: 'revoked' }]);
 
 test('with HTTPS_PROXY/HTTP_PROXY the broker is reached only through the proxy; NO_PROXY bypasses it', async (t) => {
@@ -244,33 +210,23 @@ test('with HTTPS_PROXY/HTTP_PROXY the broker is reached only through the proxy; 
   assert.deepEqual(leaks(down, ['PROXY_PASSWORD']), []);
 });
 
-/** A CA and a broker certificate it signed (for broker.test and 127.0.0.1), made with openssl. */
-function makeCa(dir, name) {
-  const run = (args) => execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  run(['req', '-x509', ...ec, '-keyout', `${name}-ca.key`, '-out', `${name}-ca.pem`, '-days', '1',
-    '-subj', `/CN=${name} test CA`, '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign']);
-  run(['req', ...ec, '-keyout', `${name}-srv.key`, '-out', `${name}-srv.csr`, '-subj', '/CN=broker.test']);
-  fs.writeFileSync(path.join(dir, 'ext'), 'subjectAltName=DNS:broker.test,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n');
-  run(['x509', '-req', '-in', `${name}-srv.csr`, '-CA', `${name}-ca.pem`, '-CAkey', `${name}-ca.key`,
-    '-CAcreateserial', '-out', `${name}-srv.pem`, '-days', '1', '-extfile', 'ext']);
-  const read = (f) => fs.readFileSync(path.join(dir, f), 'utf8');
-  return { ca: read(`${name}-ca.pem`), caPath: path.join(dir, `${name}-ca.pem`), cert: read(`${name}-srv.pem`), key: read(`${name}-srv.key`) };
-}
-
 test('a TLS broker under a private CA: trusted with ca-certificate, refused clearly without', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'broker-action-ca-'));
   const pki = makeCa(dir, 'private');
   const other = makeCa(dir, 'other');
   const tokens = await tokenEndpoint();
-  const broker = await serve(okBroker, { cert: pki.cert, key: pki.key });
+  // The fake broker speaks plain HTTP behind a TLS-terminating forwarder (as the real one does
+  // in pipelines.rs), with a certificate from the private CA.
+  const broker = await serve(okBroker);
+  const front = await tlsFront(broker.port, pki);
+  const tlsUrl = `https://127.0.0.1:${front.port}`;
   const px = await proxy();
-  t.after(() => { tokens.close(); broker.close(); px.close(); fs.rmSync(dir, { recursive: true, force: true }); });
+  t.after(() => { tokens.close(); broker.close(); front.close(); px.close(); fs.rmSync(dir, { recursive: true, force: true }); });
   const base = { credentials: 'deploy-api', 'export-env': 'true', attempts: '3' };
 
   // Trusted: the CA as PEM text, the broker by name through the proxy (TLS inside the tunnel).
   const viaProxy = { ...env(tokens), HTTPS_PROXY: px.url };
-  const inputs = { ...base, 'broker-url': `https://broker.test:${broker.port}`, 'ca-certificate': pki.ca };
+  const inputs = { ...base, 'broker-url': `https://broker.test:${front.port}`, 'ca-certificate': pki.ca };
   const main = await runStep('main', { inputs, env: viaProxy });
   assert.equal(main.code, 0, main.stdout + main.stderr);
   assert.equal(main.env.DEPLOY_API_TOKEN, 'API_TOKEN_SECRET');
@@ -281,14 +237,14 @@ test('a TLS broker under a private CA: trusted with ca-certificate, refused clea
   assert.deepEqual(broker.calls.map((c) => c.url), ['/v1/exchange', '/v1/revoke']);
 
   // Trusted: the CA as a file path, direct to 127.0.0.1.
-  const direct = await runStep('main', { inputs: { ...base, 'broker-url': broker.url, 'ca-certificate': pki.caPath }, env: env(tokens) });
+  const direct = await runStep('main', { inputs: { ...base, 'broker-url': tlsUrl, 'ca-certificate': pki.caPath }, env: env(tokens) });
   assert.equal(direct.code, 0, direct.stdout + direct.stderr);
   assert.equal(broker.calls.length, 3);
 
   // Not trusted: without ca-certificate (system roots), and with another CA. Final at once
   // (no retry), a clear message, nothing reached the broker's handler.
   for (const ca of ['', other.ca]) {
-    const r = await runStep('main', { inputs: { ...base, 'broker-url': broker.url, 'ca-certificate': ca }, env: env(tokens) });
+    const r = await runStep('main', { inputs: { ...base, 'broker-url': tlsUrl, 'ca-certificate': ca }, env: env(tokens) });
     assert.equal(r.code, 1, r.stdout);
     assert.match(r.stdout, /::error::the broker's TLS certificate is not trusted \([A-Z_]+\).*`ca-certificate`/);
     assert.doesNotMatch(r.stdout, /attempt 1\/3 failed/);
@@ -297,7 +253,7 @@ test('a TLS broker under a private CA: trusted with ca-certificate, refused clea
   assert.equal(broker.calls.length, 3);
 
   // A ca-certificate that is no certificate fails before any request.
-  const bad = await runStep('main', { inputs: { ...base, 'broker-url': broker.url, 'ca-certificate': '-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----' }, env: env(tokens) });
+  const bad = await runStep('main', { inputs: { ...base, 'broker-url': tlsUrl, 'ca-certificate': '-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----' }, env: env(tokens) });
   assert.equal(bad.code, 1);
   assert.match(bad.stdout, /::error::ca-certificate: certificate 1 does not parse/);
   assert.equal(broker.calls.length, 3);
