@@ -19931,6 +19931,11 @@ var require_lib2 = __commonJS({
           }
         }
       }
+      const seen = /* @__PURE__ */ new Set();
+      for (const v of out) {
+        if (seen.has(v.name)) throw new Error(`two credentials would set ${v.name}: rename one with \`name=VAR\``);
+        seen.add(v.name);
+      }
       return out;
     }
     function awsAccount(c) {

@@ -4,7 +4,10 @@
 //
 // Invariants (the same as the broker's own client, broker/src/client.rs):
 // - a response field is secret unless its name is on PUBLIC_FIELDS (fail closed for new kinds);
-// - network errors, 5xx and 429 are retried with backoff; 4xx never (a 401/403 is final);
+// - network errors, 5xx and 429 are retried with backoff; 4xx never (a 401/403 is final), nor
+//   an untrusted TLS certificate (TlsError);
+// - no two credentials export the same variable (several of one kind are prefixed or become
+//   AWS profiles; a remaining clash fails the step);
 // - nothing here formats a secret into an error message.
 
 const PUBLIC_FIELDS = new Set([
@@ -166,6 +169,13 @@ function envVars(grant, requests) {
         if (k !== 'kind') push(`${stem}_${envStem(k)}`, f(k));
       }
     }
+  }
+  // An override (or two names with the same stem) could still make one variable shadow
+  // another: refuse rather than export a credential under a name another one also uses.
+  const seen = new Set();
+  for (const v of out) {
+    if (seen.has(v.name)) throw new Error(`two credentials would set ${v.name}: rename one with \`name=VAR\``);
+    seen.add(v.name);
   }
   return out;
 }

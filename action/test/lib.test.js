@@ -105,6 +105,13 @@ test('several postgres credentials: every one prefixed <NAME>_, none plain; over
   assert.equal(new Set(vars.map((v) => v.name)).size, vars.length);
 });
 
+test('a variable two credentials would set is refused, not shadowed', () => {
+  const g = grantOf({ db: pg('brk_u', 'PW1'), 'deploy-api': { kind: 'api_token', token: 'T' } });
+  assert.throws(() => lib.envVars(g, [{ name: 'deploy-api', envName: 'PGPASSWORD' }]), /two credentials would set PGPASSWORD/);
+  const same = grantOf({ 'a-b': { kind: 'api_token', token: 'T1' }, a_b: { kind: 'api_token', token: 'T2' } });
+  assert.throws(() => lib.envVars(same, []), /two credentials would set A_B_TOKEN/);
+});
+
 test('one aws_sts credential: AWS_*, the expiration public, the account from an ARN', () => {
   const g = grantOf({ deploy: aws('ONE', 'eu-west-1', { role_arn: 'arn:aws:iam::123456789012:role/deploy' }) });
   const vars = lib.envVars(g, []);
