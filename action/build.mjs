@@ -15,7 +15,7 @@ await esbuild.build({
   entryPoints: Object.fromEntries(entries.map((e) => [e, `src/${e}.js`])),
   bundle: true,
   platform: 'node',
-  target: 'node20',
+  target: 'node24',
   format: 'cjs',
   outdir,
   legalComments: 'eof',

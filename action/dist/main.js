@@ -73,11 +73,11 @@ var require_command = __commonJS({
     };
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.issue = exports2.issueCommand = void 0;
-    var os = __importStar(require("os"));
+    var os2 = __importStar(require("os"));
     var utils_1 = require_utils();
     function issueCommand(command, properties, message) {
       const cmd = new Command(command, properties, message);
-      process.stdout.write(cmd.toString() + os.EOL);
+      process.stdout.write(cmd.toString() + os2.EOL);
     }
     exports2.issueCommand = issueCommand;
     function issue(name, message = "") {
@@ -160,18 +160,18 @@ var require_file_command = __commonJS({
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.prepareKeyValueMessage = exports2.issueFileCommand = void 0;
     var crypto = __importStar(require("crypto"));
-    var fs = __importStar(require("fs"));
-    var os = __importStar(require("os"));
+    var fs2 = __importStar(require("fs"));
+    var os2 = __importStar(require("os"));
     var utils_1 = require_utils();
     function issueFileCommand(command, message) {
       const filePath = process.env[`GITHUB_${command}`];
       if (!filePath) {
         throw new Error(`Unable to find environment variable for file command ${command}`);
       }
-      if (!fs.existsSync(filePath)) {
+      if (!fs2.existsSync(filePath)) {
         throw new Error(`Missing file at path: ${filePath}`);
       }
-      fs.appendFileSync(filePath, `${(0, utils_1.toCommandValue)(message)}${os.EOL}`, {
+      fs2.appendFileSync(filePath, `${(0, utils_1.toCommandValue)(message)}${os2.EOL}`, {
         encoding: "utf8"
       });
     }
@@ -185,7 +185,7 @@ var require_file_command = __commonJS({
       if (convertedValue.includes(delimiter)) {
         throw new Error(`Unexpected input: value should not contain the delimiter "${delimiter}"`);
       }
-      return `${key}<<${delimiter}${os.EOL}${convertedValue}${os.EOL}${delimiter}`;
+      return `${key}<<${delimiter}${os2.EOL}${convertedValue}${os2.EOL}${delimiter}`;
     }
     exports2.prepareKeyValueMessage = prepareKeyValueMessage;
   }
@@ -974,14 +974,14 @@ var require_util = __commonJS({
         }
         const port = url.port != null ? url.port : url.protocol === "https:" ? 443 : 80;
         let origin = url.origin != null ? url.origin : `${url.protocol}//${url.hostname}:${port}`;
-        let path = url.path != null ? url.path : `${url.pathname || ""}${url.search || ""}`;
+        let path2 = url.path != null ? url.path : `${url.pathname || ""}${url.search || ""}`;
         if (origin.endsWith("/")) {
           origin = origin.substring(0, origin.length - 1);
         }
-        if (path && !path.startsWith("/")) {
-          path = `/${path}`;
+        if (path2 && !path2.startsWith("/")) {
+          path2 = `/${path2}`;
         }
-        url = new URL(origin + path);
+        url = new URL(origin + path2);
       }
       return url;
     }
@@ -2595,20 +2595,20 @@ var require_parseParams = __commonJS({
 var require_basename = __commonJS({
   "node_modules/@fastify/busboy/lib/utils/basename.js"(exports2, module2) {
     "use strict";
-    module2.exports = function basename(path) {
-      if (typeof path !== "string") {
+    module2.exports = function basename(path2) {
+      if (typeof path2 !== "string") {
         return "";
       }
-      for (var i = path.length - 1; i >= 0; --i) {
-        switch (path.charCodeAt(i)) {
+      for (var i = path2.length - 1; i >= 0; --i) {
+        switch (path2.charCodeAt(i)) {
           case 47:
           // '/'
           case 92:
-            path = path.slice(i + 1);
-            return path === ".." || path === "." ? "" : path;
+            path2 = path2.slice(i + 1);
+            return path2 === ".." || path2 === "." ? "" : path2;
         }
       }
-      return path === ".." || path === "." ? "" : path;
+      return path2 === ".." || path2 === "." ? "" : path2;
     };
   }
 });
@@ -5638,7 +5638,7 @@ var require_request = __commonJS({
     }
     var Request = class _Request {
       constructor(origin, {
-        path,
+        path: path2,
         method,
         body,
         headers,
@@ -5652,11 +5652,11 @@ var require_request = __commonJS({
         throwOnError,
         expectContinue
       }, handler) {
-        if (typeof path !== "string") {
+        if (typeof path2 !== "string") {
           throw new InvalidArgumentError("path must be a string");
-        } else if (path[0] !== "/" && !(path.startsWith("http://") || path.startsWith("https://")) && method !== "CONNECT") {
+        } else if (path2[0] !== "/" && !(path2.startsWith("http://") || path2.startsWith("https://")) && method !== "CONNECT") {
           throw new InvalidArgumentError("path must be an absolute URL or start with a slash");
-        } else if (invalidPathRegex.exec(path) !== null) {
+        } else if (invalidPathRegex.exec(path2) !== null) {
           throw new InvalidArgumentError("invalid request path");
         }
         if (typeof method !== "string") {
@@ -5719,7 +5719,7 @@ var require_request = __commonJS({
         this.completed = false;
         this.aborted = false;
         this.upgrade = upgrade || null;
-        this.path = query ? util.buildURL(path, query) : path;
+        this.path = query ? util.buildURL(path2, query) : path2;
         this.origin = origin;
         this.idempotent = idempotent == null ? method === "HEAD" || method === "GET" : idempotent;
         this.blocking = blocking == null ? false : blocking;
@@ -6727,9 +6727,9 @@ var require_RedirectHandler = __commonJS({
           return this.handler.onHeaders(statusCode, headers, resume, statusText);
         }
         const { origin, pathname, search } = util.parseURL(new URL(this.location, this.opts.origin && new URL(this.opts.path, this.opts.origin)));
-        const path = search ? `${pathname}${search}` : pathname;
+        const path2 = search ? `${pathname}${search}` : pathname;
         this.opts.headers = cleanRequestHeaders(this.opts.headers, statusCode === 303, this.opts.origin !== origin);
-        this.opts.path = path;
+        this.opts.path = path2;
         this.opts.origin = origin;
         this.opts.maxRedirections = 0;
         this.opts.query = null;
@@ -7969,7 +7969,7 @@ var require_client = __commonJS({
         writeH2(client, client[kHTTP2Session], request);
         return;
       }
-      const { body, method, path, host, upgrade, headers, blocking, reset } = request;
+      const { body, method, path: path2, host, upgrade, headers, blocking, reset } = request;
       const expectsPayload = method === "PUT" || method === "POST" || method === "PATCH";
       if (body && typeof body.read === "function") {
         body.read(0);
@@ -8019,7 +8019,7 @@ var require_client = __commonJS({
       if (blocking) {
         socket[kBlocking] = true;
       }
-      let header = `${method} ${path} HTTP/1.1\r
+      let header = `${method} ${path2} HTTP/1.1\r
 `;
       if (typeof host === "string") {
         header += `host: ${host}\r
@@ -8082,7 +8082,7 @@ upgrade: ${upgrade}\r
       return true;
     }
     function writeH2(client, session, request) {
-      const { body, method, path, host, upgrade, expectContinue, signal, headers: reqHeaders } = request;
+      const { body, method, path: path2, host, upgrade, expectContinue, signal, headers: reqHeaders } = request;
       let headers;
       if (typeof reqHeaders === "string") headers = Request[kHTTP2CopyHeaders](reqHeaders.trim());
       else headers = reqHeaders;
@@ -8125,7 +8125,7 @@ upgrade: ${upgrade}\r
         });
         return true;
       }
-      headers[HTTP2_HEADER_PATH] = path;
+      headers[HTTP2_HEADER_PATH] = path2;
       headers[HTTP2_HEADER_SCHEME] = "https";
       const expectsPayload = method === "PUT" || method === "POST" || method === "PATCH";
       if (body && typeof body.read === "function") {
@@ -10365,20 +10365,20 @@ var require_mock_utils = __commonJS({
       }
       return true;
     }
-    function safeUrl(path) {
-      if (typeof path !== "string") {
-        return path;
+    function safeUrl(path2) {
+      if (typeof path2 !== "string") {
+        return path2;
       }
-      const pathSegments = path.split("?");
+      const pathSegments = path2.split("?");
       if (pathSegments.length !== 2) {
-        return path;
+        return path2;
       }
       const qp = new URLSearchParams(pathSegments.pop());
       qp.sort();
       return [...pathSegments, qp.toString()].join("?");
     }
-    function matchKey(mockDispatch2, { path, method, body, headers }) {
-      const pathMatch = matchValue(mockDispatch2.path, path);
+    function matchKey(mockDispatch2, { path: path2, method, body, headers }) {
+      const pathMatch = matchValue(mockDispatch2.path, path2);
       const methodMatch = matchValue(mockDispatch2.method, method);
       const bodyMatch = typeof mockDispatch2.body !== "undefined" ? matchValue(mockDispatch2.body, body) : true;
       const headersMatch = matchHeaders(mockDispatch2, headers);
@@ -10396,7 +10396,7 @@ var require_mock_utils = __commonJS({
     function getMockDispatch(mockDispatches, key) {
       const basePath = key.query ? buildURL(key.path, key.query) : key.path;
       const resolvedPath = typeof basePath === "string" ? safeUrl(basePath) : basePath;
-      let matchedMockDispatches = mockDispatches.filter(({ consumed }) => !consumed).filter(({ path }) => matchValue(safeUrl(path), resolvedPath));
+      let matchedMockDispatches = mockDispatches.filter(({ consumed }) => !consumed).filter(({ path: path2 }) => matchValue(safeUrl(path2), resolvedPath));
       if (matchedMockDispatches.length === 0) {
         throw new MockNotMatchedError(`Mock dispatch not matched for path '${resolvedPath}'`);
       }
@@ -10433,9 +10433,9 @@ var require_mock_utils = __commonJS({
       }
     }
     function buildKey(opts) {
-      const { path, method, body, headers, query } = opts;
+      const { path: path2, method, body, headers, query } = opts;
       return {
-        path,
+        path: path2,
         method,
         body,
         headers,
@@ -10884,10 +10884,10 @@ var require_pending_interceptors_formatter = __commonJS({
       }
       format(pendingInterceptors) {
         const withPrettyHeaders = pendingInterceptors.map(
-          ({ method, path, data: { statusCode }, persist, times, timesInvoked, origin }) => ({
+          ({ method, path: path2, data: { statusCode }, persist, times, timesInvoked, origin }) => ({
             Method: method,
             Origin: origin,
-            Path: path,
+            Path: path2,
             "Status code": statusCode,
             Persistent: persist ? "\u2705" : "\u274C",
             Invocations: timesInvoked,
@@ -15507,8 +15507,8 @@ var require_util6 = __commonJS({
         }
       }
     }
-    function validateCookiePath(path) {
-      for (const char of path) {
+    function validateCookiePath(path2) {
+      for (const char of path2) {
         const code = char.charCodeAt(0);
         if (code < 33 || char === ";") {
           throw new Error("Invalid cookie path");
@@ -17188,11 +17188,11 @@ var require_undici = __commonJS({
           if (typeof opts.path !== "string") {
             throw new InvalidArgumentError("invalid opts.path");
           }
-          let path = opts.path;
+          let path2 = opts.path;
           if (!opts.path.startsWith("/")) {
-            path = `/${path}`;
+            path2 = `/${path2}`;
           }
-          url = new URL(util.parseOrigin(url).origin + path);
+          url = new URL(util.parseOrigin(url).origin + path2);
         } else {
           if (!opts) {
             opts = typeof url === "object" ? url : {};
@@ -18415,7 +18415,7 @@ var require_path_utils = __commonJS({
     };
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.toPlatformPath = exports2.toWin32Path = exports2.toPosixPath = void 0;
-    var path = __importStar(require("path"));
+    var path2 = __importStar(require("path"));
     function toPosixPath(pth) {
       return pth.replace(/[\\]/g, "/");
     }
@@ -18425,7 +18425,7 @@ var require_path_utils = __commonJS({
     }
     exports2.toWin32Path = toWin32Path;
     function toPlatformPath(pth) {
-      return pth.replace(/[/\\]/g, path.sep);
+      return pth.replace(/[/\\]/g, path2.sep);
     }
     exports2.toPlatformPath = toPlatformPath;
   }
@@ -18488,12 +18488,12 @@ var require_io_util = __commonJS({
     var _a;
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.getCmdPath = exports2.tryGetExecutablePath = exports2.isRooted = exports2.isDirectory = exports2.exists = exports2.READONLY = exports2.UV_FS_O_EXLOCK = exports2.IS_WINDOWS = exports2.unlink = exports2.symlink = exports2.stat = exports2.rmdir = exports2.rm = exports2.rename = exports2.readlink = exports2.readdir = exports2.open = exports2.mkdir = exports2.lstat = exports2.copyFile = exports2.chmod = void 0;
-    var fs = __importStar(require("fs"));
-    var path = __importStar(require("path"));
-    _a = fs.promises, exports2.chmod = _a.chmod, exports2.copyFile = _a.copyFile, exports2.lstat = _a.lstat, exports2.mkdir = _a.mkdir, exports2.open = _a.open, exports2.readdir = _a.readdir, exports2.readlink = _a.readlink, exports2.rename = _a.rename, exports2.rm = _a.rm, exports2.rmdir = _a.rmdir, exports2.stat = _a.stat, exports2.symlink = _a.symlink, exports2.unlink = _a.unlink;
+    var fs2 = __importStar(require("fs"));
+    var path2 = __importStar(require("path"));
+    _a = fs2.promises, exports2.chmod = _a.chmod, exports2.copyFile = _a.copyFile, exports2.lstat = _a.lstat, exports2.mkdir = _a.mkdir, exports2.open = _a.open, exports2.readdir = _a.readdir, exports2.readlink = _a.readlink, exports2.rename = _a.rename, exports2.rm = _a.rm, exports2.rmdir = _a.rmdir, exports2.stat = _a.stat, exports2.symlink = _a.symlink, exports2.unlink = _a.unlink;
     exports2.IS_WINDOWS = process.platform === "win32";
     exports2.UV_FS_O_EXLOCK = 268435456;
-    exports2.READONLY = fs.constants.O_RDONLY;
+    exports2.READONLY = fs2.constants.O_RDONLY;
     function exists(fsPath) {
       return __awaiter(this, void 0, void 0, function* () {
         try {
@@ -18538,7 +18538,7 @@ var require_io_util = __commonJS({
         }
         if (stats && stats.isFile()) {
           if (exports2.IS_WINDOWS) {
-            const upperExt = path.extname(filePath).toUpperCase();
+            const upperExt = path2.extname(filePath).toUpperCase();
             if (extensions.some((validExt) => validExt.toUpperCase() === upperExt)) {
               return filePath;
             }
@@ -18562,11 +18562,11 @@ var require_io_util = __commonJS({
           if (stats && stats.isFile()) {
             if (exports2.IS_WINDOWS) {
               try {
-                const directory = path.dirname(filePath);
-                const upperName = path.basename(filePath).toUpperCase();
+                const directory = path2.dirname(filePath);
+                const upperName = path2.basename(filePath).toUpperCase();
                 for (const actualName of yield exports2.readdir(directory)) {
                   if (upperName === actualName.toUpperCase()) {
-                    filePath = path.join(directory, actualName);
+                    filePath = path2.join(directory, actualName);
                     break;
                   }
                 }
@@ -18661,7 +18661,7 @@ var require_io = __commonJS({
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.findInPath = exports2.which = exports2.mkdirP = exports2.rmRF = exports2.mv = exports2.cp = void 0;
     var assert_1 = require("assert");
-    var path = __importStar(require("path"));
+    var path2 = __importStar(require("path"));
     var ioUtil = __importStar(require_io_util());
     function cp(source, dest, options = {}) {
       return __awaiter(this, void 0, void 0, function* () {
@@ -18670,7 +18670,7 @@ var require_io = __commonJS({
         if (destStat && destStat.isFile() && !force) {
           return;
         }
-        const newDest = destStat && destStat.isDirectory() && copySourceDirectory ? path.join(dest, path.basename(source)) : dest;
+        const newDest = destStat && destStat.isDirectory() && copySourceDirectory ? path2.join(dest, path2.basename(source)) : dest;
         if (!(yield ioUtil.exists(source))) {
           throw new Error(`no such file or directory: ${source}`);
         }
@@ -18682,7 +18682,7 @@ var require_io = __commonJS({
             yield cpDirRecursive(source, newDest, 0, force);
           }
         } else {
-          if (path.relative(source, newDest) === "") {
+          if (path2.relative(source, newDest) === "") {
             throw new Error(`'${newDest}' and '${source}' are the same file`);
           }
           yield copyFile(source, newDest, force);
@@ -18695,7 +18695,7 @@ var require_io = __commonJS({
         if (yield ioUtil.exists(dest)) {
           let destExists = true;
           if (yield ioUtil.isDirectory(dest)) {
-            dest = path.join(dest, path.basename(source));
+            dest = path2.join(dest, path2.basename(source));
             destExists = yield ioUtil.exists(dest);
           }
           if (destExists) {
@@ -18706,7 +18706,7 @@ var require_io = __commonJS({
             }
           }
         }
-        yield mkdirP(path.dirname(dest));
+        yield mkdirP(path2.dirname(dest));
         yield ioUtil.rename(source, dest);
       });
     }
@@ -18769,7 +18769,7 @@ var require_io = __commonJS({
         }
         const extensions = [];
         if (ioUtil.IS_WINDOWS && process.env["PATHEXT"]) {
-          for (const extension of process.env["PATHEXT"].split(path.delimiter)) {
+          for (const extension of process.env["PATHEXT"].split(path2.delimiter)) {
             if (extension) {
               extensions.push(extension);
             }
@@ -18782,12 +18782,12 @@ var require_io = __commonJS({
           }
           return [];
         }
-        if (tool.includes(path.sep)) {
+        if (tool.includes(path2.sep)) {
           return [];
         }
         const directories = [];
         if (process.env.PATH) {
-          for (const p of process.env.PATH.split(path.delimiter)) {
+          for (const p of process.env.PATH.split(path2.delimiter)) {
             if (p) {
               directories.push(p);
             }
@@ -18795,7 +18795,7 @@ var require_io = __commonJS({
         }
         const matches = [];
         for (const directory of directories) {
-          const filePath = yield ioUtil.tryGetExecutablePath(path.join(directory, tool), extensions);
+          const filePath = yield ioUtil.tryGetExecutablePath(path2.join(directory, tool), extensions);
           if (filePath) {
             matches.push(filePath);
           }
@@ -18908,10 +18908,10 @@ var require_toolrunner = __commonJS({
     };
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.argStringToArray = exports2.ToolRunner = void 0;
-    var os = __importStar(require("os"));
+    var os2 = __importStar(require("os"));
     var events = __importStar(require("events"));
     var child = __importStar(require("child_process"));
-    var path = __importStar(require("path"));
+    var path2 = __importStar(require("path"));
     var io = __importStar(require_io());
     var ioUtil = __importStar(require_io_util());
     var timers_1 = require("timers");
@@ -18963,12 +18963,12 @@ var require_toolrunner = __commonJS({
       _processLineBuffer(data, strBuffer, onLine) {
         try {
           let s = strBuffer + data.toString();
-          let n = s.indexOf(os.EOL);
+          let n = s.indexOf(os2.EOL);
           while (n > -1) {
             const line = s.substring(0, n);
             onLine(line);
-            s = s.substring(n + os.EOL.length);
-            n = s.indexOf(os.EOL);
+            s = s.substring(n + os2.EOL.length);
+            n = s.indexOf(os2.EOL);
           }
           return s;
         } catch (err) {
@@ -19126,7 +19126,7 @@ var require_toolrunner = __commonJS({
       exec() {
         return __awaiter(this, void 0, void 0, function* () {
           if (!ioUtil.isRooted(this.toolPath) && (this.toolPath.includes("/") || IS_WINDOWS && this.toolPath.includes("\\"))) {
-            this.toolPath = path.resolve(process.cwd(), this.options.cwd || process.cwd(), this.toolPath);
+            this.toolPath = path2.resolve(process.cwd(), this.options.cwd || process.cwd(), this.toolPath);
           }
           this.toolPath = yield io.which(this.toolPath, true);
           return new Promise((resolve, reject) => __awaiter(this, void 0, void 0, function* () {
@@ -19137,7 +19137,7 @@ var require_toolrunner = __commonJS({
             }
             const optionsNonNull = this._cloneExecOptions(this.options);
             if (!optionsNonNull.silent && optionsNonNull.outStream) {
-              optionsNonNull.outStream.write(this._getCommandString(optionsNonNull) + os.EOL);
+              optionsNonNull.outStream.write(this._getCommandString(optionsNonNull) + os2.EOL);
             }
             const state = new ExecState(optionsNonNull, this.toolPath);
             state.on("debug", (message) => {
@@ -19625,8 +19625,8 @@ var require_core = __commonJS({
     var command_1 = require_command();
     var file_command_1 = require_file_command();
     var utils_1 = require_utils();
-    var os = __importStar(require("os"));
-    var path = __importStar(require("path"));
+    var os2 = __importStar(require("os"));
+    var path2 = __importStar(require("path"));
     var oidc_utils_1 = require_oidc_utils();
     var ExitCode;
     (function(ExitCode2) {
@@ -19654,7 +19654,7 @@ var require_core = __commonJS({
       } else {
         (0, command_1.issueCommand)("add-path", {}, inputPath);
       }
-      process.env["PATH"] = `${inputPath}${path.delimiter}${process.env["PATH"]}`;
+      process.env["PATH"] = `${inputPath}${path2.delimiter}${process.env["PATH"]}`;
     }
     exports2.addPath = addPath;
     function getInput(name, options) {
@@ -19693,7 +19693,7 @@ Support boolean input list: \`true | True | TRUE | false | False | FALSE\``);
       if (filePath) {
         return (0, file_command_1.issueFileCommand)("OUTPUT", (0, file_command_1.prepareKeyValueMessage)(name, value));
       }
-      process.stdout.write(os.EOL);
+      process.stdout.write(os2.EOL);
       (0, command_1.issueCommand)("set-output", { name }, (0, utils_1.toCommandValue)(value));
     }
     exports2.setOutput = setOutput;
@@ -19727,7 +19727,7 @@ Support boolean input list: \`true | True | TRUE | false | False | FALSE\``);
     }
     exports2.notice = notice;
     function info(message) {
-      process.stdout.write(message + os.EOL);
+      process.stdout.write(message + os2.EOL);
     }
     exports2.info = info;
     function startGroup(name) {
@@ -19809,7 +19809,10 @@ var require_lib2 = __commonJS({
       "database",
       "region",
       "role_arn",
-      "session_name"
+      "session_name",
+      "expiration",
+      "account_id",
+      "sslmode"
     ]);
     var MAX_RETRY_AFTER_MS = 3e4;
     function envStem(name) {
@@ -19873,8 +19876,23 @@ var require_lib2 = __commonJS({
       }
       return out;
     }
+    function sslModeOf(url) {
+      try {
+        const mode = new URL(url).searchParams.get("sslmode");
+        return mode && /^[a-z-]+$/.test(mode) ? mode : null;
+      } catch {
+        return null;
+      }
+    }
+    function accountOfArn(arn) {
+      const m = /^arn:[a-z-]+:[a-z]+:[^:]*:([0-9]{12}):/.exec(String(arn || ""));
+      return m ? m[1] : null;
+    }
+    var PROFILE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
     function envVars(grant, requests) {
       const out = [];
+      const count = {};
+      for (const c of grant.credentials) count[c.kind] = (count[c.kind] || 0) + 1;
       for (const c of grant.credentials) {
         const req = (requests || []).find((r) => r.name === c.name);
         const custom = req && req.envName;
@@ -19886,21 +19904,74 @@ var require_lib2 = __commonJS({
         if (c.kind === "api_token") {
           push(custom || `${stem}_TOKEN`, f("token"));
         } else if (c.kind === "postgres") {
-          push(custom || "DATABASE_URL", f("url") || f("database_url"));
-          push("PGUSER", f("username"));
-          push("PGPASSWORD", f("password"));
+          const p = count.postgres > 1 ? `${stem}_` : "";
+          const url = f("database_url") || f("url");
+          push(`${p}PGHOST`, f("host"));
+          push(`${p}PGPORT`, f("port"));
+          push(`${p}PGDATABASE`, f("database"));
+          push(`${p}PGUSER`, f("username") || f("user"));
+          push(`${p}PGPASSWORD`, f("password"));
+          const mode = f("sslmode") ? f("sslmode").value : url && sslModeOf(url.value);
+          if (mode) push(`${p}PGSSLMODE`, { value: mode, secret: false });
+          push(custom || `${p}DATABASE_URL`, url);
         } else if (c.kind === "aws_sts") {
+          if (count.aws_sts > 1) continue;
           push("AWS_ACCESS_KEY_ID", f("access_key_id"));
           push("AWS_SECRET_ACCESS_KEY", f("secret_access_key"));
           push("AWS_SESSION_TOKEN", f("session_token"));
           push("AWS_REGION", f("region"));
+          push("AWS_DEFAULT_REGION", f("region"));
+          const exp = f("expiration") || f("expires_at");
+          if (exp) push("AWS_CREDENTIAL_EXPIRATION", { value: exp.value, secret: false });
+          const account = awsAccount(c);
+          if (account) push("AWS_ACCOUNT_ID", { value: account, secret: false });
         } else {
           for (const k of Object.keys(c.fields).sort()) {
             if (k !== "kind") push(`${stem}_${envStem(k)}`, f(k));
           }
         }
       }
+      const seen = /* @__PURE__ */ new Set();
+      for (const v of out) {
+        if (seen.has(v.name)) throw new Error(`two credentials would set ${v.name}: rename one with \`name=VAR\``);
+        seen.add(v.name);
+      }
       return out;
+    }
+    function awsAccount(c) {
+      const id = c.fields.account_id && c.fields.account_id.value;
+      if (id && /^[0-9]{12}$/.test(id)) return id;
+      for (const k of ["role_arn", "assumed_role_arn"]) {
+        const a = c.fields[k] && accountOfArn(c.fields[k].value);
+        if (a) return a;
+      }
+      return null;
+    }
+    function awsProfiles(grant) {
+      const aws = grant.credentials.filter((c) => c.kind === "aws_sts");
+      if (aws.length < 2) return null;
+      let credentials = "";
+      let config = "";
+      for (const c of aws) {
+        if (!PROFILE_NAME.test(c.name)) {
+          throw new Error(`credential ${JSON.stringify(c.name)} cannot name an AWS profile`);
+        }
+        const v = (k) => c.fields[k] ? c.fields[k].value : "";
+        for (const [k, val] of Object.entries({ access_key_id: v("access_key_id"), secret_access_key: v("secret_access_key"), session_token: v("session_token"), region: v("region") })) {
+          if (/[\r\n]/.test(val)) throw new Error(`credential ${JSON.stringify(c.name)}: ${k} spans lines`);
+        }
+        credentials += `[${c.name}]
+aws_access_key_id = ${v("access_key_id")}
+aws_secret_access_key = ${v("secret_access_key")}
+aws_session_token = ${v("session_token")}
+
+`;
+        config += `[profile ${c.name}]
+${v("region") ? `region = ${v("region")}
+` : ""}
+`;
+      }
+      return { credentials, config, profiles: aws.map((c) => c.name) };
     }
     function outputs(grant) {
       const out = [
@@ -19930,6 +20001,28 @@ var require_lib2 = __commonJS({
         this.code = "broker_unreachable";
       }
     };
+    var TlsError = class extends Error {
+      constructor(detail, via) {
+        super(`the broker's TLS certificate is not trusted (${detail})${via ? ` (through the proxy ${via})` : ""}: if the broker uses a private CA, give that CA's PEM in the \`ca-certificate\` input`);
+        this.code = "tls_untrusted";
+      }
+    };
+    var TLS_CODE = /CERT|ISSUER|SELF_SIGNED|ALTNAME|SIGNATURE|INVALID_CA/;
+    function errorCode(e) {
+      let code = null;
+      for (let c = e, i = 0; c && typeof c === "object" && i < 8; c = c.cause, i++) {
+        if (typeof c.code === "string" && /^[A-Z0-9_]+$/.test(c.code)) code = c.code;
+      }
+      return code;
+    }
+    function transportError(e) {
+      if (e && e.name === "TimeoutError") return new NetworkError("timed out");
+      const code = errorCode(e);
+      const via = e && typeof e.via === "string" ? e.via : null;
+      if (code && TLS_CODE.test(code)) return new TlsError(code, via);
+      const proxy = via ? ` through the proxy ${via}` : "";
+      return new NetworkError(`connection failed${code ? ` (${code})` : ""}${proxy}`);
+    }
     function retryable(err) {
       if (err instanceof NetworkError) return true;
       return err instanceof BrokerError && (err.status === 429 || err.status >= 500);
@@ -19980,7 +20073,7 @@ var require_lib2 = __commonJS({
           );
         } catch (e) {
           if (e instanceof BrokerError) throw e;
-          err = new NetworkError(e && e.name === "TimeoutError" ? "timed out" : "connection failed");
+          err = transportError(e);
         }
         if (!retryable(err) || n >= attempts) throw err;
         const wait = delayMs(n - 1, opts.backoff, retryAfter);
@@ -20033,9 +20126,14 @@ var require_lib2 = __commonJS({
       parseGrant,
       secretValues,
       envVars,
+      awsProfiles,
+      accountOfArn,
+      sslModeOf,
       outputs,
       BrokerError,
       NetworkError,
+      TlsError,
+      transportError,
       retryable,
       delayMs,
       postWithRetries,
@@ -20046,9 +20144,91 @@ var require_lib2 = __commonJS({
   }
 });
 
+// src/transport.js
+var require_transport = __commonJS({
+  "src/transport.js"(exports2, module2) {
+    "use strict";
+    var fs2 = require("node:fs");
+    var { X509Certificate } = require("node:crypto");
+    var { fetch, Agent, ProxyAgent } = require_undici();
+    var { getProxyUrl } = require_proxy();
+    var PEM_BLOCK = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+    function parseCaCertificate(input) {
+      const raw = String(input || "").trim();
+      if (!raw) return null;
+      let text = raw;
+      if (!raw.includes("-----BEGIN")) {
+        try {
+          text = fs2.readFileSync(raw, "utf8");
+        } catch (e) {
+          throw new Error(`ca-certificate: neither PEM text nor a readable file (${e.code || "error"})`);
+        }
+      }
+      const blocks = text.match(PEM_BLOCK) || [];
+      if (blocks.length === 0) throw new Error("ca-certificate: no PEM certificate (-----BEGIN CERTIFICATE-----) found");
+      blocks.forEach((b, i) => {
+        try {
+          new X509Certificate(b);
+        } catch {
+          throw new Error(`ca-certificate: certificate ${i + 1} does not parse`);
+        }
+      });
+      return `${blocks.join("\n")}
+`;
+    }
+    function proxyLabel(u) {
+      return `${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`;
+    }
+    function brokerFetch({ ca = null } = {}) {
+      const tls = ca ? { ca } : {};
+      const dispatchers = /* @__PURE__ */ new Map();
+      const dispatcherFor = (url) => {
+        const proxy = getProxyUrl(new URL(url));
+        const key = proxy ? proxy.href : "";
+        if (!dispatchers.has(key)) {
+          dispatchers.set(key, proxy ? new ProxyAgent({ uri: proxy.href, requestTls: tls }) : new Agent({ connect: tls }));
+        }
+        return { dispatcher: dispatchers.get(key), via: proxy ? proxyLabel(proxy) : null };
+      };
+      const f = async (url, init) => {
+        const { dispatcher, via } = dispatcherFor(url);
+        try {
+          return await fetch(url, { ...init, dispatcher });
+        } catch (e) {
+          if (e && typeof e === "object") e.via = via;
+          throw e;
+        }
+      };
+      f.close = () => Promise.all([...dispatchers.values()].map((d) => d.close().catch(() => {
+      })));
+      return f;
+    }
+    module2.exports = { parseCaCertificate, brokerFetch, proxyLabel };
+  }
+});
+
 // src/main.js
+var fs = require("node:fs");
+var os = require("node:os");
+var path = require("node:path");
 var core = require_core();
 var lib = require_lib2();
+var transport = require_transport();
+function writeAwsProfiles(profiles) {
+  const base = process.env.RUNNER_TEMP || os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(base, "broker-"));
+  fs.chmodSync(dir, 448);
+  core.saveState("files-dir", dir);
+  const write = (name, text) => {
+    const p = path.join(dir, name);
+    fs.writeFileSync(p, text, { mode: 384, flag: "wx" });
+    return p;
+  };
+  return [
+    { name: "AWS_SHARED_CREDENTIALS_FILE", value: write("aws-credentials", profiles.credentials), secret: false },
+    { name: "AWS_CONFIG_FILE", value: write("aws-config", profiles.config), secret: false }
+  ];
+}
 async function run() {
   let lastToken = null;
   try {
@@ -20059,6 +20239,7 @@ async function run() {
     const ttl = core.getInput("ttl").trim();
     const exportEnv = lib.parseBool(core.getInput("export-env"), false);
     const attempts = Number.parseInt(core.getInput("attempts") || "5", 10) || 5;
+    const ca = transport.parseCaCertificate(core.getInput("ca-certificate"));
     if (!process.env.ACTIONS_ID_TOKEN_REQUEST_URL || !process.env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
       core.setFailed(lib.NO_ID_TOKEN_HELP);
       return;
@@ -20076,18 +20257,23 @@ async function run() {
         },
         body
       };
-    }, { attempts, notice: (m) => core.info(m) });
+    }, { attempts, fetch: transport.brokerFetch({ ca }), notice: (m) => core.info(m) });
     const grant = lib.parseGrant(answer);
     for (const s of lib.secretValues(grant)) core.setSecret(s);
     core.saveState("revocation-token", grant.revocationToken);
     core.saveState("grant-id", grant.grantId);
     for (const o of lib.outputs(grant)) core.setOutput(o.name, o.value);
-    const exported = [];
+    core.exportVariable("BROKER_GRANT_ID", grant.grantId);
+    const exported = ["BROKER_GRANT_ID"];
     if (exportEnv) {
-      for (const v of lib.envVars(grant, requests)) {
+      const vars = lib.envVars(grant, requests);
+      const profiles = lib.awsProfiles(grant);
+      if (profiles) vars.push(...writeAwsProfiles(profiles));
+      for (const v of vars) {
         core.exportVariable(v.name, v.value);
         exported.push(v.name);
       }
+      if (profiles) core.info(`AWS profiles: ${profiles.profiles.join(", ")}`);
     }
     const names = grant.credentials.map((c) => c.name).join(", ");
     core.info(`granted ${names} (grant ${grant.grantId}, expires ${grant.expiresAt})`);

@@ -160,7 +160,7 @@ var require_file_command = __commonJS({
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.prepareKeyValueMessage = exports2.issueFileCommand = void 0;
     var crypto = __importStar(require("crypto"));
-    var fs = __importStar(require("fs"));
+    var fs2 = __importStar(require("fs"));
     var os = __importStar(require("os"));
     var utils_1 = require_utils();
     function issueFileCommand(command, message) {
@@ -168,10 +168,10 @@ var require_file_command = __commonJS({
       if (!filePath) {
         throw new Error(`Unable to find environment variable for file command ${command}`);
       }
-      if (!fs.existsSync(filePath)) {
+      if (!fs2.existsSync(filePath)) {
         throw new Error(`Missing file at path: ${filePath}`);
       }
-      fs.appendFileSync(filePath, `${(0, utils_1.toCommandValue)(message)}${os.EOL}`, {
+      fs2.appendFileSync(filePath, `${(0, utils_1.toCommandValue)(message)}${os.EOL}`, {
         encoding: "utf8"
       });
     }
@@ -18488,12 +18488,12 @@ var require_io_util = __commonJS({
     var _a;
     Object.defineProperty(exports2, "__esModule", { value: true });
     exports2.getCmdPath = exports2.tryGetExecutablePath = exports2.isRooted = exports2.isDirectory = exports2.exists = exports2.READONLY = exports2.UV_FS_O_EXLOCK = exports2.IS_WINDOWS = exports2.unlink = exports2.symlink = exports2.stat = exports2.rmdir = exports2.rm = exports2.rename = exports2.readlink = exports2.readdir = exports2.open = exports2.mkdir = exports2.lstat = exports2.copyFile = exports2.chmod = void 0;
-    var fs = __importStar(require("fs"));
+    var fs2 = __importStar(require("fs"));
     var path = __importStar(require("path"));
-    _a = fs.promises, exports2.chmod = _a.chmod, exports2.copyFile = _a.copyFile, exports2.lstat = _a.lstat, exports2.mkdir = _a.mkdir, exports2.open = _a.open, exports2.readdir = _a.readdir, exports2.readlink = _a.readlink, exports2.rename = _a.rename, exports2.rm = _a.rm, exports2.rmdir = _a.rmdir, exports2.stat = _a.stat, exports2.symlink = _a.symlink, exports2.unlink = _a.unlink;
+    _a = fs2.promises, exports2.chmod = _a.chmod, exports2.copyFile = _a.copyFile, exports2.lstat = _a.lstat, exports2.mkdir = _a.mkdir, exports2.open = _a.open, exports2.readdir = _a.readdir, exports2.readlink = _a.readlink, exports2.rename = _a.rename, exports2.rm = _a.rm, exports2.rmdir = _a.rmdir, exports2.stat = _a.stat, exports2.symlink = _a.symlink, exports2.unlink = _a.unlink;
     exports2.IS_WINDOWS = process.platform === "win32";
     exports2.UV_FS_O_EXLOCK = 268435456;
-    exports2.READONLY = fs.constants.O_RDONLY;
+    exports2.READONLY = fs2.constants.O_RDONLY;
     function exists(fsPath) {
       return __awaiter(this, void 0, void 0, function* () {
         try {
@@ -19809,7 +19809,10 @@ var require_lib2 = __commonJS({
       "database",
       "region",
       "role_arn",
-      "session_name"
+      "session_name",
+      "expiration",
+      "account_id",
+      "sslmode"
     ]);
     var MAX_RETRY_AFTER_MS = 3e4;
     function envStem(name) {
@@ -19873,8 +19876,23 @@ var require_lib2 = __commonJS({
       }
       return out;
     }
+    function sslModeOf(url) {
+      try {
+        const mode = new URL(url).searchParams.get("sslmode");
+        return mode && /^[a-z-]+$/.test(mode) ? mode : null;
+      } catch {
+        return null;
+      }
+    }
+    function accountOfArn(arn) {
+      const m = /^arn:[a-z-]+:[a-z]+:[^:]*:([0-9]{12}):/.exec(String(arn || ""));
+      return m ? m[1] : null;
+    }
+    var PROFILE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
     function envVars(grant, requests) {
       const out = [];
+      const count = {};
+      for (const c of grant.credentials) count[c.kind] = (count[c.kind] || 0) + 1;
       for (const c of grant.credentials) {
         const req = (requests || []).find((r) => r.name === c.name);
         const custom = req && req.envName;
@@ -19886,21 +19904,74 @@ var require_lib2 = __commonJS({
         if (c.kind === "api_token") {
           push(custom || `${stem}_TOKEN`, f("token"));
         } else if (c.kind === "postgres") {
-          push(custom || "DATABASE_URL", f("url") || f("database_url"));
-          push("PGUSER", f("username"));
-          push("PGPASSWORD", f("password"));
+          const p = count.postgres > 1 ? `${stem}_` : "";
+          const url = f("database_url") || f("url");
+          push(`${p}PGHOST`, f("host"));
+          push(`${p}PGPORT`, f("port"));
+          push(`${p}PGDATABASE`, f("database"));
+          push(`${p}PGUSER`, f("username") || f("user"));
+          push(`${p}PGPASSWORD`, f("password"));
+          const mode = f("sslmode") ? f("sslmode").value : url && sslModeOf(url.value);
+          if (mode) push(`${p}PGSSLMODE`, { value: mode, secret: false });
+          push(custom || `${p}DATABASE_URL`, url);
         } else if (c.kind === "aws_sts") {
+          if (count.aws_sts > 1) continue;
           push("AWS_ACCESS_KEY_ID", f("access_key_id"));
           push("AWS_SECRET_ACCESS_KEY", f("secret_access_key"));
           push("AWS_SESSION_TOKEN", f("session_token"));
           push("AWS_REGION", f("region"));
+          push("AWS_DEFAULT_REGION", f("region"));
+          const exp = f("expiration") || f("expires_at");
+          if (exp) push("AWS_CREDENTIAL_EXPIRATION", { value: exp.value, secret: false });
+          const account = awsAccount(c);
+          if (account) push("AWS_ACCOUNT_ID", { value: account, secret: false });
         } else {
           for (const k of Object.keys(c.fields).sort()) {
             if (k !== "kind") push(`${stem}_${envStem(k)}`, f(k));
           }
         }
       }
+      const seen = /* @__PURE__ */ new Set();
+      for (const v of out) {
+        if (seen.has(v.name)) throw new Error(`two credentials would set ${v.name}: rename one with \`name=VAR\``);
+        seen.add(v.name);
+      }
       return out;
+    }
+    function awsAccount(c) {
+      const id = c.fields.account_id && c.fields.account_id.value;
+      if (id && /^[0-9]{12}$/.test(id)) return id;
+      for (const k of ["role_arn", "assumed_role_arn"]) {
+        const a = c.fields[k] && accountOfArn(c.fields[k].value);
+        if (a) return a;
+      }
+      return null;
+    }
+    function awsProfiles(grant) {
+      const aws = grant.credentials.filter((c) => c.kind === "aws_sts");
+      if (aws.length < 2) return null;
+      let credentials = "";
+      let config = "";
+      for (const c of aws) {
+        if (!PROFILE_NAME.test(c.name)) {
+          throw new Error(`credential ${JSON.stringify(c.name)} cannot name an AWS profile`);
+        }
+        const v = (k) => c.fields[k] ? c.fields[k].value : "";
+        for (const [k, val] of Object.entries({ access_key_id: v("access_key_id"), secret_access_key: v("secret_access_key"), session_token: v("session_token"), region: v("region") })) {
+          if (/[\r\n]/.test(val)) throw new Error(`credential ${JSON.stringify(c.name)}: ${k} spans lines`);
+        }
+        credentials += `[${c.name}]
+aws_access_key_id = ${v("access_key_id")}
+aws_secret_access_key = ${v("secret_access_key")}
+aws_session_token = ${v("session_token")}
+
+`;
+        config += `[profile ${c.name}]
+${v("region") ? `region = ${v("region")}
+` : ""}
+`;
+      }
+      return { credentials, config, profiles: aws.map((c) => c.name) };
     }
     function outputs(grant) {
       const out = [
@@ -19930,6 +20001,28 @@ var require_lib2 = __commonJS({
         this.code = "broker_unreachable";
       }
     };
+    var TlsError = class extends Error {
+      constructor(detail, via) {
+        super(`the broker's TLS certificate is not trusted (${detail})${via ? ` (through the proxy ${via})` : ""}: if the broker uses a private CA, give that CA's PEM in the \`ca-certificate\` input`);
+        this.code = "tls_untrusted";
+      }
+    };
+    var TLS_CODE = /CERT|ISSUER|SELF_SIGNED|ALTNAME|SIGNATURE|INVALID_CA/;
+    function errorCode(e) {
+      let code = null;
+      for (let c = e, i = 0; c && typeof c === "object" && i < 8; c = c.cause, i++) {
+        if (typeof c.code === "string" && /^[A-Z0-9_]+$/.test(c.code)) code = c.code;
+      }
+      return code;
+    }
+    function transportError(e) {
+      if (e && e.name === "TimeoutError") return new NetworkError("timed out");
+      const code = errorCode(e);
+      const via = e && typeof e.via === "string" ? e.via : null;
+      if (code && TLS_CODE.test(code)) return new TlsError(code, via);
+      const proxy = via ? ` through the proxy ${via}` : "";
+      return new NetworkError(`connection failed${code ? ` (${code})` : ""}${proxy}`);
+    }
     function retryable(err) {
       if (err instanceof NetworkError) return true;
       return err instanceof BrokerError && (err.status === 429 || err.status >= 500);
@@ -19980,7 +20073,7 @@ var require_lib2 = __commonJS({
           );
         } catch (e) {
           if (e instanceof BrokerError) throw e;
-          err = new NetworkError(e && e.name === "TimeoutError" ? "timed out" : "connection failed");
+          err = transportError(e);
         }
         if (!retryable(err) || n >= attempts) throw err;
         const wait = delayMs(n - 1, opts.backoff, retryAfter);
@@ -20033,9 +20126,14 @@ var require_lib2 = __commonJS({
       parseGrant,
       secretValues,
       envVars,
+      awsProfiles,
+      accountOfArn,
+      sslModeOf,
       outputs,
       BrokerError,
       NetworkError,
+      TlsError,
+      transportError,
       retryable,
       delayMs,
       postWithRetries,
@@ -20046,9 +20144,83 @@ var require_lib2 = __commonJS({
   }
 });
 
+// src/transport.js
+var require_transport = __commonJS({
+  "src/transport.js"(exports2, module2) {
+    "use strict";
+    var fs2 = require("node:fs");
+    var { X509Certificate } = require("node:crypto");
+    var { fetch, Agent, ProxyAgent } = require_undici();
+    var { getProxyUrl } = require_proxy();
+    var PEM_BLOCK = /-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g;
+    function parseCaCertificate(input) {
+      const raw = String(input || "").trim();
+      if (!raw) return null;
+      let text = raw;
+      if (!raw.includes("-----BEGIN")) {
+        try {
+          text = fs2.readFileSync(raw, "utf8");
+        } catch (e) {
+          throw new Error(`ca-certificate: neither PEM text nor a readable file (${e.code || "error"})`);
+        }
+      }
+      const blocks = text.match(PEM_BLOCK) || [];
+      if (blocks.length === 0) throw new Error("ca-certificate: no PEM certificate (-----BEGIN CERTIFICATE-----) found");
+      blocks.forEach((b, i) => {
+        try {
+          new X509Certificate(b);
+        } catch {
+          throw new Error(`ca-certificate: certificate ${i + 1} does not parse`);
+        }
+      });
+      return `${blocks.join("\n")}
+`;
+    }
+    function proxyLabel(u) {
+      return `${u.hostname}:${u.port || (u.protocol === "https:" ? 443 : 80)}`;
+    }
+    function brokerFetch({ ca = null } = {}) {
+      const tls = ca ? { ca } : {};
+      const dispatchers = /* @__PURE__ */ new Map();
+      const dispatcherFor = (url) => {
+        const proxy = getProxyUrl(new URL(url));
+        const key = proxy ? proxy.href : "";
+        if (!dispatchers.has(key)) {
+          dispatchers.set(key, proxy ? new ProxyAgent({ uri: proxy.href, requestTls: tls }) : new Agent({ connect: tls }));
+        }
+        return { dispatcher: dispatchers.get(key), via: proxy ? proxyLabel(proxy) : null };
+      };
+      const f = async (url, init) => {
+        const { dispatcher, via } = dispatcherFor(url);
+        try {
+          return await fetch(url, { ...init, dispatcher });
+        } catch (e) {
+          if (e && typeof e === "object") e.via = via;
+          throw e;
+        }
+      };
+      f.close = () => Promise.all([...dispatchers.values()].map((d) => d.close().catch(() => {
+      })));
+      return f;
+    }
+    module2.exports = { parseCaCertificate, brokerFetch, proxyLabel };
+  }
+});
+
 // src/post.js
+var fs = require("node:fs");
 var core = require_core();
 var lib = require_lib2();
+var transport = require_transport();
+function removeFiles() {
+  const dir = core.getState("files-dir");
+  if (!dir) return;
+  try {
+    fs.rmSync(dir, { recursive: true, force: true });
+  } catch (e) {
+    core.warning(`could not delete the credential files in ${dir} (${e.code || "error"})`);
+  }
+}
 async function run() {
   const token = core.getState("revocation-token");
   const brokerUrl = core.getState("broker-url");
@@ -20058,6 +20230,7 @@ async function run() {
   } catch (e) {
     core.warning(`fail-on-revoke-error: ${e.message}`);
   }
+  removeFiles();
   if (!token || !brokerUrl) {
     core.info("nothing to revoke: no grant was issued");
     return;
@@ -20065,10 +20238,11 @@ async function run() {
   core.setSecret(token);
   const attempts = Number.parseInt(core.getInput("attempts") || "5", 10) || 5;
   try {
+    const ca = transport.parseCaCertificate(core.getInput("ca-certificate"));
     const answer = await lib.postWithRetries(async () => ({
       url: `${brokerUrl}/v1/revoke`,
       headers: { authorization: `Bearer ${token}`, "user-agent": "broker-action/1" }
-    }), { attempts, notice: (m) => core.info(m) });
+    }), { attempts, fetch: transport.brokerFetch({ ca }), notice: (m) => core.info(m) });
     core.info(`grant ${answer && answer.grant_id} ${answer && answer.status}`);
   } catch (e) {
     const msg = `revoking grant ${core.getState("grant-id")} failed: ${e.message}; its credentials still expire at their TTL`;

@@ -20,6 +20,24 @@ const os = require('node:os');
 
 const DIST = path.join(__dirname, '..', 'dist');
 
+/**
+ * The node that runs the action: the one action.yml's `runs.using` names. `npm ci` in action/
+ * installs it (the npm package `node`, a dev dependency) as node_modules/.bin/node;
+ * BROKER_ACTION_NODE overrides; without either, the node running this file.
+ */
+function actionNode() {
+  if (process.env.BROKER_ACTION_NODE) return process.env.BROKER_ACTION_NODE;
+  const local = path.join(__dirname, '..', 'node_modules', '.bin', 'node');
+  return fs.existsSync(local) ? local : process.execPath;
+}
+
+/** The major version action.yml's `runs.using: nodeNN` asks for. */
+function declaredNodeMajor() {
+  const yml = fs.readFileSync(path.join(__dirname, '..', 'action.yml'), 'utf8');
+  const m = /^\s+using:\s*['"]?node(\d+)['"]?\s*$/m.exec(yml);
+  return m ? Number(m[1]) : null;
+}
+
 /** Parse a runner file-command file: `name=value` lines and `name<<DELIM ... DELIM` blocks. */
 function parseFileCommands(text) {
   const out = {};
@@ -50,7 +68,7 @@ function inputEnv(inputs) {
 /** Run a child to completion (async, so servers in this process keep answering). */
 function runChild(args, opts) {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, args, { env: opts.env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(actionNode(), args, { env: opts.env, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c) => { stdout += c; });
@@ -68,6 +86,9 @@ async function runStep(step, { inputs = {}, env = {}, state = {}, dir } = {}) {
     files[k] = path.join(work, `${step}-${k.toLowerCase()}`);
     fs.writeFileSync(files[k], '');
   }
+  // The runner's per-job temp directory (where the action writes credential files).
+  const runnerTemp = path.join(work, 'runner-temp');
+  fs.mkdirSync(runnerTemp, { recursive: true });
   const stateEnv = {};
   for (const [k, v] of Object.entries(state)) stateEnv[`STATE_${k}`] = v;
   const r = await runChild([path.join(DIST, `${step}.js`)], {
@@ -81,6 +102,7 @@ async function runStep(step, { inputs = {}, env = {}, state = {}, dir } = {}) {
       GITHUB_ENV: files.ENV,
       GITHUB_STATE: files.STATE,
       GITHUB_ACTIONS: 'true',
+      RUNNER_TEMP: runnerTemp,
     },
     timeout: 120_000,
   });
@@ -115,7 +137,9 @@ function masked(result) {
 async function cli(dir) {
   const spec = JSON.parse(fs.readFileSync(path.join(dir, 'inputs.json'), 'utf8'));
   const env = {};
-  for (const k of ['ACTIONS_ID_TOKEN_REQUEST_URL', 'ACTIONS_ID_TOKEN_REQUEST_TOKEN']) {
+  // The job's token endpoint, and the proxy settings a runner's environment may carry.
+  for (const k of ['ACTIONS_ID_TOKEN_REQUEST_URL', 'ACTIONS_ID_TOKEN_REQUEST_TOKEN',
+    'HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'NO_PROXY', 'no_proxy']) {
     if (process.env[k]) env[k] = process.env[k];
   }
   const main = await runStep('main', { inputs: spec, env, dir });
@@ -128,7 +152,7 @@ async function cli(dir) {
   fs.writeFileSync(path.join(dir, 'result.json'), JSON.stringify({ main, post }));
 }
 
-module.exports = { parseFileCommands, runStep, leaks, masked };
+module.exports = { parseFileCommands, runStep, leaks, masked, actionNode, declaredNodeMajor };
 
 if (require.main === module) {
   cli(process.argv[2]).catch((e) => { console.error(e); process.exit(1); });

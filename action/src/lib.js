@@ -4,12 +4,16 @@
 //
 // Invariants (the same as the broker's own client, broker/src/client.rs):
 // - a response field is secret unless its name is on PUBLIC_FIELDS (fail closed for new kinds);
-// - network errors, 5xx and 429 are retried with backoff; 4xx never (a 401/403 is final);
+// - network errors, 5xx and 429 are retried with backoff; 4xx never (a 401/403 is final), nor
+//   an untrusted TLS certificate (TlsError);
+// - no two credentials export the same variable (several of one kind are prefixed or become
+//   AWS profiles; a remaining clash fails the step);
 // - nothing here formats a secret into an error message.
 
 const PUBLIC_FIELDS = new Set([
   'kind', 'expires_at', 'token_type', 'audience', 'scope', 'token_id', 'username', 'user',
-  'host', 'port', 'database', 'region', 'role_arn', 'session_name',
+  'host', 'port', 'database', 'region', 'role_arn', 'session_name', 'expiration', 'account_id',
+  'sslmode',
 ]);
 
 const MAX_RETRY_AFTER_MS = 30_000;
@@ -92,15 +96,43 @@ function secretValues(grant) {
   return out;
 }
 
+/** The `sslmode` of a libpq URL (`...?sslmode=require`), or null. The URL is secret; its mode is not. */
+function sslModeOf(url) {
+  try {
+    const mode = new URL(url).searchParams.get('sslmode');
+    return mode && /^[a-z-]+$/.test(mode) ? mode : null;
+  } catch {
+    return null;
+  }
+}
+
+/** The 12-digit account of an ARN (`arn:aws:iam::123456789012:role/x`), or null. */
+function accountOfArn(arn) {
+  const m = /^arn:[a-z-]+:[a-z]+:[^:]*:([0-9]{12}):/.exec(String(arn || ''));
+  return m ? m[1] : null;
+}
+
+/** AWS profile names: the credential's name, restricted so it cannot break the INI files. */
+const PROFILE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$/;
+
 /**
  * Environment variables per kind, the same names as `broker exchange`:
- * api_token -> <NAME>_TOKEN; postgres -> DATABASE_URL (+ PGUSER/PGPASSWORD);
- * aws_sts -> AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_REGION;
- * anything else -> <NAME>_<FIELD> for every field. A requested name replaces the main variable.
+ * - api_token -> <NAME>_TOKEN;
+ * - postgres -> PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE, DATABASE_URL;
+ * - aws_sts -> AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+ *   AWS_DEFAULT_REGION, AWS_CREDENTIAL_EXPIRATION, AWS_ACCOUNT_ID (when known);
+ * - anything else -> <NAME>_<FIELD> for every field.
+ * A requested name (`name=VAR`) replaces the main variable (api_token's token, postgres's
+ * DATABASE_URL). Names never collide: when a step gets several postgres credentials, every
+ * one's variables carry the prefix `<NAME>_` (ANALYTICS_DB_PGUSER); several aws_sts credentials
+ * get no AWS_* variables at all but one named profile each (`awsProfiles`), so one cannot
+ * silently shadow another.
  * Returns [{name, value, secret}].
  */
 function envVars(grant, requests) {
   const out = [];
+  const count = {};
+  for (const c of grant.credentials) count[c.kind] = (count[c.kind] || 0) + 1;
   for (const c of grant.credentials) {
     const req = (requests || []).find((r) => r.name === c.name);
     const custom = req && req.envName;
@@ -110,21 +142,78 @@ function envVars(grant, requests) {
     if (c.kind === 'api_token') {
       push(custom || `${stem}_TOKEN`, f('token'));
     } else if (c.kind === 'postgres') {
-      push(custom || 'DATABASE_URL', f('url') || f('database_url'));
-      push('PGUSER', f('username'));
-      push('PGPASSWORD', f('password'));
+      const p = count.postgres > 1 ? `${stem}_` : '';
+      const url = f('database_url') || f('url');
+      push(`${p}PGHOST`, f('host'));
+      push(`${p}PGPORT`, f('port'));
+      push(`${p}PGDATABASE`, f('database'));
+      push(`${p}PGUSER`, f('username') || f('user'));
+      push(`${p}PGPASSWORD`, f('password'));
+      const mode = f('sslmode') ? f('sslmode').value : url && sslModeOf(url.value);
+      if (mode) push(`${p}PGSSLMODE`, { value: mode, secret: false });
+      push(custom || `${p}DATABASE_URL`, url);
     } else if (c.kind === 'aws_sts') {
+      if (count.aws_sts > 1) continue; // awsProfiles
       push('AWS_ACCESS_KEY_ID', f('access_key_id'));
       push('AWS_SECRET_ACCESS_KEY', f('secret_access_key'));
       push('AWS_SESSION_TOKEN', f('session_token'));
       push('AWS_REGION', f('region'));
+      push('AWS_DEFAULT_REGION', f('region'));
+      const exp = f('expiration') || f('expires_at');
+      // The expiry is not a secret (the SDKs read it to refresh in time); never masked.
+      if (exp) push('AWS_CREDENTIAL_EXPIRATION', { value: exp.value, secret: false });
+      const account = awsAccount(c);
+      if (account) push('AWS_ACCOUNT_ID', { value: account, secret: false });
     } else {
       for (const k of Object.keys(c.fields).sort()) {
         if (k !== 'kind') push(`${stem}_${envStem(k)}`, f(k));
       }
     }
   }
+  // An override (or two names with the same stem) could still make one variable shadow
+  // another: refuse rather than export a credential under a name another one also uses.
+  const seen = new Set();
+  for (const v of out) {
+    if (seen.has(v.name)) throw new Error(`two credentials would set ${v.name}: rename one with \`name=VAR\``);
+    seen.add(v.name);
+  }
   return out;
+}
+
+/** The account of an aws_sts credential: its `account_id` field, else from a role ARN field. */
+function awsAccount(c) {
+  const id = c.fields.account_id && c.fields.account_id.value;
+  if (id && /^[0-9]{12}$/.test(id)) return id;
+  for (const k of ['role_arn', 'assumed_role_arn']) {
+    const a = c.fields[k] && accountOfArn(c.fields[k].value);
+    if (a) return a;
+  }
+  return null;
+}
+
+/**
+ * Several aws_sts credentials in one step: the text of a shared credentials file and a config
+ * file with one profile per credential (profile name = credential name), or null when the
+ * step has fewer than two. Throws on a name that is not a safe profile name (fail closed).
+ */
+function awsProfiles(grant) {
+  const aws = grant.credentials.filter((c) => c.kind === 'aws_sts');
+  if (aws.length < 2) return null;
+  let credentials = '';
+  let config = '';
+  for (const c of aws) {
+    if (!PROFILE_NAME.test(c.name)) {
+      throw new Error(`credential ${JSON.stringify(c.name)} cannot name an AWS profile`);
+    }
+    const v = (k) => (c.fields[k] ? c.fields[k].value : '');
+    for (const [k, val] of Object.entries({ access_key_id: v('access_key_id'), secret_access_key: v('secret_access_key'), session_token: v('session_token'), region: v('region') })) {
+      if (/[\r\n]/.test(val)) throw new Error(`credential ${JSON.stringify(c.name)}: ${k} spans lines`);
+    }
+    credentials += `[${c.name}]\naws_access_key_id = ${v('access_key_id')}\n`
+      + `aws_secret_access_key = ${v('secret_access_key')}\naws_session_token = ${v('session_token')}\n\n`;
+    config += `[profile ${c.name}]\n${v('region') ? `region = ${v('region')}\n` : ''}\n`;
+  }
+  return { credentials, config, profiles: aws.map((c) => c.name) };
 }
 
 /** Step outputs: `grant-id`, `expires-at`, and `<credential>-<field>` for every field. */
@@ -156,6 +245,36 @@ class NetworkError extends Error {
     super(`cannot reach the broker: ${detail}`);
     this.code = 'broker_unreachable';
   }
+}
+
+/** The broker's certificate is not trusted: final (retrying cannot help), never bypassed. */
+class TlsError extends Error {
+  constructor(detail, via) {
+    super(`the broker's TLS certificate is not trusted (${detail})${via ? ` (through the proxy ${via})` : ''}: `
+      + 'if the broker uses a private CA, give that CA\'s PEM in the `ca-certificate` input');
+    this.code = 'tls_untrusted';
+  }
+}
+
+const TLS_CODE = /CERT|ISSUER|SELF_SIGNED|ALTNAME|SIGNATURE|INVALID_CA/;
+
+/** The most specific system error code in an error's `cause` chain (ECONNREFUSED, ...), or null. */
+function errorCode(e) {
+  let code = null;
+  for (let c = e, i = 0; c && typeof c === 'object' && i < 8; c = c.cause, i++) {
+    if (typeof c.code === 'string' && /^[A-Z0-9_]+$/.test(c.code)) code = c.code;
+  }
+  return code;
+}
+
+/** A transport failure as NetworkError (retried) or TlsError (final). Names codes, never data. */
+function transportError(e) {
+  if (e && e.name === 'TimeoutError') return new NetworkError('timed out');
+  const code = errorCode(e);
+  const via = e && typeof e.via === 'string' ? e.via : null;
+  if (code && TLS_CODE.test(code)) return new TlsError(code, via);
+  const proxy = via ? ` through the proxy ${via}` : '';
+  return new NetworkError(`connection failed${code ? ` (${code})` : ''}${proxy}`);
 }
 
 function retryable(err) {
@@ -210,7 +329,7 @@ async function postWithRetries(makeRequest, opts = {}) {
         cleanText(body && body.message, 'no message'));
     } catch (e) {
       if (e instanceof BrokerError) throw e;
-      err = new NetworkError(e && e.name === 'TimeoutError' ? 'timed out' : 'connection failed');
+      err = transportError(e);
     }
     if (!retryable(err) || n >= attempts) throw err;
     const wait = delayMs(n - 1, opts.backoff, retryAfter);
@@ -264,7 +383,8 @@ const NO_ID_TOKEN_HELP = 'ACTIONS_ID_TOKEN_REQUEST_URL is not set, so this job c
   + 'add `permissions: id-token: write` to the job (or workflow). Pull requests from forks never get one.';
 
 module.exports = {
-  PUBLIC_FIELDS, envStem, parseCredentials, parseBool, parseGrant, secretValues, envVars, outputs,
-  BrokerError, NetworkError, retryable, delayMs, postWithRetries, unverifiedClaims, explainRefusal,
+  PUBLIC_FIELDS, envStem, parseCredentials, parseBool, parseGrant, secretValues, envVars, awsProfiles,
+  accountOfArn, sslModeOf, outputs,
+  BrokerError, NetworkError, TlsError, transportError, retryable, delayMs, postWithRetries, unverifiedClaims, explainRefusal,
   NO_ID_TOKEN_HELP,
 };

@@ -5,8 +5,33 @@
 // printed, and the revocation token is saved in state before outputs are written, so the post
 // step revokes the grant even if a later line here fails.
 
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
 const core = require('@actions/core');
 const lib = require('./lib');
+const transport = require('./transport');
+
+/**
+ * Several aws_sts credentials: write a shared credentials file and a config file (0600, in a
+ * 0700 directory under the runner's per-job temp dir) and return the variables naming them.
+ * The post step deletes the directory.
+ */
+function writeAwsProfiles(profiles) {
+  const base = process.env.RUNNER_TEMP || os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(base, 'broker-'));
+  fs.chmodSync(dir, 0o700);
+  core.saveState('files-dir', dir);
+  const write = (name, text) => {
+    const p = path.join(dir, name);
+    fs.writeFileSync(p, text, { mode: 0o600, flag: 'wx' });
+    return p;
+  };
+  return [
+    { name: 'AWS_SHARED_CREDENTIALS_FILE', value: write('aws-credentials', profiles.credentials), secret: false },
+    { name: 'AWS_CONFIG_FILE', value: write('aws-config', profiles.config), secret: false },
+  ];
+}
 
 async function run() {
   let lastToken = null;
@@ -18,6 +43,7 @@ async function run() {
     const ttl = core.getInput('ttl').trim();
     const exportEnv = lib.parseBool(core.getInput('export-env'), false);
     const attempts = Number.parseInt(core.getInput('attempts') || '5', 10) || 5;
+    const ca = transport.parseCaCertificate(core.getInput('ca-certificate'));
     if (!process.env.ACTIONS_ID_TOKEN_REQUEST_URL || !process.env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
       core.setFailed(lib.NO_ID_TOKEN_HELP);
       return;
@@ -37,7 +63,7 @@ async function run() {
         },
         body,
       };
-    }, { attempts, notice: (m) => core.info(m) });
+    }, { attempts, fetch: transport.brokerFetch({ ca }), notice: (m) => core.info(m) });
 
     const grant = lib.parseGrant(answer);
     for (const s of lib.secretValues(grant)) core.setSecret(s);
@@ -45,12 +71,18 @@ async function run() {
     core.saveState('grant-id', grant.grantId);
 
     for (const o of lib.outputs(grant)) core.setOutput(o.name, o.value);
-    const exported = [];
+    // The grant id is not secret: later steps (and people reading the log) may use it.
+    core.exportVariable('BROKER_GRANT_ID', grant.grantId);
+    const exported = ['BROKER_GRANT_ID'];
     if (exportEnv) {
-      for (const v of lib.envVars(grant, requests)) {
+      const vars = lib.envVars(grant, requests);
+      const profiles = lib.awsProfiles(grant);
+      if (profiles) vars.push(...writeAwsProfiles(profiles));
+      for (const v of vars) {
         core.exportVariable(v.name, v.value);
         exported.push(v.name);
       }
+      if (profiles) core.info(`AWS profiles: ${profiles.profiles.join(', ')}`);
     }
     const names = grant.credentials.map((c) => c.name).join(', ');
     core.info(`granted ${names} (grant ${grant.grantId}, expires ${grant.expiresAt})`);

@@ -50,13 +50,123 @@ test('environment variables per credential kind', () => {
   assert.equal(vars.AWS_SECRET_ACCESS_KEY.value, 'SECRET_A');
   assert.equal(vars.AWS_SESSION_TOKEN.secret, true);
   assert.equal(vars.AWS_REGION.value, 'eu-west-1');
+  assert.equal(vars.AWS_DEFAULT_REGION.value, 'eu-west-1');
   assert.equal(vars.THING_SECRET_ID.value, 'SECRET_V');
   assert.equal(vars.THING_LEASE.value, '60');
   const custom = lib.envVars(g, [{ name: 'deploy-api', envName: 'API_TOKEN' }, { name: 'db', envName: 'PRIMARY_DB' }]);
   const names = custom.map((v) => v.name);
   assert.ok(names.includes('API_TOKEN') && !names.includes('DEPLOY_API_TOKEN'));
   assert.ok(names.includes('PRIMARY_DB') && !names.includes('DATABASE_URL'));
+  assert.ok(names.includes('PGUSER'), 'the override renames DATABASE_URL only');
   assert.equal(lib.envStem('9-lives.x'), '_9_LIVES_X');
+});
+
+// What the postgres provider returns (broker/src/providers/postgres/provider.rs).
+const pg = (user, pw, mode = 'require') => ({
+  kind: 'postgres', host: 'db.internal', port: 5432, database: 'app', username: user,
+  password: pw, expires_at: '2030-01-01T00:00:00Z',
+  database_url: `postgresql://${user}:${pw}@db.internal:5432/app?sslmode=${mode}`,
+});
+// What the aws_sts provider returns (broker/src/providers/aws_sts/provider.rs), plus an ARN.
+const aws = (key, region, extra = {}) => ({
+  kind: 'aws_sts', access_key_id: `AKIA${key}`, secret_access_key: `SECRET_${key}`,
+  session_token: `SESSION_${key}`, expiration: '2030-01-01T00:15:00Z', region, ...extra,
+});
+const grantOf = (credentials) => lib.parseGrant({ grant_id: 'g', expires_at: 'e', revocation_token: 'r', credentials });
+
+test('one postgres credential: the plain PG* names, PGSSLMODE from the URL, DATABASE_URL', () => {
+  const vars = lib.envVars(grantOf({ db: pg('brk_u', 'PW1', 'verify-full') }), []);
+  const by = Object.fromEntries(vars.map((v) => [v.name, v]));
+  assert.deepEqual(vars.map((v) => v.name).sort(),
+    ['DATABASE_URL', 'PGDATABASE', 'PGHOST', 'PGPASSWORD', 'PGPORT', 'PGSSLMODE', 'PGUSER']);
+  assert.deepEqual([by.PGHOST.value, by.PGPORT.value, by.PGDATABASE.value, by.PGUSER.value],
+    ['db.internal', '5432', 'app', 'brk_u']);
+  assert.equal(by.PGSSLMODE.value, 'verify-full');
+  assert.equal(by.PGSSLMODE.secret, false);
+  assert.equal(by.PGPASSWORD.secret, true);
+  assert.equal(by.DATABASE_URL.secret, true);
+  assert.equal(by.DATABASE_URL.value, 'postgresql://brk_u:PW1@db.internal:5432/app?sslmode=verify-full');
+});
+
+test('several postgres credentials: every one prefixed <NAME>_, none plain; override renames its URL', () => {
+  const g = grantOf({ 'analytics-db': pg('brk_a', 'PWA'), main: pg('brk_m', 'PWM', 'disable') });
+  const vars = lib.envVars(g, [{ name: 'main', envName: 'MAIN_URL' }]);
+  const by = Object.fromEntries(vars.map((v) => [v.name, v.value]));
+  assert.equal(by.ANALYTICS_DB_PGUSER, 'brk_a');
+  assert.equal(by.ANALYTICS_DB_PGPASSWORD, 'PWA');
+  assert.equal(by.ANALYTICS_DB_PGSSLMODE, 'require');
+  assert.match(by.ANALYTICS_DB_DATABASE_URL, /brk_a:PWA/);
+  assert.equal(by.MAIN_PGUSER, 'brk_m');
+  assert.equal(by.MAIN_PGSSLMODE, 'disable');
+  assert.match(by.MAIN_URL, /brk_m:PWM/);
+  assert.equal(by.MAIN_DATABASE_URL, undefined);
+  for (const plain of ['PGUSER', 'PGPASSWORD', 'PGHOST', 'DATABASE_URL', 'PGSSLMODE']) assert.equal(by[plain], undefined, plain);
+  // Names are unique.
+  assert.equal(new Set(vars.map((v) => v.name)).size, vars.length);
+});
+
+test('a variable two credentials would set is refused, not shadowed', () => {
+  const g = grantOf({ db: pg('brk_u', 'PW1'), 'deploy-api': { kind: 'api_token', token: 'T' } });
+  assert.throws(() => lib.envVars(g, [{ name: 'deploy-api', envName: 'PGPASSWORD' }]), /two credentials would set PGPASSWORD/);
+  const same = grantOf({ 'a-b': { kind: 'api_token', token: 'T1' }, a_b: { kind: 'api_token', token: 'T2' } });
+  assert.throws(() => lib.envVars(same, []), /two credentials would set A_B_TOKEN/);
+});
+
+test('one aws_sts credential: AWS_*, the expiration public, the account from an ARN', () => {
+  const g = grantOf({ deploy: aws('ONE', 'eu-west-1', { role_arn: 'arn:aws:iam::123456789012:role/deploy' }) });
+  const vars = lib.envVars(g, []);
+  const by = Object.fromEntries(vars.map((v) => [v.name, v]));
+  assert.equal(by.AWS_ACCESS_KEY_ID.value, 'AKIAONE');
+  assert.equal(by.AWS_SECRET_ACCESS_KEY.secret, true);
+  assert.equal(by.AWS_SESSION_TOKEN.value, 'SESSION_ONE');
+  assert.equal(by.AWS_REGION.value, 'eu-west-1');
+  assert.equal(by.AWS_DEFAULT_REGION.value, 'eu-west-1');
+  assert.equal(by.AWS_CREDENTIAL_EXPIRATION.value, '2030-01-01T00:15:00Z');
+  assert.equal(by.AWS_CREDENTIAL_EXPIRATION.secret, false);
+  assert.equal(by.AWS_ACCOUNT_ID.value, '123456789012');
+  assert.ok(!lib.secretValues(g).includes('2030-01-01T00:15:00Z'), 'the expiration is never masked');
+  assert.equal(lib.awsProfiles(g), null, 'one credential: no profile files');
+  // Without an account id or ARN in the answer: no AWS_ACCOUNT_ID (never guessed).
+  const bare = lib.envVars(grantOf({ deploy: aws('ONE', 'eu-west-1') }), []).map((v) => v.name);
+  assert.ok(!bare.includes('AWS_ACCOUNT_ID'));
+  const byId = lib.envVars(grantOf({ deploy: aws('ONE', 'r', { account_id: '210987654321' }) }), []);
+  assert.equal(byId.find((v) => v.name === 'AWS_ACCOUNT_ID').value, '210987654321');
+  assert.equal(lib.accountOfArn('arn:aws:sts::123456789012:assumed-role/r/s'), '123456789012');
+  assert.equal(lib.accountOfArn('not-an-arn'), null);
+});
+
+test('several aws_sts credentials: no plain AWS_* at all, one named profile each', () => {
+  const g = grantOf({ prod: aws('PROD', 'eu-west-1'), 'audit.logs': aws('AUD', 'us-east-1') });
+  const vars = lib.envVars(g, []);
+  assert.deepEqual(vars.filter((v) => v.name.startsWith('AWS_')), []);
+  const p = lib.awsProfiles(g);
+  assert.deepEqual(p.profiles, ['prod', 'audit.logs']);
+  assert.equal(p.credentials, '[prod]\naws_access_key_id = AKIAPROD\naws_secret_access_key = SECRET_PROD\n'
+    + 'aws_session_token = SESSION_PROD\n\n[audit.logs]\naws_access_key_id = AKIAAUD\n'
+    + 'aws_secret_access_key = SECRET_AUD\naws_session_token = SESSION_AUD\n\n');
+  assert.equal(p.config, '[profile prod]\nregion = eu-west-1\n\n[profile audit.logs]\nregion = us-east-1\n\n');
+  // A name that could break the INI files is refused, not written.
+  assert.throws(() => lib.awsProfiles(grantOf({ 'a]\n[x': aws('A', 'r'), b: aws('B', 'r') })), /cannot name an AWS profile/);
+  assert.throws(() => lib.awsProfiles(grantOf({ a: aws('A\nx', 'r'), b: aws('B', 'r') })), /spans lines/);
+});
+
+test('PGSSLMODE only from a well-formed URL', () => {
+  assert.equal(lib.sslModeOf('postgresql://u:p@h/d?sslmode=require'), 'require');
+  assert.equal(lib.sslModeOf('postgresql://u:p@h/d'), null);
+  assert.equal(lib.sslModeOf('::'), null);
+});
+
+test('transport errors: TLS trust failures are final and say what to do; others are retried', () => {
+  const wrap = (code, via) => Object.assign(new TypeError('fetch failed'), { cause: Object.assign(new Error('x'), { code }), via });
+  const tls = lib.transportError(wrap('SELF_SIGNED_CERT_IN_CHAIN', null));
+  assert.ok(tls instanceof lib.TlsError);
+  assert.match(tls.message, /not trusted \(SELF_SIGNED_CERT_IN_CHAIN\).*ca-certificate/);
+  assert.equal(lib.retryable(tls), false);
+  const refused = lib.transportError(wrap('ECONNREFUSED', 'proxy.internal:3128'));
+  assert.ok(refused instanceof lib.NetworkError);
+  assert.match(refused.message, /connection failed \(ECONNREFUSED\) through the proxy proxy.internal:3128/);
+  assert.equal(lib.retryable(refused), true);
+  assert.match(lib.transportError(Object.assign(new Error('t'), { name: 'TimeoutError' })).message, /timed out/);
 });
 
 test('outputs name every field as <credential>-<field>', () => {

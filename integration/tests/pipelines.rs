@@ -387,6 +387,154 @@ async fn github_action_in_the_node_harness() {
     e.finish().await;
 }
 
+/// Waits for `path` (written whole by a child) and parses it, or fails the test.
+async fn wait_json(path: &Path, child: &mut std::process::Child, what: &str) -> Value {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{what}: timed out"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "{what}: exited early");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The node harness against the real broker behind a TLS-terminating forwarder whose
+/// certificate comes from a throwaway private CA, reached through a CONNECT proxy
+/// (`action/harness/netfixtures.js`: the broker serves plain HTTP, so the forwarder plays the
+/// TLS load balancer). The broker URL names `broker.test`, which resolves nowhere: only the
+/// proxy can reach it. Proves: with `HTTPS_PROXY` and `ca-certificate` the exchange and the
+/// revoke both go through the proxy (two tunnels), the token is active after main and not after
+/// post; without `ca-certificate` main fails at once with the TLS message and nothing is issued.
+#[tokio::test]
+async fn github_action_through_a_proxy_to_a_private_ca_broker() {
+    let node = PathBuf::from("node");
+    match node_major(&node) {
+        Some(v) if v >= 20 => {}
+        other => {
+            println!("SKIPPED: node >= 20 is needed for the action (found {other:?})");
+            return;
+        }
+    }
+    if Command::new("openssl").arg("version").output().is_err() {
+        println!("SKIPPED: openssl is needed to make the test CA");
+        return;
+    }
+    let e = env().await;
+    let port = e.broker.url.rsplit(':').next().unwrap().to_owned();
+    let fx_dir = tempfile::tempdir().unwrap();
+    let mut fixtures = KillOnDrop(
+        Command::new(&node)
+            .arg(repo_root().join("action/harness/netfixtures.js"))
+            .arg(fx_dir.path())
+            .arg(&port)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let fx = wait_json(
+        &fx_dir.path().join("fixtures.json"),
+        &mut fixtures.0,
+        "netfixtures",
+    )
+    .await;
+    let broker_url = format!("https://broker.test:{}", fx["tls_port"]);
+    let proxy_url = fx["proxy_url"].as_str().unwrap().to_owned();
+    let harness = repo_root().join("action/harness/runner.js");
+
+    // Trusted, through the proxy.
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = json!({"broker-url": broker_url, "credentials": "deploy-api", "audience": AUD,
+        "ttl": "5m", "export-env": "true", "ca-certificate": fx["ca_path"]});
+    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(&node)
+            .arg(&harness)
+            .arg(dir.path())
+            .env("BROKER_HARNESS_PAUSE", "1")
+            .env("HTTPS_PROXY", &proxy_url)
+            .envs(e.runner_env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let main = wait_json(&dir.path().join("main.json"), &mut child.0, "harness main").await;
+    assert_eq!(main["code"], 0, "main failed: {main}");
+    let token = main["env"]["DEPLOY_API_TOKEN"].as_str().unwrap().to_owned();
+    assert!(e.active(&token).await, "the exported token is active");
+    assert!(
+        main["env"]["BROKER_GRANT_ID"]
+            .as_str()
+            .is_some_and(|g| !g.is_empty())
+    );
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let start = std::time::Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "harness did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
+    assert_eq!(result["post"]["code"], 0, "post failed: {}", result["post"]);
+    assert!(!e.active(&token).await, "revoked after post");
+    let tunnels: Value =
+        serde_json::from_str(&std::fs::read_to_string(fx_dir.path().join("tunnels.json")).unwrap())
+            .unwrap();
+    let hosts: Vec<String> = tunnels
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| format!("{}:{}", t["host"].as_str().unwrap(), t["port"]))
+        .collect();
+    let front = format!("broker.test:{}", fx["tls_port"]);
+    assert_eq!(
+        hosts,
+        vec![front.clone(), front],
+        "exchange and revoke went through the proxy"
+    );
+    for step in [&result["main"], &result["post"]] {
+        let bad = leaked(step["stdout"].as_str().unwrap(), &[&token]);
+        assert!(bad.is_empty(), "token in the log: {bad:?}");
+    }
+
+    // Not trusted without ca-certificate: a final error naming the input, nothing issued.
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = json!({"broker-url": broker_url, "credentials": "deploy-api", "audience": AUD, "attempts": "3"});
+    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
+    let mut cmd = Command::new(&node);
+    cmd.arg(&harness)
+        .arg(dir.path())
+        .env("HTTPS_PROXY", &proxy_url)
+        .envs(e.runner_env());
+    let ran = run(cmd, dir.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(0), "harness: {}", ran.stderr);
+    let result: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
+            .unwrap();
+    let out = result["main"]["stdout"].as_str().unwrap();
+    assert_eq!(result["main"]["code"], 1, "{out}");
+    assert!(
+        out.contains("::error::the broker's TLS certificate is not trusted (")
+            && out.contains("`ca-certificate`"),
+        "{out}"
+    );
+    assert!(!out.contains("attempt 1/3 failed"), "not retried: {out}");
+    assert!(result["main"]["state"]["revocation-token"].is_null());
+    drop(fixtures);
+    e.finish().await;
+}
+
 /// One test's side of the machine's Postgres for the action's `DATABASE_URL`: an app database,
 /// a group role and an owner role (all named by a random tag), and the role prefix the broker's
 /// target mints under. [`PgTarget::cleanup`] drops all of it, also roles a failed run left.
@@ -632,6 +780,17 @@ async fn github_action_database_url_dies_with_post() {
     );
     assert!(password.len() >= 32);
     assert!(url.contains(&password) && url.contains(&pg.app_db));
+    // The libpq variables agree with the URL (the same shape as the GitLab component's).
+    assert_eq!(main["env"]["PGHOST"], json!(pg.host), "{main}");
+    assert_eq!(main["env"]["PGPORT"], json!(pg.port.to_string()));
+    assert_eq!(main["env"]["PGDATABASE"], json!(pg.app_db));
+    assert_eq!(
+        main["env"]["PGSSLMODE"],
+        json!("disable"),
+        "the target's sslmode"
+    );
+    assert!(url.ends_with("?sslmode=disable"));
+    assert!(main["env"]["BROKER_GRANT_ID"].is_string());
     assert_eq!(main["outputs"]["app-db-database-url"], json!(url));
     let revocation = main["state"]["revocation-token"]
         .as_str()
@@ -740,6 +899,8 @@ jobs:
         run: |
           test -n "$DEPLOY_API_TOKEN"
           printf '%s' "$DEPLOY_API_TOKEN" > "$OUT/token"
+          printf '%s' "$BROKER_GRANT_ID" > "$OUT/grant"
+          node --version > "$OUT/node"
           node -e 'fetch(process.env.BROKER_URL + "/v1/introspect", {method: "POST", body: new URLSearchParams({token: process.env.DEPLOY_API_TOKEN})}).then(r => r.text()).then(t => require("fs").writeFileSync(process.env.OUT + "/during.json", t))'
           echo "output: ${{ steps.creds.outputs.deploy-api-token }}"
       - name: a failing step (post must still revoke)
@@ -789,6 +950,16 @@ async fn github_action_under_act() {
             "--action-offline-mode",
         ])
         .env("XDG_CACHE_HOME", work.path().join("cache"));
+    // Host mode runs the action with the `node` on PATH: put the runtime action.yml declares
+    // (node24, installed by `npm ci` in action/) first when it is there.
+    let action_bin = repo_root().join("action/node_modules/.bin");
+    let node24 = action_bin.join("node").exists();
+    if node24 {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![action_bin];
+        dirs.extend(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(dirs).unwrap());
+    }
     for (k, v) in e.runner_env().into_iter().chain([
         ("BROKER_URL".to_owned(), e.broker.url.clone()),
         ("OUT".to_owned(), out.display().to_string()),
@@ -810,6 +981,17 @@ async fn github_action_under_act() {
     let bad = leaked(&log, &[&token]);
     assert!(bad.is_empty(), "token in act's log: {bad:?}");
     assert!(log.contains("output: ***"), "outputs are masked: {log}");
+    let grant = std::fs::read_to_string(out.join("grant")).unwrap();
+    assert!(!grant.is_empty(), "BROKER_GRANT_ID is set for later steps");
+    assert!(log.contains(&grant), "the grant id is not masked: {log}");
+    let node = std::fs::read_to_string(out.join("node")).unwrap();
+    if node24 {
+        assert!(node.starts_with("v24."), "act ran node {node}");
+    } else {
+        println!(
+            "NOTE: action/node_modules/.bin/node missing (npm ci in action/); act used {node}"
+        );
+    }
     e.finish().await;
 }
 
