@@ -154,8 +154,16 @@ impl Broker {
                     ev.actor = Some(format!("operator:{name}"));
                 }
                 ev.detail = Some(format!("{what}: {e}"));
-                self.admin_audit(&ev).await?;
-                Err(e)
+                match self.screen_refusal(&mut ev) {
+                    None | Some(crate::refusals::Disposition::Record) => {
+                        self.admin_audit(&ev).await?;
+                        Err(e)
+                    }
+                    Some(crate::refusals::Disposition::Collapse) => Err(e),
+                    Some(crate::refusals::Disposition::Limited { retry_after_secs }) => {
+                        Err(AdminError::TooManyFailures { retry_after_secs })
+                    }
+                }
             }
         }
     }

@@ -71,6 +71,9 @@ pub enum AdminError {
     },
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// This client sent too many requests without a valid operator token (`refusals.rs`).
+    #[error("too many failed verifications from this client")]
+    TooManyFailures { retry_after_secs: u64 },
 }
 
 impl AdminError {
@@ -84,6 +87,7 @@ impl AdminError {
             AdminError::BadRequest(_) => "bad_request",
             AdminError::UnknownFilterValue { .. } => "unknown_filter_value",
             AdminError::Store(_) => "store_unavailable",
+            AdminError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
         }
     }
 }

@@ -76,6 +76,13 @@ impl Broker {
         if let WebhookError::BadRequest(m) = &err {
             ev.detail = Some(format!("{}; {m}", ev.detail.unwrap_or_default()));
         }
+        match self.screen_refusal(&mut ev) {
+            None | Some(crate::refusals::Disposition::Record) => {}
+            Some(crate::refusals::Disposition::Collapse) => return err,
+            Some(crate::refusals::Disposition::Limited { retry_after_secs }) => {
+                return WebhookError::TooManyFailures { retry_after_secs };
+            }
+        }
         match self.store.append_audit(&ev).await {
             Ok(()) => err,
             Err(e) => {

@@ -270,6 +270,9 @@ pub enum WebhookError {
     BadRequest(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// This client sent too many deliveries that failed verification (`refusals.rs`).
+    #[error("too many failed verifications from this client")]
+    TooManyFailures { retry_after_secs: u64 },
 }
 
 impl WebhookError {
@@ -281,6 +284,7 @@ impl WebhookError {
             WebhookError::Replayed(_) => "replayed_delivery",
             WebhookError::BadRequest(_) => "bad_request",
             WebhookError::Store(_) => "store_unavailable",
+            WebhookError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
         }
     }
 }
