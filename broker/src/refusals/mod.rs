@@ -338,7 +338,7 @@ mod tests {
             1000 - 10,
             "burst 10; under one token refilled in the second"
         );
-        let events = r.due(t(10_000), false);
+        let events = r.due(t(11_000), false);
         let counted: u64 = events
             .iter()
             .map(|e| e.aggregate.as_ref().unwrap().count)
@@ -353,7 +353,7 @@ mod tests {
         assert!(limited_ev.detail.as_ref().unwrap().contains("990 similar"));
         // A failed write is retried.
         r.requeue(events.clone());
-        assert_eq!(r.due(t(10_000), false).len(), events.len());
+        assert_eq!(r.due(t(11_000), false).len(), events.len());
         assert!(r.due(t(20_000), true).is_empty());
     }
 
