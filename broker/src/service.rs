@@ -393,6 +393,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Header text is the caller's, authenticated or not: capped and flagged.
+        crate::refusals::fields::cap_event(&mut ev);
         // Every event records the bundle in force (revocations overwrite it with the grant's).
         ev.bundle_digest = Some(self.policies.load().digest().to_owned());
         ev

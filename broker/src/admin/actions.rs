@@ -89,6 +89,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Header text is the caller's, authenticated or not: capped and flagged.
+        crate::refusals::fields::cap_event(&mut ev);
         ev
     }
 

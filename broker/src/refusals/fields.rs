@@ -5,7 +5,9 @@
 //! which may quote the request) is cut to a fixed number of bytes, on a character boundary, and
 //! ends in `…` when cut; the event's `truncated` list names each field that was cut, so a
 //! reader can tell a cut value from a short one. Values never exceed their cap, ellipsis
-//! included. (Control characters are a separate concern, handled at the store boundary.)
+//! included. Events are capped where they are built from the request context (so allow events'
+//! header fields too) and again, with the refusal's detail, before a refusal is audited.
+//! (Control characters are a separate concern, handled at the store boundary.)
 
 use crate::audit::AuditEvent;
 

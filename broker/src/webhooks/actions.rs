@@ -55,6 +55,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Header text is the caller's, authenticated or not: capped and flagged.
+        crate::refusals::fields::cap_event(&mut ev);
         ev.actor = Some(format!("webhook:{}", d.source.as_str()));
         ev.job.platform = Some(d.source.platform().as_str().to_owned());
         // Unauthenticated header text: bounded and printable only.
