@@ -115,6 +115,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         crate::webhooks::Webhooks::from_config(&cfg.webhooks, &cfg.issuers)
             .map_err(|e| anyhow::anyhow!(e))?,
     );
+    broker.set_refusal_limits(&cfg.refusals);
     Ok(Arc::new(broker))
 }
 
@@ -174,6 +175,7 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     };
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
+    let aggregates = tokio::spawn(flush_refusal_aggregates(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
     let watcher = tokio::spawn(watch_policies(
         broker.clone(),
@@ -191,12 +193,29 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     .await
     .context("serving HTTP")?;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(reaper, refresher, reloader, watcher);
+    let _ = tokio::join!(reaper, refresher, reloader, watcher, aggregates);
     if let Some(s) = admin_server {
         let _ = s.await;
     }
+    // No listener is left, so no refusal can arrive after this: every pending aggregate
+    // (open windows included) is written now.
+    let n = broker.flush_refusal_aggregates(true).await;
+    tracing::info!(written = n, "refusal aggregates written at shutdown");
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Write the aggregate audit events of ended refusal windows every second (`serve` writes the
+/// rest once every listener has stopped).
+async fn flush_refusal_aggregates(b: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => { b.flush_refusal_aggregates(false).await; }
+            _ = stop.changed() => break,
+        }
+    }
 }
 
 /// Ticks the key cache every `Verifier::refresh_tick` (1 s): an issuer whose keys are due, or

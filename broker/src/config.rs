@@ -382,6 +382,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Limits on refusals of unauthenticated requests (failure rate per client, audit rows
+    /// per window); see `refusals/`.
+    #[serde(default)]
+    pub refusals: crate::refusals::RefusalConfig,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -502,6 +506,7 @@ impl Config {
             &self.issuers,
         ));
         p.extend(crate::webhooks::validate(&self.webhooks, &self.issuers));
+        p.extend(crate::refusals::validate(&self.refusals));
         if self
             .admin_listen
             .is_some_and(|a| a == self.listen && a.port() != 0)

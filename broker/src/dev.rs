@@ -49,6 +49,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         webhooks: Default::default(),
         metrics: Default::default(),
         telemetry: Default::default(),
+        refusals: Default::default(),
     };
     let problems = cfg.validate(Mode::Dev);
     if problems.is_empty() {

@@ -82,6 +82,13 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    action: String,
+    reason: String,
+    audit: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DigestLabels {
     digest: String,
 }
@@ -106,6 +113,7 @@ struct Metrics {
     policy_reloads: Family<ResultLabels, Counter>,
     policy_bundle: Family<DigestLabels, Gauge>,
     store_gauge_errors: Counter,
+    refusals: Family<RefusalLabels, Counter>,
 }
 
 impl Metrics {
@@ -123,6 +131,7 @@ impl Metrics {
             policy_reloads: Family::default(),
             policy_bundle: Family::default(),
             store_gauge_errors: Counter::default(),
+            refusals: Family::default(),
         };
         registry.register(
             "exchanges",
@@ -176,6 +185,11 @@ impl Metrics {
             "Scrapes whose store-derived gauges could not be refreshed (old values kept)",
             m.store_gauge_errors.clone(),
         );
+        registry.register(
+            "refusals",
+            "Refusals of unauthenticated requests by action, reason code and how they were audited (row: one row each; aggregated: counted in an aggregate event; limited: over the client's failure limit, answered 429, counted in an aggregate event)",
+            m.refusals.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -184,6 +198,23 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 fn s(v: &str) -> String {
     v.to_owned()
+}
+
+/// Count one unauthenticated refusal (`refusals.rs`); `audit` is `row`, `aggregated` or
+/// `limited`.
+pub fn refusal(action: crate::audit::Action, reason: &str, audit: &str) {
+    let action = serde_json::to_value(action)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    METRICS
+        .refusals
+        .get_or_create(&RefusalLabels {
+            action,
+            reason: s(reason),
+            audit: s(audit),
+        })
+        .inc();
 }
 
 /// Count one exchange.

@@ -111,6 +111,10 @@ pub enum ServiceError {
     /// An operator froze exchanges matching this one (`POST /v1/admin/freeze`).
     #[error("exchanges are frozen by an operator")]
     Frozen,
+    /// This client sent too many requests that failed verification; retry after the given
+    /// seconds (`refusals.rs`).
+    #[error("too many failed verifications from this client")]
+    TooManyFailures { retry_after_secs: u64 },
 }
 
 impl ServiceError {
@@ -132,6 +136,7 @@ impl ServiceError {
             ServiceError::Store(e @ StoreError::Rejected(_)) => e.reason_code(),
             ServiceError::Store(_) => "store_unavailable",
             ServiceError::Frozen => "frozen",
+            ServiceError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
         }
     }
 
@@ -174,6 +179,8 @@ pub struct Broker {
     pub(crate) admin: crate::admin::AdminState,
     /// Job-end webhook endpoints (none by default); see `webhooks/`.
     pub(crate) webhooks: crate::webhooks::Webhooks,
+    /// Limiter and aggregator of unauthenticated refusals; see `refusals/`.
+    pub(crate) refusals: crate::refusals::Refusals,
 }
 
 /// Per-repository exchange rate limit (in this replica's memory; monotonic time).
@@ -275,7 +282,48 @@ impl Broker {
                 .map(|n| governor::RateLimiter::keyed(governor::Quota::per_minute(n))),
             admin: crate::admin::AdminState::default(),
             webhooks: crate::webhooks::Webhooks::default(),
+            refusals: crate::refusals::Refusals::default(),
         })
+    }
+
+    /// The limits on unauthenticated refusals (`refusals:`; the defaults otherwise).
+    pub fn set_refusal_limits(&mut self, cfg: &crate::refusals::RefusalConfig) {
+        self.refusals = crate::refusals::Refusals::new(cfg);
+    }
+
+    /// Cap a refusal's request-controlled fields and, if its caller proved nothing, pass it
+    /// through the failure limiter and aggregator (`refusals/`). `Some(Record)`: write its
+    /// row now; anything else: counted, no row now. `None`: an authenticated refusal, always
+    /// written.
+    pub(crate) fn screen_refusal(
+        &self,
+        ev: &mut AuditEvent,
+    ) -> Option<crate::refusals::Disposition> {
+        crate::refusals::fields::cap_event(ev);
+        crate::refusals::unauthenticated(ev.action, &ev.reason)
+            .then(|| self.refusals.admit(ev, self.clock.now()))
+    }
+
+    /// Write the aggregate events of ended windows (every pending one when `drain_all`, at
+    /// shutdown). A failed write is kept for the next round; its refusals were counted in the
+    /// metrics already.
+    pub async fn flush_refusal_aggregates(&self, drain_all: bool) -> usize {
+        let events = self.refusals.due(self.clock.now(), drain_all);
+        let mut written = 0;
+        let mut failed = Vec::new();
+        for ev in events {
+            match self.store.append_audit(&ev).await {
+                Ok(()) => written += 1,
+                Err(e) => {
+                    tracing::error!(error = %e, reason = ev.reason, "aggregate audit write failed; kept for the next round");
+                    failed.push(ev);
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.refusals.requeue(failed);
+        }
+        written
     }
 
     /// Who may call the operator endpoints (none by default: they refuse everyone).
@@ -350,6 +398,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Header text is the caller's, authenticated or not: capped and flagged.
+        crate::refusals::fields::cap_event(&mut ev);
         // Every event records the bundle in force (revocations overwrite it with the grant's).
         ev.bundle_digest = Some(self.policies.load().digest().to_owned());
         ev
@@ -361,6 +411,13 @@ impl Broker {
         ev.reason = err.reason_code().to_owned();
         if ev.detail.is_none() {
             ev.detail = Some(err.to_string());
+        }
+        match self.screen_refusal(&mut ev) {
+            None | Some(crate::refusals::Disposition::Record) => {}
+            Some(crate::refusals::Disposition::Collapse) => return err,
+            Some(crate::refusals::Disposition::Limited { retry_after_secs }) => {
+                return ServiceError::TooManyFailures { retry_after_secs };
+            }
         }
         match metrics::timed(Stage::Audit, self.store.append_audit(&ev)).await {
             Ok(()) => err,

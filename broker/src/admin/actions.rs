@@ -89,6 +89,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Header text is the caller's, authenticated or not: capped and flagged.
+        crate::refusals::fields::cap_event(&mut ev);
         ev
     }
 
@@ -172,8 +174,16 @@ impl Broker {
                     ev.actor = Some(format!("operator:{name}"));
                 }
                 ev.detail = Some(format!("{what}: {e}"));
-                self.admin_audit(&ev).await?;
-                Err(e)
+                match self.screen_refusal(&mut ev) {
+                    None | Some(crate::refusals::Disposition::Record) => {
+                        self.admin_audit(&ev).await?;
+                        Err(e)
+                    }
+                    Some(crate::refusals::Disposition::Collapse) => Err(e),
+                    Some(crate::refusals::Disposition::Limited { retry_after_secs }) => {
+                        Err(AdminError::TooManyFailures { retry_after_secs })
+                    }
+                }
             }
         }
     }

@@ -74,6 +74,9 @@ pub enum AdminError {
     InvalidText(#[from] crate::store::text::TextError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// This client sent too many requests without a valid operator token (`refusals.rs`).
+    #[error("too many failed verifications from this client")]
+    TooManyFailures { retry_after_secs: u64 },
 }
 
 impl AdminError {
@@ -89,6 +92,7 @@ impl AdminError {
             AdminError::InvalidText(t) => t.reason_code(),
             AdminError::Store(e @ StoreError::Rejected(_)) => e.reason_code(),
             AdminError::Store(_) => "store_unavailable",
+            AdminError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
         }
     }
 }

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 /// What happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// `POST /v1/exchange`
@@ -106,6 +106,30 @@ pub struct AuditEvent {
     pub actor: Option<String>,
     /// Free-form, non-secret detail (e.g. which credential was denied and why).
     pub detail: Option<String>,
+    /// Fields whose request-controlled value was cut to its cap (`refusals::fields`); absent
+    /// when nothing was cut.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub truncated: Vec<String>,
+    /// Set on an aggregate event: refusals counted here instead of one row each
+    /// (`refusals::aggregate`); absent on every other event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<RefusalAggregate>,
+}
+
+/// Similar refusals (same client, action and reason) of one window, counted in one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalAggregate {
+    /// Refusals this event stands for (none of them has a row of its own).
+    pub count: u64,
+    /// Refusals of the same key and window that do have their own row.
+    pub recorded: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub first_seen: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_seen: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub window_start: OffsetDateTime,
+    pub window_seconds: i64,
 }
 
 impl AuditEvent {
@@ -131,6 +155,8 @@ impl AuditEvent {
             user_agent: None,
             actor: None,
             detail: None,
+            truncated: Vec::new(),
+            aggregate: None,
         }
     }
 }

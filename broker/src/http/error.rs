@@ -10,7 +10,9 @@
 //!   once here, as structured fields, at `warn` for server-side failures and `info` for refusals.
 //! - Status classes: 400 malformed request, 401 invalid job or revocation token, 403 denied by
 //!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
-//!   target unavailable (nothing was issued), 500 a bug or misconfiguration. Webhooks add 401
+//!   target unavailable (nothing was issued), 500 a bug or misconfiguration. 429
+//!   `too_many_failures` (with `Retry-After`): the client's failed verifications are over its
+//!   limit (`refusals/`), on any endpoint that verifies a caller. Webhooks add 401
 //!   `bad_signature` (the delivery is not signed by a configured secret), 403
 //!   `webhook_out_of_scope` (signed, but for a repository outside that secret's scope) and 409
 //!   `replayed_delivery` (its delivery id was already processed). Text the store cannot hold
@@ -146,6 +148,7 @@ impl From<ServiceError> for ApiError {
                 StatusCode::FORBIDDEN,
                 "exchanges are frozen by an operator; nothing was issued".to_owned(),
             ),
+            ServiceError::TooManyFailures { .. } => too_many_failures(),
         };
         // Policy denials share one public code; the specific reason (no rule, deny rule, unknown
         // credential) is in the audit log only, so callers cannot probe other policies.
@@ -158,11 +161,21 @@ impl From<ServiceError> for ApiError {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             err.retry_after = Some(5);
         }
-        if let ServiceError::RateLimited { retry_after_secs } = e {
+        if let ServiceError::RateLimited { retry_after_secs }
+        | ServiceError::TooManyFailures { retry_after_secs } = e
+        {
             err.retry_after = Some(retry_after_secs);
         }
         err
     }
+}
+
+fn too_many_failures() -> (StatusCode, String) {
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many requests from this client failed verification; retry after the time in Retry-After"
+            .to_owned(),
+    )
 }
 
 impl From<AdminError> for ApiError {
@@ -201,11 +214,15 @@ impl From<AdminError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),
             ),
+            AdminError::TooManyFailures { .. } => too_many_failures(),
         };
         let mut err = Self::new(status, code, message);
         err.detail = detail;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             err.retry_after = Some(5);
+        }
+        if let AdminError::TooManyFailures { retry_after_secs } = e {
+            err.retry_after = Some(retry_after_secs);
         }
         err
     }
@@ -239,11 +256,15 @@ impl From<WebhookError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the broker's store is unavailable".to_owned(),
             ),
+            WebhookError::TooManyFailures { .. } => too_many_failures(),
         };
         let mut err = Self::new(status, code, message);
         err.detail = detail;
         if status == StatusCode::SERVICE_UNAVAILABLE {
             err.retry_after = Some(5);
+        }
+        if let WebhookError::TooManyFailures { retry_after_secs } = e {
+            err.retry_after = Some(retry_after_secs);
         }
         err
     }
@@ -354,6 +375,13 @@ mod tests {
                 400,
                 "invalid_text",
             ),
+            (
+                ServiceError::TooManyFailures {
+                    retry_after_secs: 7,
+                },
+                429,
+                "too_many_failures",
+            ),
         ];
         for (e, status, code) in [
             (WebhookError::BadSignature, 401, "bad_signature"),
@@ -364,10 +392,24 @@ mod tests {
                 403,
                 "webhook_out_of_scope",
             ),
+            (
+                WebhookError::TooManyFailures {
+                    retry_after_secs: 7,
+                },
+                429,
+                "too_many_failures",
+            ),
         ] {
             let a = ApiError::from(e);
             assert_eq!((a.status.as_u16(), a.code), (status, code));
         }
+        let a = ApiError::from(AdminError::TooManyFailures {
+            retry_after_secs: 7,
+        });
+        assert_eq!(
+            (a.status.as_u16(), a.code, a.retry_after),
+            (429, "too_many_failures", Some(7))
+        );
         for (e, status, code) in cases {
             let a = ApiError::from(e);
             assert_eq!(a.status.as_u16(), status);

@@ -159,7 +159,9 @@ fn ctx(headers: &HeaderMap, addr: Option<SocketAddr>) -> RequestCtx {
         headers
             .get(n)
             .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect())
+            // Bounded here; the audit caps them further and flags what it cut
+            // (`refusals::fields`), so this bound must stay above those caps.
+            .map(|s| s.chars().take(1024).collect())
     };
     RequestCtx {
         request_id: hv(&REQUEST_ID),

@@ -55,6 +55,8 @@ impl Broker {
         ev.request_id = ctx.request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
+        // Header text is the caller's, authenticated or not: capped and flagged.
+        crate::refusals::fields::cap_event(&mut ev);
         ev.actor = Some(format!("webhook:{}", d.source.as_str()));
         ev.job.platform = Some(d.source.platform().as_str().to_owned());
         // Unauthenticated header text: bounded and printable only.
@@ -75,6 +77,13 @@ impl Broker {
         ev.reason = err.reason_code().to_owned();
         if let WebhookError::BadRequest(m) | WebhookError::OutOfScope(m) = &err {
             ev.detail = Some(format!("{}; {m}", ev.detail.unwrap_or_default()));
+        }
+        match self.screen_refusal(&mut ev) {
+            None | Some(crate::refusals::Disposition::Record) => {}
+            Some(crate::refusals::Disposition::Collapse) => return err,
+            Some(crate::refusals::Disposition::Limited { retry_after_secs }) => {
+                return WebhookError::TooManyFailures { retry_after_secs };
+            }
         }
         match self.store.append_audit(&ev).await {
             Ok(()) => err,

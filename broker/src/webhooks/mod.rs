@@ -379,6 +379,9 @@ pub enum WebhookError {
     BadRequest(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// This client sent too many deliveries that failed verification (`refusals.rs`).
+    #[error("too many failed verifications from this client")]
+    TooManyFailures { retry_after_secs: u64 },
 }
 
 impl WebhookError {
@@ -392,6 +395,7 @@ impl WebhookError {
             WebhookError::BadRequest(_) => "bad_request",
             WebhookError::Store(e @ crate::store::StoreError::Rejected(_)) => e.reason_code(),
             WebhookError::Store(_) => "store_unavailable",
+            WebhookError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
         }
     }
 }
