@@ -117,6 +117,11 @@ pub struct MetricsConfig {
     /// Bearer token a scraper must send. Unset: `/metrics` is open to whoever reaches the
     /// listener.
     pub token: Option<SecretRef>,
+    /// Also serve `/metrics` and the detailed `/readyz` on the public `listen` address (the
+    /// behaviour before they moved to `admin_listen`). Off: the public listener answers only a
+    /// bare `/healthz` and `{"ready": bool}` on `/readyz`.
+    #[serde(default)]
+    pub danger_public_diagnostics: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +150,18 @@ pub struct Limits {
     /// Exchanges per minute allowed for one repository (GitHub `repository_id`, GitLab
     /// `project_id`) on one replica, as a burst that refills evenly; 0 turns the limit off.
     pub exchanges_per_minute_per_repository: u32,
+    /// Time a request head (request line and headers) may take from its first byte; past it
+    /// the connection gets 408 `header_timeout`. A new connection must start its head within it.
+    #[serde(with = "serde_duration")]
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may stay idle between requests before it is closed.
+    #[serde(with = "serde_duration")]
+    pub idle_timeout: Duration,
+    /// Largest request head (bytes); larger gets 431 `headers_too_large`.
+    pub max_header_bytes: usize,
+    /// Open connections at most (the idle ones are shed first at the cap). Unset: half the
+    /// process's soft open-files limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Limits {
@@ -155,6 +172,10 @@ impl Default for Limits {
             max_concurrency: 1024,
             max_credentials_per_exchange: 16,
             exchanges_per_minute_per_repository: 600,
+            header_read_timeout: Duration::seconds(10),
+            idle_timeout: Duration::seconds(65),
+            max_header_bytes: 64 * 1024,
+            max_connections: None,
         }
     }
 }
@@ -615,6 +636,14 @@ impl Config {
         }
         if self.limits.max_body_bytes < 1024 || self.limits.max_concurrency == 0 {
             p.push("limits: max_body_bytes must be >= 1024 and max_concurrency >= 1".into());
+        }
+        if self.limits.header_read_timeout <= Duration::ZERO
+            || self.limits.idle_timeout <= Duration::ZERO
+        {
+            p.push("limits: header_read_timeout and idle_timeout must be positive".into());
+        }
+        if self.limits.max_header_bytes < 8 * 1024 || self.limits.max_connections == Some(0) {
+            p.push("limits: max_header_bytes must be >= 8192 and max_connections >= 1".into());
         }
         p
     }

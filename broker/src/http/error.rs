@@ -267,6 +267,29 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The same JSON error as [`IntoResponse`], as a complete HTTP/1.1 response that closes the
+    /// connection: for answers written on a raw socket by the accept loop (`conn.rs`: 408, 431,
+    /// 503 at the connection cap) where no request reached the router. Not logged here: those
+    /// paths count instead (an attacker's sockets must not become log lines).
+    pub fn http1_bytes(&self) -> Vec<u8> {
+        let body = json!({"error": self.code, "message": self.message}).to_string();
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some(s) = self.retry_after {
+            head.push_str(&format!("retry-after: {s}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
