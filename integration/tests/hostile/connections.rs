@@ -17,7 +17,9 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
+use integration::{
+    BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml, gitlab_issuer_yaml,
+};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,17 +33,23 @@ const NOFILE: u64 = 128;
 const HONEST_WORKERS: usize = 3;
 const HONEST_PER_WORKER: usize = 20;
 
+/// The broker (and the GitLab issuer the example policies name, kept alive beside it).
 async fn start(
     db: &TestDb,
     issuer: &TestIssuer,
     extra: &str,
     nofile: Option<u64>,
-) -> BrokerProcess {
-    BrokerProcess::start_with_nofile(
+) -> (BrokerProcess, TestIssuer) {
+    let gitlab = TestIssuer::start().await;
+    let broker = BrokerProcess::start_with_nofile(
         &BrokerSetup {
             store_url: db.url(),
             policies_dir: &integration::repo_root().join("policies"),
-            issuers_yaml: github_issuer_yaml(&issuer.url()),
+            issuers_yaml: format!(
+                "{}{}",
+                github_issuer_yaml(&issuer.url()),
+                gitlab_issuer_yaml(&gitlab.url())
+            ),
             audience: AUD,
             extra_yaml: format!(
                 "limits:\n  exchanges_per_minute_per_repository: 0\n  header_read_timeout: 2s\n  idle_timeout: 5s\n{extra}"
@@ -51,7 +59,8 @@ async fn start(
         nofile,
     )
     .await
-    .expect("broker starts")
+    .expect("broker starts");
+    (broker, gitlab)
 }
 
 /// One honest exchange on a fresh connection (a CI job makes one); its latency or the failure.
@@ -169,7 +178,7 @@ async fn hold(addr: &str, kind: usize, stats: &AttackStats, stop: &AtomicBool) {
 async fn slow_and_idle_sockets_do_not_starve_honest_exchanges() {
     let issuer = TestIssuer::start().await;
     let db = TestDb::postgres().await;
-    let broker = start(&db, &issuer, "", Some(NOFILE)).await;
+    let (broker, _gitlab) = start(&db, &issuer, "", Some(NOFILE)).await;
     // The cap comes from the fd limit: half of 128.
     let log = broker.log();
     let cap_line = log
@@ -328,7 +337,7 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
     let issuer = TestIssuer::start().await;
     let db = TestDb::postgres().await;
     let admin_port = free_port();
-    let broker = start(
+    let (broker, _gitlab) = start(
         &db,
         &issuer,
         &format!("admin_listen: 127.0.0.1:{admin_port}\n"),
@@ -350,6 +359,33 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             out
+        })
+    };
+
+    // A head that never ends: 408 with the JSON error body after `header_read_timeout` (2 s).
+    let slowloris = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut s = TcpStream::connect(&addr).await.unwrap();
+            let t = Instant::now();
+            s.write_all(b"POST /v1/exchange HTTP/1.1\r\nHost: broker\r\n")
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    Err(_) if t.elapsed() > Duration::from_secs(20) => break,
+                    Err(_) => {
+                        if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            (String::from_utf8_lossy(&got).into_owned(), t.elapsed())
         })
     };
 
@@ -516,6 +552,18 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
         assert_eq!(as_broker_id, 0, "{client_id:?} recorded as the broker's id");
     }
     pool.close().await;
+
+    let (answer, took) = slowloris.await.unwrap();
+    let (status, body) = status_and_body(&answer);
+    println!(
+        "connections: slowloris head (a header line every 300 ms) answered 408 after {} ms",
+        took.as_millis()
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (408, Some("header_timeout")),
+        "{answer}"
+    );
 
     stop.store(true, Ordering::Relaxed);
     let results = honest.await.unwrap();
