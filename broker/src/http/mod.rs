@@ -103,32 +103,35 @@ pub fn routers(
 
 /// Answer `413 payload_too_large` as soon as a declared `Content-Length` exceeds `limit`,
 /// before any body byte is awaited (else a client declaring a huge body and sending none holds
-/// the request until the request timeout). Chunked bodies are still cut at the limit while read.
+/// the request until the request timeout). The route still answers (and audits) as for any body
+/// over the limit: it is handed a stand-in body, already in memory, one chunk over the limit
+/// (static zeros, nothing allocated per request). Chunked bodies are cut at the limit as read.
 async fn early_413(
     State(limit): State<usize>,
-    req: Request,
+    mut req: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    static ZEROS: [u8; 16 * 1024] = [0; 16 * 1024];
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        let e: ApiError = ServiceError::BadRequest {
-            code: "payload_too_large",
-            message: "the request body is too large".into(),
-        }
-        .into();
-        let mut resp = e.into_response();
-        // The unread body is not waited for: the connection ends with this answer.
-        resp.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-        return resp;
+    if !declared.is_some_and(|n| n > limit as u64) {
+        return next.run(req).await;
     }
-    next.run(req).await
+    let chunks = limit / ZEROS.len() + 1;
+    let stand_in = futures::stream::iter(
+        (0..chunks).map(|_| Ok::<_, std::convert::Infallible>(Bytes::from_static(&ZEROS))),
+    );
+    *req.body_mut() = axum::body::Body::from_stream(stand_in);
+    let mut resp = next.run(req).await;
+    // The real body is never read: the connection ends with this answer.
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 type BoxedResponse = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;

@@ -389,10 +389,16 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
         })
     };
 
-    // 413 at once for a declared body over the limit (64 KiB) that never comes.
+    // 413 at once for a declared body over the limit (64 KiB) that never comes (with a valid
+    // job token, so the exchange gets as far as its body), and the refusal is audited.
+    let job = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
     let (answer, took) = raw(
         &addr,
-        b"POST /v1/exchange HTTP/1.1\r\nHost: broker\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n".to_vec(),
+        format!(
+            "POST /v1/exchange HTTP/1.1\r\nHost: broker\r\nAuthorization: Bearer {job}\r\n\
+             Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+        )
+        .into_bytes(),
         Vec::new(),
     )
     .await;
@@ -409,6 +415,25 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
     assert!(
         took < Duration::from_secs(5),
         "413 waited {took:?} (request timeout is 15 s)"
+    );
+    let own_id = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
+    let reason: Option<String> = sqlx::query_scalar(
+        "SELECT reason FROM audit_events WHERE request_id = $1 AND action = 'exchange'",
+    )
+    .bind(&own_id)
+    .fetch_optional(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reason.as_deref(),
+        Some("payload_too_large"),
+        "audited under {own_id:?}"
     );
 
     // 431 with the JSON error body for a 1 MiB Authorization header.
@@ -509,7 +534,6 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
     assert!(m.text().await.unwrap().contains("broker_exchanges_total"));
 
     // Request ids: the broker's is authoritative; a client's is audited beside it if plain.
-    let pool = sqlx::PgPool::connect(db.url()).await.unwrap();
     let too_long = "x".repeat(65);
     for (client_id, kept) in [
         ("ci-run-42.attempt_1", true),
