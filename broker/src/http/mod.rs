@@ -556,3 +556,45 @@ async fn metrics(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_short_client_request_ids_are_kept() {
+        for ok in ["a", "ci-run-42.attempt_1", &"x".repeat(64)] {
+            assert_eq!(client_request_id(ok), Some(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "has space",
+            "<script>",
+            "a\"b",
+            "é",
+            "a/b",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(client_request_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_json_non_object_is_body_not_object() {
+        #[derive(Debug, Deserialize)]
+        struct B {
+            #[allow(dead_code)]
+            credentials: Vec<String>,
+        }
+        for (body, code) in [
+            (&b"[]"[..], "body_not_object"),
+            (b"\"x\"", "body_not_object"),
+            (b"null", "body_not_object"),
+            (b"{\"nope\": 1}", "bad_request"),
+            (b"{", "bad_request"),
+        ] {
+            let err = json_body::<B>(body).err().map(|e| e.reason_code());
+            assert_eq!(err, Some(code), "{}", String::from_utf8_lossy(body));
+        }
+    }
+}
