@@ -96,6 +96,8 @@ struct ConnState {
     wake: tokio::sync::Notify,
     /// The listener's start, shared by all its connections (idle times compare across them).
     epoch: Instant,
+    /// The socket, to look (never read) for input not yet taken by hyper before shedding.
+    stream: std::sync::Weak<TcpStream>,
 }
 
 impl ConnState {
@@ -123,6 +125,16 @@ impl ConnState {
 
     fn idle(&self) -> bool {
         self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    /// Bytes wait in the socket that hyper has not read yet: a request has just arrived (an
+    /// honest client's head lands at once; the task may not have run yet). A peek, not a read.
+    fn input_pending(&self) -> bool {
+        let Some(s) = self.stream.upgrade() else {
+            return false;
+        };
+        let mut one = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&*s).peek(&mut one), Ok(n) if n > 0)
     }
 }
 
@@ -163,8 +175,8 @@ impl hyper::rt::Read for Io {
         mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.state.aborted() != Abort::None {
-            // The task is about to drop this connection.
+        if this.state.aborted() == Abort::HeadTooLarge {
+            // The task is about to answer 431 and drop this connection.
             return Poll::Pending;
         }
         let want = buf.remaining().min(this.scratch.len());
@@ -285,17 +297,20 @@ impl Registry {
         }
     }
 
-    /// Shed the connection idle longest (not already told to go). False: none is idle.
+    /// Shed the connection idle longest (no request in flight, none just arriving, not already
+    /// told to go). False: none is idle.
     fn shed_one(&self) -> bool {
         let Ok(c) = self.conns.lock() else {
             return false;
         };
-        let victim = c
+        let mut idle: Vec<(u64, &Arc<ConnState>)> = c
             .values()
             .filter(|s| s.idle() && s.aborted() == Abort::None)
-            .min_by_key(|s| s.idle_since_ms.load(Ordering::SeqCst));
-        match victim {
-            Some(s) => {
+            .map(|s| (s.idle_since_ms.load(Ordering::SeqCst), s))
+            .collect();
+        idle.sort_unstable_by_key(|(t, _)| *t);
+        match idle.into_iter().find(|(_, s)| !s.input_pending()) {
+            Some((_, s)) => {
                 s.abort(Abort::Shed);
                 true
             }
@@ -362,6 +377,7 @@ pub async fn serve(
             }
         }
         let _ = stream.set_nodelay(true);
+        let stream = Arc::new(stream);
         let state = Arc::new(ConnState {
             in_flight: AtomicUsize::new(0),
             head_bytes: AtomicUsize::new(0),
@@ -371,6 +387,7 @@ pub async fn serve(
             abort: AtomicUsize::new(0),
             wake: tokio::sync::Notify::new(),
             epoch,
+            stream: Arc::downgrade(&stream),
         });
         let id = registry.insert(state.clone());
         let (registry, stats, limits, app, stop) = (
@@ -422,7 +439,7 @@ enum End {
 }
 
 async fn drive(
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     peer: SocketAddr,
     state: Arc<ConnState>,
     app: Router,
@@ -430,7 +447,6 @@ async fn drive(
     stats: &Stats,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let stream = Arc::new(stream);
     let io = Io {
         stream: stream.clone(),
         state: state.clone(),
@@ -474,6 +490,16 @@ async fn drive(
             }
         }
         match state.aborted() {
+            // Chosen while idle, but a request began meanwhile (its head was read between the
+            // choice and now): never cut a request; the cap is exceeded by one for a moment.
+            Abort::Shed if !state.idle() => {
+                let _ = state.abort.compare_exchange(
+                    Abort::Shed as usize,
+                    Abort::None as usize,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
             Abort::Shed => break End::Quiet,
             Abort::HeadTooLarge => {
                 stats.too_large.fetch_add(1, Ordering::Relaxed);
