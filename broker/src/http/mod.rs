@@ -117,7 +117,7 @@ async fn early_413(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if !declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_none_or(|n| n <= limit as u64) {
         return next.run(req).await;
     }
     let chunks = limit / ZEROS.len() + 1;
