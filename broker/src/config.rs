@@ -738,6 +738,39 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_and_diagnostics_parse_and_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(&base(d.path()), "t").unwrap();
+        assert_eq!(cfg.limits.header_read_timeout, Duration::seconds(10));
+        assert_eq!(cfg.limits.idle_timeout, Duration::seconds(65));
+        assert_eq!(cfg.limits.max_header_bytes, 64 * 1024);
+        assert_eq!(cfg.limits.max_connections, None);
+        assert!(!cfg.metrics.danger_public_diagnostics);
+        let text = format!(
+            "{}limits:\n  header_read_timeout: 2s\n  idle_timeout: 5s\n  max_header_bytes: 16384\n  max_connections: 64\n\
+             metrics:\n  danger_public_diagnostics: true\n",
+            base(d.path())
+        );
+        let cfg = Config::parse(&text, "t").unwrap();
+        assert_eq!(cfg.limits.header_read_timeout, Duration::seconds(2));
+        assert_eq!(cfg.limits.max_connections, Some(64));
+        assert!(cfg.metrics.danger_public_diagnostics);
+        let bad = format!(
+            "{}limits:\n  header_read_timeout: 0s\n  max_header_bytes: 100\n  max_connections: 0\n",
+            base(d.path())
+        );
+        let problems = Config::parse(&bad, "t").unwrap().validate(Mode::Serve);
+        assert!(
+            problems.iter().any(|p| p.contains("header_read_timeout")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("max_connections")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_location() {
         let d = tempfile::tempdir().unwrap();
         let err =
