@@ -8,8 +8,9 @@
 //!   connection strings or provider error text.
 //! - The detail (the typed error's `Display`, which itself never contains a secret) is logged
 //!   once here, as structured fields, at `warn` for server-side failures and `info` for refusals.
-//! - Status classes: 400 malformed request, 401 invalid job or revocation token, 403 denied by
-//!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
+//! - Status classes: 400 malformed request (`body_not_object`: valid JSON that is not an object),
+//!   401 invalid job or revocation token, 403 denied by policy, 404/405 no such endpoint or
+//!   method, 408 request head too slow (written by `conn.rs`), 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
 //!   target unavailable (nothing was issued), 500 a bug or misconfiguration. Webhooks add 401
 //!   `bad_signature` (the delivery is not signed by a configured secret) and 409
 //!   `replayed_delivery` (its delivery id was already processed).
