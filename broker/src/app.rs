@@ -137,14 +137,48 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
         ),
         None => None,
     };
-    let (app, admin_app) = http::routers(broker.clone(), &limits, cfg.admin_listen.is_some());
-    // `/metrics` goes with the operator API when that has its own listener (reachable only from
-    // the internal network), else on the main listener.
+    let public_diagnostics = cfg.metrics.danger_public_diagnostics;
+    let (app, admin_app) = http::routers(
+        broker.clone(),
+        &limits,
+        cfg.admin_listen.is_some(),
+        public_diagnostics,
+    );
+    // `/metrics` goes with the operator API on its own listener (reachable only from the
+    // internal network); on the public listener only when explicitly opted in.
     let metrics = http::metrics_router(broker.clone(), metrics_token);
     let (app, admin_app) = match admin_app {
+        Some(admin) if public_diagnostics => {
+            (app.merge(metrics.clone()), Some(admin.merge(metrics)))
+        }
         Some(admin) => (app, Some(admin.merge(metrics))),
-        None => (app.merge(metrics), None),
+        None if public_diagnostics => (app.merge(metrics), None),
+        None => {
+            tracing::warn!(
+                "/metrics is not served: set admin_listen (or metrics.danger_public_diagnostics)"
+            );
+            (app, None)
+        }
     };
+    let secs = |d: time::Duration, dflt: u64| {
+        std::time::Duration::try_from(d).unwrap_or(std::time::Duration::from_secs(dflt))
+    };
+    let conn_limits = http::ConnLimits {
+        header_read_timeout: secs(cfg.limits.header_read_timeout, 10),
+        idle_timeout: secs(cfg.limits.idle_timeout, 65),
+        max_header_bytes: cfg.limits.max_header_bytes,
+        max_connections: cfg
+            .limits
+            .max_connections
+            .unwrap_or_else(http::default_max_connections),
+    };
+    tracing::info!(
+        max_connections = conn_limits.max_connections,
+        header_read_timeout_ms = conn_limits.header_read_timeout.as_millis() as u64,
+        idle_timeout_ms = conn_limits.idle_timeout.as_millis() as u64,
+        max_header_bytes = conn_limits.max_header_bytes,
+        "connection limits"
+    );
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -160,12 +194,9 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
                 .with_context(|| format!("binding admin_listen {a}"))?;
             tracing::info!(addr = %l.local_addr()?, "operator API listening");
             let mut stop = stop_rx.clone();
+            let limits = conn_limits.clone();
             Some(tokio::spawn(async move {
-                axum::serve(
-                    l,
-                    admin_app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(async move {
+                http::serve(l, admin_app, limits, async move {
                     let _ = stop.changed().await;
                 })
                 .await
@@ -185,13 +216,7 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
     ));
     on_ready(addr);
 
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving HTTP")?;
+    http::serve(listener, app, conn_limits, shutdown_signal()).await;
     let _ = stop_tx.send(true);
     let _ = tokio::join!(reaper, refresher, reloader, watcher, aggregates);
     if let Some(s) = admin_server {

@@ -117,6 +117,11 @@ pub struct MetricsConfig {
     /// Bearer token a scraper must send. Unset: `/metrics` is open to whoever reaches the
     /// listener.
     pub token: Option<SecretRef>,
+    /// Also serve `/metrics` and the detailed `/readyz` on the public `listen` address (the
+    /// behaviour before they moved to `admin_listen`). Off: the public listener answers only a
+    /// bare `/healthz` and `{"ready": bool}` on `/readyz`.
+    #[serde(default)]
+    pub danger_public_diagnostics: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -145,6 +150,18 @@ pub struct Limits {
     /// Exchanges per minute allowed for one repository (GitHub `repository_id`, GitLab
     /// `project_id`) on one replica, as a burst that refills evenly; 0 turns the limit off.
     pub exchanges_per_minute_per_repository: u32,
+    /// Time a request head (request line and headers) may take from its first byte; past it
+    /// the connection gets 408 `header_timeout`. A new connection must start its head within it.
+    #[serde(with = "serde_duration")]
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection may stay idle between requests before it is closed.
+    #[serde(with = "serde_duration")]
+    pub idle_timeout: Duration,
+    /// Largest request head (bytes); larger gets 431 `headers_too_large`.
+    pub max_header_bytes: usize,
+    /// Open connections at most (the idle ones are shed first at the cap). Unset: half the
+    /// process's soft open-files limit.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Limits {
@@ -155,6 +172,10 @@ impl Default for Limits {
             max_concurrency: 1024,
             max_credentials_per_exchange: 16,
             exchanges_per_minute_per_repository: 600,
+            header_read_timeout: Duration::seconds(10),
+            idle_timeout: Duration::seconds(65),
+            max_header_bytes: 64 * 1024,
+            max_connections: None,
         }
     }
 }
@@ -621,6 +642,14 @@ impl Config {
         if self.limits.max_body_bytes < 1024 || self.limits.max_concurrency == 0 {
             p.push("limits: max_body_bytes must be >= 1024 and max_concurrency >= 1".into());
         }
+        if self.limits.header_read_timeout <= Duration::ZERO
+            || self.limits.idle_timeout <= Duration::ZERO
+        {
+            p.push("limits: header_read_timeout and idle_timeout must be positive".into());
+        }
+        if self.limits.max_header_bytes < 8 * 1024 || self.limits.max_connections == Some(0) {
+            p.push("limits: max_header_bytes must be >= 8192 and max_connections >= 1".into());
+        }
         p
     }
 }
@@ -711,6 +740,39 @@ mod tests {
             cfg.validate(Mode::Serve)
         );
         assert_eq!(cfg.grants.default_ttl, Duration::minutes(15));
+    }
+
+    #[test]
+    fn connection_limits_and_diagnostics_parse_and_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = Config::parse(&base(d.path()), "t").unwrap();
+        assert_eq!(cfg.limits.header_read_timeout, Duration::seconds(10));
+        assert_eq!(cfg.limits.idle_timeout, Duration::seconds(65));
+        assert_eq!(cfg.limits.max_header_bytes, 64 * 1024);
+        assert_eq!(cfg.limits.max_connections, None);
+        assert!(!cfg.metrics.danger_public_diagnostics);
+        let text = format!(
+            "{}limits:\n  header_read_timeout: 2s\n  idle_timeout: 5s\n  max_header_bytes: 16384\n  max_connections: 64\n\
+             metrics:\n  danger_public_diagnostics: true\n",
+            base(d.path())
+        );
+        let cfg = Config::parse(&text, "t").unwrap();
+        assert_eq!(cfg.limits.header_read_timeout, Duration::seconds(2));
+        assert_eq!(cfg.limits.max_connections, Some(64));
+        assert!(cfg.metrics.danger_public_diagnostics);
+        let bad = format!(
+            "{}limits:\n  header_read_timeout: 0s\n  max_header_bytes: 100\n  max_connections: 0\n",
+            base(d.path())
+        );
+        let problems = Config::parse(&bad, "t").unwrap().validate(Mode::Serve);
+        assert!(
+            problems.iter().any(|p| p.contains("header_read_timeout")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("max_connections")),
+            "{problems:?}"
+        );
     }
 
     #[test]

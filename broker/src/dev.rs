@@ -47,7 +47,11 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
         log: LogConfig::default(),
         operators: Vec::new(),
         webhooks: Default::default(),
-        metrics: Default::default(),
+        // Local quickstart on one listener: keep `/metrics` and the detailed `/readyz` there.
+        metrics: crate::config::MetricsConfig {
+            danger_public_diagnostics: true,
+            ..Default::default()
+        },
         telemetry: Default::default(),
         refusals: Default::default(),
     };

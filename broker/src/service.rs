@@ -39,7 +39,10 @@ pub const REVOCATION_PREFIX: &str = "brk_rvk_";
 /// Per-request context from the HTTP layer (non-secret).
 #[derive(Debug, Clone, Default)]
 pub struct RequestCtx {
+    /// The broker's own request id (authoritative).
     pub request_id: Option<String>,
+    /// The caller's `X-Request-Id`, only if it had the accepted shape (`http::client_request_id`).
+    pub client_request_id: Option<String>,
     pub client_addr: Option<String>,
     pub user_agent: Option<String>,
 }
@@ -396,6 +399,7 @@ impl Broker {
     fn base_event(&self, now: OffsetDateTime, action: Action, ctx: &RequestCtx) -> AuditEvent {
         let mut ev = AuditEvent::new(now, action, Outcome::Deny, "");
         ev.request_id = ctx.request_id.clone();
+        ev.client_request_id = ctx.client_request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
         // Header text is the caller's, authenticated or not: capped and flagged.

@@ -60,11 +60,25 @@ pub struct BrokerProcess {
     pub url: String,
     pub log_path: PathBuf,
     pub config_path: PathBuf,
+    /// `http://<admin_listen>` when the config sets `admin_listen:` (operator API, `/metrics`,
+    /// the detailed `/readyz`).
+    pub admin_url: Option<String>,
+    /// The open-files limit the process runs under (`prlimit --nofile`), if set.
+    nofile: Option<u64>,
     _dir: tempfile::TempDir,
 }
 
 impl BrokerProcess {
     pub async fn start(setup: &BrokerSetup<'_>) -> anyhow::Result<Self> {
+        Self::start_with_nofile(setup, None).await
+    }
+
+    /// [`Self::start`] under an open-files limit (soft and hard), as a small container or a
+    /// systemd `LimitNOFILE=` would impose: the broker sizes its connection cap from it.
+    pub async fn start_with_nofile(
+        setup: &BrokerSetup<'_>,
+        nofile: Option<u64>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port();
         let config_path = dir.path().join("broker.yaml");
@@ -79,11 +93,18 @@ impl BrokerProcess {
         );
         std::fs::File::create(&config_path)?.write_all(cfg.as_bytes())?;
         let log_path = dir.path().join("broker.log");
+        let admin_url = setup
+            .extra_yaml
+            .lines()
+            .find_map(|l| l.strip_prefix("admin_listen:"))
+            .map(|a| format!("http://{}", a.trim()));
         let mut p = Self {
             child: None,
             url: format!("http://127.0.0.1:{port}"),
             log_path,
             config_path,
+            admin_url,
+            nofile,
             _dir: dir,
         };
         p.spawn(&setup.env)?;
@@ -96,7 +117,18 @@ impl BrokerProcess {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new(broker_bin())
+        // `prlimit` sets the limit and execs the broker: the PID is the broker's.
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(broker_bin());
+                c
+            }
+            None => Command::new(broker_bin()),
+        };
+        let child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&self.config_path)

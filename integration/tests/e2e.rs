@@ -531,7 +531,13 @@ async fn sighup_reload_keeps_old_bundle_on_error() {
     for f in ["github.yaml", "gitlab.yaml"] {
         std::fs::copy(repo_root().join("policies").join(f), dir.path().join(f)).expect("copy");
     }
-    let e = env_with(TestDb::sqlite().await, dir.path(), "", Vec::new()).await;
+    let e = env_with(
+        TestDb::sqlite().await,
+        dir.path(),
+        "metrics:\n  danger_public_diagnostics: true\n",
+        Vec::new(),
+    )
+    .await;
     let ready = |e: &Env| {
         let c = e.http.clone();
         let u = format!("{}/readyz", e.broker.url);

@@ -188,7 +188,8 @@ impl Cluster {
              targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      role_prefix: {prefix}\n\
              operators:\n  - name: secteam\n    role: admin\n    token_sha256: {hash}\n\
              reaper:\n  interval: 1s\n\
-             limits:\n  exchanges_per_minute_per_repository: 0\n",
+             limits:\n  exchanges_per_minute_per_repository: 0\n\
+             metrics:\n  danger_public_diagnostics: true\n",
             key = key.display(),
             url = app.url,
             host = app.host,

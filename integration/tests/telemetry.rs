@@ -93,11 +93,13 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()["x-request-id"].to_str().unwrap(),
-        request_id,
-        "the id is echoed"
+    // The broker's own id is authoritative and sent back; the client's is kept beside it.
+    let own_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_ne!(
+        own_id, request_id,
+        "a client id never replaces the broker's"
     );
+    assert!(uuid::Uuid::parse_str(&own_id).is_ok(), "{own_id}");
     let body: serde_json::Value = resp.json().await.unwrap();
 
     // Wait (bounded) for the batch exporter to deliver the span.
@@ -114,7 +116,7 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
                 rs.scope_spans
                     .into_iter()
                     .flat_map(|ss| ss.spans)
-                    .find(|s| attr(&s.attributes, "request_id") == Some(request_id.as_str()))
+                    .find(|s| attr(&s.attributes, "client_request_id") == Some(request_id.as_str()))
                     .map(|s| (service, s))
             })
         });
@@ -132,6 +134,7 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
     let (service, span) = span;
     assert_eq!(service.as_deref(), Some("broker-otel-test"));
     assert_eq!(span.name, "request");
+    assert_eq!(attr(&span.attributes, "request_id"), Some(own_id.as_str()));
     assert_eq!(attr(&span.attributes, "path"), Some("/v1/exchange"));
     assert_eq!(attr(&span.attributes, "method"), Some("POST"));
     let status = span.attributes.iter().find(|kv| kv.key == "status");
@@ -179,7 +182,9 @@ async fn metrics_require_the_configured_token() {
             gitlab_issuer_yaml(&gitlab.url())
         ),
         audience: AUD,
-        extra_yaml: format!("metrics:\n  token: {{value: \"{scrape_token}\"}}\n"),
+        extra_yaml: format!(
+            "metrics:\n  token: {{value: \"{scrape_token}\"}}\n  danger_public_diagnostics: true\n"
+        ),
         env: Vec::new(),
     })
     .await

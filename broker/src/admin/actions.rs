@@ -87,6 +87,7 @@ impl Broker {
     pub(super) fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
         let mut ev = AuditEvent::new(self.clock.now(), Action::Admin, Outcome::Deny, what);
         ev.request_id = ctx.request_id.clone();
+        ev.client_request_id = ctx.client_request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
         // Header text is the caller's, authenticated or not: capped and flagged.

@@ -79,7 +79,12 @@ pub struct AuditEvent {
     pub id: Uuid,
     #[serde(with = "time::serde::rfc3339")]
     pub time: OffsetDateTime,
+    /// The broker's own request id (also sent back as `X-Request-Id`).
     pub request_id: Option<String>,
+    /// The caller's `X-Request-Id`, only when it matched `[A-Za-z0-9._-]{1,64}`. Absent from the
+    /// JSON when unset, so events written before this field hash exactly as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
     pub action: Action,
     pub outcome: Outcome,
     /// Stable reason code (`ok`, `token_expired`, `policy_denied`, ...).
@@ -139,6 +144,7 @@ impl AuditEvent {
             id: Uuid::now_v7(),
             time,
             request_id: None,
+            client_request_id: None,
             action,
             outcome,
             reason: reason.to_owned(),

@@ -8,17 +8,18 @@
 //!   connection strings or provider error text.
 //! - The detail (the typed error's `Display`, which itself never contains a secret) is logged
 //!   once here, as structured fields, at `warn` for server-side failures and `info` for refusals.
-//! - Status classes: 400 malformed request, 401 invalid job or revocation token, 403 denied by
-//!   policy, 413/431 too large, 429 rate limited (with `Retry-After`), 503 store, issuer or
-//!   target unavailable (nothing was issued), 500 a bug or misconfiguration. 429
-//!   `too_many_failures` (with `Retry-After`): the client's failed verifications are over its
-//!   limit (`refusals/`), on any endpoint that verifies a caller. Webhooks add 401
-//!   `bad_signature` (the delivery is not signed by a configured secret), 403
-//!   `webhook_out_of_scope` (signed, but for a repository outside that secret's scope) and 409
-//!   `replayed_delivery` (its delivery id was already processed). Text the store cannot hold
-//!   (a NUL, a control character, an over-long value in a request) is 400 `invalid_text`; data
-//!   the store itself refused for one request is 500 `store_rejected` (not an outage: 503 would
-//!   invite a retry that fails the same way).
+//! - Status classes: 400 malformed request (`body_not_object`: valid JSON that is not an object),
+//!   401 invalid job or revocation token, 403 denied by policy, 404/405 no such endpoint or
+//!   method, 408 request head too slow (written by `conn.rs`), 413/431 too large, 429 rate
+//!   limited (with `Retry-After`), 503 store, issuer or target unavailable (nothing was
+//!   issued), 500 a bug or misconfiguration. 429 `too_many_failures` (with `Retry-After`): the
+//!   client's failed verifications are over its limit (`refusals/`), on any endpoint that
+//!   verifies a caller. Webhooks add 401 `bad_signature` (the delivery is not signed by a
+//!   configured secret), 403 `webhook_out_of_scope` (signed, but for a repository outside that
+//!   secret's scope) and 409 `replayed_delivery` (its delivery id was already processed). Text
+//!   the store cannot hold (a NUL, a control character, an over-long value in a request) is 400
+//!   `invalid_text`; data the store itself refused for one request is 500 `store_rejected` (not
+//!   an outage: 503 would invite a retry that fails the same way).
 
 use crate::admin::AdminError;
 use crate::oidc::VerifyError;
@@ -316,6 +317,29 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
+    }
+}
+
+impl ApiError {
+    /// The same JSON error as [`IntoResponse`], as a complete HTTP/1.1 response that closes the
+    /// connection: for answers written on a raw socket by the accept loop (`conn.rs`: 408, 431,
+    /// 503 at the connection cap) where no request reached the router. Not logged here: those
+    /// paths count instead (an attacker's sockets must not become log lines).
+    pub fn http1_bytes(&self) -> Vec<u8> {
+        let body = json!({"error": self.code, "message": self.message}).to_string();
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+            self.status.as_u16(),
+            self.status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some(s) = self.retry_after {
+            head.push_str(&format!("retry-after: {s}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
     }
 }
 

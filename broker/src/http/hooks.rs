@@ -24,6 +24,7 @@ pub(super) fn routes(max_body_bytes: usize) -> Router<Arc<Broker>> {
         // Deliveries are larger than exchange requests; this overrides the router-wide limit
         // for these routes only.
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(super::early_body_limit(max_body_bytes))
 }
 
 type Addr = Option<Extension<ConnectInfo<SocketAddr>>>;

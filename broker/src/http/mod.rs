@@ -4,10 +4,17 @@
 //! Endpoints: `POST /v1/exchange`, `POST /v1/revoke`, `POST /v1/introspect` (RFC 7662),
 //! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, the operator endpoints
 //! under `/v1/admin/` (`admin.rs`), and `GET /metrics` ([`metrics_router`]).
+//!
+//! Diagnostics (`/metrics`, the detailed `/readyz`) are served on the admin listener; the public
+//! listener answers a bare liveness/readiness unless `metrics.danger_public_diagnostics`.
+//! Connections are accepted and bounded by `conn.rs`.
 
 mod admin;
+mod conn;
 pub mod error;
 mod hooks;
+
+pub use conn::{ConnLimits, default_max_connections, serve};
 
 use crate::audit::Action;
 use crate::providers::Field;
@@ -28,10 +35,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceBuilder;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::PropagateRequestIdLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Internal: the client's `X-Request-Id` when it has the accepted shape, set by
+/// [`assign_request_ids`] only (a client-sent value of this header is removed first).
+const CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-broker-client-request-id");
 
 /// HTTP limits.
 #[derive(Debug, Clone)]
@@ -41,39 +51,100 @@ pub struct HttpLimits {
     pub max_concurrency: usize,
 }
 
-/// Build the router (every endpoint on one listener).
+/// Build the router (every endpoint on one listener, diagnostics included: tests and tools).
 pub fn router(broker: Arc<Broker>, limits: &HttpLimits) -> Router {
-    routers(broker, limits, false).0
+    routers(broker, limits, false, true).0
 }
 
 /// The public router and, when `separate_admin`, the operator router (`/v1/admin/*`,
 /// `/v1/audit`, `/healthz`) for the `admin_listen` address. With `separate_admin` the public
 /// router has no operator endpoint at all (404), so they cannot be reached through the public
-/// load balancer.
+/// load balancer. The detailed `/readyz` (store, issuers, policies, providers) is on the
+/// operator router; the public one answers only `{"ready": bool}`, unless
+/// `public_diagnostics` (`metrics.danger_public_diagnostics`).
 pub fn routers(
     broker: Arc<Broker>,
     limits: &HttpLimits,
     separate_admin: bool,
+    public_diagnostics: bool,
 ) -> (Router, Option<Router>) {
+    let public_readyz = if public_diagnostics {
+        get(readyz)
+    } else {
+        get(readyz_bare)
+    };
     let public = Router::new()
         .route("/v1/exchange", post(exchange))
         .route("/v1/revoke", post(revoke))
         .route("/v1/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", public_readyz)
+        .layer(early_body_limit(limits.max_body_bytes))
         .merge(hooks::routes(broker.webhooks().max_body_bytes()));
+    let operator = admin::routes().layer(early_body_limit(limits.max_body_bytes));
     let (public, admin) = if separate_admin {
-        let admin = admin::routes()
+        let admin = operator
             .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
             .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .with_state(broker.clone());
         (public, Some(with_layers(admin, limits)))
     } else {
-        (public.merge(admin::routes()), None)
+        (public.merge(operator), None)
     };
-    let public = public.fallback(not_found).with_state(broker);
+    let public = public
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(broker);
     (with_layers(public, limits), admin)
+}
+
+/// Answer `413 payload_too_large` as soon as a declared `Content-Length` exceeds `limit`,
+/// before any body byte is awaited (else a client declaring a huge body and sending none holds
+/// the request until the request timeout). The route still answers (and audits) as for any body
+/// over the limit: it is handed a stand-in body, already in memory, one chunk over the limit
+/// (static zeros, nothing allocated per request). Chunked bodies are cut at the limit as read.
+async fn early_413(
+    State(limit): State<usize>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    static ZEROS: [u8; 16 * 1024] = [0; 16 * 1024];
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_none_or(|n| n <= limit as u64) {
+        return next.run(req).await;
+    }
+    let chunks = limit / ZEROS.len() + 1;
+    let stand_in = futures::stream::iter(
+        (0..chunks).map(|_| Ok::<_, std::convert::Infallible>(Bytes::from_static(&ZEROS))),
+    );
+    *req.body_mut() = axum::body::Body::from_stream(stand_in);
+    let mut resp = next.run(req).await;
+    // The real body is never read: the connection ends with this answer.
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+type BoxedResponse = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+type EarlyLimitFn = fn(State<usize>, Request, axum::middleware::Next) -> BoxedResponse;
+
+/// [`early_413`] for routes whose body limit is `limit`.
+pub(crate) fn early_body_limit(
+    limit: usize,
+) -> axum::middleware::FromFnLayer<EarlyLimitFn, usize, (State<usize>, Request)> {
+    fn boxed(s: State<usize>, r: Request, n: axum::middleware::Next) -> BoxedResponse {
+        Box::pin(early_413(s, r, n))
+    }
+    axum::middleware::from_fn_with_state(limit, boxed as EarlyLimitFn)
 }
 
 fn with_layers(api: Router, limits: &HttpLimits) -> Router {
@@ -86,7 +157,7 @@ fn with_layers(api: Router, limits: &HttpLimits) -> Router {
                 HeaderName::from_static("x-gitlab-token"),
                 HeaderName::from_static("x-hub-signature-256"),
             ]))
-            .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+            .layer(axum::middleware::from_fn(assign_request_ids))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
             .layer(axum::middleware::from_fn(log_request))
             .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
@@ -118,6 +189,36 @@ async fn overloaded(err: tower::BoxError) -> ApiError {
     }
 }
 
+/// The broker's own request id is the only `X-Request-Id` the router, the logs and the audit
+/// see (and the one sent back). A client's `X-Request-Id` is kept, as `client_request_id`, only
+/// when it has a short, plain shape (see [`client_request_id`]); anything else is dropped.
+async fn assign_request_ids(mut req: Request, next: axum::middleware::Next) -> Response {
+    let client = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(client_request_id)
+        .and_then(|v| header::HeaderValue::from_str(v).ok());
+    let headers = req.headers_mut();
+    headers.remove(&CLIENT_REQUEST_ID);
+    if let Some(v) = client {
+        headers.insert(CLIENT_REQUEST_ID, v);
+    }
+    let own = uuid::Uuid::new_v4().to_string();
+    if let Ok(v) = header::HeaderValue::from_str(&own) {
+        headers.insert(REQUEST_ID, v);
+    }
+    next.run(req).await
+}
+
+/// A client request id worth recording: 1 to 64 of `A-Z a-z 0-9 . _ -`.
+fn client_request_id(v: &str) -> Option<&str> {
+    let ok = (1..=64).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then_some(v)
+}
+
 /// One span per request carrying the request id; method, path, status and latency logged at
 /// the end. Never headers or bodies.
 async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
@@ -127,12 +228,18 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    let client_id = req
+        .headers()
+        .get(&CLIENT_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     // `otel.kind` and `status` shape the exported trace span (telemetry.rs); logs ignore them.
     let span = tracing::info_span!(
         "request",
         request_id = %id,
+        client_request_id = client_id.as_deref(),
         %method,
         %path,
         otel.kind = "server",
@@ -154,6 +261,14 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method",
+    )
+}
+
 fn ctx(headers: &HeaderMap, addr: Option<SocketAddr>) -> RequestCtx {
     let hv = |n: &HeaderName| {
         headers
@@ -165,6 +280,7 @@ fn ctx(headers: &HeaderMap, addr: Option<SocketAddr>) -> RequestCtx {
     };
     RequestCtx {
         request_id: hv(&REQUEST_ID),
+        client_request_id: hv(&CLIENT_REQUEST_ID),
         client_addr: addr.map(|a| a.ip().to_string()),
         user_agent: hv(&header::USER_AGENT),
     }
@@ -205,13 +321,17 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ServiceError
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ServiceError> {
-    serde_json::from_slice(body).map_err(json_error)
+    serde_json::from_slice(body).map_err(|e| json_error(e, body))
 }
 
-fn json_error(e: serde_json::Error) -> ServiceError {
+fn json_error(e: serde_json::Error, body: &[u8]) -> ServiceError {
     if crate::store::text::is_surrogate_error(&e) {
         use crate::store::text::{Problem, TextError};
         return TextError::new("request body", Problem::Surrogate, "").into();
+    }
+    // Valid JSON of the wrong shape (an array, a string, null) gets its own code.
+    if serde_json::from_slice::<Value>(body).is_ok_and(|v| !v.is_object()) {
+        return not_object();
     }
     // serde_json's message names the field and position; it does not echo long input.
     let msg = e.to_string();
@@ -224,12 +344,23 @@ fn json_error(e: serde_json::Error) -> ServiceError {
     ))
 }
 
-/// An exchange body: every key and string checked at the text boundary (`store::text`), then
-/// read into its shape (so no refused text reaches an error message either).
+fn not_object() -> ServiceError {
+    ServiceError::BadRequest {
+        code: "body_not_object",
+        message: "the request body must be a JSON object".into(),
+    }
+}
+
+/// An exchange body: an object whose every key and string is checked at the text boundary
+/// (`store::text`), then read into its shape (so no refused text reaches an error message
+/// either).
 fn exchange_body(body: &[u8]) -> Result<ExchangeBody, ServiceError> {
     let v: Value = json_body(body)?;
+    if !v.is_object() {
+        return Err(not_object());
+    }
     crate::store::text::check_json("request body", &v)?;
-    serde_json::from_value(v).map_err(json_error)
+    serde_json::from_value(v).map_err(|e| json_error(e, body))
 }
 
 #[derive(Deserialize)]
@@ -361,6 +492,17 @@ async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// The public readiness answer: ready or not, nothing about why.
+async fn readyz_bare(State(b): State<Arc<Broker>>) -> Response {
+    let (ok, _) = b.readiness().await;
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ok}))).into_response()
+}
+
 async fn readyz(State(b): State<Arc<Broker>>) -> Response {
     let (ok, detail) = b.readiness().await;
     let status = if ok {
@@ -440,4 +582,46 @@ async fn metrics(
         crate::metrics::render(),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_short_client_request_ids_are_kept() {
+        for ok in ["a", "ci-run-42.attempt_1", &"x".repeat(64)] {
+            assert_eq!(client_request_id(ok), Some(ok), "{ok:?}");
+        }
+        for bad in [
+            "",
+            "has space",
+            "<script>",
+            "a\"b",
+            "é",
+            "a/b",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(client_request_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_json_non_object_is_body_not_object() {
+        #[derive(Debug, Deserialize)]
+        struct B {
+            #[allow(dead_code)]
+            credentials: Vec<String>,
+        }
+        for (body, code) in [
+            (&b"[]"[..], "body_not_object"),
+            (b"\"x\"", "body_not_object"),
+            (b"null", "body_not_object"),
+            (b"{\"nope\": 1}", "bad_request"),
+            (b"{", "bad_request"),
+        ] {
+            let err = json_body::<B>(body).err().map(|e| e.reason_code());
+            assert_eq!(err, Some(code), "{}", String::from_utf8_lossy(body));
+        }
+    }
 }

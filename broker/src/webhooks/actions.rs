@@ -53,6 +53,7 @@ impl Broker {
     fn hook_event(&self, ctx: &RequestCtx, d: &Delivery<'_>) -> AuditEvent {
         let mut ev = AuditEvent::new(self.clock.now(), Action::Webhook, Outcome::Deny, "");
         ev.request_id = ctx.request_id.clone();
+        ev.client_request_id = ctx.client_request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
         ev.user_agent = ctx.user_agent.clone();
         // Header text is the caller's, authenticated or not: capped and flagged.
