@@ -175,7 +175,7 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
     let db = TestDb::postgres().await;
     let policies = github_policies().unwrap();
     let extra = format!(
-        "webhooks:\n  github:\n    secrets: [{{value: {HOOK_SECRET}}}]\n\
+        "webhooks:\n  github:\n    secrets: [{{value: {HOOK_SECRET}, scope: [\"*\"]}}]\n\
          refusals:\n  failures_per_minute_per_client: {PER_MINUTE}\n  \
          failure_burst_per_client: {BURST}\n  audit_rows_per_window: {ROWS_PER_WINDOW}\n  \
          audit_window: {WINDOW_SECS}s\n"
