@@ -152,27 +152,9 @@ impl Env {
         ]
     }
 
-    /// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives.
+    /// A GitLab-shaped ID token for acme/api (push to protected main) for the broker's audience.
     fn gitlab_id_token(&self) -> String {
-        use broker::oidc::dev;
-        let job = dev::DevJob {
-            repository: "acme/api".into(),
-            repository_id: 2_000_001,
-            owner: "acme".into(),
-            owner_id: 3_000_001,
-            git_ref: "refs/heads/main".into(),
-            event_name: "push".into(),
-            environment: None,
-            workflow: "deploy".into(),
-            actor: "alice".into(),
-            run_id: 5150,
-            audience: AUD.into(),
-            ttl: time::Duration::minutes(10),
-            now: broker::time::Clock::now(&broker::time::SystemClock),
-        };
-        let mut c = dev::gitlab_claims(&job);
-        c["iss"] = Value::String(self.gitlab.url());
-        testkit::sign(TestKey::Rsa1, &c)
+        gitlab_id_token(&self.gitlab.url(), AUD)
     }
 
     async fn finish(self) {
@@ -818,6 +800,92 @@ fn gitlab_tools() -> Option<PathBuf> {
     (bin.join("gitlab-ci-local").exists() && bin.join("node").exists()).then_some(bin)
 }
 
+/// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives, for
+/// audience `aud`, signed by the GitLab test issuer at `issuer_url`.
+fn gitlab_id_token(issuer_url: &str, aud: &str) -> String {
+    use broker::oidc::dev;
+    let job = dev::DevJob {
+        repository: "acme/api".into(),
+        repository_id: 2_000_001,
+        owner: "acme".into(),
+        owner_id: 3_000_001,
+        git_ref: "refs/heads/main".into(),
+        event_name: "push".into(),
+        environment: None,
+        workflow: "deploy".into(),
+        actor: "alice".into(),
+        run_id: 5150,
+        audience: aud.into(),
+        ttl: time::Duration::minutes(10),
+        now: broker::time::Clock::now(&broker::time::SystemClock),
+    };
+    let mut c = dev::gitlab_claims(&job);
+    c["iss"] = Value::String(issuer_url.to_owned());
+    testkit::sign(TestKey::Rsa1, &c)
+}
+
+/// A throwaway git repository holding the component (`templates/`) and `pipeline` as its
+/// `.gitlab-ci.yml`, the way a project includes it with `include: local:`.
+fn gitlab_repo(work: &Path, pipeline: &str) -> PathBuf {
+    let repo = work.join("repo");
+    copy_dir(
+        &repo_root().join("action/gitlab/templates"),
+        &repo.join("templates"),
+    );
+    std::fs::write(repo.join(".gitlab-ci.yml"), pipeline).unwrap();
+    git_init(&repo);
+    repo
+}
+
+/// Runs gitlab-ci-local in `repo` (shell executor) with `vars` as `--variable`s and `args`.
+/// The log is stdout and stderr together.
+async fn gitlab_ci_local(
+    tools: &Path,
+    repo: &Path,
+    vars: &[(&str, String)],
+    args: &[&str],
+) -> (Ran, String) {
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(tools.join("gitlab-ci-local"));
+    cmd.current_dir(repo).env("PATH", path);
+    for (k, v) in vars {
+        cmd.arg("--variable").arg(format!("{k}={v}"));
+    }
+    cmd.args(args);
+    let ran = run(cmd, repo.parent().unwrap(), Duration::from_secs(300)).await;
+    let log = format!("{}\n{}", ran.stdout, ran.stderr);
+    (ran, log)
+}
+
+/// The `aud` GitLab would put in the job's ID token: the job's `id_tokens:` as gitlab-ci-local
+/// expands the pipeline (`--preview`), with `$VAR` replaced by the job's variable, as GitLab
+/// (16.1 and later) expands variables in `id_tokens:aud`.
+async fn gitlab_job_audience(tools: &Path, repo: &Path, job: &str) -> String {
+    let (ran, log) = gitlab_ci_local(tools, repo, &[], &["--preview"]).await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    // gitlab-ci-local checks the expanded pipeline against GitLab's CI JSON schema (a copy it
+    // ships) and refuses a pipeline that does not validate.
+    assert!(log.contains("json schema validated"), "{log}");
+    let yaml = ran.stdout.split_once("---\n").map_or("", |(_, y)| y);
+    let config: Value = serde_saphyr::from_str(yaml).expect("the preview is YAML");
+    let j = &config[job];
+    let aud = j["id_tokens"]["BROKER_ID_TOKEN"]["aud"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{job} has id_tokens: {yaml}"))
+        .to_owned();
+    match aud.strip_prefix('$') {
+        Some(var) => j["variables"][var]
+            .as_str()
+            .unwrap_or_else(|| panic!("aud names the job variable {var}: {yaml}"))
+            .to_owned(),
+        None => aud,
+    }
+}
+
 const GITLAB_CI: &str = r#"include:
   - local: templates/credentials.yml
     inputs:
@@ -825,26 +893,55 @@ const GITLAB_CI: &str = r#"include:
       credentials: gitlab-deploy-api
       audience: https://broker.test
       ttl: 5m
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: gitlab-deploy-api
+      audience: https://broker.test
+      attempts: 0
+      job-name: no-attempts
+      script:
+        - touch "$OUT/ran"
 
 deploy:
   extends: .broker-credentials
   script:
+    - !reference [.broker-credentials, script]
     - test -n "$GITLAB_DEPLOY_API_TOKEN"
     - test -z "$BROKER_REVOCATION_TOKEN"
+    - test -z "$BROKER_ID_TOKEN"
     - printf '%s' "$GITLAB_DEPLOY_API_TOKEN" > "$OUT/token"
-    - stat -c '%a' "$BROKER_SECRETS_DIR/GITLAB_DEPLOY_API_TOKEN" > "$OUT/mode"
+    - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
+    - stat -c '%n %a' "$BROKER_SECRETS_DIR" "$BROKER_SECRETS_DIR"/* "$BROKER_SECRETS_DIR"/.pgpass 2>/dev/null | sed "s|$BROKER_SECRETS_DIR|DIR|" > "$OUT/modes" || true
     - node -e 'fetch(process.env.BROKER_URL + "/v1/introspect", {method:"POST", body:new URLSearchParams({token:process.env.GITLAB_DEPLOY_API_TOKEN})}).then(r=>r.text()).then(t=>require("fs").writeFileSync(process.env.OUT + "/during.json", t))'
 
 deploy-fails:
   extends: .broker-credentials
   script:
     - printf '%s' "$GITLAB_DEPLOY_API_TOKEN" > "$OUT/token"
+    - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
     - exit 1
+
+own-before-script:
+  extends: .broker-credentials
+  before_script:
+    - echo "setting up without the component's before_script"
+  script:
+    - !reference [.broker-credentials, script]
+    - touch "$OUT/ran"
+
+no-attempts:
+  before_script:
+    - !reference [.broker-credentials, before_script]
 "#;
 
 /// gitlab-ci-local runs a pipeline that includes the component (shell executor). Proves: the
-/// script sees the credential as a variable and as a mode-0600 file, the token is active during
-/// the job and revoked by `after_script`, also when the script fails; the log holds no secret.
+/// script sees the credential as a variable and as a file; the secrets directory is 0700 and
+/// every file in it, `env` and `dotenv` included, is 0600; the token is active during the job and
+/// revoked by `after_script`, also when the script fails; the log holds neither the token, the
+/// revocation token nor the ID token. A job whose own `before_script` replaced the component's
+/// fails at `broker require` before its commands run, and `after_script` reports the missing
+/// exchange as an error; `attempts: 0` is refused with a usage error, without asking the broker.
 #[tokio::test]
 async fn gitlab_component_under_gitlab_ci_local() {
     let Some(tools) = gitlab_tools() else {
@@ -856,66 +953,266 @@ async fn gitlab_component_under_gitlab_ci_local() {
     let e = env().await;
     for (job, should_pass) in [("deploy", true), ("deploy-fails", false)] {
         let work = tempfile::tempdir().unwrap();
-        let repo = work.path().join("repo");
         let out = work.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
-        copy_dir(
-            &repo_root().join("action/gitlab/templates"),
-            &repo.join("templates"),
+        let repo = gitlab_repo(
+            work.path(),
+            &GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
         );
-        std::fs::write(
-            repo.join(".gitlab-ci.yml"),
-            GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
-        )
-        .unwrap();
-        git_init(&repo);
         let id_token = e.gitlab_id_token();
-        let path = format!(
-            "{}:{}",
-            tools.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let broker_bin = integration::broker_bin();
-        let mut cmd = Command::new(tools.join("gitlab-ci-local"));
-        cmd.current_dir(&repo)
-            .env("PATH", path)
-            .arg("--variable")
-            .arg(format!("BROKER_ID_TOKEN={id_token}"))
-            .arg("--variable")
-            .arg(format!("BROKER_CLI={}", broker_bin.display()))
-            .arg("--variable")
-            .arg(format!("OUT={}", out.display()))
-            .arg("--variable")
-            .arg(format!(
-                "BROKER_SECRETS_DIR={}",
-                work.path().join("secrets").display()
-            ))
-            .arg(job);
-        let ran = run(cmd, work.path(), Duration::from_secs(300)).await;
-        let log = format!("{}\n{}", ran.stdout, ran.stderr);
+        let secrets_dir = work.path().join("secrets");
+        let vars = [
+            ("BROKER_ID_TOKEN", id_token.clone()),
+            (
+                "BROKER_CLI",
+                integration::broker_bin().display().to_string(),
+            ),
+            ("OUT", out.display().to_string()),
+            ("BROKER_SECRETS_DIR", secrets_dir.display().to_string()),
+        ];
+        let (ran, log) = gitlab_ci_local(&tools, &repo, &vars, &[job]).await;
         assert_eq!(ran.code == Some(0), should_pass, "{job}: {log}");
         let token = std::fs::read_to_string(out.join("token")).expect("the job wrote its token");
         assert!(token.starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"), "{log}");
+        let rvk = std::fs::read_to_string(out.join("rvk")).expect("the revocation file");
+        assert!(rvk.starts_with("brk_rvk_"));
         if should_pass {
             let during: Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join("during.json")).unwrap())
                     .unwrap();
             assert_eq!(during["active"], json!(true), "active during the job");
-            assert_eq!(
-                std::fs::read_to_string(out.join("mode")).unwrap().trim(),
-                "600"
+            let modes = std::fs::read_to_string(out.join("modes")).unwrap();
+            let modes: HashMap<&str, &str> =
+                modes.lines().filter_map(|l| l.split_once(' ')).collect();
+            assert_eq!(modes.get("DIR"), Some(&"700"), "{modes:?}");
+            for f in [
+                "env",
+                "dotenv",
+                "GITLAB_DEPLOY_API_TOKEN",
+                "BROKER_GRANT_ID",
+            ] {
+                assert_eq!(modes.get(format!("DIR/{f}").as_str()), Some(&"600"), "{f}");
+            }
+            assert!(modes.len() >= 6, "{modes:?}");
+            assert!(
+                modes.iter().all(|(f, m)| *f == "DIR" || *m == "600"),
+                "every file is private: {modes:?}"
+            );
+            assert!(
+                log.contains("credentials of grant"),
+                "broker require passed: {log}"
             );
         }
         assert!(log.contains("broker: grant revoked"), "{job}: {log}");
         assert!(!e.active(&token).await, "{job}: revoked after the job");
         assert!(
-            !work.path().join("secrets").exists(),
+            !secrets_dir.exists(),
             "after_script removes the secrets dir"
         );
-        let bad = leaked(&log, &[&token, &id_token]);
+        let bad = leaked(&log, &[&token, &rvk, &id_token]);
         assert!(bad.is_empty(), "{job}: secret in the log: {bad:?}");
     }
+
+    // A job whose own before_script skipped the exchange, and a job with `attempts: 0`: both
+    // fail loudly, and neither runs its commands.
+    for (job, expect) in [
+        (
+            "own-before-script",
+            "no broker exchange ran in this job: BROKER_SECRETS_DIR is not set",
+        ),
+        ("no-attempts", "0 tries would never ask the broker"),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let repo = gitlab_repo(
+            work.path(),
+            &GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
+        );
+        let id_token = e.gitlab_id_token();
+        let mut vars = vec![
+            ("BROKER_ID_TOKEN", id_token.clone()),
+            (
+                "BROKER_CLI",
+                integration::broker_bin().display().to_string(),
+            ),
+            ("OUT", out.display().to_string()),
+        ];
+        if job == "no-attempts" {
+            vars.push((
+                "BROKER_SECRETS_DIR",
+                work.path().join("secrets").display().to_string(),
+            ));
+        }
+        let (ran, log) = gitlab_ci_local(&tools, &repo, &vars, &[job]).await;
+        assert_ne!(ran.code, Some(0), "{job} must fail: {log}");
+        assert!(log.contains(expect), "{job}: {log}");
+        assert!(!out.join("ran").exists(), "{job}: its commands did not run");
+        assert!(
+            log.contains("ERROR: broker: no credentials to revoke"),
+            "{job}: after_script says so: {log}"
+        );
+        let bad = leaked(&log, &[&id_token]);
+        assert!(bad.is_empty(), "{job}: secret in the log: {bad:?}");
+        // The job token was never spent: the broker saw no exchange for it.
+        let (status, _) = exchange_status(&e.broker.url, &id_token).await;
+        assert_eq!(status, 200, "{job}: the ID token was not used");
+    }
     e.finish().await;
+}
+
+/// POST /v1/exchange with `token` for `gitlab-deploy-api`: the status and the body.
+async fn exchange_status(broker_url: &str, token: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{broker_url}/v1/exchange"))
+        .bearer_auth(token)
+        .json(&json!({"credentials": ["gitlab-deploy-api"]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A GitLab policy: acme/api's protected main branch gets a database user on `pg`.
+fn gitlab_pg_policy(pg: &PgTarget) -> String {
+    format!(
+        r#"credentials:
+  - name: app-db
+    max_ttl: 15m
+    postgres:
+      target: main
+      database: {db}
+      roles: [{reader}]
+      owner: {owner}
+rules:
+  - name: acme-api-gitlab-main-db
+    issuer: gitlab
+    credentials: [app-db]
+    max_ttl: 10m
+    when: >
+      claims.project_id == "2000001" && claims.namespace_id == "3000001" &&
+      claims.ref_type == "branch" && claims.ref == "main" &&
+      string(claims.ref_protected) == "true" && claims.pipeline_source == "push"
+"#,
+        db = pg.app_db,
+        reader = pg.reader,
+        owner = pg.owner,
+    )
+}
+
+const GITLAB_PG_CI: &str = r#"include:
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: app-db
+      job-name: migrate
+      script:
+        - psql -w -Atc 'select current_user' > "$OUT/whoami"
+        - env -u PGPASSWORD -u DATABASE_URL psql -w -Atc 'select current_user' > "$OUT/whoami-pgpass"
+        - env | cut -d= -f1 | grep -E '^(PG|DATABASE_URL$|BROKER_)' | sort > "$OUT/names"
+        - printf '%s' "$PGPASSWORD" > "$OUT/password"
+        - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
+"#;
+
+/// gitlab-ci-local with a `postgres` credential, the audience left to its default, and the job
+/// defined by the component (`job-name` + `script` inputs). Proves: the ID token's audience is
+/// the broker URL (read from the job's `id_tokens:` as GitLab expands it; the broker is
+/// configured with its own URL as audience, so any other audience is refused); `psql` with
+/// nothing but the job's environment logs in as the minted role (PGHOST, PGPORT, PGDATABASE,
+/// PGUSER, PGPASSWORD, PGSSLMODE), and again with the password only in `.pgpass` (PGPASSFILE);
+/// the role is gone after the job; no secret in the log.
+#[tokio::test]
+async fn gitlab_component_postgres_credential_and_default_audience() {
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    if Command::new("psql").arg("--version").output().is_err() {
+        println!("SKIPPED: psql is not installed");
+        return;
+    }
+    let pg = PgTarget::new().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::postgres().await;
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("gitlab.yaml"), gitlab_pg_policy(&pg)).unwrap();
+    let mut broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: policies.path(),
+        issuers_yaml: gitlab_issuer_yaml(&gitlab.url()),
+        audience: integration::PUBLIC_URL,
+        extra_yaml: pg.target_yaml(),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let repo = gitlab_repo(
+        work.path(),
+        &GITLAB_PG_CI.replace("$BROKER_URL_UNDER_TEST", &broker.url),
+    );
+    let aud = gitlab_job_audience(&tools, &repo, "migrate").await;
+    assert_eq!(aud, broker.url, "the audience defaults to the broker URL");
+    let id_token = gitlab_id_token(&gitlab.url(), &aud);
+    let vars = [
+        ("BROKER_ID_TOKEN", id_token.clone()),
+        (
+            "BROKER_CLI",
+            integration::broker_bin().display().to_string(),
+        ),
+        ("OUT", out.display().to_string()),
+        (
+            "BROKER_SECRETS_DIR",
+            work.path().join("secrets").display().to_string(),
+        ),
+    ];
+    let (ran, log) = gitlab_ci_local(&tools, &repo, &vars, &["migrate"]).await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
+    let user = read("whoami").trim().to_owned();
+    assert!(
+        user.starts_with(&pg.prefix),
+        "psql logged in as {user:?}: {log}"
+    );
+    assert_eq!(read("whoami-pgpass").trim(), user, "via .pgpass: {log}");
+    let names: Vec<String> = read("names").lines().map(str::to_owned).collect();
+    for n in [
+        "BROKER_GRANT_ID",
+        "DATABASE_URL",
+        "PGDATABASE",
+        "PGHOST",
+        "PGPASSFILE",
+        "PGPASSWORD",
+        "PGPORT",
+        "PGSSLMODE",
+        "PGUSER",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+    }
+    assert!(
+        !names.iter().any(|x| x == "BROKER_REVOCATION_TOKEN"),
+        "the revocation token is not in the script's environment"
+    );
+    assert!(
+        !pg.role_exists(&user).await,
+        "after_script dropped the role"
+    );
+    let password = read("password");
+    let rvk = read("rvk");
+    assert!(password.len() >= 32 && rvk.starts_with("brk_rvk_"));
+    let bad = leaked(&log, &[&password, &rvk, &id_token]);
+    assert!(bad.is_empty(), "secret in the log: {bad:?}");
+
+    broker.kill();
+    gitlab.shutdown().await;
+    db.cleanup().await;
+    pg.cleanup().await;
 }
 
 /// `broker exchange` / `broker revoke` on their own: formats, files and the refusal output.
@@ -973,4 +1270,62 @@ async fn client_subcommands_against_the_real_broker() {
     assert!(ran.stdout.is_empty());
     let _ = &e.db;
     e.finish().await;
+}
+
+/// The shipped example (`examples/gitlab/.gitlab-ci.yml`), with its catalog `component:`
+/// include pointed at the template in this tree: gitlab-ci-local expands it (inputs,
+/// `!reference`) and validates it against GitLab's CI JSON schema; the `deploy` job gets the
+/// component's exchange, `broker require` before its own commands, and the revoke.
+#[tokio::test]
+async fn gitlab_example_pipeline_expands_and_validates() {
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    let example =
+        std::fs::read_to_string(repo_root().join("examples/gitlab/.gitlab-ci.yml")).unwrap();
+    let component = "  - component: $CI_SERVER_FQDN/acme/broker-ci/credentials@1.0.0\n";
+    assert!(example.contains(component), "the example uses the catalog");
+    let work = tempfile::tempdir().unwrap();
+    let repo = gitlab_repo(
+        work.path(),
+        &example.replace(component, "  - local: templates/credentials.yml\n"),
+    );
+    let (ran, log) = gitlab_ci_local(&tools, &repo, &[], &["--preview"]).await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    assert!(log.contains("json schema validated"), "{log}");
+    let yaml = ran.stdout.split_once("---\n").map_or("", |(_, y)| y);
+    let config: Value = serde_saphyr::from_str(yaml).expect("the preview is YAML");
+    let deploy = &config["deploy"];
+    let lines = |k: &str| -> Vec<String> {
+        deploy[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("deploy.{k}: {yaml}"))
+            .iter()
+            .map(|l| l.as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(
+        lines("before_script")
+            .iter()
+            .any(|l| l.contains("exchange"))
+    );
+    let script = lines("script");
+    let require = script.iter().position(|l| l.contains("broker} require"));
+    let deploy_sh = script.iter().position(|l| l == "./scripts/deploy.sh");
+    assert!(
+        matches!((require, deploy_sh), (Some(r), Some(d)) if r < d),
+        "require before the job's commands: {script:?}"
+    );
+    assert!(lines("after_script").iter().any(|l| l.contains("revoke")));
+    assert_eq!(
+        deploy["id_tokens"]["BROKER_ID_TOKEN"]["aud"],
+        json!("$BROKER_URL")
+    );
+    assert_eq!(
+        deploy["variables"]["BROKER_URL"],
+        json!("https://broker.example.com")
+    );
 }
