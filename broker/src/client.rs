@@ -438,14 +438,16 @@ impl Grant {
                     if let Some(u) = url {
                         vars.push((custom.unwrap_or(format!("{prefix}DATABASE_URL")), u));
                     }
-                    if let (Some(h), Some(p), Some(d), Some(u), Some(pw)) = (
+                    // `.pgpass` only goes with an output directory.
+                    if let (Some(_), Some(h), Some(p), Some(d), Some(u), Some(pw)) = (
+                        dir,
                         field("host"),
                         field("port"),
                         field("database"),
                         user,
                         field("password"),
                     ) {
-                        pgpass.push_str(&pgpass_line(&[&h, &p, &d, &u, &pw]));
+                        pgpass.push_str(&pgpass_line(&c.name, &[&h, &p, &d, &u, &pw])?);
                         pgpass_vars.push(format!("{prefix}PGPASSFILE"));
                     }
                 }
@@ -473,12 +475,14 @@ impl Grant {
                             ("session_token", "aws_session_token"),
                         ] {
                             if let Some(v) = field(k) {
-                                aws_credentials.push_str(&format!("{key} = {}\n", v.expose()));
+                                let v = one_line(&c.name, k, v.expose())?;
+                                aws_credentials.push_str(&format!("{key} = {v}\n"));
                             }
                         }
                         aws_config.push_str(&format!("[profile {}]\n", c.name));
                         if let Some(r) = field("region") {
-                            aws_config.push_str(&format!("region = {}\n", r.expose()));
+                            let r = one_line(&c.name, "region", r.expose())?;
+                            aws_config.push_str(&format!("region = {r}\n"));
                         }
                         continue;
                     }
@@ -558,8 +562,8 @@ impl Grant {
         Ok(Shaped { vars, files })
     }
 
-    /// The variables alone, for callers without an output directory. Panics never; a shape
-    /// that needs files or collides is an error.
+    /// The variables alone, for callers without an output directory (no `.pgpass`); a shape
+    /// that needs files, or where two credentials collide, is an error.
     pub fn env_vars(
         &self,
         requests: &[CredentialRequest],
@@ -643,16 +647,27 @@ fn valid_profile_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
+/// A value written into a line-based file (`.pgpass`, the AWS INI files): a line break would
+/// let an answer add lines of its own, so it is refused. The error names the field, not the value.
+fn one_line<'a>(credential: &str, field: &str, v: &'a str) -> Result<&'a str, ClientError> {
+    if v.chars().any(char::is_control) {
+        return Err(ClientError::BadResponse(format!(
+            "credential {credential:?}: field `{field}` holds a control character"
+        )));
+    }
+    Ok(v)
+}
+
 /// One `.pgpass` line: `host:port:database:user:password`, `:` and `\` escaped.
-fn pgpass_line(parts: &[&FieldValue]) -> String {
-    let esc = |s: &str| s.replace('\\', "\\\\").replace(':', "\\:");
-    let mut line = parts
-        .iter()
-        .map(|p| esc(p.expose()))
-        .collect::<Vec<_>>()
-        .join(":");
+fn pgpass_line(credential: &str, parts: &[&FieldValue]) -> Result<String, ClientError> {
+    let mut out = Vec::new();
+    for p in parts {
+        let v = one_line(credential, "postgres", p.expose())?;
+        out.push(v.replace('\\', "\\\\").replace(':', "\\:"));
+    }
+    let mut line = out.join(":");
     line.push('\n');
-    line
+    Ok(line)
 }
 
 /// Output formats of `broker exchange`.
@@ -1331,6 +1346,21 @@ mod tests {
             aws("c", "S", Value::Null),
         ]);
         assert!(g.shape(&[], Some(tmp.path())).is_err());
+        // A line break in a value would add lines to the file: refused, without the value.
+        let g = grant_of(vec![
+            aws(
+                "a",
+                "P",
+                serde_json::json!({"session_token": "SECRET\n[evil]"}),
+            ),
+            aws("c", "S", Value::Null),
+        ]);
+        let e = g.shape(&[], Some(tmp.path())).unwrap_err();
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        let g = grant_of(vec![pg("db", "u", "pw\nh:1:*:*:x")]);
+        assert!(g.shape(&[], Some(tmp.path())).is_err());
+        // Without files the value only travels shell-quoted, which is safe.
+        assert!(g.shape(&[], None).is_ok());
     }
 
     #[cfg(unix)]

@@ -1074,7 +1074,7 @@ async fn exchange_status(broker_url: &str, token: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-/// A GitLab policy: acme/api's protected main branch gets a database user on `pg`.
+/// A GitLab policy: acme/api's protected main branch gets database users on `pg`.
 fn gitlab_pg_policy(pg: &PgTarget) -> String {
     format!(
         r#"credentials:
@@ -1085,10 +1085,17 @@ fn gitlab_pg_policy(pg: &PgTarget) -> String {
       database: {db}
       roles: [{reader}]
       owner: {owner}
+  - name: report-db
+    max_ttl: 15m
+    postgres:
+      target: main
+      database: {db}
+      roles: [{reader}]
+      owner: {owner}
 rules:
   - name: acme-api-gitlab-main-db
     issuer: gitlab
-    credentials: [app-db]
+    credentials: [app-db, report-db]
     max_ttl: 10m
     when: >
       claims.project_id == "2000001" && claims.namespace_id == "3000001" &&
@@ -1113,6 +1120,15 @@ const GITLAB_PG_CI: &str = r#"include:
         - env | cut -d= -f1 | grep -E '^(PG|DATABASE_URL$|BROKER_)' | sort > "$OUT/names"
         - printf '%s' "$PGPASSWORD" > "$OUT/password"
         - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: app-db,report-db
+      job-name: two-dbs
+      script:
+        - psql "$APP_DB_DATABASE_URL" -w -Atc 'select current_user' > "$OUT/two-app"
+        - PGPASSFILE="$REPORT_DB_PGPASSFILE" psql -h "$REPORT_DB_PGHOST" -p "$REPORT_DB_PGPORT" -d "$REPORT_DB_PGDATABASE" -U "$REPORT_DB_PGUSER" -w -Atc 'select current_user' > "$OUT/two-report"
+        - env | cut -d= -f1 | grep -E '^(PG|DATABASE_URL$|APP_DB_|REPORT_DB_)' | sort > "$OUT/two-names"
 "#;
 
 /// gitlab-ci-local with a `postgres` credential, the audience left to its default, and the job
@@ -1209,6 +1225,62 @@ async fn gitlab_component_postgres_credential_and_default_audience() {
     let bad = leaked(&log, &[&password, &rvk, &id_token]);
     assert!(bad.is_empty(), "secret in the log: {bad:?}");
 
+    // Two postgres credentials in one job: every variable prefixed, none plain, each usable.
+    let (ran, log) = gitlab_ci_local(
+        &tools,
+        &repo,
+        &[
+            ("BROKER_ID_TOKEN", gitlab_id_token(&gitlab.url(), &aud)),
+            vars[1].clone(),
+            vars[2].clone(),
+            vars[3].clone(),
+        ],
+        &["two-dbs"],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    let (app, report) = (read("two-app"), read("two-report"));
+    assert!(app.starts_with(&pg.prefix) && report.starts_with(&pg.prefix));
+    assert_ne!(app.trim(), report.trim(), "two roles");
+    let names: Vec<String> = read("two-names").lines().map(str::to_owned).collect();
+    for n in ["PGUSER", "PGPASSWORD", "DATABASE_URL", "PGPASSFILE"] {
+        assert!(!names.iter().any(|x| x == n), "no plain {n}: {names:?}");
+        for p in ["APP_DB_", "REPORT_DB_"] {
+            assert!(names.contains(&format!("{p}{n}")), "{p}{n} in {names:?}");
+        }
+    }
+
+    // Two credentials on one variable: the client refuses (exit 2) and revokes the grant it got
+    // rather than leaving two live database users behind.
+    let work2 = tempfile::tempdir().unwrap();
+    let token_file = work2.path().join("id-token");
+    std::fs::write(&token_file, gitlab_id_token(&gitlab.url(), &aud)).unwrap();
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args(["exchange", "--broker-url", &broker.url, "-c"])
+        .arg("app-db=DB,report-db=DB")
+        .arg("--token-file")
+        .arg(&token_file);
+    let ran = run(cmd, work2.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("two credentials would set DB"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr.contains("broker: grant revoked"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stdout.is_empty(), "nothing printed: {}", ran.stdout);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
+            .bind(&pg.prefix)
+            .fetch_one(&pg.admin)
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "every minted role is dropped");
+
     broker.kill();
     gitlab.shutdown().await;
     db.cleanup().await;
@@ -1226,6 +1298,24 @@ async fn client_subcommands_against_the_real_broker() {
         testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
     )
     .unwrap();
+    // `--attempts 0` is a usage error, and the job token is not spent (the exchange below
+    // uses it).
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args(["exchange", "--broker-url", &e.broker.url, "--attempts", "0"])
+        .args(["-c", "deploy-api", "--token-file"])
+        .arg(&token_file);
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.stderr);
+    assert!(ran.stderr.contains("0 tries would never ask the broker"));
+    // `broker require` where no exchange wrote its directory: exit 1, `no_exchange`.
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.arg("require")
+        .env("BROKER_SECRETS_DIR", work.path().join("none"))
+        .env_remove("BROKER_GRANT_ID");
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    assert!(ran.stderr.contains("[no_exchange]"), "{}", ran.stderr);
+
     let mut cmd = Command::new(integration::broker_bin());
     cmd.args(["exchange", "--broker-url", &e.broker.url, "-c"])
         .arg("deploy-api=API_TOKEN")
