@@ -1419,3 +1419,75 @@ async fn gitlab_example_pipeline_expands_and_validates() {
         json!("https://broker.example.com")
     );
 }
+
+/// The component's `spec: inputs`, as the CI/CD catalog shows them: every input has a `type` and
+/// a `description`, and gitlab-ci-local (which checks inputs as GitLab does) refuses a pipeline
+/// whose inputs break the declared types and regexes before any job runs.
+#[tokio::test]
+async fn gitlab_component_inputs_are_typed_and_checked() {
+    let template =
+        std::fs::read_to_string(repo_root().join("action/gitlab/templates/credentials.yml"))
+            .unwrap();
+    let header = template
+        .split("\n---\n")
+        .next()
+        .expect("a spec header before `---`");
+    let spec: Value = serde_saphyr::from_str(header).expect("the header is YAML");
+    let inputs = spec["spec"]["inputs"].as_object().expect("spec: inputs");
+    assert!(inputs.len() >= 8, "{inputs:?}");
+    for (name, i) in inputs {
+        assert!(
+            matches!(
+                i["type"].as_str(),
+                Some("string" | "number" | "boolean" | "array")
+            ),
+            "{name}: type"
+        );
+        assert!(
+            i["description"].as_str().is_some_and(|d| d.len() > 10),
+            "{name}: description"
+        );
+    }
+    assert_eq!(inputs["audience"]["default"], json!("$BROKER_URL"));
+    assert_eq!(inputs["attempts"]["type"], json!("number"));
+    for required in ["broker-url", "credentials"] {
+        assert!(inputs[required].get("default").is_none(), "{required}");
+    }
+
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    let ok = [
+        ("broker-url", "https://broker.example.com"),
+        ("credentials", "a, b=B_TOKEN"),
+    ];
+    for (input, bad, says) in [
+        (
+            "broker-url",
+            "ftp://broker",
+            "does not match required regex",
+        ),
+        ("credentials", "a b", "does not match required regex"),
+        ("credentials", "a=1BAD", "does not match required regex"),
+        ("ttl", "5 minutes", "does not match required regex"),
+        ("attempts", "many", "number"),
+        ("job-name", "a job", "does not match required regex"),
+    ] {
+        let mut inputs: Vec<(&str, &str)> = ok.to_vec();
+        inputs.retain(|(k, _)| *k != input);
+        inputs.push((input, bad));
+        let mut pipeline =
+            "include:\n  - local: templates/credentials.yml\n    inputs:\n".to_owned();
+        for (k, v) in inputs {
+            pipeline.push_str(&format!("      {k}: \"{v}\"\n"));
+        }
+        let work = tempfile::tempdir().unwrap();
+        let repo = gitlab_repo(work.path(), &pipeline);
+        let (ran, log) = gitlab_ci_local(&tools, &repo, &[], &["--preview"]).await;
+        assert_ne!(ran.code, Some(0), "{input}={bad:?} accepted: {log}");
+        assert!(log.contains(says), "{input}={bad:?}: {log}");
+    }
+}
