@@ -1497,3 +1497,173 @@ async fn gitlab_component_inputs_are_typed_and_checked() {
         assert!(log.contains(says), "{input}={bad:?}: {log}");
     }
 }
+
+/// `broker exchange` with two `aws_sts` credentials, against the real broker minting on moto
+/// (STS + IAM). Proves: with `--out-dir`, no `AWS_*` key variable is set and each credential is
+/// a named profile in the private (0600) `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`, which
+/// the AWS SDK reads (credentials and region per profile) and moto accepts as the assumed role;
+/// without `--out-dir` the client refuses (exit 2) and revokes the grant it got.
+#[tokio::test]
+// aws-config's profile providers take `ProfileFiles`, a deprecated alias of a type of a crate
+// this workspace does not depend on directly.
+#[allow(deprecated)]
+async fn client_several_aws_credentials_become_sdk_profiles() {
+    use aws_config::meta::region::ProvideRegion;
+    use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
+    use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
+    use integration::moto::{KEY_ID, Moto, SECRET};
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let arn = moto
+        .create_role(&format!(
+            "deploy-{:08x}",
+            (uuid::Uuid::new_v4().as_u128() >> 64) as u32
+        ))
+        .await;
+    let github = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let policies = tempfile::tempdir().unwrap();
+    let policy = format!(
+        "credentials:\n  - name: prod\n    max_ttl: 30m\n    aws_sts: {{target: main, role_arn: \"{arn}\", region: eu-west-1}}\n  - name: staging\n    max_ttl: 30m\n    aws_sts: {{target: main, role_arn: \"{arn}\", region: eu-central-1}}\nrules:\n  - name: acme\n    issuer: github\n    credentials: [prod, staging]\n    when: claims.repository_id == \"1000001\"\n"
+    );
+    std::fs::write(policies.path().join("aws.yaml"), policy).unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let mut broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: policies.path(),
+        issuers_yaml: github_issuer_yaml(&github.url()),
+        audience: AUD,
+        extra_yaml: format!(
+            "targets:\n  aws:\n    main:\n      region: us-east-1\n      endpoint_url: {}\n",
+            moto.url
+        ),
+        env,
+    })
+    .await
+    .expect("broker starts");
+    let work = tempfile::tempdir().unwrap();
+    let exchange = |out_dir: Option<PathBuf>| {
+        let token_file = work.path().join(format!("id-{}", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &token_file,
+            testkit::sign(TestKey::Rsa1, &acme_api_claims(&github.url(), AUD)),
+        )
+        .unwrap();
+        let mut cmd = Command::new(integration::broker_bin());
+        cmd.args([
+            "exchange",
+            "--broker-url",
+            &broker.url,
+            "-c",
+            "prod,staging",
+        ])
+        .arg("--token-file")
+        .arg(&token_file);
+        if let Some(d) = out_dir {
+            cmd.arg("--out-dir").arg(d);
+        }
+        cmd
+    };
+
+    // Without --out-dir there is nowhere to put the profiles: refused, and the grant revoked.
+    let ran = run(exchange(None), work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.stderr);
+    assert!(ran.stderr.contains("give --out-dir"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("broker: grant revoked"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stdout.is_empty());
+
+    let dir = work.path().join("creds");
+    let ran = run(
+        exchange(Some(dir.clone())),
+        work.path(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    let env = std::fs::read_to_string(dir.join("env")).unwrap();
+    let creds_file = dir.join("aws-credentials");
+    let config_file = dir.join("aws-config");
+    assert!(env.contains(&format!(
+        "export AWS_SHARED_CREDENTIALS_FILE='{}'",
+        creds_file.display()
+    )));
+    assert!(env.contains(&format!(
+        "export AWS_CONFIG_FILE='{}'",
+        config_file.display()
+    )));
+    for plain in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        assert!(!env.contains(&format!("export {plain}=")), "{plain}: {env}");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&creds_file, &config_file] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+    }
+    let files = ProfileFiles::builder()
+        .with_file(ProfileFileKind::Credentials, &creds_file)
+        .with_file(ProfileFileKind::Config, &config_file)
+        .build();
+    let secret_lines = std::fs::read_to_string(&creds_file).unwrap();
+    for (profile, region) in [("prod", "eu-west-1"), ("staging", "eu-central-1")] {
+        let creds = ProfileFileCredentialsProvider::builder()
+            .profile_files(files.clone())
+            .profile_name(profile)
+            .build();
+        let regions = ProfileFileRegionProvider::builder()
+            .profile_files(files.clone())
+            .profile_name(profile)
+            .build();
+        let r = ProvideRegion::region(&regions).await;
+        assert_eq!(
+            r.map(|r| r.to_string()),
+            Some(region.to_owned()),
+            "{profile}"
+        );
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&moto.url)
+            .credentials_provider(creds)
+            .load()
+            .await;
+        let who = aws_sdk_sts::Client::new(&sdk)
+            .get_caller_identity()
+            .send()
+            .await
+            .expect("GetCallerIdentity with the profile")
+            .arn()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(who.contains(":assumed-role/"), "{profile}: {who}");
+    }
+    // Nothing secret on stderr (stdout is empty with --out-dir).
+    assert!(ran.stdout.is_empty());
+    for l in secret_lines.lines().filter_map(|l| l.split_once(" = ")) {
+        assert!(!ran.stderr.contains(l.1), "{} on stderr", l.0);
+    }
+    broker.kill();
+    github.shutdown().await;
+    db.cleanup().await;
+}
