@@ -1,7 +1,10 @@
-//! The job-side client: `broker exchange` and `broker revoke`.
+//! The job-side client: `broker exchange`, `broker revoke` and `broker require`.
 //!
-//! One static binary serves both sides: a CI job (any image) runs `broker exchange` to trade its
-//! OIDC token for credentials and `broker revoke` when it ends.
+//! One binary serves both sides: a CI job (any image) runs `broker exchange` to trade its OIDC
+//! token for credentials, `broker require` to fail when that did not happen (a GitLab job whose
+//! own `before_script` replaced the component's), and `broker revoke` when it ends. The
+//! variables and files a job gets per credential kind are [`Shaped`]; docs/pipelines.md lists
+//! them for both integrations (the GitHub Action sets the same names).
 //!
 //! Invariants:
 //! - Secrets (the job token, minted secret fields, the revocation token) live in [`Sensitive`]
@@ -11,6 +14,8 @@
 //!   never on 4xx, so a 401/403 answer is final and shown at once.
 //! - A field is secret unless its name is on a short public list: an unknown field of a new
 //!   credential kind is treated as a secret (fail closed).
+//! - A grant the job cannot receive whole (a shape that needs files without `--out-dir`, two
+//!   credentials on one variable, a file that cannot be written) is revoked, not left alive.
 
 use crate::secret::Sensitive;
 use serde_json::Value;

@@ -956,7 +956,8 @@ async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Exit codes of the client subcommands: 3 refused (401/403: change the job or the policy),
-/// 4 broker unavailable after retries, 1 anything else.
+/// 4 broker unavailable after retries, 2 usage (including a grant the job cannot receive:
+/// several aws_sts without --out-dir, two credentials on one variable), 1 anything else.
 fn client_failure(e: &broker::client::ClientError) -> ExitCode {
     use broker::client::ClientError;
     eprintln!("error: {e} [{}]", e.reason_code());
@@ -966,6 +967,7 @@ fn client_failure(e: &broker::client::ClientError) -> ExitCode {
         ClientError::Refused { status, .. } if *status >= 500 || *status == 429 => {
             ExitCode::from(4)
         }
+        ClientError::Usage(_) => ExitCode::from(2),
         _ => ExitCode::FAILURE,
     }
 }
@@ -1048,30 +1050,28 @@ async fn exchange(args: ExchangeArgs) -> ExitCode {
         match g.shape(&args.credentials, args.out_dir.as_deref()) {
             Ok(s) => Some(s),
             Err(e) => {
-                eprintln!("error: {e} [{}]", e.reason_code());
-                match client.revoke(&g.revocation_token, &notice()).await {
-                    Ok(status) => eprintln!("broker: grant {status}"),
-                    Err(r) => eprintln!(
-                        "broker: revoking the unused grant failed [{}]; it expires at {}",
-                        r.reason_code(),
-                        g.expires_at
-                    ),
-                }
-                return ExitCode::from(2);
+                let code = client_failure(&e);
+                abandon(&client, g).await;
+                return code;
             }
         }
     } else {
         None
     };
+    // A grant the job cannot receive whole (a file could not be written) is revoked too.
     if let (Some(dir), Some(shaped)) = (&args.out_dir, &shaped)
         && let Err(e) = client::write_dir(dir, shaped)
     {
-        return client_failure(&e);
+        let code = client_failure(&e);
+        abandon(&client, g).await;
+        return code;
     }
     if let Some(f) = &args.revocation_file
         && let Err(e) = client::write_private(f, g.revocation_token.expose())
     {
-        return client_failure(&e);
+        let code = client_failure(&e);
+        abandon(&client, g).await;
+        return code;
     }
     match (format, &shaped) {
         (Some(client::Format::Json), _) => {
@@ -1088,6 +1088,18 @@ async fn exchange(args: ExchangeArgs) -> ExitCode {
         g.expires_at
     );
     ExitCode::SUCCESS
+}
+
+/// Revoke a grant the job will not use (fail closed: no credential stays alive unused).
+async fn abandon(client: &broker::client::Client, g: &broker::client::Grant) {
+    match client.revoke(&g.revocation_token, &notice()).await {
+        Ok(status) => eprintln!("broker: grant {status}"),
+        Err(r) => eprintln!(
+            "broker: revoking the unused grant failed [{}]; it expires at {}",
+            r.reason_code(),
+            g.expires_at
+        ),
+    }
 }
 
 fn require(args: RequireArgs) -> ExitCode {

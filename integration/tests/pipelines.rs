@@ -1358,6 +1358,37 @@ async fn client_subcommands_against_the_real_broker() {
     assert!(!ran.stderr.contains("attempt 1/"), "not retried");
     assert!(ran.stderr.contains("repository: \"acme/api\""));
     assert!(ran.stdout.is_empty());
+
+    // An output directory that cannot be created: exit 1 with `io_error`, and the grant that
+    // was already issued is revoked rather than left alive for nobody.
+    let fresh = work.path().join("id-token-2");
+    std::fs::write(
+        &fresh,
+        testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
+    )
+    .unwrap();
+    std::fs::write(work.path().join("a-file"), "").unwrap();
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args([
+        "exchange",
+        "--broker-url",
+        &e.broker.url,
+        "-c",
+        "deploy-api",
+    ])
+    .arg("--token-file")
+    .arg(&fresh)
+    .arg("--out-dir")
+    .arg(work.path().join("a-file/creds"));
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    assert!(ran.stderr.contains("[io_error]"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("broker: grant revoked"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stdout.is_empty());
     let _ = &e.db;
     e.finish().await;
 }
