@@ -1,7 +1,10 @@
-//! The job-side client: `broker exchange` and `broker revoke`.
+//! The job-side client: `broker exchange`, `broker revoke` and `broker require`.
 //!
-//! One static binary serves both sides: a CI job (any image) runs `broker exchange` to trade its
-//! OIDC token for credentials and `broker revoke` when it ends.
+//! One binary serves both sides: a CI job (any image) runs `broker exchange` to trade its OIDC
+//! token for credentials, `broker require` to fail when that did not happen (a GitLab job whose
+//! own `before_script` replaced the component's), and `broker revoke` when it ends. The
+//! variables and files a job gets per credential kind are [`Shaped`]; docs/pipelines.md lists
+//! them for both integrations (the GitHub Action sets the same names).
 //!
 //! Invariants:
 //! - Secrets (the job token, minted secret fields, the revocation token) live in [`Sensitive`]
@@ -11,6 +14,8 @@
 //!   never on 4xx, so a 401/403 answer is final and shown at once.
 //! - A field is secret unless its name is on a short public list: an unknown field of a new
 //!   credential kind is treated as a secret (fail closed).
+//! - A grant the job cannot receive whole (a shape that needs files without `--out-dir`, two
+//!   credentials on one variable, a file that cannot be written) is revoked, not left alive.
 
 use crate::secret::Sensitive;
 use serde_json::Value;
@@ -35,6 +40,8 @@ const PUBLIC_FIELDS: &[&str] = &[
     "region",
     "role_arn",
     "session_name",
+    "expiration",
+    "account_id",
 ];
 
 /// The most a `Retry-After` header may make us wait.
@@ -61,6 +68,8 @@ pub enum ClientError {
     Usage(String),
     #[error("{path}: {detail}")]
     Io { path: String, detail: String },
+    #[error("no broker exchange ran in this job: {0}")]
+    NoExchange(String),
 }
 
 impl ClientError {
@@ -74,6 +83,7 @@ impl ClientError {
             ClientError::BadResponse(_) => "bad_response",
             ClientError::Usage(_) => "usage",
             ClientError::Io { .. } => "io_error",
+            ClientError::NoExchange(_) => "no_exchange",
         }
     }
 
@@ -370,14 +380,28 @@ impl Grant {
         })
     }
 
-    /// The environment variables a job gets, in a stable order. Per kind:
-    /// `api_token` → `<NAME>_TOKEN`; `postgres` → `DATABASE_URL` (and `PGUSER`/`PGPASSWORD`
-    /// when given); `aws_sts` → `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`/
-    /// `AWS_REGION`; any other kind → `<NAME>_<FIELD>` for every field. A requested env name
-    /// replaces the variable of the main secret. `BROKER_GRANT_ID` and `BROKER_REVOCATION_TOKEN`
-    /// come last so `broker revoke` finds the grant.
-    pub fn env_vars(&self, requests: &[CredentialRequest]) -> Vec<(String, FieldValue)> {
-        let mut out = Vec::new();
+    /// The environment variables and private files a job gets, in a stable order. See
+    /// [`Shaped`] for the rules per kind. `dir` is where files go (`--out-dir`): without it, no
+    /// `.pgpass` is written, and several `aws_sts` credentials (which exist only as profiles in
+    /// files) are refused. A result where two credentials would set the same variable is refused
+    /// too (fail closed: a silently overwritten credential is a wrong credential).
+    pub fn shape(
+        &self,
+        requests: &[CredentialRequest],
+        dir: Option<&Path>,
+    ) -> Result<Shaped, ClientError> {
+        let mut per_kind: BTreeMap<&str, usize> = BTreeMap::new();
+        for c in &self.credentials {
+            *per_kind.entry(c.kind.as_str()).or_default() += 1;
+        }
+        let several = |kind: &str| per_kind.get(kind).copied().unwrap_or(0) > 1;
+        let public = |s: String| FieldValue::Public(s);
+        let mut vars: Vec<(String, FieldValue)> = Vec::new();
+        let mut files: Vec<(String, FieldValue)> = Vec::new();
+        let mut pgpass = String::new();
+        let mut pgpass_vars = Vec::new();
+        let mut aws_credentials = String::new();
+        let mut aws_config = String::new();
         for c in &self.credentials {
             let custom = requests
                 .iter()
@@ -388,29 +412,100 @@ impl Grant {
             match c.kind.as_str() {
                 "api_token" => {
                     if let Some(t) = field("token") {
-                        out.push((custom.unwrap_or(format!("{stem}_TOKEN")), t));
+                        vars.push((custom.unwrap_or(format!("{stem}_TOKEN")), t));
                     }
                 }
                 "postgres" => {
-                    if let Some(u) = field("url").or_else(|| field("database_url")) {
-                        out.push((custom.unwrap_or("DATABASE_URL".into()), u));
+                    let prefix = if several("postgres") {
+                        format!("{stem}_")
+                    } else {
+                        String::new()
+                    };
+                    let url = field("database_url").or_else(|| field("url"));
+                    let user = field("username").or_else(|| field("user"));
+                    for (var, v) in [
+                        ("PGHOST", field("host")),
+                        ("PGPORT", field("port")),
+                        ("PGDATABASE", field("database")),
+                        ("PGUSER", user.clone()),
+                        ("PGPASSWORD", field("password")),
+                        (
+                            "PGSSLMODE",
+                            url.as_ref()
+                                .and_then(|u| sslmode_of(u.expose()))
+                                .map(public),
+                        ),
+                    ] {
+                        if let Some(v) = v {
+                            vars.push((format!("{prefix}{var}"), v));
+                        }
                     }
-                    if let Some(u) = field("username") {
-                        out.push(("PGUSER".into(), u));
+                    if let Some(u) = url {
+                        vars.push((custom.unwrap_or(format!("{prefix}DATABASE_URL")), u));
                     }
-                    if let Some(p) = field("password") {
-                        out.push(("PGPASSWORD".into(), p));
+                    // `.pgpass` only goes with an output directory.
+                    if let (Some(_), Some(h), Some(p), Some(d), Some(u), Some(pw)) = (
+                        dir,
+                        field("host"),
+                        field("port"),
+                        field("database"),
+                        user,
+                        field("password"),
+                    ) {
+                        pgpass.push_str(&pgpass_line(&c.name, &[&h, &p, &d, &u, &pw])?);
+                        pgpass_vars.push(format!("{prefix}PGPASSFILE"));
                     }
                 }
                 "aws_sts" => {
-                    for (k, var) in [
-                        ("access_key_id", "AWS_ACCESS_KEY_ID"),
-                        ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
-                        ("session_token", "AWS_SESSION_TOKEN"),
-                        ("region", "AWS_REGION"),
+                    let expiration = field("expiration").or_else(|| field("expires_at"));
+                    let account =
+                        field("account_id")
+                            .map(|a| a.expose().to_owned())
+                            .or_else(|| {
+                                ["role_arn", "assumed_role_arn"]
+                                    .iter()
+                                    .find_map(|k| field(k).and_then(|a| account_of_arn(a.expose())))
+                            });
+                    if several("aws_sts") {
+                        if !valid_profile_name(&c.name) {
+                            return Err(ClientError::BadResponse(format!(
+                                "credential name {:?} cannot be an AWS profile name",
+                                c.name
+                            )));
+                        }
+                        aws_credentials.push_str(&format!("[{}]\n", c.name));
+                        for (k, key) in [
+                            ("access_key_id", "aws_access_key_id"),
+                            ("secret_access_key", "aws_secret_access_key"),
+                            ("session_token", "aws_session_token"),
+                        ] {
+                            if let Some(v) = field(k) {
+                                let v = one_line(&c.name, k, v.expose())?;
+                                aws_credentials.push_str(&format!("{key} = {v}\n"));
+                            }
+                        }
+                        aws_config.push_str(&format!("[profile {}]\n", c.name));
+                        if let Some(r) = field("region") {
+                            let r = one_line(&c.name, "region", r.expose())?;
+                            aws_config.push_str(&format!("region = {r}\n"));
+                        }
+                        continue;
+                    }
+                    for (var, v) in [
+                        ("AWS_ACCESS_KEY_ID", field("access_key_id")),
+                        ("AWS_SECRET_ACCESS_KEY", field("secret_access_key")),
+                        ("AWS_SESSION_TOKEN", field("session_token")),
+                        ("AWS_REGION", field("region")),
+                        ("AWS_DEFAULT_REGION", field("region")),
+                        // The expiration and the account are not secret: tools print them.
+                        (
+                            "AWS_CREDENTIAL_EXPIRATION",
+                            expiration.map(|e| public(e.expose().to_owned())),
+                        ),
+                        ("AWS_ACCOUNT_ID", account.map(public)),
                     ] {
-                        if let Some(v) = field(k) {
-                            out.push((var.to_owned(), v));
+                        if let Some(v) = v {
+                            vars.push((var.to_owned(), v));
                         }
                     }
                 }
@@ -419,21 +514,165 @@ impl Grant {
                         if k == "kind" {
                             continue;
                         }
-                        out.push((format!("{stem}_{}", env_stem(k)), v.clone()));
+                        vars.push((format!("{stem}_{}", env_stem(k)), v.clone()));
                     }
                 }
             }
         }
-        out.push((
-            "BROKER_GRANT_ID".into(),
-            FieldValue::Public(self.grant_id.clone()),
-        ));
-        out.push((
+        if !pgpass.is_empty()
+            && let Some(dir) = dir
+        {
+            let path = dir.join(PGPASS_FILE).display().to_string();
+            for v in pgpass_vars {
+                vars.push((v, public(path.clone())));
+            }
+            files.push((
+                PGPASS_FILE.into(),
+                FieldValue::Secret(Sensitive::new(pgpass)),
+            ));
+        }
+        if !aws_credentials.is_empty() {
+            let Some(dir) = dir else {
+                return Err(ClientError::Usage(
+                    "several aws_sts credentials are given as named profiles in files: give \
+                     --out-dir"
+                        .into(),
+                ));
+            };
+            for (var, file, text) in [
+                (
+                    "AWS_SHARED_CREDENTIALS_FILE",
+                    AWS_CREDENTIALS_FILE,
+                    FieldValue::Secret(Sensitive::new(aws_credentials)),
+                ),
+                ("AWS_CONFIG_FILE", AWS_CONFIG_FILE, public(aws_config)),
+            ] {
+                vars.push((var.into(), public(dir.join(file).display().to_string())));
+                files.push((file.into(), text));
+            }
+        }
+        vars.push(("BROKER_GRANT_ID".into(), public(self.grant_id.clone())));
+        vars.push((
             "BROKER_REVOCATION_TOKEN".into(),
             FieldValue::Secret(self.revocation_token.clone()),
         ));
-        out
+        let mut seen = std::collections::BTreeSet::new();
+        for (k, _) in &vars {
+            if !seen.insert(k.as_str()) {
+                return Err(ClientError::Usage(format!(
+                    "two credentials would set {k}: give one another variable with NAME=VAR"
+                )));
+            }
+        }
+        Ok(Shaped { vars, files })
     }
+
+    /// The variables alone, for callers without an output directory (no `.pgpass`); a shape
+    /// that needs files, or where two credentials collide, is an error.
+    pub fn env_vars(
+        &self,
+        requests: &[CredentialRequest],
+    ) -> Result<Vec<(String, FieldValue)>, ClientError> {
+        Ok(self.shape(requests, None)?.vars)
+    }
+}
+
+/// `.pgpass` in the output directory: one line per postgres credential.
+pub const PGPASS_FILE: &str = ".pgpass";
+/// The AWS shared credentials file (several `aws_sts` credentials), one profile each.
+pub const AWS_CREDENTIALS_FILE: &str = "aws-credentials";
+/// The AWS config file beside it (the region of each profile).
+pub const AWS_CONFIG_FILE: &str = "aws-config";
+
+/// What a job gets from a grant.
+///
+/// - `api_token` → `<NAME>_TOKEN` (`deploy-api` → `DEPLOY_API_TOKEN`).
+/// - `postgres` → `PGHOST`, `PGPORT`, `PGDATABASE`, `PGUSER`, `PGPASSWORD`, `PGSSLMODE` (from the
+///   URL's `sslmode`) and `DATABASE_URL`; with an output directory also `.pgpass` (0600) and
+///   `PGPASSFILE` pointing at it.
+/// - `aws_sts` → `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`
+///   and `AWS_DEFAULT_REGION`, `AWS_CREDENTIAL_EXPIRATION` (public), `AWS_ACCOUNT_ID` (public;
+///   from `account_id` or the role ARN) when known.
+/// - any other kind → `<NAME>_<FIELD>` for every field.
+///
+/// Several credentials of one kind never share names: several `postgres` credentials each get
+/// their variables prefixed with `<NAME>_` (`ANALYTICS_DB_PGUSER`, `ANALYTICS_DB_DATABASE_URL`,
+/// `ANALYTICS_DB_PGPASSFILE`); several `aws_sts` credentials get no `AWS_*` key variables at all
+/// but one profile each (profile name = credential name) in a private
+/// `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE`. `NAME=VAR` renames the main secret's
+/// variable (`api_token`: the token; `postgres`: `DATABASE_URL`). Last come `BROKER_GRANT_ID`
+/// and `BROKER_REVOCATION_TOKEN`.
+#[derive(Debug, Clone)]
+pub struct Shaped {
+    pub vars: Vec<(String, FieldValue)>,
+    /// Files to write into the output directory (mode 0600), by file name.
+    pub files: Vec<(String, FieldValue)>,
+}
+
+impl Shaped {
+    /// `env` or `dotenv` lines of the variables.
+    /// `env` lines (`export NAME='value'`), or `dotenv` lines; `json` is not a shape of the
+    /// variables and gives the `env` lines (see [`render`] for the broker's JSON answer).
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Env | Format::Json => self
+                .vars
+                .iter()
+                .map(|(k, v)| format!("export {k}={}\n", shell_quote(v.expose())))
+                .collect(),
+            Format::Dotenv => self
+                .vars
+                .iter()
+                .map(|(k, v)| format!("{k}={}\n", dotenv_value(v.expose())))
+                .collect(),
+        }
+    }
+}
+
+/// The `sslmode` query parameter of a connection URL.
+fn sslmode_of(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    u.query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// `arn:aws:iam::123456789012:role/x` → `123456789012`.
+fn account_of_arn(arn: &str) -> Option<String> {
+    let account = arn.strip_prefix("arn:")?.split(':').nth(3)?;
+    (account.len() == 12 && account.chars().all(|c| c.is_ascii_digit())).then(|| account.to_owned())
+}
+
+/// A credential name usable as an AWS profile name in an INI section header.
+fn valid_profile_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A value written into a line-based file (`.pgpass`, the AWS INI files): a line break would
+/// let an answer add lines of its own, so it is refused. The error names the field, not the value.
+fn one_line<'a>(credential: &str, field: &str, v: &'a str) -> Result<&'a str, ClientError> {
+    if v.chars().any(char::is_control) {
+        return Err(ClientError::BadResponse(format!(
+            "credential {credential:?}: field `{field}` holds a control character"
+        )));
+    }
+    Ok(v)
+}
+
+/// One `.pgpass` line: `host:port:database:user:password`, `:` and `\` escaped.
+fn pgpass_line(credential: &str, parts: &[&FieldValue]) -> Result<String, ClientError> {
+    let mut out = Vec::new();
+    for p in parts {
+        let v = one_line(credential, "postgres", p.expose())?;
+        out.push(v.replace('\\', "\\\\").replace(':', "\\:"));
+    }
+    let mut line = out.join(":");
+    line.push('\n');
+    Ok(line)
 }
 
 /// Output formats of `broker exchange`.
@@ -479,27 +718,10 @@ fn dotenv_value(s: &str) -> String {
     }
 }
 
-/// Render the grant for stdout. This is where secrets are written out, on purpose: the caller
-/// captures stdout (`eval "$(broker exchange …)"`).
-pub fn render(
-    grant: &Grant,
-    raw: &Value,
-    requests: &[CredentialRequest],
-    format: Format,
-) -> String {
-    match format {
-        Format::Json => format!("{raw}\n"),
-        Format::Env => grant
-            .env_vars(requests)
-            .iter()
-            .map(|(k, v)| format!("export {k}={}\n", shell_quote(v.expose())))
-            .collect(),
-        Format::Dotenv => grant
-            .env_vars(requests)
-            .iter()
-            .map(|(k, v)| format!("{k}={}\n", dotenv_value(v.expose())))
-            .collect(),
-    }
+/// The broker's JSON answer for stdout (`--format json`). This, like [`Shaped::render`], is
+/// where secrets are written out, on purpose: the caller captures stdout.
+pub fn render_json(raw: &Value) -> String {
+    format!("{raw}\n")
 }
 
 /// Create (or replace) `path` with mode 0600 and write `text`.
@@ -519,29 +741,70 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), ClientError> {
 }
 
 /// Write every secret of the grant into `dir` (created with mode 0700): one file per variable
-/// (`DIR/<VAR>`, mode 0600), `DIR/env` (the `export` lines) and `DIR/dotenv`. Returns the paths.
-pub fn write_dir(
-    dir: &Path,
-    grant: &Grant,
-    requests: &[CredentialRequest],
-) -> Result<Vec<PathBuf>, ClientError> {
+/// (`DIR/<VAR>`, mode 0600), the shape's own files (`.pgpass`, the AWS profile files), `DIR/env`
+/// (the `export` lines) and `DIR/dotenv`. `shaped` must come from `grant.shape(_, Some(dir))`.
+/// Returns the paths.
+pub fn write_dir(dir: &Path, shaped: &Shaped) -> Result<Vec<PathBuf>, ClientError> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
     b.create(dir).map_err(|e| io_err(dir, e))?;
+    // An existing directory keeps its mode on create: make sure it is private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err(dir, e))?;
+    }
     let mut written = Vec::new();
-    for (k, v) in grant.env_vars(requests) {
-        let p = dir.join(&k);
+    for (name, v) in shaped.vars.iter().chain(&shaped.files) {
+        let p = dir.join(name);
         write_private(&p, v.expose())?;
         written.push(p);
     }
     for (file, format) in [("env", Format::Env), ("dotenv", Format::Dotenv)] {
         let p = dir.join(file);
-        write_private(&p, &render(grant, &Value::Null, requests, format))?;
+        write_private(&p, &shaped.render(format))?;
         written.push(p);
     }
     Ok(written)
+}
+
+/// `broker require`: the job's exchange ran. A job whose own `before_script` replaced the
+/// component's has neither the secrets directory nor `BROKER_GRANT_ID` from its `env` file; the
+/// check fails so the job fails instead of running without its credentials. Returns the grant id.
+pub fn require_exchanged(
+    dir: Option<&Path>,
+    grant_id_env: Option<&str>,
+) -> Result<String, ClientError> {
+    let missing = |why: &str| {
+        ClientError::NoExchange(format!(
+            "{why}: the job's credentials were never fetched. A job with its own before_script \
+             must start it with `!reference [.broker-credentials, before_script]`"
+        ))
+    };
+    let Some(dir) = dir else {
+        return Err(missing("BROKER_SECRETS_DIR is not set"));
+    };
+    let file = dir.join("BROKER_GRANT_ID");
+    let on_disk = match std::fs::read_to_string(&file) {
+        Ok(s) => s.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(missing(&format!("{} does not exist", file.display())));
+        }
+        Err(e) => return Err(io_err(&file, e)),
+    };
+    match grant_id_env.map(str::trim) {
+        Some(g) if !g.is_empty() && g == on_disk => Ok(on_disk),
+        Some(g) if !g.is_empty() => Err(missing(
+            "BROKER_GRANT_ID does not match the secrets directory's grant",
+        )),
+        _ => Err(missing(&format!(
+            "BROKER_GRANT_ID is not set ({}/env was not sourced)",
+            dir.display()
+        ))),
+    }
 }
 
 /// The broker endpoint and the retry schedule.
@@ -648,7 +911,14 @@ impl Client {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<reqwest::RequestBuilder, ClientError>>,
     {
-        let attempts = self.retry.attempts.max(1);
+        // Zero tries would send nothing and could only "fail" without asking: refuse it
+        // rather than quietly trying once.
+        let attempts = self.retry.attempts;
+        if attempts == 0 {
+            return Err(ClientError::Usage(
+                "attempts must be at least 1 (tries in all, the first included)".into(),
+            ));
+        }
         let mut n = 0;
         loop {
             n += 1;
@@ -785,9 +1055,13 @@ mod tests {
             "credentials": {
                 "deploy-api": {"kind": "api_token", "token": "eyJSECRETTOKEN", "token_type": "Bearer",
                                "audience": "https://deploy", "scope": "deploy:x", "expires_at": "2030-01-01T00:00:00Z"},
-                "db": {"kind": "postgres", "url": "postgres://u:SECRETPW@h/d", "username": "u", "password": "SECRETPW"},
+                "db": {"kind": "postgres", "host": "db.internal", "port": 5432, "database": "d",
+                       "username": "u", "password": "SECRETPW",
+                       "database_url": "postgresql://u:SECRETPW@db.internal:5432/d?sslmode=verify-full",
+                       "expires_at": "2030-01-01T00:00:00Z"},
                 "aws": {"kind": "aws_sts", "access_key_id": "AKIA1", "secret_access_key": "SECRETAWS",
-                        "session_token": "SECRETSESSION", "region": "eu-west-1"},
+                        "session_token": "SECRETSESSION", "region": "eu-west-1",
+                        "expiration": "2030-01-01T00:15:00Z"},
                 "thing": {"kind": "vault", "secret_id": "SECRETTHING", "ttl_seconds": 60}
             }
         })
@@ -795,6 +1069,7 @@ mod tests {
 
     fn vars(g: &Grant, reqs: &[CredentialRequest]) -> BTreeMap<String, (String, bool)> {
         g.env_vars(reqs)
+            .unwrap()
             .into_iter()
             .map(|(k, v)| (k, (v.expose().to_owned(), v.is_secret())))
             .collect()
@@ -807,13 +1082,34 @@ mod tests {
         assert_eq!(v["DEPLOY_API_TOKEN"], ("eyJSECRETTOKEN".into(), true));
         assert_eq!(
             v["DATABASE_URL"],
-            ("postgres://u:SECRETPW@h/d".into(), true)
+            (
+                "postgresql://u:SECRETPW@db.internal:5432/d?sslmode=verify-full".into(),
+                true
+            )
         );
+        assert_eq!(v["PGHOST"], ("db.internal".into(), false));
+        assert_eq!(v["PGPORT"], ("5432".into(), false));
+        assert_eq!(v["PGDATABASE"], ("d".into(), false));
         assert_eq!(v["PGUSER"], ("u".into(), false));
-        assert!(v["PGPASSWORD"].1);
+        assert_eq!(v["PGPASSWORD"], ("SECRETPW".into(), true));
+        assert_eq!(v["PGSSLMODE"], ("verify-full".into(), false));
+        // Without an output directory there is no .pgpass.
+        assert!(!v.contains_key("PGPASSFILE"));
+        assert_eq!(v["AWS_ACCESS_KEY_ID"], ("AKIA1".into(), true));
         assert_eq!(v["AWS_SECRET_ACCESS_KEY"], ("SECRETAWS".into(), true));
-        assert!(v["AWS_SESSION_TOKEN"].1);
+        assert_eq!(v["AWS_SESSION_TOKEN"], ("SECRETSESSION".into(), true));
         assert_eq!(v["AWS_REGION"], ("eu-west-1".into(), false));
+        assert_eq!(v["AWS_DEFAULT_REGION"], ("eu-west-1".into(), false));
+        assert_eq!(
+            v["AWS_CREDENTIAL_EXPIRATION"],
+            ("2030-01-01T00:15:00Z".into(), false)
+        );
+        // Neither the answer's account_id nor a role ARN: no account variable.
+        assert!(!v.contains_key("AWS_ACCOUNT_ID"));
+        assert!(
+            !v.keys()
+                .any(|k| k.starts_with("AWS_") && k.contains("FILE"))
+        );
         // An unknown kind: every field exported, unknown names are secret (fail closed).
         assert_eq!(v["THING_SECRET_ID"], ("SECRETTHING".into(), true));
         assert_eq!(v["THING_TTL_SECONDS"], ("60".into(), true));
@@ -854,9 +1150,10 @@ mod tests {
     fn env_format_quotes_safely() {
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
         let g = Grant::from_json(&grant_json()).unwrap();
-        let out = render(&g, &Value::Null, &[], Format::Env);
+        let shaped = g.shape(&[], None).unwrap();
+        let out = shaped.render(Format::Env);
         assert!(out.contains("export DEPLOY_API_TOKEN='eyJSECRETTOKEN'\n"));
-        let d = render(&g, &Value::Null, &[], Format::Dotenv);
+        let d = shaped.render(Format::Dotenv);
         assert!(d.contains("DEPLOY_API_TOKEN=eyJSECRETTOKEN\n"));
         assert_eq!(dotenv_value("a b\"\n"), "\"a b\\\"\\n\"");
         assert_eq!(env_stem("9-lives.x"), "_9_LIVES_X");
@@ -870,8 +1167,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("creds");
         let g = Grant::from_json(&grant_json()).unwrap();
-        let files = write_dir(&dir, &g, &[]).unwrap();
+        let files = write_dir(&dir, &g.shape(&[], Some(&dir)).unwrap()).unwrap();
         assert!(files.len() > 5);
+        assert!(files.contains(&dir.join(".pgpass")));
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
         for f in &files {
@@ -884,8 +1182,278 @@ mod tests {
         // Rewriting replaces a file that had wider permissions.
         let p = dir.join("env");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        write_dir(&dir, &g, &[]).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        write_dir(&dir, &g.shape(&[], Some(&dir)).unwrap()).unwrap();
         assert_eq!(mode(&p), 0o600);
+        assert_eq!(mode(&dir), 0o700, "an existing directory is made private");
+    }
+
+    fn pg(name: &str, user: &str, pw: &str) -> (String, Value) {
+        (
+            name.to_owned(),
+            serde_json::json!({"kind": "postgres", "host": "h", "port": 5432, "database": "app",
+                "username": user, "password": pw,
+                "database_url": format!("postgresql://{user}:{pw}@h:5432/app?sslmode=disable")}),
+        )
+    }
+
+    fn aws(name: &str, key: &str, extra: Value) -> (String, Value) {
+        let mut v = serde_json::json!({"kind": "aws_sts", "access_key_id": format!("AKIA{key}"),
+            "secret_access_key": format!("SECRET{key}"), "session_token": format!("SESSION{key}"),
+            "region": "eu-central-1", "expiration": "2030-01-01T00:15:00Z"});
+        if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        (name.to_owned(), v)
+    }
+
+    fn grant_of(creds: Vec<(String, Value)>) -> Grant {
+        let creds: serde_json::Map<String, Value> = creds.into_iter().collect();
+        Grant::from_json(&serde_json::json!({
+            "grant_id": "g-1", "expires_at": "2030-01-01T00:00:00Z",
+            "revocation_token": "brk_rvk_SECRETREVOKE", "credentials": creds,
+        }))
+        .unwrap()
+    }
+
+    fn shaped_vars(s: &Shaped) -> BTreeMap<String, String> {
+        s.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn one_postgres_credential_gets_plain_names_and_a_pgpass() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = grant_of(vec![pg("db", "u1", "pa:ss\\w")]);
+        let s = g
+            .shape(&["db=PRIMARY_DB".parse().unwrap()], Some(tmp.path()))
+            .unwrap();
+        let v = shaped_vars(&s);
+        for k in [
+            "PGHOST",
+            "PGPORT",
+            "PGDATABASE",
+            "PGUSER",
+            "PGPASSWORD",
+            "PGSSLMODE",
+            "PGPASSFILE",
+        ] {
+            assert!(v.contains_key(k), "{k}: {v:?}");
+        }
+        assert_eq!(v["PGSSLMODE"], "disable");
+        // `name=VAR` renames DATABASE_URL only.
+        assert!(v.contains_key("PRIMARY_DB") && !v.contains_key("DATABASE_URL"));
+        assert_eq!(
+            v["PGPASSFILE"],
+            tmp.path().join(".pgpass").display().to_string()
+        );
+        let (name, pgpass) = &s.files[0];
+        assert_eq!(name, ".pgpass");
+        assert!(pgpass.is_secret());
+        // `:` and `\` in a value are escaped so libpq reads the password back whole.
+        assert_eq!(pgpass.expose(), "h:5432:app:u1:pa\\:ss\\\\w\n");
+    }
+
+    #[test]
+    fn several_postgres_credentials_are_all_prefixed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = grant_of(vec![
+            pg("analytics-db", "ua", "PWA"),
+            pg("app-db", "ub", "PWB"),
+        ]);
+        let s = g.shape(&[], Some(tmp.path())).unwrap();
+        let v = shaped_vars(&s);
+        assert!(
+            !v.keys().any(|k| k.starts_with("PG") || k == "DATABASE_URL"),
+            "no plain names when there are several: {v:?}"
+        );
+        assert_eq!(v["ANALYTICS_DB_PGUSER"], "ua");
+        assert_eq!(v["APP_DB_PGUSER"], "ub");
+        assert_eq!(v["APP_DB_PGPASSWORD"], "PWB");
+        assert!(v["ANALYTICS_DB_DATABASE_URL"].contains("ua:PWA@"));
+        assert_eq!(v["ANALYTICS_DB_PGPASSFILE"], v["APP_DB_PGPASSFILE"]);
+        let pgpass = s.files[0].1.expose();
+        assert_eq!(pgpass.lines().count(), 2);
+        assert!(pgpass.contains(":ua:PWA") && pgpass.contains(":ub:PWB"));
+    }
+
+    #[test]
+    fn one_aws_credential_gets_region_expiration_and_account() {
+        let g = grant_of(vec![aws(
+            "deploy-aws",
+            "1",
+            serde_json::json!({"role_arn": "arn:aws:iam::123456789012:role/deploy"}),
+        )]);
+        let v = vars(&g, &[]);
+        assert_eq!(v["AWS_ACCESS_KEY_ID"].0, "AKIA1");
+        assert_eq!(v["AWS_SECRET_ACCESS_KEY"], ("SECRET1".into(), true));
+        assert_eq!(v["AWS_SESSION_TOKEN"], ("SESSION1".into(), true));
+        assert_eq!(v["AWS_REGION"], ("eu-central-1".into(), false));
+        assert_eq!(v["AWS_DEFAULT_REGION"], ("eu-central-1".into(), false));
+        assert_eq!(
+            v["AWS_CREDENTIAL_EXPIRATION"],
+            ("2030-01-01T00:15:00Z".into(), false)
+        );
+        assert_eq!(v["AWS_ACCOUNT_ID"], ("123456789012".into(), false));
+        // An account id in the answer wins over the ARN.
+        let g = grant_of(vec![aws(
+            "a",
+            "1",
+            serde_json::json!({"account_id": "000000000042", "role_arn": "arn:aws:iam::123456789012:role/x"}),
+        )]);
+        assert_eq!(vars(&g, &[])["AWS_ACCOUNT_ID"].0, "000000000042");
+        assert_eq!(account_of_arn("arn:aws:iam::12:role/x"), None);
+        assert_eq!(account_of_arn("not-an-arn"), None);
+    }
+
+    #[test]
+    fn several_aws_credentials_become_profiles_in_private_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let g = grant_of(vec![
+            aws("prod", "P", Value::Null),
+            aws("staging", "S", Value::Null),
+        ]);
+        // Files are the only shape: without an output directory the exchange is refused.
+        let e = g.shape(&[], None).unwrap_err();
+        assert_eq!(e.reason_code(), "usage");
+        assert!(e.to_string().contains("--out-dir"));
+        let s = g.shape(&[], Some(tmp.path())).unwrap();
+        let v = shaped_vars(&s);
+        assert!(
+            !v.keys()
+                .any(|k| k.starts_with("AWS_") && !k.ends_with("_FILE")),
+            "no plain AWS keys: {v:?}"
+        );
+        assert_eq!(
+            v["AWS_SHARED_CREDENTIALS_FILE"],
+            tmp.path().join(AWS_CREDENTIALS_FILE).display().to_string()
+        );
+        assert_eq!(
+            v["AWS_CONFIG_FILE"],
+            tmp.path().join(AWS_CONFIG_FILE).display().to_string()
+        );
+        let files: BTreeMap<_, _> = s.files.iter().cloned().collect();
+        let creds = &files[AWS_CREDENTIALS_FILE];
+        assert!(creds.is_secret());
+        assert_eq!(
+            creds.expose(),
+            "[prod]\naws_access_key_id = AKIAP\naws_secret_access_key = SECRETP\n\
+             aws_session_token = SESSIONP\n[staging]\naws_access_key_id = AKIAS\n\
+             aws_secret_access_key = SECRETS\naws_session_token = SESSIONS\n"
+        );
+        assert_eq!(
+            files[AWS_CONFIG_FILE].expose(),
+            "[profile prod]\nregion = eu-central-1\n[profile staging]\nregion = eu-central-1\n"
+        );
+        // A name that cannot be an INI section is refused, not written.
+        let g = grant_of(vec![
+            aws("a]b", "P", Value::Null),
+            aws("c", "S", Value::Null),
+        ]);
+        assert!(g.shape(&[], Some(tmp.path())).is_err());
+        // A line break in a value would add lines to the file: refused, without the value.
+        let g = grant_of(vec![
+            aws(
+                "a",
+                "P",
+                serde_json::json!({"session_token": "SECRET\n[evil]"}),
+            ),
+            aws("c", "S", Value::Null),
+        ]);
+        let e = g.shape(&[], Some(tmp.path())).unwrap_err();
+        assert!(!e.to_string().contains("SECRET"), "{e}");
+        let g = grant_of(vec![pg("db", "u", "pw\nh:1:*:*:x")]);
+        assert!(g.shape(&[], Some(tmp.path())).is_err());
+        // Without files the value only travels shell-quoted, which is safe.
+        assert!(g.shape(&[], None).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn aws_profile_files_are_written_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("creds");
+        let g = grant_of(vec![aws("p", "P", Value::Null), aws("q", "Q", Value::Null)]);
+        write_dir(&dir, &g.shape(&[], Some(&dir)).unwrap()).unwrap();
+        for f in [AWS_CREDENTIALS_FILE, AWS_CONFIG_FILE, "env", "dotenv"] {
+            let m = std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(m, 0o600, "{f}");
+        }
+        let env = std::fs::read_to_string(dir.join("env")).unwrap();
+        assert!(env.contains("export AWS_SHARED_CREDENTIALS_FILE="));
+        assert!(
+            !env.contains("SECRETP"),
+            "keys live in the profile file only"
+        );
+    }
+
+    #[test]
+    fn two_credentials_on_one_variable_are_refused() {
+        let g = grant_of(vec![
+            (
+                "a".into(),
+                serde_json::json!({"kind": "api_token", "token": "T1"}),
+            ),
+            (
+                "b".into(),
+                serde_json::json!({"kind": "api_token", "token": "T2"}),
+            ),
+        ]);
+        let reqs = vec!["a=TOKEN".parse().unwrap(), "b=TOKEN".parse().unwrap()];
+        let e = g.shape(&reqs, None).unwrap_err();
+        assert!(e.to_string().contains("TOKEN"), "{e}");
+        assert!(!e.to_string().contains("T1"));
+        // `db-a` and `db_a` map to the same stem.
+        let g = grant_of(vec![pg("db-a", "u", "p"), pg("db_a", "v", "q")]);
+        assert!(g.shape(&[], None).is_err());
+    }
+
+    #[test]
+    fn require_checks_the_exchange_ran() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("creds");
+        let e = require_exchanged(None, None).unwrap_err();
+        assert_eq!(e.reason_code(), "no_exchange");
+        assert!(e.to_string().contains("!reference"));
+        let e = require_exchanged(Some(&dir), Some("g-1")).unwrap_err();
+        assert_eq!(e.reason_code(), "no_exchange");
+        let g = grant_of(vec![]);
+        write_dir(&dir, &g.shape(&[], Some(&dir)).unwrap()).unwrap();
+        // The files exist but the env file was not sourced.
+        assert_eq!(
+            require_exchanged(Some(&dir), None)
+                .unwrap_err()
+                .reason_code(),
+            "no_exchange"
+        );
+        assert!(require_exchanged(Some(&dir), Some("other")).is_err());
+        assert_eq!(require_exchanged(Some(&dir), Some("g-1")).unwrap(), "g-1");
+    }
+
+    #[tokio::test]
+    async fn zero_attempts_are_refused_without_asking() {
+        let (url, calls) = fake(vec![(200, grant_json())]).await;
+        let mut c = fast(&url);
+        c.retry.attempts = 0;
+        let tok = TokenSource::Value(Sensitive::new("a.b.c"));
+        let e = c
+            .exchange(&tok, &no_env, &[], None, &quiet())
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason_code(), "usage");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        c.retry.attempts = 1;
+        let fail = serde_json::json!({"error": "store_unavailable", "message": "m"});
+        let (url, calls) = fake(vec![(503, fail)]).await;
+        let mut c = fast(&url);
+        c.retry.attempts = 1;
+        c.exchange(&tok, &no_env, &[], None, &quiet())
+            .await
+            .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "1 = one try, no retry");
     }
 
     #[test]

@@ -56,6 +56,9 @@ enum Cmd {
     Exchange(ExchangeArgs),
     /// Revoke the grant of `broker exchange` (run when the job ends, also after failure).
     Revoke(RevokeArgs),
+    /// Fail unless `broker exchange --out-dir` ran in this job and its `env` file was sourced
+    /// (the GitLab component's script runs it first).
+    Require(RequireArgs),
     /// Generate an Ed25519 signing key (PKCS#8 PEM) for API tokens.
     Keygen {
         /// Write here (mode 0600) instead of stdout.
@@ -176,8 +179,9 @@ struct ClientArgs {
     /// The broker's base URL.
     #[arg(long, env = "BROKER_URL")]
     broker_url: String,
-    /// Tries in all on network errors, 5xx and 429 (never on 401/403).
-    #[arg(long, default_value_t = 5)]
+    /// Tries in all, the first included (1 = no retry; 0 is refused), on network errors, 5xx
+    /// and 429 (never on 401/403).
+    #[arg(long, env = "BROKER_ATTEMPTS", default_value_t = 5, value_parser = parse_attempts)]
     attempts: u32,
     /// Per-request timeout.
     #[arg(long, default_value = "30s")]
@@ -188,7 +192,7 @@ impl ClientArgs {
     fn client(&self) -> anyhow::Result<broker::client::Client> {
         let timeout = humantime::parse_duration(&self.timeout)?;
         let mut c = broker::client::Client::new(&self.broker_url, timeout)?;
-        c.retry.attempts = self.attempts.max(1);
+        c.retry.attempts = self.attempts;
         Ok(c)
     }
 }
@@ -227,6 +231,26 @@ struct ExchangeArgs {
     /// Audience to request from the GitHub Actions runner when no token variable is set.
     #[arg(long, env = "BROKER_AUDIENCE")]
     audience: Option<String>,
+}
+
+/// `--attempts`: 0 would mean "never ask the broker", which no caller wants; refuse it.
+fn parse_attempts(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err(
+            "0 tries would never ask the broker: attempts counts tries in all, the \
+                      first included (1 = no retry)"
+                .into(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of tries")),
+    }
+}
+
+#[derive(Args)]
+struct RequireArgs {
+    /// The directory `broker exchange --out-dir` wrote.
+    #[arg(long, env = "BROKER_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -636,6 +660,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Admin(args) => return admin(args).await,
         Cmd::Exchange(args) => return Ok(exchange(args).await),
         Cmd::Revoke(args) => return Ok(revoke(args).await),
+        Cmd::Require(args) => return Ok(require(args)),
         Cmd::Keygen { out } => {
             let pem = broker::providers::api_token::generate_pem()?;
             match out {
@@ -931,7 +956,8 @@ async fn admin(args: AdminArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Exit codes of the client subcommands: 3 refused (401/403: change the job or the policy),
-/// 4 broker unavailable after retries, 1 anything else.
+/// 4 broker unavailable after retries, 2 usage (including a grant the job cannot receive:
+/// several aws_sts without --out-dir, two credentials on one variable), 1 anything else.
 fn client_failure(e: &broker::client::ClientError) -> ExitCode {
     use broker::client::ClientError;
     eprintln!("error: {e} [{}]", e.reason_code());
@@ -941,6 +967,7 @@ fn client_failure(e: &broker::client::ClientError) -> ExitCode {
         ClientError::Refused { status, .. } if *status >= 500 || *status == 429 => {
             ExitCode::from(4)
         }
+        ClientError::Usage(_) => ExitCode::from(2),
         _ => ExitCode::FAILURE,
     }
 }
@@ -1011,23 +1038,47 @@ async fn exchange(args: ExchangeArgs) -> ExitCode {
         }
     };
     let g = &ex.grant;
-    if let Some(dir) = &args.out_dir
-        && let Err(e) = client::write_dir(dir, g, &args.credentials)
-    {
-        return client_failure(&e);
-    }
-    if let Some(f) = &args.revocation_file
-        && let Err(e) = client::write_private(f, g.revocation_token.expose())
-    {
-        return client_failure(&e);
-    }
     let format = args.format.or(if args.out_dir.is_some() {
         None
     } else {
         Some(client::Format::Env)
     });
-    if let Some(fmt) = format {
-        print!("{}", client::render(g, ex.raw(), &args.credentials, fmt));
+    // The variables and files, shaped once so stdout and the files agree. A shape the job
+    // cannot use (several aws_sts without --out-dir, two credentials on one variable) fails
+    // closed: the grant is revoked at once rather than left alive unused.
+    let shaped = if args.out_dir.is_some() || format != Some(client::Format::Json) {
+        match g.shape(&args.credentials, args.out_dir.as_deref()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let code = client_failure(&e);
+                abandon(&client, g).await;
+                return code;
+            }
+        }
+    } else {
+        None
+    };
+    // A grant the job cannot receive whole (a file could not be written) is revoked too.
+    if let (Some(dir), Some(shaped)) = (&args.out_dir, &shaped)
+        && let Err(e) = client::write_dir(dir, shaped)
+    {
+        let code = client_failure(&e);
+        abandon(&client, g).await;
+        return code;
+    }
+    if let Some(f) = &args.revocation_file
+        && let Err(e) = client::write_private(f, g.revocation_token.expose())
+    {
+        let code = client_failure(&e);
+        abandon(&client, g).await;
+        return code;
+    }
+    match (format, &shaped) {
+        (Some(client::Format::Json), _) => {
+            print!("{}", client::render_json(ex.raw()));
+        }
+        (Some(fmt), Some(shaped)) => print!("{}", shaped.render(fmt)),
+        _ => {}
     }
     let names: Vec<&str> = g.credentials.iter().map(|c| c.name.as_str()).collect();
     eprintln!(
@@ -1037,6 +1088,31 @@ async fn exchange(args: ExchangeArgs) -> ExitCode {
         g.expires_at
     );
     ExitCode::SUCCESS
+}
+
+/// Revoke a grant the job will not use (fail closed: no credential stays alive unused).
+async fn abandon(client: &broker::client::Client, g: &broker::client::Grant) {
+    match client.revoke(&g.revocation_token, &notice()).await {
+        Ok(status) => eprintln!("broker: grant {status}"),
+        Err(r) => eprintln!(
+            "broker: revoking the unused grant failed [{}]; it expires at {}",
+            r.reason_code(),
+            g.expires_at
+        ),
+    }
+}
+
+fn require(args: RequireArgs) -> ExitCode {
+    match broker::client::require_exchanged(
+        args.secrets_dir.as_deref(),
+        env_var("BROKER_GRANT_ID").as_deref(),
+    ) {
+        Ok(grant) => {
+            eprintln!("broker: credentials of grant {grant} are in place");
+            ExitCode::SUCCESS
+        }
+        Err(e) => client_failure(&e),
+    }
 }
 
 async fn revoke(args: RevokeArgs) -> ExitCode {

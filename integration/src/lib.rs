@@ -47,12 +47,17 @@ pub struct BrokerSetup<'a> {
     pub policies_dir: &'a Path,
     /// YAML list items for `issuers:` (already indented by two spaces).
     pub issuers_yaml: String,
+    /// The broker's `audience`; [`PUBLIC_URL`] in it stands for the broker's own URL (its port is
+    /// picked at start), for tests of "the audience defaults to the broker URL".
     pub audience: &'a str,
     /// Extra top-level YAML (e.g. a `reaper:` block).
     pub extra_yaml: String,
     /// Extra environment (e.g. `BROKER_FAULT_POINT`).
     pub env: Vec<(String, String)>,
 }
+
+/// In [`BrokerSetup::audience`]: the broker's own URL.
+pub const PUBLIC_URL: &str = "{public_url}";
 
 /// A running broker process. Killed (by PID) on drop.
 pub struct BrokerProcess {
@@ -85,7 +90,9 @@ impl BrokerProcess {
         let cfg = format!(
             "listen: 127.0.0.1:{port}\npublic_url: http://127.0.0.1:{port}\naudience: {aud}\n\
              store:\n  url: {{value: \"{store}\"}}\npolicies:\n  dir: {pol}\nissuers:\n{iss}\n{extra}\n",
-            aud = setup.audience,
+            aud = setup
+                .audience
+                .replace(PUBLIC_URL, &format!("http://127.0.0.1:{port}")),
             store = setup.store_url,
             pol = setup.policies_dir.display(),
             iss = setup.issuers_yaml,

@@ -152,27 +152,9 @@ impl Env {
         ]
     }
 
-    /// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives.
+    /// A GitLab-shaped ID token for acme/api (push to protected main) for the broker's audience.
     fn gitlab_id_token(&self) -> String {
-        use broker::oidc::dev;
-        let job = dev::DevJob {
-            repository: "acme/api".into(),
-            repository_id: 2_000_001,
-            owner: "acme".into(),
-            owner_id: 3_000_001,
-            git_ref: "refs/heads/main".into(),
-            event_name: "push".into(),
-            environment: None,
-            workflow: "deploy".into(),
-            actor: "alice".into(),
-            run_id: 5150,
-            audience: AUD.into(),
-            ttl: time::Duration::minutes(10),
-            now: broker::time::Clock::now(&broker::time::SystemClock),
-        };
-        let mut c = dev::gitlab_claims(&job);
-        c["iss"] = Value::String(self.gitlab.url());
-        testkit::sign(TestKey::Rsa1, &c)
+        gitlab_id_token(&self.gitlab.url(), AUD)
     }
 
     async fn finish(self) {
@@ -1000,6 +982,92 @@ fn gitlab_tools() -> Option<PathBuf> {
     (bin.join("gitlab-ci-local").exists() && bin.join("node").exists()).then_some(bin)
 }
 
+/// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives, for
+/// audience `aud`, signed by the GitLab test issuer at `issuer_url`.
+fn gitlab_id_token(issuer_url: &str, aud: &str) -> String {
+    use broker::oidc::dev;
+    let job = dev::DevJob {
+        repository: "acme/api".into(),
+        repository_id: 2_000_001,
+        owner: "acme".into(),
+        owner_id: 3_000_001,
+        git_ref: "refs/heads/main".into(),
+        event_name: "push".into(),
+        environment: None,
+        workflow: "deploy".into(),
+        actor: "alice".into(),
+        run_id: 5150,
+        audience: aud.into(),
+        ttl: time::Duration::minutes(10),
+        now: broker::time::Clock::now(&broker::time::SystemClock),
+    };
+    let mut c = dev::gitlab_claims(&job);
+    c["iss"] = Value::String(issuer_url.to_owned());
+    testkit::sign(TestKey::Rsa1, &c)
+}
+
+/// A throwaway git repository holding the component (`templates/`) and `pipeline` as its
+/// `.gitlab-ci.yml`, the way a project includes it with `include: local:`.
+fn gitlab_repo(work: &Path, pipeline: &str) -> PathBuf {
+    let repo = work.join("repo");
+    copy_dir(
+        &repo_root().join("action/gitlab/templates"),
+        &repo.join("templates"),
+    );
+    std::fs::write(repo.join(".gitlab-ci.yml"), pipeline).unwrap();
+    git_init(&repo);
+    repo
+}
+
+/// Runs gitlab-ci-local in `repo` (shell executor) with `vars` as `--variable`s and `args`.
+/// The log is stdout and stderr together.
+async fn gitlab_ci_local(
+    tools: &Path,
+    repo: &Path,
+    vars: &[(&str, String)],
+    args: &[&str],
+) -> (Ran, String) {
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut cmd = Command::new(tools.join("gitlab-ci-local"));
+    cmd.current_dir(repo).env("PATH", path);
+    for (k, v) in vars {
+        cmd.arg("--variable").arg(format!("{k}={v}"));
+    }
+    cmd.args(args);
+    let ran = run(cmd, repo.parent().unwrap(), Duration::from_secs(300)).await;
+    let log = format!("{}\n{}", ran.stdout, ran.stderr);
+    (ran, log)
+}
+
+/// The `aud` GitLab would put in the job's ID token: the job's `id_tokens:` as gitlab-ci-local
+/// expands the pipeline (`--preview`), with `$VAR` replaced by the job's variable, as GitLab
+/// (16.1 and later) expands variables in `id_tokens:aud`.
+async fn gitlab_job_audience(tools: &Path, repo: &Path, job: &str) -> String {
+    let (ran, log) = gitlab_ci_local(tools, repo, &[], &["--preview"]).await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    // gitlab-ci-local checks the expanded pipeline against GitLab's CI JSON schema (a copy it
+    // ships) and refuses a pipeline that does not validate.
+    assert!(log.contains("json schema validated"), "{log}");
+    let yaml = ran.stdout.split_once("---\n").map_or("", |(_, y)| y);
+    let config: Value = serde_saphyr::from_str(yaml).expect("the preview is YAML");
+    let j = &config[job];
+    let aud = j["id_tokens"]["BROKER_ID_TOKEN"]["aud"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{job} has id_tokens: {yaml}"))
+        .to_owned();
+    match aud.strip_prefix('$') {
+        Some(var) => j["variables"][var]
+            .as_str()
+            .unwrap_or_else(|| panic!("aud names the job variable {var}: {yaml}"))
+            .to_owned(),
+        None => aud,
+    }
+}
+
 const GITLAB_CI: &str = r#"include:
   - local: templates/credentials.yml
     inputs:
@@ -1007,26 +1075,55 @@ const GITLAB_CI: &str = r#"include:
       credentials: gitlab-deploy-api
       audience: https://broker.test
       ttl: 5m
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: gitlab-deploy-api
+      audience: https://broker.test
+      attempts: 0
+      job-name: no-attempts
+      script:
+        - touch "$OUT/ran"
 
 deploy:
   extends: .broker-credentials
   script:
+    - !reference [.broker-credentials, script]
     - test -n "$GITLAB_DEPLOY_API_TOKEN"
     - test -z "$BROKER_REVOCATION_TOKEN"
+    - test -z "$BROKER_ID_TOKEN"
     - printf '%s' "$GITLAB_DEPLOY_API_TOKEN" > "$OUT/token"
-    - stat -c '%a' "$BROKER_SECRETS_DIR/GITLAB_DEPLOY_API_TOKEN" > "$OUT/mode"
+    - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
+    - stat -c '%n %a' "$BROKER_SECRETS_DIR" "$BROKER_SECRETS_DIR"/* "$BROKER_SECRETS_DIR"/.pgpass 2>/dev/null | sed "s|$BROKER_SECRETS_DIR|DIR|" > "$OUT/modes" || true
     - node -e 'fetch(process.env.BROKER_URL + "/v1/introspect", {method:"POST", body:new URLSearchParams({token:process.env.GITLAB_DEPLOY_API_TOKEN})}).then(r=>r.text()).then(t=>require("fs").writeFileSync(process.env.OUT + "/during.json", t))'
 
 deploy-fails:
   extends: .broker-credentials
   script:
     - printf '%s' "$GITLAB_DEPLOY_API_TOKEN" > "$OUT/token"
+    - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
     - exit 1
+
+own-before-script:
+  extends: .broker-credentials
+  before_script:
+    - echo "setting up without the component's before_script"
+  script:
+    - !reference [.broker-credentials, script]
+    - touch "$OUT/ran"
+
+no-attempts:
+  before_script:
+    - !reference [.broker-credentials, before_script]
 "#;
 
 /// gitlab-ci-local runs a pipeline that includes the component (shell executor). Proves: the
-/// script sees the credential as a variable and as a mode-0600 file, the token is active during
-/// the job and revoked by `after_script`, also when the script fails; the log holds no secret.
+/// script sees the credential as a variable and as a file; the secrets directory is 0700 and
+/// every file in it, `env` and `dotenv` included, is 0600; the token is active during the job and
+/// revoked by `after_script`, also when the script fails; the log holds neither the token, the
+/// revocation token nor the ID token. A job whose own `before_script` replaced the component's
+/// fails at `broker require` before its commands run, and `after_script` reports the missing
+/// exchange as an error; `attempts: 0` is refused with a usage error, without asking the broker.
 #[tokio::test]
 async fn gitlab_component_under_gitlab_ci_local() {
     let Some(tools) = gitlab_tools() else {
@@ -1038,66 +1135,338 @@ async fn gitlab_component_under_gitlab_ci_local() {
     let e = env().await;
     for (job, should_pass) in [("deploy", true), ("deploy-fails", false)] {
         let work = tempfile::tempdir().unwrap();
-        let repo = work.path().join("repo");
         let out = work.path().join("out");
         std::fs::create_dir_all(&out).unwrap();
-        copy_dir(
-            &repo_root().join("action/gitlab/templates"),
-            &repo.join("templates"),
+        let repo = gitlab_repo(
+            work.path(),
+            &GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
         );
-        std::fs::write(
-            repo.join(".gitlab-ci.yml"),
-            GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
-        )
-        .unwrap();
-        git_init(&repo);
         let id_token = e.gitlab_id_token();
-        let path = format!(
-            "{}:{}",
-            tools.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let broker_bin = integration::broker_bin();
-        let mut cmd = Command::new(tools.join("gitlab-ci-local"));
-        cmd.current_dir(&repo)
-            .env("PATH", path)
-            .arg("--variable")
-            .arg(format!("BROKER_ID_TOKEN={id_token}"))
-            .arg("--variable")
-            .arg(format!("BROKER_CLI={}", broker_bin.display()))
-            .arg("--variable")
-            .arg(format!("OUT={}", out.display()))
-            .arg("--variable")
-            .arg(format!(
-                "BROKER_SECRETS_DIR={}",
-                work.path().join("secrets").display()
-            ))
-            .arg(job);
-        let ran = run(cmd, work.path(), Duration::from_secs(300)).await;
-        let log = format!("{}\n{}", ran.stdout, ran.stderr);
+        let secrets_dir = work.path().join("secrets");
+        let vars = [
+            ("BROKER_ID_TOKEN", id_token.clone()),
+            (
+                "BROKER_CLI",
+                integration::broker_bin().display().to_string(),
+            ),
+            ("OUT", out.display().to_string()),
+            ("BROKER_SECRETS_DIR", secrets_dir.display().to_string()),
+        ];
+        let (ran, log) = gitlab_ci_local(&tools, &repo, &vars, &[job]).await;
         assert_eq!(ran.code == Some(0), should_pass, "{job}: {log}");
         let token = std::fs::read_to_string(out.join("token")).expect("the job wrote its token");
         assert!(token.starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"), "{log}");
+        let rvk = std::fs::read_to_string(out.join("rvk")).expect("the revocation file");
+        assert!(rvk.starts_with("brk_rvk_"));
         if should_pass {
             let during: Value =
                 serde_json::from_str(&std::fs::read_to_string(out.join("during.json")).unwrap())
                     .unwrap();
             assert_eq!(during["active"], json!(true), "active during the job");
-            assert_eq!(
-                std::fs::read_to_string(out.join("mode")).unwrap().trim(),
-                "600"
+            let modes = std::fs::read_to_string(out.join("modes")).unwrap();
+            let modes: HashMap<&str, &str> =
+                modes.lines().filter_map(|l| l.split_once(' ')).collect();
+            assert_eq!(modes.get("DIR"), Some(&"700"), "{modes:?}");
+            for f in [
+                "env",
+                "dotenv",
+                "GITLAB_DEPLOY_API_TOKEN",
+                "BROKER_GRANT_ID",
+            ] {
+                assert_eq!(modes.get(format!("DIR/{f}").as_str()), Some(&"600"), "{f}");
+            }
+            assert!(modes.len() >= 6, "{modes:?}");
+            assert!(
+                modes.iter().all(|(f, m)| *f == "DIR" || *m == "600"),
+                "every file is private: {modes:?}"
+            );
+            assert!(
+                log.contains("credentials of grant"),
+                "broker require passed: {log}"
             );
         }
         assert!(log.contains("broker: grant revoked"), "{job}: {log}");
         assert!(!e.active(&token).await, "{job}: revoked after the job");
         assert!(
-            !work.path().join("secrets").exists(),
+            !secrets_dir.exists(),
             "after_script removes the secrets dir"
         );
-        let bad = leaked(&log, &[&token, &id_token]);
+        let bad = leaked(&log, &[&token, &rvk, &id_token]);
         assert!(bad.is_empty(), "{job}: secret in the log: {bad:?}");
     }
+
+    // A job whose own before_script skipped the exchange, and a job with `attempts: 0`: both
+    // fail loudly, and neither runs its commands.
+    for (job, expect) in [
+        (
+            "own-before-script",
+            "no broker exchange ran in this job: BROKER_SECRETS_DIR is not set",
+        ),
+        ("no-attempts", "0 tries would never ask the broker"),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let out = work.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let repo = gitlab_repo(
+            work.path(),
+            &GITLAB_CI.replace("$BROKER_URL_UNDER_TEST", &e.broker.url),
+        );
+        let id_token = e.gitlab_id_token();
+        let mut vars = vec![
+            ("BROKER_ID_TOKEN", id_token.clone()),
+            (
+                "BROKER_CLI",
+                integration::broker_bin().display().to_string(),
+            ),
+            ("OUT", out.display().to_string()),
+        ];
+        if job == "no-attempts" {
+            vars.push((
+                "BROKER_SECRETS_DIR",
+                work.path().join("secrets").display().to_string(),
+            ));
+        }
+        let (ran, log) = gitlab_ci_local(&tools, &repo, &vars, &[job]).await;
+        assert_ne!(ran.code, Some(0), "{job} must fail: {log}");
+        assert!(log.contains(expect), "{job}: {log}");
+        assert!(!out.join("ran").exists(), "{job}: its commands did not run");
+        assert!(
+            log.contains("ERROR: broker: no credentials to revoke"),
+            "{job}: after_script says so: {log}"
+        );
+        let bad = leaked(&log, &[&id_token]);
+        assert!(bad.is_empty(), "{job}: secret in the log: {bad:?}");
+        // The job token was never spent: the broker saw no exchange for it.
+        let (status, _) = exchange_status(&e.broker.url, &id_token).await;
+        assert_eq!(status, 200, "{job}: the ID token was not used");
+    }
     e.finish().await;
+}
+
+/// POST /v1/exchange with `token` for `gitlab-deploy-api`: the status and the body.
+async fn exchange_status(broker_url: &str, token: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{broker_url}/v1/exchange"))
+        .bearer_auth(token)
+        .json(&json!({"credentials": ["gitlab-deploy-api"]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A GitLab policy: acme/api's protected main branch gets database users on `pg`.
+fn gitlab_pg_policy(pg: &PgTarget) -> String {
+    format!(
+        r#"credentials:
+  - name: app-db
+    max_ttl: 15m
+    postgres:
+      target: main
+      database: {db}
+      roles: [{reader}]
+      owner: {owner}
+  - name: report-db
+    max_ttl: 15m
+    postgres:
+      target: main
+      database: {db}
+      roles: [{reader}]
+      owner: {owner}
+rules:
+  - name: acme-api-gitlab-main-db
+    issuer: gitlab
+    credentials: [app-db, report-db]
+    max_ttl: 10m
+    when: >
+      claims.project_id == "2000001" && claims.namespace_id == "3000001" &&
+      claims.ref_type == "branch" && claims.ref == "main" &&
+      string(claims.ref_protected) == "true" && claims.pipeline_source == "push"
+"#,
+        db = pg.app_db,
+        reader = pg.reader,
+        owner = pg.owner,
+    )
+}
+
+const GITLAB_PG_CI: &str = r#"include:
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: app-db
+      job-name: migrate
+      script:
+        - psql -w -Atc 'select current_user' > "$OUT/whoami"
+        - env -u PGPASSWORD -u DATABASE_URL psql -w -Atc 'select current_user' > "$OUT/whoami-pgpass"
+        - env | cut -d= -f1 | grep -E '^(PG|DATABASE_URL$|BROKER_)' | sort > "$OUT/names"
+        - printf '%s' "$PGPASSWORD" > "$OUT/password"
+        - cp "$BROKER_SECRETS_DIR/BROKER_REVOCATION_TOKEN" "$OUT/rvk"
+  - local: templates/credentials.yml
+    inputs:
+      broker-url: $BROKER_URL_UNDER_TEST
+      credentials: app-db,report-db
+      job-name: two-dbs
+      script:
+        - psql "$APP_DB_DATABASE_URL" -w -Atc 'select current_user' > "$OUT/two-app"
+        - PGPASSFILE="$REPORT_DB_PGPASSFILE" psql -h "$REPORT_DB_PGHOST" -p "$REPORT_DB_PGPORT" -d "$REPORT_DB_PGDATABASE" -U "$REPORT_DB_PGUSER" -w -Atc 'select current_user' > "$OUT/two-report"
+        - env | cut -d= -f1 | grep -E '^(PG|DATABASE_URL$|APP_DB_|REPORT_DB_)' | sort > "$OUT/two-names"
+"#;
+
+/// gitlab-ci-local with a `postgres` credential, the audience left to its default, and the job
+/// defined by the component (`job-name` + `script` inputs). Proves: the ID token's audience is
+/// the broker URL (read from the job's `id_tokens:` as GitLab expands it; the broker is
+/// configured with its own URL as audience, so any other audience is refused); `psql` with
+/// nothing but the job's environment logs in as the minted role (PGHOST, PGPORT, PGDATABASE,
+/// PGUSER, PGPASSWORD, PGSSLMODE), and again with the password only in `.pgpass` (PGPASSFILE);
+/// the role is gone after the job; no secret in the log.
+#[tokio::test]
+async fn gitlab_component_postgres_credential_and_default_audience() {
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    if Command::new("psql").arg("--version").output().is_err() {
+        println!("SKIPPED: psql is not installed");
+        return;
+    }
+    let pg = PgTarget::new().await;
+    let gitlab = TestIssuer::start().await;
+    let db = TestDb::postgres().await;
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("gitlab.yaml"), gitlab_pg_policy(&pg)).unwrap();
+    let mut broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: policies.path(),
+        issuers_yaml: gitlab_issuer_yaml(&gitlab.url()),
+        audience: integration::PUBLIC_URL,
+        extra_yaml: pg.target_yaml(),
+        env: Vec::new(),
+    })
+    .await
+    .expect("broker starts");
+
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let repo = gitlab_repo(
+        work.path(),
+        &GITLAB_PG_CI.replace("$BROKER_URL_UNDER_TEST", &broker.url),
+    );
+    let aud = gitlab_job_audience(&tools, &repo, "migrate").await;
+    assert_eq!(aud, broker.url, "the audience defaults to the broker URL");
+    let id_token = gitlab_id_token(&gitlab.url(), &aud);
+    let vars = [
+        ("BROKER_ID_TOKEN", id_token.clone()),
+        (
+            "BROKER_CLI",
+            integration::broker_bin().display().to_string(),
+        ),
+        ("OUT", out.display().to_string()),
+        (
+            "BROKER_SECRETS_DIR",
+            work.path().join("secrets").display().to_string(),
+        ),
+    ];
+    let (ran, log) = gitlab_ci_local(&tools, &repo, &vars, &["migrate"]).await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
+    let user = read("whoami").trim().to_owned();
+    assert!(
+        user.starts_with(&pg.prefix),
+        "psql logged in as {user:?}: {log}"
+    );
+    assert_eq!(read("whoami-pgpass").trim(), user, "via .pgpass: {log}");
+    let names: Vec<String> = read("names").lines().map(str::to_owned).collect();
+    for n in [
+        "BROKER_GRANT_ID",
+        "DATABASE_URL",
+        "PGDATABASE",
+        "PGHOST",
+        "PGPASSFILE",
+        "PGPASSWORD",
+        "PGPORT",
+        "PGSSLMODE",
+        "PGUSER",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+    }
+    assert!(
+        !names.iter().any(|x| x == "BROKER_REVOCATION_TOKEN"),
+        "the revocation token is not in the script's environment"
+    );
+    assert!(
+        !pg.role_exists(&user).await,
+        "after_script dropped the role"
+    );
+    let password = read("password");
+    let rvk = read("rvk");
+    assert!(password.len() >= 32 && rvk.starts_with("brk_rvk_"));
+    let bad = leaked(&log, &[&password, &rvk, &id_token]);
+    assert!(bad.is_empty(), "secret in the log: {bad:?}");
+
+    // Two postgres credentials in one job: every variable prefixed, none plain, each usable.
+    let (ran, log) = gitlab_ci_local(
+        &tools,
+        &repo,
+        &[
+            ("BROKER_ID_TOKEN", gitlab_id_token(&gitlab.url(), &aud)),
+            vars[1].clone(),
+            vars[2].clone(),
+            vars[3].clone(),
+        ],
+        &["two-dbs"],
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    let (app, report) = (read("two-app"), read("two-report"));
+    assert!(app.starts_with(&pg.prefix) && report.starts_with(&pg.prefix));
+    assert_ne!(app.trim(), report.trim(), "two roles");
+    let names: Vec<String> = read("two-names").lines().map(str::to_owned).collect();
+    for n in ["PGUSER", "PGPASSWORD", "DATABASE_URL", "PGPASSFILE"] {
+        assert!(!names.iter().any(|x| x == n), "no plain {n}: {names:?}");
+        for p in ["APP_DB_", "REPORT_DB_"] {
+            assert!(names.contains(&format!("{p}{n}")), "{p}{n} in {names:?}");
+        }
+    }
+
+    // Two credentials on one variable: the client refuses (exit 2) and revokes the grant it got
+    // rather than leaving two live database users behind.
+    let work2 = tempfile::tempdir().unwrap();
+    let token_file = work2.path().join("id-token");
+    std::fs::write(&token_file, gitlab_id_token(&gitlab.url(), &aud)).unwrap();
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args(["exchange", "--broker-url", &broker.url, "-c"])
+        .arg("app-db=DB,report-db=DB")
+        .arg("--token-file")
+        .arg(&token_file);
+    let ran = run(cmd, work2.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("two credentials would set DB"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr.contains("broker: grant revoked"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stdout.is_empty(), "nothing printed: {}", ran.stdout);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
+            .bind(&pg.prefix)
+            .fetch_one(&pg.admin)
+            .await
+            .unwrap();
+    assert_eq!(left, 0, "every minted role is dropped");
+
+    broker.kill();
+    gitlab.shutdown().await;
+    db.cleanup().await;
+    pg.cleanup().await;
 }
 
 /// `broker exchange` / `broker revoke` on their own: formats, files and the refusal output.
@@ -1111,6 +1480,24 @@ async fn client_subcommands_against_the_real_broker() {
         testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
     )
     .unwrap();
+    // `--attempts 0` is a usage error, and the job token is not spent (the exchange below
+    // uses it).
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args(["exchange", "--broker-url", &e.broker.url, "--attempts", "0"])
+        .args(["-c", "deploy-api", "--token-file"])
+        .arg(&token_file);
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.stderr);
+    assert!(ran.stderr.contains("0 tries would never ask the broker"));
+    // `broker require` where no exchange wrote its directory: exit 1, `no_exchange`.
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.arg("require")
+        .env("BROKER_SECRETS_DIR", work.path().join("none"))
+        .env_remove("BROKER_GRANT_ID");
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    assert!(ran.stderr.contains("[no_exchange]"), "{}", ran.stderr);
+
     let mut cmd = Command::new(integration::broker_bin());
     cmd.args(["exchange", "--broker-url", &e.broker.url, "-c"])
         .arg("deploy-api=API_TOKEN")
@@ -1153,6 +1540,343 @@ async fn client_subcommands_against_the_real_broker() {
     assert!(!ran.stderr.contains("attempt 1/"), "not retried");
     assert!(ran.stderr.contains("repository: \"acme/api\""));
     assert!(ran.stdout.is_empty());
+
+    // An output directory that cannot be created: exit 1 with `io_error`, and the grant that
+    // was already issued is revoked rather than left alive for nobody.
+    let fresh = work.path().join("id-token-2");
+    std::fs::write(
+        &fresh,
+        testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
+    )
+    .unwrap();
+    std::fs::write(work.path().join("a-file"), "").unwrap();
+    let mut cmd = Command::new(integration::broker_bin());
+    cmd.args([
+        "exchange",
+        "--broker-url",
+        &e.broker.url,
+        "-c",
+        "deploy-api",
+    ])
+    .arg("--token-file")
+    .arg(&fresh)
+    .arg("--out-dir")
+    .arg(work.path().join("a-file/creds"));
+    let ran = run(cmd, work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(1), "{}", ran.stderr);
+    assert!(ran.stderr.contains("[io_error]"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("broker: grant revoked"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stdout.is_empty());
     let _ = &e.db;
     e.finish().await;
+}
+
+/// The shipped example (`examples/gitlab/.gitlab-ci.yml`), with its catalog `component:`
+/// include pointed at the template in this tree: gitlab-ci-local expands it (inputs,
+/// `!reference`) and validates it against GitLab's CI JSON schema; the `deploy` job gets the
+/// component's exchange, `broker require` before its own commands, and the revoke.
+#[tokio::test]
+async fn gitlab_example_pipeline_expands_and_validates() {
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    let example =
+        std::fs::read_to_string(repo_root().join("examples/gitlab/.gitlab-ci.yml")).unwrap();
+    let component = "  - component: $CI_SERVER_FQDN/acme/broker-ci/credentials@1.0.0\n";
+    assert!(example.contains(component), "the example uses the catalog");
+    let work = tempfile::tempdir().unwrap();
+    let repo = gitlab_repo(
+        work.path(),
+        &example.replace(component, "  - local: templates/credentials.yml\n"),
+    );
+    let (ran, log) = gitlab_ci_local(&tools, &repo, &[], &["--preview"]).await;
+    assert_eq!(ran.code, Some(0), "{log}");
+    assert!(log.contains("json schema validated"), "{log}");
+    let yaml = ran.stdout.split_once("---\n").map_or("", |(_, y)| y);
+    let config: Value = serde_saphyr::from_str(yaml).expect("the preview is YAML");
+    let deploy = &config["deploy"];
+    let lines = |k: &str| -> Vec<String> {
+        deploy[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("deploy.{k}: {yaml}"))
+            .iter()
+            .map(|l| l.as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(
+        lines("before_script")
+            .iter()
+            .any(|l| l.contains("exchange"))
+    );
+    let script = lines("script");
+    let require = script.iter().position(|l| l.contains("broker} require"));
+    let deploy_sh = script.iter().position(|l| l == "./scripts/deploy.sh");
+    assert!(
+        matches!((require, deploy_sh), (Some(r), Some(d)) if r < d),
+        "require before the job's commands: {script:?}"
+    );
+    assert!(lines("after_script").iter().any(|l| l.contains("revoke")));
+    assert_eq!(
+        deploy["id_tokens"]["BROKER_ID_TOKEN"]["aud"],
+        json!("$BROKER_URL")
+    );
+    assert_eq!(
+        deploy["variables"]["BROKER_URL"],
+        json!("https://broker.example.com")
+    );
+}
+
+/// The component's `spec: inputs`, as the CI/CD catalog shows them: every input has a `type` and
+/// a `description`, and gitlab-ci-local (which checks inputs as GitLab does) refuses a pipeline
+/// whose inputs break the declared types and regexes before any job runs.
+#[tokio::test]
+async fn gitlab_component_inputs_are_typed_and_checked() {
+    let template =
+        std::fs::read_to_string(repo_root().join("action/gitlab/templates/credentials.yml"))
+            .unwrap();
+    let header = template
+        .split("\n---\n")
+        .next()
+        .expect("a spec header before `---`");
+    let spec: Value = serde_saphyr::from_str(header).expect("the header is YAML");
+    let inputs = spec["spec"]["inputs"].as_object().expect("spec: inputs");
+    assert!(inputs.len() >= 8, "{inputs:?}");
+    for (name, i) in inputs {
+        assert!(
+            matches!(
+                i["type"].as_str(),
+                Some("string" | "number" | "boolean" | "array")
+            ),
+            "{name}: type"
+        );
+        assert!(
+            i["description"].as_str().is_some_and(|d| d.len() > 10),
+            "{name}: description"
+        );
+    }
+    assert_eq!(inputs["audience"]["default"], json!("$BROKER_URL"));
+    assert_eq!(inputs["attempts"]["type"], json!("number"));
+    for required in ["broker-url", "credentials"] {
+        assert!(inputs[required].get("default").is_none(), "{required}");
+    }
+
+    let Some(tools) = gitlab_tools() else {
+        println!(
+            "SKIPPED: gitlab-ci-local not installed (scripts/test runs `npm ci` in action/tools)"
+        );
+        return;
+    };
+    let ok = [
+        ("broker-url", "https://broker.example.com"),
+        ("credentials", "a, b=B_TOKEN"),
+    ];
+    for (input, bad, says) in [
+        ("ttl", "1h30m", ""),
+        (
+            "broker-url",
+            "ftp://broker",
+            "does not match required regex",
+        ),
+        ("credentials", "a b", "does not match required regex"),
+        ("credentials", "a=1BAD", "does not match required regex"),
+        ("ttl", "5 minutes", "does not match required regex"),
+        ("attempts", "many", "number"),
+        ("job-name", "a job", "does not match required regex"),
+    ] {
+        let mut inputs: Vec<(&str, &str)> = ok.to_vec();
+        inputs.retain(|(k, _)| *k != input);
+        inputs.push((input, bad));
+        let mut pipeline =
+            "include:\n  - local: templates/credentials.yml\n    inputs:\n".to_owned();
+        for (k, v) in inputs {
+            pipeline.push_str(&format!("      {k}: \"{v}\"\n"));
+        }
+        let work = tempfile::tempdir().unwrap();
+        let repo = gitlab_repo(work.path(), &pipeline);
+        let (ran, log) = gitlab_ci_local(&tools, &repo, &[], &["--preview"]).await;
+        if says.is_empty() {
+            // The control: valid inputs make a valid pipeline.
+            assert_eq!(ran.code, Some(0), "{input}={bad:?} refused: {log}");
+            continue;
+        }
+        assert_ne!(ran.code, Some(0), "{input}={bad:?} accepted: {log}");
+        assert!(log.contains(says), "{input}={bad:?}: {log}");
+    }
+}
+
+/// `broker exchange` with two `aws_sts` credentials, against the real broker minting on moto
+/// (STS + IAM). Proves: with `--out-dir`, no `AWS_*` key variable is set and each credential is
+/// a named profile in the private (0600) `AWS_SHARED_CREDENTIALS_FILE` / `AWS_CONFIG_FILE`, which
+/// the AWS SDK reads (credentials and region per profile) and moto accepts as the assumed role;
+/// without `--out-dir` the client refuses (exit 2) and revokes the grant it got.
+#[tokio::test]
+// aws-config's profile providers take `ProfileFiles`, a deprecated alias of a type of a crate
+// this workspace does not depend on directly.
+#[allow(deprecated)]
+async fn client_several_aws_credentials_become_sdk_profiles() {
+    use aws_config::meta::region::ProvideRegion;
+    use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
+    use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
+    use integration::moto::{KEY_ID, Moto, SECRET};
+    let Some(moto) = Moto::start().await else {
+        return;
+    };
+    let arn = moto
+        .create_role(&format!(
+            "deploy-{:08x}",
+            (uuid::Uuid::new_v4().as_u128() >> 64) as u32
+        ))
+        .await;
+    let github = TestIssuer::start().await;
+    let db = TestDb::sqlite().await;
+    let policies = tempfile::tempdir().unwrap();
+    let policy = format!(
+        "credentials:\n  - name: prod\n    max_ttl: 30m\n    aws_sts: {{target: main, role_arn: \"{arn}\", region: eu-west-1}}\n  - name: staging\n    max_ttl: 30m\n    aws_sts: {{target: main, role_arn: \"{arn}\", region: eu-central-1}}\nrules:\n  - name: acme\n    issuer: github\n    credentials: [prod, staging]\n    when: claims.repository_id == \"1000001\"\n"
+    );
+    std::fs::write(policies.path().join("aws.yaml"), policy).unwrap();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let mut broker = BrokerProcess::start(&BrokerSetup {
+        store_url: db.url(),
+        policies_dir: policies.path(),
+        issuers_yaml: github_issuer_yaml(&github.url()),
+        audience: AUD,
+        extra_yaml: format!(
+            "targets:\n  aws:\n    main:\n      region: us-east-1\n      endpoint_url: {}\n",
+            moto.url
+        ),
+        env,
+    })
+    .await
+    .expect("broker starts");
+    let work = tempfile::tempdir().unwrap();
+    let exchange = |out_dir: Option<PathBuf>| {
+        let token_file = work.path().join(format!("id-{}", uuid::Uuid::new_v4()));
+        std::fs::write(
+            &token_file,
+            testkit::sign(TestKey::Rsa1, &acme_api_claims(&github.url(), AUD)),
+        )
+        .unwrap();
+        let mut cmd = Command::new(integration::broker_bin());
+        cmd.args([
+            "exchange",
+            "--broker-url",
+            &broker.url,
+            "-c",
+            "prod,staging",
+        ])
+        .arg("--token-file")
+        .arg(&token_file);
+        if let Some(d) = out_dir {
+            cmd.arg("--out-dir").arg(d);
+        }
+        cmd
+    };
+
+    // Without --out-dir there is nowhere to put the profiles: refused, and the grant revoked.
+    let ran = run(exchange(None), work.path(), Duration::from_secs(60)).await;
+    assert_eq!(ran.code, Some(2), "{}", ran.stderr);
+    assert!(ran.stderr.contains("give --out-dir"), "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("broker: grant revoked"),
+        "{}",
+        ran.stderr
+    );
+    assert!(ran.stdout.is_empty());
+
+    let dir = work.path().join("creds");
+    let ran = run(
+        exchange(Some(dir.clone())),
+        work.path(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(ran.code, Some(0), "{}", ran.stderr);
+    let env = std::fs::read_to_string(dir.join("env")).unwrap();
+    let creds_file = dir.join("aws-credentials");
+    let config_file = dir.join("aws-config");
+    assert!(env.contains(&format!(
+        "export AWS_SHARED_CREDENTIALS_FILE='{}'",
+        creds_file.display()
+    )));
+    assert!(env.contains(&format!(
+        "export AWS_CONFIG_FILE='{}'",
+        config_file.display()
+    )));
+    for plain in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ] {
+        assert!(!env.contains(&format!("export {plain}=")), "{plain}: {env}");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&creds_file, &config_file] {
+            let mode = std::fs::metadata(f).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", f.display());
+        }
+    }
+    let files = ProfileFiles::builder()
+        .with_file(ProfileFileKind::Credentials, &creds_file)
+        .with_file(ProfileFileKind::Config, &config_file)
+        .build();
+    let secret_lines = std::fs::read_to_string(&creds_file).unwrap();
+    for (profile, region) in [("prod", "eu-west-1"), ("staging", "eu-central-1")] {
+        let creds = ProfileFileCredentialsProvider::builder()
+            .profile_files(files.clone())
+            .profile_name(profile)
+            .build();
+        let regions = ProfileFileRegionProvider::builder()
+            .profile_files(files.clone())
+            .profile_name(profile)
+            .build();
+        let r = ProvideRegion::region(&regions).await;
+        assert_eq!(
+            r.map(|r| r.to_string()),
+            Some(region.to_owned()),
+            "{profile}"
+        );
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(&moto.url)
+            .credentials_provider(creds)
+            .load()
+            .await;
+        let who = aws_sdk_sts::Client::new(&sdk)
+            .get_caller_identity()
+            .send()
+            .await
+            .expect("GetCallerIdentity with the profile")
+            .arn()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(who.contains(":assumed-role/"), "{profile}: {who}");
+    }
+    // Nothing secret on stderr (stdout is empty with --out-dir).
+    assert!(ran.stdout.is_empty());
+    for l in secret_lines.lines().filter_map(|l| l.split_once(" = ")) {
+        assert!(!ran.stderr.contains(l.1), "{} on stderr", l.0);
+    }
+    broker.kill();
+    github.shutdown().await;
+    db.cleanup().await;
 }
