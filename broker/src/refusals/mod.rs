@@ -255,6 +255,8 @@ pub fn unauthenticated(action: Action, reason: &str) -> bool {
         Action::Exchange | Action::Revoke => matches!(
             reason,
             "bad_request"
+                | "body_not_object"
+                | "invalid_text"
                 | "payload_too_large"
                 | "missing_token"
                 | "invalid_revocation_token"

@@ -214,7 +214,11 @@ async fn run(db: TestDb, label: &str) {
         issuers_yaml: github_issuer_yaml(&issuer.url()),
         audience: AUD,
         extra_yaml: format!(
+            // Every refusal keeps a row of its own here (the refusal limits and aggregates
+            // have their own test, `floods.rs`), so each one can be found and checked.
             "limits:\n  exchanges_per_minute_per_repository: 0\n\
+             refusals:\n  failure_burst_per_client: 100000\n  \
+             failures_per_minute_per_client: 100000\n  audit_rows_per_window: 100000\n\
              operators:\n  - name: auditor\n    role: auditor\n    token_sha256: {}\n",
             broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
         ),
