@@ -20038,6 +20038,14 @@ ${v("region") ? `region = ${v("region")}
     function cleanText(v, dflt) {
       return (typeof v === "string" ? v : dflt).replace(/[\u0000-\u001f\u007f]/g, "").slice(0, 300);
     }
+    function parseAttempts(text) {
+      const t = String(text ?? "").trim();
+      if (t === "") return 5;
+      if (!/^[0-9]+$/.test(t) || Number(t) < 1 || Number(t) > 100) {
+        throw new Error(`attempts must be a whole number from 1 to 100, got "${t.slice(0, 20)}"`);
+      }
+      return Number(t);
+    }
     async function postWithRetries(makeRequest, opts = {}) {
       const attempts = Math.max(1, opts.attempts || 5);
       const fetchFn = opts.fetch || globalThis.fetch;
@@ -20119,6 +20127,7 @@ ${v("region") ? `region = ${v("region")}
     }
     var NO_ID_TOKEN_HELP = "ACTIONS_ID_TOKEN_REQUEST_URL is not set, so this job cannot request an OIDC token: add `permissions: id-token: write` to the job (or workflow). Pull requests from forks never get one.";
     module2.exports = {
+      parseAttempts,
       PUBLIC_FIELDS,
       envStem,
       parseCredentials,
@@ -20238,7 +20247,7 @@ async function run() {
     const audience = core.getInput("audience").trim() || brokerUrl;
     const ttl = core.getInput("ttl").trim();
     const exportEnv = lib.parseBool(core.getInput("export-env"), false);
-    const attempts = Number.parseInt(core.getInput("attempts") || "5", 10) || 5;
+    const attempts = lib.parseAttempts(core.getInput("attempts"));
     const ca = transport.parseCaCertificate(core.getInput("ca-certificate"));
     if (!process.env.ACTIONS_ID_TOKEN_REQUEST_URL || !process.env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
       core.setFailed(lib.NO_ID_TOKEN_HELP);

@@ -298,6 +298,19 @@ function cleanText(v, dflt) {
 }
 
 /**
+ * The `attempts` input: tries in all, a whole number of at least 1 (empty: 5). `0` or anything
+ * else is refused rather than quietly replaced, as the client (`broker exchange`) does.
+ */
+function parseAttempts(text) {
+  const t = String(text ?? '').trim();
+  if (t === '') return 5;
+  if (!/^[0-9]+$/.test(t) || Number(t) < 1 || Number(t) > 100) {
+    throw new Error(`attempts must be a whole number from 1 to 100, got "${t.slice(0, 20)}"`);
+  }
+  return Number(t);
+}
+
+/**
  * POST to the broker with retries. `makeRequest()` is called per attempt and returns
  * `{url, headers, body}` (so a fresh job token can be fetched each time).
  * Returns the parsed JSON of a 2xx answer; throws BrokerError / NetworkError.
@@ -383,6 +396,7 @@ const NO_ID_TOKEN_HELP = 'ACTIONS_ID_TOKEN_REQUEST_URL is not set, so this job c
   + 'add `permissions: id-token: write` to the job (or workflow). Pull requests from forks never get one.';
 
 module.exports = {
+  parseAttempts,
   PUBLIC_FIELDS, envStem, parseCredentials, parseBool, parseGrant, secretValues, envVars, awsProfiles,
   accountOfArn, sslModeOf, outputs,
   BrokerError, NetworkError, TlsError, transportError, retryable, delayMs, postWithRetries, unverifiedClaims, explainRefusal,

@@ -42,7 +42,7 @@ async function run() {
     const audience = core.getInput('audience').trim() || brokerUrl;
     const ttl = core.getInput('ttl').trim();
     const exportEnv = lib.parseBool(core.getInput('export-env'), false);
-    const attempts = Number.parseInt(core.getInput('attempts') || '5', 10) || 5;
+    const attempts = lib.parseAttempts(core.getInput('attempts'));
     const ca = transport.parseCaCertificate(core.getInput('ca-certificate'));
     if (!process.env.ACTIONS_ID_TOKEN_REQUEST_URL || !process.env.ACTIONS_ID_TOKEN_REQUEST_TOKEN) {
       core.setFailed(lib.NO_ID_TOKEN_HELP);

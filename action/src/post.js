@@ -34,7 +34,7 @@ async function run() {
     return;
   }
   core.setSecret(token);
-  const attempts = Number.parseInt(core.getInput('attempts') || '5', 10) || 5;
+  const attempts = lib.parseAttempts(core.getInput('attempts'));
   try {
     const ca = transport.parseCaCertificate(core.getInput('ca-certificate'));
     const answer = await lib.postWithRetries(async () => ({

@@ -24,6 +24,15 @@ test('parseCredentials: commas, newlines, comments and custom variable names', (
   assert.throws(() => lib.parseCredentials('=X'), /empty name/);
 });
 
+test('parseAttempts: empty is 5; 0, negatives and non-numbers are refused, not replaced', () => {
+  assert.equal(lib.parseAttempts(''), 5);
+  assert.equal(lib.parseAttempts(' 1 '), 1);
+  assert.equal(lib.parseAttempts('12'), 12);
+  for (const bad of ['0', '-1', '2.5', 'five', '1e3', '101']) {
+    assert.throws(() => lib.parseAttempts(bad), /attempts must be a whole number/, bad);
+  }
+});
+
 test('parseBool accepts the runner forms and rejects others', () => {
   assert.equal(lib.parseBool('', true), true);
   assert.equal(lib.parseBool('False', true), false);
