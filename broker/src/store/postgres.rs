@@ -337,7 +337,7 @@ pub(super) async fn insert_audits(
     // as `chain::link_hash`), insert the rows in chain order and move the head. The head is
     // therefore held for this one round trip and the commit.
     let canonical: Vec<Vec<u8>> = canonical.into_iter().map(String::into_bytes).collect();
-    sqlx::query(
+    cols.bind(sqlx::query(
         "WITH RECURSIVE
          head AS (SELECT hash FROM audit_chain_head WHERE id = 1 FOR UPDATE),
          u AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
@@ -365,17 +365,7 @@ pub(super) async fn insert_audits(
          SET seq = (SELECT max(seq) FROM ins),
              hash = (SELECT hash FROM chain ORDER BY ord DESC LIMIT 1)
          WHERE id = 1",
-    )
-    .bind(&cols.ids)
-    .bind(&cols.times)
-    .bind(&cols.actions)
-    .bind(&cols.outcomes)
-    .bind(&cols.reasons)
-    .bind(&cols.grant_ids)
-    .bind(&cols.request_ids)
-    .bind(&cols.repositories)
-    .bind(&cols.repository_ids)
-    .bind(&cols.actors)
+    ))
     .bind(&canonical)
     .execute(&mut *conn)
     .await?;
@@ -413,7 +403,7 @@ async fn insert_audits_hashed_here(
     for a in audits {
         cols.push(a)?;
     }
-    sqlx::query(
+    cols.bind(sqlx::query(
         "WITH
          u AS (SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[],
                                     $5::text[], $6::uuid[], $7::text[], $8::text[], $9::text[],
@@ -431,17 +421,7 @@ async fn insert_audits_hashed_here(
          UPDATE audit_chain_head
          SET seq = (SELECT max(seq) FROM ins), hash = $14
          WHERE id = 1",
-    )
-    .bind(&cols.ids)
-    .bind(&cols.times)
-    .bind(&cols.actions)
-    .bind(&cols.outcomes)
-    .bind(&cols.reasons)
-    .bind(&cols.grant_ids)
-    .bind(&cols.request_ids)
-    .bind(&cols.repositories)
-    .bind(&cols.repository_ids)
-    .bind(&cols.actors)
+    ))
     .bind(&canonical)
     .bind(&prevs)
     .bind(&hashes)
@@ -466,6 +446,23 @@ struct AuditColumns<'a> {
 }
 
 impl<'a> AuditColumns<'a> {
+    /// Bind the ten columns as `$1`..`$10` of an insert's `unnest`.
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.ids)
+            .bind(&self.times)
+            .bind(&self.actions)
+            .bind(&self.outcomes)
+            .bind(&self.reasons)
+            .bind(&self.grant_ids)
+            .bind(&self.request_ids)
+            .bind(&self.repositories)
+            .bind(&self.repository_ids)
+            .bind(&self.actors)
+    }
+
     fn push(&mut self, a: &'a AuditEvent) -> Result<(), StoreError> {
         self.ids.push(a.id);
         self.times.push(a.time);
