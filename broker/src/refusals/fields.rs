@@ -27,10 +27,7 @@ pub fn cut(s: &str, max: usize) -> Option<String> {
     if s.len() <= max {
         return None;
     }
-    let mut end = max.saturating_sub(ELLIPSIS.len());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = s.floor_char_boundary(max.saturating_sub(ELLIPSIS.len()));
     Some(format!("{}{ELLIPSIS}", &s[..end]))
 }
 

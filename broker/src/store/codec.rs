@@ -166,11 +166,7 @@ pub(super) fn clip_error(s: &str) -> String {
     if s.len() <= MAX_ERROR_LEN {
         return s.to_owned();
     }
-    let mut end = MAX_ERROR_LEN;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
+    s[..s.floor_char_boundary(MAX_ERROR_LEN)].to_owned()
 }
 
 /// Page size for `audit_events`: 0 (the `Default`) means the largest page, not an empty one.

@@ -146,11 +146,11 @@ pub fn shown(s: &str) -> String {
     if e.len() <= MAX_SHOWN {
         return e.into_owned();
     }
-    let mut end = MAX_SHOWN;
-    while !e.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &e[..end], s.len())
+    format!(
+        "{}… ({} bytes)",
+        &e[..e.floor_char_boundary(MAX_SHOWN)],
+        s.len()
+    )
 }
 
 fn dirty(s: &str) -> bool {
