@@ -454,12 +454,13 @@ impl Broker {
         let bundle = self.policies.load_full();
         let mut ev = self.base_event(now, Action::Exchange, ctx);
         ev.bundle_digest = Some(bundle.digest().to_owned());
-        // As the caller wrote them, but bounded: a refused name is kept escaped and cut short.
+        // As the caller wrote them, escaped; `refuse` and the event's writers cap each one
+        // (`refusals::fields`), so a refused name is kept escaped and cut short.
         ev.credentials_requested = req
             .credentials
             .iter()
             .take(self.max_credentials)
-            .map(|n| crate::store::text::shown(n))
+            .map(|n| crate::store::text::escape(n).into_owned())
             .collect();
 
         // 1. The request itself.
