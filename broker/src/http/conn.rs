@@ -181,11 +181,7 @@ impl hyper::rt::Read for Io {
         }
         let want = buf.remaining().min(this.scratch.len());
         loop {
-            match this.stream.poll_read_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
+            std::task::ready!(this.stream.poll_read_ready(cx))?;
             match this.stream.try_read(&mut this.scratch[..want]) {
                 Ok(n) => {
                     if n > 0 && this.state.idle() {
@@ -219,11 +215,7 @@ impl hyper::rt::Write for Io {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         loop {
-            match self.stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
+            std::task::ready!(self.stream.poll_write_ready(cx))?;
             match self.stream.try_write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
@@ -237,11 +229,7 @@ impl hyper::rt::Write for Io {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         loop {
-            match self.stream.poll_write_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
+            std::task::ready!(self.stream.poll_write_ready(cx))?;
             match self.stream.try_write_vectored(bufs) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
