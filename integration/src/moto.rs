@@ -3,7 +3,7 @@
 // Test harness: a peer that misbehaves fails the calling test loudly.
 #![allow(clippy::expect_used, clippy::panic)]
 
-use crate::free_port;
+use crate::wait::free_port;
 use broker::providers::aws_sts::deny::{DENY_POLICY_NAME, percent_decode};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -21,7 +21,25 @@ fn moto_bin() -> PathBuf {
         .ok()
         .filter(|p| !p.trim().is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target/test-venv/bin/moto_server"))
+        .unwrap_or_else(|| crate::issuer::repo_root().join("target/test-venv/bin/moto_server"))
+}
+
+/// The environment of a broker whose AWS targets are a [`Moto`]: the test credentials, and no
+/// instance metadata, config or credentials file of the machine.
+pub fn broker_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
 }
 
 /// A moto server on 127.0.0.1 with a free port; stopped by PID on drop.
@@ -53,7 +71,7 @@ impl Moto {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        let http = reqwest::Client::new();
+        let http = crate::http::client();
         for _ in 0..300 {
             if http
                 .get(format!("{}/moto-api/", m.url))

@@ -1,25 +1,23 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! End to end: the real `broker` binary, a local OIDC issuer over HTTP, a fresh database per
 //! test (Postgres on the machine, and SQLite), assertions on responses AND on store state.
 
 use broker::oidc::testkit::{self, SignWith, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use broker::store::{AuditFilter, GrantStatus};
+use integration::http::{self, Api};
 use integration::{
-    BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml,
-    repo_root,
+    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, acme_token, acme_token_with,
+    example_issuers_yaml, repo_root,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
-
-const AUD: &str = "https://broker.test";
 
 struct Env {
     issuer: TestIssuer,
     gitlab: TestIssuer,
     db: TestDb,
     broker: BrokerProcess,
-    http: reqwest::Client,
+    api: Api,
 }
 
 async fn env_with(
@@ -30,26 +28,24 @@ async fn env_with(
 ) -> Env {
     let issuer = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies,
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: extra_yaml.to_owned(),
-        env,
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(
+            db.url(),
+            policies,
+            example_issuers_yaml(&issuer.url(), &gitlab.url()),
+        )
+        .extra(extra_yaml.to_owned())
+        .env(env),
+    )
     .await
     .expect("broker starts");
+    let api = Api::new(http::client(), &broker.url);
     Env {
         issuer,
         gitlab,
         db,
         broker,
-        http: reqwest::Client::new(),
+        api,
     }
 }
 
@@ -59,48 +55,23 @@ async fn env(db: TestDb) -> Env {
 
 impl Env {
     fn token(&self) -> String {
-        testkit::sign(TestKey::Rsa1, &acme_api_claims(&self.issuer.url(), AUD))
+        acme_token(&self.issuer.url())
     }
 
     fn token_with(&self, f: impl FnOnce(&mut Value)) -> String {
-        let mut c = acme_api_claims(&self.issuer.url(), AUD);
-        f(&mut c);
-        testkit::sign(TestKey::Rsa1, &c)
+        acme_token_with(&self.issuer.url(), f)
     }
 
     async fn exchange(&self, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self
-            .http
-            .post(format!("{}/v1/exchange", self.broker.url))
-            .json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let r = req.send().await.expect("exchange request");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.api.exchange(token, &body).await
     }
 
     async fn revoke(&self, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/revoke", self.broker.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("revoke request");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.api.revoke(token).await
     }
 
     async fn introspect(&self, token: &str) -> Value {
-        self.http
-            .post(format!("{}/v1/introspect", self.broker.url))
-            .form(&[("token", token)])
-            .send()
-            .await
-            .expect("introspect")
-            .json()
-            .await
-            .expect("introspect json")
+        self.api.introspect(token).await
     }
 
     async fn finish(self) {
@@ -147,6 +118,7 @@ async fn full_cycle(db: TestDb) {
 
     // The token verifies against the published JWKS.
     let jwks: jsonwebtoken::jwk::JwkSet = e
+        .api
         .http
         .get(format!("{}/.well-known/jwks.json", e.broker.url))
         .send()
@@ -445,6 +417,7 @@ async fn crash_after_an_in_memory_mint_leaves_nothing() {
     .await;
     let token = e.token();
     let r = e
+        .api
         .http
         .post(format!("{}/v1/exchange", e.broker.url))
         .bearer_auth(&token)
@@ -465,6 +438,7 @@ async fn crash_after_an_in_memory_mint_leaves_nothing() {
 
     e.broker.restart(&[]).await.expect("restart");
     let r = e
+        .api
         .http
         .post(format!("{}/v1/exchange", e.broker.url))
         .bearer_auth(&token)
@@ -539,7 +513,7 @@ async fn sighup_reload_keeps_old_bundle_on_error() {
     )
     .await;
     let ready = |e: &Env| {
-        let c = e.http.clone();
+        let c = e.api.http.clone();
         let u = format!("{}/readyz", e.broker.url);
         async move {
             c.get(u)

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Unauthenticated writes that grow without bound: floods of refusals beside honest jobs.
 //!
 //! Before: every refusal of a request that proved nothing wrote a full audit row (300 rows in
@@ -30,7 +29,7 @@ use broker::store::testdb::TestDb;
 use broker::webhooks::signature::github_sign;
 use futures::StreamExt;
 use integration::{
-    BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
+    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
 };
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -38,7 +37,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const AUD: &str = "https://broker.test";
 const HOOK_SECRET: &str = "floods-hook-secret-0123456789";
 const ATTACKER: &str = "127.0.0.2";
 
@@ -183,27 +181,23 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
          audit_window: {WINDOW_SECS}s\n\
          metrics:\n  danger_public_diagnostics: true\n"
     );
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: extra,
-        env: Vec::new(),
-    })
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(extra),
+    )
     .await
     .expect("broker starts");
     let url = broker.url.clone();
     let iss = issuer.url();
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert("x-request-id", "r".repeat(1000).parse().unwrap());
-    let attacker = reqwest::Client::builder()
+    let attacker = integration::http::builder()
         .local_address(ATTACKER.parse::<std::net::IpAddr>().unwrap())
         .user_agent("u".repeat(1000))
         .default_headers(headers)
         .build()
         .unwrap();
-    let honest = reqwest::Client::new();
+    let honest = integration::http::client();
 
     // Honest jobs run for as long as the flood does, from 127.0.0.1 and from the attacker's
     // own address.

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Load against the running binary: 64 concurrent clients, each exchanging a job token for an
 //! API token or a Postgres user and revoking it, over and over. Asserts: zero unexpected
 //! errors, one audit event per request (none lost), every grant revoked and every job user gone
@@ -6,7 +5,7 @@
 //! assertions: machines differ).
 //!
 //! `load_short` (10 s) runs with the suite; `load_long` is the 60 s run:
-//!   cargo test -p integration --test load -- --ignored --nocapture
+//!   cargo test -p integration --test suite load::load_long -- --ignored --nocapture
 //! `BROKER_LOAD_SECS` and `BROKER_LOAD_CLIENTS` override duration and concurrency of both.
 //!
 //! Also here: the HTTP limits not covered by other suites (header size, per-repository rate
@@ -16,8 +15,9 @@
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
+use integration::wait::env_num;
 use integration::{
-    BrokerProcess, BrokerSetup, PgRoleTarget, Secrets, acme_api_claims, github_issuer_yaml,
+    AUD, BrokerProcess, BrokerSetup, PgRoleTarget, Secrets, acme_api_claims, github_issuer_yaml,
     github_policies,
 };
 use serde_json::{Value, json};
@@ -25,15 +25,6 @@ use sqlx::{Connection, Row};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-const AUD: &str = "https://broker.test";
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `VmRSS` of a process, in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -59,18 +50,15 @@ async fn run_load(default_secs: u64) {
     let pg = PgRoleTarget::new().await.expect("pg target");
     let policies = github_policies().unwrap();
     std::fs::write(policies.path().join("pg.yaml"), pg.policy()).unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "{}limits:\n  exchanges_per_minute_per_repository: 0\n",
-            pg.yaml()
-        ),
-        // Info, not debug: a debug log of thousands of requests measures the disk.
-        env: vec![("BROKER_LOG".into(), "info".into())],
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            // Info, not debug: a debug log of thousands of requests measures the disk.
+            .extra(format!(
+                "{}limits:\n  exchanges_per_minute_per_repository: 0\n",
+                pg.yaml()
+            ))
+            .env(vec![("BROKER_LOG".into(), "info".into())]),
+    )
     .await
     .expect("broker starts");
     let pid = broker.pid().unwrap();
@@ -86,7 +74,7 @@ async fn run_load(default_secs: u64) {
             let iss = iss.clone();
             let url = url.clone();
             tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                let http = integration::http::client();
                 let mut errors = Vec::new();
                 let mut secrets = Vec::new();
                 while Instant::now() < deadline {
@@ -238,17 +226,13 @@ async fn header_size_and_rate_limits() {
     let issuer = TestIssuer::start().await;
     let db = TestDb::postgres().await;
     let policies = github_policies().unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: "limits:\n  exchanges_per_minute_per_repository: 3\n".into(),
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra("limits:\n  exchanges_per_minute_per_repository: 3\n"),
+    )
     .await
     .expect("broker starts");
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let url = format!("{}/v1/exchange", broker.url);
     let mut secrets = Secrets::default();
     let body = json!({"credentials": ["deploy-api"], "ttl": "1m"});

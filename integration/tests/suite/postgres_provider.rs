@@ -1,34 +1,27 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! End to end for the Postgres provider: the real `broker` binary minting job users on the
 //! machine's Postgres (`BROKER_TEST_PG_URL`). Each test has its own store database, its own app
 //! database, its own group/owner roles and its own role prefix, and removes them all afterwards,
 //! so tests (and other suites) running in parallel never see each other's roles.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::AuditFilter;
-use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
+use broker::store::testdb::TestDb;
+use integration::http::{self, Api};
+use integration::pg::{self, PgApp, exec, login, sqlstate};
+use integration::{
+    BrokerProcess, BrokerSetup, acme_token, acme_token_with, free_port, github_issuer_yaml,
+};
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, Row};
-use std::str::FromStr;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
 use std::time::{Duration, Instant};
 
-const AUD: &str = "https://broker.test";
-
-fn admin_url() -> String {
-    std::env::var(PG_URL_ENV)
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
-}
-
-/// The app side of one test: a database, group roles, an owner role, a role prefix.
+/// The app side of one test ([`PgApp`]): an app database with a table, a second database,
+/// group roles (reader, creator, owner), a role prefix.
 struct PgFixture {
-    url: String,
-    admin: PgPool,
+    app: PgApp,
+    /// A pool on the app database.
     app_admin: PgPool,
-    tag: String,
     prefix: String,
     app_db: String,
     /// A second database the creator group may create in: objects there make DROP ROLE fail
@@ -37,51 +30,26 @@ struct PgFixture {
     reader: String,
     creator: String,
     owner: String,
-    host: String,
-    port: u16,
-}
-
-async fn exec(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(&sql)
-        .execute(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
 impl PgFixture {
     async fn new(url: String) -> Self {
-        let opts = PgConnectOptions::from_str(&url).expect("admin url");
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts.clone())
-            .await
-            .expect("admin connects");
-        // [a-z0-9_] only, so the names below need no quoting care.
-        let tag = format!("p{:08x}", rand_u32());
+        let app = PgApp::on(url, "p", &["app", "other"], &["reader", "creator", "owner"]).await;
         let f = Self {
-            prefix: format!("{tag}u_"),
-            app_db: format!("{tag}_app"),
-            other_db: format!("{tag}_other"),
-            reader: format!("{tag}g_reader"),
-            creator: format!("{tag}g_creator"),
-            owner: format!("{tag}g_owner"),
-            host: opts.get_host().to_owned(),
-            port: opts.get_port(),
+            prefix: app.prefix(),
+            app_db: app.db("app"),
+            other_db: app.db("other"),
+            reader: app.group("reader"),
+            creator: app.group("creator"),
+            owner: app.group("owner"),
             app_admin: PgPoolOptions::new()
                 .max_connections(2)
-                .connect_lazy_with(opts.clone().database(&format!("{tag}_app"))),
-            admin,
-            tag,
-            url,
+                .connect_lazy_with(app.options_for("app")),
+            app,
         };
-        exec(&f.admin, format!("CREATE DATABASE {}", f.app_db)).await;
-        exec(&f.admin, format!("CREATE DATABASE {}", f.other_db)).await;
-        for r in [&f.reader, &f.creator, &f.owner] {
-            exec(&f.admin, format!("CREATE ROLE {r} NOLOGIN")).await;
-        }
         let other = PgPoolOptions::new()
             .max_connections(1)
-            .connect_with(opts.clone().database(&f.other_db))
+            .connect_with(f.app.options_for("other"))
             .await
             .expect("other database");
         exec(
@@ -108,12 +76,11 @@ impl PgFixture {
     /// `main` (the test server) and `down` (a port nobody listens on).
     fn target_yaml(&self) -> String {
         format!(
-            "targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      pool_size: 6\n      connect_timeout: 3s\n      role_prefix: {prefix}\n    down:\n      admin_url: {{value: \"postgres://postgres@127.0.0.1:{down}/postgres\"}}\n      host: 127.0.0.1\n      connect_timeout: 1s\n",
+            "{main}    down:\n      admin_url: {{value: \"postgres://postgres@127.0.0.1:{down}/postgres\"}}\n      host: 127.0.0.1\n      connect_timeout: 1s\n",
+            main = self
+                .app
+                .target_yaml("      pool_size: 6\n      connect_timeout: 3s\n"),
             down = free_port(),
-            url = self.url,
-            host = self.host,
-            port = self.port,
-            prefix = self.prefix,
         )
     }
 
@@ -159,64 +126,22 @@ rules:
     }
 
     async fn our_roles(&self) -> i64 {
-        sqlx::query("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
-            .bind(&self.prefix)
-            .fetch_one(&self.admin)
-            .await
-            .expect("count roles")
-            .get(0)
+        self.app.roles().await
     }
 
     async fn role_exists(&self, name: &str) -> bool {
-        sqlx::query("SELECT 1 FROM pg_roles WHERE rolname = $1")
-            .bind(name)
-            .fetch_optional(&self.admin)
-            .await
-            .expect("role lookup")
-            .is_some()
+        self.app.role_exists(name).await
     }
 
     async fn wait_roles(&self, want: i64) -> i64 {
-        let mut n = -1;
-        for _ in 0..200 {
-            n = self.our_roles().await;
-            if n == want {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        n
+        self.app.wait_roles(want, 200).await
     }
 
     /// Drop everything this test made (also roles a failed test left behind).
     async fn cleanup(self) {
         self.app_admin.close().await;
-        for db in [&self.app_db, &self.other_db] {
-            exec(
-                &self.admin,
-                format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-            )
-            .await;
-        }
-        let left: Vec<String> =
-            sqlx::query("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
-                .bind(&self.tag)
-                .fetch_all(&self.admin)
-                .await
-                .expect("roles")
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
-        for r in left {
-            exec(&self.admin, format!("DROP OWNED BY {r}; DROP ROLE {r}")).await;
-        }
-        self.admin.close().await;
+        self.app.cleanup().await;
     }
-}
-
-fn rand_u32() -> u32 {
-    // v4 UUIDs are random; 32 bits is plenty to keep concurrent tests apart.
-    (uuid::Uuid::new_v4().as_u128() >> 64) as u32
 }
 
 struct Env {
@@ -229,7 +154,7 @@ struct Env {
 }
 
 async fn env(extra_yaml: &str, envs: Vec<(String, String)>) -> Env {
-    env_on(admin_url(), extra_yaml, envs).await
+    env_on(pg::admin_url(), extra_yaml, envs).await
 }
 
 /// As [`env`], with the credentials' target on the server at `target_url`.
@@ -239,14 +164,11 @@ async fn env_on(target_url: String, extra_yaml: &str, envs: Vec<(String, String)
     let issuer = TestIssuer::start().await;
     let policies = tempfile::tempdir().expect("tmp");
     std::fs::write(policies.path().join("pg.yaml"), pg.policy()).expect("policy");
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!("{}\n{extra_yaml}", pg.target_yaml()),
-        env: envs,
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(format!("{}\n{extra_yaml}", pg.target_yaml()))
+            .env(envs),
+    )
     .await
     .expect("broker starts");
     Env {
@@ -254,43 +176,30 @@ async fn env_on(target_url: String, extra_yaml: &str, envs: Vec<(String, String)
         issuer,
         db,
         broker,
-        http: reqwest::Client::new(),
+        http: http::client(),
         _policies: policies,
     }
 }
 
 impl Env {
     fn token_with(&self, f: impl FnOnce(&mut Value)) -> String {
-        let mut c = acme_api_claims(&self.issuer.url(), AUD);
-        f(&mut c);
-        testkit::sign(TestKey::Rsa1, &c)
+        acme_token_with(&self.issuer.url(), f)
     }
 
     fn token(&self) -> String {
-        self.token_with(|_| {})
+        acme_token(&self.issuer.url())
     }
 
     async fn exchange(&self, token: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/exchange", self.broker.url))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .expect("exchange request");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.api().exchange(Some(token), &body).await
     }
 
     async fn revoke(&self, token: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/revoke", self.broker.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("revoke request");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.api().revoke(token).await
+    }
+
+    fn api(&self) -> Api {
+        Api::new(self.http.clone(), &self.broker.url)
     }
 
     /// No password or connection URL the test saw reached the broker's (debug) log.
@@ -326,18 +235,6 @@ fn s(v: &Value) -> String {
         .to_owned()
 }
 
-async fn login(url: &str) -> Result<sqlx::PgConnection, sqlx::Error> {
-    let opts = PgConnectOptions::from_str(url)?.disable_statement_logging();
-    sqlx::PgConnection::connect_with(&opts).await
-}
-
-fn sqlstate(e: &sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(d) => d.code().map(|c| c.to_string()).unwrap_or_default(),
-        other => format!("not a database error: {other}"),
-    }
-}
-
 /// A minted user logs in and can do what its group roles allow and nothing more; after
 /// `/v1/revoke` its open session is gone, it cannot log in, the role is gone, and the table it
 /// created survives, owned by the owner role.
@@ -359,8 +256,8 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
     assert!(username.len() <= 63);
     assert!(password.len() >= 32);
     assert_eq!(c["database"], json!(e.pg.app_db));
-    assert_eq!(c["host"], json!(e.pg.host));
-    assert_eq!(c["port"], json!(e.pg.port));
+    assert_eq!(c["host"], json!(e.pg.app.host));
+    assert_eq!(c["port"], json!(e.pg.app.port));
     assert!(url.ends_with("?sslmode=disable"), "sslmode as configured");
     assert!(url.contains(&password));
     let expires: time::OffsetDateTime = time::OffsetDateTime::parse(
@@ -375,7 +272,7 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
          FROM pg_authid WHERE rolname = $1",
     )
     .bind(&username)
-    .fetch_one(&e.pg.admin)
+    .fetch_one(&e.pg.app.admin)
     .await
     .expect("role exists");
     assert!(row.get::<bool, _>(0));
@@ -454,11 +351,7 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
     assert_eq!(row.get::<i32, _>(1), 42);
     let other_admin = PgPoolOptions::new()
         .max_connections(1)
-        .connect_with(
-            PgConnectOptions::from_str(&e.pg.url)
-                .unwrap()
-                .database(&e.pg.other_db),
-        )
+        .connect_with(e.pg.app.options_for("other"))
         .await
         .expect("other database");
     let owner: String = sqlx::query_scalar(
@@ -486,7 +379,7 @@ async fn minted_user_is_confined_and_revoke_removes_it() {
 #[tokio::test]
 async fn expiry_is_enforced_by_postgres_and_the_reaper_drops_the_role() {
     let scram = ScramServer::start();
-    let target = scram.as_ref().map_or_else(admin_url, |s| s.url.clone());
+    let target = scram.as_ref().map_or_else(pg::admin_url, |s| s.url.clone());
     let mut e = env_on(target, "reaper:\n  interval: 1s\n", Vec::new()).await;
     let (status, body) = e
         .exchange(&e.token(), json!({"credentials": ["pg-app"], "ttl": "2s"}))
@@ -511,7 +404,7 @@ async fn expiry_is_enforced_by_postgres_and_the_reaper_drops_the_role() {
     let expired: bool =
         sqlx::query("SELECT rolvaliduntil < now() FROM pg_authid WHERE rolname = $1")
             .bind(&username)
-            .fetch_one(&e.pg.admin)
+            .fetch_one(&e.pg.app.admin)
             .await
             .expect("role")
             .get(0);
@@ -712,7 +605,7 @@ async fn hostile_claims_cannot_inject() {
             "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
         )
         .bind(&username)
-        .fetch_one(&e.pg.admin)
+        .fetch_one(&e.pg.app.admin)
         .await
         .expect("role")
         .get(0);
@@ -914,7 +807,7 @@ async fn revoking_a_role_dropped_out_of_band_succeeds() {
         .await;
     assert_eq!(status, 200, "{body}");
     let username = s(&body["credentials"]["pg-app"]["username"]);
-    exec(&e.pg.admin, format!("DROP ROLE {username}")).await;
+    exec(&e.pg.app.admin, format!("DROP ROLE {username}")).await;
 
     let (status, revoked) = e.revoke(&s(&body["revocation_token"])).await;
     assert_eq!(status, 200, "{revoked}");

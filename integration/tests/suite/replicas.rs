@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Two broker processes on one Postgres store, the way the Helm chart runs them: exchanges
 //! spread over both, an operator action sent to one reaches what the other minted, both reapers
 //! run and still revoke every expired grant exactly once, and a freeze set through one is
@@ -9,109 +8,14 @@
 //! Postgres (`BROKER_TEST_PG_URL`), counted in `pg_roles`.
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
-use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
+use broker::store::testdb::TestDb;
+use integration::http;
+use integration::pg::PgApp;
+use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use std::str::FromStr;
+use sqlx::postgres::PgPool;
 use std::time::{Duration, Instant};
-
-const AUD: &str = "https://broker.test";
-
-fn admin_url() -> String {
-    std::env::var(PG_URL_ENV)
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
-}
-
-async fn exec(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(&sql)
-        .execute(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-/// The app database job users are created on, an owner role and a role prefix of this test's.
-struct App {
-    admin: PgPool,
-    url: String,
-    tag: String,
-    prefix: String,
-    db: String,
-    owner: String,
-    host: String,
-    port: u16,
-}
-
-impl App {
-    async fn new() -> Self {
-        let url = admin_url();
-        let opts = PgConnectOptions::from_str(&url).expect("admin url");
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts.clone())
-            .await
-            .expect("admin connects");
-        let tag = format!("r{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32);
-        let app = Self {
-            prefix: format!("{tag}u_"),
-            db: format!("{tag}_app"),
-            owner: format!("{tag}g_owner"),
-            host: opts.get_host().to_owned(),
-            port: opts.get_port(),
-            admin,
-            url,
-            tag,
-        };
-        exec(&app.admin, format!("CREATE DATABASE {}", app.db)).await;
-        exec(&app.admin, format!("CREATE ROLE {} NOLOGIN", app.owner)).await;
-        app
-    }
-
-    async fn roles(&self) -> i64 {
-        sqlx::query("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
-            .bind(&self.prefix)
-            .fetch_one(&self.admin)
-            .await
-            .expect("count roles")
-            .get(0)
-    }
-
-    async fn wait_roles(&self, want: i64) -> i64 {
-        let mut n = -1;
-        for _ in 0..300 {
-            n = self.roles().await;
-            if n == want {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        n
-    }
-
-    async fn cleanup(self) {
-        exec(
-            &self.admin,
-            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db),
-        )
-        .await;
-        let left: Vec<String> =
-            sqlx::query("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
-                .bind(&self.tag)
-                .fetch_all(&self.admin)
-                .await
-                .expect("roles")
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
-        for r in left {
-            exec(&self.admin, format!("DROP OWNED BY {r}; DROP ROLE {r}")).await;
-        }
-        self.admin.close().await;
-    }
-}
 
 /// Write `files` the way the kubelet projects a ConfigMap: a timestamped hidden directory,
 /// `..data` pointing at it, and visible symlinks `name -> ..data/name`. A later call swaps
@@ -131,7 +35,7 @@ fn project_configmap(dir: &std::path::Path, generation: u32, files: &[(&str, &st
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
 }
 
-fn policy(app: &App, pg_rule: bool) -> String {
+fn policy(app: &PgApp, pg_rule: bool) -> String {
     format!(
         r#"credentials:
   - name: deploy-api
@@ -146,14 +50,14 @@ rules:
     credentials: [deploy-api{pg}]
     when: claims.repository_id == "1000001" && claims.ref == "refs/heads/main"
 "#,
-        db = app.db,
-        owner = app.owner,
+        db = app.db("app"),
+        owner = app.group("owner"),
         pg = if pg_rule { ", pg-app" } else { "" },
     )
 }
 
 struct Cluster {
-    app: App,
+    app: PgApp,
     policies: std::path::PathBuf,
     issuer: TestIssuer,
     db: TestDb,
@@ -165,7 +69,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
-        let app = App::new().await;
+        let app = PgApp::new("r", &["app"], &["owner"]).await;
         let issuer = TestIssuer::start().await;
         let db = TestDb::postgres().await;
         let dir = tempfile::tempdir().unwrap();
@@ -185,34 +89,26 @@ impl Cluster {
         let operator_token = format!("brk_op_{}", broker::secret::random_token(32));
         let extra = format!(
             "api_tokens:\n  signing_key: {{file: {key}}}\n\
-             targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      role_prefix: {prefix}\n\
+             {targets}\
              operators:\n  - name: secteam\n    role: admin\n    token_sha256: {hash}\n\
              reaper:\n  interval: 1s\n\
              limits:\n  exchanges_per_minute_per_repository: 0\n\
              metrics:\n  danger_public_diagnostics: true\n",
             key = key.display(),
-            url = app.url,
-            host = app.host,
-            port = app.port,
-            prefix = app.prefix,
+            targets = app.target_yaml(""),
             hash = broker::secret::sha256_hex(operator_token.as_bytes()),
         );
-        let setup = BrokerSetup {
-            store_url: db.url(),
-            policies_dir: &policies,
-            issuers_yaml: github_issuer_yaml(&issuer.url()),
-            audience: AUD,
-            extra_yaml: extra,
+        let setup = BrokerSetup::new(db.url(), &policies, github_issuer_yaml(&issuer.url()))
             // One public URL (the API tokens' `iss`) for both, as behind one Service.
-            env: vec![
+            .extra(extra)
+            .env(vec![
                 (
                     "BROKER_PUBLIC_URL".to_owned(),
                     "https://broker.replicas.test".to_owned(),
                 ),
                 // As the chart configures it (policies.watch_interval), only faster.
                 ("BROKER_POLICIES_WATCH_INTERVAL".to_owned(), "1s".to_owned()),
-            ],
-        };
+            ]);
         // The second replica starts after the first has migrated the store, as after the
         // chart's migration hook.
         let a = BrokerProcess::start(&setup)
@@ -228,7 +124,7 @@ impl Cluster {
             db,
             replicas: [a, b],
             operator_token,
-            http: reqwest::Client::new(),
+            http: http::client(),
             _dir: dir,
         }
     }
@@ -372,7 +268,11 @@ async fn two_replicas_share_grants_revoke_all_and_freeze() {
         .admin(0, "revoke-all", json!({"reason": "replica drill"}))
         .await;
     assert_eq!(status, 200, "{report}");
-    assert_eq!(c.app.wait_roles(0).await, 0, "every Postgres user dropped");
+    assert_eq!(
+        c.app.wait_roles(0, 300).await,
+        0,
+        "every Postgres user dropped"
+    );
     for (grant, token, by) in &minted {
         assert!(
             !c.introspect(*by, token).await && !c.introspect(1 - by, token).await,
@@ -439,7 +339,7 @@ async fn both_reapers_revoke_every_expired_grant_exactly_once() {
     let minted = c.mint(N, "2s").await;
     assert_eq!(c.app.roles().await, N as i64);
     assert_eq!(
-        c.app.wait_roles(0).await,
+        c.app.wait_roles(0, 300).await,
         0,
         "the reapers dropped every user"
     );

@@ -1,6 +1,5 @@
 //! Hostile input beside legitimate traffic (issue 17): each module sends one class of attack
-//! together with honest requests and asserts the honest side is untouched. One test binary, so
-//! the suites share one link.
+//! together with honest requests and asserts the honest side is untouched.
 
 mod connections;
 mod floods;

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! End to end for audit checkpoints and retention, through the real binary's CLI against a
 //! real Postgres store: `broker audit checkpoint` signs where the chain stands, `broker audit
 //! verify --checkpoint` proves the log still passes through it (with the config's keys or the
@@ -7,15 +6,10 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
-use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml,
-    gitlab_issuer_yaml, repo_root,
-};
+use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin};
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
-
-const AUD: &str = "https://broker.test";
 
 struct Ran {
     code: i32,
@@ -57,21 +51,15 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
             .expose(),
     )
     .unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: format!("api_tokens:\n  signing_key: {{file: {}}}\n", key.display()),
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url()).extra(format!(
+            "api_tokens:\n  signing_key: {{file: {}}}\n",
+            key.display()
+        )),
+    )
     .await
     .unwrap();
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let exchange = || async {
         let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
         let r = http

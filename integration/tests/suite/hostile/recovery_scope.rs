@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Recovery and scope: an issuer that comes back, and webhook secrets that speak for others.
 //!
 //! 1. **Issuer down at start.** The broker starts while its issuer answers 503 to everything,
@@ -24,15 +23,14 @@ use broker::audit::{Action, Outcome};
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
-use broker::webhooks::signature::github_sign;
 use futures::StreamExt;
-use integration::{BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml};
+use integration::http::{self, Api};
+use integration::{AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const AUD: &str = "https://broker.test";
 /// Concurrent senders of unknown-`kid` tokens.
 const FLOOD_WORKERS: usize = 4;
 /// How long the issuer stays down once the broker is up.
@@ -55,22 +53,13 @@ fn policy_dir() -> tempfile::TempDir {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    http::client_with_timeout(Duration::from_secs(30))
 }
 
 async fn exchange(http: &reqwest::Client, url: &str, token: &str) -> (u16, Value) {
-    let r = http
-        .post(format!("{url}/v1/exchange"))
-        .bearer_auth(token)
-        .json(&json!({"credentials": ["api"]}))
-        .send()
+    Api::new(http.clone(), url)
+        .exchange(Some(token), &json!({"credentials": ["api"]}))
         .await
-        .expect("exchange request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// A token with a `kid` the issuer never published.
@@ -136,14 +125,11 @@ async fn issuer_down_at_start_recovers_in_seconds_without_hammering() {
     let db = TestDb::postgres().await;
     let policies = policy_dir();
     let first_attempt_bound = Instant::now();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: "limits:\n  exchanges_per_minute_per_repository: 0\n".into(),
-        env: vec![("BROKER_LOG".into(), "info".into())],
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra("limits:\n  exchanges_per_minute_per_repository: 0\n")
+            .env(vec![("BROKER_LOG".into(), "info".into())]),
+    )
     .await
     .expect("broker starts with its issuer down");
     assert!(
@@ -383,30 +369,13 @@ async fn deliver(
     secret: &str,
     body: &[u8],
 ) -> (u16, Value) {
-    let r = http
-        .post(format!("{url}/v1/hooks/github"))
-        .header("content-type", "application/json")
-        .header("x-github-event", "workflow_job")
-        .header("x-github-delivery", id)
-        .header("x-hub-signature-256", github_sign(secret, body))
-        .body(body.to_vec())
-        .send()
+    Api::new(http.clone(), url)
+        .github_delivery(id, secret, "workflow_job", body)
         .await
-        .expect("delivery");
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 async fn active(http: &reqwest::Client, url: &str, api_token: &str) -> bool {
-    let r: Value = http
-        .post(format!("{url}/v1/introspect"))
-        .form(&[("token", api_token)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    r["active"] == true
+    Api::new(http.clone(), url).active(api_token).await
 }
 
 #[tokio::test]
@@ -414,19 +383,16 @@ async fn webhook_secret_speaks_only_for_its_scope() {
     let issuer = TestIssuer::start().await;
     let db = TestDb::postgres().await;
     let policies = policy_dir();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "limits:\n  exchanges_per_minute_per_repository: 0\n\
-             webhooks:\n  github:\n    secrets:\n\
-             \x20     - {{value: {SECRET_A}, scope: [\"acme/*\"]}}\n\
-             \x20     - {{value: {SECRET_B}, scope: [\"beta/app\"]}}\n"
-        ),
-        env: vec![("BROKER_LOG".into(), "info".into())],
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(format!(
+                "limits:\n  exchanges_per_minute_per_repository: 0\n\
+         webhooks:\n  github:\n    secrets:\n\
+         \x20     - {{value: {SECRET_A}, scope: [\"acme/*\"]}}\n\
+         \x20     - {{value: {SECRET_B}, scope: [\"beta/app\"]}}\n"
+            ))
+            .env(vec![("BROKER_LOG".into(), "info".into())]),
+    )
     .await
     .expect("broker starts");
     let http = http();

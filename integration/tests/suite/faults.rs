@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Faults against the running binary: the store cut or hung (through a TCP proxy the test
 //! controls), the broker SIGKILLed at every step of an exchange and of a revocation, the
 //! issuer's JWKS endpoint down and flooded with unknown `kid`s. Each time: a clean stable
@@ -12,14 +11,14 @@
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use broker::store::{AuditFilter, GrantStatus};
+use integration::wait::eventually;
 use integration::{
-    BrokerProcess, BrokerSetup, FaultProxy, PgRoleTarget, ProxyMode, Secrets, acme_api_claims,
+    AUD, BrokerProcess, BrokerSetup, FaultProxy, PgRoleTarget, ProxyMode, Secrets, acme_api_claims,
     github_issuer_yaml, github_policies,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
 
-const AUD: &str = "https://broker.test";
 const REAPER: &str = "reaper:\n  interval: 1s\n  stale_issuing_after: 2s\n  lease: 3s\n";
 
 struct Client {
@@ -30,10 +29,7 @@ struct Client {
 impl Client {
     fn new(broker: &BrokerProcess) -> Self {
         Self {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: integration::http::client_with_timeout(Duration::from_secs(30)),
             url: broker.url.clone(),
         }
     }
@@ -95,21 +91,6 @@ fn token(issuer: &TestIssuer) -> String {
     testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD))
 }
 
-/// Poll `f` until it returns true (at most ~20 s); whether it did.
-async fn eventually<F, Fut>(mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..200 {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 fn host_port(url: &str) -> String {
     let u = url::Url::parse(url).expect("url");
     format!(
@@ -130,16 +111,14 @@ async fn store_down_or_stalled_is_503_then_recovers_without_restart() {
     let proxy = FaultProxy::start(host_port(db.url())).await.expect("proxy");
     let via = proxy.url_via(db.url()).expect("proxy url");
     let policies = github_policies().unwrap();
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: &via,
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "{REAPER}limits:\n  request_timeout: 2s\n  max_concurrency: 2\n  exchanges_per_minute_per_repository: 0\n"
-        ),
-        env: Vec::new(),
-    })
+    let mut broker = BrokerProcess::start(&BrokerSetup::new(
+        &via,
+        policies.path(),
+        github_issuer_yaml(&issuer.url()),
+    )
+    .extra(format!(
+        "{REAPER}limits:\n  request_timeout: 2s\n  max_concurrency: 2\n  exchanges_per_minute_per_repository: 0\n"
+    )))
     .await
     .expect("broker starts");
     let pid = broker.pid();
@@ -316,14 +295,10 @@ async fn crash_at_every_step_leaves_no_orphaned_credential() {
     let db = TestDb::postgres().await;
     let policies = tempfile::tempdir().unwrap();
     std::fs::write(policies.path().join("pg.yaml"), pg.policy()).unwrap();
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!("{}{REAPER}", pg.yaml()),
-        env: Vec::new(),
-    })
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(format!("{}{REAPER}", pg.yaml())),
+    )
     .await
     .expect("broker starts");
     let store = db.store();
@@ -425,17 +400,13 @@ async fn jwks_down_serves_cached_keys_and_kid_floods_are_not_amplified() {
     let issuer = TestIssuer::start().await;
     let db = TestDb::postgres().await;
     let policies = github_policies().unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
+    let broker = BrokerProcess::start(&BrokerSetup::new(
+        db.url(),
+        policies.path(),
+        github_issuer_yaml(&issuer.url()),
+    )
         // A 1 s refusal window: the flood's aggregate audit events land within the test.
-        extra_yaml:
-            "limits:\n  exchanges_per_minute_per_repository: 0\nrefusals:\n  audit_window: 1s\n"
-                .into(),
-        env: Vec::new(),
-    })
+    .extra("limits:\n  exchanges_per_minute_per_repository: 0\nrefusals:\n  audit_window: 1s\n"))
     .await
     .expect("broker starts");
     let c = Client::new(&broker);

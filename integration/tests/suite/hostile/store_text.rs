@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Text the store cannot hold: NUL bytes, control characters and over-long values beside honest
 //! jobs.
 //!
@@ -24,13 +23,12 @@
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::Store;
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml};
+use integration::store_db::StoreDb;
+use integration::{AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
-use sqlx::{PgPool, SqlitePool};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const AUD: &str = "https://broker.test";
 const OPERATOR_TOKEN: &str = "brk_op_store-text-auditor-token";
 const HONEST: usize = 50;
 /// Poisoned requests per kind (five kinds).
@@ -38,72 +36,30 @@ const PER_KIND: usize = 40;
 /// Requests in flight at once (honest and poisoned interleaved).
 const IN_FLIGHT: usize = 24;
 
-enum Db {
-    Pg(PgPool),
-    Lite(SqlitePool),
+/// Rows of `grants` whose subject contains `needle` (no LIKE: `\` is its escape).
+async fn subjects_containing(db: &StoreDb, needle: &str) -> i64 {
+    let sql = match db {
+        StoreDb::Pg(_) => "SELECT count(*) FROM grants WHERE strpos(subject, $1) > 0",
+        StoreDb::Lite(_) => "SELECT count(*) FROM grants WHERE instr(subject, $1) > 0",
+    };
+    db.number_with(sql, &[needle]).await
 }
 
-impl Db {
-    async fn connect(url: &str) -> Db {
-        if url.starts_with("sqlite:") {
-            Db::Lite(SqlitePool::connect(url).await.expect("sqlite connects"))
-        } else {
-            Db::Pg(PgPool::connect(url).await.expect("postgres connects"))
-        }
-    }
-
-    /// One number from SQL with one text parameter (`$1`), the same SQL on both backends.
-    async fn number(&self, sql: &str, arg: &str) -> i64 {
-        match self {
-            Db::Pg(p) => sqlx::query_scalar(sql).bind(arg).fetch_one(p).await,
-            Db::Lite(p) => sqlx::query_scalar(sql).bind(arg).fetch_one(p).await,
-        }
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    /// Rows of `grants` whose subject contains `needle` (no LIKE: `\` is its escape).
-    async fn subjects_containing(&self, needle: &str) -> i64 {
-        match self {
-            Db::Pg(_) => {
-                self.number(
-                    "SELECT count(*) FROM grants WHERE strpos(subject, $1) > 0",
-                    needle,
-                )
-                .await
-            }
-            Db::Lite(_) => {
-                self.number(
-                    "SELECT count(*) FROM grants WHERE instr(subject, $1) > 0",
-                    needle,
-                )
-                .await
-            }
-        }
-    }
-
-    /// Rows holding a raw NUL anywhere in the grant, credential, jti and audit tables (SQLite
-    /// would keep one; Postgres cannot hold one at all, 22021, so there the grants found
-    /// escaped are the proof).
-    async fn raw_nuls(&self) -> i64 {
-        match self {
-            Db::Pg(_) => 0,
-            Db::Lite(_) => {
-                self.number(
-                    "SELECT (SELECT count(*) FROM grants WHERE instr(subject, $1) > 0
-                                OR instr(coalesce(repository, ''), $1) > 0 OR instr(job, $1) > 0)
-                          + (SELECT count(*) FROM used_jti WHERE instr(jti, $1) > 0)
-                          + (SELECT count(*) FROM audit_events WHERE instr(event, $1) > 0)",
-                    "\0",
-                )
-                .await
-            }
-        }
-    }
-
-    async fn close(&self) {
-        match self {
-            Db::Pg(p) => p.close().await,
-            Db::Lite(p) => p.close().await,
+/// Rows holding a raw NUL anywhere in the grant, credential, jti and audit tables (SQLite
+/// would keep one; Postgres cannot hold one at all, 22021, so there the grants found escaped
+/// are the proof).
+async fn raw_nuls(db: &StoreDb) -> i64 {
+    match db {
+        StoreDb::Pg(_) => 0,
+        StoreDb::Lite(_) => {
+            db.number_with(
+                "SELECT (SELECT count(*) FROM grants WHERE instr(subject, $1) > 0
+                            OR instr(coalesce(repository, ''), $1) > 0 OR instr(job, $1) > 0)
+                      + (SELECT count(*) FROM used_jti WHERE instr(jti, $1) > 0)
+                      + (SELECT count(*) FROM audit_events WHERE instr(event, $1) > 0)",
+                &["\0"],
+            )
+            .await
         }
     }
 }
@@ -208,28 +164,22 @@ async fn run(db: TestDb, label: &str) {
          rules:\n  - name: acme\n    issuer: github\n    credentials: [api]\n    when: claims.repository_id == \"1000001\"\n",
     )
     .unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            // Every refusal keeps a row of its own here (the refusal limits and aggregates
-            // have their own test, `floods.rs`), so each one can be found and checked.
-            "limits:\n  exchanges_per_minute_per_repository: 0\n\
-             refusals:\n  failure_burst_per_client: 100000\n  \
-             failures_per_minute_per_client: 100000\n  audit_rows_per_window: 100000\n\
-             operators:\n  - name: auditor\n    role: auditor\n    token_sha256: {}\n",
-            broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url())).extra(
+            format!(
+                // Every refusal keeps a row of its own here (the refusal limits and aggregates
+                // have their own test, `floods.rs`), so each one can be found and checked.
+                "limits:\n  exchanges_per_minute_per_repository: 0\n\
+         refusals:\n  failure_burst_per_client: 100000\n  \
+         failures_per_minute_per_client: 100000\n  audit_rows_per_window: 100000\n\
+         operators:\n  - name: auditor\n    role: auditor\n    token_sha256: {}\n",
+                broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+            ),
         ),
-        env: vec![],
-    })
+    )
     .await
     .expect("broker starts");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let http = integration::http::client_with_timeout(Duration::from_secs(30));
 
     // Honest and poisoned interleaved: every sixth request is honest until 50 are queued.
     let poisoned = [
@@ -333,18 +283,18 @@ async fn run(db: TestDb, label: &str) {
     );
 
     // ---- every refusal audited, escaped ------------------------------------------------------
-    let store = Db::connect(db.url()).await;
+    let store = StoreDb::connect(db.url()).await;
     let exchange_refusals = store
-        .number(
+        .number_with(
             "SELECT count(*) FROM audit_events WHERE reason = $1 AND action = 'exchange'",
-            "invalid_text",
+            &["invalid_text"],
         )
         .await;
     let query_refusals = store
-        .number(
+        .number_with(
             "SELECT count(*) FROM audit_events WHERE reason = $1 AND action = 'admin' \
              AND actor = 'operator:auditor'",
-            "invalid_text",
+            &["invalid_text"],
         )
         .await;
     eprintln!(
@@ -377,10 +327,13 @@ async fn run(db: TestDb, label: &str) {
     }
 
     // ---- the signed odd claims are stored escaped, never dropped or raw -----------------------
-    assert_eq!(store.subjects_containing("\\u{0}").await, PER_KIND as i64);
-    assert_eq!(store.raw_nuls().await, 0, "no raw NUL in any stored row");
+    assert_eq!(subjects_containing(&store, "\\u{0}").await, PER_KIND as i64);
+    assert_eq!(raw_nuls(&store).await, 0, "no raw NUL in any stored row");
     let revoked = store
-        .number("SELECT count(*) FROM grants WHERE status = $1", "revoked")
+        .number_with(
+            "SELECT count(*) FROM grants WHERE status = $1",
+            &["revoked"],
+        )
         .await;
     assert_eq!(revoked, (HONEST + PER_KIND) as i64, "every grant revoked");
     let gid = odd[0].grant_id.clone().unwrap();

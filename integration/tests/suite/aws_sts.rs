@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! End to end for the AWS STS provider: the real `broker` binary assuming roles on a local
 //! moto server (STS + IAM in server mode, installed by `scripts/test` under
 //! `target/test-venv/`). moto does not check trust policies and will "assume" roles that do not
@@ -8,7 +7,7 @@
 //! When moto is not installed (no network when the venv was made), each test says why and
 //! returns; the provider's logic is covered by the unit tests in `broker/src/providers/aws_sts`.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::providers::aws_sts::AwsStsProvider;
 use broker::providers::aws_sts::deny::DenyDocument;
 use broker::providers::aws_sts::spec::{AwsStsSpec, RoleArn};
@@ -18,16 +17,11 @@ use broker::providers::{
 use broker::secret::Sensitive;
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
+use integration::http::{self, Api};
 use integration::moto::{ACCOUNT, KEY_ID, Moto, SECRET};
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml};
+use integration::{BrokerProcess, BrokerSetup, acme_token_with, free_port, github_issuer_yaml};
 use serde_json::{Value, json};
 use std::sync::Arc;
-
-const AUD: &str = "https://broker.test";
-
-fn tag() -> String {
-    format!("{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32)
-}
 
 struct Env {
     moto: Moto,
@@ -41,7 +35,7 @@ struct Env {
 
 async fn env() -> Option<Env> {
     let moto = Moto::start().await?;
-    let role = format!("deploy-{}", tag());
+    let role = format!("deploy-{}", integration::tag(""));
     let arn = moto.create_role(&role).await;
     let db = TestDb::sqlite().await;
     let issuer = TestIssuer::start().await;
@@ -78,30 +72,15 @@ rules:
         moto.url,
         free_port()
     );
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/aws-credentials",
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "{targets}operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
-            broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
-        ),
-        env: envs,
-    })
+    let envs = integration::moto::broker_env();
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(format!(
+                "{targets}operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
+                broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+            ))
+            .env(envs),
+    )
     .await
     .expect("broker starts");
     Some(Env {
@@ -109,7 +88,7 @@ rules:
         issuer,
         db,
         broker,
-        http: reqwest::Client::new(),
+        http: http::client(),
         role,
         _policies: policies,
     })
@@ -117,32 +96,19 @@ rules:
 
 impl Env {
     fn token_with(&self, f: impl FnOnce(&mut Value)) -> String {
-        let mut c = acme_api_claims(&self.issuer.url(), AUD);
-        f(&mut c);
-        testkit::sign(TestKey::Rsa1, &c)
+        acme_token_with(&self.issuer.url(), f)
     }
 
     async fn exchange(&self, token: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}/v1/exchange", self.broker.url))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await
-            .expect("exchange request");
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.api().exchange(Some(token), &body).await
     }
 
     async fn revoke(&self, token: &str) -> u16 {
-        self.http
-            .post(format!("{}/v1/revoke", self.broker.url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .expect("revoke request")
-            .status()
-            .as_u16()
+        self.api().revoke(token).await.0
+    }
+
+    fn api(&self) -> Api {
+        Api::new(self.http.clone(), &self.broker.url)
     }
 
     /// Who the minted credentials are, per moto.
@@ -393,16 +359,11 @@ async fn admin_revoke_all_denies_every_earlier_session_of_the_role() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let r = e
-        .http
-        .post(format!("{}/v1/admin/revoke-all", e.broker.url))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&json!({"reason": "incident drill"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let report: Value = r.json().await.unwrap();
+    let (status, report) = e
+        .api()
+        .revoke_all(OPERATOR_TOKEN, &json!({"reason": "incident drill"}))
+        .await;
+    assert_eq!(status, 200, "{report}");
     assert_eq!(report["revoked_grants"], 1, "{report}");
     assert_eq!(report["provider_wide"]["aws_sts"]["revoked"], 1, "{report}");
     let doc = e.moto.deny_policy(&e.role).await.expect("deny policy");
@@ -423,7 +384,7 @@ async fn revoke_all_writes_the_token_issue_time_deny_and_the_policy_stays_bounde
     let Some(moto) = Moto::start().await else {
         return;
     };
-    let role = format!("deploy-{}", tag());
+    let role = format!("deploy-{}", integration::tag(""));
     let arn = moto.create_role(&role).await;
     let mut targets = std::collections::BTreeMap::new();
     targets.insert(

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Pipeline integrations end to end: the GitHub Action (`action/dist/`) and the GitLab CI/CD
 //! component (`action/gitlab/`) against the real `broker` binary and Postgres.
 //!
@@ -27,8 +26,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
+use integration::http::{self, Api};
+use integration::pg::{self, PgApp};
+use integration::tools::gitlab_tools;
 use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
+    AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml,
+    repo_root,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -37,7 +40,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-const AUD: &str = "https://broker.test";
 const RUNNER_SECRET: &str = "runner-request-token-for-tests";
 
 struct Env {
@@ -98,18 +100,11 @@ async fn env() -> Env {
     let github = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let db = TestDb::postgres().await;
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&github.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: String::new(),
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(&BrokerSetup::examples(
+        db.url(),
+        &github.url(),
+        &gitlab.url(),
+    ))
     .await
     .expect("broker starts");
     let (tokens_url, tokens_stop) = token_endpoint(github.url(), Issued::default()).await;
@@ -120,23 +115,15 @@ async fn env() -> Env {
         broker,
         tokens_url,
         tokens_stop,
-        http: reqwest::Client::new(),
+        http: http::client(),
     }
 }
 
 impl Env {
     async fn active(&self, token: &str) -> bool {
-        let v: Value = self
-            .http
-            .post(format!("{}/v1/introspect", self.broker.url))
-            .form(&[("token", token)])
-            .send()
+        Api::new(self.http.clone(), &self.broker.url)
+            .active(token)
             .await
-            .expect("introspect")
-            .json()
-            .await
-            .expect("introspect json");
-        v["active"] == json!(true)
     }
 
     fn runner_env(&self) -> Vec<(String, String)> {
@@ -521,11 +508,7 @@ async fn github_action_through_a_proxy_to_a_private_ca_broker() {
 /// a group role and an owner role (all named by a random tag), and the role prefix the broker's
 /// target mints under. [`PgTarget::cleanup`] drops all of it, also roles a failed run left.
 struct PgTarget {
-    admin: sqlx::PgPool,
-    admin_url: String,
-    host: String,
-    port: u16,
-    tag: String,
+    app: PgApp,
     prefix: String,
     app_db: String,
     reader: String,
@@ -534,53 +517,18 @@ struct PgTarget {
 
 impl PgTarget {
     async fn new() -> Self {
-        use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV};
-        use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-        let admin_url = std::env::var(PG_URL_ENV)
-            .ok()
-            .filter(|u| !u.trim().is_empty())
-            .unwrap_or_else(|| DEFAULT_PG_URL.to_owned());
-        let opts: PgConnectOptions = admin_url.parse().expect("admin url");
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts.clone())
-            .await
-            .expect("admin connects");
-        // [a-z0-9_] only, so the names need no quoting.
-        let tag = format!("a{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32);
-        let t = Self {
-            host: opts.get_host().to_owned(),
-            port: opts.get_port(),
-            prefix: format!("{tag}u_"),
-            app_db: format!("{tag}_app"),
-            reader: format!("{tag}g_reader"),
-            owner: format!("{tag}g_owner"),
-            admin,
-            admin_url,
-            tag,
-        };
-        for sql in [
-            format!("CREATE DATABASE {}", t.app_db),
-            format!("CREATE ROLE {} NOLOGIN", t.reader),
-            format!("CREATE ROLE {} NOLOGIN", t.owner),
-        ] {
-            sqlx::raw_sql(&sql)
-                .execute(&t.admin)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let app = PgApp::new("a", &["app"], &["reader", "owner"]).await;
+        Self {
+            prefix: app.prefix(),
+            app_db: app.db("app"),
+            reader: app.group("reader"),
+            owner: app.group("owner"),
+            app,
         }
-        t
     }
 
     fn target_yaml(&self) -> String {
-        format!(
-            "targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      connect_timeout: 3s\n      role_prefix: {prefix}\n",
-            url = self.admin_url,
-            host = self.host,
-            port = self.port,
-            prefix = self.prefix,
-        )
+        self.app.target_yaml("      connect_timeout: 3s\n")
     }
 
     /// Like `policies/github.yaml`: acme/api pinned by repository and owner ids, push to main.
@@ -610,53 +558,17 @@ rules:
     }
 
     async fn role_exists(&self, name: &str) -> bool {
-        sqlx::query("SELECT 1 FROM pg_roles WHERE rolname = $1")
-            .bind(name)
-            .fetch_optional(&self.admin)
-            .await
-            .expect("role lookup")
-            .is_some()
+        self.app.role_exists(name).await
     }
 
     async fn cleanup(self) {
-        use sqlx::Row;
-        let drop_db = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.app_db);
-        sqlx::raw_sql(&drop_db)
-            .execute(&self.admin)
-            .await
-            .expect("drop the app database");
-        let left: Vec<String> =
-            sqlx::query("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
-                .bind(&self.tag)
-                .fetch_all(&self.admin)
-                .await
-                .expect("roles")
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
-        for r in left {
-            sqlx::raw_sql(&format!("DROP OWNED BY {r}; DROP ROLE {r}"))
-                .execute(&self.admin)
-                .await
-                .expect("drop a test role");
-        }
-        self.admin.close().await;
+        self.app.cleanup().await;
     }
 }
 
 /// Logs in with a connection URL (statement logging off), bounded in time.
 async fn pg_login(url: &str) -> Result<sqlx::PgConnection, String> {
-    use sqlx::{ConnectOptions, Connection};
-    let opts = url
-        .parse::<sqlx::postgres::PgConnectOptions>()
-        .map_err(|e| e.to_string())?
-        .disable_statement_logging();
-    match tokio::time::timeout(
-        Duration::from_secs(10),
-        sqlx::PgConnection::connect_with(&opts),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_secs(10), pg::login(url)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("login timed out".into()),
     }
@@ -695,14 +607,10 @@ async fn github_action_database_url_dies_with_post() {
     // Only a GitHub policy file, so no other issuer needs configuring.
     let policies = tempfile::tempdir().unwrap();
     std::fs::write(policies.path().join("github.yaml"), pg.github_policy()).unwrap();
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&github.url()),
-        audience: AUD,
-        extra_yaml: pg.target_yaml(),
-        env: Vec::new(),
-    })
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&github.url()))
+            .extra(pg.target_yaml()),
+    )
     .await
     .expect("broker starts");
     let issued = Issued::default();
@@ -763,8 +671,8 @@ async fn github_action_database_url_dies_with_post() {
     assert!(password.len() >= 32);
     assert!(url.contains(&password) && url.contains(&pg.app_db));
     // The libpq variables agree with the URL (the same shape as the GitLab component's).
-    assert_eq!(main["env"]["PGHOST"], json!(pg.host), "{main}");
-    assert_eq!(main["env"]["PGPORT"], json!(pg.port.to_string()));
+    assert_eq!(main["env"]["PGHOST"], json!(pg.app.host), "{main}");
+    assert_eq!(main["env"]["PGPORT"], json!(pg.app.port.to_string()));
     assert_eq!(main["env"]["PGDATABASE"], json!(pg.app_db));
     assert_eq!(
         main["env"]["PGSSLMODE"],
@@ -975,11 +883,6 @@ async fn github_action_under_act() {
         );
     }
     e.finish().await;
-}
-
-fn gitlab_tools() -> Option<PathBuf> {
-    let bin = repo_root().join("action/tools/node_modules/.bin");
-    (bin.join("gitlab-ci-local").exists() && bin.join("node").exists()).then_some(bin)
 }
 
 /// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives, for
@@ -1245,15 +1148,9 @@ async fn gitlab_component_under_gitlab_ci_local() {
 
 /// POST /v1/exchange with `token` for `gitlab-deploy-api`: the status and the body.
 async fn exchange_status(broker_url: &str, token: &str) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{broker_url}/v1/exchange"))
-        .bearer_auth(token)
-        .json(&json!({"credentials": ["gitlab-deploy-api"]}))
-        .send()
+    Api::new(http::client(), broker_url)
+        .exchange(Some(token), &json!({"credentials": ["gitlab-deploy-api"]}))
         .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// A GitLab policy: acme/api's protected main branch gets database users on `pg`.
@@ -1337,14 +1234,11 @@ async fn gitlab_component_postgres_credential_and_default_audience() {
     let db = TestDb::postgres().await;
     let policies = tempfile::tempdir().unwrap();
     std::fs::write(policies.path().join("gitlab.yaml"), gitlab_pg_policy(&pg)).unwrap();
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: gitlab_issuer_yaml(&gitlab.url()),
-        audience: integration::PUBLIC_URL,
-        extra_yaml: pg.target_yaml(),
-        env: Vec::new(),
-    })
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), gitlab_issuer_yaml(&gitlab.url()))
+            .extra(pg.target_yaml())
+            .audience(integration::PUBLIC_URL),
+    )
     .await
     .expect("broker starts");
 
@@ -1458,7 +1352,7 @@ async fn gitlab_component_postgres_credential_and_default_audience() {
     let left: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
             .bind(&pg.prefix)
-            .fetch_one(&pg.admin)
+            .fetch_one(&pg.app.admin)
             .await
             .unwrap();
     assert_eq!(left, 0, "every minted role is dropped");
@@ -1724,7 +1618,7 @@ async fn client_several_aws_credentials_become_sdk_profiles() {
     use aws_config::meta::region::ProvideRegion;
     use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
     use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
-    use integration::moto::{KEY_ID, Moto, SECRET};
+    use integration::moto::Moto;
     let Some(moto) = Moto::start().await else {
         return;
     };
@@ -1741,30 +1635,15 @@ async fn client_several_aws_credentials_become_sdk_profiles() {
         "credentials:\n  - name: prod\n    max_ttl: 30m\n    aws_sts: {{target: main, role_arn: \"{arn}\", region: eu-west-1}}\n  - name: staging\n    max_ttl: 30m\n    aws_sts: {{target: main, role_arn: \"{arn}\", region: eu-central-1}}\nrules:\n  - name: acme\n    issuer: github\n    credentials: [prod, staging]\n    when: claims.repository_id == \"1000001\"\n"
     );
     std::fs::write(policies.path().join("aws.yaml"), policy).unwrap();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", KEY_ID),
-        ("AWS_SECRET_ACCESS_KEY", SECRET),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/aws-credentials",
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&github.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "targets:\n  aws:\n    main:\n      region: us-east-1\n      endpoint_url: {}\n",
-            moto.url
-        ),
-        env,
-    })
+    let env = integration::moto::broker_env();
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&github.url()))
+            .extra(format!(
+                "targets:\n  aws:\n    main:\n      region: us-east-1\n      endpoint_url: {}\n",
+                moto.url
+            ))
+            .env(env),
+    )
     .await
     .expect("broker starts");
     let work = tempfile::tempdir().unwrap();

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 //! Audit query latency at scale: one million audit events in a fresh Postgres database, spread
 //! over 500 repositories and 90 days, then the typical questions asked through `GET /v1/audit`
 //! (the real binary) and through the analyst SQL views. Prints p50/p99 per query and the plan's
@@ -12,12 +11,13 @@
 //! Run (debug build is fine; figures in docs/operations.md say which build):
 //!   cargo build -p broker --bins --features fault-injection
 //!   BROKER_TEST_PG_URL=postgres://postgres@127.0.0.1:5432/postgres \
-//!   cargo test -p integration --test audit_scale -- --ignored --nocapture
+//!   cargo test -p integration --test suite audit_scale:: -- --ignored --nocapture
 //! `AUDIT_SCALE_EVENTS` overrides the size (default 1000000).
 
 use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, github_issuer_yaml, gitlab_issuer_yaml, repo_root};
+use integration::wait::percentile;
+use integration::{BrokerProcess, BrokerSetup};
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::postgres::PgPoolOptions;
@@ -88,11 +88,6 @@ impl Lcg {
             .wrapping_add(1442695040888963407);
         ((self.0 >> 33) % below as u64) as i64
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -210,24 +205,17 @@ async fn audit_queries_over_a_million_events() {
 
     let issuer = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: "https://broker.test",
-        extra_yaml: format!(
-            "operators:\n  - name: bench\n    role: auditor\n    token_sha256: {}\n",
-            broker::secret::sha256_hex(AUDITOR_TOKEN.as_bytes())
-        ),
-        env: vec![("BROKER_LOG".into(), "warn".into())],
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url())
+            .extra(format!(
+                "operators:\n  - name: bench\n    role: auditor\n    token_sha256: {}\n",
+                broker::secret::sha256_hex(AUDITOR_TOKEN.as_bytes())
+            ))
+            .env(vec![("BROKER_LOG".into(), "warn".into())]),
+    )
     .await
     .unwrap();
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let start_unix = END_UNIX - DAYS * 86400;
     let mut rng = Lcg(42);
     let mut figures = Figures { rows: Vec::new() };

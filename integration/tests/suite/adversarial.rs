@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Hostile job tokens against the running binary. Every attack is one row of a table: the
 //! status and stable code it must get, and then, for the whole table, one audit event per
 //! attack, no grant row of any kind, no request to a URL named in a token, and no secret in
@@ -11,12 +10,10 @@ use broker::oidc::testkit::{self, SignWith, TestIssuer, TestKey};
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
 use integration::{
-    BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
+    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
 };
 use serde_json::{Value, json};
 use sqlx::Row;
-
-const AUD: &str = "https://broker.test";
 
 /// A token whose payload is these exact bytes (to send what `serde_json::Value` cannot hold,
 /// such as duplicate members), signed with `key`.
@@ -68,14 +65,11 @@ async fn hostile_tokens_are_refused_audited_and_grant_nothing() {
     let attacker = TestIssuer::start_with(&[TestKey::Rsa2]).await;
     let db = TestDb::postgres().await;
     let policies = github_policies().unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: String::new(),
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(&BrokerSetup::new(
+        db.url(),
+        policies.path(),
+        github_issuer_yaml(&issuer.url()),
+    ))
     .await
     .expect("broker starts");
     let iss = issuer.url();
@@ -594,7 +588,7 @@ async fn hostile_tokens_are_refused_audited_and_grant_nothing() {
         ),
     ];
 
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let mut secrets = Secrets::default();
     let mut failures = Vec::new();
     for c in &cases {
@@ -679,17 +673,14 @@ async fn consumed_and_expired_tokens_are_refused_on_replay() {
     let issuer = TestIssuer::start().await;
     let db = TestDb::postgres().await;
     let policies = github_policies().unwrap();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: String::new(),
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(&BrokerSetup::new(
+        db.url(),
+        policies.path(),
+        github_issuer_yaml(&issuer.url()),
+    ))
     .await
     .expect("broker starts");
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let exchange = |tok: String| {
         let http = http.clone();
         let url = format!("{}/v1/exchange", broker.url);

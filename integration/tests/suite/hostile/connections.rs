@@ -13,12 +13,12 @@
 //!    `client_request_id` only when it has the accepted shape.
 //!
 //! Latencies and times are printed, never asserted with a tight timer.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
+use integration::wait::percentile;
 use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, free_port, github_issuer_yaml, gitlab_issuer_yaml,
+    AUD, BrokerProcess, BrokerSetup, acme_api_claims, example_issuers_yaml, free_port,
 };
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const AUD: &str = "https://broker.test";
 const ATTACKERS: usize = 500;
 const NOFILE: u64 = 128;
 const HONEST_WORKERS: usize = 3;
@@ -42,20 +41,14 @@ async fn start(
 ) -> (BrokerProcess, TestIssuer) {
     let gitlab = TestIssuer::start().await;
     let broker = BrokerProcess::start_with_nofile(
-        &BrokerSetup {
-            store_url: db.url(),
-            policies_dir: &integration::repo_root().join("policies"),
-            issuers_yaml: format!(
-                "{}{}",
-                github_issuer_yaml(&issuer.url()),
-                gitlab_issuer_yaml(&gitlab.url())
-            ),
-            audience: AUD,
-            extra_yaml: format!(
-                "limits:\n  exchanges_per_minute_per_repository: 0\n  header_read_timeout: 2s\n  idle_timeout: 5s\n{extra}"
-            ),
-            env: Vec::new(),
-        },
+        &BrokerSetup::new(
+            db.url(),
+            &integration::repo_root().join("policies"),
+            example_issuers_yaml(&issuer.url(), &gitlab.url()),
+        )
+        .extra(format!(
+            "limits:\n  exchanges_per_minute_per_repository: 0\n  header_read_timeout: 2s\n  idle_timeout: 5s\n{extra}"
+        )),
         nofile,
     )
     .await
@@ -65,7 +58,7 @@ async fn start(
 
 /// One honest exchange on a fresh connection (a CI job makes one); its latency or the failure.
 async fn honest_exchange(url: &str, issuer: &str) -> Result<Duration, String> {
-    let http = reqwest::Client::builder()
+    let http = integration::http::builder()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(30))
         .build()
@@ -85,14 +78,6 @@ async fn honest_exchange(url: &str, issuer: &str) -> Result<Duration, String> {
         return Err(format!("exchange {status}: {body}"));
     }
     Ok(t.elapsed())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[derive(Default)]
@@ -348,7 +333,7 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
     .await;
     let addr = broker.url.trim_start_matches("http://").to_owned();
     let admin = broker.admin_url.clone().expect("admin listener");
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
 
     // Honest jobs all along.
     let stop = Arc::new(AtomicBool::new(false));

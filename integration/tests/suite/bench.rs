@@ -1,14 +1,11 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 //! A quick throughput figure for API-token exchanges against the real binary and Postgres.
 //! Not a timed assertion: it prints what it measured. Run:
 //!   cargo build --release -p broker && BROKER_BIN=target/release/broker \
-//!   cargo test --release -p integration --test bench -- --ignored --nocapture
+//!   cargo test --release -p integration --test suite bench:: -- --ignored --nocapture
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
-use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
-};
+use integration::{BrokerProcess, BrokerSetup, acme_api_claims};
 use std::time::Instant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,18 +22,11 @@ async fn api_token_exchange_throughput() {
     let issuer = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let db = TestDb::postgres().await;
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: "https://broker.test",
-        extra_yaml: "limits:\n  exchanges_per_minute_per_repository: 0\n".into(),
-        env: vec![("BROKER_LOG".into(), "warn".into())],
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url())
+            .extra("limits:\n  exchanges_per_minute_per_repository: 0\n")
+            .env(vec![("BROKER_LOG".into(), "warn".into())]),
+    )
     .await
     .unwrap();
     let tokens: Vec<String> = (0..n)
@@ -47,7 +37,7 @@ async fn api_token_exchange_throughput() {
             )
         })
         .collect();
-    let client = reqwest::Client::new();
+    let client = integration::http::client();
     let url = format!("{}/v1/exchange", broker.url);
     let queue = std::sync::Arc::new(tokio::sync::Mutex::new(tokens));
     let start = Instant::now();

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Emergency revoke-all at scale: filters in SQL, paged, resumable.
 //!
 //! The attack is the incident itself: a store holding far more active grants than one call can
@@ -21,14 +20,15 @@
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::Store;
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
+use integration::http::Api;
+use integration::store_db::StoreDb;
+use integration::wait::env_num;
+use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
-use sqlx::{PgPool, SqlitePool};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const AUD: &str = "https://broker.test";
 const OPERATOR_TOKEN: &str = "brk_op_revoke-all-scale-admin";
 /// Bulk grants matched by the filtered run: the newest ones.
 const HOT: i64 = 1000;
@@ -37,35 +37,14 @@ const HONEST_WORKERS: usize = 3;
 /// Most revoke-all calls one run may take (each stops after its time budget).
 const MAX_CALLS: usize = 200;
 
-fn size(var: &str, default: i64) -> i64 {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-enum Db {
-    Pg(PgPool),
-    Lite(SqlitePool),
-}
-
-impl Db {
-    async fn connect(url: &str) -> Db {
-        if url.starts_with("sqlite:") {
-            Db::Lite(SqlitePool::connect(url).await.expect("sqlite connects"))
-        } else {
-            Db::Pg(PgPool::connect(url).await.expect("postgres connects"))
-        }
-    }
-
-    /// `n` active grants with one API token each, `HOT` newest in `bulk/hot`, the rest in
-    /// `bulk/old`, created a millisecond apart and ending before `now_ms`.
-    async fn bulk_insert(&self, n: i64, now_ms: i64) {
-        match self {
-            Db::Pg(p) => {
-                let mut tx = p.begin().await.unwrap();
-                sqlx::query(
-                    "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
+/// `n` active grants with one API token each, `HOT` newest in `bulk/hot`, the rest in
+/// `bulk/old`, created a millisecond apart and ending before `now_ms`.
+async fn bulk_insert(db: &StoreDb, n: i64, now_ms: i64) {
+    match db {
+        StoreDb::Pg(p) => {
+            let mut tx = p.begin().await.unwrap();
+            sqlx::query(
+                "INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
                                          bundle_digest, revocation_hash, created_at, expires_at)
                      SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(i), 12, '0'))::uuid,
                             'active', 'github', 'repo:bulk',
@@ -75,14 +54,14 @@ impl Db {
                             to_timestamp(($3 - ($1 - i) - 1) / 1000.0),
                             to_timestamp(($3 + 7200000) / 1000.0)
                      FROM generate_series(1::bigint, $1) AS i",
-                )
-                .bind(n)
-                .bind(HOT)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-                sqlx::query(
+            )
+            .bind(n)
+            .bind(HOT)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query(
                     "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
                      SELECT id, 0, 'api', 'api_token', replace(id::text, '-', '') || '.api', 'null'::jsonb
                      FROM grants WHERE bundle_digest = 'bulk'",
@@ -90,12 +69,12 @@ impl Db {
                 .execute(&mut *tx)
                 .await
                 .unwrap();
-                tx.commit().await.unwrap();
-                sqlx::query("ANALYZE").execute(p).await.unwrap();
-            }
-            Db::Lite(p) => {
-                let mut tx = p.begin().await.unwrap();
-                sqlx::query(
+            tx.commit().await.unwrap();
+            sqlx::query("ANALYZE").execute(p).await.unwrap();
+        }
+        StoreDb::Lite(p) => {
+            let mut tx = p.begin().await.unwrap();
+            sqlx::query(
                     "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < $1)
                      INSERT INTO grants (id, status, issuer, subject, repository, repository_id, job,
                                          bundle_digest, revocation_hash, created_at, expires_at)
@@ -112,7 +91,7 @@ impl Db {
                 .execute(&mut *tx)
                 .await
                 .unwrap();
-                sqlx::query(
+            sqlx::query(
                     "INSERT INTO grant_credentials (grant_id, position, name, kind, resource_id, details)
                      SELECT id, 0, 'api', 'api_token', replace(id, '-', '') || '.api', 'null'
                      FROM grants WHERE bundle_digest = 'bulk'",
@@ -120,25 +99,8 @@ impl Db {
                 .execute(&mut *tx)
                 .await
                 .unwrap();
-                tx.commit().await.unwrap();
-                sqlx::query("ANALYZE").execute(p).await.unwrap();
-            }
-        }
-    }
-
-    /// One `count(*)`-style number (the SQL is the same on both backends).
-    async fn number(&self, sql: &str) -> i64 {
-        match self {
-            Db::Pg(p) => sqlx::query_scalar(sql).fetch_one(p).await,
-            Db::Lite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
-        }
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-    }
-
-    async fn close(&self) {
-        match self {
-            Db::Pg(p) => p.close().await,
-            Db::Lite(p) => p.close().await,
+            tx.commit().await.unwrap();
+            sqlx::query("ANALYZE").execute(p).await.unwrap();
         }
     }
 }
@@ -159,10 +121,7 @@ fn honest_traffic(
     revoke_own: bool,
 ) -> tokio::task::JoinHandle<Honest> {
     tokio::spawn(async move {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        let http = integration::http::client_with_timeout(Duration::from_secs(30));
         let workers = (0..HONEST_WORKERS).map(|_| {
             let (http, url, issuer, stop) =
                 (http.clone(), url.clone(), issuer.clone(), stop.clone());
@@ -217,15 +176,12 @@ fn honest_traffic(
 }
 
 async fn revoke_all_call(http: &reqwest::Client, url: &str, filter: &Value) -> (u16, Value) {
-    let r = http
-        .post(format!("{url}/v1/admin/revoke-all"))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&json!({"reason": "revoke_all_scale: simulated compromise", "filter": filter}))
-        .send()
+    Api::new(http.clone(), url)
+        .revoke_all(
+            OPERATOR_TOKEN,
+            &json!({"reason": "revoke_all_scale: simulated compromise", "filter": filter}),
+        )
         .await
-        .expect("revoke-all request");
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 /// Call revoke-all until it answers `complete: true` (at most `MAX_CALLS` calls). Returns the
@@ -257,7 +213,7 @@ async fn scale(db: TestDb, n: i64, label: &str) {
          rules:\n  - name: acme\n    issuer: github\n    credentials: [api]\n    when: claims.repository_id == \"1000001\"\n",
     )
     .unwrap();
-    let store = Db::connect(db.url()).await;
+    let store = StoreDb::connect(db.url()).await;
     let now_ms = i64::try_from(
         std::time::SystemTime::UNIX_EPOCH
             .elapsed()
@@ -266,30 +222,24 @@ async fn scale(db: TestDb, n: i64, label: &str) {
     )
     .unwrap();
     let t = Instant::now();
-    store.bulk_insert(n, now_ms).await;
+    bulk_insert(&store, n, now_ms).await;
     eprintln!(
         "[{label}] inserted {n} active grants in bulk in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let env: Vec<(String, String)> = vec![("BROKER_LOG".into(), "info".into())];
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "limits:\n  exchanges_per_minute_per_repository: 0\n\
-             operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
-            broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
-        ),
-        env: env.clone(),
-    })
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(format!(
+                "limits:\n  exchanges_per_minute_per_repository: 0\n\
+         operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
+                broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+            ))
+            .env(env.clone()),
+    )
     .await
     .expect("broker starts");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let http = integration::http::client_with_timeout(Duration::from_secs(60));
 
     // ---- 1. unknown names are refused, listing what exists --------------------------------
     let (s, body) = revoke_all_call(&http, &broker.url, &json!({"issuer": "githb"})).await;
@@ -513,11 +463,21 @@ async fn scale(db: TestDb, n: i64, label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_all_scale_postgres() {
     let db = TestDb::postgres().await;
-    scale(db, size("REVOKE_ALL_SCALE_PG", 100_000), "postgres").await;
+    scale(
+        db,
+        env_num::<i64>("REVOKE_ALL_SCALE_PG", 100_000),
+        "postgres",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_all_scale_sqlite() {
     let db = TestDb::sqlite().await;
-    scale(db, size("REVOKE_ALL_SCALE_SQLITE", 50_000), "sqlite").await;
+    scale(
+        db,
+        env_num::<i64>("REVOKE_ALL_SCALE_SQLITE", 50_000),
+        "sqlite",
+    )
+    .await;
 }

@@ -1,18 +1,16 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! `broker policy diff` as CI runs it: the real binary, its exit codes (0 not widened, 10
 //! widened, 2 error), git revisions of a policy directory, and jobs taken from a running
 //! broker's audit log.
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
+use integration::tools::gitlab_tools;
 use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml, repo_root,
+    AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml, repo_root,
 };
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const AUD: &str = "https://broker.test";
 
 fn fixtures() -> PathBuf {
     repo_root().join("broker/tests/fixtures/policy-diff")
@@ -165,17 +163,12 @@ async fn audit_log_jobs_join_the_corpus() {
     let operator_token = format!("brk_op_{}", broker::secret::random_token(32));
     let base = fixtures().join("branch-widened/base");
     let head = fixtures().join("branch-widened/head");
-    let mut broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &base,
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
+    let mut broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), &base, github_issuer_yaml(&issuer.url())).extra(format!(
             "operators:\n  - name: reviewer\n    role: auditor\n    token_sha256: {}\n",
             broker::secret::sha256_hex(operator_token.as_bytes())
-        ),
-        env: Vec::new(),
-    })
+        )),
+    )
     .await
     .expect("broker starts");
 
@@ -183,7 +176,7 @@ async fn audit_log_jobs_join_the_corpus() {
     claims["ref"] = json!("refs/heads/release/9.9");
     claims["sub"] = json!("repo:acme/api:ref:refs/heads/release/9.9");
     let token = testkit::sign(TestKey::Rsa1, &claims);
-    let r = reqwest::Client::new()
+    let r = integration::http::client()
         .post(format!("{}/v1/exchange", broker.url))
         .bearer_auth(&token)
         .json(&json!({"credentials": ["deploy-api"]}))
@@ -259,11 +252,6 @@ async fn audit_log_jobs_join_the_corpus() {
     broker.kill();
     issuer.shutdown().await;
     db.cleanup().await;
-}
-
-fn gitlab_tools() -> Option<PathBuf> {
-    let bin = repo_root().join("action/tools/node_modules/.bin");
-    (bin.join("gitlab-ci-local").exists() && bin.join("node").exists()).then_some(bin)
 }
 
 type Notes = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;

@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Traces: the real `broker` binary exports OTLP/HTTP (protobuf) to a collector started here
 //! (an axum server receiving `POST /v1/traces`); the request's span arrives carrying the
 //! request id the client sent, the service name, and nothing secret.
@@ -7,16 +6,12 @@ use axum::body::Bytes;
 use axum::routing::post;
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
-use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml, repo_root,
-};
+use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const AUD: &str = "https://broker.test";
 
 type Received = Arc<Mutex<Vec<Bytes>>>;
 
@@ -64,27 +59,20 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
     let issuer = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let db = TestDb::sqlite().await;
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: format!(
-            "telemetry:\n  otlp_endpoint: {endpoint}\n  service_name: broker-otel-test\n"
-        ),
-        // Export promptly instead of the SDK's default 5 s batch delay.
-        env: vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())],
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url())
+            // Export promptly instead of the SDK's default 5 s batch delay.
+            .extra(format!(
+                "telemetry:\n  otlp_endpoint: {endpoint}\n  service_name: broker-otel-test\n"
+            ))
+            .env(vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())]),
+    )
     .await
     .expect("broker starts");
 
     let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
     let request_id = format!("otel-{}", uuid::Uuid::new_v4());
-    let resp = reqwest::Client::new()
+    let resp = integration::http::client()
         .post(format!("{}/v1/exchange", broker.url))
         .bearer_auth(&token)
         .header("x-request-id", &request_id)
@@ -173,23 +161,14 @@ async fn metrics_require_the_configured_token() {
     let gitlab = TestIssuer::start().await;
     let db = TestDb::sqlite().await;
     let scrape_token = format!("scrape-{}", uuid::Uuid::new_v4());
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: format!(
+    let broker = BrokerProcess::start(
+        &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url()).extra(format!(
             "metrics:\n  token: {{value: \"{scrape_token}\"}}\n  danger_public_diagnostics: true\n"
-        ),
-        env: Vec::new(),
-    })
+        )),
+    )
     .await
     .expect("broker starts");
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let url = format!("{}/metrics", broker.url);
     let job_token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
     // One refused exchange (no bearer token) to be counted.
@@ -247,21 +226,13 @@ async fn metrics_move_to_the_operator_listener() {
     let gitlab = TestIssuer::start().await;
     let db = TestDb::sqlite().await;
     let admin_port = integration::free_port();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&issuer.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: format!("admin_listen: 127.0.0.1:{admin_port}\n"),
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url())
+            .extra(format!("admin_listen: 127.0.0.1:{admin_port}\n")),
+    )
     .await
     .expect("broker starts");
-    let http = reqwest::Client::new();
+    let http = integration::http::client();
     let public = http
         .get(format!("{}/metrics", broker.url))
         .send()

@@ -1,90 +1,21 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! End to end for job-end webhooks, OIDC break-glass operators and the separate operator
 //! listener: the real `broker` binary, a Postgres store, a local issuer, and a real Postgres
 //! target whose job users must stop working when the job's `completed` delivery arrives.
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::AuditFilter;
-use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
-use broker::webhooks::signature::github_sign;
+use broker::store::testdb::TestDb;
+use integration::http::{self, Api};
+use integration::pg::{PgApp, login};
 use integration::{
-    BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, free_port, github_issuer_yaml,
-    gitlab_issuer_yaml,
+    AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, example_issuers_yaml, free_port,
 };
 use serde_json::{Value, json};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection};
-use std::str::FromStr;
+use sqlx::Connection;
 
-const AUD: &str = "https://broker.test";
 const GH_SECRET_OLD: &str = "gh-old-secret-0123456789";
 const GH_SECRET: &str = "gh-new-secret-0123456789";
 const GL_TOKEN: &str = "gl-hook-token-0123456789";
-
-fn admin_url() -> String {
-    std::env::var(PG_URL_ENV)
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
-}
-
-/// The app side: an owner role and a role prefix on the test server, removed afterwards.
-struct Pg {
-    admin: PgPool,
-    url: String,
-    tag: String,
-}
-
-impl Pg {
-    async fn new() -> Self {
-        let url = admin_url();
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(PgConnectOptions::from_str(&url).unwrap())
-            .await
-            .expect("admin connects");
-        let tag = format!("w{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32);
-        sqlx::raw_sql(&format!("CREATE ROLE {tag}g_owner NOLOGIN"))
-            .execute(&admin)
-            .await
-            .unwrap();
-        Self { admin, url, tag }
-    }
-
-    fn target_yaml(&self) -> String {
-        let opts = PgConnectOptions::from_str(&self.url).unwrap();
-        format!(
-            "targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      role_prefix: {tag}u_\n",
-            url = self.url,
-            host = opts.get_host(),
-            port = opts.get_port(),
-            tag = self.tag,
-        )
-    }
-
-    async fn roles(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
-            .bind(format!("{}u_", self.tag))
-            .fetch_one(&self.admin)
-            .await
-            .unwrap()
-    }
-
-    async fn cleanup(self) {
-        let left: Vec<String> =
-            sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
-                .bind(&self.tag)
-                .fetch_all(&self.admin)
-                .await
-                .unwrap();
-        for r in left {
-            let _ = sqlx::raw_sql(&format!("DROP OWNED BY {r}; DROP ROLE {r}"))
-                .execute(&self.admin)
-                .await;
-        }
-        self.admin.close().await;
-    }
-}
 
 fn policy(owner: &str) -> String {
     format!(
@@ -109,12 +40,12 @@ rules:
 }
 
 struct Env {
-    pg: Pg,
+    pg: PgApp,
     github: TestIssuer,
     gitlab: TestIssuer,
     db: TestDb,
     broker: BrokerProcess,
-    http: reqwest::Client,
+    api: Api,
     admin_url: String,
     _policies: tempfile::TempDir,
 }
@@ -122,16 +53,12 @@ struct Env {
 /// A broker with both webhook endpoints, a Postgres target, an OIDC operator rule for the
 /// `acme/security` repository's main branch, and the operator API on its own port.
 async fn env() -> Env {
-    let pg = Pg::new().await;
+    let pg = PgApp::new("w", &[], &["owner"]).await;
     let db = TestDb::postgres().await;
     let github = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let policies = tempfile::tempdir().unwrap();
-    std::fs::write(
-        policies.path().join("p.yaml"),
-        policy(&format!("{}g_owner", pg.tag)),
-    )
-    .unwrap();
+    std::fs::write(policies.path().join("p.yaml"), policy(&pg.group("owner"))).unwrap();
     let admin_port = free_port();
     let extra = format!(
         "{target}admin_listen: 127.0.0.1:{admin_port}\n\
@@ -140,29 +67,26 @@ async fn env() -> Env {
          gitlab:\n    tokens: [{{value: {GL_TOKEN}, scope: [\"acme/api\"]}}]\n\
          operators:\n  - name: secjob\n    role: admin\n    oidc:\n      issuer: github\n      \
          rule: claims.repository == \"acme/security\" && claims.ref == \"refs/heads/main\"\n",
-        target = pg.target_yaml(),
+        target = pg.target_yaml(""),
     );
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&github.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: extra,
-        env: Vec::new(),
-    })
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(
+            db.url(),
+            policies.path(),
+            example_issuers_yaml(&github.url(), &gitlab.url()),
+        )
+        .extra(extra),
+    )
     .await
     .expect("broker starts");
+    let api = Api::new(http::client(), &broker.url);
     Env {
         pg,
         github,
         gitlab,
         db,
         broker,
-        http: reqwest::Client::new(),
+        api,
         admin_url: format!("http://127.0.0.1:{admin_port}"),
         _policies: policies,
     }
@@ -186,45 +110,20 @@ impl Env {
     }
 
     async fn exchange(&self, token: &str, creds: &[&str]) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/v1/exchange", self.broker.url))
-            .bearer_auth(token)
-            .json(&json!({"credentials": creds, "ttl": "10m"}))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let body: Value = r.json().await.unwrap();
+        let (status, body) = self
+            .api
+            .exchange(Some(token), &json!({"credentials": creds, "ttl": "10m"}))
+            .await;
         assert_eq!(status, 200, "{body}");
         body
     }
 
     async fn active(&self, api_token: &str) -> bool {
-        let r: Value = self
-            .http
-            .post(format!("{}/v1/introspect", self.broker.url))
-            .form(&[("token", api_token)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        r["active"] == true
+        self.api.active(api_token).await
     }
 
     async fn deliver(&self, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
-        let mut req = self
-            .http
-            .post(format!("{}{path}", self.broker.url))
-            .header("content-type", "application/json")
-            .body(body.to_vec());
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let r = req.send().await.unwrap();
-        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+        self.api.deliver(path, headers, body).await
     }
 
     async fn github_delivery(
@@ -235,12 +134,7 @@ impl Env {
         body: &Value,
     ) -> (u16, Value) {
         let bytes = serde_json::to_vec(body).unwrap();
-        let headers = [
-            ("x-github-event", event.to_owned()),
-            ("x-github-delivery", id.to_owned()),
-            ("x-hub-signature-256", github_sign(secret, &bytes)),
-        ];
-        self.deliver("/v1/hooks/github", &headers, &bytes).await
+        self.api.github_delivery(id, secret, event, &bytes).await
     }
 
     async fn webhook_events(&self, reason: &str) -> Vec<broker::audit::AuditEvent> {
@@ -281,11 +175,6 @@ fn workflow_job(action: &str, check_run_id: u64) -> Value {
         },
         "repository": {"id": 1000001, "full_name": "acme/api"}
     })
-}
-
-async fn login(url: &str) -> Result<sqlx::PgConnection, sqlx::Error> {
-    let opts = PgConnectOptions::from_str(url)?.disable_statement_logging();
-    sqlx::PgConnection::connect_with(&opts).await
 }
 
 /// A signed `completed` delivery revokes that job's API token and Postgres user (and nothing of
@@ -520,25 +409,14 @@ async fn oidc_operator_breaks_glass_on_the_admin_listener_only() {
         testkit::sign(TestKey::Rsa1, &c)
     };
     let revoke_all = |base: String, token: String| {
-        let http = e.http.clone();
-        async move {
-            let r = http
-                .post(format!("{base}/v1/admin/revoke-all"))
-                .bearer_auth(token)
-                .json(&json!({"reason": "drill"}))
-                .send()
-                .await
-                .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
+        let api = Api::new(e.api.http.clone(), &base);
+        async move { api.revoke_all(&token, &json!({"reason": "drill"})).await }
     };
     // Absent on the public listener, whoever asks.
     let (status, body) = revoke_all(e.broker.url.clone(), security("refs/heads/main")).await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
     let (status, _) = e
+        .api
         .http
         .get(format!("{}/v1/audit", e.broker.url))
         .send()

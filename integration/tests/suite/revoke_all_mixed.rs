@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! Emergency revoke-all at scale, end to end: 1,000 active grants of mixed kinds (Postgres job
 //! users on a real target database, API tokens, AWS sessions on a local moto server), then one
 //! `POST /v1/admin/revoke-all`, then proof from each side: no role with the test's prefix left
@@ -9,116 +8,26 @@
 //! SKIPPED (printed) and the 1,000 grants are Postgres users and API tokens only.
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
-use broker::store::testdb::{DEFAULT_PG_URL, PG_URL_ENV, TestDb};
+use broker::store::testdb::TestDb;
+use integration::http::{self, Api};
+use integration::moto;
 use integration::moto::Moto;
-use integration::{BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
+use integration::pg::PgApp;
+use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
-use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use std::str::FromStr;
+use sqlx::postgres::PgPoolOptions;
 use std::sync::Arc;
 use std::time::Instant;
 
-const AUD: &str = "https://broker.test";
 const OPERATOR_TOKEN: &str = "brk_op_revoke-all-mixed-e2e-admin";
 const GRANTS: usize = 1000;
 /// Exchanges in flight while building the grants.
 const CONCURRENCY: usize = 12;
 
-fn admin_url() -> String {
-    std::env::var(PG_URL_ENV)
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
-}
-
-fn tag() -> String {
-    format!("r{:08x}", (uuid::Uuid::new_v4().as_u128() >> 64) as u32)
-}
-
-async fn exec(pool: &PgPool, sql: String) {
-    sqlx::raw_sql(&sql)
-        .execute(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-/// The target side: an app database, a group role, an owner role and a role prefix, all named
-/// after the test's tag and dropped afterwards.
-struct PgTarget {
-    url: String,
-    admin: PgPool,
-    tag: String,
-    prefix: String,
-    app_db: String,
-    reader: String,
-    owner: String,
-    host: String,
-    port: u16,
-}
-
-impl PgTarget {
-    async fn new(tag: &str) -> Self {
-        let url = admin_url();
-        let opts = PgConnectOptions::from_str(&url).expect("admin url");
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts.clone())
-            .await
-            .expect("admin connects");
-        let t = Self {
-            prefix: format!("{tag}u_"),
-            app_db: format!("{tag}_app"),
-            reader: format!("{tag}g_reader"),
-            owner: format!("{tag}g_owner"),
-            host: opts.get_host().to_owned(),
-            port: opts.get_port(),
-            admin,
-            tag: tag.to_owned(),
-            url,
-        };
-        exec(&t.admin, format!("CREATE DATABASE {}", t.app_db)).await;
-        for r in [&t.reader, &t.owner] {
-            exec(&t.admin, format!("CREATE ROLE {r} NOLOGIN")).await;
-        }
-        t
-    }
-
-    async fn our_roles(&self) -> i64 {
-        sqlx::query("SELECT count(*) FROM pg_roles WHERE starts_with(rolname, $1)")
-            .bind(&self.prefix)
-            .fetch_one(&self.admin)
-            .await
-            .expect("count roles")
-            .get(0)
-    }
-
-    async fn cleanup(self) {
-        exec(
-            &self.admin,
-            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.app_db),
-        )
-        .await;
-        let left: Vec<String> =
-            sqlx::query("SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1)")
-                .bind(&self.tag)
-                .fetch_all(&self.admin)
-                .await
-                .expect("roles")
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
-        for r in left {
-            exec(&self.admin, format!("DROP OWNED BY {r}; DROP ROLE {r}")).await;
-        }
-        self.admin.close().await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_all_kills_a_thousand_mixed_grants() {
-    let tag = tag();
-    let pg = PgTarget::new(&tag).await;
+    let pg = PgApp::new("r", &["app"], &["reader", "owner"]).await;
+    let tag = pg.tag.clone();
     let moto = Moto::start().await;
     let aws_role = format!("deploy-{tag}");
     let aws_arn = match &moto {
@@ -143,9 +52,9 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
       audience: https://svc.test
       scopes: ["deploy:${{repository}}"]
 "#,
-        db = pg.app_db,
-        reader = pg.reader,
-        owner = pg.owner
+        db = pg.db("app"),
+        reader = pg.group("reader"),
+        owner = pg.group("owner"),
     );
     let mut names = vec!["pg-job", "api"];
     if let Some(arn) = &aws_arn {
@@ -159,48 +68,29 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
         names.join(", ")
     );
     std::fs::write(policies.path().join("mixed.yaml"), policy).expect("policy");
-    let mut targets = format!(
-        "targets:\n  postgres:\n    main:\n      admin_url: {{value: \"{url}\"}}\n      host: {host}\n      port: {port}\n      sslmode: disable\n      pool_size: 8\n      connect_timeout: 5s\n      role_prefix: {prefix}\n",
-        url = pg.url,
-        host = pg.host,
-        port = pg.port,
-        prefix = pg.prefix
-    );
+    let mut targets = pg.target_yaml("      pool_size: 8\n      connect_timeout: 5s\n");
     if let Some(m) = &moto {
         targets.push_str(&format!(
             "  aws:\n    main:\n      region: us-east-1\n      endpoint_url: {}\n",
             m.url
         ));
     }
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/aws-credentials",
-        ),
-        ("BROKER_LOG", "warn"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: policies.path(),
-        issuers_yaml: github_issuer_yaml(&issuer.url()),
-        audience: AUD,
-        extra_yaml: format!(
-            "{targets}limits:\n  exchanges_per_minute_per_repository: 0\n  request_timeout: 120s\n\
-             operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
-            broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
-        ),
-        env: envs,
-    })
+    let mut envs = moto::broker_env();
+    envs.push(("BROKER_LOG".to_owned(), "warn".to_owned()));
+    let broker = BrokerProcess::start(&BrokerSetup::new(
+        db.url(),
+        policies.path(),
+        github_issuer_yaml(&issuer.url()),
+    )
+    .extra(format!(
+        "{targets}limits:\n  exchanges_per_minute_per_repository: 0\n  request_timeout: 120s\n\
+         operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
+        broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+    ))
+    .env(envs))
     .await
     .expect("broker starts");
-    let http = reqwest::Client::new();
+    let http = http::client();
 
     // ---- 1,000 grants, one credential each, kinds in turn ---------------------------------
     // With AWS: 500 Postgres users, 400 API tokens, 100 AWS sessions; without: 500 + 500.
@@ -251,7 +141,7 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
     );
     let pg_grants = per_kind["pg-job"] as i64;
     assert_eq!(
-        pg.our_roles().await,
+        pg.roles().await,
         pg_grants,
         "one login role per Postgres grant"
     );
@@ -288,15 +178,12 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
 
     // ---- one call ----------------------------------------------------------------------------
     let t0 = Instant::now();
-    let r = http
-        .post(format!("{}/v1/admin/revoke-all", broker.url))
-        .bearer_auth(OPERATOR_TOKEN)
-        .json(&json!({"reason": "revoke_all_mixed e2e: simulated compromise"}))
-        .send()
-        .await
-        .expect("revoke-all");
-    let status = r.status().as_u16();
-    let report: Value = r.json().await.expect("report");
+    let (status, report) = Api::new(http.clone(), &broker.url)
+        .revoke_all(
+            OPERATOR_TOKEN,
+            &json!({"reason": "revoke_all_mixed e2e: simulated compromise"}),
+        )
+        .await;
     let elapsed = t0.elapsed();
     assert_eq!(status, 200, "{report}");
     println!(
@@ -313,7 +200,7 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
     assert_eq!(report["truncated"], false);
 
     // ---- proof from each side ----------------------------------------------------------------
-    assert_eq!(pg.our_roles().await, 0, "every job role is dropped");
+    assert_eq!(pg.roles().await, 0, "every job role is dropped");
     let mut still_active = 0;
     for chunk in api_tokens.chunks(CONCURRENCY) {
         let checks: Vec<_> = chunk.iter().cloned().map(&introspect).collect();
