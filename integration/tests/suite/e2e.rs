@@ -364,6 +364,7 @@ async fn refusals_are_audited_and_grant_nothing() {
         ),
     ];
     let n = cases.len();
+    let mut answers = Vec::new();
     for (what, token, body, status, code) in cases {
         let (got, resp) = e.exchange(token.as_deref(), body).await;
         assert_eq!(
@@ -372,7 +373,11 @@ async fn refusals_are_audited_and_grant_nothing() {
             "{what}: {resp}"
         );
         assert!(resp["message"].is_string(), "{what}");
+        answers.push(json!({"case": what, "status": got, "body": resp}));
     }
+    // The whole answer of each refusal, fixed per case: the status, the stable code and its
+    // fixed message, and no other member (nothing of the token or the request leaks into it).
+    insta::assert_json_snapshot!("exchange_refusals", answers);
     let store = e.db.store();
     let stats = store.stats().await.expect("stats");
     assert_eq!(

@@ -12,8 +12,8 @@ use integration::{
     BrokerProcess, BrokerSetup, acme_token, acme_token_with, free_port, github_issuer_yaml,
 };
 use serde_json::{Value, json};
-use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use std::time::{Duration, Instant};
 
 /// The app side of one test ([`PgApp`]): an app database with a table, a second database,
