@@ -86,6 +86,16 @@ impl<'a> BrokerSetup<'a> {
     }
 }
 
+/// A fresh API-token signing key (PEM) written to `dir/signing.pem`, for `api_tokens:
+/// signing_key: {file: …}` (brokers that must share one key, or a key that outlives a restart).
+#[allow(clippy::expect_used)] // test harness: a key that cannot be written fails the test
+pub fn write_signing_key(dir: &Path) -> PathBuf {
+    let key = dir.join("signing.pem");
+    let pem = broker::providers::api_token::generate_pem().expect("a signing key");
+    std::fs::write(&key, pem.expose()).expect("write the signing key");
+    key
+}
+
 /// In [`BrokerSetup::audience`]: the broker's own URL.
 pub const PUBLIC_URL: &str = "{public_url}";
 

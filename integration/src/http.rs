@@ -43,6 +43,18 @@ pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {
         .expect("a JSON body")
 }
 
+/// `GET url` and its body as text.
+#[allow(clippy::expect_used)] // test harness: a request that cannot be sent fails the test
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url)
+        .send()
+        .await
+        .expect("GET request")
+        .text()
+        .await
+        .expect("a text body")
+}
+
 /// The broker's public API at `url`, spoken with one client.
 #[derive(Clone)]
 pub struct Api {
@@ -69,6 +81,19 @@ impl Api {
             req = req.bearer_auth(t);
         }
         status_json(req.send().await.expect("exchange request")).await
+    }
+
+    /// `POST /v1/exchange` to a broker that crashes on the way (a fault point): whether the
+    /// exchange failed, as it must (the connection broke, or an error status came back).
+    pub async fn exchange_fails(&self, token: &str, body: &Value) -> bool {
+        let r = self
+            .http
+            .post(format!("{}/v1/exchange", self.url))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await;
+        r.is_err() || !r.as_ref().is_ok_and(|r| r.status().is_success())
     }
 
     /// `POST /v1/revoke` with a revocation token.

@@ -3,7 +3,21 @@
 // Test harness: a query that fails fails the calling test loudly, naming the query.
 #![allow(clippy::expect_used, clippy::panic)]
 
+use broker::audit::AuditEvent;
+use broker::store::AuditFilter;
+use broker::store::testdb::TestDb;
 use sqlx::{PgPool, SqlitePool};
+
+/// The first `limit` events of a test store's audit log, oldest first.
+pub async fn audit_log(db: &TestDb, limit: u32) -> Vec<AuditEvent> {
+    db.store()
+        .audit_events(&AuditFilter {
+            limit,
+            ..AuditFilter::default()
+        })
+        .await
+        .expect("audit events")
+}
 
 /// A pool on a store URL (`sqlite:` or Postgres).
 pub enum StoreDb {

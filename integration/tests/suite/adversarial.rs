@@ -7,8 +7,8 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use broker::oidc::testkit::{self, SignWith, TestIssuer, TestKey};
-use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
+use integration::store_db::audit_log;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
 };
@@ -629,14 +629,7 @@ async fn hostile_tokens_are_refused_audited_and_grant_nothing() {
     }
 
     // One audit event per (table) attack; none names a grant or a credential.
-    let store = db.store();
-    let events = store
-        .audit_events(&AuditFilter {
-            limit: 1000,
-            ..AuditFilter::default()
-        })
-        .await
-        .expect("audit");
+    let events = audit_log(&db, 1000).await;
     assert_eq!(events.len(), cases.len(), "one audit event per attack");
     for ev in &events {
         assert!(ev.grant_id.is_none() && ev.credentials_granted.is_empty());
@@ -734,14 +727,7 @@ async fn consumed_and_expired_tokens_are_refused_on_replay() {
             "{body}"
         );
     }
-    let events = db
-        .store()
-        .audit_events(&AuditFilter {
-            limit: 100,
-            ..AuditFilter::default()
-        })
-        .await
-        .expect("audit");
+    let events = audit_log(&db, 100).await;
     let count = |r: &str| events.iter().filter(|e| e.reason == r).count();
     assert_eq!((count("token_replayed"), count("token_expired")), (3, 3));
     let st = db.store().stats().await.expect("stats");

@@ -6,6 +6,7 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
+use integration::http;
 use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin};
 use serde_json::json;
 use std::path::Path;
@@ -43,14 +44,7 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     let issuer = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("signing.pem");
-    std::fs::write(
-        &key,
-        broker::providers::api_token::generate_pem()
-            .unwrap()
-            .expose(),
-    )
-    .unwrap();
+    let key = integration::write_signing_key(dir.path());
     let broker = BrokerProcess::start(
         &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url()).extra(format!(
             "api_tokens:\n  signing_key: {{file: {}}}\n",
@@ -89,14 +83,7 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     let token = std::fs::read_to_string(&cp).unwrap();
     assert!(token.starts_with("eyJ"), "a JWT");
     let jwks = dir.path().join("jwks.json");
-    let published = http
-        .get(format!("{}/.well-known/jwks.json", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let published = http::get_text(&http, &format!("{}/.well-known/jwks.json", broker.url)).await;
     std::fs::write(&jwks, published).unwrap();
 
     // Both ways of checking the signature; the chain passes through the checkpoint.

@@ -5,6 +5,7 @@ use broker::oidc::testkit::{self, SignWith, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use broker::store::{AuditFilter, GrantStatus};
 use integration::http::{self, Api};
+use integration::store_db::audit_log;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, acme_token, acme_token_with,
     example_issuers_yaml, repo_root,
@@ -385,13 +386,7 @@ async fn refusals_are_audited_and_grant_nothing() {
         (0, 0),
         "a refusal left a grant"
     );
-    let events = store
-        .audit_events(&AuditFilter {
-            limit: 1000,
-            ..AuditFilter::default()
-        })
-        .await
-        .expect("audit");
+    let events = audit_log(&e.db, 1000).await;
     assert_eq!(events.len(), n, "one audit event per refusal");
     assert!(
         events
@@ -421,16 +416,10 @@ async fn crash_after_an_in_memory_mint_leaves_nothing() {
     )
     .await;
     let token = e.token();
-    let r = e
-        .api
-        .http
-        .post(format!("{}/v1/exchange", e.broker.url))
-        .bearer_auth(&token)
-        .json(&json!({"credentials": ["deploy-api"]}))
-        .send()
-        .await;
     assert!(
-        r.is_err() || !r.as_ref().is_ok_and(|r| r.status().is_success()),
+        e.api
+            .exchange_fails(&token, &json!({"credentials": ["deploy-api"]}))
+            .await,
         "the crashed exchange must not succeed"
     );
     assert!(

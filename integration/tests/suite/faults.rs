@@ -11,6 +11,7 @@
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use broker::store::{AuditFilter, GrantStatus};
+use integration::store_db::audit_log;
 use integration::wait::eventually;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, FaultProxy, PgRoleTarget, ProxyMode, Secrets, acme_api_claims,
@@ -472,14 +473,7 @@ async fn jwks_down_serves_cached_keys_and_kid_floods_are_not_amplified() {
     // Every refusal is audited: one row each up to the window's row budget, the rest counted
     // in aggregate events (written once their 1 s window ends).
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
-    let events = db
-        .store()
-        .audit_events(&AuditFilter {
-            limit: 1000,
-            ..AuditFilter::default()
-        })
-        .await
-        .unwrap();
+    let events = audit_log(&db, 1000).await;
     let flood_events = events
         .iter()
         .filter(|e| ["unknown_key", "too_many_failures"].contains(&e.reason.as_str()));

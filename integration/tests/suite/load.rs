@@ -13,8 +13,8 @@
 //! concurrency limit (load shedding) need a hung store and are in `faults.rs`.
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
-use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
+use integration::store_db::audit_log;
 use integration::wait::env_num;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, PgRoleTarget, Secrets, acme_api_claims, github_issuer_yaml,
@@ -192,16 +192,7 @@ async fn run_load(default_secs: u64) {
     assert_eq!(pg.roles().await, 0, "every job user dropped");
     let _ = c.close().await;
     // The store's hash chain / audit API still answer after the run.
-    assert!(
-        !db.store()
-            .audit_events(&AuditFilter {
-                limit: 1,
-                ..AuditFilter::default()
-            })
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(!audit_log(&db, 1).await.is_empty());
     secrets.assert_not_leaked(&broker, db.url()).await;
     drop(broker);
     issuer.shutdown().await;
@@ -296,14 +287,7 @@ async fn header_size_and_rate_limits() {
         403,
         "policy, not the rate limit, answers"
     );
-    let events = db
-        .store()
-        .audit_events(&AuditFilter {
-            limit: 100,
-            ..AuditFilter::default()
-        })
-        .await
-        .unwrap();
+    let events = audit_log(&db, 100).await;
     assert_eq!(
         events.iter().filter(|e| e.reason == "rate_limited").count(),
         1

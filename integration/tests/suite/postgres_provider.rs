@@ -8,6 +8,7 @@ use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
 use integration::http::{self, Api};
 use integration::pg::{self, PgApp, exec, login, sqlstate};
+use integration::store_db::audit_log;
 use integration::{
     BrokerProcess, BrokerSetup, acme_token, acme_token_with, free_port, github_issuer_yaml,
 };
@@ -430,14 +431,7 @@ async fn expiry_is_enforced_by_postgres_and_the_reaper_drops_the_role() {
     // wait for that commit rather than race it.
     let mut expired_audited = false;
     for _ in 0..100 {
-        let events =
-            e.db.store()
-                .audit_events(&AuditFilter {
-                    limit: 50,
-                    ..AuditFilter::default()
-                })
-                .await
-                .expect("audit");
+        let events = audit_log(&e.db, 50).await;
         if events.iter().any(|ev| json!(ev.action) == json!("expire")) {
             expired_audited = true;
             break;
@@ -667,15 +661,10 @@ async fn crash_after_create_role_is_recovered() {
         vec![("BROKER_FAULT_POINT".into(), "after_mint".into())],
     )
     .await;
-    let r = e
-        .http
-        .post(format!("{}/v1/exchange", e.broker.url))
-        .bearer_auth(e.token())
-        .json(&json!({"credentials": ["pg-app"]}))
-        .send()
-        .await;
     assert!(
-        r.is_err() || !r.as_ref().is_ok_and(|r| r.status().is_success()),
+        e.api()
+            .exchange_fails(&e.token(), &json!({"credentials": ["pg-app"]}))
+            .await,
         "the crashed exchange must not succeed"
     );
     assert!(

@@ -9,7 +9,7 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
-use integration::http;
+use integration::http::{self, Api};
 use integration::pg::PgApp;
 use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
 use serde_json::{Value, json};
@@ -78,14 +78,7 @@ impl Cluster {
         project_configmap(&policies, 1, &[("replicas.yaml", &policy(&app, true))]);
         // One signing key for both replicas (the chart mounts it from one Secret): a token
         // minted by one must introspect on the other.
-        let key = dir.path().join("signing.pem");
-        std::fs::write(
-            &key,
-            broker::providers::api_token::generate_pem()
-                .unwrap()
-                .expose(),
-        )
-        .unwrap();
+        let key = integration::write_signing_key(dir.path());
         let operator_token = format!("brk_op_{}", broker::secret::random_token(32));
         let extra = format!(
             "api_tokens:\n  signing_key: {{file: {key}}}\n\
@@ -187,17 +180,9 @@ impl Cluster {
     }
 
     async fn introspect(&self, replica: usize, token: &str) -> bool {
-        let v: Value = self
-            .http
-            .post(format!("{}/v1/introspect", self.url(replica)))
-            .form(&[("token", token)])
-            .send()
+        Api::new(self.http.clone(), self.url(replica))
+            .active(token)
             .await
-            .expect("introspect")
-            .json()
-            .await
-            .expect("introspect json");
-        v["active"] == json!(true)
     }
 
     /// `(grant id, API token)` of `n` exchanges, alternating replicas, all asserted 200.
@@ -372,15 +357,7 @@ async fn both_reapers_revoke_every_expired_grant_exactly_once() {
         "no revocation failed"
     );
     for replica in 0..2 {
-        let text = c
-            .http
-            .get(format!("{}/metrics", c.url(replica)))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = http::get_text(&c.http, &format!("{}/metrics", c.url(replica))).await;
         assert_eq!(
             series(&text, r#"broker_active_grants{kind="postgres"}"#),
             Some(0.0),
@@ -448,15 +425,7 @@ async fn policy_configmap_update_reaches_both_replicas_without_restart() {
     loop {
         let mut rejected = 0;
         for replica in 0..2 {
-            let v: Value = c
-                .http
-                .get(format!("{}/readyz", c.url(replica)))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = http::get_json(&c.http, &format!("{}/readyz", c.url(replica))).await;
             assert_eq!(v["policies"]["digest"], after.as_str(), "{v}");
             if v["policies"]["last_error"].is_string() {
                 rejected += 1;

@@ -162,15 +162,7 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
     let introspect = |token: String| {
         let (http, url) = (http.clone(), broker.url.clone());
         async move {
-            let v: Value = http
-                .post(format!("{url}/v1/introspect"))
-                .form(&[("token", token.as_str())])
-                .send()
-                .await
-                .expect("introspect")
-                .json()
-                .await
-                .expect("introspect json");
+            let v = Api::new(http, &url).introspect(&token).await;
             v["active"].as_bool().expect("active is a bool")
         }
     };

@@ -16,6 +16,7 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
+use integration::http;
 use integration::wait::percentile;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, acme_api_claims, example_issuers_yaml, free_port,
@@ -498,23 +499,9 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
     }
 
     // Diagnostics: bare on the public port, detailed (and /metrics) on the admin listener.
-    let public: Value = http
-        .get(format!("{}/readyz", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let public: Value = http::get_json(&http, &format!("{}/readyz", broker.url)).await;
     assert_eq!(public, json!({"ready": true}));
-    let detail: Value = http
-        .get(format!("{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let detail: Value = http::get_json(&http, &format!("{admin}/readyz")).await;
     assert!(detail["store"]["ok"].as_bool().unwrap_or(false), "{detail}");
     let m = http.get(format!("{admin}/metrics")).send().await.unwrap();
     assert_eq!(m.status(), 200);

@@ -28,6 +28,7 @@ use broker::oidc::testkit::{TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use broker::webhooks::signature::github_sign;
 use futures::StreamExt;
+use integration::http;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
 };
@@ -274,14 +275,7 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
     assert!(honest_ok >= HONEST_WORKERS * HONEST_PER_WORKER / 2);
 
     // Metrics counted every refusal (honest jobs caused none).
-    let metrics = honest
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http::get_text(&honest, &format!("{url}/metrics")).await;
     let counted = refusals_metric(&metrics, &[]);
     assert_eq!(
         counted, sent,
