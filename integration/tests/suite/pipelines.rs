@@ -127,16 +127,7 @@ impl Env {
     }
 
     fn runner_env(&self) -> Vec<(String, String)> {
-        vec![
-            (
-                "ACTIONS_ID_TOKEN_REQUEST_URL".into(),
-                format!("{}/token?api-version=2.0", self.tokens_url),
-            ),
-            (
-                "ACTIONS_ID_TOKEN_REQUEST_TOKEN".into(),
-                RUNNER_SECRET.into(),
-            ),
-        ]
+        runner_env(&self.tokens_url)
     }
 
     /// A GitLab-shaped ID token for acme/api (push to protected main) for the broker's audience.
@@ -272,25 +263,8 @@ async fn github_action_in_the_node_harness() {
     // Allowed: push to main of acme/api gets deploy-api.
     let dir = tempfile::tempdir().unwrap();
     let inputs = json!({"broker-url": e.broker.url, "credentials": "deploy-api", "audience": AUD, "ttl": "5m", "export-env": "true"});
-    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
-    let mut cmd = Command::new(&node);
-    cmd.arg(&harness)
-        .arg(dir.path())
-        .env("BROKER_HARNESS_PAUSE", "1")
-        .envs(e.runner_env());
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let main_json = dir.path().join("main.json");
-    for _ in 0..600 {
-        if main_json.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let main: Value = serde_json::from_str(&std::fs::read_to_string(&main_json).unwrap()).unwrap();
+    let mut child = start_harness(&node, dir.path(), &inputs, &e.runner_env());
+    let main = wait_json(&dir.path().join("main.json"), &mut child.0, "harness main").await;
     assert_eq!(main["code"], 0, "main failed: {main}");
     let token = main["env"]["DEPLOY_API_TOKEN"].as_str().unwrap().to_owned();
     assert!(token.starts_with("eyJ0eXAiOiJicm9rZXItYXQrand0Ii"));
@@ -303,18 +277,7 @@ async fn github_action_in_the_node_harness() {
     assert!(e.active(&token).await, "the exported token is active");
 
     // Let the harness run `post`.
-    std::fs::write(dir.path().join("go"), "").unwrap();
-    let start = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("harness did not finish");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let result: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
-            .unwrap();
+    let result = finish_harness(dir.path(), &mut child).await;
     let post = &result["post"];
     assert_eq!(post["code"], 0, "post failed: {post}");
     assert!(post["stdout"].as_str().unwrap().contains("revoked"));
@@ -337,9 +300,7 @@ async fn github_action_in_the_node_harness() {
     cmd.arg(&harness).arg(dir.path()).envs(e.runner_env());
     let ran = run(cmd, dir.path(), Duration::from_secs(60)).await;
     assert_eq!(ran.code, Some(0), "harness: {}", ran.stderr);
-    let result: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
-            .unwrap();
+    let result: Value = read_json(&dir.path().join("result.json"));
     let out = result["main"]["stdout"].as_str().unwrap();
     assert_eq!(result["main"]["code"], 1);
     assert!(
@@ -369,6 +330,59 @@ async fn wait_json(path: &Path, child: &mut std::process::Child, what: &str) -> 
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The variables a GitHub runner gives a job that may request ID tokens, for the token endpoint
+/// at `tokens_url`.
+fn runner_env(tokens_url: &str) -> Vec<(String, String)> {
+    vec![
+        (
+            "ACTIONS_ID_TOKEN_REQUEST_URL".into(),
+            format!("{tokens_url}/token?api-version=2.0"),
+        ),
+        (
+            "ACTIONS_ID_TOKEN_REQUEST_TOKEN".into(),
+            RUNNER_SECRET.into(),
+        ),
+    ]
+}
+
+/// A JSON file a child wrote.
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The node harness (`action/harness/runner.js`) in `dir` running the action's `main` with
+/// `inputs` and `env`, then pausing before `post` until the test writes `go`
+/// ([`finish_harness`]); killed by PID if the test ends first.
+fn start_harness(node: &Path, dir: &Path, inputs: &Value, env: &[(String, String)]) -> KillOnDrop {
+    std::fs::write(dir.join("inputs.json"), inputs.to_string()).unwrap();
+    KillOnDrop(
+        Command::new(node)
+            .arg(repo_root().join("action/harness/runner.js"))
+            .arg(dir)
+            .env("BROKER_HARNESS_PAUSE", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Let a paused harness run `post`, wait (at most 60 s) for it to exit: its `result.json`.
+async fn finish_harness(dir: &Path, child: &mut KillOnDrop) -> Value {
+    std::fs::write(dir.join("go"), "").unwrap();
+    let start = std::time::Instant::now();
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "harness did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read_json(&dir.join("result.json"))
 }
 
 /// The node harness against the real broker behind a TLS-terminating forwarder whose
@@ -420,20 +434,9 @@ async fn github_action_through_a_proxy_to_a_private_ca_broker() {
     let dir = tempfile::tempdir().unwrap();
     let inputs = json!({"broker-url": broker_url, "credentials": "deploy-api", "audience": AUD,
         "ttl": "5m", "export-env": "true", "ca-certificate": fx["ca_path"]});
-    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
-    let mut child = KillOnDrop(
-        Command::new(&node)
-            .arg(&harness)
-            .arg(dir.path())
-            .env("BROKER_HARNESS_PAUSE", "1")
-            .env("HTTPS_PROXY", &proxy_url)
-            .envs(e.runner_env())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut env = e.runner_env();
+    env.push(("HTTPS_PROXY".to_owned(), proxy_url.clone()));
+    let mut child = start_harness(&node, dir.path(), &inputs, &env);
     let main = wait_json(&dir.path().join("main.json"), &mut child.0, "harness main").await;
     assert_eq!(main["code"], 0, "main failed: {main}");
     let token = main["env"]["DEPLOY_API_TOKEN"].as_str().unwrap().to_owned();
@@ -443,18 +446,7 @@ async fn github_action_through_a_proxy_to_a_private_ca_broker() {
             .as_str()
             .is_some_and(|g| !g.is_empty())
     );
-    std::fs::write(dir.path().join("go"), "").unwrap();
-    let start = std::time::Instant::now();
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "harness did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let result: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
-            .unwrap();
+    let result = finish_harness(dir.path(), &mut child).await;
     assert_eq!(result["post"]["code"], 0, "post failed: {}", result["post"]);
     assert!(!e.active(&token).await, "revoked after post");
     let tunnels: Value =
@@ -488,9 +480,7 @@ async fn github_action_through_a_proxy_to_a_private_ca_broker() {
         .envs(e.runner_env());
     let ran = run(cmd, dir.path(), Duration::from_secs(60)).await;
     assert_eq!(ran.code, Some(0), "harness: {}", ran.stderr);
-    let result: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
-            .unwrap();
+    let result: Value = read_json(&dir.path().join("result.json"));
     let out = result["main"]["stdout"].as_str().unwrap();
     assert_eq!(result["main"]["code"], 1, "{out}");
     assert!(
@@ -618,39 +608,8 @@ async fn github_action_database_url_dies_with_post() {
 
     let dir = tempfile::tempdir().unwrap();
     let inputs = json!({"broker-url": broker.url, "credentials": "app-db", "audience": AUD, "ttl": "5m", "export-env": "true"});
-    std::fs::write(dir.path().join("inputs.json"), inputs.to_string()).unwrap();
-    let mut child = KillOnDrop(
-        Command::new(&node)
-            .arg(repo_root().join("action/harness/runner.js"))
-            .arg(dir.path())
-            .env("BROKER_HARNESS_PAUSE", "1")
-            .env(
-                "ACTIONS_ID_TOKEN_REQUEST_URL",
-                format!("{tokens_url}/token?api-version=2.0"),
-            )
-            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", RUNNER_SECRET)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let main_json = dir.path().join("main.json");
-    let start = std::time::Instant::now();
-    while !main_json.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "main did not finish"
-        );
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "harness exited early"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // The harness writes main.json in one call; a read that races it shows as a parse error.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let main: Value = serde_json::from_str(&std::fs::read_to_string(&main_json).unwrap()).unwrap();
+    let mut child = start_harness(&node, dir.path(), &inputs, &runner_env(&tokens_url));
+    let main = wait_json(&dir.path().join("main.json"), &mut child.0, "harness main").await;
     assert_eq!(main["code"], 0, "main failed: {main}");
     let url = main["env"]["DATABASE_URL"]
         .as_str()
@@ -709,18 +668,7 @@ async fn github_action_database_url_dies_with_post() {
     assert!(pg.role_exists(&user).await);
 
     // Let the harness run `post`.
-    std::fs::write(dir.path().join("go"), "").unwrap();
-    let start = std::time::Instant::now();
-    while child.0.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "harness did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let result: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("result.json")).unwrap())
-            .unwrap();
+    let result = finish_harness(dir.path(), &mut child).await;
     let post = &result["post"];
     assert_eq!(post["code"], 0, "post failed: {post}");
     assert!(
