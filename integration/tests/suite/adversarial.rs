@@ -8,6 +8,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use broker::oidc::testkit::{self, SignWith, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
+use integration::http::Api;
 use integration::store_db::audit_log;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
@@ -591,17 +592,14 @@ async fn hostile_tokens_are_refused_audited_and_grant_nothing() {
     let http = integration::http::client();
     let mut secrets = Secrets::default();
     let mut failures = Vec::new();
+    let mut answers = Vec::new();
+    let api = Api::new(http.clone(), &broker.url);
     for c in &cases {
         secrets.add(c.token.clone());
-        let r = http
-            .post(format!("{}/v1/exchange", broker.url))
-            .bearer_auth(&c.token)
-            .json(&json!({"credentials": ["deploy-api"]}))
-            .send()
-            .await
-            .expect("request");
-        let status = r.status().as_u16();
-        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let (status, body) = api
+            .exchange(Some(&c.token), &json!({"credentials": ["deploy-api"]}))
+            .await;
+        answers.push(json!({"case": c.what, "status": status, "body": body}));
         if (status, body["error"].as_str()) != (c.status, Some(c.code)) {
             failures.push(format!(
                 "{}: want {} {}, got {status} {body}",
@@ -612,6 +610,8 @@ async fn hostile_tokens_are_refused_audited_and_grant_nothing() {
         assert!(body.get("revocation_token").is_none(), "{}", c.what);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Each attack's whole answer: the code and its fixed message, nothing of the token.
+    insta::assert_json_snapshot!("hostile_token_refusals", answers);
 
     // 1 MiB in the Authorization header: refused by the HTTP server's header limit before the
     // broker sees it (so there is nothing to audit), never a 200 or a 5xx.
