@@ -11,7 +11,8 @@ use broker::store::testdb::TestDb;
 use integration::http::Api;
 use integration::store_db::audit_log;
 use integration::{
-    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
+    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, acme_token, github_issuer_yaml,
+    github_policies,
 };
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -692,7 +693,7 @@ async fn consumed_and_expired_tokens_are_refused_on_replay() {
         }
     };
     let mut secrets = Secrets::default();
-    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let token = acme_token(&issuer.url());
     secrets.add(token.clone());
     let (status, body) = exchange(token.clone()).await;
     assert_eq!(status, 200, "{body}");

@@ -4,10 +4,10 @@
 //! published JWKS), `broker audit prune` cuts old events and verify starts from the cut, and an
 //! attacker who edits after the cut, or truncates and repairs the head, is caught.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
 use integration::http;
-use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin};
+use integration::{BrokerProcess, BrokerSetup, acme_token, broker_bin};
 use serde_json::json;
 use std::path::Path;
 use std::process::Command;
@@ -55,7 +55,7 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     .unwrap();
     let http = integration::http::client();
     let exchange = || async {
-        let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let token = acme_token(&issuer.url());
         let r = http
             .post(format!("{}/v1/exchange", broker.url))
             .bearer_auth(token)

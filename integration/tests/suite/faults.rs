@@ -15,7 +15,7 @@ use integration::store_db::audit_log;
 use integration::wait::eventually;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, FaultProxy, PgRoleTarget, ProxyMode, Secrets, acme_api_claims,
-    github_issuer_yaml, github_policies,
+    acme_token, github_issuer_yaml, github_policies,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -89,7 +89,7 @@ impl Client {
 }
 
 fn token(issuer: &TestIssuer) -> String {
-    testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD))
+    acme_token(&issuer.url())
 }
 
 fn host_port(url: &str) -> String {

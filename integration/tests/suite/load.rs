@@ -17,8 +17,8 @@ use broker::store::testdb::TestDb;
 use integration::store_db::audit_log;
 use integration::wait::env_num;
 use integration::{
-    AUD, BrokerProcess, BrokerSetup, PgRoleTarget, Secrets, acme_api_claims, github_issuer_yaml,
-    github_policies,
+    AUD, BrokerProcess, BrokerSetup, PgRoleTarget, Secrets, acme_api_claims, acme_token,
+    github_issuer_yaml, github_policies,
 };
 use serde_json::{Value, json};
 use sqlx::{Connection, Row};
@@ -80,7 +80,7 @@ async fn run_load(default_secs: u64) {
                 while Instant::now() < deadline {
                     // Every fourth client asks for a Postgres user, the rest API tokens.
                     let cred = if i % 4 == 0 { "pg-app" } else { "deploy-api" };
-                    let tok = testkit::sign(TestKey::Rsa1, &acme_api_claims(&iss, AUD));
+                    let tok = acme_token(&iss);
                     let r = http
                         .post(format!("{url}/v1/exchange"))
                         .bearer_auth(&tok)
@@ -241,7 +241,7 @@ async fn header_size_and_rate_limits() {
     // Rate limit: a burst of 3 per minute for one repository; the 4th waits.
     let mut revocations = Vec::new();
     for i in 0..4 {
-        let tok = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let tok = acme_token(&issuer.url());
         secrets.add(tok.clone());
         let r = http
             .post(&url)

@@ -30,8 +30,8 @@ use integration::http::{self, Api};
 use integration::pg::{self, PgApp};
 use integration::tools::gitlab_tools;
 use integration::{
-    AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml, gitlab_issuer_yaml,
-    repo_root,
+    AUD, BrokerProcess, BrokerSetup, acme_api_claims, acme_token, github_issuer_yaml,
+    gitlab_issuer_yaml, repo_root,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -1317,11 +1317,7 @@ async fn client_subcommands_against_the_real_broker() {
     let e = env().await;
     let work = tempfile::tempdir().unwrap();
     let token_file = work.path().join("id-token");
-    std::fs::write(
-        &token_file,
-        testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
-    )
-    .unwrap();
+    std::fs::write(&token_file, acme_token(&e.github.url())).unwrap();
     // `--attempts 0` is a usage error, and the job token is not spent (the exchange below
     // uses it).
     let mut cmd = Command::new(integration::broker_bin());
@@ -1386,11 +1382,7 @@ async fn client_subcommands_against_the_real_broker() {
     // An output directory that cannot be created: exit 1 with `io_error`, and the grant that
     // was already issued is revoked rather than left alive for nobody.
     let fresh = work.path().join("id-token-2");
-    std::fs::write(
-        &fresh,
-        testkit::sign(TestKey::Rsa1, &acme_api_claims(&e.github.url(), AUD)),
-    )
-    .unwrap();
+    std::fs::write(&fresh, acme_token(&e.github.url())).unwrap();
     std::fs::write(work.path().join("a-file"), "").unwrap();
     let mut cmd = Command::new(integration::broker_bin());
     cmd.args([
@@ -1597,11 +1589,7 @@ async fn client_several_aws_credentials_become_sdk_profiles() {
     let work = tempfile::tempdir().unwrap();
     let exchange = |out_dir: Option<PathBuf>| {
         let token_file = work.path().join(format!("id-{}", uuid::Uuid::new_v4()));
-        std::fs::write(
-            &token_file,
-            testkit::sign(TestKey::Rsa1, &acme_api_claims(&github.url(), AUD)),
-        )
-        .unwrap();
+        std::fs::write(&token_file, acme_token(&github.url())).unwrap();
         let mut cmd = Command::new(integration::broker_bin());
         cmd.args([
             "exchange",

@@ -7,11 +7,11 @@
 //! share one signing key as the chart's Secret provides) and Postgres users on the machine's
 //! Postgres (`BROKER_TEST_PG_URL`), counted in `pg_roles`.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
 use integration::http::{self, Api};
 use integration::pg::PgApp;
-use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
+use integration::{BrokerProcess, BrokerSetup, acme_token, github_issuer_yaml};
 use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
@@ -144,7 +144,7 @@ impl Cluster {
     }
 
     async fn exchange_for(&self, replica: usize, creds: &[&str], ttl: &str) -> (u16, Value) {
-        let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&self.issuer.url(), AUD));
+        let token = acme_token(&self.issuer.url());
         self.post(
             format!("{}/v1/exchange", self.url(replica)),
             &token,

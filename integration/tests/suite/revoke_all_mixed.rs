@@ -7,13 +7,13 @@
 //! AWS needs moto at target/test-venv (installed by scripts/test); without it the AWS part is
 //! SKIPPED (printed) and the 1,000 grants are Postgres users and API tokens only.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
 use integration::http::{self, Api};
 use integration::moto;
 use integration::moto::Moto;
 use integration::pg::PgApp;
-use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
+use integration::{BrokerProcess, BrokerSetup, acme_token, github_issuer_yaml};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPoolOptions;
 use std::sync::Arc;
@@ -108,7 +108,7 @@ async fn revoke_all_kills_a_thousand_mixed_grants() {
     let mut tasks = Vec::new();
     for i in 0..GRANTS {
         let kind = kind_of(i);
-        let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let token = acme_token(&issuer.url());
         let (http, url, sem) = (http.clone(), broker.url.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.unwrap();

@@ -4,9 +4,9 @@
 
 use axum::body::Bytes;
 use axum::routing::post;
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
-use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims};
+use integration::{BrokerProcess, BrokerSetup, acme_token};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
@@ -70,7 +70,7 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
     .await
     .expect("broker starts");
 
-    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let token = acme_token(&issuer.url());
     let request_id = format!("otel-{}", uuid::Uuid::new_v4());
     let resp = integration::http::client()
         .post(format!("{}/v1/exchange", broker.url))
@@ -170,7 +170,7 @@ async fn metrics_require_the_configured_token() {
     .expect("broker starts");
     let http = integration::http::client();
     let url = format!("{}/metrics", broker.url);
-    let job_token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let job_token = acme_token(&issuer.url());
     // One refused exchange (no bearer token) to be counted.
     let r = http
         .post(format!("{}/v1/exchange", broker.url))

@@ -14,13 +14,11 @@
 //!
 //! Latencies and times are printed, never asserted with a tight timer.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
 use integration::http;
 use integration::wait::percentile;
-use integration::{
-    AUD, BrokerProcess, BrokerSetup, acme_api_claims, example_issuers_yaml, free_port,
-};
+use integration::{BrokerProcess, BrokerSetup, acme_token, example_issuers_yaml, free_port};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,7 +62,7 @@ async fn honest_exchange(url: &str, issuer: &str) -> Result<Duration, String> {
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())?;
-    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(issuer, AUD));
+    let token = acme_token(issuer);
     let t = Instant::now();
     let r = http
         .post(format!("{url}/v1/exchange"))
@@ -379,7 +377,7 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
 
     // 413 at once for a declared body over the limit (64 KiB) that never comes (with a valid
     // job token, so the exchange gets as far as its body), and the refusal is audited.
-    let job = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let job = acme_token(&issuer.url());
     let (answer, took) = raw(
         &addr,
         format!(
@@ -443,7 +441,7 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
     assert!(body["message"].is_string(), "{answer}");
 
     // A JSON array (and other non-objects) where an object is expected.
-    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+    let token = acme_token(&issuer.url());
     for bad in [
         json!([{"credentials": ["deploy-api"]}]),
         json!("deploy-api"),
@@ -515,7 +513,7 @@ async fn oversized_and_misshapen_requests_get_json_errors_beside_honest_jobs() {
         (too_long.as_str(), false),
         ("<script>", false),
     ] {
-        let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let token = acme_token(&issuer.url());
         let r = http
             .post(format!("{}/v1/exchange", broker.url))
             .bearer_auth(&token)

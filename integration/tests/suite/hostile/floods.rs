@@ -30,7 +30,7 @@ use broker::webhooks::signature::github_sign;
 use futures::StreamExt;
 use integration::http;
 use integration::{
-    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml, github_policies,
+    BrokerProcess, BrokerSetup, Secrets, acme_token, github_issuer_yaml, github_policies,
 };
 use serde_json::{Value, json};
 use sqlx::Connection;
@@ -118,7 +118,7 @@ async fn send_attack(http: &reqwest::Client, url: &str, a: Attack, i: usize) -> 
 
 /// One honest job: a fresh token, exchange, revoke. `Err` names what failed.
 async fn honest_job(http: &reqwest::Client, url: &str, iss: &str) -> Result<String, String> {
-    let token = broker::oidc::testkit::sign(TestKey::Rsa1, &acme_api_claims(iss, AUD));
+    let token = acme_token(iss);
     let r = http
         .post(format!("{url}/v1/exchange"))
         .bearer_auth(&token)

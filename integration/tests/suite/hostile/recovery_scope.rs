@@ -25,7 +25,9 @@ use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
 use futures::StreamExt;
 use integration::http::{self, Api};
-use integration::{AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml};
+use integration::{
+    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, acme_token, github_issuer_yaml,
+};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -170,7 +172,7 @@ async fn issuer_down_at_start_recovers_in_seconds_without_hammering() {
     let down_start = Instant::now();
     let mut honest_down = Seen::default();
     while down_start.elapsed() < DOWN_FOR {
-        let t = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let t = acme_token(&issuer.url());
         secrets.add(t.clone());
         let r = http
             .post(format!("{}/v1/exchange", broker.url))
@@ -203,7 +205,7 @@ async fn issuer_down_at_start_recovers_in_seconds_without_hammering() {
     let back = Instant::now();
     let jwks_before_recovery = issuer.jwks_fetches();
     let recovered_after = loop {
-        let t = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let t = acme_token(&issuer.url());
         secrets.add(t.clone());
         let (status, body) = exchange(&http, &broker.url, &t).await;
         if status == 200 {
@@ -223,7 +225,7 @@ async fn issuer_down_at_start_recovers_in_seconds_without_hammering() {
     let after = Instant::now();
     let mut honest_after = 0;
     while after.elapsed() < Duration::from_secs(4) {
-        let t = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer.url(), AUD));
+        let t = acme_token(&issuer.url());
         secrets.add(t.clone());
         let (status, body) = exchange(&http, &broker.url, &t).await;
         assert_eq!(status, 200, "honest job after recovery: {body}");

@@ -17,13 +17,13 @@
 //!
 //! Times are printed, never asserted.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::Store;
 use broker::store::testdb::TestDb;
 use integration::http::Api;
 use integration::store_db::StoreDb;
 use integration::wait::env_num;
-use integration::{AUD, BrokerProcess, BrokerSetup, acme_api_claims, github_issuer_yaml};
+use integration::{BrokerProcess, BrokerSetup, acme_token, github_issuer_yaml};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -128,7 +128,7 @@ fn honest_traffic(
             async move {
                 let mut h = Honest::default();
                 while !stop.load(Ordering::Relaxed) {
-                    let token = testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer, AUD));
+                    let token = acme_token(&issuer);
                     let r = http
                         .post(format!("{url}/v1/exchange"))
                         .bearer_auth(token)

@@ -24,7 +24,9 @@ use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::Store;
 use broker::store::testdb::TestDb;
 use integration::store_db::StoreDb;
-use integration::{AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, github_issuer_yaml};
+use integration::{
+    AUD, BrokerProcess, BrokerSetup, Secrets, acme_api_claims, acme_token, github_issuer_yaml,
+};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -99,7 +101,7 @@ fn odd_claims(issuer: &str, i: usize) -> Value {
 }
 
 async fn one(http: reqwest::Client, url: String, issuer: String, kind: Kind, i: usize) -> Seen {
-    let token = || testkit::sign(TestKey::Rsa1, &acme_api_claims(&issuer, AUD));
+    let token = || acme_token(&issuer);
     let exchange = |token: String, body: String| {
         http.post(format!("{url}/v1/exchange"))
             .bearer_auth(token)
