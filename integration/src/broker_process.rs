@@ -23,6 +23,41 @@ pub fn broker_bin() -> PathBuf {
     dir.join(format!("broker{}", std::env::consts::EXE_SUFFIX))
 }
 
+/// How a run of the `broker` CLI ended: exit code (-1 when killed by a signal) and output.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliRun {
+    /// Standard output followed by standard error.
+    pub fn output(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Run the `broker` CLI with `args` (in `cwd` if given) to completion, without the machine's
+/// `BROKER_CONFIG` or `BROKER_STORE_URL`: a command reads only what the test names.
+#[allow(clippy::expect_used)] // test harness: a binary that cannot start fails the test
+pub fn broker_cli(cwd: Option<&Path>, args: &[&str]) -> CliRun {
+    let mut cmd = Command::new(broker_bin());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let out = cmd
+        .args(args)
+        .env_remove("BROKER_CONFIG")
+        .env_remove("BROKER_STORE_URL")
+        .output()
+        .expect("the broker binary runs");
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Inputs for a test broker's config file.
 pub struct BrokerSetup<'a> {
     pub store_url: &'a str,

@@ -24,7 +24,9 @@ pub mod store_db;
 pub mod tools;
 pub mod wait;
 
-pub use broker_process::{BrokerProcess, BrokerSetup, PUBLIC_URL, broker_bin, write_signing_key};
+pub use broker_process::{
+    BrokerProcess, BrokerSetup, CliRun, PUBLIC_URL, broker_bin, broker_cli, write_signing_key,
+};
 pub use issuer::{
     AUD, acme_api_claims, acme_token, acme_token_with, example_issuers_yaml, example_policies,
     github_issuer_yaml, github_policies, gitlab_issuer_yaml, repo_root,

@@ -7,10 +7,9 @@
 use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
 use integration::http;
-use integration::{BrokerProcess, BrokerSetup, acme_token, broker_bin};
+use integration::{BrokerProcess, BrokerSetup, acme_token, broker_cli};
 use serde_json::json;
 use std::path::Path;
-use std::process::Command;
 
 struct Ran {
     code: i32,
@@ -18,19 +17,10 @@ struct Ran {
 }
 
 fn cli(args: &[&str]) -> Ran {
-    let o = Command::new(broker_bin())
-        .args(args)
-        .env_remove("BROKER_CONFIG")
-        .env_remove("BROKER_STORE_URL")
-        .output()
-        .expect("broker runs");
+    let r = broker_cli(None, args);
     Ran {
-        code: o.status.code().unwrap_or(-1),
-        out: format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
+        code: r.code,
+        out: r.output(),
     }
 }
 

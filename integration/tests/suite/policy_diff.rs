@@ -6,7 +6,8 @@ use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
 use integration::tools::gitlab_tools;
 use integration::{
-    AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, github_issuer_yaml, repo_root,
+    AUD, BrokerProcess, BrokerSetup, acme_api_claims, broker_bin, broker_cli, github_issuer_yaml,
+    repo_root,
 };
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -17,16 +18,8 @@ fn fixtures() -> PathBuf {
 }
 
 fn run(cwd: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(broker_bin())
-        .current_dir(cwd)
-        .args(args)
-        .output()
-        .expect("run broker");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = broker_cli(Some(cwd), args);
+    (r.code, r.stdout, r.stderr)
 }
 
 fn diff_case(case: &str, format: &str) -> (i32, String, String) {
