@@ -406,7 +406,7 @@ async fn jwks_down_serves_cached_keys_and_kid_floods_are_not_amplified() {
         policies.path(),
         github_issuer_yaml(&issuer.url()),
     )
-        // A 1 s refusal window: the flood's aggregate audit events land within the test.
+    // A 1 s refusal window: the flood's aggregate audit events land within the test.
     .extra("limits:\n  exchanges_per_minute_per_repository: 0\nrefusals:\n  audit_window: 1s\n"))
     .await
     .expect("broker starts");

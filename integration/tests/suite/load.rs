@@ -52,11 +52,11 @@ async fn run_load(default_secs: u64) {
     std::fs::write(policies.path().join("pg.yaml"), pg.policy()).unwrap();
     let broker = BrokerProcess::start(
         &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
-            // Info, not debug: a debug log of thousands of requests measures the disk.
             .extra(format!(
                 "{}limits:\n  exchanges_per_minute_per_repository: 0\n",
                 pg.yaml()
             ))
+            // Info, not debug: a debug log of thousands of requests measures the disk.
             .env(vec![("BROKER_LOG".into(), "info".into())]),
     )
     .await

@@ -92,8 +92,8 @@ impl Cluster {
             hash = broker::secret::sha256_hex(operator_token.as_bytes()),
         );
         let setup = BrokerSetup::new(db.url(), &policies, github_issuer_yaml(&issuer.url()))
-            // One public URL (the API tokens' `iss`) for both, as behind one Service.
             .extra(extra)
+            // One public URL (the API tokens' `iss`) for both, as behind one Service.
             .env(vec![
                 (
                     "BROKER_PUBLIC_URL".to_owned(),

@@ -61,10 +61,10 @@ async fn request_spans_reach_the_collector_with_the_request_id() {
     let db = TestDb::sqlite().await;
     let broker = BrokerProcess::start(
         &BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url())
-            // Export promptly instead of the SDK's default 5 s batch delay.
             .extra(format!(
                 "telemetry:\n  otlp_endpoint: {endpoint}\n  service_name: broker-otel-test\n"
             ))
+            // Export promptly instead of the SDK's default 5 s batch delay.
             .env(vec![("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into())]),
     )
     .await
