@@ -31,6 +31,15 @@ pub async fn status_json(r: reqwest::Response) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
+/// A JSON value that must be a string (a credential field, a timestamp), owned; panics naming
+/// the value when it is not one.
+#[allow(clippy::panic)] // test harness: a missing field fails the test
+pub fn json_string(v: &Value) -> String {
+    v.as_str()
+        .unwrap_or_else(|| panic!("not a string: {v}"))
+        .to_owned()
+}
+
 /// `GET url` and its JSON body.
 #[allow(clippy::expect_used)] // test harness: a request that cannot be sent fails the test
 pub async fn get_json(http: &reqwest::Client, url: &str) -> Value {

@@ -17,7 +17,7 @@ use broker::providers::{
 use broker::secret::Sensitive;
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
-use integration::http::{self, Api};
+use integration::http::{self, Api, json_string as s};
 use integration::moto::{ACCOUNT, KEY_ID, Moto, SECRET};
 use integration::{BrokerProcess, BrokerSetup, acme_token_with, free_port, github_issuer_yaml};
 use serde_json::{Value, json};
@@ -144,12 +144,6 @@ impl Env {
         db.cleanup().await;
         drop(moto);
     }
-}
-
-fn s(v: &Value) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("not a string: {v}"))
-        .to_owned()
 }
 
 fn rfc3339(v: &Value) -> time::OffsetDateTime {

@@ -6,7 +6,7 @@
 use broker::oidc::testkit::TestIssuer;
 use broker::store::AuditFilter;
 use broker::store::testdb::TestDb;
-use integration::http::{self, Api};
+use integration::http::{self, Api, json_string as s};
 use integration::pg::{self, PgApp, exec, login, sqlstate};
 use integration::store_db::audit_log;
 use integration::{
@@ -228,12 +228,6 @@ impl Env {
         db.cleanup().await;
         pg.cleanup().await;
     }
-}
-
-fn s(v: &Value) -> String {
-    v.as_str()
-        .unwrap_or_else(|| panic!("not a string: {v}"))
-        .to_owned()
 }
 
 /// A minted user logs in and can do what its group roles allow and nothing more; after
