@@ -4,7 +4,9 @@
 //!
 //! Run one part with a module filter, e.g. `cargo test -p integration --test suite faults::`;
 //! the benchmarks and the long load run are `#[ignore]`d (`bench::`, `audit_scale::`,
-//! `load::load_long`: run them with `-- --ignored --nocapture`).
+//! `load::load_long`: run them with `-- --ignored --nocapture`). Whole API answers are held as
+//! insta snapshots in `snapshots/`; after an intended change of one, review the new file
+//! (`cargo insta review`, or rerun with `INSTA_UPDATE=always` and read the diff).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 
 mod adversarial;
