@@ -18,10 +18,17 @@ pub const USER_AGENT: &str = concat!("broker/", env!("CARGO_PKG_VERSION"));
 /// The user agent of the job-side client, so the broker's audit tells the two apart.
 pub const JOB_CLIENT_USER_AGENT: &str = concat!("broker-client/", env!("CARGO_PKG_VERSION"));
 
-/// The TLS backend could not be set up (no secret can be in it: nothing is sent yet).
+/// The TLS backend could not be set up (no secret can be in it: nothing is sent yet). The
+/// message includes reqwest's, so it is not repeated as a source.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build an HTTP client: {0}")]
-pub struct BuildError(#[from] reqwest::Error);
+pub struct BuildError(reqwest::Error);
+
+impl From<reqwest::Error> for BuildError {
+    fn from(e: reqwest::Error) -> Self {
+        Self(e)
+    }
+}
 
 /// How one outgoing client behaves; [`Outbound::build`] makes it.
 #[derive(Debug, Clone, Copy)]

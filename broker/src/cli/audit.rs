@@ -374,3 +374,45 @@ fn parse_date(s: &str) -> Result<time::OffsetDateTime, Failure> {
         .exit(Exit::Usage)?;
     Ok(d.midnight().assume_utc())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_call_failures_map_onto_the_table() {
+        let status = |status| CallError::Status {
+            status,
+            message: String::new(),
+            code: String::new(),
+        };
+        let exit = |e| query_failure(e).exit;
+        assert_eq!(exit(status(401)), Exit::Refused);
+        assert_eq!(exit(status(503)), Exit::Unavailable);
+        assert_eq!(exit(status(400)), Exit::Usage);
+        let network = CallError::Network {
+            target: "the broker".into(),
+            detail: "connection failed".into(),
+        };
+        assert_eq!(exit(network), Exit::Unavailable);
+        let path = "/nope".to_owned();
+        assert_eq!(exit(CallError::EmptyTokenFile { path }), Exit::Usage);
+        assert_eq!(exit(CallError::BadAnswer("x".into())), Exit::Failed);
+    }
+
+    #[test]
+    fn dates_are_days_or_rfc3339_and_nothing_else() {
+        assert_eq!(
+            parse_date("2026-01-02").unwrap(),
+            time::macros::datetime!(2026-01-02 0:00 UTC)
+        );
+        assert_eq!(
+            parse_date("2026-01-02T03:04:05Z").unwrap(),
+            time::macros::datetime!(2026-01-02 3:04:05 UTC)
+        );
+        assert_eq!(
+            parse_date("yesterday").err().map(|f| f.exit),
+            Some(Exit::Usage)
+        );
+    }
+}

@@ -70,6 +70,7 @@ Exit codes (every subcommand):
 
 /// An error that ends a subcommand, with the exit code its kind calls for. Printed once, by
 /// `main`, as `error: <message>`; the message never holds a secret.
+#[derive(Debug)]
 pub struct Failure {
     pub exit: Exit,
     pub error: anyhow::Error,

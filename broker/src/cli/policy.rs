@@ -40,7 +40,8 @@ enum PolicyCmd {
         #[arg(long, default_value = "github")]
         platform: String,
     },
-    /// Show what a policy change does to access (exit 0: not widened, 10: widened, 2: error).
+    /// Show what a policy change does to access (exit 0: not widened, 10: widened, 2: error;
+    /// 3 or 4 when --audit-url refused the token or was unavailable).
     Diff(DiffArgs),
     /// Print the JSON Schema of policy files.
     Schema,
