@@ -4,11 +4,13 @@
 //! same kind of failure whichever subcommand it ran. The codes are grouped by what the caller
 //! should do next, not by where the failure happened:
 //!
-//! - `2` fix the command line, the config or an input file (clap's own usage errors are `2` too);
+//! - `2` fix the command line, the config or an input file it names (missing, unreadable or
+//!   malformed; clap's own usage errors are `2` too);
 //! - `3` change the job, the token or the policy: the broker said no, and asking again will not
 //!   change its answer;
 //! - `4` try again later: the broker or a target was unavailable, or the work is not finished;
-//! - `1` read the output: a check failed, a file could not be written, anything else.
+//! - `1` read the output: a check failed, a file could not be written (or, in a job, the
+//!   client's own files could not be read: `io_error`), anything else.
 //!
 //! `10` belongs to `broker policy diff` alone: "access widened" is an answer, not an error, and
 //! must never be mistaken for one.
@@ -22,10 +24,12 @@ pub enum Exit {
     /// Everything asked was done (a check passed; `policy diff`: access not widened).
     Ok = 0,
     /// The command ran and failed: a check found problems (policy check or test, a broken
-    /// audit chain), a local file could not be read or written, or anything not below.
+    /// audit chain), a file could not be written (or a job's own file read: `io_error`), or
+    /// anything not below.
     Failed = 1,
-    /// The command line, the config or an input file is wrong (including a grant the job
-    /// cannot receive, such as two credentials on one variable).
+    /// The command line, the config or an input file it names is wrong: missing, unreadable
+    /// or malformed (including a grant the job cannot receive, such as two credentials on one
+    /// variable, and a 400/404 answer to what was asked).
     Usage = 2,
     /// Refused: the broker answered 401/403, or the job has no token to send. Not retried.
     Refused = 3,
@@ -62,8 +66,8 @@ impl From<Exit> for ExitCode {
 pub const HELP: &str = "\
 Exit codes (every subcommand):
   0   ok (policy diff: access not widened)
-  1   failed: a check found problems, a file could not be read or written, anything else
-  2   usage: fix the command line, the config or an input file
+  1   failed: a check found problems, a file could not be written (io_error), anything else
+  2   usage: fix the command line, the config or an input file it names
   3   refused: the broker answered 401/403 or there is no job token; change the job or policy
   4   unavailable: network error, 5xx or 429 after retries, or the run is incomplete; retry
   10  policy diff: the head policy widens access";
