@@ -40,8 +40,10 @@ enum PolicyCmd {
         #[arg(long, default_value = "github")]
         platform: String,
     },
-    /// Show what a policy change does to access (exit 0: not widened, 10: widened, 2: error;
-    /// 3 or 4 when --audit-url refused the token or was unavailable).
+    /// Show what a policy change does to access (exit 0: not widened, 10: widened, 2: error).
+    ///
+    /// An error is 2, or 3 (refused) / 4 (unavailable) when the --audit-url broker does not
+    /// answer with the audit log.
     Diff(DiffArgs),
     /// Print the JSON Schema of policy files.
     Schema,
