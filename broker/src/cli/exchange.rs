@@ -1,7 +1,8 @@
 //! `broker exchange`: trade this CI job's OIDC token for credentials (run inside the job).
 
+use super::env_var as env;
 use super::exit::{Exit, Outcome};
-use super::job::{ClientArgs, env, exit_of, notice};
+use super::job::{ClientArgs, exit_of, notice};
 use broker::client::{self, Client, CredentialRequest, Format, Grant, TokenSource};
 use clap::Args;
 use std::path::PathBuf;

@@ -57,11 +57,6 @@ pub fn notice() -> Notice {
     Box::new(|m| eprintln!("broker: {m}"))
 }
 
-/// A non-empty environment variable, as the client's token sources read them.
-pub fn env(name: &str) -> Option<String> {
-    super::env_var(name)
-}
-
 /// Print a client error with its reason code; its exit code.
 pub fn exit_of(e: &ClientError) -> Exit {
     eprintln!("error: {e} [{}]", e.reason_code());
