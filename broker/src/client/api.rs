@@ -189,3 +189,152 @@ pub(super) fn refused(status: u16, body: &Value) -> ClientError {
         message: field("message", "no message"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::tests::grant_json;
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test]
+    async fn zero_attempts_are_refused_without_asking() {
+        let (url, calls) = fake(vec![(200, grant_json())]).await;
+        let mut c = fast(&url);
+        c.retry.attempts = 0;
+        let tok = TokenSource::Value(Sensitive::new("a.b.c"));
+        let e = c
+            .exchange(&tok, &no_env, &[], None, &quiet())
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason_code(), "usage");
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        c.retry.attempts = 1;
+        let fail = serde_json::json!({"error": "store_unavailable", "message": "m"});
+        let (url, calls) = fake(vec![(503, fail)]).await;
+        let mut c = fast(&url);
+        c.retry.attempts = 1;
+        c.exchange(&tok, &no_env, &[], None, &quiet())
+            .await
+            .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "1 = one try, no retry");
+    }
+
+    /// A broker stand-in answering from a script of statuses; counts calls.
+    async fn fake(script: Vec<(u16, Value)>) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let script = Arc::new(script);
+        let handler = move || {
+            let c = c.clone();
+            let script = script.clone();
+            async move {
+                let i = c.fetch_add(1, Ordering::SeqCst).min(script.len() - 1);
+                let (s, body) = script[i].clone();
+                (StatusCode::from_u16(s).unwrap(), axum::Json(body)).into_response()
+            }
+        };
+        let app = Router::new()
+            .route("/v1/exchange", post(handler.clone()))
+            .route("/v1/revoke", post(handler));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(l, app).await.ok() });
+        (format!("http://{addr}"), calls)
+    }
+
+    fn fast(url: &str) -> Client {
+        let mut c = Client::new(url, Duration::from_secs(5)).unwrap();
+        c.retry = RetryPolicy {
+            attempts: 4,
+            base: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+        };
+        c
+    }
+
+    fn quiet() -> Notice {
+        Box::new(|_| {})
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_and_429_then_succeeds() {
+        let unavailable = serde_json::json!({"error": "store_unavailable", "message": "m"});
+        let (url, calls) = fake(vec![
+            (503, unavailable.clone()),
+            (429, unavailable),
+            (200, grant_json()),
+        ])
+        .await;
+        let tok = TokenSource::Value(Sensitive::new("a.b.c"));
+        let reqs = vec!["deploy-api".parse().unwrap()];
+        let ex = fast(&url)
+            .exchange(&tok, &no_env, &reqs, Some("5m"), &quiet())
+            .await
+            .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(ex.grant.grant_id, "0190-abc");
+    }
+
+    #[tokio::test]
+    async fn never_retries_401_or_403() {
+        for status in [401u16, 403] {
+            let (url, calls) = fake(vec![(
+                status,
+                serde_json::json!({"error": "policy_denied", "message": "m"}),
+            )])
+            .await;
+            let tok = TokenSource::Value(Sensitive::new("a.b.c"));
+            let err = fast(&url)
+                .exchange(&tok, &no_env, &[], None, &quiet())
+                .await
+                .unwrap_err();
+            assert_eq!(calls.load(Ordering::SeqCst), 1);
+            assert_eq!(err.reason_code(), "policy_denied");
+        }
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_the_last_attempt_with_the_broker_code() {
+        let (url, calls) = fake(vec![(
+            503,
+            serde_json::json!({"error": "revoke_pending", "message": "later"}),
+        )])
+        .await;
+        let notes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let n2 = notes.clone();
+        let notice: Notice = Box::new(move |m| n2.lock().unwrap().push(m.to_owned()));
+        let err = fast(&url)
+            .revoke(&Sensitive::new("brk_rvk_SECRET"), &notice)
+            .await
+            .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(err.reason_code(), "revoke_pending");
+        let notes = notes.lock().unwrap();
+        assert_eq!(notes.len(), 3);
+        assert!(notes.iter().all(|n| !n.contains("SECRET")));
+    }
+
+    #[tokio::test]
+    async fn network_errors_are_retried_and_reported_without_secrets() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = fast(&format!("http://127.0.0.1:{port}"))
+            .revoke(&Sensitive::new("brk_rvk_SECRET"), &quiet())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "broker_unreachable");
+        assert!(!err.to_string().contains("SECRET"));
+    }
+}

@@ -45,3 +45,23 @@ impl RetryPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_grows_caps_and_honours_retry_after() {
+        let p = RetryPolicy {
+            attempts: 5,
+            base: Duration::from_millis(100),
+            max: Duration::from_millis(400),
+        };
+        let d0 = p.delay(0, None);
+        assert!(d0 >= Duration::from_millis(100) && d0 <= Duration::from_millis(125));
+        let d5 = p.delay(5, None);
+        assert!(d5 >= Duration::from_millis(400) && d5 <= Duration::from_millis(500));
+        assert!(p.delay(0, Some(Duration::from_secs(3))) >= Duration::from_secs(3));
+        assert!(p.delay(0, Some(Duration::from_secs(3600))) <= MAX_RETRY_AFTER);
+    }
+}

@@ -109,3 +109,31 @@ pub(super) fn without_url(e: &reqwest::Error) -> String {
     };
     kind.to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn token_sources() {
+        let http = reqwest::Client::new();
+        let env = |k: &str| (k == "ID").then(|| " tok.en.x \n".to_owned());
+        let t = TokenSource::Env("ID".into())
+            .fetch(&http, &env)
+            .await
+            .unwrap();
+        assert_eq!(t.expose(), "tok.en.x");
+        let e = TokenSource::Env("NOPE".into())
+            .fetch(&http, &env)
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason_code(), "no_token");
+        let e = TokenSource::GithubRunner {
+            audience: "a".into(),
+        }
+        .fetch(&http, &env)
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("id-token: write"));
+    }
+}
