@@ -6,67 +6,19 @@
 //! config says whether a secret is set, never its value.
 
 use crate::oidc::IssuerConfig;
-use crate::secret::Sensitive;
+pub use crate::secret::SecretRef;
 use crate::time::serde_duration;
 use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+pub use targets::{
+    AwsTargetConfig, PostgresTargetConfig, SslMode, TargetsConfig, valid_aws_region,
+};
 use time::Duration;
 
-/// A secret given by reference: exactly one of `file`, `env` (or, for non-secret-bearing values
-/// such as a SQLite path, `value`).
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretRef {
-    pub file: Option<PathBuf>,
-    pub env: Option<String>,
-    /// Inline value. Allowed, but a warning is logged if it looks like it holds a password.
-    pub value: Option<String>,
-}
-
-impl fmt::Debug for SecretRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecretRef")
-            .field("file", &self.file)
-            .field("env", &self.env)
-            .field("value", &self.value.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
-}
-
-impl SecretRef {
-    pub fn inline(v: impl Into<String>) -> Self {
-        Self {
-            value: Some(v.into()),
-            ..Self::default()
-        }
-    }
-
-    /// Read the secret. Errors name the source, never the value.
-    pub fn resolve(&self) -> Result<Sensitive, String> {
-        match (&self.file, &self.env, &self.value) {
-            (Some(p), None, None) => std::fs::read_to_string(p)
-                .map(|s| Sensitive::new(s.trim_end_matches(['\n', '\r']).to_owned()))
-                .map_err(|e| format!("cannot read file {}: {}", p.display(), e.kind())),
-            (None, Some(var), None) => std::env::var(var)
-                .map(Sensitive::new)
-                .map_err(|_| format!("environment variable {var} is not set")),
-            (None, None, Some(v)) => Ok(Sensitive::new(v.clone())),
-            (None, None, None) => Err("no file, env or value given".into()),
-            _ => Err("give exactly one of file, env, value".into()),
-        }
-    }
-
-    pub(crate) fn describe(&self) -> String {
-        match (&self.file, &self.env, &self.value) {
-            (Some(p), _, _) => format!("file {}", p.display()),
-            (_, Some(v), _) => format!("env {v}"),
-            (_, _, Some(_)) => "inline (set)".into(),
-            _ => "unset".into(),
-        }
-    }
-}
+mod env;
+mod targets;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,6 +85,38 @@ pub struct ApiTokenConfig {
     /// Retired keys still published until their last token expires.
     #[serde(default)]
     pub retired_keys: Vec<SecretRef>,
+}
+
+/// Why the configured signing keys cannot be used; names the key, never its value.
+#[derive(Debug, thiserror::Error)]
+pub enum SigningKeyError {
+    #[error("api_tokens.signing_key: {0}")]
+    Active(crate::secret::SecretRefError),
+    #[error("api_tokens.retired_keys: {0}")]
+    Retired(crate::secret::SecretRefError),
+    #[error("api_tokens.signing_key: {0}")]
+    Key(#[from] crate::providers::api_token::KeyError),
+}
+
+impl ApiTokenConfig {
+    /// The persistent signing keys (active and retired), or `None` when no key is configured
+    /// (the broker then runs on an ephemeral key).
+    pub fn signing_keys(
+        &self,
+    ) -> Result<Option<crate::providers::api_token::SigningKeys>, SigningKeyError> {
+        let Some(active) = &self.signing_key else {
+            return Ok(None);
+        };
+        let active = active.resolve().map_err(SigningKeyError::Active)?;
+        let retired = self
+            .retired_keys
+            .iter()
+            .map(|r| r.resolve().map_err(SigningKeyError::Retired))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(crate::providers::api_token::SigningKeys::from_pems(
+            &active, &retired,
+        )?))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -227,118 +211,6 @@ impl Default for ReaperConfig {
     }
 }
 
-/// `sslmode` handed out in `database_url` (libpq's names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    #[default]
-    VerifyFull,
-}
-
-impl SslMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-fn default_pg_port() -> u16 {
-    5432
-}
-fn default_pool_size() -> u32 {
-    4
-}
-fn default_connect_timeout() -> Duration {
-    Duration::seconds(5)
-}
-fn default_scram_iterations() -> u32 {
-    crate::providers::postgres::scram::DEFAULT_ITERATIONS
-}
-fn default_role_prefix() -> String {
-    crate::providers::postgres::naming::DEFAULT_PREFIX.to_owned()
-}
-
-/// One Postgres server the broker creates job users on (`targets.postgres.<name>`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresTargetConfig {
-    /// Admin connection string (`postgres://admin:…@db:5432/postgres?sslmode=verify-full&…`):
-    /// it holds a password, so it comes from a file or env var. TLS to the server is set here.
-    pub admin_url: SecretRef,
-    /// Host handed to jobs in `host` and `database_url` (may differ from the admin's).
-    pub host: String,
-    #[serde(default = "default_pg_port")]
-    pub port: u16,
-    /// `sslmode` in the `database_url` handed to jobs.
-    #[serde(default)]
-    pub sslmode: SslMode,
-    /// Admin connections per database (the admin database and each database worked in).
-    #[serde(default = "default_pool_size")]
-    pub pool_size: u32,
-    /// Bound on connecting (and waiting for a pooled connection); past it: `target_unavailable`.
-    #[serde(default = "default_connect_timeout", with = "serde_duration")]
-    pub connect_timeout: Duration,
-    /// Prefix of every role the broker creates on this server (revoke touches no other role).
-    #[serde(default = "default_role_prefix")]
-    pub role_prefix: String,
-    /// PBKDF2 iterations in the SCRAM-SHA-256 verifier of each created user (1 to 100,000; see
-    /// `providers::postgres::scram` for why the default is 1 and when to raise it).
-    #[serde(default = "default_scram_iterations")]
-    pub scram_iterations: u32,
-}
-
-fn default_role_max_session() -> Duration {
-    Duration::hours(1)
-}
-
-/// Whether `r` looks like an AWS region name (`eu-west-1`, `us-gov-west-1`, `cn-north-1`).
-pub fn valid_aws_region(r: &str) -> bool {
-    (4..=32).contains(&r.len())
-        && r.contains('-')
-        && r.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !r.starts_with('-')
-        && !r.ends_with('-')
-}
-
-/// One AWS endpoint/account setting the broker assumes roles through (`targets.aws.<name>`).
-/// The broker's own AWS identity comes from the standard credential chain (env, profile, web
-/// identity / IRSA, instance metadata), never from this file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AwsTargetConfig {
-    /// Region of the STS endpoint, and the default `region` handed to jobs.
-    pub region: String,
-    /// Endpoint override for STS and IAM (private endpoints; a local test server).
-    #[serde(default)]
-    pub endpoint_url: Option<String>,
-    /// The brokered roles' `MaxSessionDuration` (AWS: 1h to 12h; default 1h). Grants longer than
-    /// this get sessions this long; it also bounds how long a revoke-all deny is kept.
-    #[serde(default = "default_role_max_session", with = "serde_duration")]
-    pub role_max_session: Duration,
-}
-
-/// Systems credentials are minted on.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetsConfig {
-    /// Postgres servers by name (`postgres:` credentials name one in `target`).
-    #[serde(default)]
-    pub postgres: std::collections::BTreeMap<String, PostgresTargetConfig>,
-    /// AWS settings by name (`aws_sts:` credentials name one in `target`).
-    #[serde(default)]
-    pub aws: std::collections::BTreeMap<String, AwsTargetConfig>,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -416,82 +288,59 @@ pub enum Mode {
     Dev,
 }
 
+/// Why a config could not be loaded: which file, and which key. No variant holds a secret's
+/// value (the parser's message quotes the offending key and position, and secrets are only
+/// ever references).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {kind}", path.display())]
+    Read {
+        path: PathBuf,
+        kind: std::io::ErrorKind,
+    },
+    /// Not YAML, a wrong type, or an unknown key (with line and column).
+    #[error("{source_name}: {message}")]
+    Syntax {
+        source_name: String,
+        message: String,
+    },
+    /// An environment override that cannot be used; `key` is the variable.
+    #[error("{key}: {message}")]
+    Env { key: &'static str, message: String },
+    /// Every semantic problem, each naming its key.
+    #[error("invalid config {}:\n  {}", path.display(), problems.join("\n  "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
 impl Config {
     /// Parse YAML text (unknown keys rejected, with line and column).
-    pub fn parse(text: &str, source: &str) -> Result<Self, String> {
-        serde_saphyr::from_str(text).map_err(|e| format!("{source}: {e}"))
+    pub fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
+        serde_saphyr::from_str(text).map_err(|e| ConfigError::Syntax {
+            source_name: source.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     /// Read, apply environment overrides, validate.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {}", path.display(), e.kind()))?;
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            kind: e.kind(),
+        })?;
         let mut cfg = Self::parse(&text, &path.display().to_string())?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
         let problems = cfg.validate(Mode::Serve);
         if problems.is_empty() {
             Ok(cfg)
         } else {
-            Err(format!(
-                "invalid config {}:\n  {}",
-                path.display(),
-                problems.join("\n  ")
-            ))
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
         }
-    }
-
-    /// Environment overrides (`BROKER_LISTEN`, `BROKER_PUBLIC_URL`, `BROKER_AUDIENCE`,
-    /// `BROKER_STORE_URL_FILE`, `BROKER_STORE_URL_ENV`, `BROKER_POLICIES_DIR`,
-    /// `BROKER_POLICIES_WATCH_INTERVAL`,
-    /// `BROKER_LOG_FORMAT`, `BROKER_LOG_LEVEL`).
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
-        if let Some(v) = get("BROKER_LISTEN") {
-            self.listen = v
-                .parse()
-                .map_err(|_| format!("BROKER_LISTEN: not an address: {v:?}"))?;
-        }
-        if let Some(v) = get("BROKER_PUBLIC_URL") {
-            self.public_url = v;
-        }
-        if let Some(v) = get("BROKER_AUDIENCE") {
-            self.audience = v;
-        }
-        if let Some(v) = get("BROKER_STORE_URL_FILE") {
-            self.store.url = SecretRef {
-                file: Some(v.into()),
-                ..SecretRef::default()
-            };
-        }
-        if let Some(v) = get("BROKER_STORE_URL_ENV") {
-            self.store.url = SecretRef {
-                env: Some(v),
-                ..SecretRef::default()
-            };
-        }
-        if let Some(v) = get("BROKER_POLICIES_DIR") {
-            self.policies.dir = v.into();
-        }
-        if let Some(v) = get("BROKER_POLICIES_WATCH_INTERVAL") {
-            self.policies.watch_interval =
-                Some(crate::time::parse_duration(&v).map_err(|_| {
-                    format!("BROKER_POLICIES_WATCH_INTERVAL: not a duration: {v:?}")
-                })?);
-        }
-        if let Some(v) = get("BROKER_LOG_FORMAT") {
-            self.log.format = match v.as_str() {
-                "json" => LogFormat::Json,
-                "text" => LogFormat::Text,
-                _ => {
-                    return Err(format!(
-                        "BROKER_LOG_FORMAT: expected text or json, got {v:?}"
-                    ));
-                }
-            };
-        }
-        if let Some(v) = get("BROKER_LOG_LEVEL") {
-            self.log.level = v;
-        }
-        Ok(())
     }
 
     /// Every problem, each naming its key.
@@ -518,9 +367,10 @@ impl Config {
                 self.policies.dir.display()
             ));
         }
-        if self.issuers.is_empty() {
-            p.push("issuers: at least one issuer is required".into());
-        }
+        p.extend(crate::oidc::validate_issuers(
+            &self.issuers,
+            mode == Mode::Dev,
+        ));
         p.extend(crate::admin::operators::validate(&self.operators));
         p.extend(crate::admin::operators::validate_issuers(
             &self.operators,
@@ -533,24 +383,6 @@ impl Config {
             .is_some_and(|a| a == self.listen && a.port() != 0)
         {
             p.push("admin_listen: must differ from listen".into());
-        }
-        let mut names = std::collections::BTreeSet::new();
-        for (i, iss) in self.issuers.iter().enumerate() {
-            if !names.insert(iss.name.clone()) {
-                p.push(format!(
-                    "issuers[{i}].name: duplicate issuer name {:?}",
-                    iss.name
-                ));
-            }
-            for e in iss.validate() {
-                p.push(format!("issuers[{i}] ({}): {e}", iss.name));
-            }
-            if iss.danger_dev_issuer && mode != Mode::Dev {
-                p.push(format!(
-                    "issuers[{i}] ({}): the built-in development issuer is refused outside `broker dev`",
-                    iss.name
-                ));
-            }
         }
         if let Some(e) = &self.telemetry.otlp_endpoint {
             match url::Url::parse(e) {
@@ -578,59 +410,7 @@ impl Config {
                 p.push(format!("api_tokens.retired_keys[{i}]: {e}"));
             }
         }
-        for (name, t) in &self.targets.postgres {
-            let key = format!("targets.postgres.{name}");
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
-            }
-            if let Err(e) = t.admin_url.resolve() {
-                p.push(format!("{key}.admin_url: {e}"));
-            }
-            if t.host.trim().is_empty() {
-                p.push(format!("{key}.host: required (the host jobs connect to)"));
-            }
-            if t.pool_size == 0 || t.pool_size > 100 {
-                p.push(format!("{key}.pool_size: must be 1 to 100"));
-            }
-            if !(1..=crate::providers::postgres::scram::MAX_ITERATIONS)
-                .contains(&t.scram_iterations)
-            {
-                p.push(format!("{key}.scram_iterations: must be 1 to 100000"));
-            }
-            if t.connect_timeout <= Duration::ZERO {
-                p.push(format!("{key}.connect_timeout: must be positive"));
-            }
-            if let Err(e) = crate::providers::postgres::naming::check_prefix(&t.role_prefix) {
-                p.push(format!("{key}.role_prefix: {e}"));
-            }
-        }
-        for (name, t) in &self.targets.aws {
-            let key = format!("targets.aws.{name}");
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-            {
-                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
-            }
-            if !valid_aws_region(&t.region) {
-                p.push(format!("{key}.region: not an AWS region name"));
-            }
-            if let Some(u) = &t.endpoint_url
-                && !matches!(url::Url::parse(u), Ok(p) if matches!(p.scheme(), "https" | "http") && p.host().is_some())
-            {
-                p.push(format!("{key}.endpoint_url: must be an http(s) URL"));
-            }
-            if t.role_max_session < Duration::hours(1) || t.role_max_session > Duration::hours(12) {
-                p.push(format!(
-                    "{key}.role_max_session: must be 1h to 12h (AWS's range)"
-                ));
-            }
-        }
+        p.extend(self.targets.validate());
         if self.grants.default_ttl <= Duration::ZERO
             || self.grants.default_ttl > self.grants.max_ttl
         {
@@ -661,14 +441,7 @@ impl fmt::Display for Config {
         if let Some(a) = self.admin_listen {
             writeln!(f, "admin_listen: {a}")?;
         }
-        if let Some(g) = &self.webhooks.github {
-            let s: Vec<String> = g.secrets.iter().map(|s| s.describe()).collect();
-            writeln!(f, "webhooks.github.secrets: {}", s.join(", "))?;
-        }
-        if let Some(g) = &self.webhooks.gitlab {
-            let s: Vec<String> = g.tokens.iter().map(|s| s.describe()).collect();
-            writeln!(f, "webhooks.gitlab.tokens: {}", s.join(", "))?;
-        }
+        write!(f, "{}", self.webhooks)?;
         writeln!(f, "public_url: {}", self.public_url)?;
         writeln!(f, "audience: {}", self.audience)?;
         writeln!(f, "store.url: {}", self.store.url.describe())?;
@@ -696,33 +469,16 @@ impl fmt::Display for Config {
                 .as_ref()
                 .map_or("ephemeral".into(), SecretRef::describe)
         )?;
-        for (name, t) in &self.targets.postgres {
-            writeln!(
-                f,
-                "targets.postgres.{name}: admin_url {}, host {}:{}, sslmode {}",
-                t.admin_url.describe(),
-                t.host,
-                t.port,
-                t.sslmode.as_str()
-            )?;
-        }
-        for (name, t) in &self.targets.aws {
-            writeln!(
-                f,
-                "targets.aws.{name}: region {}, endpoint {}",
-                t.region,
-                t.endpoint_url.as_deref().unwrap_or("default")
-            )?;
-        }
-        Ok(())
+        write!(f, "{}", self.targets)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn base(dir: &Path) -> String {
+    /// A minimal valid config with its policy directory at `dir`.
+    pub(crate) fn base(dir: &Path) -> String {
         format!(
             "listen: 127.0.0.1:8080\npublic_url: https://broker.example\naudience: https://broker.example\n\
              store:\n  url: {{value: \"sqlite::memory:\"}}\npolicies:\n  dir: {}\nissuers:\n  - name: github\n    platform: github\n",
@@ -780,6 +536,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let err =
             Config::parse(&format!("{}bogus: 1\n", base(d.path())), "broker.yaml").unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Syntax { source_name, .. } if source_name == "broker.yaml")
+        );
+        let err = err.to_string();
         assert!(err.contains("bogus"), "{err}");
         assert!(err.starts_with("broker.yaml"), "{err}");
     }
@@ -807,97 +567,28 @@ mod tests {
     }
 
     #[test]
-    fn aws_targets_parse_and_are_checked() {
+    fn load_names_the_file_and_every_bad_key() {
         let d = tempfile::tempdir().unwrap();
-        let cfg = Config::parse(
-            &format!(
-                "{}targets:\n  aws:\n    main:\n      region: eu-west-1\n      endpoint_url: http://127.0.0.1:5000\n",
-                base(d.path())
-            ),
-            "t",
+        let path = d.path().join("broker.yaml");
+        let missing = Config::load(&path).unwrap_err();
+        assert!(matches!(&missing, ConfigError::Read { path: p, .. } if *p == path));
+        std::fs::write(
+            &path,
+            base(d.path()).replace("https://broker.example\naudience", "nope\naudience"),
         )
         .unwrap();
-        assert!(cfg.validate(Mode::Serve).is_empty());
-        let t = &cfg.targets.aws["main"];
-        assert_eq!(t.role_max_session, Duration::hours(1));
-        assert!(format!("{cfg}").contains("targets.aws.main: region eu-west-1"));
-        let cfg = Config::parse(
-            &format!(
-                "{}targets:\n  aws:\n    b@d:\n      region: EU\n      endpoint_url: 'ftp://x'\n      role_max_session: 13h\n",
-                base(d.path())
-            ),
-            "t",
-        )
-        .unwrap();
-        let all = cfg.validate(Mode::Serve).join("\n");
-        for key in [
-            "target names",
-            ".region",
-            ".endpoint_url",
-            ".role_max_session",
-        ] {
-            assert!(all.contains(key), "missing {key} in {all}");
-        }
+        let err = Config::load(&path).unwrap_err();
+        let ConfigError::Invalid { path: p, problems } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(p, &path);
         assert!(
-            Config::parse(
-                &format!(
-                    "{}targets:\n  aws:\n    m: {{region: eu-west-1, secret: x}}\n",
-                    base(d.path())
-                ),
-                "t"
-            )
-            .is_err()
+            problems.iter().any(|m| m.starts_with("public_url: ")),
+            "{problems:?}"
         );
-    }
-
-    #[test]
-    fn postgres_targets_parse_and_are_checked() {
-        let d = tempfile::tempdir().unwrap();
-        let ok = format!(
-            "{}targets:\n  postgres:\n    main:\n      admin_url: {{value: \"postgres://a:hunter2@db/postgres\"}}\n      host: db.example\n",
-            base(d.path())
-        );
-        let cfg = Config::parse(&ok, "t").unwrap();
-        assert!(cfg.validate(Mode::Serve).is_empty());
-        let t = &cfg.targets.postgres["main"];
-        assert_eq!(
-            (t.port, t.sslmode, t.role_prefix.as_str()),
-            (5432, SslMode::VerifyFull, "brk_")
-        );
-        assert!(!format!("{cfg}").contains("hunter2"));
-        assert!(!format!("{cfg:?}").contains("hunter2"));
-        let bad = format!(
-            "{}targets:\n  postgres:\n    main:\n      admin_url: {{env: NOPE_NOT_SET_X}}\n      host: ''\n      pool_size: 0\n      role_prefix: pg_x\n      scram_iterations: 0\n",
-            base(d.path())
-        );
-        let p = Config::parse(&bad, "t")
-            .unwrap()
-            .validate(Mode::Serve)
-            .join("\n");
-        for key in [
-            "main.admin_url",
-            "main.host",
-            "main.pool_size",
-            "main.role_prefix",
-            "main.scram_iterations",
-        ] {
-            assert!(p.contains(key), "missing {key} in {p}");
-        }
         assert!(
-            Config::parse(&format!("{}targets:\n  mysql: {{}}\n", base(d.path())), "t").is_err()
-        );
-    }
-
-    #[test]
-    fn env_overrides_apply() {
-        let d = tempfile::tempdir().unwrap();
-        let mut cfg = Config::parse(&base(d.path()), "t").unwrap();
-        cfg.apply_env(|k| (k == "BROKER_LISTEN").then(|| "127.0.0.1:9999".to_owned()))
-            .unwrap();
-        assert_eq!(cfg.listen.port(), 9999);
-        assert!(
-            cfg.apply_env(|k| (k == "BROKER_LOG_FORMAT").then(|| "xml".to_owned()))
-                .is_err()
+            err.to_string()
+                .starts_with(&format!("invalid config {}:", path.display()))
         );
     }
 }

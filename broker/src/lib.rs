@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod oidc;
+pub mod outbound;
 pub mod policy;
 pub mod providers;
 pub mod refusals;

@@ -6,6 +6,7 @@
 //! that a spreadsheet would run as a formula are defused.
 
 use super::audit_query::MAX_AUDIT_LIMIT;
+use super::client::CallError;
 use crate::audit::AuditEvent;
 use crate::secret::Sensitive;
 use serde::Deserialize;
@@ -19,14 +20,19 @@ pub enum OutputFormat {
     Csv,
 }
 
+/// An `--format` that is none of the three.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("one of table, jsonl, csv")]
+pub struct UnknownFormat;
+
 impl std::str::FromStr for OutputFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Self, UnknownFormat> {
         match s {
             "table" => Ok(Self::Table),
             "jsonl" => Ok(Self::Jsonl),
             "csv" => Ok(Self::Csv),
-            _ => Err("one of table, jsonl, csv".to_owned()),
+            _ => Err(UnknownFormat),
         }
     }
 }
@@ -55,13 +61,9 @@ pub async fn query(
     filters: &[(String, String)],
     mut cursor: Option<String>,
     max: usize,
-    mut sink: impl FnMut(&AuditEvent) -> Result<(), String>,
-) -> Result<QueryOutcome, String> {
-    let client = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(60))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    mut sink: impl FnMut(&AuditEvent) -> Result<(), CallError>,
+) -> Result<QueryOutcome, CallError> {
+    let client = super::client::http(std::time::Duration::from_secs(60))?;
     let mut fetched = 0usize;
     loop {
         let remaining = max.saturating_sub(fetched);
@@ -73,7 +75,7 @@ pub async fn query(
         }
         let limit = remaining.min(MAX_AUDIT_LIMIT as usize);
         let mut url = reqwest::Url::parse(&format!("{}/v1/audit", base.trim_end_matches('/')))
-            .map_err(|_| "--url: not a URL".to_owned())?;
+            .map_err(|_| CallError::BadUrl)?;
         {
             let mut q = url.query_pairs_mut();
             for (k, v) in filters {
@@ -89,20 +91,20 @@ pub async fn query(
             .bearer_auth(token.expose())
             .send()
             .await
-            .map_err(|e| format!("calling the broker: {}", e.without_url()))?;
+            .map_err(|e| super::client::network("the broker", e))?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let body = resp.json::<serde_json::Value>().await.unwrap_or_default();
-            return Err(format!(
-                "the broker answered {status}: {} ({})",
-                clean(body["message"].as_str().unwrap_or("")),
-                clean(body["error"].as_str().unwrap_or("no code"))
-            ));
+            return Err(CallError::Status {
+                status,
+                message: clean(body["message"].as_str().unwrap_or("")),
+                code: clean(body["error"].as_str().unwrap_or("no code")),
+            });
         }
         let page: Page = resp
             .json()
             .await
-            .map_err(|e| format!("unreadable answer: {}", e.without_url()))?;
+            .map_err(|e| CallError::BadAnswer(e.without_url().to_string()))?;
         for ev in &page.events {
             sink(ev)?;
         }
@@ -177,11 +179,10 @@ pub fn header(format: OutputFormat) -> Option<String> {
 }
 
 /// One event as one line of the format (without the newline).
-pub fn render(format: OutputFormat, ev: &AuditEvent) -> Result<String, String> {
+pub fn render(format: OutputFormat, ev: &AuditEvent) -> Result<String, CallError> {
     match format {
-        OutputFormat::Jsonl => {
-            serde_json::to_string(ev).map_err(|_| "event not encodable".to_owned())
-        }
+        OutputFormat::Jsonl => serde_json::to_string(ev)
+            .map_err(|_| CallError::Output("event not encodable".to_owned())),
         OutputFormat::Table => Ok(table_line(&cells(ev))),
         OutputFormat::Csv => Ok(cells(ev)
             .iter()

@@ -679,12 +679,14 @@ async fn audit_client_follows_cursors_up_to_max() {
     let job = job_token(&h, "acme/api", 1);
     let err = query(&base, &job, &filters, None, 10, |_| Ok(()))
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("401") && !err.contains(job.expose()), "{err}");
     let bad = vec![("since".to_owned(), "yesterday".to_owned())];
     let err = query(&base, &h.auditor, &bad, None, 10, |_| Ok(()))
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("400"), "{err}");
     server.abort();
 }

@@ -287,6 +287,34 @@ impl IssuerConfig {
     }
 }
 
+/// Every problem with `issuers:`, each naming its key: none at all, a duplicate name, each
+/// issuer's own problems, and the built-in development issuer outside `broker dev`.
+pub fn validate_issuers(issuers: &[IssuerConfig], allow_dev_issuer: bool) -> Vec<String> {
+    let mut p = Vec::new();
+    if issuers.is_empty() {
+        p.push("issuers: at least one issuer is required".into());
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, iss) in issuers.iter().enumerate() {
+        if !names.insert(iss.name.clone()) {
+            p.push(format!(
+                "issuers[{i}].name: duplicate issuer name {:?}",
+                iss.name
+            ));
+        }
+        for e in iss.validate() {
+            p.push(format!("issuers[{i}] ({}): {e}", iss.name));
+        }
+        if iss.danger_dev_issuer && !allow_dev_issuer {
+            p.push(format!(
+                "issuers[{i}] ({}): the built-in development issuer is refused outside `broker dev`",
+                iss.name
+            ));
+        }
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

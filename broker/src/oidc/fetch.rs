@@ -34,12 +34,13 @@ pub(crate) struct Fetcher {
 }
 
 impl Fetcher {
-    pub(crate) fn new(timeout: StdDuration, max_bytes: usize) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
+    pub(crate) fn new(
+        timeout: StdDuration,
+        max_bytes: usize,
+    ) -> Result<Self, crate::outbound::BuildError> {
+        // No redirects: only the configured issuer's own addresses are contacted.
+        let client = crate::outbound::Outbound::new(timeout)
             .connect_timeout(timeout)
-            .timeout(timeout)
-            .user_agent(concat!("broker/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self { client, max_bytes })
     }

@@ -16,9 +16,10 @@ mod jwks;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 mod unverified;
+pub use unverified::claims_for_display as unverified_claims_for_display;
 mod verifier;
 
-pub use config::{GITHUB_ISSUER, GITHUB_JWKS, IssuerConfig};
+pub use config::{GITHUB_ISSUER, GITHUB_JWKS, IssuerConfig, validate_issuers};
 pub use error::{VerifyConfigError, VerifyError};
 pub use verifier::{IssuerHealth, Verifier, VerifierOptions};
 

@@ -1,13 +1,15 @@
 //! !!! UNTRUSTED INPUT !!!
 //!
 //! Decodes a JWT's header and payload WITHOUT checking anything cryptographic. Nothing returned
-//! from here is trusted. It is used for exactly two things:
+//! from here is trusted. It is used for exactly three things:
 //!
-//! 1. pick the configured issuer whose `iss` equals the token's `iss` byte for byte, and
-//! 2. pick that issuer's key by `kid` and check `alg` against the issuer's pinned list.
+//! 1. pick the configured issuer whose `iss` equals the token's `iss` byte for byte,
+//! 2. pick that issuer's key by `kid` and check `alg` against the issuer's pinned list, and
+//! 3. on the job side (`broker exchange`), show a person the claims of their own job token
+//!    after the broker refused it ([`claims_for_display`]): never to decide anything.
 //!
-//! Claims are only handed to callers after [`super::verifier`] has verified the signature over
-//! these exact bytes. Header members `jku`, `x5u`, `jwk` and `x5c` are not even read: keys come
+//! Inside the broker, claims are only handed to callers after [`super::verifier`] has verified
+//! the signature over these exact bytes. Header members `jku`, `x5u`, `jwk` and `x5c` are not even read: keys come
 //! only from the configured issuer's own key set.
 
 use base64::Engine;
@@ -63,6 +65,15 @@ pub(crate) fn peek(token: &str) -> Result<Unverified, VerifyError> {
         _ => None,
     };
     Ok(Unverified { alg, kid, iss })
+}
+
+/// The payload of a JWT, decoded WITHOUT verification, for explaining a refusal to the job
+/// that sent it: the claims are what the policy saw, and are not secret (the signature is what
+/// makes the token a credential, and it is not returned). `None` when the payload is not a JSON
+/// object (duplicate members included). Must never feed a decision.
+pub fn claims_for_display(token: &str) -> Option<Map<String, Value>> {
+    let payload = token.split('.').nth(1)?;
+    decode_object(payload.trim_end_matches('='), "payload").ok()
 }
 
 fn decode_object(seg: &str, what: &'static str) -> Result<Map<String, Value>, VerifyError> {
@@ -155,6 +166,17 @@ mod tests {
 
     fn enc(v: &str) -> String {
         URL_SAFE_NO_PAD.encode(v)
+    }
+
+    #[test]
+    fn claims_for_display_are_the_payload_only() {
+        let p = enc(r#"{"repository":"acme/api","ref":"refs/heads/x"}"#);
+        let c = claims_for_display(&format!("h.{p}.sig")).unwrap();
+        assert_eq!(c["ref"], "refs/heads/x");
+        assert!(claims_for_display(&format!("h.{p}=.sig")).is_some());
+        assert!(claims_for_display("garbage").is_none());
+        assert!(claims_for_display(&format!("h.{}.s", enc("[1]"))).is_none());
+        assert!(claims_for_display(&format!("h.{}.s", enc(r#"{"a":1,"a":2}"#))).is_none());
     }
 
     #[test]

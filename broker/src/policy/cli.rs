@@ -122,13 +122,18 @@ pub enum DiffFormat {
     Json,
 }
 
+/// A `--format` that is neither.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("one of markdown, json")]
+pub struct UnknownDiffFormat;
+
 impl std::str::FromStr for DiffFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownDiffFormat;
+    fn from_str(s: &str) -> Result<Self, UnknownDiffFormat> {
         match s {
             "markdown" | "md" => Ok(Self::Markdown),
             "json" => Ok(Self::Json),
-            _ => Err("one of markdown, json".to_owned()),
+            _ => Err(UnknownDiffFormat),
         }
     }
 }

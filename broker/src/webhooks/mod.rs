@@ -25,8 +25,8 @@ pub use actions::{HookOutcome, HookReport};
 pub use event::{HookEvent, JobEnd};
 pub use scope::Scope;
 
-use crate::config::SecretRef;
 use crate::oidc::{IssuerConfig, Platform};
+use crate::secret::SecretRef;
 use crate::secret::Sensitive;
 use crate::store::StoreError;
 use crate::time::serde_duration;
@@ -76,6 +76,26 @@ impl Default for WebhooksConfig {
             delivery_ttl: default_delivery_ttl(),
             max_body_bytes: default_max_body(),
         }
+    }
+}
+
+impl std::fmt::Display for WebhooksConfig {
+    /// The config summary's lines: where each secret comes from and its scope, never its value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |secrets: &[ScopedSecret]| {
+            secrets
+                .iter()
+                .map(ScopedSecret::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(g) = &self.github {
+            writeln!(f, "webhooks.github.secrets: {}", list(&g.secrets))?;
+        }
+        if let Some(g) = &self.gitlab {
+            writeln!(f, "webhooks.gitlab.tokens: {}", list(&g.tokens))?;
+        }
+        Ok(())
     }
 }
 
@@ -212,6 +232,12 @@ impl Default for Webhooks {
     }
 }
 
+/// `webhooks:` that cannot be used: every problem found, each naming its key (`validate`
+/// reports them all at load; building from an unvalidated config stops here).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct InvalidWebhooks(pub Vec<String>);
+
 /// Every problem with `webhooks:`, each naming its key (never a secret's value).
 pub fn validate(cfg: &WebhooksConfig, issuers: &[IssuerConfig]) -> Vec<String> {
     let mut p = Vec::new();
@@ -287,23 +313,27 @@ pub fn validate(cfg: &WebhooksConfig, issuers: &[IssuerConfig]) -> Vec<String> {
 
 impl Webhooks {
     /// From the config; the issuer list fills in each endpoint's default issuers.
-    pub fn from_config(cfg: &WebhooksConfig, issuers: &[IssuerConfig]) -> Result<Self, String> {
+    pub fn from_config(
+        cfg: &WebhooksConfig,
+        issuers: &[IssuerConfig],
+    ) -> Result<Self, InvalidWebhooks> {
         let problems = validate(cfg, issuers);
         if !problems.is_empty() {
-            return Err(problems.join("; "));
+            return Err(InvalidWebhooks(problems));
         }
         let build = |secrets: &[ScopedSecret], names: &[String], platform: Platform| {
             let scopes = secrets
                 .iter()
                 .map(|s| {
                     Scope::parse(s.scope.as_deref().unwrap_or_default(), platform)
-                        .map_err(|p| p.join("; "))
+                        .map_err(InvalidWebhooks)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let secrets = secrets
                 .iter()
                 .map(|s| s.secret_ref().resolve())
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| InvalidWebhooks(vec![e.to_string()]))?;
             let issuers = if names.is_empty() {
                 issuers
                     .iter()
@@ -313,7 +343,7 @@ impl Webhooks {
             } else {
                 names.to_vec()
             };
-            Ok::<_, String>(Endpoint {
+            Ok::<_, InvalidWebhooks>(Endpoint {
                 secrets,
                 scopes,
                 issuers,

@@ -291,7 +291,7 @@ impl PostgresProvider {
                 target: name.clone(),
                 reason,
             };
-            let url = t.admin_url.resolve().map_err(err)?;
+            let url = t.admin_url.resolve().map_err(|e| err(e.to_string()))?;
             // The parser's message could quote the URL (and its password): keep only a fixed one.
             let opts = PgConnectOptions::from_str(url.expose())
                 .map_err(|_| err("not a postgres:// connection string (value not shown)".into()))?;
