@@ -221,7 +221,7 @@ async fn audit_log_jobs_join_the_corpus() {
     assert_eq!(real["origin"]["repository"], "acme/api");
     assert!(!stdout.contains(&operator_token) && !stderr.contains(&operator_token));
 
-    // A wrong token is an error (2), not "no change".
+    // A wrong token is refused (3), never "no change".
     std::fs::write(&token_file, "brk_op_wrong").unwrap();
     let args = [
         "policy".to_owned(),
@@ -239,7 +239,7 @@ async fn audit_log_jobs_join_the_corpus() {
     })
     .await
     .unwrap();
-    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("401"), "{stderr}");
 
     broker.kill();
