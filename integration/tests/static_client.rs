@@ -18,7 +18,7 @@
 
 use broker::oidc::testkit::{self, TestIssuer, TestKey};
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, gitlab_issuer_yaml, repo_root};
+use integration::{BrokerProcess, BrokerSetup, github_issuer_yaml, gitlab_issuer_yaml, repo_root};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -138,11 +138,13 @@ impl EmptyRoot {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
             .unwrap_or(false);
+        // Found on this machine's PATH: the child's environment is the job's, not ours.
+        let chroot = which("chroot");
         let mut cmd = if root_user {
-            Command::new("chroot")
+            Command::new(chroot)
         } else {
-            let mut c = Command::new("unshare");
-            c.args(["--user", "--map-root-user", "chroot"]);
+            let mut c = Command::new(which("unshare"));
+            c.args(["--user", "--map-root-user"]).arg(chroot);
             c
         };
         cmd.arg(self.path())
@@ -158,6 +160,16 @@ impl EmptyRoot {
         );
         (out.status.success(), log)
     }
+}
+
+/// The full path of a program on this machine's PATH.
+fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} is on PATH"))
 }
 
 /// The component's job as GitLab would run it, with `inputs` over the template's defaults.
@@ -261,6 +273,8 @@ fn gitlab_id_token(issuer_url: &str) -> String {
 }
 
 struct Env {
+    // The example policies name both issuers; only GitLab's tokens are used here.
+    github: TestIssuer,
     gitlab: TestIssuer,
     db: TestDb,
     broker: BrokerProcess,
@@ -268,12 +282,17 @@ struct Env {
 }
 
 async fn env() -> Env {
+    let github = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let db = TestDb::postgres().await;
     let broker = BrokerProcess::start(&BrokerSetup {
         store_url: db.url(),
         policies_dir: &repo_root().join("policies"),
-        issuers_yaml: gitlab_issuer_yaml(&gitlab.url()),
+        issuers_yaml: format!(
+            "{}{}",
+            github_issuer_yaml(&github.url()),
+            gitlab_issuer_yaml(&gitlab.url())
+        ),
         audience: AUD,
         extra_yaml: String::new(),
         env: Vec::new(),
@@ -281,6 +300,7 @@ async fn env() -> Env {
     .await
     .expect("broker starts");
     Env {
+        github,
         gitlab,
         db,
         broker,
@@ -305,12 +325,14 @@ impl Env {
 
     async fn finish(self) {
         let Env {
+            github,
             gitlab,
             db,
             mut broker,
             ..
         } = self;
         broker.kill();
+        github.shutdown().await;
         gitlab.shutdown().await;
         db.cleanup().await;
     }
