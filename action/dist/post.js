@@ -20023,9 +20023,12 @@ ${v("region") ? `region = ${v("region")}
       const proxy = via ? ` through the proxy ${via}` : "";
       return new NetworkError(`connection failed${code ? ` (${code})` : ""}${proxy}`);
     }
+    var FINAL_SERVER_CODES = /* @__PURE__ */ new Set(["store_rejected"]);
     function retryable(err) {
       if (err instanceof NetworkError) return true;
-      return err instanceof BrokerError && (err.status === 429 || err.status >= 500);
+      if (!(err instanceof BrokerError)) return false;
+      if (FINAL_SERVER_CODES.has(err.code)) return false;
+      return err.status === 429 || err.status >= 500;
     }
     function delayMs(n, { baseMs = 500, maxMs = 1e4 } = {}, retryAfterS = null, random = Math.random) {
       const exp = Math.min(baseMs * 2 ** Math.min(n, 16), maxMs);

@@ -277,9 +277,18 @@ function transportError(e) {
   return new NetworkError(`connection failed${code ? ` (${code})` : ''}${proxy}`);
 }
 
+/**
+ * Reason codes of a 5xx that a retry cannot fix: the broker refused this request's own data
+ * (`store_rejected`), so the same request fails the same way; retrying would only delay the
+ * error. Kept in step with the client's rule (`broker exchange`).
+ */
+const FINAL_SERVER_CODES = new Set(['store_rejected']);
+
 function retryable(err) {
   if (err instanceof NetworkError) return true;
-  return err instanceof BrokerError && (err.status === 429 || err.status >= 500);
+  if (!(err instanceof BrokerError)) return false;
+  if (FINAL_SERVER_CODES.has(err.code)) return false;
+  return err.status === 429 || err.status >= 500;
 }
 
 /** Backoff before retry `n` (0-based): base * 2^n capped at max, up to 25% jitter, at least Retry-After. */

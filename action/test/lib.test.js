@@ -240,6 +240,18 @@ test('never retries 401 or 403 and keeps the broker reason code', async () => {
   }
 });
 
+test('a 500 store_rejected is final: the same request would fail the same way', async () => {
+  const fetch = fakeFetch([{ status: 500, body: { error: 'store_rejected', message: 'refused' } }, { status: 200, body: { ok: 1 } }]);
+  await assert.rejects(lib.postWithRetries(async () => ({ url: 'u' }), fast(fetch)), (e) => {
+    assert.equal(e.code, 'store_rejected');
+    assert.equal(e.status, 500);
+    return true;
+  });
+  assert.equal(fetch.calls.length, 1);
+  assert.equal(lib.retryable(new lib.BrokerError(500, 'internal', 'x')), true);
+  assert.equal(lib.retryable(new lib.BrokerError(503, 'store_unavailable', 'x')), true);
+});
+
 test('gives up after the last attempt', async () => {
   const fetch = fakeFetch([{ status: 502, body: null }]);
   await assert.rejects(lib.postWithRetries(async () => ({ url: 'u' }), fast(fetch)), /502 http_error/);

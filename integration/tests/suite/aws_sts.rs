@@ -168,6 +168,7 @@ async fn exchange_returns_working_credentials_and_revoke_denies_the_session() {
     let c = &body["credentials"]["aws-deploy"];
     assert_eq!(c["kind"], "aws_sts");
     assert_eq!(c["region"], "eu-west-1");
+    assert_eq!(c["account_id"], ACCOUNT, "the role's account, not secret");
     for k in [
         "access_key_id",
         "secret_access_key",

@@ -623,6 +623,11 @@ impl Provider for AwsStsProvider {
                 ),
                 ("expiration".into(), Field::Public(json!(expiration))),
                 ("region".into(), Field::Public(json!(region))),
+                // Not secret (it is in every ARN); tools and the clients' AWS_ACCOUNT_ID use it.
+                (
+                    "account_id".into(),
+                    Field::Public(json!(spec.role_arn.account_id())),
+                ),
             ],
             expires_at,
             details: json!({

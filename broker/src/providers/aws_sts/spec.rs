@@ -52,6 +52,10 @@ impl RoleArn {
     pub fn role_name(&self) -> &str {
         self.0.rsplit('/').next().unwrap_or_default()
     }
+    /// The 12-digit account the role (and so every session of it) belongs to.
+    pub fn account_id(&self) -> &str {
+        self.0.split(':').nth(4).unwrap_or_default()
+    }
 }
 
 impl<'de> Deserialize<'de> for RoleArn {
@@ -148,6 +152,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.role_arn.role_name(), "deploy");
+        assert_eq!(s.role_arn.account_id(), "123456789012");
         assert_eq!(s.region.as_deref(), Some("eu-west-1"));
         assert!(s.session_policy.is_some());
         let role = "arn:aws:iam::123456789012:role/x";
