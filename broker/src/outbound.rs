@@ -2,7 +2,8 @@
 //! (`broker exchange`/`revoke`), the GitHub runner's token endpoint, and the operator CLI
 //! (`broker admin`, `broker audit query`, `broker policy diff --audit-url`).
 //!
-//! Every client gets the same base: rustls with reqwest's default trust roots, the proxy taken
+//! Every client gets the same base: rustls with the system's trust roots (Mozilla's, compiled in,
+//! where the system has none), the proxy taken
 //! from the environment (`HTTPS_PROXY`, `NO_PROXY`, as reqwest reads them), a user agent naming
 //! the broker and its version, and an overall timeout. What differs is chosen by name here, not
 //! by a builder call somewhere else:
@@ -71,6 +72,16 @@ impl Outbound {
     }
 
     pub fn build(self) -> Result<reqwest::Client, BuildError> {
+        match self.builder().build() {
+            Ok(c) => Ok(c),
+            // The system's trust roots could not be loaded: a job image with no CA bundle (busybox,
+            // scratch, distroless static), where the static client must still work. Mozilla's
+            // roots, compiled in, take their place; an image that has a bundle never gets here.
+            Err(_) => Ok(self.builder().tls_certs_only(bundled_roots()).build()?),
+        }
+    }
+
+    fn builder(&self) -> reqwest::ClientBuilder {
         let mut b = reqwest::Client::builder()
             .timeout(self.timeout)
             .user_agent(self.user_agent);
@@ -80,13 +91,27 @@ impl Outbound {
         if let Some(t) = self.connect_timeout {
             b = b.connect_timeout(t);
         }
-        Ok(b.build()?)
+        b
     }
+}
+
+/// Mozilla's root certificates as shipped with the binary (the `webpki-root-certs` crate).
+fn bundled_roots() -> Vec<reqwest::Certificate> {
+    webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bundled_roots_parse() {
+        // The fallback for a system without a CA bundle is only useful if it trusts something.
+        assert!(bundled_roots().len() > 100);
+    }
 
     #[tokio::test]
     async fn redirects_are_not_followed_unless_asked() {

@@ -65,6 +65,30 @@ pub fn acme_token_with(iss: &str, f: impl FnOnce(&mut Value)) -> String {
     testkit::sign(TestKey::Rsa1, &c)
 }
 
+/// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives, for
+/// audience `aud`, signed by the GitLab test issuer at `issuer_url`.
+pub fn gitlab_id_token(issuer_url: &str, aud: &str) -> String {
+    use broker::oidc::dev;
+    let job = dev::DevJob {
+        repository: "acme/api".into(),
+        repository_id: 2_000_001,
+        owner: "acme".into(),
+        owner_id: 3_000_001,
+        git_ref: "refs/heads/main".into(),
+        event_name: "push".into(),
+        environment: None,
+        workflow: "deploy".into(),
+        actor: "alice".into(),
+        run_id: 5150,
+        audience: aud.into(),
+        ttl: time::Duration::minutes(10),
+        now: broker::time::Clock::now(&broker::time::SystemClock),
+    };
+    let mut c = dev::gitlab_claims(&job);
+    c["iss"] = Value::String(issuer_url.to_owned());
+    testkit::sign(TestKey::Rsa1, &c)
+}
+
 /// The `issuers:` YAML for two local test issuers, `github` and `gitlab` (the issuers the
 /// example policies name).
 pub fn example_issuers_yaml(github_url: &str, gitlab_url: &str) -> String {

@@ -29,7 +29,7 @@ pub use broker_process::{
 };
 pub use issuer::{
     AUD, acme_api_claims, acme_token, acme_token_with, example_issuers_yaml, example_policies,
-    github_issuer_yaml, github_policies, gitlab_issuer_yaml, repo_root,
+    github_issuer_yaml, github_policies, gitlab_id_token, gitlab_issuer_yaml, repo_root,
 };
 pub use pg::PgRoleTarget;
 pub use proxy::{FaultProxy, ProxyMode};

@@ -23,5 +23,6 @@ mod policy_diff;
 mod postgres_provider;
 mod replicas;
 mod revoke_all_mixed;
+mod static_client;
 mod telemetry;
 mod webhooks;

@@ -31,7 +31,7 @@ use integration::pg::{self, PgApp};
 use integration::tools::gitlab_tools;
 use integration::{
     AUD, BrokerProcess, BrokerSetup, acme_api_claims, acme_token, github_issuer_yaml,
-    gitlab_issuer_yaml, repo_root,
+    gitlab_id_token, gitlab_issuer_yaml, repo_root,
 };
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -831,30 +831,6 @@ async fn github_action_under_act() {
         );
     }
     e.finish().await;
-}
-
-/// A GitLab-shaped ID token for acme/api (push to protected main), as `id_tokens:` gives, for
-/// audience `aud`, signed by the GitLab test issuer at `issuer_url`.
-fn gitlab_id_token(issuer_url: &str, aud: &str) -> String {
-    use broker::oidc::dev;
-    let job = dev::DevJob {
-        repository: "acme/api".into(),
-        repository_id: 2_000_001,
-        owner: "acme".into(),
-        owner_id: 3_000_001,
-        git_ref: "refs/heads/main".into(),
-        event_name: "push".into(),
-        environment: None,
-        workflow: "deploy".into(),
-        actor: "alice".into(),
-        run_id: 5150,
-        audience: aud.into(),
-        ttl: time::Duration::minutes(10),
-        now: broker::time::Clock::now(&broker::time::SystemClock),
-    };
-    let mut c = dev::gitlab_claims(&job);
-    c["iss"] = Value::String(issuer_url.to_owned());
-    testkit::sign(TestKey::Rsa1, &c)
 }
 
 /// A throwaway git repository holding the component (`templates/`) and `pipeline` as its

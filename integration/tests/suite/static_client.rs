@@ -1,4 +1,3 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed expectation is a failed test
 //! The statically linked client in an empty root, running the GitLab component's own steps.
 //!
 //! A GitLab job runs its script with the image's `sh`; on Alpine that is busybox, with musl and
@@ -16,14 +15,14 @@
 //! `BROKER_STATIC_CLIENT_REQUIRED=1` so a missing piece fails the run; a plain `cargo test`
 //! without them prints `SKIPPED:` and passes.
 
-use broker::oidc::testkit::{self, TestIssuer, TestKey};
+use broker::oidc::testkit::TestIssuer;
 use broker::store::testdb::TestDb;
-use integration::{BrokerProcess, BrokerSetup, github_issuer_yaml, gitlab_issuer_yaml, repo_root};
+use integration::http::{self, Api};
+use integration::{AUD, BrokerProcess, BrokerSetup, gitlab_id_token, repo_root};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const AUD: &str = "https://broker.test";
 const CREDENTIAL: &str = "gitlab-deploy-api";
 
 /// The static client: `BROKER_STATIC_CLIENT`, else `target/<arch>-unknown-linux-gnu/debug/broker`
@@ -250,91 +249,39 @@ impl ComponentJob {
     }
 }
 
-/// A GitLab-shaped ID token (acme/api, push to protected main) for the broker's audience.
-fn gitlab_id_token(issuer_url: &str) -> String {
-    let job = broker::oidc::dev::DevJob {
-        repository: "acme/api".into(),
-        repository_id: 2_000_001,
-        owner: "acme".into(),
-        owner_id: 3_000_001,
-        git_ref: "refs/heads/main".into(),
-        event_name: "push".into(),
-        environment: None,
-        workflow: "deploy".into(),
-        actor: "alice".into(),
-        run_id: 5150,
-        audience: AUD.into(),
-        ttl: time::Duration::minutes(10),
-        now: broker::time::Clock::now(&broker::time::SystemClock),
-    };
-    let mut c = broker::oidc::dev::gitlab_claims(&job);
-    c["iss"] = Value::String(issuer_url.to_owned());
-    testkit::sign(TestKey::Rsa1, &c)
-}
-
 struct Env {
     // The example policies name both issuers; only GitLab's tokens are used here.
     github: TestIssuer,
     gitlab: TestIssuer,
     db: TestDb,
     broker: BrokerProcess,
-    http: reqwest::Client,
+    api: Api,
 }
 
 async fn env() -> Env {
     let github = TestIssuer::start().await;
     let gitlab = TestIssuer::start().await;
     let db = TestDb::postgres().await;
-    let broker = BrokerProcess::start(&BrokerSetup {
-        store_url: db.url(),
-        policies_dir: &repo_root().join("policies"),
-        issuers_yaml: format!(
-            "{}{}",
-            github_issuer_yaml(&github.url()),
-            gitlab_issuer_yaml(&gitlab.url())
-        ),
-        audience: AUD,
-        extra_yaml: String::new(),
-        env: Vec::new(),
-    })
-    .await
-    .expect("broker starts");
+    let broker = BrokerSetup::examples(db.url(), &github.url(), &gitlab.url())
+        .start()
+        .await
+        .expect("broker starts");
+    let api = Api::new(http::client(), &broker.url);
     Env {
         github,
         gitlab,
         db,
         broker,
-        http: reqwest::Client::new(),
+        api,
     }
 }
 
 impl Env {
-    async fn active(&self, token: &str) -> bool {
-        let v: Value = self
-            .http
-            .post(format!("{}/v1/introspect", self.broker.url))
-            .form(&[("token", token)])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["active"] == json!(true)
-    }
-
-    async fn finish(self) {
-        let Env {
-            github,
-            gitlab,
-            db,
-            mut broker,
-            ..
-        } = self;
-        broker.kill();
-        github.shutdown().await;
-        gitlab.shutdown().await;
-        db.cleanup().await;
+    async fn finish(mut self) {
+        self.broker.kill();
+        self.github.shutdown().await;
+        self.gitlab.shutdown().await;
+        self.db.cleanup().await;
     }
 }
 
@@ -358,8 +305,15 @@ async fn assert_used_and_revoked(e: &Env, root: &EmptyRoot, id_token: &str, log:
         &std::fs::read_to_string(root.path().join("out/during.json")).expect("introspection"),
     )
     .unwrap();
-    assert_eq!(during["active"], json!(true), "active during the job: {log}");
-    assert!(!e.active(&token).await, "revoked by after_script: {log}");
+    assert_eq!(
+        during["active"],
+        json!(true),
+        "active during the job: {log}"
+    );
+    assert!(
+        !e.api.active(&token).await,
+        "revoked by after_script: {log}"
+    );
     assert!(!log.contains(&token), "the token is not in the log");
     assert!(!log.contains(id_token), "the ID token is not in the log");
     assert!(!log.contains("brk_rvk_"), "no revocation token in the log");
@@ -388,7 +342,11 @@ async fn component_runs_in_an_empty_root_with_the_static_client() {
     let e = env().await;
     let root = EmptyRoot::new(&busybox, Some(&client));
     let version = root.run("broker --version", &[]);
-    assert!(version.0 && version.1.starts_with("broker "), "{}", version.1);
+    assert!(
+        version.0 && version.1.starts_with("broker "),
+        "{}",
+        version.1
+    );
 
     let job = ComponentJob::from_template(&[
         ("broker-url", json!(e.broker.url)),
@@ -396,7 +354,7 @@ async fn component_runs_in_an_empty_root_with_the_static_client() {
         ("audience", json!(AUD)),
         ("script", job_script()),
     ]);
-    let id_token = gitlab_id_token(&e.gitlab.url());
+    let id_token = gitlab_id_token(&e.gitlab.url(), AUD);
     let (ok, log) = job.run(&root, &id_token);
     assert!(ok, "{log}");
     assert_used_and_revoked(&e, &root, &id_token, &log).await;
@@ -411,7 +369,8 @@ async fn component_runs_in_an_empty_root_with_the_static_client() {
 /// `client-sha256` first. A wrong checksum fails the job before any exchange and leaves no
 /// client behind; the right one runs the job. The broker is reached by name through the image's
 /// /etc/hosts: the static client resolves names without glibc's loadable modules.
-#[tokio::test]
+// Multi-threaded: the job blocks this thread while the release server answers on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn component_downloads_the_client_and_checks_its_checksum() {
     let Some((client, busybox)) = pieces() else {
         return;
@@ -440,7 +399,7 @@ async fn component_downloads_the_client_and_checks_its_checksum() {
     let asset = format!("http://127.0.0.1:{port}/releases/broker-linux-static");
     let broker_port = e.broker.url.rsplit(':').next().unwrap().to_owned();
     let by_name = format!("http://broker.internal:{broker_port}");
-    let id_token = gitlab_id_token(&e.gitlab.url());
+    let id_token = gitlab_id_token(&e.gitlab.url(), AUD);
 
     // Wrong checksum: refused before the exchange.
     let root = EmptyRoot::new(&busybox, None);
