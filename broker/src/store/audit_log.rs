@@ -91,25 +91,13 @@ pub(super) async fn audit_records(
     if let Some(g) = filter.grant_id {
         q.push(" AND grant_id = ").push_bind(g);
     }
-    let eq = [
-        ("request_id", &filter.request_id),
-        ("repository", &filter.repository),
-        ("outcome", &filter.outcome),
-        ("reason", &filter.reason),
-        ("repository_id", &filter.repository_id),
-        ("actor", &filter.actor),
-    ];
-    for (col, v) in eq {
-        if let Some(v) = v {
-            q.push(&format!(" AND {col} = ")).push_bind(v);
-        }
-    }
-    if let Some(t) = filter.since {
-        q.push(" AND time >= ").push_bind(t);
-    }
-    if let Some(t) = filter.until {
-        q.push(" AND time < ").push_bind(t);
-    }
+    q.and_eq("request_id", &filter.request_id)
+        .and_eq("repository", &filter.repository)
+        .and_eq("outcome", &filter.outcome)
+        .and_eq("reason", &filter.reason)
+        .and_eq("repository_id", &filter.repository_id)
+        .and_eq("actor", &filter.actor)
+        .and_within("time", filter.since, filter.until);
     if let Some(name) = &filter.credential {
         let n = q.next_param();
         q.push(&match d {

@@ -231,41 +231,28 @@ impl<'a> From<Option<&'a str>> for Arg<'a> {
         Arg::Str(v)
     }
 }
-impl From<String> for Arg<'_> {
-    fn from(v: String) -> Self {
-        Arg::String(Some(v))
-    }
-}
-impl From<i64> for Arg<'_> {
-    fn from(v: i64) -> Self {
-        Arg::Int(Some(v))
-    }
-}
-impl From<OffsetDateTime> for Arg<'_> {
-    fn from(v: OffsetDateTime) -> Self {
-        Arg::Time(Some(v))
-    }
-}
-impl From<Option<OffsetDateTime>> for Arg<'_> {
-    fn from(v: Option<OffsetDateTime>) -> Self {
-        Arg::Time(v)
-    }
-}
-impl From<Uuid> for Arg<'_> {
-    fn from(v: Uuid) -> Self {
-        Arg::Id(Some(v))
-    }
-}
-impl From<Option<Uuid>> for Arg<'_> {
-    fn from(v: Option<Uuid>) -> Self {
-        Arg::Id(v)
-    }
-}
 impl<'a> From<&'a serde_json::Value> for Arg<'a> {
     fn from(v: &'a serde_json::Value) -> Self {
         Arg::Json(v)
     }
 }
+
+/// `From` a value and from an optional value (bound as NULL when `None`).
+macro_rules! arg_from {
+    ($($t:ty => $variant:ident),* $(,)?) => {$(
+        impl From<$t> for Arg<'_> {
+            fn from(v: $t) -> Self {
+                Arg::$variant(Some(v))
+            }
+        }
+        impl From<Option<$t>> for Arg<'_> {
+            fn from(v: Option<$t>) -> Self {
+                Arg::$variant(v)
+            }
+        }
+    )*};
+}
+arg_from!(String => String, i64 => Int, OffsetDateTime => Time, Uuid => Id);
 
 /// A statement: its text (parameters `$1`, `$2`, ...) and the values bound to them, in order.
 #[derive(Debug, Clone)]
@@ -295,6 +282,28 @@ impl<'a> Sql<'a> {
     pub(super) fn push_bind(&mut self, arg: impl Into<Arg<'a>>) -> &mut Self {
         self.args.push(arg.into());
         self.text.push_str(&format!("${}", self.args.len()));
+        self
+    }
+    /// ` AND col = $n` when `v` is given.
+    pub(super) fn and_eq(&mut self, col: &str, v: &'a Option<String>) -> &mut Self {
+        if let Some(v) = v {
+            self.push(&format!(" AND {col} = ")).push_bind(v);
+        }
+        self
+    }
+    /// ` AND col >= $n` / ` AND col < $m` for the bounds given (a half-open range).
+    pub(super) fn and_within(
+        &mut self,
+        col: &str,
+        from: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+    ) -> &mut Self {
+        if let Some(t) = from {
+            self.push(&format!(" AND {col} >= ")).push_bind(t);
+        }
+        if let Some(t) = until {
+            self.push(&format!(" AND {col} < ")).push_bind(t);
+        }
         self
     }
     /// The number the next [`Sql::push_bind`] (or `bind`) parameter gets.

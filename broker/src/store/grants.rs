@@ -29,19 +29,10 @@ pub(super) async fn fail_grant(
     let mut tx = db.begin().await?;
     let mut conn = tx.conn();
     // revoked_at records when the grant stopped being live, as for the other final states.
-    let moved = conn
-        .execute(
-            &Sql::new(
-                "UPDATE grants SET status = 'failed', revoked_at = $2
-                 WHERE id = $1 AND status = 'issuing'",
-            )
-            .bind(id)
-            .bind(audit.time),
-        )
-        .await?;
-    if moved != 1 {
-        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
-    }
+    let sql = Sql::new(
+        "UPDATE grants SET status = 'failed', revoked_at = $2 WHERE id = $1 AND status = 'issuing'",
+    );
+    transition(&mut conn, sql.bind(id).bind(audit.time), "issuing").await?;
     if let Some(j) = release_jti {
         conn.execute(
             &Sql::new("DELETE FROM used_jti WHERE iss = $1 AND jti = $2")
@@ -71,11 +62,17 @@ pub(super) async fn grant_by_revocation_hash(
 
 async fn one_grant(db: &Backend, sql: Sql<'_>) -> Result<Option<Grant>, StoreError> {
     let mut pooled = db.acquire().await?;
-    let mut conn = pooled.conn();
-    let rows: Vec<Row> = conn.fetch_optional(&sql).await?.into_iter().collect();
-    Ok(with_credentials(&mut conn, &rows, grant_from_row)
-        .await?
-        .pop())
+    one_with_credentials(&mut pooled.conn(), &sql, grant_from_row).await
+}
+
+/// The row `sql` returns, if any, built with its credentials.
+async fn one_with_credentials<T>(
+    conn: &mut Conn<'_>,
+    sql: &Sql<'_>,
+    build: impl Fn(&Row, Vec<IssuedCredential>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let rows: Vec<Row> = conn.fetch_optional(sql).await?.into_iter().collect();
+    Ok(with_credentials(conn, &rows, build).await?.pop())
 }
 
 /// The id and status of the grant a revocation token belongs to (one indexed row, no
@@ -162,12 +159,10 @@ pub(super) async fn claim_for_revoke(
     .bind(id)
     .bind(now)
     .bind(lease_until);
-    let rows: Vec<Row> = conn.fetch_optional(&sql).await?.into_iter().collect();
-    // Read after the claim committed, as a transaction would have read them before: a grant's
-    // credential rows change only with its status (activation), which the claim has taken away.
-    Ok(with_credentials(&mut conn, &rows, claimed_from_row)
-        .await?
-        .pop())
+    // The credentials are read after the claim committed, as a transaction would have read them
+    // before: a grant's credential rows change only with its status (activation), which the
+    // claim has taken away.
+    one_with_credentials(&mut conn, &sql, claimed_from_row).await
 }
 
 pub(super) async fn claim_due(
@@ -220,19 +215,23 @@ pub(super) async fn finish_rows(
     cause: RevokeCause,
     now: OffsetDateTime,
 ) -> Result<(), StoreError> {
-    let moved = conn
-        .execute(
-            &Sql::new(
-                "UPDATE grants SET status = $2, revoked_at = $3, lease_until = NULL
-                 WHERE id = $1 AND status = 'revoking'",
-            )
-            .bind(id)
-            .bind(cause.final_status().as_str())
-            .bind(now),
-        )
-        .await?;
-    if moved != 1 {
-        return Err(StoreError::Conflict("grant is not revoking".to_owned()));
+    let sql = Sql::new(
+        "UPDATE grants SET status = $2, revoked_at = $3, lease_until = NULL
+         WHERE id = $1 AND status = 'revoking'",
+    );
+    let sql = sql.bind(id).bind(cause.final_status().as_str()).bind(now);
+    transition(conn, sql, "revoking").await
+}
+
+/// Run a compare-and-set transition (an `UPDATE` of one grant whose `WHERE` names the status it
+/// leaves): `Conflict`, nothing written, unless the grant was in status `from`.
+pub(super) async fn transition(
+    conn: &mut Conn<'_>,
+    sql: Sql<'_>,
+    from: &str,
+) -> Result<(), StoreError> {
+    if conn.execute(&sql).await? != 1 {
+        return Err(StoreError::Conflict(format!("grant is not {from}")));
     }
     Ok(())
 }
@@ -262,21 +261,17 @@ pub(super) async fn revoke_failed(
 ) -> Result<(), StoreError> {
     let mut tx = db.begin().await?;
     let mut conn = tx.conn();
-    let moved = conn
-        .execute(
-            &Sql::new(
-                "UPDATE grants
-                 SET revoke_attempts = revoke_attempts + 1, last_error = $2, lease_until = $3
-                 WHERE id = $1 AND status = 'revoking'",
-            )
-            .bind(id)
-            .bind(error)
-            .bind(retry_at),
-        )
-        .await?;
-    if moved != 1 {
-        return Err(StoreError::Conflict("grant is not revoking".to_owned()));
-    }
+    let sql = Sql::new(
+        "UPDATE grants
+         SET revoke_attempts = revoke_attempts + 1, last_error = $2, lease_until = $3
+         WHERE id = $1 AND status = 'revoking'",
+    );
+    transition(
+        &mut conn,
+        sql.bind(id).bind(error).bind(retry_at),
+        "revoking",
+    )
+    .await?;
     append(&mut conn, &[audit]).await?;
     tx.commit().await
 }
@@ -335,22 +330,10 @@ pub(super) async fn active_job_grants(
 /// given fields add a condition, so each selection gets a plan of its own instead of one generic
 /// plan full of `$n IS NULL OR ...`.
 fn push_select<'a>(q: &mut Sql<'a>, select: &'a GrantSelect) {
-    let eq = [
-        ("g.issuer", &select.issuer),
-        ("g.repository", &select.repository),
-        ("g.repository_id", &select.repository_id),
-    ];
-    for (col, v) in eq {
-        if let Some(v) = v {
-            q.push(&format!(" AND {col} = ")).push_bind(v);
-        }
-    }
-    if let Some(t) = select.issued_after {
-        q.push(" AND g.created_at >= ").push_bind(t);
-    }
-    if let Some(t) = select.issued_before {
-        q.push(" AND g.created_at < ").push_bind(t);
-    }
+    q.and_eq("g.issuer", &select.issuer)
+        .and_eq("g.repository", &select.repository)
+        .and_eq("g.repository_id", &select.repository_id)
+        .and_within("g.created_at", select.issued_after, select.issued_before);
     for (col, v) in [("name", &select.credential), ("kind", &select.kind)] {
         if let Some(v) = v {
             q.push(&format!(

@@ -32,6 +32,7 @@ pub mod testdb;
 #[cfg(test)]
 mod tests;
 pub mod text;
+mod verify;
 
 use crate::audit::AuditEvent;
 pub use crate::audit::checkpoint::{Checkpoint, CheckpointKind};
@@ -248,7 +249,7 @@ impl Store {
     /// One page of audit events, newest first (time, then insertion order), with the cursor of
     /// the next page when more match.
     pub async fn audit_page(&self, filter: &AuditFilter) -> Result<AuditPage, StoreError> {
-        let filter = &escape_filter(filter);
+        let filter = &text::escape_filter(filter);
         let limit = codec::audit_limit(filter.limit);
         // One row more than asked tells whether another page exists without a second query.
         let mut records =
@@ -282,68 +283,7 @@ impl Store {
         &self,
         anchor: Option<&ChainAnchor>,
     ) -> Result<ChainReport, StoreError> {
-        let head = bounded(audit_log::chain_head(&self.backend)).await?;
-        let base = match bounded(audit_log::last_prune_checkpoint(&self.backend)).await? {
-            Some(cp) => chain::ChainBase {
-                seq: Some(cp.seq),
-                hash: cp.hash,
-                count: cp.event_count,
-            },
-            None => chain::ChainBase::genesis(),
-        };
-        let mut walker = chain::Walker::new(head, base.clone());
-        if let Some(a) = anchor {
-            walker = walker.with_anchor(a.clone());
-            if a.count > 0 && base.seq.is_some_and(|cut| a.seq <= cut) {
-                // Before the cut the events are gone: the checkpoint must be consistent with the
-                // cut (no more events than it covers) and held by the append-only record.
-                if a.count <= base.count
-                    && bounded(audit_log::checkpoint_recorded(&self.backend, a)).await?
-                {
-                    walker.anchor_met_at_cut();
-                } else {
-                    let b = ChainBreak {
-                        kind: BreakKind::Deleted,
-                        seq: a.seq,
-                        event_id: String::new(),
-                        message: format!(
-                            "the checkpoint (seq {}, {} events) lies in the pruned range but no \
-                             stored checkpoint matches it: the log was cut or rewritten",
-                            a.seq, a.count
-                        ),
-                    };
-                    return Ok(walker.report(Some(b)));
-                }
-            }
-        }
-        let mut after = walker.start_after();
-        loop {
-            let rows = bounded(audit_log::chain_page(
-                &self.backend,
-                after,
-                chain::VERIFY_PAGE,
-            ))
-            .await?;
-            let Some(last) = rows.last() else { break };
-            after = last.seq;
-            for row in &rows {
-                match walker.check(row) {
-                    chain::Check::Ok => {}
-                    chain::Check::Broken(b) => return Ok(walker.report(Some(b))),
-                    chain::Check::Link { row, prev } => {
-                        let found =
-                            bounded(audit_log::event_with_hash(&self.backend, &prev)).await?;
-                        return Ok(walker.report(Some(chain::link_break(&row, found))));
-                    }
-                }
-            }
-        }
-        if let Some(head_hash) = walker.tail_mismatch() {
-            let found = bounded(audit_log::event_with_hash(&self.backend, &head_hash)).await?;
-            return Ok(walker.report(Some(walker.tail_break(found))));
-        }
-        let broken = walker.anchor_break();
-        Ok(walker.report(broken))
+        verify::verify_through(&self.backend, anchor).await
     }
 
     /// Record where the chain stands now (kind `export`) and return it, for `broker audit
@@ -421,12 +361,7 @@ impl Store {
         freeze: Option<&FreezeRecord>,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        let freeze = freeze.map(|f| FreezeRecord {
-            filter: text::escape_json(&f.filter).into_owned(),
-            reason: text::escape(&f.reason).into_owned(),
-            actor: text::escape(&f.actor).into_owned(),
-            since: f.since,
-        });
+        let freeze = freeze.map(text::escape_freeze);
         let audit = text::escape_event(audit);
         let audit = &*audit;
         bounded(audit_log::set_freeze(&self.backend, freeze.as_ref(), audit)).await
@@ -546,14 +481,7 @@ impl Store {
         after: Option<GrantCursor>,
         limit: u32,
     ) -> Result<Vec<Grant>, StoreError> {
-        let select = &GrantSelect {
-            issuer: text::escape_opt(&select.issuer),
-            repository: text::escape_opt(&select.repository),
-            repository_id: text::escape_opt(&select.repository_id),
-            credential: text::escape_opt(&select.credential),
-            kind: text::escape_opt(&select.kind),
-            ..select.clone()
-        };
+        let select = &text::escape_select(select);
         bounded(grants::active_grants_page(
             &self.backend,
             select,
@@ -573,21 +501,8 @@ impl Store {
         now: OffsetDateTime,
         audits: &[AuditEvent],
     ) -> Result<Vec<Uuid>, StoreError> {
-        // Copied only when some event needs escaping (revoke-all pages hold a thousand).
-        let escaped: Vec<AuditEvent>;
-        let audits = if audits
-            .iter()
-            .any(|a| matches!(text::escape_event(a), std::borrow::Cow::Owned(_)))
-        {
-            escaped = audits
-                .iter()
-                .map(|a| text::escape_event(a).into_owned())
-                .collect();
-            &escaped[..]
-        } else {
-            audits
-        };
-        bounded(grants::revoke_in_store(&self.backend, now, audits)).await
+        let audits = text::escape_events(audits);
+        bounded(grants::revoke_in_store(&self.backend, now, &audits)).await
     }
     /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
     /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares
@@ -603,15 +518,7 @@ impl Store {
         job: &JobMatch,
         limit: u32,
     ) -> Result<Vec<Grant>, StoreError> {
-        let e = |s: &str| text::escape(s).into_owned();
-        let job = &JobMatch {
-            issuers: job.issuers.iter().map(|s| e(s)).collect(),
-            platform: e(&job.platform),
-            repository_id: e(&job.repository_id),
-            job_id: e(&job.job_id),
-            run_id: text::escape_opt(&job.run_id),
-            run_attempt: text::escape_opt(&job.run_attempt),
-        };
+        let job = &text::escape_job(job);
         bounded(grants::active_job_grants(&self.backend, job, limit)).await
     }
     /// Record a webhook delivery acted on, or take over a record whose window has passed. A
@@ -681,21 +588,5 @@ impl Store {
             Backend::Postgres(pool) => postgres::locked(pool, key, work).await,
             Backend::Sqlite(_) => Ok(work.await),
         }
-    }
-}
-
-/// An audit filter with its text escaped as stored text is (see `text.rs`), so a filter value
-/// reaches SQL only in a form the store can hold, and finds what was stored escaped.
-fn escape_filter(f: &AuditFilter) -> AuditFilter {
-    AuditFilter {
-        request_id: text::escape_opt(&f.request_id),
-        repository: text::escape_opt(&f.repository),
-        outcome: text::escape_opt(&f.outcome),
-        reason: text::escape_opt(&f.reason),
-        repository_id: text::escape_opt(&f.repository_id),
-        actor: text::escape_opt(&f.actor),
-        credential: text::escape_opt(&f.credential),
-        kind: text::escape_opt(&f.kind),
-        ..f.clone()
     }
 }

@@ -136,41 +136,16 @@ pub(super) async fn insert_grants(
     .bind(claimed.iter().map(|j| j.jti.as_str()).collect::<Vec<_>>())
     .bind(claimed.iter().map(|j| j.expires_at).collect::<Vec<_>>())
     .bind(now)
-    .bind(grants.iter().map(|g| g.id).collect::<Vec<_>>())
-    .bind(grants.iter().map(|g| g.issuer.as_str()).collect::<Vec<_>>())
-    .bind(
-        grants
-            .iter()
-            .map(|g| g.subject.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        grants
-            .iter()
-            .map(|g| g.repository.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        grants
-            .iter()
-            .map(|g| g.repository_id.as_deref())
-            .collect::<Vec<_>>(),
-    )
-    .bind(grants.iter().map(|g| Json(&g.job)).collect::<Vec<_>>())
-    .bind(
-        grants
-            .iter()
-            .map(|g| g.bundle_digest.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        grants
-            .iter()
-            .map(|g| g.revocation_hash.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(grants.iter().map(|g| g.created_at).collect::<Vec<_>>())
-    .bind(grants.iter().map(|g| g.expires_at).collect::<Vec<_>>())
+    .bind(column(&grants, |g| g.id))
+    .bind(column(&grants, |g| g.issuer.as_str()))
+    .bind(column(&grants, |g| g.subject.as_str()))
+    .bind(column(&grants, |g| g.repository.as_deref()))
+    .bind(column(&grants, |g| g.repository_id.as_deref()))
+    .bind(column(&grants, |g| Json(&g.job)))
+    .bind(column(&grants, |g| g.bundle_digest.as_str()))
+    .bind(column(&grants, |g| g.revocation_hash.as_str()))
+    .bind(column(&grants, |g| g.created_at))
+    .bind(column(&grants, |g| g.expires_at))
     .bind(
         fresh
             .iter()
@@ -426,6 +401,11 @@ impl<'a> AuditColumns<'a> {
             actors: Vec::with_capacity(n),
         }
     }
+}
+
+/// One column of a set of grants, for an `unnest` parameter.
+fn column<'g, T>(grants: &[&'g NewGrant], f: impl Fn(&'g NewGrant) -> T) -> Vec<T> {
+    grants.iter().map(|g| f(g)).collect()
 }
 
 pub(super) fn position_i32(position: usize) -> Result<i32, StoreError> {

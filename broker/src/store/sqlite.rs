@@ -11,6 +11,7 @@
 use super::audit_log::append;
 use super::codec::{ACQUIRE_TIMEOUT, migrate_err};
 use super::db::{Backend, Conn, Sql};
+use super::grants::transition;
 use super::records::claim_jti;
 use super::{JtiRecord, NewGrant, StoreError};
 use crate::audit::AuditEvent;
@@ -123,19 +124,10 @@ pub(super) async fn activate_grant(
 ) -> Result<(), StoreError> {
     let mut tx = db.begin().await?;
     let mut conn = tx.conn();
-    let moved = conn
-        .execute(
-            &Sql::new(
-                "UPDATE grants SET status = 'active', expires_at = $2
-                 WHERE id = $1 AND status = 'issuing'",
-            )
-            .bind(id)
-            .bind(expires_at),
-        )
-        .await?;
-    if moved != 1 {
-        return Err(StoreError::Conflict("grant is not issuing".to_owned()));
-    }
+    let sql = Sql::new(
+        "UPDATE grants SET status = 'active', expires_at = $2 WHERE id = $1 AND status = 'issuing'",
+    );
+    transition(&mut conn, sql.bind(id).bind(expires_at), "issuing").await?;
     let count: i64 = conn
         .fetch_one(
             &Sql::new("SELECT count(*) AS n FROM grant_credentials WHERE grant_id = $1").bind(id),
