@@ -23,6 +23,7 @@ use sqlx::query::Query;
 use sqlx::sqlite::{SqliteArguments, SqliteConnection, SqliteRow};
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row as _, Sqlite, SqlitePool};
+use std::borrow::Cow;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -328,19 +329,27 @@ impl<'a> Sql<'a> {
         Ok(q)
     }
 
+    /// SQLite gets every value as TEXT or INTEGER (see the module comment).
     fn lite(&self) -> Result<Query<'_, Sqlite, SqliteArguments<'_>>, StoreError> {
         let mut q = sqlx::query(&self.text);
         for a in &self.args {
-            q = match a {
-                Arg::Str(v) => q.bind(*v),
-                Arg::String(v) => q.bind(v.as_deref()),
-                Arg::Int(v) => q.bind(*v),
-                Arg::Time(v) => q.bind(v.map(ms)),
-                Arg::Id(v) => q.bind(v.map(|u| u.to_string())),
-                Arg::Json(v) => q.bind(json_text(v)?),
-                Arg::TextList(v) => q.bind(json_text(v)?),
-                Arg::IdList(v) => q.bind(json_text(v)?),
+            let text: Option<Cow<'_, str>> = match a {
+                Arg::Int(v) => {
+                    q = q.bind(*v);
+                    continue;
+                }
+                Arg::Time(v) => {
+                    q = q.bind(v.map(ms));
+                    continue;
+                }
+                Arg::Str(v) => v.map(Cow::Borrowed),
+                Arg::String(v) => v.as_deref().map(Cow::Borrowed),
+                Arg::Id(v) => v.map(|u| Cow::Owned(u.to_string())),
+                Arg::Json(v) => Some(Cow::Owned(json_text(v)?)),
+                Arg::TextList(v) => Some(Cow::Owned(json_text(v)?)),
+                Arg::IdList(v) => Some(Cow::Owned(json_text(v)?)),
             };
+            q = q.bind(text);
         }
         Ok(q)
     }

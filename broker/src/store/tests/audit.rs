@@ -30,153 +30,31 @@ async fn audit_filters_each_narrow(store: Store) {
     for e in [&a, &b, &c, &d] {
         store.append_audit(e).await.unwrap();
     }
-    let ids = |f: AuditFilter| {
-        let store = store.clone();
-        async move {
-            let got = store.audit_page(&f).await.unwrap();
-            got.records
-                .into_iter()
-                .map(|r| r.event.id)
-                .collect::<Vec<_>>()
-        }
-    };
-    let f = AuditFilter::default;
-    assert_eq!(ids(f()).await, vec![d.id, c.id, b.id, a.id]);
-    assert_eq!(
-        ids(AuditFilter {
-            until: Some(t(30)),
-            ..f()
-        })
-        .await,
-        vec![b.id, a.id],
-        "until is exclusive"
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            since: Some(t(20)),
-            until: Some(t(40)),
-            ..f()
-        })
-        .await,
-        vec![c.id, b.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            repository_id: Some("42".into()),
-            ..f()
-        })
-        .await,
-        vec![c.id, a.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            repository: Some("acme/other".into()),
-            ..f()
-        })
-        .await,
-        vec![b.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            actor: Some("operator:alice".into()),
-            ..f()
-        })
-        .await,
-        vec![d.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            credential: Some("db".into()),
-            ..f()
-        })
-        .await,
-        vec![a.id],
-        "granted credential"
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            credential: Some("admin".into()),
-            ..f()
-        })
-        .await,
-        vec![b.id],
-        "requested (denied) credential"
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            credential: Some("nope".into()),
-            ..f()
-        })
-        .await,
-        Vec::<Uuid>::new()
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            kind: Some("postgres".into()),
-            ..f()
-        })
-        .await,
-        vec![a.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            kind: Some("api_token".into()),
-            ..f()
-        })
-        .await,
-        vec![c.id, a.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            outcome: Some("success".into()),
-            ..f()
-        })
-        .await,
-        vec![d.id, c.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            reason: Some("policy_denied".into()),
-            ..f()
-        })
-        .await,
-        vec![b.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            grant_id: Some(tok.id),
-            ..f()
-        })
-        .await,
-        vec![c.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            request_id: Some("req-a".into()),
-            ..f()
-        })
-        .await,
-        vec![a.id]
-    );
-    assert_eq!(
-        ids(AuditFilter {
-            repository_id: Some("42".into()),
-            outcome: Some("allow".into()),
-            ..f()
-        })
-        .await,
-        vec![a.id],
-        "filters combine with AND"
-    );
-    // A value that looks like SQL is just a value.
-    assert_eq!(
-        ids(AuditFilter {
-            actor: Some("x' OR '1'='1".into()),
-            ..f()
-        })
-        .await,
-        Vec::<Uuid>::new()
-    );
+    #[rustfmt::skip]
+    let cases: Vec<(AuditFilter, Vec<Uuid>, &str)> = vec![
+        (AuditFilter::default(), vec![d.id, c.id, b.id, a.id], ""),
+        (af(|f| f.until = Some(t(30))), vec![b.id, a.id], "until is exclusive"),
+        (af(|f| { f.since = Some(t(20)); f.until = Some(t(40)) }), vec![c.id, b.id], ""),
+        (af(|f| f.repository_id = Some("42".into())), vec![c.id, a.id], ""),
+        (af(|f| f.repository = Some("acme/other".into())), vec![b.id], ""),
+        (af(|f| f.actor = Some("operator:alice".into())), vec![d.id], ""),
+        (af(|f| f.credential = Some("db".into())), vec![a.id], "granted credential"),
+        (af(|f| f.credential = Some("admin".into())), vec![b.id], "requested (denied) credential"),
+        (af(|f| f.credential = Some("nope".into())), vec![], ""),
+        (af(|f| f.kind = Some("postgres".into())), vec![a.id], ""),
+        (af(|f| f.kind = Some("api_token".into())), vec![c.id, a.id], ""),
+        (af(|f| f.outcome = Some("success".into())), vec![d.id, c.id], ""),
+        (af(|f| f.reason = Some("policy_denied".into())), vec![b.id], ""),
+        (af(|f| f.grant_id = Some(tok.id)), vec![c.id], ""),
+        (af(|f| f.request_id = Some("req-a".into())), vec![a.id], ""),
+        (af(|f| { f.repository_id = Some("42".into()); f.outcome = Some("allow".into()) }), vec![a.id], "filters combine with AND"),
+        (af(|f| f.actor = Some("x' OR '1'='1".into())), vec![], "a value that looks like SQL is just a value"),
+    ];
+    for (filter, want, why) in cases {
+        let page = store.audit_page(&filter).await.unwrap();
+        let got: Vec<Uuid> = page.records.into_iter().map(|r| r.event.id).collect();
+        assert_eq!(got, want, "{why} {filter:?}");
+    }
 }
 
 /// Pages follow each other newest first with no duplicate and no gap, also across events that
@@ -273,86 +151,28 @@ async fn audit_events_filter_and_order(store: Store) {
         "newest first, whole events"
     );
 
-    let by = |f: AuditFilter| {
-        let store = store.clone();
-        async move {
-            let got = store.audit_events(&f).await.unwrap();
-            got.into_iter().map(|e| e.id).collect::<Vec<_>>()
-        }
-    };
-    assert_eq!(
-        by(AuditFilter {
-            grant_id: Some(g1),
-            ..Default::default()
-        })
-        .await,
-        vec![c.id, a.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            request_id: Some("req-2".into()),
-            ..Default::default()
-        })
-        .await,
-        vec![b.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            repository: Some("acme/app".into()),
-            ..Default::default()
-        })
-        .await,
-        vec![c.id, a.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            outcome: Some("deny".into()),
-            ..Default::default()
-        })
-        .await,
-        vec![b.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            reason: Some("policy_denied".into()),
-            ..Default::default()
-        })
-        .await,
-        vec![b.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            since: Some(t(20)),
-            ..Default::default()
-        })
-        .await,
-        vec![d.id, c.id, b.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            limit: 2,
-            ..Default::default()
-        })
-        .await,
-        vec![d.id, c.id]
-    );
-    assert_eq!(
-        by(AuditFilter {
-            grant_id: Some(g1),
-            outcome: Some("allow".into()),
-            ..Default::default()
-        })
-        .await,
-        vec![a.id]
-    );
-    assert!(
-        by(AuditFilter {
-            grant_id: Some(Uuid::now_v7()),
-            ..Default::default()
-        })
-        .await
-        .is_empty()
-    );
+    #[rustfmt::skip]
+    let cases = [
+        (af(|f| f.grant_id = Some(g1)), vec![c.id, a.id]),
+        (af(|f| f.request_id = Some("req-2".into())), vec![b.id]),
+        (af(|f| f.repository = Some("acme/app".into())), vec![c.id, a.id]),
+        (af(|f| f.outcome = Some("deny".into())), vec![b.id]),
+        (af(|f| f.reason = Some("policy_denied".into())), vec![b.id]),
+        (af(|f| f.since = Some(t(20))), vec![d.id, c.id, b.id]),
+        (af(|f| f.limit = 2), vec![d.id, c.id]),
+        (af(|f| { f.grant_id = Some(g1); f.outcome = Some("allow".into()) }), vec![a.id]),
+        (af(|f| f.grant_id = Some(Uuid::now_v7())), vec![]),
+    ];
+    for (filter, want) in cases {
+        let got: Vec<Uuid> = store
+            .audit_events(&filter)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(got, want, "{filter:?}");
+    }
 
     // Duplicate event ids are refused rather than silently doubled.
     let err = store.append_audit(&a).await.unwrap_err();

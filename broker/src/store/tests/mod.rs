@@ -81,6 +81,13 @@ fn event(at: i64, action: Action, outcome: Outcome, grant: Option<Uuid>) -> Audi
     e.grant_id = grant;
     e
 }
+/// An audit filter with the fields `edit` sets.
+fn af(edit: impl FnOnce(&mut AuditFilter)) -> AuditFilter {
+    let mut f = AuditFilter::default();
+    edit(&mut f);
+    f
+}
+
 async fn begin_active(store: &Store, created: i64, expires: i64) -> NewGrant {
     let g = new_grant(created, expires);
     store.begin_grant(&g, None).await.unwrap();
@@ -241,6 +248,14 @@ async fn chained_events(store: &Store) -> Vec<(i64, String)> {
         .collect());
     assert_eq!(rows.len(), 5);
     rows
+}
+
+/// Edit the `actor` column of the event at `seq` (leaving its JSON alone) and return the break
+/// the walk reports.
+async fn edit_actor(store: &Store, seq: i64) -> ChainBreak {
+    let sql = format!("UPDATE audit_events SET actor = 'job' WHERE seq = {seq}");
+    tamper(store, &sql).await;
+    broken(store).await
 }
 
 async fn broken(store: &Store) -> ChainBreak {

@@ -103,12 +103,7 @@ async fn audit_verify_after_prune_detects_edits_after_the_cut(store: Store) {
     let rows = chained_events(&store).await;
     store.prune_audit(t(3), t(100), "cli:test").await.unwrap();
     let (seq, id) = &rows[3];
-    tamper(
-        &store,
-        &format!("UPDATE audit_events SET actor = 'job' WHERE seq = {seq}"),
-    )
-    .await;
-    let b = broken(&store).await;
+    let b = edit_actor(&store, *seq).await;
     assert_eq!(b.kind, BreakKind::Modified, "{b:?}");
     assert_eq!(&b.event_id, id);
 
