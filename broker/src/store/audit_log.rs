@@ -27,6 +27,18 @@ pub(super) async fn append(conn: &mut Conn<'_>, audits: &[&AuditEvent]) -> Resul
         .iter()
         .map(|a| chain::canonical_event(a))
         .collect::<Result<Vec<_>, _>>()?;
+    append_canonical(conn, audits, canonical).await
+}
+
+/// [`append`] with each event's canonical text already built (`chain::canonical_event`).
+pub(super) async fn append_canonical(
+    conn: &mut Conn<'_>,
+    audits: &[&AuditEvent],
+    canonical: Vec<String>,
+) -> Result<(), StoreError> {
+    if audits.is_empty() {
+        return Ok(());
+    }
     if let Conn::Pg(c) = conn {
         // Set-based: one or two statements whatever the batch size.
         return postgres::insert_audits(c, audits, canonical).await;

@@ -7,7 +7,8 @@
 //! win one transition. The new grants and activations of a Postgres store are written
 //! set-based by its group writer (`postgres.rs`, `group_commit.rs`); SQLite's by `sqlite.rs`.
 
-use super::audit_log::append;
+use super::audit_log::{append, append_canonical};
+use super::chain;
 use super::codec::{corrupt, parse_cause, parse_kind, parse_status};
 use super::db::{Arg, Backend, Conn, Dialect, Row, Sql};
 use super::{
@@ -354,13 +355,13 @@ pub(super) async fn active_grants_page(
     let mut q = Sql::new("SELECT g.* FROM grants g WHERE g.status = 'active'");
     push_select(&mut q, select);
     if let Some(c) = after {
-        // The plain bound lets the (status, created_at) index start at the cursor; the second
-        // condition breaks ties between grants created in the same instant.
+        // The plain bound lets the (status, created_at) index start at the cursor; the row
+        // comparison breaks ties between grants created in the same instant.
         q.push(" AND g.created_at >= ")
             .push_bind(c.created_at)
-            .push(" AND (g.created_at > ")
+            .push(" AND (g.created_at, g.id) > (")
             .push_bind(c.created_at)
-            .push(" OR g.id > ")
+            .push(", ")
             .push_bind(c.id)
             .push(")");
     }
@@ -396,18 +397,26 @@ pub(super) async fn revoke_in_store(
     ))
     .bind(Arg::IdList(&ids))
     .bind(now);
-    let moved = conn
-        .fetch_all(&sql)
-        .await?
+    // The events' canonical texts (what the chain hashes and the rows store) are built while the
+    // database runs the update: the broker's share of a page overlaps the database's.
+    let (rows, canonical) = futures::join!(conn.fetch_all(&sql), async {
+        audits
+            .iter()
+            .map(chain::canonical_event)
+            .collect::<Result<Vec<_>, _>>()
+    });
+    let (rows, canonical) = (rows?, canonical?);
+    let moved = rows
         .iter()
         .map(|r| r.uuid("id"))
         .collect::<Result<Vec<_>, _>>()?;
     let moved_set: HashSet<Uuid> = moved.iter().copied().collect();
-    let events: Vec<&AuditEvent> = audits
+    let (events, canonical): (Vec<&AuditEvent>, Vec<String>) = audits
         .iter()
-        .filter(|a| a.grant_id.is_some_and(|g| moved_set.contains(&g)))
-        .collect();
-    append(&mut conn, &events).await?;
+        .zip(canonical)
+        .filter(|(a, _)| a.grant_id.is_some_and(|g| moved_set.contains(&g)))
+        .unzip();
+    append_canonical(&mut conn, &events, canonical).await?;
     tx.commit().await?;
     Ok(moved)
 }

@@ -270,3 +270,4 @@ mod lifecycle;
 mod prune;
 mod records;
 mod revoke;
+mod scale;
