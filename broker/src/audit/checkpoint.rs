@@ -6,11 +6,66 @@
 //! API-token key (same `kid`s as `/.well-known/jwks.json`), so it can be checked with the
 //! published JWKS alone. The `typ` keeps a checkpoint from being taken for an API token and
 //! the other way round. No SQL here: the store records and walks, this module signs and checks.
+//!
+//! The checkpoint types themselves ([`Checkpoint`], [`ChainAnchor`]) live here and the store
+//! uses them, so `store` depends on `audit` and never the other way round.
 
 use crate::providers::api_token::{SigningKeys, TokenCheckError, verify_document_with_jwks};
-use crate::store::{ChainAnchor, Checkpoint};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// Why a checkpoint was recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointKind {
+    /// `broker audit checkpoint`: printed signed, to be kept off this database.
+    Export,
+    /// `broker audit prune`: the events up to `seq` were deleted in the same transaction.
+    Prune,
+}
+
+impl CheckpointKind {
+    /// The stored text (`audit_checkpoints.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckpointKind::Export => "export",
+            CheckpointKind::Prune => "prune",
+        }
+    }
+}
+
+/// Where the audit hash chain stood: the event at `seq` has chain hash `hash` and is the
+/// `event_count`-th chained event ever written (pruned ones included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub kind: CheckpointKind,
+    pub created_at: OffsetDateTime,
+    pub seq: i64,
+    pub hash: String,
+    pub event_count: u64,
+    pub last_event_id: Option<Uuid>,
+    pub last_event_time: Option<OffsetDateTime>,
+}
+
+impl Checkpoint {
+    pub fn anchor(&self) -> ChainAnchor {
+        ChainAnchor {
+            seq: self.seq,
+            hash: self.hash.clone(),
+            count: self.event_count,
+        }
+    }
+}
+
+/// A point the chain must still pass through: from a checkpoint (see [`Checkpoint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainAnchor {
+    pub seq: i64,
+    pub hash: String,
+    /// Chained events from the first ever up to and including `seq`.
+    pub count: u64,
+}
 
 /// Header `typ` of a checkpoint.
 pub const CHECKPOINT_TYPE: &str = "broker-checkpoint+jwt";
@@ -106,7 +161,6 @@ pub fn verify(keys: VerifyingKeys<'_>, token: &str) -> Result<CheckpointClaims, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::CheckpointKind;
 
     fn cp() -> Checkpoint {
         Checkpoint {

@@ -18,6 +18,7 @@
 
 use super::StoreError;
 use crate::audit::AuditEvent;
+pub use crate::audit::checkpoint::ChainAnchor;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -77,6 +78,7 @@ pub(super) fn link_hash(prev: &str, canonical: &str) -> String {
 }
 
 /// The hash an event gets when appended after `prev`.
+#[cfg(test)]
 pub(super) fn event_hash(prev: &str, audit: &AuditEvent) -> Result<String, StoreError> {
     Ok(link_hash(prev, &canonical_event(audit)?))
 }
@@ -86,6 +88,20 @@ pub(super) fn canonical_event(audit: &AuditEvent) -> Result<String, StoreError> 
     let v = serde_json::to_value(audit)
         .map_err(|_| StoreError::Unavailable("audit event not encodable".to_owned()))?;
     Ok(canonical_json(&v))
+}
+
+/// The `(prev_hash, hash)` of each event appended after `head`, in order, given the events'
+/// canonical texts.
+pub(super) fn links(head: String, canonical: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut prevs = Vec::with_capacity(canonical.len());
+    let mut hashes = Vec::with_capacity(canonical.len());
+    let mut prev = head;
+    for c in canonical {
+        let h = link_hash(&prev, c);
+        prevs.push(std::mem::replace(&mut prev, h.clone()));
+        hashes.push(h);
+    }
+    (prevs, hashes)
 }
 
 /// One stored audit row as the walk needs it (columns and the event JSON text).
@@ -134,15 +150,6 @@ impl ChainBase {
             count: 0,
         }
     }
-}
-
-/// A point the chain must still pass through: from a checkpoint (see [`super::Checkpoint`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainAnchor {
-    pub seq: i64,
-    pub hash: String,
-    /// Chained events from the first ever up to and including `seq`.
-    pub count: u64,
 }
 
 /// How the chain is broken.

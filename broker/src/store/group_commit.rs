@@ -12,7 +12,7 @@
 //!   after that transaction committed (or failed), so nothing is reported written before it is
 //!   durable, and "activation and its audit event are one transaction" holds per item.
 //! - Per-item refusals (`Replayed`, `Conflict`) are decided before the item writes anything
-//!   (see `postgres::insert_grants`, `activate_rows`, `finish_rows`), so a refused item leaves
+//!   (see `postgres::insert_grants`, `postgres::activate_rows`, `grants::finish_rows`), so a refused item leaves
 //!   nothing in the batch and the others commit.
 //! - Any other error rolls the whole batch back. If it is about the data (a `Rejected` item: a
 //!   NUL the text boundary missed, an oversized value; or a `Conflict` raised by a statement),
@@ -22,8 +22,9 @@
 //! - No added latency: a writer takes whatever is queued when it becomes free; a lone request
 //!   is written alone, at once.
 
-use super::postgres;
+use super::db::Conn;
 use super::{JtiRecord, NewGrant, RevokeCause, StoreError};
+use super::{audit_log, grants, postgres};
 use crate::audit::AuditEvent;
 use sqlx::PgPool;
 use std::sync::Arc;
@@ -282,7 +283,7 @@ async fn write_batch(
                 details,
             } => postgres::activate_rows(&mut tx, *id, *expires_at, details).await,
             Op::Finish { id, cause, now } => {
-                postgres::finish_rows(&mut tx, *id, *cause, *now).await
+                grants::finish_rows(&mut Conn::Pg(&mut tx), *id, *cause, *now).await
             }
             Op::Append => Ok(()),
         };
@@ -299,7 +300,7 @@ async fn write_batch(
         .filter(|(_, o)| o.is_ok())
         .filter_map(|(j, _)| j.audit.as_ref())
         .collect();
-    postgres::insert_audits(&mut tx, &audits).await?;
+    audit_log::append(&mut Conn::Pg(&mut tx), &audits).await?;
     // Last look before the commit (a caller leaving after this point is not seen: its grant is
     // committed without a response, and simply expires; nobody holds its credentials).
     if jobs.iter().any(Job::abandoned) {

@@ -17,366 +17,38 @@
 //!   public call as a whole are bounded, and failures become [`StoreError::Unavailable`]
 //!   without the connection URL (it may hold a password).
 
+mod audit_log;
 mod chain;
 mod codec;
+mod db;
+mod grants;
 mod group_commit;
+mod model;
 mod postgres;
+mod records;
 mod sqlite;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testdb;
 #[cfg(test)]
 mod tests;
 pub mod text;
+mod verify;
 
 use crate::audit::AuditEvent;
-use crate::providers::{CredentialKind, IssuedCredential};
+pub use crate::audit::checkpoint::{Checkpoint, CheckpointKind};
+use crate::providers::CredentialKind;
+#[cfg(test)]
+use crate::providers::IssuedCredential;
 pub use chain::{BreakKind, ChainAnchor, ChainBreak, ChainReport};
-use serde::{Deserialize, Serialize};
+use db::Backend;
+pub use model::{
+    AuditFilter, AuditPage, AuditRecord, ClaimedGrant, CredentialStatus, FreezeRecord, Grant,
+    GrantCursor, GrantSelect, GrantStatus, JobMatch, JtiRecord, NewGrant, PruneReport, RevokeCause,
+    StoreError, StoreGauges, StoreStats,
+};
+use records::Purge;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
-
-/// Lifecycle of a grant (a lease on one or more credentials).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GrantStatus {
-    /// Intent written, minting under way (or crashed: the reaper recovers it).
-    Issuing,
-    /// All credentials minted and returned.
-    Active,
-    /// A revocation (by request, expiry or recovery) is under way or waiting for a retry.
-    Revoking,
-    /// Revoked on request (`/v1/revoke`, revoke-all, webhook).
-    Revoked,
-    /// Revoked by the reaper after expiry.
-    Expired,
-    /// Minting failed or crashed; whatever was minted has been cleaned up.
-    Failed,
-}
-
-impl GrantStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GrantStatus::Issuing => "issuing",
-            GrantStatus::Active => "active",
-            GrantStatus::Revoking => "revoking",
-            GrantStatus::Revoked => "revoked",
-            GrantStatus::Expired => "expired",
-            GrantStatus::Failed => "failed",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "issuing" => GrantStatus::Issuing,
-            "active" => GrantStatus::Active,
-            "revoking" => GrantStatus::Revoking,
-            "revoked" => GrantStatus::Revoked,
-            "expired" => GrantStatus::Expired,
-            "failed" => GrantStatus::Failed,
-            _ => return None,
-        })
-    }
-    /// No further transition happens from here.
-    pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            GrantStatus::Revoked | GrantStatus::Expired | GrantStatus::Failed
-        )
-    }
-}
-
-/// Why a grant is being revoked; decides the final status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RevokeCause {
-    /// Caller asked (`/v1/revoke`, revoke-all, webhook) → `revoked`.
-    Requested,
-    /// Past `expires_at` → `expired`.
-    Expired,
-    /// Left in `issuing` (crash or failed mint) → `failed`.
-    Recovery,
-}
-
-impl RevokeCause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RevokeCause::Requested => "requested",
-            RevokeCause::Expired => "expired",
-            RevokeCause::Recovery => "recovery",
-        }
-    }
-    pub fn final_status(self) -> GrantStatus {
-        match self {
-            RevokeCause::Requested => GrantStatus::Revoked,
-            RevokeCause::Expired => GrantStatus::Expired,
-            RevokeCause::Recovery => GrantStatus::Failed,
-        }
-    }
-}
-
-/// A replay record: this `jti` from this `iss` was used; keep until `expires_at`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JtiRecord {
-    pub iss: String,
-    pub jti: String,
-    pub expires_at: OffsetDateTime,
-}
-
-/// Everything written with a grant's intent, before anything is minted.
-#[derive(Debug, Clone)]
-pub struct NewGrant {
-    pub id: Uuid,
-    /// SHA-256 hex of the revocation token (the token itself is never stored).
-    pub revocation_hash: String,
-    /// Configured issuer name.
-    pub issuer: String,
-    pub subject: String,
-    pub repository: Option<String>,
-    pub repository_id: Option<String>,
-    /// Job identity for webhooks later (run id / attempt / job id), non-secret.
-    pub job: serde_json::Value,
-    pub bundle_digest: String,
-    pub created_at: OffsetDateTime,
-    pub expires_at: OffsetDateTime,
-    pub credentials: Vec<IssuedCredential>,
-}
-
-/// A grant as read back.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Grant {
-    pub id: Uuid,
-    pub status: GrantStatus,
-    pub issuer: String,
-    pub subject: String,
-    pub repository: Option<String>,
-    pub repository_id: Option<String>,
-    pub job: serde_json::Value,
-    pub bundle_digest: String,
-    pub created_at: OffsetDateTime,
-    pub expires_at: OffsetDateTime,
-    pub revoked_at: Option<OffsetDateTime>,
-    /// Revocation attempts that failed so far.
-    pub revoke_attempts: i32,
-    pub last_error: Option<String>,
-    pub credentials: Vec<IssuedCredential>,
-}
-
-/// A grant the reaper (or a revoke call) has claimed for revocation, with the cause.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClaimedGrant {
-    pub grant: Grant,
-    pub cause: RevokeCause,
-}
-
-/// Status of one minted credential, for introspection.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CredentialStatus {
-    pub grant_id: Uuid,
-    pub grant_status: GrantStatus,
-    pub expires_at: OffsetDateTime,
-}
-
-/// Filter for reading audit events back (`GET /v1/audit`, CLI, tests). Every field narrows the
-/// result (AND); `None` means "any". The backends apply all of them in SQL, never in memory.
-#[derive(Debug, Clone, Default)]
-pub struct AuditFilter {
-    pub grant_id: Option<Uuid>,
-    pub request_id: Option<String>,
-    pub repository: Option<String>,
-    pub outcome: Option<String>,
-    pub reason: Option<String>,
-    /// Events at or after this time.
-    pub since: Option<OffsetDateTime>,
-    /// Events strictly before this time.
-    pub until: Option<OffsetDateTime>,
-    pub repository_id: Option<String>,
-    /// `job`, `reaper`, `operator:<name>`...
-    pub actor: Option<String>,
-    /// A credential name the event requested or granted.
-    pub credential: Option<String>,
-    /// A credential kind (`api_token`, ...): events of grants that hold a credential of this
-    /// kind. Events without a grant (denials) never match.
-    pub kind: Option<String>,
-    /// Only events older than the event with this sequence number (the previous page's
-    /// [`AuditPage::next_cursor`]), in the same newest-first order.
-    pub cursor: Option<i64>,
-    /// Newest first; at most this many (capped at 1000).
-    pub limit: u32,
-}
-
-/// One audit event with its sequence number (insertion order, the pagination cursor).
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditRecord {
-    pub seq: i64,
-    pub event: AuditEvent,
-}
-
-/// One page of audit events, newest first.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditPage {
-    pub records: Vec<AuditRecord>,
-    /// Set when more events match: pass it as [`AuditFilter::cursor`] for the next page.
-    pub next_cursor: Option<i64>,
-}
-
-/// The emergency freeze as stored (the filter is the admin layer's JSON).
-#[derive(Debug, Clone, PartialEq)]
-pub struct FreezeRecord {
-    pub filter: serde_json::Value,
-    pub reason: String,
-    pub actor: String,
-    pub since: OffsetDateTime,
-}
-
-/// Why a checkpoint was recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CheckpointKind {
-    /// `broker audit checkpoint`: printed signed, to be kept off this database.
-    Export,
-    /// `broker audit prune`: the events up to `seq` were deleted in the same transaction.
-    Prune,
-}
-
-impl CheckpointKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            CheckpointKind::Export => "export",
-            CheckpointKind::Prune => "prune",
-        }
-    }
-}
-
-/// Where the audit hash chain stood: the event at `seq` has chain hash `hash` and is the
-/// `event_count`-th chained event ever written (pruned ones included).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checkpoint {
-    pub kind: CheckpointKind,
-    pub created_at: OffsetDateTime,
-    pub seq: i64,
-    pub hash: String,
-    pub event_count: u64,
-    pub last_event_id: Option<Uuid>,
-    pub last_event_time: Option<OffsetDateTime>,
-}
-
-impl Checkpoint {
-    pub fn anchor(&self) -> ChainAnchor {
-        ChainAnchor {
-            seq: self.seq,
-            hash: self.hash.clone(),
-            count: self.event_count,
-        }
-    }
-}
-
-/// What `prune_audit` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PruneReport {
-    /// Events deleted (chained and legacy).
-    pub deleted: u64,
-    /// `seq` of the last deleted event: the cut the chain now starts after.
-    pub cut_seq: Option<i64>,
-    /// Chained events pruned so far in total (the cut checkpoint's count).
-    pub pruned_events: u64,
-}
-
-/// The active grants of one finished job (job-end webhooks). Every field must match; the
-/// optional ones only when given. Values are compared as the strings kept in `grants.job`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobMatch {
-    /// Configured issuer names the delivery may concern (the webhook's platform).
-    pub issuers: Vec<String>,
-    /// `github` | `gitlab` (`grants.job.platform`).
-    pub platform: String,
-    /// GitHub repository id, GitLab project id (`grants.repository_id`).
-    pub repository_id: String,
-    /// GitHub `check_run_id`, GitLab `job_id` (`grants.job.job_id`).
-    pub job_id: String,
-    /// GitHub `run_id` / GitLab `pipeline_id` (`grants.job.run_id`).
-    pub run_id: Option<String>,
-    /// GitHub `run_attempt` (`grants.job.run_attempt`).
-    pub run_attempt: Option<String>,
-}
-
-/// Which active grants an emergency revoke-all selects. Every field narrows the selection
-/// (AND); `None` means "any". Both backends apply all of them in SQL, so a selection that
-/// matches a few grants among millions reads only those (never "load everything, then filter").
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GrantSelect {
-    /// Configured issuer name (`grants.issuer`).
-    pub issuer: Option<String>,
-    pub repository: Option<String>,
-    pub repository_id: Option<String>,
-    /// Grants holding a credential of this definition name.
-    pub credential: Option<String>,
-    /// Grants holding a credential of this kind (`api_token`, ...).
-    pub kind: Option<String>,
-    /// Created at or after.
-    pub issued_after: Option<OffsetDateTime>,
-    /// Created strictly before.
-    pub issued_before: Option<OffsetDateTime>,
-}
-
-/// Where the previous page of [`Store::active_grants_page`] ended: its last grant's creation
-/// time and id (keyset pagination, so a page costs the same at the millionth grant as at the
-/// first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrantCursor {
-    pub created_at: OffsetDateTime,
-    pub id: Uuid,
-}
-
-/// Counts for `/readyz` and metrics.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct StoreStats {
-    pub active_grants: i64,
-    pub issuing_grants: i64,
-    /// Grants in `revoking` whose last attempt failed.
-    pub revoke_failures_pending: i64,
-}
-
-/// What `/metrics` reads from the store (cluster-wide, whichever replica asks).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StoreGauges {
-    /// `(kind, active grants holding a credential of it)`, kinds with none omitted.
-    pub active_by_kind: Vec<(String, i64)>,
-    /// Expiry of the oldest grant still `active` or `revoking` after it expired.
-    pub oldest_overdue: Option<OffsetDateTime>,
-}
-
-/// Store failures.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The `(iss, jti)` pair was already used and is still inside its replay window.
-    #[error("token already used")]
-    Replayed,
-    /// Database unreachable, timed out or failed.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
-    /// A state transition that is not allowed (e.g. activating a grant that is not `issuing`).
-    #[error("conflict: {0}")]
-    Conflict(String),
-    #[error("bad store url: {0}")]
-    BadUrl(String),
-    /// The database refused this item's data (Postgres SQLSTATE class 22/23/54, SQLite
-    /// TOOBIG/CONSTRAINT/MISMATCH): not an outage, and a retry would fail the same way. Written
-    /// alone, so other writes batched with it are not affected (see `group_commit.rs`).
-    #[error("data rejected by the store: {0}")]
-    Rejected(String),
-}
-
-impl StoreError {
-    /// Stable reason code for audit events, logs and HTTP error bodies.
-    pub fn reason_code(&self) -> &'static str {
-        match self {
-            StoreError::Replayed => "token_replayed",
-            StoreError::Unavailable(_) => "store_unavailable",
-            StoreError::Conflict(_) => "store_conflict",
-            StoreError::BadUrl(_) => "bad_store_url",
-            StoreError::Rejected(_) => "store_rejected",
-        }
-    }
-}
 
 /// The store handle; cheap to clone.
 #[derive(Debug, Clone)]
@@ -385,22 +57,6 @@ pub struct Store {
     /// Postgres only: batches the chain-appending writes (see `group_commit.rs`). SQLite has a
     /// single writer and a cheap commit, so it writes directly.
     writer: Option<group_commit::GroupWriter>,
-}
-
-/// The two pools. Debug prints only the backend name: pool options could reveal the host.
-#[derive(Clone)]
-enum Backend {
-    Postgres(sqlx::PgPool),
-    Sqlite(sqlx::SqlitePool),
-}
-
-impl std::fmt::Debug for Backend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Backend::Postgres(_) => f.write_str("Backend::Postgres"),
-            Backend::Sqlite(_) => f.write_str("Backend::Sqlite"),
-        }
-    }
 }
 
 /// Upper bound on one public store call, whatever it waits on (pool, locks, network). The HTTP
@@ -420,19 +76,6 @@ async fn bounded<T>(
             "store operation timed out".to_owned(),
         )),
     }
-}
-
-/// Run the backend-specific function of the same name on whichever pool this store holds.
-macro_rules! dispatch {
-    ($self:ident, $f:ident ( $($arg:expr),* $(,)? )) => {
-        bounded(async {
-            match &$self.backend {
-                Backend::Postgres(pool) => postgres::$f(pool, $($arg),*).await,
-                Backend::Sqlite(pool) => sqlite::$f(pool, $($arg),*).await,
-            }
-        })
-        .await
-    };
 }
 
 impl Store {
@@ -466,11 +109,22 @@ impl Store {
     }
     /// Apply migrations from `migrations/postgres` or `migrations/sqlite` (embedded).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        dispatch!(self, migrate())
+        bounded(async {
+            match &self.backend {
+                Backend::Postgres(pool) => postgres::migrate(pool).await,
+                Backend::Sqlite(pool) => sqlite::migrate(pool).await,
+            }
+        })
+        .await
     }
     /// `SELECT 1` with a short timeout.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, ping())
+        bounded(async {
+            let mut pooled = self.backend.acquire().await?;
+            pooled.conn().execute(&db::Sql::new("SELECT 1")).await?;
+            Ok(())
+        })
+        .await
     }
     /// Which backend (`postgres` | `sqlite`).
     pub fn backend(&self) -> &'static str {
@@ -493,7 +147,9 @@ impl Store {
         let jti = jti.as_deref();
         match &self.backend {
             Backend::Postgres(_) => bounded(self.writer()?.begin(grant, jti)).await,
-            Backend::Sqlite(pool) => bounded(sqlite::begin_grant(pool, grant, jti)).await,
+            Backend::Sqlite(_) => {
+                bounded(sqlite::insert_grant(&self.backend, grant, jti, None)).await
+            }
         }
     }
     /// One transaction: `issuing` → `active` with the final expiry and per-credential details
@@ -519,8 +175,15 @@ impl Store {
                 };
                 bounded(self.writer()?.submit(op, audit)).await
             }
-            Backend::Sqlite(pool) => {
-                bounded(sqlite::activate_grant(pool, id, expires_at, details, audit)).await
+            Backend::Sqlite(_) => {
+                bounded(sqlite::activate_grant(
+                    &self.backend,
+                    id,
+                    expires_at,
+                    details,
+                    audit,
+                ))
+                .await
             }
         }
     }
@@ -547,7 +210,9 @@ impl Store {
                 };
                 bounded(self.writer()?.submit(op, audit)).await
             }
-            Backend::Sqlite(pool) => bounded(sqlite::issue_grant(pool, grant, jti, audit)).await,
+            Backend::Sqlite(_) => {
+                bounded(sqlite::insert_grant(&self.backend, grant, jti, Some(audit))).await
+            }
         }
     }
     /// One transaction: `issuing` → `failed` (nothing minted is left: caller revoked it first),
@@ -563,7 +228,7 @@ impl Store {
         let release_jti = release_jti.as_deref();
         let audit = text::escape_event(audit);
         let audit = &*audit;
-        dispatch!(self, fail_grant(id, release_jti, audit))
+        bounded(grants::fail_grant(&self.backend, id, release_jti, audit)).await
     }
     /// Append one audit event on its own.
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
@@ -573,7 +238,7 @@ impl Store {
             Backend::Postgres(_) => {
                 bounded(self.writer()?.submit(group_commit::Op::Append, audit)).await
             }
-            Backend::Sqlite(pool) => bounded(sqlite::append_audit(pool, audit)).await,
+            Backend::Sqlite(_) => bounded(audit_log::append_audit(&self.backend, audit)).await,
         }
     }
     /// Read audit events back, newest first.
@@ -584,10 +249,11 @@ impl Store {
     /// One page of audit events, newest first (time, then insertion order), with the cursor of
     /// the next page when more match.
     pub async fn audit_page(&self, filter: &AuditFilter) -> Result<AuditPage, StoreError> {
-        let filter = &escape_filter(filter);
+        let filter = &text::escape_filter(filter);
         let limit = codec::audit_limit(filter.limit);
         // One row more than asked tells whether another page exists without a second query.
-        let mut records = dispatch!(self, audit_records(filter, limit + 1))?;
+        let mut records =
+            bounded(audit_log::audit_records(&self.backend, filter, limit + 1)).await?;
         let more = records.len() as i64 > limit;
         records.truncate(usize::try_from(limit).unwrap_or(0));
         let next_cursor = if more {
@@ -617,66 +283,13 @@ impl Store {
         &self,
         anchor: Option<&ChainAnchor>,
     ) -> Result<ChainReport, StoreError> {
-        let head = dispatch!(self, chain_head())?;
-        let base = match dispatch!(self, last_prune_checkpoint())? {
-            Some(cp) => chain::ChainBase {
-                seq: Some(cp.seq),
-                hash: cp.hash,
-                count: cp.event_count,
-            },
-            None => chain::ChainBase::genesis(),
-        };
-        let mut walker = chain::Walker::new(head, base.clone());
-        if let Some(a) = anchor {
-            walker = walker.with_anchor(a.clone());
-            if a.count > 0 && base.seq.is_some_and(|cut| a.seq <= cut) {
-                // Before the cut the events are gone: the checkpoint must be consistent with the
-                // cut (no more events than it covers) and held by the append-only record.
-                if a.count <= base.count && dispatch!(self, checkpoint_recorded(a))? {
-                    walker.anchor_met_at_cut();
-                } else {
-                    let b = ChainBreak {
-                        kind: BreakKind::Deleted,
-                        seq: a.seq,
-                        event_id: String::new(),
-                        message: format!(
-                            "the checkpoint (seq {}, {} events) lies in the pruned range but no \
-                             stored checkpoint matches it: the log was cut or rewritten",
-                            a.seq, a.count
-                        ),
-                    };
-                    return Ok(walker.report(Some(b)));
-                }
-            }
-        }
-        let mut after = walker.start_after();
-        loop {
-            let rows = dispatch!(self, chain_page(after, chain::VERIFY_PAGE))?;
-            let Some(last) = rows.last() else { break };
-            after = last.seq;
-            for row in &rows {
-                match walker.check(row) {
-                    chain::Check::Ok => {}
-                    chain::Check::Broken(b) => return Ok(walker.report(Some(b))),
-                    chain::Check::Link { row, prev } => {
-                        let found = dispatch!(self, event_with_hash(&prev))?;
-                        return Ok(walker.report(Some(chain::link_break(&row, found))));
-                    }
-                }
-            }
-        }
-        if let Some(head_hash) = walker.tail_mismatch() {
-            let found = dispatch!(self, event_with_hash(&head_hash))?;
-            return Ok(walker.report(Some(walker.tail_break(found))));
-        }
-        let broken = walker.anchor_break();
-        Ok(walker.report(broken))
+        verify::verify_through(&self.backend, anchor).await
     }
 
     /// Record where the chain stands now (kind `export`) and return it, for `broker audit
     /// checkpoint` to sign. Appenders wait while the events are counted.
     pub async fn audit_checkpoint(&self, now: OffsetDateTime) -> Result<Checkpoint, StoreError> {
-        dispatch!(self, record_checkpoint(now))
+        bounded(audit_log::record_checkpoint(&self.backend, now)).await
     }
 
     /// Delete the oldest audit events, all older than `before`, keeping the chain verifiable:
@@ -690,15 +303,21 @@ impl Store {
         now: OffsetDateTime,
         actor: &str,
     ) -> Result<PruneReport, StoreError> {
-        let target = dispatch!(self, prune_target(before))?;
+        let target = bounded(audit_log::prune_target(&self.backend, before)).await?;
         let mut report = PruneReport {
             deleted: 0,
             cut_seq: None,
             pruned_events: 0,
         };
         if let Some(target) = target {
-            while let Some((cp, deleted)) =
-                dispatch!(self, prune_batch(target, before, now, PRUNE_BATCH))?
+            while let Some((cp, deleted)) = bounded(audit_log::prune_batch(
+                &self.backend,
+                target,
+                before,
+                now,
+                PRUNE_BATCH,
+            ))
+            .await?
             {
                 report.deleted += deleted;
                 report.cut_seq = Some(cp.seq);
@@ -728,12 +347,12 @@ impl Store {
 
     /// The stored checkpoints, oldest first (at most `limit`).
     pub async fn audit_checkpoints(&self, limit: u32) -> Result<Vec<Checkpoint>, StoreError> {
-        dispatch!(self, checkpoints(limit))
+        bounded(audit_log::checkpoints(&self.backend, limit)).await
     }
 
     /// The freeze in force, if any.
     pub async fn freeze_state(&self) -> Result<Option<FreezeRecord>, StoreError> {
-        dispatch!(self, freeze_state())
+        bounded(audit_log::freeze_state(&self.backend)).await
     }
     /// One transaction: replace the freeze (`None` lifts it) and append `audit`. Returns whether
     /// a freeze was in force before.
@@ -742,22 +361,17 @@ impl Store {
         freeze: Option<&FreezeRecord>,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
-        let freeze = freeze.map(|f| FreezeRecord {
-            filter: text::escape_json(&f.filter).into_owned(),
-            reason: text::escape(&f.reason).into_owned(),
-            actor: text::escape(&f.actor).into_owned(),
-            since: f.since,
-        });
+        let freeze = freeze.map(text::escape_freeze);
         let audit = text::escape_event(audit);
         let audit = &*audit;
-        dispatch!(self, set_freeze(freeze.as_ref(), audit))
+        bounded(audit_log::set_freeze(&self.backend, freeze.as_ref(), audit)).await
     }
 
     pub async fn grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {
-        dispatch!(self, grant(id))
+        bounded(grants::grant(&self.backend, id)).await
     }
     pub async fn grant_by_revocation_hash(&self, hash: &str) -> Result<Option<Grant>, StoreError> {
-        dispatch!(self, grant_by_revocation_hash(hash))
+        bounded(grants::grant_by_revocation_hash(&self.backend, hash)).await
     }
     /// The id and status of the grant a revocation token belongs to (what a revoke needs
     /// before it claims the grant; no credentials read).
@@ -765,13 +379,7 @@ impl Store {
         &self,
         hash: &str,
     ) -> Result<Option<(Uuid, GrantStatus)>, StoreError> {
-        match &self.backend {
-            Backend::Postgres(pool) => postgres::grant_status_by_revocation_hash(pool, hash).await,
-            Backend::Sqlite(_) => Ok(self
-                .grant_by_revocation_hash(hash)
-                .await?
-                .map(|g| (g.id, g.status))),
-        }
+        bounded(grants::grant_status_by_revocation_hash(&self.backend, hash)).await
     }
     /// Status of the grant holding credential `(kind, resource_id)`.
     pub async fn credential_status(
@@ -779,7 +387,7 @@ impl Store {
         kind: CredentialKind,
         resource_id: &str,
     ) -> Result<Option<CredentialStatus>, StoreError> {
-        dispatch!(self, credential_status(kind, resource_id))
+        bounded(grants::credential_status(&self.backend, kind, resource_id)).await
     }
 
     /// Claim one grant for a requested revocation: `active` | `issuing` | `revoking` (lease
@@ -792,7 +400,13 @@ impl Store {
         lease: Duration,
     ) -> Result<Option<ClaimedGrant>, StoreError> {
         let lease_until = codec::lease_end(now, lease)?;
-        dispatch!(self, claim_for_revoke(id, now, lease_until))
+        bounded(grants::claim_for_revoke(
+            &self.backend,
+            id,
+            now,
+            lease_until,
+        ))
+        .await
     }
     /// Claim up to `limit` grants that need the reaper, each exactly once across replicas
     /// (Postgres: `FOR UPDATE SKIP LOCKED`): `active` with `expires_at <= now` (cause Expired),
@@ -807,10 +421,14 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<ClaimedGrant>, StoreError> {
         let lease_until = codec::lease_end(now, lease)?;
-        dispatch!(
-            self,
-            claim_due(now, stale_issuing_before, lease_until, limit)
-        )
+        bounded(grants::claim_due(
+            &self.backend,
+            now,
+            stale_issuing_before,
+            lease_until,
+            limit,
+        ))
+        .await
     }
     /// One transaction: `revoking` → the cause's final status, `revoked_at = now`, append audit.
     pub async fn finish_revoke(
@@ -825,8 +443,8 @@ impl Store {
         let op = group_commit::Op::Finish { id, cause, now };
         match &self.backend {
             Backend::Postgres(_) => bounded(self.writer()?.submit(op, audit)).await,
-            Backend::Sqlite(pool) => {
-                bounded(sqlite::finish_revoke(pool, id, cause, now, audit)).await
+            Backend::Sqlite(_) => {
+                bounded(grants::finish_revoke(&self.backend, id, cause, now, audit)).await
             }
         }
     }
@@ -842,11 +460,18 @@ impl Store {
         let error = codec::clip_error(&text::escape(error));
         let audit = text::escape_event(audit);
         let audit = &*audit;
-        dispatch!(self, revoke_failed(id, &error, retry_at, audit))
+        bounded(grants::revoke_failed(
+            &self.backend,
+            id,
+            &error,
+            retry_at,
+            audit,
+        ))
+        .await
     }
     /// Active grants (for revoke-all), oldest first.
     pub async fn active_grants(&self, limit: u32) -> Result<Vec<Grant>, StoreError> {
-        dispatch!(self, active_grants(limit))
+        bounded(grants::active_grants(&self.backend, limit)).await
     }
     /// One page of the active grants `select` matches, oldest first (creation time, then id),
     /// after `after`, with their credentials: two queries whatever the page size.
@@ -856,15 +481,14 @@ impl Store {
         after: Option<GrantCursor>,
         limit: u32,
     ) -> Result<Vec<Grant>, StoreError> {
-        let select = &GrantSelect {
-            issuer: text::escape_opt(&select.issuer),
-            repository: text::escape_opt(&select.repository),
-            repository_id: text::escape_opt(&select.repository_id),
-            credential: text::escape_opt(&select.credential),
-            kind: text::escape_opt(&select.kind),
-            ..select.clone()
-        };
-        dispatch!(self, active_grants_page(select, after, limit))
+        let select = &text::escape_select(select);
+        bounded(grants::active_grants_page(
+            &self.backend,
+            select,
+            after,
+            limit,
+        ))
+        .await
     }
     /// Revoke, set-based, grants whose credentials live only in the broker (API tokens: the
     /// store's status *is* the revocation, checked at introspection). One transaction: every
@@ -877,21 +501,8 @@ impl Store {
         now: OffsetDateTime,
         audits: &[AuditEvent],
     ) -> Result<Vec<Uuid>, StoreError> {
-        // Copied only when some event needs escaping (revoke-all pages hold a thousand).
-        let escaped: Vec<AuditEvent>;
-        let audits = if audits
-            .iter()
-            .any(|a| matches!(text::escape_event(a), std::borrow::Cow::Owned(_)))
-        {
-            escaped = audits
-                .iter()
-                .map(|a| text::escape_event(a).into_owned())
-                .collect();
-            &escaped[..]
-        } else {
-            audits
-        };
-        dispatch!(self, revoke_in_store(now, audits))
+        let audits = text::escape_events(audits);
+        bounded(grants::revoke_in_store(&self.backend, now, &audits)).await
     }
     /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
     /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares
@@ -899,7 +510,7 @@ impl Store {
     pub async fn record_jti(&self, jti: &JtiRecord, now: OffsetDateTime) -> Result<(), StoreError> {
         let jti = text::escape_jti(jti);
         let jti = &*jti;
-        dispatch!(self, record_jti(jti, now))
+        bounded(records::record_jti(&self.backend, jti, now)).await
     }
     /// Active grants of one finished job (job-end webhooks), oldest first.
     pub async fn active_job_grants(
@@ -907,16 +518,8 @@ impl Store {
         job: &JobMatch,
         limit: u32,
     ) -> Result<Vec<Grant>, StoreError> {
-        let e = |s: &str| text::escape(s).into_owned();
-        let job = &JobMatch {
-            issuers: job.issuers.iter().map(|s| e(s)).collect(),
-            platform: e(&job.platform),
-            repository_id: e(&job.repository_id),
-            job_id: e(&job.job_id),
-            run_id: text::escape_opt(&job.run_id),
-            run_attempt: text::escape_opt(&job.run_attempt),
-        };
-        dispatch!(self, active_job_grants(job, limit))
+        let job = &text::escape_job(job);
+        bounded(grants::active_job_grants(&self.backend, job, limit)).await
     }
     /// Record a webhook delivery acted on, or take over a record whose window has passed. A
     /// live record with the same `(source, id)` → `StoreError::Replayed`.
@@ -929,29 +532,36 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (source, id) = (text::escape(source), text::escape(id));
         let (source, id) = (&*source, &*id);
-        dispatch!(self, record_delivery(source, id, now, expires_at))
+        bounded(records::record_delivery(
+            &self.backend,
+            source,
+            id,
+            now,
+            expires_at,
+        ))
+        .await
     }
     /// Drop a delivery record (the delivery could not be processed; let a retry through).
     pub async fn forget_delivery(&self, source: &str, id: &str) -> Result<(), StoreError> {
         let (source, id) = (text::escape(source), text::escape(id));
         let (source, id) = (&*source, &*id);
-        dispatch!(self, forget_delivery(source, id))
+        bounded(records::forget_delivery(&self.backend, source, id)).await
     }
     /// Delete webhook delivery records past their window. Returns how many.
     pub async fn purge_deliveries(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
-        dispatch!(self, purge_deliveries(now))
+        bounded(records::purge(&self.backend, Purge::Deliveries, now)).await
     }
     /// Delete replay records past their window. Returns how many.
     pub async fn purge_jti(&self, now: OffsetDateTime) -> Result<u64, StoreError> {
-        dispatch!(self, purge_jti(now))
+        bounded(records::purge(&self.backend, Purge::Jti, now)).await
     }
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        dispatch!(self, stats())
+        bounded(grants::stats(&self.backend)).await
     }
     /// Metrics gauges: active grants per credential kind, and the expiry of the oldest grant
     /// past `now` that is not yet revoked (the reaper's lag). Two indexed queries.
     pub async fn gauges(&self, now: OffsetDateTime) -> Result<StoreGauges, StoreError> {
-        dispatch!(self, gauges(now))
+        bounded(grants::gauges(&self.backend, now)).await
     }
 
     /// Close the pool (graceful shutdown, tests). Calls after this fail with `Unavailable`.
@@ -975,33 +585,8 @@ impl Store {
         work: impl std::future::Future<Output = T>,
     ) -> Result<T, StoreError> {
         match &self.backend {
-            Backend::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-                let out = work.await;
-                tx.commit().await?;
-                Ok(out)
-            }
+            Backend::Postgres(pool) => postgres::locked(pool, key, work).await,
             Backend::Sqlite(_) => Ok(work.await),
         }
-    }
-}
-
-/// An audit filter with its text escaped as stored text is (see `text.rs`), so a filter value
-/// reaches SQL only in a form the store can hold, and finds what was stored escaped.
-fn escape_filter(f: &AuditFilter) -> AuditFilter {
-    AuditFilter {
-        request_id: text::escape_opt(&f.request_id),
-        repository: text::escape_opt(&f.repository),
-        outcome: text::escape_opt(&f.outcome),
-        reason: text::escape_opt(&f.reason),
-        repository_id: text::escape_opt(&f.repository_id),
-        actor: text::escape_opt(&f.actor),
-        credential: text::escape_opt(&f.credential),
-        kind: text::escape_opt(&f.kind),
-        ..f.clone()
     }
 }

@@ -23,7 +23,7 @@
 //!
 //! Invariant: nothing this module returns or displays contains the raw offending character.
 
-use super::{JtiRecord, NewGrant};
+use super::{AuditFilter, FreezeRecord, GrantSelect, JobMatch, JtiRecord, NewGrant};
 use crate::audit::AuditEvent;
 use serde_json::Value;
 use std::borrow::Cow;
@@ -348,6 +348,75 @@ pub fn escape_details(details: &[Value]) -> Cow<'_, [Value]> {
         return Cow::Borrowed(details);
     }
     Cow::Owned(details.iter().map(escaped_json).collect())
+}
+
+/// An audit filter with its text escaped as stored text is, so a filter value reaches SQL only
+/// in a form the store can hold, and finds what was stored escaped.
+pub fn escape_filter(f: &AuditFilter) -> AuditFilter {
+    AuditFilter {
+        request_id: escape_opt(&f.request_id),
+        repository: escape_opt(&f.repository),
+        outcome: escape_opt(&f.outcome),
+        reason: escape_opt(&f.reason),
+        repository_id: escape_opt(&f.repository_id),
+        actor: escape_opt(&f.actor),
+        credential: escape_opt(&f.credential),
+        kind: escape_opt(&f.kind),
+        ..f.clone()
+    }
+}
+
+/// A revoke-all selection with its text escaped (as [`escape_filter`]).
+pub fn escape_select(select: &GrantSelect) -> GrantSelect {
+    GrantSelect {
+        issuer: escape_opt(&select.issuer),
+        repository: escape_opt(&select.repository),
+        repository_id: escape_opt(&select.repository_id),
+        credential: escape_opt(&select.credential),
+        kind: escape_opt(&select.kind),
+        ..select.clone()
+    }
+}
+
+/// A job match with its text escaped (as [`escape_filter`]).
+pub fn escape_job(job: &JobMatch) -> JobMatch {
+    let e = |s: &str| escape(s).into_owned();
+    JobMatch {
+        issuers: job.issuers.iter().map(|s| e(s)).collect(),
+        platform: e(&job.platform),
+        repository_id: e(&job.repository_id),
+        job_id: e(&job.job_id),
+        run_id: escape_opt(&job.run_id),
+        run_attempt: escape_opt(&job.run_attempt),
+    }
+}
+
+/// A freeze with its text escaped.
+pub fn escape_freeze(f: &FreezeRecord) -> FreezeRecord {
+    FreezeRecord {
+        filter: escape_json(&f.filter).into_owned(),
+        reason: escape(&f.reason).into_owned(),
+        actor: escape(&f.actor).into_owned(),
+        since: f.since,
+    }
+}
+
+/// Events escaped as [`escape_event`], copied only when one needs it (revoke-all pages hold a
+/// thousand).
+pub fn escape_events(audits: &[AuditEvent]) -> Cow<'_, [AuditEvent]> {
+    if audits
+        .iter()
+        .any(|a| matches!(escape_event(a), Cow::Owned(_)))
+    {
+        Cow::Owned(
+            audits
+                .iter()
+                .map(|a| escape_event(a).into_owned())
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(audits)
+    }
 }
 
 #[cfg(test)]
