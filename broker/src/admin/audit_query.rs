@@ -8,10 +8,8 @@
 //!   audit write turns the call into 503, so nothing is read unrecorded).
 //! - The cursor is opaque to callers: the decimal sequence number of the last event returned.
 
-use super::{AdminError, Operator};
 use crate::audit::AuditEvent;
 use crate::providers::CredentialKind;
-use crate::service::{Broker, RequestCtx};
 use crate::store::AuditFilter;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -131,7 +129,7 @@ fn parse_time(name: &str, value: &str) -> Result<OffsetDateTime, String> {
 
 /// The filter as audit detail: which filters were set (values are operator-supplied and
 /// non-secret; JSON encoding escapes control characters).
-fn describe(f: &AuditFilter) -> String {
+pub(crate) fn describe(f: &AuditFilter) -> String {
     let time = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
     let v = serde_json::json!({
         "since": time(f.since),
@@ -156,51 +154,6 @@ fn describe(f: &AuditFilter) -> String {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     serde_json::Value::Object(set).to_string()
-}
-
-impl Broker {
-    /// Answer an audit query for an authorized operator; refused parameters are audited and
-    /// returned as 400, and the query itself is audited before the page is returned.
-    pub async fn audit_query(
-        &self,
-        op: &Operator,
-        pairs: &[(String, String)],
-        ctx: &RequestCtx,
-    ) -> Result<AuditQueryPage, AdminError> {
-        // Text the store cannot hold is refused before anything else looks at it.
-        for (name, value) in pairs {
-            let field = AUDIT_PARAMS
-                .iter()
-                .find(|p| **p == name.as_str())
-                .map_or_else(
-                    || "a parameter name".to_owned(),
-                    |p| format!("parameter {p}"),
-                );
-            for text in [name, value] {
-                if let Err(e) = crate::store::text::check(&field, text) {
-                    return Err(self.admin_invalid_text(op, "audit_query", e, ctx).await);
-                }
-            }
-        }
-        let filter = match parse_audit_query(pairs) {
-            Ok(f) => f,
-            Err(msg) => return Err(self.admin_bad_request(op, "audit_query", msg, ctx).await),
-        };
-        let page = self.store.audit_page(&filter).await?;
-        let mut ev = self.admin_event(ctx, "audit_query");
-        ev.actor = Some(op.actor());
-        ev.outcome = crate::audit::Outcome::Success;
-        ev.detail = Some(format!(
-            "filter: {}; returned {}",
-            describe(&filter),
-            page.records.len()
-        ));
-        self.admin_audit(&ev).await?;
-        Ok(AuditQueryPage {
-            events: page.records.into_iter().map(|r| r.event).collect(),
-            next_cursor: page.next_cursor.map(|c| c.to_string()),
-        })
-    }
 }
 
 #[cfg(test)]

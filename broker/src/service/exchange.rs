@@ -1,0 +1,554 @@
+//! The life of one exchange (ARCHITECTURE.md, "The life of one exchange"): check the
+//! request, verify the job token, decide, cap the TTL, commit the intent, mint, activate.
+
+use super::ServiceError;
+use super::{Broker, REVOCATION_PREFIX, RequestCtx};
+use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
+use crate::metrics::{self, Stage};
+use crate::oidc::Platform;
+use crate::policy::{Decision, PolicyInput};
+use crate::providers::{
+    CredentialKind, Field, IssuedCredential, MintRequest, Minted, ProviderError,
+};
+use crate::secret::{Sensitive, random_token, sha256_hex};
+use crate::store::{JtiRecord, NewGrant, StoreError};
+use time::{Duration, OffsetDateTime};
+use uuid::Uuid;
+
+/// `POST /v1/exchange` input.
+#[derive(Debug)]
+pub struct ExchangeRequest {
+    pub token: Sensitive,
+    pub credentials: Vec<String>,
+    /// As written by the caller (`15m`).
+    pub ttl: Option<String>,
+}
+
+/// One minted credential in a response.
+#[derive(Debug)]
+pub struct IssuedOutput {
+    pub name: String,
+    pub kind: CredentialKind,
+    pub fields: Vec<(String, Field)>,
+}
+
+/// `POST /v1/exchange` output.
+#[derive(Debug)]
+pub struct ExchangeResponse {
+    pub grant_id: Uuid,
+    pub expires_at: OffsetDateTime,
+    pub revocation_token: Sensitive,
+    pub credentials: Vec<IssuedOutput>,
+}
+
+const MAX_NAME: usize = 64;
+pub(super) fn valid_credential_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= MAX_NAME
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl Broker {
+    /// The life of one exchange. See ARCHITECTURE.md for the sequence.
+    pub async fn exchange(
+        &self,
+        req: ExchangeRequest,
+        ctx: &RequestCtx,
+    ) -> Result<ExchangeResponse, ServiceError> {
+        let now = self.clock.now();
+        let bundle = self.policies.load_full();
+        let mut ev = self.base_event(now, Action::Exchange, ctx);
+        ev.bundle_digest = Some(bundle.digest().to_owned());
+        // As the caller wrote them, escaped; `refuse` and the event's writers cap each one
+        // (`refusals::fields`), so a refused name is kept escaped and cut short.
+        ev.credentials_requested = req
+            .credentials
+            .iter()
+            .take(self.max_credentials)
+            .map(|n| crate::store::text::escape(n).into_owned())
+            .collect();
+
+        // 1. The request itself.
+        let requested_ttl = match self.check_request(&req) {
+            Ok(t) => t,
+            Err(e) => return Err(self.refuse(ev, e).await),
+        };
+
+        // 2. The job token: configured issuer, pinned algorithm, signature, audience, times.
+        let claims =
+            match metrics::timed(Stage::Verify, self.verifier.verify(req.token.expose())).await {
+                Ok(c) => c,
+                Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
+            };
+        ev.job = JobAttribution::from_claims(&claims);
+        if let Err(e) = self.check_rate(&claims.issuer, &ev.job) {
+            return Err(self.refuse(ev, e).await);
+        }
+        if let Err(e) = self
+            .check_freeze(
+                &claims.issuer,
+                ev.job.repository.as_deref(),
+                ev.job.repository_id.as_deref(),
+                &req.credentials,
+            )
+            .await
+        {
+            return Err(self.refuse(ev, e).await);
+        }
+
+        // 3. Policy: every requested credential must be allowed; deny wins; default deny.
+        let input = PolicyInput {
+            issuer: &claims.issuer,
+            platform: claims.platform,
+            claims: &claims.claims,
+        };
+        let eval = metrics::timed_sync(Stage::Policy, || bundle.evaluate(&input, &req.credentials));
+        ev.rules_matched = eval.rules_matched.clone();
+        let mut caps = Vec::with_capacity(eval.decisions.len());
+        for d in &eval.decisions {
+            match &d.outcome {
+                Decision::Allow { .. } => caps.extend(d.max_ttl),
+                other => {
+                    ev.detail = Some(format!(
+                        "credential {:?}: {}",
+                        d.credential,
+                        other.reason_code()
+                    ));
+                    let err = ServiceError::Denied {
+                        credential: d.credential.clone(),
+                        reason: other.reason_code(),
+                    };
+                    let mut ev = ev;
+                    ev.reason = other.reason_code().to_owned();
+                    return Err(self.refuse(ev, err).await);
+                }
+            }
+        }
+        // GitLab binds `exp` to the job's timeout: never outlive the job.
+        let job_left = (claims.platform == Platform::Gitlab).then(|| claims.exp - now);
+        let ttl = effective_ttl(
+            requested_ttl,
+            self.grants.default_ttl,
+            self.grants.max_ttl,
+            &caps,
+            job_left,
+        );
+        if ttl < Duration::SECOND {
+            return Err(self.refuse(ev, ServiceError::TokenExhausted).await);
+        }
+        let expires_at = now + ttl;
+        ev.ttl_seconds = Some(ttl.whole_seconds());
+
+        // 4. Intent: grant + resource ids + jti, committed before anything is minted.
+        let grant_id = Uuid::now_v7();
+        let revocation_token = Sensitive::new(format!("{REVOCATION_PREFIX}{}", random_token(32)));
+        let mut defs = Vec::with_capacity(req.credentials.len());
+        let mut issued = Vec::with_capacity(req.credentials.len());
+        for name in &req.credentials {
+            let Some(def) = bundle.credential(name) else {
+                let err = ServiceError::Denied {
+                    credential: name.clone(),
+                    reason: "unknown_credential",
+                };
+                return Err(self.refuse(ev, err).await);
+            };
+            let provider = match self.provider(def.spec.kind()) {
+                Ok(p) => p,
+                Err(error) => {
+                    return Err(self
+                        .refuse(
+                            ev,
+                            ServiceError::Provider {
+                                credential: name.clone(),
+                                error,
+                            },
+                        )
+                        .await);
+                }
+            };
+            issued.push(IssuedCredential {
+                name: name.clone(),
+                kind: def.spec.kind(),
+                resource_id: provider.resource_id(grant_id, def),
+                details: provider.intent_details(def),
+            });
+            defs.push(def);
+        }
+        ev.grant_id = Some(grant_id);
+        ev.resource_ids = issued.iter().map(|c| c.resource_id.clone()).collect();
+        ev.expires_at = Some(expires_at);
+        let jti = match (&claims.jti, claims.single_use) {
+            (Some(j), true) => Some(JtiRecord {
+                iss: claims.iss.clone(),
+                jti: j.clone(),
+                expires_at: claims.replay_until,
+            }),
+            _ => None,
+        };
+        let new_grant = NewGrant {
+            id: grant_id,
+            revocation_hash: sha256_hex(revocation_token.expose().as_bytes()),
+            issuer: claims.issuer.clone(),
+            subject: claims.sub.clone(),
+            repository: ev.job.repository.clone(),
+            repository_id: ev.job.repository_id.clone(),
+            job: ev.job.job_key(),
+            bundle_digest: bundle.digest().to_owned(),
+            created_at: now,
+            expires_at,
+            credentials: issued.clone(),
+        };
+        // Credentials that exist only in this process until the response (signed tokens) need
+        // no intent: mint, then one transaction (jti + active grant + audit). A failure before
+        // that commit leaves nothing anywhere: the tokens never left the process.
+        let in_memory = defs.iter().all(|d| {
+            self.provider(d.spec.kind())
+                .is_ok_and(|p| p.mints_in_memory())
+        });
+        if in_memory {
+            let results = metrics::timed(
+                Stage::Mint,
+                self.mint_all(&defs, &issued, grant_id, &claims, now, expires_at),
+            )
+            .await;
+            crate::fault::point("after_mint");
+            let minted = match collect_minted(results, &issued) {
+                Ok(m) => m,
+                Err(err) => {
+                    ev.detail = Some(format!("{}: {}", err.0, err.1.reason_code()));
+                    let err = ServiceError::Provider {
+                        credential: err.0,
+                        error: err.1,
+                    };
+                    return Err(self.refuse(ev, err).await);
+                }
+            };
+            let real_expiry = latest_expiry(&minted, expires_at);
+            let mut grant = new_grant;
+            grant.expires_at = real_expiry;
+            for (c, m) in grant.credentials.iter_mut().zip(&minted) {
+                c.details = m.details.clone();
+            }
+            let mut allow = ev.clone();
+            allow.outcome = Outcome::Allow;
+            allow.reason = "ok".into();
+            allow.credentials_granted = req.credentials.clone();
+            allow.expires_at = Some(real_expiry);
+            let issue = self.store.issue_grant(&grant, jti.as_ref(), &allow);
+            return match metrics::timed(Stage::Activate, issue).await {
+                Ok(()) => Ok(respond(
+                    grant_id,
+                    real_expiry,
+                    revocation_token,
+                    minted,
+                    issued,
+                )),
+                Err(StoreError::Replayed) => Err(self.refuse(ev, ServiceError::Replayed).await),
+                // The store refused this item's data (it failed alone, see `group_commit.rs`):
+                // record the refusal as far as the store still takes it.
+                Err(e @ StoreError::Rejected(_)) => {
+                    Err(self.refuse(ev, ServiceError::Store(e)).await)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "store unavailable at grant issue");
+                    Err(ServiceError::Store(e))
+                }
+            };
+        }
+
+        match metrics::timed(
+            Stage::Intent,
+            self.store.begin_grant(&new_grant, jti.as_ref()),
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Replayed) => return Err(self.refuse(ev, ServiceError::Replayed).await),
+            Err(e @ StoreError::Rejected(_)) => {
+                return Err(self.refuse(ev, ServiceError::Store(e)).await);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store unavailable at grant intent");
+                return Err(ServiceError::Store(e));
+            }
+        }
+        crate::fault::point("after_intent");
+
+        // 5. Mint every credential concurrently; all or nothing.
+        let results = metrics::timed(
+            Stage::Mint,
+            self.mint_all(&defs, &issued, grant_id, &claims, now, expires_at),
+        )
+        .await;
+        crate::fault::point("after_mint");
+        if let Some(pos) = results.iter().position(Result::is_err) {
+            return Err(self
+                .abort_grant(ev, jti.as_ref(), &issued, results, pos)
+                .await);
+        }
+        let minted: Vec<Minted> = results.into_iter().filter_map(Result::ok).collect();
+
+        // 6. Finalise: grant active + the allow audit event, one transaction.
+        let real_expiry = latest_expiry(&minted, expires_at);
+        let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
+        ev.outcome = Outcome::Allow;
+        ev.reason = "ok".into();
+        ev.credentials_granted = req.credentials.clone();
+        ev.expires_at = Some(real_expiry);
+        if let Err(e) = metrics::timed(
+            Stage::Activate,
+            self.store
+                .activate_grant(grant_id, real_expiry, &details, &ev),
+        )
+        .await
+        {
+            tracing::error!(error = %e, grant_id = %grant_id, "could not finalise grant; revoking what was minted");
+            // Best effort now; if this fails too the grant stays `issuing` and the reaper
+            // revokes it once it is stale.
+            if self.revoke_credentials(&issued).await.is_ok() {
+                ev.outcome = Outcome::Error;
+                ev.reason = "store_unavailable".into();
+                ev.credentials_granted.clear();
+                let _ = self.store.fail_grant(grant_id, jti.as_ref(), &ev).await;
+            }
+            return Err(ServiceError::Store(e));
+        }
+        crate::fault::point("after_activate");
+        Ok(respond(
+            grant_id,
+            real_expiry,
+            revocation_token,
+            minted,
+            issued,
+        ))
+    }
+
+    /// Mint every credential concurrently (results in request order).
+    pub(super) async fn mint_all(
+        &self,
+        defs: &[&crate::providers::CredentialDef],
+        issued: &[IssuedCredential],
+        grant_id: Uuid,
+        claims: &crate::oidc::VerifiedClaims,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Vec<Result<Minted, ProviderError>> {
+        let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
+            let provider = self.provider(def.spec.kind())?;
+            provider
+                .mint(MintRequest {
+                    grant_id,
+                    credential: def,
+                    resource_id: &ic.resource_id,
+                    claims,
+                    now,
+                    expires_at,
+                })
+                .await
+        });
+        futures::future::join_all(mints).await
+    }
+
+    /// One bucket per (issuer, repository id): a runaway pipeline cannot starve the others.
+    pub(super) fn check_rate(
+        &self,
+        issuer: &str,
+        job: &JobAttribution,
+    ) -> Result<(), ServiceError> {
+        let Some(limiter) = &self.rate_limit else {
+            return Ok(());
+        };
+        let key = format!("{issuer}/{}", job.repository_id.as_deref().unwrap_or("-"));
+        limiter.check_key(&key).map_err(|not_until| {
+            use governor::clock::{Clock as _, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ServiceError::RateLimited {
+                retry_after_secs: wait.as_secs().max(1),
+            }
+        })
+    }
+
+    pub(super) fn check_request(
+        &self,
+        req: &ExchangeRequest,
+    ) -> Result<Option<Duration>, ServiceError> {
+        let bad = |message: String| ServiceError::BadRequest {
+            code: "bad_request",
+            message,
+        };
+        if req.credentials.is_empty() {
+            return Err(bad("credentials: name at least one credential".into()));
+        }
+        if req.credentials.len() > self.max_credentials {
+            return Err(bad(format!(
+                "credentials: at most {} per exchange",
+                self.max_credentials
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &req.credentials {
+            crate::store::text::check("credentials: a name", n)?;
+            if !valid_credential_name(n) {
+                return Err(bad(
+                    "credentials: names are [a-z0-9_-], at most 64 characters".into(),
+                ));
+            }
+            if !seen.insert(n) {
+                return Err(bad(format!("credentials: {n:?} named twice")));
+            }
+        }
+        match &req.ttl {
+            None => Ok(None),
+            Some(t) => match crate::time::parse_duration(t) {
+                Ok(d) if d >= Duration::SECOND => Ok(Some(d)),
+                Ok(_) => Err(bad("ttl: must be at least 1s".into())),
+                Err(_) => Err(bad("ttl: expected a duration such as 15m".into())),
+            },
+        }
+    }
+
+    /// A mint failed: revoke what was minted, release the token, audit, and report the failure.
+    pub(super) async fn abort_grant(
+        &self,
+        mut ev: AuditEvent,
+        jti: Option<&JtiRecord>,
+        issued: &[IssuedCredential],
+        results: Vec<Result<Minted, ProviderError>>,
+        failed_pos: usize,
+    ) -> ServiceError {
+        let grant_id = ev.grant_id.unwrap_or_default();
+        let error = results
+            .into_iter()
+            .nth(failed_pos)
+            .and_then(Result::err)
+            .unwrap_or_else(|| ProviderError::Internal("mint failed".into()));
+        let credential = issued
+            .get(failed_pos)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        tracing::warn!(grant_id = %grant_id, credential = %credential, reason = error.reason_code(), error = %error, "mint failed; undoing the grant");
+        let err = ServiceError::Provider {
+            credential: credential.clone(),
+            error,
+        };
+        ev.outcome = Outcome::Error;
+        ev.reason = err.reason_code().to_owned();
+        ev.detail = Some(format!("credential {credential:?}: {}", err.reason_code()));
+        // Revoke every credential of the grant (revoke is idempotent: ones never minted are
+        // "already gone").
+        match self.revoke_credentials(issued).await {
+            Ok(()) => {
+                if let Err(e) = self.store.fail_grant(grant_id, jti, &ev).await {
+                    tracing::error!(error = %e, grant_id = %grant_id, "could not record failed grant; reaper will recover it");
+                    return ServiceError::Store(e);
+                }
+            }
+            Err(e) => {
+                // Leave the grant `issuing`: the reaper recovers it once stale.
+                tracing::error!(grant_id = %grant_id, error = %e, "undo after failed mint failed; reaper will retry");
+                let _ = self.store.append_audit(&ev).await;
+            }
+        }
+        err
+    }
+}
+
+/// All minted credentials, or the first failure's credential name and error.
+pub(super) fn collect_minted(
+    results: Vec<Result<Minted, ProviderError>>,
+    issued: &[IssuedCredential],
+) -> Result<Vec<Minted>, (String, ProviderError)> {
+    let mut minted = Vec::with_capacity(results.len());
+    for (r, ic) in results.into_iter().zip(issued) {
+        match r {
+            Ok(m) => minted.push(m),
+            Err(e) => return Err((ic.name.clone(), e)),
+        }
+    }
+    Ok(minted)
+}
+
+/// The grant lives as long as its longest-lived credential (providers may shorten a TTL).
+pub(super) fn latest_expiry(minted: &[Minted], planned: OffsetDateTime) -> OffsetDateTime {
+    minted.iter().map(|m| m.expires_at).max().unwrap_or(planned)
+}
+
+pub(super) fn respond(
+    grant_id: Uuid,
+    expires_at: OffsetDateTime,
+    revocation_token: Sensitive,
+    minted: Vec<Minted>,
+    issued: Vec<IssuedCredential>,
+) -> ExchangeResponse {
+    let credentials = minted
+        .into_iter()
+        .zip(issued)
+        .map(|(m, ic)| IssuedOutput {
+            name: ic.name,
+            kind: ic.kind,
+            fields: m.fields,
+        })
+        .collect();
+    ExchangeResponse {
+        grant_id,
+        expires_at,
+        revocation_token,
+        credentials,
+    }
+}
+
+/// The TTL of a grant: the requested TTL (or the default), capped by the broker-wide maximum,
+/// by every allowing decision's ceiling (`min(rule.max_ttl, credential.max_ttl)`) and by the
+/// time the job has left (GitLab's `exp`). Invariant: never above any of them. Below one second
+/// the caller refuses the exchange.
+pub(crate) fn effective_ttl(
+    requested: Option<Duration>,
+    default: Duration,
+    grant_max: Duration,
+    caps: &[Duration],
+    job_left: Option<Duration>,
+) -> Duration {
+    let mut ttl = requested.unwrap_or(default).min(grant_max);
+    for c in caps.iter().chain(job_left.as_ref()) {
+        ttl = ttl.min(*c);
+    }
+    ttl
+}
+
+#[cfg(test)]
+mod ttl_properties {
+    use super::effective_ttl;
+    use proptest::prelude::*;
+    use time::Duration;
+
+    pub(super) fn secs() -> impl Strategy<Value = Duration> {
+        (-86_400i64..30 * 86_400).prop_map(Duration::seconds)
+    }
+
+    proptest! {
+        #[test]
+        fn ttl_never_exceeds_any_cap(
+            requested in proptest::option::of(secs()),
+            default in secs(),
+            grant_max in secs(),
+            caps in proptest::collection::vec(secs(), 0..5),
+            job_left in proptest::option::of(secs()),
+        ) {
+            let ttl = effective_ttl(requested, default, grant_max, &caps, job_left);
+            prop_assert!(ttl <= grant_max);
+            prop_assert!(ttl <= requested.unwrap_or(default));
+            for c in &caps {
+                prop_assert!(ttl <= *c);
+            }
+            if let Some(j) = job_left {
+                prop_assert!(ttl <= j);
+            }
+            // And it is one of the inputs, not something smaller made up.
+            let mut inputs = vec![requested.unwrap_or(default), grant_max];
+            inputs.extend(&caps);
+            inputs.extend(job_left);
+            prop_assert!(inputs.contains(&ttl));
+        }
+    }
+}
