@@ -1,7 +1,9 @@
-//! What operator actions answer: the freeze in force and the revoke-all report. The actions
+//! What operator actions answer: the freeze in force, the revoke-all report and the tally of
+//! grants sent down the revoke path. The actions
 //! themselves are `service/operators.rs`.
 
 use super::GrantFilter;
+use crate::providers::CredentialKind;
 use crate::store::FreezeRecord;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -38,11 +40,10 @@ pub struct RevokeFailure {
     pub reason: String,
 }
 
-/// What one revoke-all did.
+/// What became of a set of grants sent down the revoke path (a revoke-all, a webhook's job):
+/// part of both reports, flattened into their JSON.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct RevokeAllReport {
-    /// Active grants matching the filter that this call reached.
-    pub matched: usize,
+pub struct RevokeTally {
     /// Grants revoked by this call.
     pub revoked_grants: usize,
     /// Credentials revoked, per kind.
@@ -51,6 +52,36 @@ pub struct RevokeAllReport {
     pub already_in_progress: usize,
     /// Grants whose revocation failed; the reaper retries them.
     pub failures: Vec<RevokeFailure>,
+}
+
+impl RevokeTally {
+    /// Count one revoked grant with its credentials' kinds.
+    pub fn revoked(&mut self, kinds: impl IntoIterator<Item = CredentialKind>) {
+        self.revoked_grants += 1;
+        for k in kinds {
+            *self.revoked.entry(k.as_str().to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Add another tally's counts to this one.
+    pub fn merge(&mut self, other: RevokeTally) {
+        self.revoked_grants += other.revoked_grants;
+        for (k, n) in other.revoked {
+            *self.revoked.entry(k).or_default() += n;
+        }
+        self.already_in_progress += other.already_in_progress;
+        self.failures.extend(other.failures);
+    }
+}
+
+/// What one revoke-all did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RevokeAllReport {
+    /// Active grants matching the filter that this call reached.
+    pub matched: usize,
+    /// What became of them.
+    #[serde(flatten)]
+    pub tally: RevokeTally,
     /// Every grant the filter matched when this call reached it has been handled. `false`: the
     /// call ran out of its time budget ([`REVOKE_ALL_CALL_BUDGET`]); call again to continue
     /// (the grants revoked so far stay revoked and are not selected again).

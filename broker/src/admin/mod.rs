@@ -16,7 +16,7 @@ pub mod client;
 pub mod filter;
 pub mod operators;
 
-pub use actions::{Freeze, RevokeAllReport, RevokeFailure};
+pub use actions::{Freeze, RevokeAllReport, RevokeFailure, RevokeTally};
 pub use audit_query::AuditQueryPage;
 pub use filter::GrantFilter;
 pub use operators::{OPERATOR_PREFIX, Operator, OperatorConfig, Operators, Role};

@@ -40,7 +40,6 @@ use arc_swap::ArcSwap;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use time::Duration;
 
 /// Prefix of revocation tokens (so secret scanners can find leaked ones).
 pub const REVOCATION_PREFIX: &str = "brk_rvk_";
@@ -162,11 +161,6 @@ impl Broker {
     /// The configured webhook endpoints.
     pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
         &self.webhooks
-    }
-
-    /// The lease a revocation claim holds (reaper config).
-    pub(crate) fn revoke_lease(&self) -> Duration {
-        self.reaper.lease
     }
 
     fn provider(&self, kind: CredentialKind) -> Result<&Arc<dyn Provider>, ProviderError> {

@@ -10,15 +10,8 @@ use crate::audit::{Action, AuditEvent, Outcome};
 use crate::providers::CredentialKind;
 use crate::secret::Sensitive;
 use crate::store::{FreezeRecord, GrantCursor};
-use futures::StreamExt;
 use time::OffsetDateTime;
 use uuid::Uuid;
-
-enum One {
-    Revoked(Vec<CredentialKind>),
-    Busy,
-    Failed(RevokeFailure),
-}
 
 impl Broker {
     pub(super) fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
@@ -191,7 +184,6 @@ impl Broker {
         let select = filter.to_select();
         let actor = op.actor();
         let mut report = RevokeAllReport::default();
-        let lease = self.revoke_lease();
         let actor_ref = actor.as_str();
         let mut cursor: Option<GrantCursor> = None;
         loop {
@@ -225,40 +217,23 @@ impl Broker {
                 let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
                 for g in &in_store {
                     if moved.contains(&g.id) {
-                        report.revoked_grants += 1;
+                        report.tally.revoked(g.credentials.iter().map(|c| c.kind));
                         report.revoked_in_store += 1;
                         crate::metrics::revocation("requested", true, false);
-                        for c in &g.credentials {
-                            *report
-                                .revoked
-                                .entry(c.kind.as_str().to_owned())
-                                .or_default() += 1;
-                        }
                     } else {
-                        report.already_in_progress += 1;
+                        report.tally.already_in_progress += 1;
                     }
                 }
             }
-            let results: Vec<One> = futures::stream::iter(
-                outside
-                    .into_iter()
-                    .map(|g| self.revoke_one(g, lease, actor_ref, ctx)),
-            )
-            .buffer_unordered(REVOKE_ALL_PARALLELISM)
-            .collect()
-            .await;
-            for r in results {
-                match r {
-                    One::Revoked(kinds) => {
-                        report.revoked_grants += 1;
-                        for k in kinds {
-                            *report.revoked.entry(k.as_str().to_owned()).or_default() += 1;
-                        }
-                    }
-                    One::Busy => report.already_in_progress += 1,
-                    One::Failed(f) => report.failures.push(f),
-                }
-            }
+            let outside = self
+                .revoke_grants(
+                    outside.iter().map(|g| g.id).collect(),
+                    REVOKE_ALL_PARALLELISM,
+                    actor_ref,
+                    ctx,
+                )
+                .await;
+            report.tally.merge(outside);
             if !full {
                 report.complete = true;
                 break;
@@ -281,7 +256,7 @@ impl Broker {
                     }
                     Ok(rep) => {
                         if rep.failed > 0 {
-                            report.failures.push(RevokeFailure {
+                            report.tally.failures.push(RevokeFailure {
                                 grant_id: uuid::Uuid::nil(),
                                 reason: format!(
                                     "{k}: provider-wide revoke failed for {} target(s)",
@@ -292,7 +267,7 @@ impl Broker {
                         serde_json::to_value(&rep).unwrap_or_default()
                     }
                     Err(code) => {
-                        report.failures.push(RevokeFailure {
+                        report.tally.failures.push(RevokeFailure {
                             grant_id: uuid::Uuid::nil(),
                             reason: format!("{k}: {code}"),
                         });
@@ -305,7 +280,7 @@ impl Broker {
         report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut ev = self.admin_event(ctx, "revoke_all");
         ev.actor = Some(actor);
-        ev.outcome = if report.failures.is_empty() {
+        ev.outcome = if report.tally.failures.is_empty() {
             Outcome::Success
         } else {
             Outcome::Failure
@@ -315,9 +290,9 @@ impl Broker {
                 "reason: {reason}; filter: {}; matched {}, revoked {}, in progress {}, failed {}{}",
                 serde_json::to_string(filter).unwrap_or_default(),
                 report.matched,
-                report.revoked_grants,
-                report.already_in_progress,
-                report.failures.len(),
+                report.tally.revoked_grants,
+                report.tally.already_in_progress,
+                report.tally.failures.len(),
                 if report.complete {
                     ""
                 } else {
@@ -331,36 +306,6 @@ impl Broker {
         );
         self.admin_audit(&ev).await?;
         Ok(report)
-    }
-
-    async fn revoke_one(
-        &self,
-        g: crate::store::Grant,
-        lease: time::Duration,
-        actor: &str,
-        ctx: &RequestCtx,
-    ) -> One {
-        let claimed = match self
-            .store
-            .claim_for_revoke(g.id, self.clock.now(), lease)
-            .await
-        {
-            Ok(Some(c)) => c,
-            Ok(None) => return One::Busy,
-            Err(e) => {
-                return One::Failed(RevokeFailure {
-                    grant_id: g.id,
-                    reason: e.reason_code().to_owned(),
-                });
-            }
-        };
-        match self.revoke_claimed(&claimed, actor, ctx).await {
-            Ok(()) => One::Revoked(g.credentials.iter().map(|c| c.kind).collect()),
-            Err(e) => One::Failed(RevokeFailure {
-                grant_id: g.id,
-                reason: e.reason_code().to_owned(),
-            }),
-        }
     }
 
     /// Freeze new exchanges matching `filter` on every replica (replaces any freeze in force).

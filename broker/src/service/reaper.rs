@@ -1,6 +1,7 @@
 //! The reaper round, run by every replica: claim due grants (expired, crashed mid-exchange,
 //! failed revocations due for a retry) and revoke them through the one revoke path.
 
+use super::revoke::{Revocation, RevokeTarget};
 use super::{Broker, RequestCtx};
 use crate::store::StoreError;
 use std::sync::Arc;
@@ -23,13 +24,10 @@ impl Broker {
         let ctx = RequestCtx::default();
         let futs = claimed
             .iter()
-            .map(|c| self.revoke_claimed(c, "reaper", &ctx));
+            .map(|c| self.revoke_grant(RevokeTarget::Claimed(c), "reaper", &ctx));
         for r in futures::future::join_all(futs).await {
-            if let Err(e) = r {
-                tracing::debug!(
-                    reason = e.reason_code(),
-                    "reaper: a revocation is pending retry"
-                );
+            if let Revocation::Failed { reason, .. } = r {
+                tracing::debug!(reason, "reaper: a revocation is pending retry");
             }
         }
         let _ = self.store.purge_jti(now).await;

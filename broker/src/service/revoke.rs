@@ -1,15 +1,43 @@
-//! Revocation: `POST /v1/revoke` by revocation token, and the audit events of revocations.
+//! Revocation: the one path every revocation takes ([`Broker::revoke_grant`]), `POST /v1/revoke`
+//! by revocation token, batches for operators and webhooks, and the audit events of
+//! revocations.
 
 use super::ServiceError;
 use super::{Broker, REVOCATION_PREFIX, RequestCtx};
+use crate::admin::{RevokeFailure, RevokeTally};
 use crate::audit::{Action, AuditEvent, Outcome};
 use crate::metrics;
 use crate::providers::{CredentialKind, IssuedCredential, ProviderError};
 use crate::secret::{Sensitive, sha256_hex};
 use crate::store::{ClaimedGrant, GrantStatus, RevokeCause};
+use futures::StreamExt;
 use std::collections::BTreeMap;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
+
+/// Which grant [`Broker::revoke_grant`] revokes.
+pub(crate) enum RevokeTarget<'a> {
+    /// Claim it first (a lease; `Busy` if another worker holds one).
+    Id(Uuid),
+    /// Already claimed by the caller (the reaper claims a batch at once).
+    Claimed(&'a ClaimedGrant),
+}
+
+/// How one revocation through [`Broker::revoke_grant`] ended.
+pub(crate) enum Revocation {
+    /// Revoked and finished: the grant's final status and its credentials' kinds.
+    Revoked {
+        status: GrantStatus,
+        kinds: Vec<CredentialKind>,
+    },
+    /// Another worker holds the grant's claim; it finishes the revocation.
+    Busy,
+    /// Not revoked now: a provider failed (the reaper retries it) or the store did.
+    Failed {
+        reason: &'static str,
+        error: ServiceError,
+    },
+}
 
 impl Broker {
     /// Revoke credentials concurrently; the first error is returned after all were tried.
@@ -62,7 +90,7 @@ impl Broker {
     }
 
     /// The audit event of a successful requested revocation of `g` by `actor`, as
-    /// [`Broker::revoke_claimed`] writes it.
+    /// [`Broker::revoke_grant`] writes it.
     pub(crate) fn revoked_event(
         &self,
         g: &crate::store::Grant,
@@ -76,8 +104,57 @@ impl Broker {
         ev
     }
 
+    /// The one revocation path: claim the grant (unless the caller's batch claimed it already),
+    /// revoke every credential with its provider, then either finish the grant (`revoked`,
+    /// `expired` or `failed`, by its claim's cause) or record the failure with a retry time,
+    /// with the audit event in the same store transaction. The job's own revoke, the reaper
+    /// (expiry, crash recovery, retries), operator revoke-all and job-end webhooks all come
+    /// through here; only revoke-all's set-based revocation of in-store grants does not, since
+    /// it has no provider to call.
+    pub(crate) async fn revoke_grant(
+        &self,
+        grant: RevokeTarget<'_>,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> Revocation {
+        let claimed_here;
+        let claimed = match grant {
+            RevokeTarget::Claimed(c) => c,
+            RevokeTarget::Id(id) => {
+                let claim = self
+                    .store
+                    .claim_for_revoke(id, self.clock.now(), self.reaper.lease)
+                    .await;
+                match claim {
+                    Ok(Some(c)) => {
+                        claimed_here = c;
+                        &claimed_here
+                    }
+                    // Someone else (the reaper, another replica, a webhook) holds it right now.
+                    Ok(None) => return Revocation::Busy,
+                    Err(e) => {
+                        return Revocation::Failed {
+                            reason: e.reason_code(),
+                            error: ServiceError::Store(e),
+                        };
+                    }
+                }
+            }
+        };
+        match self.revoke_claimed(claimed, actor, ctx).await {
+            Ok(()) => Revocation::Revoked {
+                status: claimed.cause.final_status(),
+                kinds: claimed.grant.credentials.iter().map(|c| c.kind).collect(),
+            },
+            Err(error) => Revocation::Failed {
+                reason: error.reason_code(),
+                error,
+            },
+        }
+    }
+
     /// Revoke a claimed grant; finish it or record the failure for a retry. Audited either way.
-    pub async fn revoke_claimed(
+    async fn revoke_claimed(
         &self,
         claimed: &ClaimedGrant,
         actor: &str,
@@ -163,16 +240,11 @@ impl Broker {
             return Ok((grant_id, status));
         }
         match self
-            .store
-            .claim_for_revoke(grant_id, now, self.reaper.lease)
-            .await?
+            .revoke_grant(RevokeTarget::Id(grant_id), "job", ctx)
+            .await
         {
-            Some(claimed) => {
-                self.revoke_claimed(&claimed, "job", ctx).await?;
-                Ok((grant_id, claimed.cause.final_status()))
-            }
-            // Someone else (the reaper, another replica) holds it right now.
-            None => {
+            Revocation::Revoked { status, .. } => Ok((grant_id, status)),
+            Revocation::Busy => {
                 let status = self
                     .store
                     .grant(grant_id)
@@ -180,7 +252,41 @@ impl Broker {
                     .map_or(GrantStatus::Revoking, |g| g.status);
                 Ok((grant_id, status))
             }
+            Revocation::Failed { error, .. } => Err(error),
         }
+    }
+
+    /// Revoke `grants` through [`Broker::revoke_grant`], `parallelism` at a time, and tally
+    /// what became of them (operator revoke-all, job-end webhooks).
+    pub(crate) async fn revoke_grants(
+        &self,
+        grants: Vec<Uuid>,
+        parallelism: usize,
+        actor: &str,
+        ctx: &RequestCtx,
+    ) -> RevokeTally {
+        let results: Vec<(Uuid, Revocation)> =
+            futures::stream::iter(grants.into_iter().map(|id| async move {
+                (
+                    id,
+                    self.revoke_grant(RevokeTarget::Id(id), actor, ctx).await,
+                )
+            }))
+            .buffer_unordered(parallelism)
+            .collect()
+            .await;
+        let mut tally = RevokeTally::default();
+        for (id, r) in results {
+            match r {
+                Revocation::Revoked { kinds, .. } => tally.revoked(kinds),
+                Revocation::Busy => tally.already_in_progress += 1,
+                Revocation::Failed { reason, .. } => tally.failures.push(RevokeFailure {
+                    grant_id: id,
+                    reason: reason.to_owned(),
+                }),
+            }
+        }
+        tally
     }
 
     /// Provider-wide kill switches (e.g. the AWS `aws:TokenIssueTime` deny on every brokered

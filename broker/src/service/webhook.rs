@@ -4,25 +4,17 @@
 //! reaper. The delivery shapes, signatures and scopes are `webhooks/`'s.
 
 use super::{Broker, RequestCtx};
-use crate::admin::RevokeFailure;
 use crate::audit::{Action, AuditEvent, Outcome};
-use crate::store::{Grant, JobMatch, StoreError};
+use crate::store::{JobMatch, StoreError};
 use crate::webhooks::event::{self, HookEvent, JobEnd};
 use crate::webhooks::signature::{github_signature_match, gitlab_token_match};
 use crate::webhooks::{
     Delivery, HookOutcome, HookReport, MAX_DELIVERY_ID, MAX_GRANTS_PER_DELIVERY, Source,
     WebhookError, clean_header,
 };
-use futures::StreamExt;
 
 /// Revocations one delivery runs at once.
 const PARALLELISM: usize = 8;
-
-enum One {
-    Revoked(Vec<&'static str>),
-    Busy,
-    Failed(RevokeFailure),
-}
 
 impl Broker {
     pub(super) fn hook_event(&self, ctx: &RequestCtx, d: &Delivery<'_>) -> AuditEvent {
@@ -201,11 +193,21 @@ impl Broker {
 
         // 5. Revoke them.
         let actor = format!("webhook:{source}");
-        let report = self.revoke_job_grants(grants, &actor, ctx).await;
+        let report = HookReport {
+            matched: grants.len(),
+            tally: self
+                .revoke_grants(
+                    grants.iter().map(|g| g.id).collect(),
+                    PARALLELISM,
+                    &actor,
+                    ctx,
+                )
+                .await,
+        };
 
         // 6. One summary event.
         let mut ev = with_job(ev, &job);
-        ev.outcome = if report.failures.is_empty() {
+        ev.outcome = if report.tally.failures.is_empty() {
             Outcome::Success
         } else {
             Outcome::Failure
@@ -217,62 +219,12 @@ impl Broker {
             job.job_name.as_deref().unwrap_or("-"),
             job.status.as_deref().unwrap_or("-"),
             report.matched,
-            report.revoked_grants,
-            report.already_in_progress,
-            report.failures.len()
+            report.tally.revoked_grants,
+            report.tally.already_in_progress,
+            report.tally.failures.len()
         ));
         self.store.append_audit(&ev).await?;
         Ok(HookOutcome::Done(report))
-    }
-
-    async fn revoke_job_grants(
-        &self,
-        grants: Vec<Grant>,
-        actor: &str,
-        ctx: &RequestCtx,
-    ) -> HookReport {
-        let mut report = HookReport {
-            matched: grants.len(),
-            ..HookReport::default()
-        };
-        let lease = self.revoke_lease();
-        let results: Vec<One> = futures::stream::iter(grants.into_iter().map(|g| async move {
-            let kinds: Vec<&'static str> = g.credentials.iter().map(|c| c.kind.as_str()).collect();
-            let fail = |reason: &str| {
-                One::Failed(RevokeFailure {
-                    grant_id: g.id,
-                    reason: reason.to_owned(),
-                })
-            };
-            match self
-                .store
-                .claim_for_revoke(g.id, self.clock.now(), lease)
-                .await
-            {
-                Ok(Some(claimed)) => match self.revoke_claimed(&claimed, actor, ctx).await {
-                    Ok(()) => One::Revoked(kinds),
-                    Err(e) => fail(e.reason_code()),
-                },
-                Ok(None) => One::Busy,
-                Err(e) => fail(e.reason_code()),
-            }
-        }))
-        .buffer_unordered(PARALLELISM)
-        .collect()
-        .await;
-        for r in results {
-            match r {
-                One::Revoked(kinds) => {
-                    report.revoked_grants += 1;
-                    for k in kinds {
-                        *report.revoked.entry(k.to_owned()).or_default() += 1;
-                    }
-                }
-                One::Busy => report.already_in_progress += 1,
-                One::Failed(f) => report.failures.push(f),
-            }
-        }
-        report
     }
 }
 
