@@ -2,8 +2,9 @@
 //! request, verify the job token, decide, cap the TTL, commit the intent, mint, activate.
 
 use super::ServiceError;
+use super::exchange_record::{ExchangeOutcome, ExchangeRecord, PlannedGrant};
 use super::{Broker, REVOCATION_PREFIX, RequestCtx};
-use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
+use crate::audit::JobAttribution;
 use crate::metrics::{self, Stage};
 use crate::oidc::Platform;
 use crate::policy::{Decision, PolicyInput};
@@ -58,43 +59,52 @@ impl Broker {
     ) -> Result<ExchangeResponse, ServiceError> {
         let now = self.clock.now();
         let bundle = self.policies.load_full();
-        let mut ev = self.base_event(now, Action::Exchange, ctx);
-        ev.bundle_digest = Some(bundle.digest().to_owned());
-        // As the caller wrote them, escaped; `refuse` and the event's writers cap each one
-        // (`refusals::fields`), so a refused name is kept escaped and cut short.
-        ev.credentials_requested = req
-            .credentials
-            .iter()
-            .take(self.max_credentials)
-            .map(|n| crate::store::text::escape(n).into_owned())
-            .collect();
+        let mut rec = ExchangeRecord {
+            at: now,
+            bundle_digest: bundle.digest().to_owned(),
+            // As the caller wrote them, escaped; the event's writers cap each one
+            // (`refusals::fields`), so a refused name is kept escaped and cut short.
+            requested: req
+                .credentials
+                .iter()
+                .take(self.max_credentials)
+                .map(|n| crate::store::text::escape(n).into_owned())
+                .collect(),
+            job: JobAttribution::default(),
+            rules_matched: Vec::new(),
+            ttl: None,
+            planned: None,
+        };
 
         // 1. The request itself.
         let requested_ttl = match self.check_request(&req) {
             Ok(t) => t,
-            Err(e) => return Err(self.refuse(ev, e).await),
+            Err(e) => return Err(self.refuse_exchange(ctx, &rec, e, None).await),
         };
 
         // 2. The job token: configured issuer, pinned algorithm, signature, audience, times.
         let claims =
             match metrics::timed(Stage::Verify, self.verifier.verify(req.token.expose())).await {
                 Ok(c) => c,
-                Err(e) => return Err(self.refuse(ev, ServiceError::Token(e)).await),
+                Err(e) => {
+                    let err = ServiceError::Token(e);
+                    return Err(self.refuse_exchange(ctx, &rec, err, None).await);
+                }
             };
-        ev.job = JobAttribution::from_claims(&claims);
-        if let Err(e) = self.check_rate(&claims.issuer, &ev.job) {
-            return Err(self.refuse(ev, e).await);
+        rec.job = JobAttribution::from_claims(&claims);
+        if let Err(e) = self.check_rate(&claims.issuer, &rec.job) {
+            return Err(self.refuse_exchange(ctx, &rec, e, None).await);
         }
         if let Err(e) = self
             .check_freeze(
                 &claims.issuer,
-                ev.job.repository.as_deref(),
-                ev.job.repository_id.as_deref(),
+                rec.job.repository.as_deref(),
+                rec.job.repository_id.as_deref(),
                 &req.credentials,
             )
             .await
         {
-            return Err(self.refuse(ev, e).await);
+            return Err(self.refuse_exchange(ctx, &rec, e, None).await);
         }
 
         // 3. Policy: every requested credential must be allowed; deny wins; default deny.
@@ -104,24 +114,18 @@ impl Broker {
             claims: &claims.claims,
         };
         let eval = metrics::timed_sync(Stage::Policy, || bundle.evaluate(&input, &req.credentials));
-        ev.rules_matched = eval.rules_matched.clone();
+        rec.rules_matched = eval.rules_matched.clone();
         let mut caps = Vec::with_capacity(eval.decisions.len());
         for d in &eval.decisions {
             match &d.outcome {
                 Decision::Allow { .. } => caps.extend(d.max_ttl),
                 other => {
-                    ev.detail = Some(format!(
-                        "credential {:?}: {}",
-                        d.credential,
-                        other.reason_code()
-                    ));
+                    let detail = format!("credential {:?}: {}", d.credential, other.reason_code());
                     let err = ServiceError::Denied {
                         credential: d.credential.clone(),
                         reason: other.reason_code(),
                     };
-                    let mut ev = ev;
-                    ev.reason = other.reason_code().to_owned();
-                    return Err(self.refuse(ev, err).await);
+                    return Err(self.refuse_exchange(ctx, &rec, err, Some(detail)).await);
                 }
             }
         }
@@ -135,10 +139,11 @@ impl Broker {
             job_left,
         );
         if ttl < Duration::SECOND {
-            return Err(self.refuse(ev, ServiceError::TokenExhausted).await);
+            let err = ServiceError::TokenExhausted;
+            return Err(self.refuse_exchange(ctx, &rec, err, None).await);
         }
         let expires_at = now + ttl;
-        ev.ttl_seconds = Some(ttl.whole_seconds());
+        rec.ttl = Some(ttl);
 
         // 4. Intent: grant + resource ids + jti, committed before anything is minted.
         let grant_id = Uuid::now_v7();
@@ -151,20 +156,16 @@ impl Broker {
                     credential: name.clone(),
                     reason: "unknown_credential",
                 };
-                return Err(self.refuse(ev, err).await);
+                return Err(self.refuse_exchange(ctx, &rec, err, None).await);
             };
             let provider = match self.provider(def.spec.kind()) {
                 Ok(p) => p,
                 Err(error) => {
-                    return Err(self
-                        .refuse(
-                            ev,
-                            ServiceError::Provider {
-                                credential: name.clone(),
-                                error,
-                            },
-                        )
-                        .await);
+                    let err = ServiceError::Provider {
+                        credential: name.clone(),
+                        error,
+                    };
+                    return Err(self.refuse_exchange(ctx, &rec, err, None).await);
                 }
             };
             issued.push(IssuedCredential {
@@ -175,9 +176,11 @@ impl Broker {
             });
             defs.push(def);
         }
-        ev.grant_id = Some(grant_id);
-        ev.resource_ids = issued.iter().map(|c| c.resource_id.clone()).collect();
-        ev.expires_at = Some(expires_at);
+        rec.planned = Some(PlannedGrant {
+            id: grant_id,
+            resource_ids: issued.iter().map(|c| c.resource_id.clone()).collect(),
+            expires_at,
+        });
         let jti = match (&claims.jti, claims.single_use) {
             (Some(j), true) => Some(JtiRecord {
                 iss: claims.iss.clone(),
@@ -191,9 +194,9 @@ impl Broker {
             revocation_hash: sha256_hex(revocation_token.expose().as_bytes()),
             issuer: claims.issuer.clone(),
             subject: claims.sub.clone(),
-            repository: ev.job.repository.clone(),
-            repository_id: ev.job.repository_id.clone(),
-            job: ev.job.job_key(),
+            repository: rec.job.repository.clone(),
+            repository_id: rec.job.repository_id.clone(),
+            job: rec.job.job_key(),
             bundle_digest: bundle.digest().to_owned(),
             created_at: now,
             expires_at,
@@ -215,13 +218,10 @@ impl Broker {
             crate::fault::point("after_mint");
             let minted = match collect_minted(results, &issued) {
                 Ok(m) => m,
-                Err(err) => {
-                    ev.detail = Some(format!("{}: {}", err.0, err.1.reason_code()));
-                    let err = ServiceError::Provider {
-                        credential: err.0,
-                        error: err.1,
-                    };
-                    return Err(self.refuse(ev, err).await);
+                Err((credential, error)) => {
+                    let detail = format!("{credential}: {}", error.reason_code());
+                    let err = ServiceError::Provider { credential, error };
+                    return Err(self.refuse_exchange(ctx, &rec, err, Some(detail)).await);
                 }
             };
             let real_expiry = latest_expiry(&minted, expires_at);
@@ -230,11 +230,14 @@ impl Broker {
             for (c, m) in grant.credentials.iter_mut().zip(&minted) {
                 c.details = m.details.clone();
             }
-            let mut allow = ev.clone();
-            allow.outcome = Outcome::Allow;
-            allow.reason = "ok".into();
-            allow.credentials_granted = req.credentials.clone();
-            allow.expires_at = Some(real_expiry);
+            let allow = self.exchange_event(
+                ctx,
+                &rec,
+                ExchangeOutcome::Issued {
+                    granted: &req.credentials,
+                    expires_at: real_expiry,
+                },
+            );
             let issue = self.store.issue_grant(&grant, jti.as_ref(), &allow);
             return match metrics::timed(Stage::Activate, issue).await {
                 Ok(()) => Ok(respond(
@@ -244,12 +247,14 @@ impl Broker {
                     minted,
                     issued,
                 )),
-                Err(StoreError::Replayed) => Err(self.refuse(ev, ServiceError::Replayed).await),
+                Err(StoreError::Replayed) => Err(self
+                    .refuse_exchange(ctx, &rec, ServiceError::Replayed, None)
+                    .await),
                 // The store refused this item's data (it failed alone, see `group_commit.rs`):
                 // record the refusal as far as the store still takes it.
-                Err(e @ StoreError::Rejected(_)) => {
-                    Err(self.refuse(ev, ServiceError::Store(e)).await)
-                }
+                Err(e @ StoreError::Rejected(_)) => Err(self
+                    .refuse_exchange(ctx, &rec, ServiceError::Store(e), None)
+                    .await),
                 Err(e) => {
                     tracing::error!(error = %e, "store unavailable at grant issue");
                     Err(ServiceError::Store(e))
@@ -264,9 +269,14 @@ impl Broker {
         .await
         {
             Ok(()) => {}
-            Err(StoreError::Replayed) => return Err(self.refuse(ev, ServiceError::Replayed).await),
+            Err(StoreError::Replayed) => {
+                return Err(self
+                    .refuse_exchange(ctx, &rec, ServiceError::Replayed, None)
+                    .await);
+            }
             Err(e @ StoreError::Rejected(_)) => {
-                return Err(self.refuse(ev, ServiceError::Store(e)).await);
+                let err = ServiceError::Store(e);
+                return Err(self.refuse_exchange(ctx, &rec, err, None).await);
             }
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable at grant intent");
@@ -282,24 +292,30 @@ impl Broker {
         )
         .await;
         crate::fault::point("after_mint");
-        if let Some(pos) = results.iter().position(Result::is_err) {
-            return Err(self
-                .abort_grant(ev, jti.as_ref(), &issued, results, pos)
-                .await);
-        }
-        let minted: Vec<Minted> = results.into_iter().filter_map(Result::ok).collect();
+        let minted = match collect_minted(results, &issued) {
+            Ok(m) => m,
+            Err((credential, error)) => {
+                return Err(self
+                    .abort_grant(ctx, &rec, jti.as_ref(), &issued, credential, error)
+                    .await);
+            }
+        };
 
         // 6. Finalise: grant active + the allow audit event, one transaction.
         let real_expiry = latest_expiry(&minted, expires_at);
         let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
-        ev.outcome = Outcome::Allow;
-        ev.reason = "ok".into();
-        ev.credentials_granted = req.credentials.clone();
-        ev.expires_at = Some(real_expiry);
+        let allow = self.exchange_event(
+            ctx,
+            &rec,
+            ExchangeOutcome::Issued {
+                granted: &req.credentials,
+                expires_at: real_expiry,
+            },
+        );
         if let Err(e) = metrics::timed(
             Stage::Activate,
             self.store
-                .activate_grant(grant_id, real_expiry, &details, &ev),
+                .activate_grant(grant_id, real_expiry, &details, &allow),
         )
         .await
         {
@@ -307,9 +323,13 @@ impl Broker {
             // Best effort now; if this fails too the grant stays `issuing` and the reaper
             // revokes it once it is stale.
             if self.revoke_credentials(&issued).await.is_ok() {
-                ev.outcome = Outcome::Error;
-                ev.reason = "store_unavailable".into();
-                ev.credentials_granted.clear();
+                let ev = self.exchange_event(
+                    ctx,
+                    &rec,
+                    ExchangeOutcome::Undone {
+                        expires_at: real_expiry,
+                    },
+                );
                 let _ = self.store.fail_grant(grant_id, jti.as_ref(), &ev).await;
             }
             return Err(ServiceError::Store(e));
@@ -409,32 +429,27 @@ impl Broker {
     }
 
     /// A mint failed: revoke what was minted, release the token, audit, and report the failure.
-    pub(super) async fn abort_grant(
+    async fn abort_grant(
         &self,
-        mut ev: AuditEvent,
+        ctx: &RequestCtx,
+        rec: &ExchangeRecord,
         jti: Option<&JtiRecord>,
         issued: &[IssuedCredential],
-        results: Vec<Result<Minted, ProviderError>>,
-        failed_pos: usize,
+        credential: String,
+        error: ProviderError,
     ) -> ServiceError {
-        let grant_id = ev.grant_id.unwrap_or_default();
-        let error = results
-            .into_iter()
-            .nth(failed_pos)
-            .and_then(Result::err)
-            .unwrap_or_else(|| ProviderError::Internal("mint failed".into()));
-        let credential = issued
-            .get(failed_pos)
-            .map(|c| c.name.clone())
-            .unwrap_or_default();
+        let grant_id = rec.planned.as_ref().map(|g| g.id).unwrap_or_default();
         tracing::warn!(grant_id = %grant_id, credential = %credential, reason = error.reason_code(), error = %error, "mint failed; undoing the grant");
-        let err = ServiceError::Provider {
-            credential: credential.clone(),
-            error,
-        };
-        ev.outcome = Outcome::Error;
-        ev.reason = err.reason_code().to_owned();
-        ev.detail = Some(format!("credential {credential:?}: {}", err.reason_code()));
+        let detail = format!("credential {credential:?}: {}", error.reason_code());
+        let err = ServiceError::Provider { credential, error };
+        let ev = self.exchange_event(
+            ctx,
+            rec,
+            ExchangeOutcome::Refused {
+                error: &err,
+                detail: Some(detail),
+            },
+        );
         // Revoke every credential of the grant (revoke is idempotent: ones never minted are
         // "already gone").
         match self.revoke_credentials(issued).await {

@@ -14,6 +14,7 @@
 mod audit_query;
 mod error;
 mod exchange;
+mod exchange_record;
 mod operators;
 mod policies;
 mod reaper;

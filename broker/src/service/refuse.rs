@@ -73,6 +73,17 @@ impl Broker {
         if ev.detail.is_none() {
             ev.detail = Some(err.to_string());
         }
+        self.record_refusal(ev, err).await
+    }
+
+    /// Screen a complete refusal event (`refusals/`), write it if it gets a row, and return
+    /// the error to answer with: `err`, 429 when the client is over its failure limit, or 503
+    /// if the audit cannot be written.
+    pub(super) async fn record_refusal(
+        &self,
+        mut ev: AuditEvent,
+        err: ServiceError,
+    ) -> ServiceError {
         match self.screen_refusal(&mut ev) {
             None | Some(crate::refusals::Disposition::Record) => {}
             Some(crate::refusals::Disposition::Collapse) => return err,
