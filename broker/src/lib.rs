@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod policy;
 pub mod providers;
+pub mod reason;
 pub mod refusals;
 pub mod secret;
 pub mod service;

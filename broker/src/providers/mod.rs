@@ -10,6 +10,7 @@ pub mod postgres;
 pub mod template;
 
 use crate::oidc::VerifiedClaims;
+use crate::reason::ReasonCode;
 use crate::secret::Sensitive;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -142,13 +143,18 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
-    pub fn reason_code(&self) -> &'static str {
+    pub fn reason(&self) -> ReasonCode {
         match self {
-            ProviderError::TargetUnavailable(_) => "target_unavailable",
-            ProviderError::InvalidClaim(_) => "invalid_claim_value",
-            ProviderError::Misconfigured(_) => "provider_misconfigured",
-            ProviderError::Internal(_) => "provider_error",
+            ProviderError::TargetUnavailable(_) => ReasonCode::TargetUnavailable,
+            ProviderError::InvalidClaim(_) => ReasonCode::InvalidClaimValue,
+            ProviderError::Misconfigured(_) => ReasonCode::ProviderMisconfigured,
+            ProviderError::Internal(_) => ReasonCode::ProviderError,
         }
+    }
+
+    /// [`ProviderError::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
     }
 }
 

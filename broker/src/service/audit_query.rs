@@ -4,6 +4,7 @@
 use super::{Broker, RequestCtx};
 use crate::admin::audit_query::{AUDIT_PARAMS, describe, parse_audit_query};
 use crate::admin::{AdminError, AuditQueryPage, Operator};
+use crate::reason::ReasonCode;
 
 impl Broker {
     /// Answer an audit query for an authorized operator; refused parameters are audited and
@@ -34,7 +35,7 @@ impl Broker {
             Err(msg) => return Err(self.admin_bad_request(op, "audit_query", msg, ctx).await),
         };
         let page = self.store.audit_page(&filter).await?;
-        let mut ev = self.admin_event(ctx, "audit_query");
+        let mut ev = self.admin_event(ctx, ReasonCode::AuditQuery);
         ev.actor = Some(op.actor());
         ev.outcome = crate::audit::Outcome::Success;
         ev.detail = Some(format!(

@@ -4,6 +4,7 @@
 use crate::audit::Outcome;
 use crate::oidc::VerifyError;
 use crate::providers::ProviderError;
+use crate::reason::ReasonCode;
 use crate::store::StoreError;
 
 /// Why an exchange, revoke or introspection did not succeed. Each maps to one HTTP status and
@@ -11,7 +12,7 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("bad request: {message}")]
-    BadRequest { code: &'static str, message: String },
+    BadRequest { code: ReasonCode, message: String },
     /// Request text the store cannot hold (see `store::text`); the detail shows it escaped.
     #[error("invalid text: {}", .0.detail())]
     InvalidText(#[from] crate::store::text::TextError),
@@ -25,7 +26,7 @@ pub enum ServiceError {
     #[error("credential {credential:?} denied ({reason})")]
     Denied {
         credential: String,
-        reason: &'static str,
+        reason: ReasonCode,
     },
     #[error("credential {credential:?} could not be issued: {error}")]
     Provider {
@@ -54,26 +55,30 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// Stable reason code (also the audit `reason`).
-    pub fn reason_code(&self) -> &'static str {
+    /// The reason code (also the audit `reason`). A policy denial keeps its specific reason
+    /// here (`no_matching_rule`, ...); `http/error.rs` answers it as `policy_denied`.
+    pub fn reason(&self) -> ReasonCode {
         match self {
-            ServiceError::BadRequest { code, .. } => code,
-            ServiceError::InvalidText(t) => t.reason_code(),
-            ServiceError::Token(e) => e.reason_code(),
-            ServiceError::Replayed => "token_replayed",
-            ServiceError::TokenExhausted => "token_expired",
-            ServiceError::Denied { reason, .. } => reason,
-            ServiceError::Provider { error, .. } => error.reason_code(),
-            ServiceError::BadRevocationToken => "invalid_revocation_token",
-            ServiceError::MissingToken => "missing_token",
-            ServiceError::RateLimited { .. } => "rate_limited",
-            ServiceError::RevokePending => "revoke_pending",
-            ServiceError::Store(StoreError::Replayed) => "token_replayed",
-            ServiceError::Store(e @ StoreError::Rejected(_)) => e.reason_code(),
-            ServiceError::Store(_) => "store_unavailable",
-            ServiceError::Frozen => "frozen",
-            ServiceError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
+            ServiceError::BadRequest { code, .. } => *code,
+            ServiceError::InvalidText(_) => ReasonCode::InvalidText,
+            ServiceError::Token(e) => e.reason(),
+            ServiceError::Replayed => ReasonCode::TokenReplayed,
+            ServiceError::TokenExhausted => ReasonCode::TokenExpired,
+            ServiceError::Denied { reason, .. } => *reason,
+            ServiceError::Provider { error, .. } => error.reason(),
+            ServiceError::BadRevocationToken => ReasonCode::InvalidRevocationToken,
+            ServiceError::MissingToken => ReasonCode::MissingToken,
+            ServiceError::RateLimited { .. } => ReasonCode::RateLimited,
+            ServiceError::RevokePending => ReasonCode::RevokePending,
+            ServiceError::Store(e) => store_reason(e),
+            ServiceError::Frozen => ReasonCode::Frozen,
+            ServiceError::TooManyFailures { .. } => ReasonCode::TooManyFailures,
         }
+    }
+
+    /// [`ServiceError::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
     }
 
     pub(crate) fn outcome(&self) -> Outcome {
@@ -83,5 +88,15 @@ impl ServiceError {
             | ServiceError::RevokePending => Outcome::Error,
             _ => Outcome::Deny,
         }
+    }
+}
+
+/// The code a store failure is answered with: a replay, this request's data refused, or an
+/// outage.
+pub(crate) fn store_reason(e: &StoreError) -> ReasonCode {
+    match e {
+        StoreError::Replayed => ReasonCode::TokenReplayed,
+        StoreError::Rejected(_) => ReasonCode::StoreRejected,
+        _ => ReasonCode::StoreUnavailable,
     }
 }

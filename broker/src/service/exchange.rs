@@ -11,6 +11,7 @@ use crate::policy::{Decision, PolicyInput};
 use crate::providers::{
     CredentialKind, Field, IssuedCredential, MintRequest, Minted, ProviderError,
 };
+use crate::reason::ReasonCode;
 use crate::secret::{Sensitive, random_token, sha256_hex};
 use crate::store::{JtiRecord, NewGrant, StoreError};
 use time::{Duration, OffsetDateTime};
@@ -123,7 +124,7 @@ impl Broker {
                     let detail = format!("credential {:?}: {}", d.credential, other.reason_code());
                     let err = ServiceError::Denied {
                         credential: d.credential.clone(),
-                        reason: other.reason_code(),
+                        reason: other.reason(),
                     };
                     return Err(self.refuse_exchange(ctx, &rec, err, Some(detail)).await);
                 }
@@ -154,7 +155,7 @@ impl Broker {
             let Some(def) = bundle.credential(name) else {
                 let err = ServiceError::Denied {
                     credential: name.clone(),
-                    reason: "unknown_credential",
+                    reason: ReasonCode::UnknownCredential,
                 };
                 return Err(self.refuse_exchange(ctx, &rec, err, None).await);
             };
@@ -394,7 +395,7 @@ impl Broker {
         req: &ExchangeRequest,
     ) -> Result<Option<Duration>, ServiceError> {
         let bad = |message: String| ServiceError::BadRequest {
-            code: "bad_request",
+            code: ReasonCode::BadRequest,
             message,
         };
         if req.credentials.is_empty() {

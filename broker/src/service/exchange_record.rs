@@ -5,6 +5,7 @@
 
 use super::{Broker, RequestCtx, ServiceError};
 use crate::audit::{Action, AuditEvent, JobAttribution, Outcome};
+use crate::reason::ReasonCode;
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
 
@@ -81,13 +82,13 @@ impl Broker {
                 expires_at,
             } => {
                 ev.outcome = Outcome::Allow;
-                ev.reason = "ok".to_owned();
+                ev.reason = ReasonCode::Ok.as_str().to_owned();
                 ev.credentials_granted = granted.to_vec();
                 ev.expires_at = Some(expires_at);
             }
             ExchangeOutcome::Undone { expires_at } => {
                 ev.outcome = Outcome::Error;
-                ev.reason = "store_unavailable".to_owned();
+                ev.reason = ReasonCode::StoreUnavailable.as_str().to_owned();
                 ev.expires_at = Some(expires_at);
             }
         }

@@ -8,14 +8,21 @@ use crate::admin::{
 };
 use crate::audit::{Action, AuditEvent, Outcome};
 use crate::providers::CredentialKind;
+use crate::reason::ReasonCode;
 use crate::secret::Sensitive;
 use crate::store::{FreezeRecord, GrantCursor};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 impl Broker {
-    pub(super) fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
-        let mut ev = AuditEvent::new(self.clock.now(), Action::Admin, Outcome::Deny, what);
+    /// An operator call's audit event, with `reason` (the outcome is set by the caller).
+    pub(super) fn admin_event(&self, ctx: &RequestCtx, reason: ReasonCode) -> AuditEvent {
+        let mut ev = AuditEvent::new(
+            self.clock.now(),
+            Action::Admin,
+            Outcome::Deny,
+            reason.as_str(),
+        );
         ev.request_id = ctx.request_id.clone();
         ev.client_request_id = ctx.client_request_id.clone();
         ev.client_addr = ctx.client_addr.clone();
@@ -40,7 +47,7 @@ impl Broker {
         msg: String,
         ctx: &RequestCtx,
     ) -> AdminError {
-        let mut ev = self.admin_event(ctx, "bad_request");
+        let mut ev = self.admin_event(ctx, ReasonCode::BadRequest);
         ev.actor = Some(op.actor());
         ev.detail = Some(format!("{what}: {msg}"));
         match self.admin_audit(&ev).await {
@@ -58,7 +65,7 @@ impl Broker {
         error: crate::store::text::TextError,
         ctx: &RequestCtx,
     ) -> AdminError {
-        let mut ev = self.admin_event(ctx, error.reason_code());
+        let mut ev = self.admin_event(ctx, ReasonCode::InvalidText);
         ev.actor = Some(op.actor());
         ev.detail = Some(format!("{what}: {}", error.detail()));
         match self.admin_audit(&ev).await {
@@ -100,7 +107,7 @@ impl Broker {
         match result {
             Ok(op) => Ok(op),
             Err(e) => {
-                let mut ev = self.admin_event(ctx, e.reason_code());
+                let mut ev = self.admin_event(ctx, e.reason());
                 if let AdminError::Forbidden { name, .. } | AdminError::Replayed { name } = &e {
                     ev.actor = Some(format!("operator:{name}"));
                 }
@@ -143,7 +150,7 @@ impl Broker {
             value: value.chars().take(100).collect(),
             known,
         };
-        let mut ev = self.admin_event(ctx, e.reason_code());
+        let mut ev = self.admin_event(ctx, e.reason());
         ev.actor = Some(op.actor());
         ev.detail = Some(format!("{what}: {e}"));
         self.admin_audit(&ev).await?;
@@ -173,7 +180,7 @@ impl Broker {
             filter.check(false)
         };
         if let Err(msg) = checked {
-            let mut ev = self.admin_event(ctx, "bad_request");
+            let mut ev = self.admin_event(ctx, ReasonCode::BadRequest);
             ev.actor = Some(op.actor());
             ev.detail = Some(format!("revoke_all: {msg}"));
             self.admin_audit(&ev).await?;
@@ -278,7 +285,7 @@ impl Broker {
             }
         }
         report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut ev = self.admin_event(ctx, "revoke_all");
+        let mut ev = self.admin_event(ctx, ReasonCode::RevokeAll);
         ev.actor = Some(actor);
         ev.outcome = if report.tally.failures.is_empty() {
             Outcome::Success
@@ -322,10 +329,10 @@ impl Broker {
         } else {
             filter.check(true)
         };
-        let mut ev = self.admin_event(ctx, "freeze");
+        let mut ev = self.admin_event(ctx, ReasonCode::Freeze);
         ev.actor = Some(op.actor());
         if let Err(msg) = checked {
-            ev.reason = "bad_request".into();
+            ev.reason = ReasonCode::BadRequest.as_str().to_owned();
             ev.detail = Some(format!("freeze: {msg}"));
             self.admin_audit(&ev).await?;
             return Err(AdminError::BadRequest(msg));
@@ -361,7 +368,7 @@ impl Broker {
         reason: &str,
         ctx: &RequestCtx,
     ) -> Result<bool, AdminError> {
-        let mut ev = self.admin_event(ctx, "unfreeze");
+        let mut ev = self.admin_event(ctx, ReasonCode::Unfreeze);
         ev.actor = Some(op.actor());
         ev.outcome = Outcome::Success;
         let reason = clean_reason(reason);
@@ -380,7 +387,7 @@ impl Broker {
         ctx: &RequestCtx,
     ) -> Result<Option<Freeze>, AdminError> {
         let state = self.store.freeze_state().await?.map(Freeze::from_record);
-        let mut ev = self.admin_event(ctx, "freeze_status");
+        let mut ev = self.admin_event(ctx, ReasonCode::FreezeStatus);
         ev.actor = Some(op.actor());
         ev.outcome = Outcome::Success;
         self.admin_audit(&ev).await?;

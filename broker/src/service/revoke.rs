@@ -8,6 +8,7 @@ use crate::admin::{RevokeFailure, RevokeTally};
 use crate::audit::{Action, AuditEvent, Outcome};
 use crate::metrics;
 use crate::providers::{CredentialKind, IssuedCredential, ProviderError};
+use crate::reason::ReasonCode;
 use crate::secret::{Sensitive, sha256_hex};
 use crate::store::{ClaimedGrant, GrantStatus, RevokeCause};
 use futures::StreamExt;
@@ -100,7 +101,7 @@ impl Broker {
     ) -> AuditEvent {
         let mut ev = self.grant_event(g, now, Action::Revoke, actor, ctx);
         ev.outcome = Outcome::Success;
-        ev.reason = RevokeCause::Requested.as_str().to_owned();
+        ev.reason = cause_reason(RevokeCause::Requested).as_str().to_owned();
         ev
     }
 
@@ -188,7 +189,7 @@ impl Broker {
             Ok(()) => {
                 crate::fault::point("after_revoke");
                 ev.outcome = Outcome::Success;
-                ev.reason = claimed.cause.as_str().to_owned();
+                ev.reason = cause_reason(claimed.cause).as_str().to_owned();
                 if !described.is_empty() {
                     ev.detail = Some(described.join("; "));
                 }
@@ -308,5 +309,14 @@ impl Broker {
             out.insert(k.as_str().to_owned(), r);
         }
         out
+    }
+}
+
+/// The audit reason of a finished revocation: its cause.
+fn cause_reason(cause: RevokeCause) -> ReasonCode {
+    match cause {
+        RevokeCause::Requested => ReasonCode::Requested,
+        RevokeCause::Expired => ReasonCode::Expired,
+        RevokeCause::Recovery => ReasonCode::Recovery,
     }
 }

@@ -5,6 +5,7 @@
 
 use super::{Broker, RequestCtx};
 use crate::audit::{Action, AuditEvent, Outcome};
+use crate::reason::ReasonCode;
 use crate::store::{JobMatch, StoreError};
 use crate::webhooks::event::{self, HookEvent, JobEnd};
 use crate::webhooks::signature::{github_signature_match, gitlab_token_match};
@@ -212,7 +213,7 @@ impl Broker {
         } else {
             Outcome::Failure
         };
-        ev.reason = "job_ended".into();
+        ev.reason = ReasonCode::JobEnded.as_str().to_owned();
         ev.detail = Some(format!(
             "{}; job {:?} {}; matched {}, revoked {}, in progress {}, failed {}",
             ev.detail.unwrap_or_default(),
