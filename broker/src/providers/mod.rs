@@ -175,6 +175,25 @@ pub struct RevokeAllReport {
     pub details: Vec<String>,
 }
 
+/// A lock every broker replica respects, for a provider's read-modify-write of state kept
+/// outside the broker (an AWS role's deny policy). Owned here so that providers depend on this
+/// interface, never on the broker's store; `app.rs` hands them the store's implementation.
+#[async_trait]
+pub trait ReplicaLock: Send + Sync + std::fmt::Debug {
+    /// Run `work` while holding the lock named `key` (waiting for it, within a bound the
+    /// implementation sets). An error: the lock could not be taken, and `work` may not have run.
+    async fn run_locked(
+        &self,
+        key: &str,
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), LockError>;
+}
+
+/// A [`ReplicaLock`] that could not be taken (its message names no secret).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LockError(pub String);
+
 /// The one trait at the provider boundary.
 #[async_trait]
 pub trait Provider: Send + Sync + std::fmt::Debug {

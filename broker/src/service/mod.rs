@@ -90,6 +90,26 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+/// The store's cross-replica lock, as providers see it ([`crate::providers::ReplicaLock`]):
+/// on Postgres a transaction-scoped advisory lock, on SQLite (one node) none beyond the
+/// provider's own.
+#[derive(Debug, Clone)]
+pub struct StoreLock(pub Store);
+
+#[async_trait::async_trait]
+impl crate::providers::ReplicaLock for StoreLock {
+    async fn run_locked(
+        &self,
+        key: &str,
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), crate::providers::LockError> {
+        self.0
+            .locked(key, work)
+            .await
+            .map_err(|e| crate::providers::LockError(e.to_string()))
+    }
+}
+
 /// Parts to build a [`Broker`] from.
 pub struct BrokerParts {
     pub verifier: Arc<Verifier>,
