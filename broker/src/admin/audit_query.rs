@@ -53,7 +53,33 @@ pub struct AuditQueryPage {
 /// Parse `(name, value)` query pairs into a filter. Unknown or repeated names, unparseable
 /// values and out-of-range limits are refused (never silently ignored: a typo in a filter
 /// must not widen the result).
-pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, String> {
+/// Why `GET /v1/audit`'s parameters were refused (answered as 400 `bad_request`). The text names
+/// the parameter, never more than 64 printable characters of what the caller sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditQueryError {
+    #[error("unknown parameter {0:?}")]
+    UnknownParameter(String),
+    #[error("{0}: given more than once")]
+    Repeated(&'static str),
+    #[error("{0}: must be 1 to {MAX_VALUE} bytes")]
+    Length(&'static str),
+    #[error("{0}: not an RFC 3339 time (e.g. 2026-01-31T12:00:00Z)")]
+    Time(&'static str),
+    #[error("kind: unknown kind {0:?}")]
+    UnknownKind(String),
+    #[error("outcome: one of {}", OUTCOMES.join(", "))]
+    Outcome,
+    #[error("grant_id: not a UUID")]
+    GrantId,
+    #[error("limit: an integer from 1 to {MAX_AUDIT_LIMIT}")]
+    Limit,
+    #[error("cursor: not a cursor this API returned")]
+    Cursor,
+    #[error("since: must be before until")]
+    SinceAfterUntil,
+}
+
+pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, AuditQueryError> {
     let mut f = AuditFilter {
         limit: DEFAULT_AUDIT_LIMIT,
         ..AuditFilter::default()
@@ -62,13 +88,13 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
     for (name, value) in pairs {
         let Some(&name) = AUDIT_PARAMS.iter().find(|p| **p == name.as_str()) else {
             let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
-            return Err(format!("unknown parameter {shown:?}"));
+            return Err(AuditQueryError::UnknownParameter(shown));
         };
         if !seen.insert(name) {
-            return Err(format!("{name}: given more than once"));
+            return Err(AuditQueryError::Repeated(name));
         }
         if value.is_empty() || value.len() > MAX_VALUE {
-            return Err(format!("{name}: must be 1 to {MAX_VALUE} bytes"));
+            return Err(AuditQueryError::Length(name));
         }
         let text = Some(value.clone());
         match name {
@@ -80,19 +106,18 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
             "credential" => f.credential = text,
             "kind" => {
                 CredentialKind::parse(value)
-                    .ok_or_else(|| format!("kind: unknown kind {value:?}"))?;
+                    .ok_or_else(|| AuditQueryError::UnknownKind(value.clone()))?;
                 f.kind = text;
             }
             "outcome" => {
                 if !OUTCOMES.contains(&value.as_str()) {
-                    return Err(format!("outcome: one of {}", OUTCOMES.join(", ")));
+                    return Err(AuditQueryError::Outcome);
                 }
                 f.outcome = text;
             }
             "reason" => f.reason = text,
             "grant_id" => {
-                f.grant_id =
-                    Some(Uuid::parse_str(value).map_err(|_| "grant_id: not a UUID".to_owned())?);
+                f.grant_id = Some(Uuid::parse_str(value).map_err(|_| AuditQueryError::GrantId)?);
             }
             "request_id" => f.request_id = text,
             "limit" => {
@@ -100,7 +125,7 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
                     .parse::<u32>()
                     .ok()
                     .filter(|n| (1..=MAX_AUDIT_LIMIT).contains(n))
-                    .ok_or_else(|| format!("limit: an integer from 1 to {MAX_AUDIT_LIMIT}"))?;
+                    .ok_or(AuditQueryError::Limit)?;
             }
             "cursor" => {
                 f.cursor = Some(
@@ -108,23 +133,22 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
                         .parse::<i64>()
                         .ok()
                         .filter(|n| *n > 0)
-                        .ok_or_else(|| "cursor: not a cursor this API returned".to_owned())?,
+                        .ok_or(AuditQueryError::Cursor)?,
                 );
             }
-            _ => return Err(format!("unknown parameter {name:?}")),
+            _ => return Err(AuditQueryError::UnknownParameter(name.to_owned())),
         }
     }
     if let (Some(s), Some(u)) = (f.since, f.until)
         && s >= u
     {
-        return Err("since: must be before until".to_owned());
+        return Err(AuditQueryError::SinceAfterUntil);
     }
     Ok(f)
 }
 
-fn parse_time(name: &str, value: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(value, &Rfc3339)
-        .map_err(|_| format!("{name}: not an RFC 3339 time (e.g. 2026-01-31T12:00:00Z)"))
+fn parse_time(name: &'static str, value: &str) -> Result<OffsetDateTime, AuditQueryError> {
+    OffsetDateTime::parse(value, &Rfc3339).map_err(|_| AuditQueryError::Time(name))
 }
 
 /// The filter as audit detail: which filters were set (values are operator-supplied and
@@ -160,7 +184,7 @@ pub(crate) fn describe(f: &AuditFilter) -> String {
 mod tests {
     use super::*;
 
-    fn q(pairs: &[(&str, &str)]) -> Result<AuditFilter, String> {
+    fn q(pairs: &[(&str, &str)]) -> Result<AuditFilter, AuditQueryError> {
         let owned: Vec<(String, String)> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

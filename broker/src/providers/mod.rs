@@ -158,6 +158,19 @@ impl ProviderError {
     }
 }
 
+/// Why a provider cannot serve a policy bundle's credential definitions (the bundle is rejected
+/// whole, at start or on reload).
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error(transparent)]
+    Postgres(#[from] postgres::PostgresConfigError),
+    #[error(transparent)]
+    AwsSts(#[from] aws_sts::AwsConfigError),
+    /// Any other provider's refusal of one definition.
+    #[error("credential {credential:?}: {reason}")]
+    Refused { credential: String, reason: String },
+}
+
 /// Health of a provider for `/readyz`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {
@@ -233,7 +246,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// configuration (e.g. a named target exists) and note what the provider must know about
     /// them (e.g. the roles revoke-all covers). Called at start and on every reload; an error
     /// rejects the bundle.
-    fn check_definitions(&self, _defs: &[CredentialDef]) -> Result<(), String> {
+    fn check_definitions(&self, _defs: &[CredentialDef]) -> Result<(), DefinitionError> {
         Ok(())
     }
 

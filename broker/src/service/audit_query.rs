@@ -32,7 +32,11 @@ impl Broker {
         }
         let filter = match parse_audit_query(pairs) {
             Ok(f) => f,
-            Err(msg) => return Err(self.admin_bad_request(op, "audit_query", msg, ctx).await),
+            Err(e) => {
+                return Err(self
+                    .admin_bad_request(op, "audit_query", e.to_string(), ctx)
+                    .await);
+            }
         };
         let page = self.store.audit_page(&filter).await?;
         let mut ev = self.admin_event(ctx, ReasonCode::AuditQuery);

@@ -26,8 +26,8 @@ mod webhook;
 
 pub use error::ServiceError;
 pub use exchange::{ExchangeRequest, ExchangeResponse, IssuedOutput};
-pub use policies::PolicyStatus;
 use policies::check_bundle;
+pub use policies::{PolicyError, PolicyStatus};
 
 use crate::config::{GrantConfig, ReaperConfig};
 use crate::metrics;
@@ -129,12 +129,12 @@ pub struct BrokerParts {
 
 impl Broker {
     /// Load policies and assemble. A bundle that fails to load is a startup error.
-    pub fn new(parts: BrokerParts) -> Result<Self, String> {
-        let bundle = Bundle::load_dir(&parts.policy_dir, &parts.policy_opts).map_err(|e| {
-            format!(
-                "policies in {} failed to load:\n{e}",
-                parts.policy_dir.display()
-            )
+    pub fn new(parts: BrokerParts) -> Result<Self, PolicyError> {
+        let bundle = Bundle::load_dir(&parts.policy_dir, &parts.policy_opts).map_err(|errors| {
+            PolicyError::StartLoad {
+                dir: parts.policy_dir.display().to_string(),
+                errors,
+            }
         })?;
         let mut providers: BTreeMap<CredentialKind, Arc<dyn Provider>> = BTreeMap::new();
         providers.insert(CredentialKind::ApiToken, parts.api_tokens.clone());

@@ -70,9 +70,15 @@ impl Provider for Flaky {
     fn resource_id(&self, grant_id: Uuid, credential: &crate::providers::CredentialDef) -> String {
         self.inner.resource_id(grant_id, credential)
     }
-    fn check_definitions(&self, defs: &[crate::providers::CredentialDef]) -> Result<(), String> {
+    fn check_definitions(
+        &self,
+        defs: &[crate::providers::CredentialDef],
+    ) -> Result<(), crate::providers::DefinitionError> {
         match defs.iter().find(|d| d.name == "refused") {
-            Some(_) => Err("credential \"refused\": its target is not configured".into()),
+            Some(_) => Err(crate::providers::DefinitionError::Refused {
+                credential: "refused".into(),
+                reason: "its target is not configured".into(),
+            }),
             None => Ok(()),
         }
     }
@@ -235,7 +241,7 @@ async fn a_reload_the_providers_refuse_keeps_the_old_bundle() {
         "credentials: [{name: refused, max_ttl: 5m, api_token: {audience: x}}]",
     )
     .unwrap();
-    let err = h.broker.reload_policies().unwrap_err();
+    let err = h.broker.reload_policies().unwrap_err().to_string();
     assert!(err.contains("not configured"), "{err}");
     assert_eq!(h.broker.policy_status().digest, before);
 }
@@ -501,7 +507,7 @@ async fn policy_reload_keeps_the_old_bundle_on_error() {
         "rules: [{name: x, issuer: github, credentials: [nope], when: 'true'}]",
     )
     .unwrap();
-    let err = h.broker.reload_policies().unwrap_err();
+    let err = h.broker.reload_policies().unwrap_err().to_string();
     assert!(err.contains("bad.yaml"), "{err}");
     let st = h.broker.policy_status();
     assert_eq!(st.digest, before);

@@ -20,8 +20,8 @@ use super::naming;
 use crate::audit::JobAttribution;
 use crate::config::AwsTargetConfig;
 use crate::providers::{
-    CredentialDef, CredentialKind, CredentialSpec, Field, IssuedCredential, MintRequest, Minted,
-    Provider, ProviderError, ReplicaLock, RevokeAllReport,
+    CredentialDef, CredentialKind, CredentialSpec, DefinitionError, Field, IssuedCredential,
+    MintRequest, Minted, Provider, ProviderError, ReplicaLock, RevokeAllReport,
 };
 use crate::secret::Sensitive;
 use crate::time::SharedClock;
@@ -508,8 +508,8 @@ fn deny_error(e: DenyError) -> ProviderError {
 
 #[async_trait]
 impl Provider for AwsStsProvider {
-    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), String> {
-        AwsStsProvider::check_definitions(self, defs).map_err(|e| e.to_string())
+    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), DefinitionError> {
+        Ok(AwsStsProvider::check_definitions(self, defs)?)
     }
 
     fn kind(&self) -> CredentialKind {
