@@ -211,13 +211,10 @@ impl Broker {
                 .is_ok_and(|p| p.mints_in_memory())
         });
         if in_memory {
-            let results = metrics::timed(
-                Stage::Mint,
-                self.mint_all(&defs, &issued, grant_id, &claims, now, expires_at),
-            )
-            .await;
-            crate::fault::point("after_mint");
-            let minted = match collect_minted(results, &issued) {
+            let minted = match self
+                .mint_every(&defs, &issued, grant_id, &claims, now, expires_at)
+                .await
+            {
                 Ok(m) => m,
                 Err((credential, error)) => {
                     let detail = format!("{credential}: {}", error.reason_code());
@@ -287,13 +284,10 @@ impl Broker {
         crate::fault::point("after_intent");
 
         // 5. Mint every credential concurrently; all or nothing.
-        let results = metrics::timed(
-            Stage::Mint,
-            self.mint_all(&defs, &issued, grant_id, &claims, now, expires_at),
-        )
-        .await;
-        crate::fault::point("after_mint");
-        let minted = match collect_minted(results, &issued) {
+        let minted = match self
+            .mint_every(&defs, &issued, grant_id, &claims, now, expires_at)
+            .await
+        {
             Ok(m) => m,
             Err((credential, error)) => {
                 return Err(self
@@ -345,8 +339,28 @@ impl Broker {
         ))
     }
 
+    /// Mint every credential concurrently: all of them (in request order), or the first
+    /// failure's credential name and error (the others may have been minted: the caller undoes).
+    async fn mint_every(
+        &self,
+        defs: &[&crate::providers::CredentialDef],
+        issued: &[IssuedCredential],
+        grant_id: Uuid,
+        claims: &crate::oidc::VerifiedClaims,
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+    ) -> Result<Vec<Minted>, (String, ProviderError)> {
+        let results = metrics::timed(
+            Stage::Mint,
+            self.mint_all(defs, issued, grant_id, claims, now, expires_at),
+        )
+        .await;
+        crate::fault::point("after_mint");
+        collect_minted(results, issued)
+    }
+
     /// Mint every credential concurrently (results in request order).
-    pub(super) async fn mint_all(
+    async fn mint_all(
         &self,
         defs: &[&crate::providers::CredentialDef],
         issued: &[IssuedCredential],

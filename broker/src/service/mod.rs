@@ -90,6 +90,26 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+impl RequestCtx {
+    /// A new audit event of `action` with this request's context; the header text is the
+    /// caller's, authenticated or not, so it is capped and flagged (`refusals::fields`).
+    pub(crate) fn event(
+        &self,
+        now: time::OffsetDateTime,
+        action: crate::audit::Action,
+        reason: &str,
+    ) -> crate::audit::AuditEvent {
+        let mut ev =
+            crate::audit::AuditEvent::new(now, action, crate::audit::Outcome::Deny, reason);
+        ev.request_id = self.request_id.clone();
+        ev.client_request_id = self.client_request_id.clone();
+        ev.client_addr = self.client_addr.clone();
+        ev.user_agent = self.user_agent.clone();
+        crate::refusals::fields::cap_event(&mut ev);
+        ev
+    }
+}
+
 /// The store's cross-replica lock, as providers see it ([`crate::providers::ReplicaLock`]):
 /// on Postgres a transaction-scoped advisory lock, on SQLite (one node) none beyond the
 /// provider's own.

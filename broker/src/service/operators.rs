@@ -17,19 +17,7 @@ use uuid::Uuid;
 impl Broker {
     /// An operator call's audit event, with `reason` (the outcome is set by the caller).
     pub(super) fn admin_event(&self, ctx: &RequestCtx, reason: ReasonCode) -> AuditEvent {
-        let mut ev = AuditEvent::new(
-            self.clock.now(),
-            Action::Admin,
-            Outcome::Deny,
-            reason.as_str(),
-        );
-        ev.request_id = ctx.request_id.clone();
-        ev.client_request_id = ctx.client_request_id.clone();
-        ev.client_addr = ctx.client_addr.clone();
-        ev.user_agent = ctx.user_agent.clone();
-        // Header text is the caller's, authenticated or not: capped and flagged.
-        crate::refusals::fields::cap_event(&mut ev);
-        ev
+        ctx.event(self.clock.now(), Action::Admin, reason.as_str())
     }
 
     pub(super) async fn admin_audit(&self, ev: &AuditEvent) -> Result<(), AdminError> {

@@ -3,7 +3,7 @@
 
 use super::ServiceError;
 use super::{Broker, RequestCtx};
-use crate::audit::{Action, AuditEvent, Outcome};
+use crate::audit::{Action, AuditEvent};
 use crate::metrics::{self, Stage};
 use time::OffsetDateTime;
 
@@ -54,13 +54,7 @@ impl Broker {
         action: Action,
         ctx: &RequestCtx,
     ) -> AuditEvent {
-        let mut ev = AuditEvent::new(now, action, Outcome::Deny, "");
-        ev.request_id = ctx.request_id.clone();
-        ev.client_request_id = ctx.client_request_id.clone();
-        ev.client_addr = ctx.client_addr.clone();
-        ev.user_agent = ctx.user_agent.clone();
-        // Header text is the caller's, authenticated or not: capped and flagged.
-        crate::refusals::fields::cap_event(&mut ev);
+        let mut ev = ctx.event(now, action, "");
         // Every event records the bundle in force (revocations overwrite it with the grant's).
         ev.bundle_digest = Some(self.policies.load().digest().to_owned());
         ev

@@ -19,13 +19,7 @@ const PARALLELISM: usize = 8;
 
 impl Broker {
     pub(super) fn hook_event(&self, ctx: &RequestCtx, d: &Delivery<'_>) -> AuditEvent {
-        let mut ev = AuditEvent::new(self.clock.now(), Action::Webhook, Outcome::Deny, "");
-        ev.request_id = ctx.request_id.clone();
-        ev.client_request_id = ctx.client_request_id.clone();
-        ev.client_addr = ctx.client_addr.clone();
-        ev.user_agent = ctx.user_agent.clone();
-        // Header text is the caller's, authenticated or not: capped and flagged.
-        crate::refusals::fields::cap_event(&mut ev);
+        let mut ev = ctx.event(self.clock.now(), Action::Webhook, "");
         ev.actor = Some(format!("webhook:{}", d.source.as_str()));
         ev.job.platform = Some(d.source.platform().as_str().to_owned());
         // Unauthenticated header text: bounded and printable only.
