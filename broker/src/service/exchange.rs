@@ -350,25 +350,6 @@ impl Broker {
         now: OffsetDateTime,
         expires_at: OffsetDateTime,
     ) -> Result<Vec<Minted>, (String, ProviderError)> {
-        let results = metrics::timed(
-            Stage::Mint,
-            self.mint_all(defs, issued, grant_id, claims, now, expires_at),
-        )
-        .await;
-        crate::fault::point("after_mint");
-        collect_minted(results, issued)
-    }
-
-    /// Mint every credential concurrently (results in request order).
-    async fn mint_all(
-        &self,
-        defs: &[&crate::providers::CredentialDef],
-        issued: &[IssuedCredential],
-        grant_id: Uuid,
-        claims: &crate::oidc::VerifiedClaims,
-        now: OffsetDateTime,
-        expires_at: OffsetDateTime,
-    ) -> Vec<Result<Minted, ProviderError>> {
         let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
             let provider = self.provider(def.spec.kind())?;
             provider
@@ -382,7 +363,9 @@ impl Broker {
                 })
                 .await
         });
-        futures::future::join_all(mints).await
+        let results = metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
+        crate::fault::point("after_mint");
+        collect_minted(results, issued)
     }
 
     /// One bucket per (issuer, repository id): a runaway pipeline cannot starve the others.
