@@ -7,9 +7,10 @@ use super::{Broker, REVOCATION_PREFIX, RequestCtx};
 use crate::audit::JobAttribution;
 use crate::metrics::{self, Stage};
 use crate::oidc::Platform;
-use crate::policy::{Decision, PolicyInput};
+use crate::oidc::VerifiedClaims;
+use crate::policy::{Bundle, Decision, PolicyInput};
 use crate::providers::{
-    CredentialKind, Field, IssuedCredential, MintRequest, Minted, ProviderError,
+    CredentialDef, CredentialKind, Field, IssuedCredential, MintRequest, Minted, ProviderError,
 };
 use crate::reason::ReasonCode;
 use crate::secret::{Sensitive, random_token, sha256_hex};
@@ -51,6 +52,16 @@ pub(super) fn valid_credential_name(n: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// A grant decided and not yet committed (step 4).
+struct Plan<'b> {
+    grant_id: Uuid,
+    revocation_token: Sensitive,
+    defs: Vec<&'b CredentialDef>,
+    issued: Vec<IssuedCredential>,
+    jti: Option<JtiRecord>,
+    new_grant: NewGrant,
+}
+
 impl Broker {
     /// The life of one exchange. See ARCHITECTURE.md for the sequence.
     pub async fn exchange(
@@ -77,10 +88,38 @@ impl Broker {
             planned: None,
         };
 
+        let (claims, expires_at) = self.decide(&req, ctx, &bundle, &mut rec).await?;
+        let plan = self
+            .plan(&req, ctx, &bundle, &claims, &mut rec, expires_at)
+            .await?;
+        // Credentials that exist only in this process until the response (signed tokens) need
+        // no intent: mint, then one transaction (jti + active grant + audit). A failure before
+        // that commit leaves nothing anywhere: the tokens never left the process.
+        let in_memory = plan.defs.iter().all(|d| {
+            self.provider(d.spec.kind())
+                .is_ok_and(|p| p.mints_in_memory())
+        });
+        if in_memory {
+            self.issue_in_memory(&req, ctx, &rec, plan, &claims).await
+        } else {
+            self.issue_with_intent(&req, ctx, &rec, plan, &claims).await
+        }
+    }
+
+    /// Steps 1 to 3 and the TTL: the request, the job token, the rate limit and freeze, the
+    /// policy. The verified claims and the planned expiry, or the refusal (audited).
+    async fn decide(
+        &self,
+        req: &ExchangeRequest,
+        ctx: &RequestCtx,
+        bundle: &Bundle,
+        rec: &mut ExchangeRecord,
+    ) -> Result<(VerifiedClaims, OffsetDateTime), ServiceError> {
+        let now = rec.at;
         // 1. The request itself.
-        let requested_ttl = match self.check_request(&req) {
+        let requested_ttl = match self.check_request(req) {
             Ok(t) => t,
-            Err(e) => return Err(self.refuse_exchange(ctx, &rec, e, None).await),
+            Err(e) => return Err(self.refuse_exchange(ctx, rec, e, None).await),
         };
 
         // 2. The job token: configured issuer, pinned algorithm, signature, audience, times.
@@ -89,12 +128,12 @@ impl Broker {
                 Ok(c) => c,
                 Err(e) => {
                     let err = ServiceError::Token(e);
-                    return Err(self.refuse_exchange(ctx, &rec, err, None).await);
+                    return Err(self.refuse_exchange(ctx, rec, err, None).await);
                 }
             };
         rec.job = JobAttribution::from_claims(&claims);
         if let Err(e) = self.check_rate(&claims.issuer, &rec.job) {
-            return Err(self.refuse_exchange(ctx, &rec, e, None).await);
+            return Err(self.refuse_exchange(ctx, rec, e, None).await);
         }
         if let Err(e) = self
             .check_freeze(
@@ -105,7 +144,7 @@ impl Broker {
             )
             .await
         {
-            return Err(self.refuse_exchange(ctx, &rec, e, None).await);
+            return Err(self.refuse_exchange(ctx, rec, e, None).await);
         }
 
         // 3. Policy: every requested credential must be allowed; deny wins; default deny.
@@ -126,7 +165,7 @@ impl Broker {
                         credential: d.credential.clone(),
                         reason: other.reason(),
                     };
-                    return Err(self.refuse_exchange(ctx, &rec, err, Some(detail)).await);
+                    return Err(self.refuse_exchange(ctx, rec, err, Some(detail)).await);
                 }
             }
         }
@@ -141,11 +180,24 @@ impl Broker {
         );
         if ttl < Duration::SECOND {
             let err = ServiceError::TokenExhausted;
-            return Err(self.refuse_exchange(ctx, &rec, err, None).await);
+            return Err(self.refuse_exchange(ctx, rec, err, None).await);
         }
-        let expires_at = now + ttl;
         rec.ttl = Some(ttl);
+        Ok((claims, now + ttl))
+    }
 
+    /// Step 4, before anything is committed: the grant id, each credential's resource id and
+    /// intent details, the revocation token, the replay record.
+    async fn plan<'b>(
+        &self,
+        req: &ExchangeRequest,
+        ctx: &RequestCtx,
+        bundle: &'b Bundle,
+        claims: &VerifiedClaims,
+        rec: &mut ExchangeRecord,
+        expires_at: OffsetDateTime,
+    ) -> Result<Plan<'b>, ServiceError> {
+        let now = rec.at;
         // 4. Intent: grant + resource ids + jti, committed before anything is minted.
         let grant_id = Uuid::now_v7();
         let revocation_token = Sensitive::new(format!("{REVOCATION_PREFIX}{}", random_token(32)));
@@ -157,7 +209,7 @@ impl Broker {
                     credential: name.clone(),
                     reason: ReasonCode::UnknownCredential,
                 };
-                return Err(self.refuse_exchange(ctx, &rec, err, None).await);
+                return Err(self.refuse_exchange(ctx, rec, err, None).await);
             };
             let provider = match self.provider(def.spec.kind()) {
                 Ok(p) => p,
@@ -166,7 +218,7 @@ impl Broker {
                         credential: name.clone(),
                         error,
                     };
-                    return Err(self.refuse_exchange(ctx, &rec, err, None).await);
+                    return Err(self.refuse_exchange(ctx, rec, err, None).await);
                 }
             };
             issued.push(IssuedCredential {
@@ -203,62 +255,102 @@ impl Broker {
             expires_at,
             credentials: issued.clone(),
         };
-        // Credentials that exist only in this process until the response (signed tokens) need
-        // no intent: mint, then one transaction (jti + active grant + audit). A failure before
-        // that commit leaves nothing anywhere: the tokens never left the process.
-        let in_memory = defs.iter().all(|d| {
-            self.provider(d.spec.kind())
-                .is_ok_and(|p| p.mints_in_memory())
-        });
-        if in_memory {
-            let minted = match self
-                .mint_every(&defs, &issued, grant_id, &claims, now, expires_at)
-                .await
-            {
-                Ok(m) => m,
-                Err((credential, error)) => {
-                    let detail = format!("{credential}: {}", error.reason_code());
-                    let err = ServiceError::Provider { credential, error };
-                    return Err(self.refuse_exchange(ctx, &rec, err, Some(detail)).await);
-                }
-            };
-            let real_expiry = latest_expiry(&minted, expires_at);
-            let mut grant = new_grant;
-            grant.expires_at = real_expiry;
-            for (c, m) in grant.credentials.iter_mut().zip(&minted) {
-                c.details = m.details.clone();
+        Ok(Plan {
+            grant_id,
+            revocation_token,
+            defs,
+            issued,
+            jti,
+            new_grant,
+        })
+    }
+
+    /// Steps 5 and 6 for credentials that exist only in this process until the response:
+    /// mint, then one transaction (jti + active grant + audit).
+    async fn issue_in_memory(
+        &self,
+        req: &ExchangeRequest,
+        ctx: &RequestCtx,
+        rec: &ExchangeRecord,
+        plan: Plan<'_>,
+        claims: &VerifiedClaims,
+    ) -> Result<ExchangeResponse, ServiceError> {
+        let Plan {
+            grant_id,
+            revocation_token,
+            defs,
+            issued,
+            jti,
+            new_grant,
+        } = plan;
+        let (now, expires_at) = (rec.at, new_grant.expires_at);
+        let minted = match self
+            .mint_every(&defs, &issued, grant_id, claims, now, expires_at)
+            .await
+        {
+            Ok(m) => m,
+            Err((credential, error)) => {
+                let detail = format!("{credential}: {}", error.reason_code());
+                let err = ServiceError::Provider { credential, error };
+                return Err(self.refuse_exchange(ctx, rec, err, Some(detail)).await);
             }
-            let allow = self.exchange_event(
-                ctx,
-                &rec,
-                ExchangeOutcome::Issued {
-                    granted: &req.credentials,
-                    expires_at: real_expiry,
-                },
-            );
-            let issue = self.store.issue_grant(&grant, jti.as_ref(), &allow);
-            return match metrics::timed(Stage::Activate, issue).await {
-                Ok(()) => Ok(respond(
-                    grant_id,
-                    real_expiry,
-                    revocation_token,
-                    minted,
-                    issued,
-                )),
-                Err(StoreError::Replayed) => Err(self
-                    .refuse_exchange(ctx, &rec, ServiceError::Replayed, None)
-                    .await),
-                // The store refused this item's data (it failed alone, see `group_commit.rs`):
-                // record the refusal as far as the store still takes it.
-                Err(e @ StoreError::Rejected(_)) => Err(self
-                    .refuse_exchange(ctx, &rec, ServiceError::Store(e), None)
-                    .await),
-                Err(e) => {
-                    tracing::error!(error = %e, "store unavailable at grant issue");
-                    Err(ServiceError::Store(e))
-                }
-            };
+        };
+        let real_expiry = latest_expiry(&minted, expires_at);
+        let mut grant = new_grant;
+        grant.expires_at = real_expiry;
+        for (c, m) in grant.credentials.iter_mut().zip(&minted) {
+            c.details = m.details.clone();
         }
+        let allow = self.exchange_event(
+            ctx,
+            rec,
+            ExchangeOutcome::Issued {
+                granted: &req.credentials,
+                expires_at: real_expiry,
+            },
+        );
+        let issue = self.store.issue_grant(&grant, jti.as_ref(), &allow);
+        return match metrics::timed(Stage::Activate, issue).await {
+            Ok(()) => Ok(respond(
+                grant_id,
+                real_expiry,
+                revocation_token,
+                minted,
+                issued,
+            )),
+            Err(StoreError::Replayed) => Err(self
+                .refuse_exchange(ctx, rec, ServiceError::Replayed, None)
+                .await),
+            // The store refused this item's data (it failed alone, see `group_commit.rs`):
+            // record the refusal as far as the store still takes it.
+            Err(e @ StoreError::Rejected(_)) => Err(self
+                .refuse_exchange(ctx, rec, ServiceError::Store(e), None)
+                .await),
+            Err(e) => {
+                tracing::error!(error = %e, "store unavailable at grant issue");
+                Err(ServiceError::Store(e))
+            }
+        };
+    }
+
+    /// Steps 4 to 6 for credentials with effects elsewhere: commit the intent, mint, activate.
+    async fn issue_with_intent(
+        &self,
+        req: &ExchangeRequest,
+        ctx: &RequestCtx,
+        rec: &ExchangeRecord,
+        plan: Plan<'_>,
+        claims: &VerifiedClaims,
+    ) -> Result<ExchangeResponse, ServiceError> {
+        let Plan {
+            grant_id,
+            revocation_token,
+            defs,
+            issued,
+            jti,
+            new_grant,
+        } = plan;
+        let (now, expires_at) = (rec.at, new_grant.expires_at);
 
         match metrics::timed(
             Stage::Intent,
@@ -269,12 +361,12 @@ impl Broker {
             Ok(()) => {}
             Err(StoreError::Replayed) => {
                 return Err(self
-                    .refuse_exchange(ctx, &rec, ServiceError::Replayed, None)
+                    .refuse_exchange(ctx, rec, ServiceError::Replayed, None)
                     .await);
             }
             Err(e @ StoreError::Rejected(_)) => {
                 let err = ServiceError::Store(e);
-                return Err(self.refuse_exchange(ctx, &rec, err, None).await);
+                return Err(self.refuse_exchange(ctx, rec, err, None).await);
             }
             Err(e) => {
                 tracing::error!(error = %e, "store unavailable at grant intent");
@@ -285,13 +377,13 @@ impl Broker {
 
         // 5. Mint every credential concurrently; all or nothing.
         let minted = match self
-            .mint_every(&defs, &issued, grant_id, &claims, now, expires_at)
+            .mint_every(&defs, &issued, grant_id, claims, now, expires_at)
             .await
         {
             Ok(m) => m,
             Err((credential, error)) => {
                 return Err(self
-                    .abort_grant(ctx, &rec, jti.as_ref(), &issued, credential, error)
+                    .abort_grant(ctx, rec, jti.as_ref(), &issued, credential, error)
                     .await);
             }
         };
@@ -301,7 +393,7 @@ impl Broker {
         let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
         let allow = self.exchange_event(
             ctx,
-            &rec,
+            rec,
             ExchangeOutcome::Issued {
                 granted: &req.credentials,
                 expires_at: real_expiry,
@@ -320,7 +412,7 @@ impl Broker {
             if self.revoke_credentials(&issued).await.is_ok() {
                 let ev = self.exchange_event(
                     ctx,
-                    &rec,
+                    rec,
                     ExchangeOutcome::Undone {
                         expires_at: real_expiry,
                     },
