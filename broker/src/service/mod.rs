@@ -22,6 +22,7 @@ mod refuse;
 mod revoke;
 #[cfg(test)]
 mod tests;
+mod ttl;
 mod webhook;
 
 pub use error::ServiceError;
