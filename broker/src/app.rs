@@ -84,7 +84,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         let p = Arc::new(
             crate::providers::aws_sts::AwsStsProvider::new(&cfg.targets.aws, clock.clone())
                 .await
-                .with_store(store.clone()),
+                .with_replica_lock(Arc::new(crate::service::StoreLock(store.clone()))),
         );
         extra_providers.push(p);
     }

@@ -24,6 +24,7 @@ pub mod oidc;
 pub mod outbound;
 pub mod policy;
 pub mod providers;
+pub mod reason;
 pub mod refusals;
 pub mod secret;
 pub mod service;

@@ -1,16 +1,10 @@
-//! Operator actions on the broker: authorize a call, revoke-all, freeze, unfreeze, and the
-//! freeze check on the exchange path.
+//! What operator actions answer: the freeze in force, the revoke-all report and the tally of
+//! grants sent down the revoke path. The actions
+//! themselves are `service/operators.rs`.
 
-use super::{
-    AdminError, FREEZE_REFRESH, GrantFilter, Operator, REVOKE_ALL_CALL_BUDGET, REVOKE_ALL_PAGE,
-    REVOKE_ALL_PARALLELISM, Role, clean_reason,
-};
-use crate::audit::{Action, AuditEvent, Outcome};
+use super::GrantFilter;
 use crate::providers::CredentialKind;
-use crate::secret::Sensitive;
-use crate::service::{Broker, RequestCtx, ServiceError};
-use crate::store::{FreezeRecord, GrantCursor};
-use futures::StreamExt;
+use crate::store::FreezeRecord;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
@@ -28,7 +22,7 @@ pub struct Freeze {
 
 impl Freeze {
     /// A stored freeze whose filter this build cannot read freezes everything (fail closed).
-    fn from_record(r: FreezeRecord) -> Self {
+    pub(crate) fn from_record(r: FreezeRecord) -> Self {
         let filter = serde_json::from_value(r.filter).unwrap_or_default();
         Self {
             filter,
@@ -46,11 +40,10 @@ pub struct RevokeFailure {
     pub reason: String,
 }
 
-/// What one revoke-all did.
+/// What became of a set of grants sent down the revoke path (a revoke-all, a webhook's job):
+/// part of both reports, flattened into their JSON.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct RevokeAllReport {
-    /// Active grants matching the filter that this call reached.
-    pub matched: usize,
+pub struct RevokeTally {
     /// Grants revoked by this call.
     pub revoked_grants: usize,
     /// Credentials revoked, per kind.
@@ -59,6 +52,36 @@ pub struct RevokeAllReport {
     pub already_in_progress: usize,
     /// Grants whose revocation failed; the reaper retries them.
     pub failures: Vec<RevokeFailure>,
+}
+
+impl RevokeTally {
+    /// Count one revoked grant with its credentials' kinds.
+    pub fn revoked(&mut self, kinds: impl IntoIterator<Item = CredentialKind>) {
+        self.revoked_grants += 1;
+        for k in kinds {
+            *self.revoked.entry(k.as_str().to_owned()).or_default() += 1;
+        }
+    }
+
+    /// Add another tally's counts to this one.
+    pub fn merge(&mut self, other: RevokeTally) {
+        self.revoked_grants += other.revoked_grants;
+        for (k, n) in other.revoked {
+            *self.revoked.entry(k).or_default() += n;
+        }
+        self.already_in_progress += other.already_in_progress;
+        self.failures.extend(other.failures);
+    }
+}
+
+/// What one revoke-all did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RevokeAllReport {
+    /// Active grants matching the filter that this call reached.
+    pub matched: usize,
+    /// What became of them.
+    #[serde(flatten)]
+    pub tally: RevokeTally,
     /// Every grant the filter matched when this call reached it has been handled. `false`: the
     /// call ran out of its time budget ([`REVOKE_ALL_CALL_BUDGET`]); call again to continue
     /// (the grants revoked so far stay revoked and are not selected again).
@@ -75,487 +98,4 @@ pub struct RevokeAllReport {
     /// a credential kind): e.g. AWS roles get a deny on sessions issued before now.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub provider_wide: BTreeMap<String, serde_json::Value>,
-}
-
-enum One {
-    Revoked(Vec<CredentialKind>),
-    Busy,
-    Failed(RevokeFailure),
-}
-
-impl Broker {
-    pub(super) fn admin_event(&self, ctx: &RequestCtx, what: &str) -> AuditEvent {
-        let mut ev = AuditEvent::new(self.clock.now(), Action::Admin, Outcome::Deny, what);
-        ev.request_id = ctx.request_id.clone();
-        ev.client_request_id = ctx.client_request_id.clone();
-        ev.client_addr = ctx.client_addr.clone();
-        ev.user_agent = ctx.user_agent.clone();
-        // Header text is the caller's, authenticated or not: capped and flagged.
-        crate::refusals::fields::cap_event(&mut ev);
-        ev
-    }
-
-    pub(super) async fn admin_audit(&self, ev: &AuditEvent) -> Result<(), AdminError> {
-        self.store.append_audit(ev).await.map_err(|e| {
-            tracing::error!(error = %e, reason = ev.reason, "audit write failed; refusing with 503");
-            AdminError::Store(e)
-        })
-    }
-
-    /// Audit and return a 400 for an authenticated operator's malformed request.
-    pub async fn admin_bad_request(
-        &self,
-        op: &Operator,
-        what: &str,
-        msg: String,
-        ctx: &RequestCtx,
-    ) -> AdminError {
-        let mut ev = self.admin_event(ctx, "bad_request");
-        ev.actor = Some(op.actor());
-        ev.detail = Some(format!("{what}: {msg}"));
-        match self.admin_audit(&ev).await {
-            Ok(()) => AdminError::BadRequest(msg),
-            Err(e) => e,
-        }
-    }
-
-    /// Audit and return a 400 `invalid_text` for an authenticated operator's request text the
-    /// store cannot hold; the event shows the value escaped and cut short, never raw.
-    pub async fn admin_invalid_text(
-        &self,
-        op: &Operator,
-        what: &str,
-        error: crate::store::text::TextError,
-        ctx: &RequestCtx,
-    ) -> AdminError {
-        let mut ev = self.admin_event(ctx, error.reason_code());
-        ev.actor = Some(op.actor());
-        ev.detail = Some(format!("{what}: {}", error.detail()));
-        match self.admin_audit(&ev).await {
-            Ok(()) => AdminError::InvalidText(error),
-            Err(e) => e,
-        }
-    }
-
-    /// Authenticate an operator call needing `needed` for operation `what`. Refusals are
-    /// audited (and a failed audit write turns into 503).
-    pub async fn authorize(
-        &self,
-        token: Option<Sensitive>,
-        needed: Role,
-        what: &str,
-        ctx: &RequestCtx,
-    ) -> Result<Operator, AdminError> {
-        let result = match token {
-            None => Err(AdminError::MissingToken),
-            Some(t) => match self.admin.operators.authenticate_any(&t).await {
-                None => Err(AdminError::Unauthorized),
-                Some((op, _)) if !op.role.allows(needed) => Err(AdminError::Forbidden {
-                    name: op.name.clone(),
-                    needed: needed.as_str(),
-                }),
-                Some((op, None)) => Ok(op),
-                // A single-use job token acts once (shared with exchanges: `used_jti`).
-                Some((op, Some(jti))) => {
-                    match self.store.record_jti(&jti, self.clock.now()).await {
-                        Ok(()) => Ok(op),
-                        Err(crate::store::StoreError::Replayed) => {
-                            Err(AdminError::Replayed { name: op.name })
-                        }
-                        Err(e) => Err(AdminError::Store(e)),
-                    }
-                }
-            },
-        };
-        match result {
-            Ok(op) => Ok(op),
-            Err(e) => {
-                let mut ev = self.admin_event(ctx, e.reason_code());
-                if let AdminError::Forbidden { name, .. } | AdminError::Replayed { name } = &e {
-                    ev.actor = Some(format!("operator:{name}"));
-                }
-                ev.detail = Some(format!("{what}: {e}"));
-                match self.screen_refusal(&mut ev) {
-                    None | Some(crate::refusals::Disposition::Record) => {
-                        self.admin_audit(&ev).await?;
-                        Err(e)
-                    }
-                    Some(crate::refusals::Disposition::Collapse) => Err(e),
-                    Some(crate::refusals::Disposition::Limited { retry_after_secs }) => {
-                        Err(AdminError::TooManyFailures { retry_after_secs })
-                    }
-                }
-            }
-        }
-    }
-
-    /// Refuse (400 `unknown_filter_value`, audited) a filter naming an issuer, credential or
-    /// kind this broker does not have: it would select nothing and still answer success.
-    async fn check_filter_names(
-        &self,
-        op: &Operator,
-        what: &str,
-        filter: &GrantFilter,
-        ctx: &RequestCtx,
-    ) -> Result<(), AdminError> {
-        let bundle = self.policies();
-        let credentials: Vec<String> = bundle
-            .credentials()
-            .iter()
-            .map(|d| d.name.clone())
-            .collect();
-        let Some((field, value, known)) = filter.unknown_value(&self.issuer_names(), &credentials)
-        else {
-            return Ok(());
-        };
-        let e = AdminError::UnknownFilterValue {
-            field,
-            value: value.chars().take(100).collect(),
-            known,
-        };
-        let mut ev = self.admin_event(ctx, e.reason_code());
-        ev.actor = Some(op.actor());
-        ev.detail = Some(format!("{what}: {e}"));
-        self.admin_audit(&ev).await?;
-        Err(e)
-    }
-
-    /// Revoke every active grant matching `filter`: selected in SQL a page at a time (oldest
-    /// first, keyset-paged); grants revoked in the store alone (API tokens) are revoked a page
-    /// per transaction with one audit event each; the others are claimed and revoked one by one,
-    /// [`REVOKE_ALL_PARALLELISM`] at a time. Stops taking pages after
-    /// [`REVOKE_ALL_CALL_BUDGET`] (`complete: false`); calling again continues, since nothing
-    /// revoked is selected again. A broker killed mid-call leaves every page either revoked
-    /// and audited (one transaction) or untouched; per-grant revocations it had claimed are
-    /// finished by the reaper when their lease runs out.
-    pub async fn revoke_all(
-        &self,
-        op: &Operator,
-        reason: &str,
-        filter: &GrantFilter,
-        ctx: &RequestCtx,
-    ) -> Result<RevokeAllReport, AdminError> {
-        let started = std::time::Instant::now();
-        let reason = clean_reason(reason);
-        let checked = if reason.is_empty() {
-            Err("reason: required".to_owned())
-        } else {
-            filter.check(false)
-        };
-        if let Err(msg) = checked {
-            let mut ev = self.admin_event(ctx, "bad_request");
-            ev.actor = Some(op.actor());
-            ev.detail = Some(format!("revoke_all: {msg}"));
-            self.admin_audit(&ev).await?;
-            return Err(AdminError::BadRequest(msg));
-        }
-        self.check_filter_names(op, "revoke_all", filter, ctx)
-            .await?;
-        let select = filter.to_select();
-        let actor = op.actor();
-        let mut report = RevokeAllReport::default();
-        let lease = self.revoke_lease();
-        let actor_ref = actor.as_str();
-        let mut cursor: Option<GrantCursor> = None;
-        loop {
-            if started.elapsed() >= REVOKE_ALL_CALL_BUDGET {
-                break;
-            }
-            let page = self
-                .store
-                .active_grants_page(&select, cursor, REVOKE_ALL_PAGE)
-                .await?;
-            report.pages += 1;
-            let Some(last) = page.last() else {
-                report.complete = true;
-                break;
-            };
-            cursor = Some(GrantCursor {
-                created_at: last.created_at,
-                id: last.id,
-            });
-            let full = page.len() >= REVOKE_ALL_PAGE as usize;
-            report.matched += page.len();
-            let (in_store, outside): (Vec<_>, Vec<_>) =
-                page.into_iter().partition(|g| self.revoked_in_store(g));
-            if !in_store.is_empty() {
-                let now = self.clock.now();
-                let events: Vec<_> = in_store
-                    .iter()
-                    .map(|g| self.revoked_event(g, now, actor_ref, ctx))
-                    .collect();
-                let moved = self.store.revoke_in_store(now, &events).await?;
-                let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
-                for g in &in_store {
-                    if moved.contains(&g.id) {
-                        report.revoked_grants += 1;
-                        report.revoked_in_store += 1;
-                        crate::metrics::revocation("requested", true, false);
-                        for c in &g.credentials {
-                            *report
-                                .revoked
-                                .entry(c.kind.as_str().to_owned())
-                                .or_default() += 1;
-                        }
-                    } else {
-                        report.already_in_progress += 1;
-                    }
-                }
-            }
-            let results: Vec<One> = futures::stream::iter(
-                outside
-                    .into_iter()
-                    .map(|g| self.revoke_one(g, lease, actor_ref, ctx)),
-            )
-            .buffer_unordered(REVOKE_ALL_PARALLELISM)
-            .collect()
-            .await;
-            for r in results {
-                match r {
-                    One::Revoked(kinds) => {
-                        report.revoked_grants += 1;
-                        for k in kinds {
-                            *report.revoked.entry(k.as_str().to_owned()).or_default() += 1;
-                        }
-                    }
-                    One::Busy => report.already_in_progress += 1,
-                    One::Failed(f) => report.failures.push(f),
-                }
-            }
-            if !full {
-                report.complete = true;
-                break;
-            }
-        }
-        report.truncated = !report.complete;
-        // A filter narrower than a kind (one repository, one issuer...) must not kill other
-        // jobs' sessions, so provider-wide switches apply only to "everything" or "one kind".
-        let kind_only = GrantFilter {
-            kind: None,
-            ..filter.clone()
-        }
-        .is_empty();
-        if kind_only {
-            let kind = filter.kind.as_deref().and_then(CredentialKind::parse);
-            for (k, r) in self.revoke_all_providers(kind).await {
-                let v = match r {
-                    Ok(rep) if rep.revoked == 0 && rep.failed == 0 && rep.details.is_empty() => {
-                        continue;
-                    }
-                    Ok(rep) => {
-                        if rep.failed > 0 {
-                            report.failures.push(RevokeFailure {
-                                grant_id: uuid::Uuid::nil(),
-                                reason: format!(
-                                    "{k}: provider-wide revoke failed for {} target(s)",
-                                    rep.failed
-                                ),
-                            });
-                        }
-                        serde_json::to_value(&rep).unwrap_or_default()
-                    }
-                    Err(code) => {
-                        report.failures.push(RevokeFailure {
-                            grant_id: uuid::Uuid::nil(),
-                            reason: format!("{k}: {code}"),
-                        });
-                        serde_json::json!({"error": code})
-                    }
-                };
-                report.provider_wide.insert(k, v);
-            }
-        }
-        report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut ev = self.admin_event(ctx, "revoke_all");
-        ev.actor = Some(actor);
-        ev.outcome = if report.failures.is_empty() {
-            Outcome::Success
-        } else {
-            Outcome::Failure
-        };
-        ev.detail = Some(
-            format!(
-                "reason: {reason}; filter: {}; matched {}, revoked {}, in progress {}, failed {}{}",
-                serde_json::to_string(filter).unwrap_or_default(),
-                report.matched,
-                report.revoked_grants,
-                report.already_in_progress,
-                report.failures.len(),
-                if report.complete {
-                    ""
-                } else {
-                    ", incomplete (call again to continue)"
-                }
-            ) + &report
-                .provider_wide
-                .iter()
-                .map(|(k, v)| format!("; {k} provider-wide: {v}"))
-                .collect::<String>(),
-        );
-        self.admin_audit(&ev).await?;
-        Ok(report)
-    }
-
-    async fn revoke_one(
-        &self,
-        g: crate::store::Grant,
-        lease: time::Duration,
-        actor: &str,
-        ctx: &RequestCtx,
-    ) -> One {
-        let claimed = match self
-            .store
-            .claim_for_revoke(g.id, self.clock.now(), lease)
-            .await
-        {
-            Ok(Some(c)) => c,
-            Ok(None) => return One::Busy,
-            Err(e) => {
-                return One::Failed(RevokeFailure {
-                    grant_id: g.id,
-                    reason: e.reason_code().to_owned(),
-                });
-            }
-        };
-        match self.revoke_claimed(&claimed, actor, ctx).await {
-            Ok(()) => One::Revoked(g.credentials.iter().map(|c| c.kind).collect()),
-            Err(e) => One::Failed(RevokeFailure {
-                grant_id: g.id,
-                reason: e.reason_code().to_owned(),
-            }),
-        }
-    }
-
-    /// Freeze new exchanges matching `filter` on every replica (replaces any freeze in force).
-    pub async fn freeze(
-        &self,
-        op: &Operator,
-        reason: &str,
-        filter: &GrantFilter,
-        ctx: &RequestCtx,
-    ) -> Result<Freeze, AdminError> {
-        let reason = clean_reason(reason);
-        let checked = if reason.is_empty() {
-            Err("reason: required".to_owned())
-        } else {
-            filter.check(true)
-        };
-        let mut ev = self.admin_event(ctx, "freeze");
-        ev.actor = Some(op.actor());
-        if let Err(msg) = checked {
-            ev.reason = "bad_request".into();
-            ev.detail = Some(format!("freeze: {msg}"));
-            self.admin_audit(&ev).await?;
-            return Err(AdminError::BadRequest(msg));
-        }
-        self.check_filter_names(op, "freeze", filter, ctx).await?;
-        let freeze = Freeze {
-            filter: filter.clone(),
-            reason: reason.clone(),
-            actor: op.actor(),
-            since: ev.time,
-        };
-        let record = FreezeRecord {
-            filter: serde_json::to_value(filter)
-                .map_err(|_| AdminError::BadRequest("filter: not encodable".into()))?,
-            reason: reason.clone(),
-            actor: op.actor(),
-            since: ev.time,
-        };
-        ev.outcome = Outcome::Success;
-        ev.detail = Some(format!(
-            "reason: {reason}; filter: {}",
-            serde_json::to_string(filter).unwrap_or_default()
-        ));
-        self.store.set_freeze(Some(&record), &ev).await?;
-        self.cache_freeze(ev.time, Some(freeze.clone()));
-        Ok(freeze)
-    }
-
-    /// Lift the freeze. Returns whether one was in force.
-    pub async fn unfreeze(
-        &self,
-        op: &Operator,
-        reason: &str,
-        ctx: &RequestCtx,
-    ) -> Result<bool, AdminError> {
-        let mut ev = self.admin_event(ctx, "unfreeze");
-        ev.actor = Some(op.actor());
-        ev.outcome = Outcome::Success;
-        let reason = clean_reason(reason);
-        if !reason.is_empty() {
-            ev.detail = Some(format!("reason: {reason}"));
-        }
-        let was = self.store.set_freeze(None, &ev).await?;
-        self.cache_freeze(ev.time, None);
-        Ok(was)
-    }
-
-    /// The freeze in force as the store has it now (for operators; audited).
-    pub async fn freeze_status(
-        &self,
-        op: &Operator,
-        ctx: &RequestCtx,
-    ) -> Result<Option<Freeze>, AdminError> {
-        let state = self.store.freeze_state().await?.map(Freeze::from_record);
-        let mut ev = self.admin_event(ctx, "freeze_status");
-        ev.actor = Some(op.actor());
-        ev.outcome = Outcome::Success;
-        self.admin_audit(&ev).await?;
-        Ok(state)
-    }
-
-    fn cache_freeze(&self, at: OffsetDateTime, f: Option<Freeze>) {
-        let mut g = self.admin.freeze.lock().unwrap_or_else(|e| e.into_inner());
-        *g = Some((at, f));
-    }
-
-    /// The freeze in force, from this replica's cache if it is at most [`FREEZE_REFRESH`] old.
-    pub(crate) async fn current_freeze(&self) -> Result<Option<Freeze>, ServiceError> {
-        let now = self.clock.now();
-        {
-            let g = self.admin.freeze.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((at, f)) = &*g
-                && *at <= now
-                && now - *at < FREEZE_REFRESH
-            {
-                return Ok(f.clone());
-            }
-        }
-        let f = self.store.freeze_state().await?.map(Freeze::from_record);
-        self.cache_freeze(now, f.clone());
-        Ok(f)
-    }
-
-    /// Refuse an exchange a freeze covers.
-    pub(crate) async fn check_freeze(
-        &self,
-        issuer: &str,
-        repository: Option<&str>,
-        repository_id: Option<&str>,
-        credentials: &[String],
-    ) -> Result<(), ServiceError> {
-        let Some(f) = self.current_freeze().await? else {
-            return Ok(());
-        };
-        let bundle = self.policies();
-        let creds: Vec<(String, Option<CredentialKind>)> = credentials
-            .iter()
-            .map(|n| {
-                let kind = bundle
-                    .credentials()
-                    .iter()
-                    .find(|d| &d.name == n)
-                    .map(|d| d.spec.kind());
-                (n.clone(), kind)
-            })
-            .collect();
-        if f.filter
-            .matches_exchange(issuer, repository, repository_id, &creds)
-        {
-            Err(ServiceError::Frozen)
-        } else {
-            Ok(())
-        }
-    }
 }

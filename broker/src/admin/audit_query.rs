@@ -8,10 +8,8 @@
 //!   audit write turns the call into 503, so nothing is read unrecorded).
 //! - The cursor is opaque to callers: the decimal sequence number of the last event returned.
 
-use super::{AdminError, Operator};
 use crate::audit::AuditEvent;
 use crate::providers::CredentialKind;
-use crate::service::{Broker, RequestCtx};
 use crate::store::AuditFilter;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -55,7 +53,33 @@ pub struct AuditQueryPage {
 /// Parse `(name, value)` query pairs into a filter. Unknown or repeated names, unparseable
 /// values and out-of-range limits are refused (never silently ignored: a typo in a filter
 /// must not widen the result).
-pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, String> {
+/// Why `GET /v1/audit`'s parameters were refused (answered as 400 `bad_request`). The text names
+/// the parameter, never more than 64 printable characters of what the caller sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditQueryError {
+    #[error("unknown parameter {0:?}")]
+    UnknownParameter(String),
+    #[error("{0}: given more than once")]
+    Repeated(&'static str),
+    #[error("{0}: must be 1 to {MAX_VALUE} bytes")]
+    Length(&'static str),
+    #[error("{0}: not an RFC 3339 time (e.g. 2026-01-31T12:00:00Z)")]
+    Time(&'static str),
+    #[error("kind: unknown kind {0:?}")]
+    UnknownKind(String),
+    #[error("outcome: one of {}", OUTCOMES.join(", "))]
+    Outcome,
+    #[error("grant_id: not a UUID")]
+    GrantId,
+    #[error("limit: an integer from 1 to {MAX_AUDIT_LIMIT}")]
+    Limit,
+    #[error("cursor: not a cursor this API returned")]
+    Cursor,
+    #[error("since: must be before until")]
+    SinceAfterUntil,
+}
+
+pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, AuditQueryError> {
     let mut f = AuditFilter {
         limit: DEFAULT_AUDIT_LIMIT,
         ..AuditFilter::default()
@@ -64,13 +88,13 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
     for (name, value) in pairs {
         let Some(&name) = AUDIT_PARAMS.iter().find(|p| **p == name.as_str()) else {
             let shown: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
-            return Err(format!("unknown parameter {shown:?}"));
+            return Err(AuditQueryError::UnknownParameter(shown));
         };
         if !seen.insert(name) {
-            return Err(format!("{name}: given more than once"));
+            return Err(AuditQueryError::Repeated(name));
         }
         if value.is_empty() || value.len() > MAX_VALUE {
-            return Err(format!("{name}: must be 1 to {MAX_VALUE} bytes"));
+            return Err(AuditQueryError::Length(name));
         }
         let text = Some(value.clone());
         match name {
@@ -82,19 +106,18 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
             "credential" => f.credential = text,
             "kind" => {
                 CredentialKind::parse(value)
-                    .ok_or_else(|| format!("kind: unknown kind {value:?}"))?;
+                    .ok_or_else(|| AuditQueryError::UnknownKind(value.clone()))?;
                 f.kind = text;
             }
             "outcome" => {
                 if !OUTCOMES.contains(&value.as_str()) {
-                    return Err(format!("outcome: one of {}", OUTCOMES.join(", ")));
+                    return Err(AuditQueryError::Outcome);
                 }
                 f.outcome = text;
             }
             "reason" => f.reason = text,
             "grant_id" => {
-                f.grant_id =
-                    Some(Uuid::parse_str(value).map_err(|_| "grant_id: not a UUID".to_owned())?);
+                f.grant_id = Some(Uuid::parse_str(value).map_err(|_| AuditQueryError::GrantId)?);
             }
             "request_id" => f.request_id = text,
             "limit" => {
@@ -102,7 +125,7 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
                     .parse::<u32>()
                     .ok()
                     .filter(|n| (1..=MAX_AUDIT_LIMIT).contains(n))
-                    .ok_or_else(|| format!("limit: an integer from 1 to {MAX_AUDIT_LIMIT}"))?;
+                    .ok_or(AuditQueryError::Limit)?;
             }
             "cursor" => {
                 f.cursor = Some(
@@ -110,28 +133,27 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Stri
                         .parse::<i64>()
                         .ok()
                         .filter(|n| *n > 0)
-                        .ok_or_else(|| "cursor: not a cursor this API returned".to_owned())?,
+                        .ok_or(AuditQueryError::Cursor)?,
                 );
             }
-            _ => return Err(format!("unknown parameter {name:?}")),
+            _ => return Err(AuditQueryError::UnknownParameter(name.to_owned())),
         }
     }
     if let (Some(s), Some(u)) = (f.since, f.until)
         && s >= u
     {
-        return Err("since: must be before until".to_owned());
+        return Err(AuditQueryError::SinceAfterUntil);
     }
     Ok(f)
 }
 
-fn parse_time(name: &str, value: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(value, &Rfc3339)
-        .map_err(|_| format!("{name}: not an RFC 3339 time (e.g. 2026-01-31T12:00:00Z)"))
+fn parse_time(name: &'static str, value: &str) -> Result<OffsetDateTime, AuditQueryError> {
+    OffsetDateTime::parse(value, &Rfc3339).map_err(|_| AuditQueryError::Time(name))
 }
 
 /// The filter as audit detail: which filters were set (values are operator-supplied and
 /// non-secret; JSON encoding escapes control characters).
-fn describe(f: &AuditFilter) -> String {
+pub(crate) fn describe(f: &AuditFilter) -> String {
     let time = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
     let v = serde_json::json!({
         "since": time(f.since),
@@ -158,56 +180,11 @@ fn describe(f: &AuditFilter) -> String {
     serde_json::Value::Object(set).to_string()
 }
 
-impl Broker {
-    /// Answer an audit query for an authorized operator; refused parameters are audited and
-    /// returned as 400, and the query itself is audited before the page is returned.
-    pub async fn audit_query(
-        &self,
-        op: &Operator,
-        pairs: &[(String, String)],
-        ctx: &RequestCtx,
-    ) -> Result<AuditQueryPage, AdminError> {
-        // Text the store cannot hold is refused before anything else looks at it.
-        for (name, value) in pairs {
-            let field = AUDIT_PARAMS
-                .iter()
-                .find(|p| **p == name.as_str())
-                .map_or_else(
-                    || "a parameter name".to_owned(),
-                    |p| format!("parameter {p}"),
-                );
-            for text in [name, value] {
-                if let Err(e) = crate::store::text::check(&field, text) {
-                    return Err(self.admin_invalid_text(op, "audit_query", e, ctx).await);
-                }
-            }
-        }
-        let filter = match parse_audit_query(pairs) {
-            Ok(f) => f,
-            Err(msg) => return Err(self.admin_bad_request(op, "audit_query", msg, ctx).await),
-        };
-        let page = self.store.audit_page(&filter).await?;
-        let mut ev = self.admin_event(ctx, "audit_query");
-        ev.actor = Some(op.actor());
-        ev.outcome = crate::audit::Outcome::Success;
-        ev.detail = Some(format!(
-            "filter: {}; returned {}",
-            describe(&filter),
-            page.records.len()
-        ));
-        self.admin_audit(&ev).await?;
-        Ok(AuditQueryPage {
-            events: page.records.into_iter().map(|r| r.event).collect(),
-            next_cursor: page.next_cursor.map(|c| c.to_string()),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn q(pairs: &[(&str, &str)]) -> Result<AuditFilter, String> {
+    fn q(pairs: &[(&str, &str)]) -> Result<AuditFilter, AuditQueryError> {
         let owned: Vec<(String, String)> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

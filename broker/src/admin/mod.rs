@@ -16,11 +16,12 @@ pub mod client;
 pub mod filter;
 pub mod operators;
 
-pub use actions::{Freeze, RevokeAllReport, RevokeFailure};
+pub use actions::{Freeze, RevokeAllReport, RevokeFailure, RevokeTally};
 pub use audit_query::AuditQueryPage;
 pub use filter::GrantFilter;
 pub use operators::{OPERATOR_PREFIX, Operator, OperatorConfig, Operators, Role};
 
+use crate::reason::ReasonCode;
 use crate::store::StoreError;
 use std::sync::Mutex;
 use time::{Duration, OffsetDateTime};
@@ -81,19 +82,24 @@ pub enum AdminError {
 
 impl AdminError {
     /// Stable reason code (also the audit `reason`).
-    pub fn reason_code(&self) -> &'static str {
+    pub fn reason(&self) -> ReasonCode {
         match self {
-            AdminError::MissingToken => "missing_token",
-            AdminError::Unauthorized => "operator_unauthorized",
-            AdminError::Replayed { .. } => "token_replayed",
-            AdminError::Forbidden { .. } => "operator_forbidden",
-            AdminError::BadRequest(_) => "bad_request",
-            AdminError::UnknownFilterValue { .. } => "unknown_filter_value",
-            AdminError::InvalidText(t) => t.reason_code(),
-            AdminError::Store(e @ StoreError::Rejected(_)) => e.reason_code(),
-            AdminError::Store(_) => "store_unavailable",
-            AdminError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
+            AdminError::MissingToken => ReasonCode::MissingToken,
+            AdminError::Unauthorized => ReasonCode::OperatorUnauthorized,
+            AdminError::Replayed { .. } => ReasonCode::TokenReplayed,
+            AdminError::Forbidden { .. } => ReasonCode::OperatorForbidden,
+            AdminError::BadRequest(_) => ReasonCode::BadRequest,
+            AdminError::UnknownFilterValue { .. } => ReasonCode::UnknownFilterValue,
+            AdminError::InvalidText(_) => ReasonCode::InvalidText,
+            AdminError::Store(StoreError::Rejected(_)) => ReasonCode::StoreRejected,
+            AdminError::Store(_) => ReasonCode::StoreUnavailable,
+            AdminError::TooManyFailures { .. } => ReasonCode::TooManyFailures,
         }
+    }
+
+    /// [`AdminError::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
     }
 }
 

@@ -17,9 +17,9 @@
 //! Invariant: this module never reads a header's value or a body; it only counts bytes.
 
 use super::error::ApiError;
+use crate::reason::ReasonCode;
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::http::StatusCode;
 use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::future::Future;
@@ -558,29 +558,17 @@ async fn answer_and_close(stream: Arc<TcpStream>, bytes: &[u8]) {
 
 impl ApiError {
     fn overloaded() -> Self {
-        let mut e = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "the broker is at capacity; retry shortly",
-        );
+        let mut e = Self::of(ReasonCode::Overloaded);
         e.retry_after = Some(1);
         e
     }
 
     fn headers_too_large() -> Self {
-        Self::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            "the request's headers are too large",
-        )
+        Self::of(ReasonCode::HeadersTooLarge)
     }
 
     fn header_timeout() -> Self {
-        Self::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "header_timeout",
-            "the request's headers did not arrive in time",
-        )
+        Self::of(ReasonCode::HeaderTimeout)
     }
 }
 

@@ -22,19 +22,21 @@
 //!   an outage: 503 would invite a retry that fails the same way).
 
 use crate::admin::AdminError;
-use crate::oidc::VerifyError;
+use crate::reason::ReasonCode;
 use crate::service::ServiceError;
+use crate::store::StoreError;
 use crate::webhooks::WebhookError;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-/// An HTTP-facing error: status, stable code, fixed message.
+/// An HTTP-facing error: status, stable code, fixed message. Status and message come from the
+/// code's row of the one table (`crate::reason`); a few answers say more (see `with_message`).
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ReasonCode,
     pub message: String,
     pub retry_after: Option<u64>,
     /// Logged, never sent.
@@ -42,249 +44,146 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// The answer for `code`: its status and fixed message; every 503 asks clients to come
+    /// back in 5 s.
+    pub fn of(code: ReasonCode) -> Self {
+        Self::with_message(code, code.message())
+    }
+
+    /// `code`'s status with a message of its own: fixed text, or names the caller itself sent
+    /// (a credential, a request field), never a token, claim value or provider error.
+    pub fn with_message(code: ReasonCode, message: impl Into<String>) -> Self {
+        let status = code
+            .status()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self {
             status,
             code,
             message: message.into(),
-            retry_after: None,
+            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE).then_some(5),
             detail: None,
         }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::with_message(ReasonCode::BadRequest, message)
+    }
+
+    fn detail(mut self, detail: String) -> Self {
+        self.detail = Some(detail);
+        self
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 }
 
-fn token_message(code: &str) -> &'static str {
-    match code {
-        "malformed_token" => "the bearer token is not a well-formed JWT",
-        "unknown_issuer" => "the token's issuer is not configured on this broker",
-        "unsupported_algorithm" => "the token's signing algorithm is not allowed for its issuer",
-        "unknown_key" => "the token was signed with a key its issuer does not publish",
-        "bad_signature" => "the token's signature does not verify",
-        "bad_audience" => "the token's audience does not include this broker's audience",
-        "token_expired" => "the token has expired",
-        "token_not_yet_valid" => "the token is not valid yet",
-        "token_too_old" => "the token was issued too long ago",
-        "missing_claim" => "the token lacks a required claim",
-        "invalid_claim" => "the token has a claim of the wrong type",
-        "token_replayed" => "this token was already used; request a fresh one",
-        _ => "the token was rejected",
-    }
+/// Text the store cannot hold: names the field and the problem, never the value.
+fn invalid_text(t: &crate::store::text::TextError) -> ApiError {
+    ApiError::with_message(
+        ReasonCode::InvalidText,
+        format!("{}: {t}", ReasonCode::InvalidText.message()),
+    )
 }
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
-        let code = e.reason_code();
-        let detail = Some(e.to_string());
-        let (status, message) = match &e {
-            ServiceError::BadRequest {
-                code: "payload_too_large",
-                message,
-            } => (StatusCode::PAYLOAD_TOO_LARGE, message.clone()),
-            ServiceError::BadRequest { message, .. } => (StatusCode::BAD_REQUEST, message.clone()),
-            // Names the field and the problem, never the value.
-            ServiceError::InvalidText(t) => (
-                StatusCode::BAD_REQUEST,
-                format!("request text the broker cannot accept: {t}"),
-            ),
-            ServiceError::RateLimited { .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many exchanges for this repository; retry after the time in Retry-After"
-                    .to_owned(),
-            ),
-            ServiceError::MissingToken => (
-                StatusCode::UNAUTHORIZED,
-                "send the token as `Authorization: Bearer <token>`".to_owned(),
-            ),
-            ServiceError::Token(v) => token_status(v),
-            ServiceError::Replayed | ServiceError::TokenExhausted => {
-                (StatusCode::UNAUTHORIZED, token_message(code).to_owned())
-            }
-            ServiceError::Denied { credential, reason } => (
-                StatusCode::FORBIDDEN,
-                match *reason {
-                    "claims_too_large" => {
-                        "the token's claims exceed the policy engine's limits".to_owned()
-                    }
-                    _ => format!("credential {credential:?} is not allowed for this job"),
-                },
-            ),
-            ServiceError::Provider { credential, error } => match error.reason_code() {
-                "target_unavailable" => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "the target for credential {credential:?} is unavailable; nothing was issued"
-                    ),
-                ),
-                "invalid_claim_value" => (
-                    StatusCode::FORBIDDEN,
-                    format!("credential {credential:?} cannot be issued for this job's claims"),
-                ),
-                _ => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("credential {credential:?} could not be issued; nothing was issued"),
+        let code = e.reason();
+        let answer = match &e {
+            ServiceError::BadRequest { message, .. } => ApiError::with_message(code, message),
+            ServiceError::InvalidText(t) => invalid_text(t),
+            ServiceError::Denied { credential, reason } => match reason {
+                ReasonCode::ClaimsTooLarge => ApiError::of(*reason),
+                // Policy denials share one public code; the specific reason (no rule, deny
+                // rule, unknown credential) is in the audit log only, so callers cannot probe
+                // other policies.
+                _ => ApiError::with_message(
+                    ReasonCode::PolicyDenied,
+                    format!("credential {credential:?} is not allowed for this job"),
                 ),
             },
-            ServiceError::BadRevocationToken => (
-                StatusCode::UNAUTHORIZED,
-                "the revocation token is not valid".to_owned(),
+            ServiceError::Provider { credential, error } => ApiError::with_message(
+                code,
+                match error.reason() {
+                    ReasonCode::TargetUnavailable => format!(
+                        "the target for credential {credential:?} is unavailable; nothing was issued"
+                    ),
+                    ReasonCode::InvalidClaimValue => {
+                        format!("credential {credential:?} cannot be issued for this job's claims")
+                    }
+                    _ => {
+                        format!("credential {credential:?} could not be issued; nothing was issued")
+                    }
+                },
             ),
-            ServiceError::RevokePending => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "revocation failed and will be retried automatically".to_owned(),
-            ),
-            // Not an outage: this request's data, refused alone (a retry fails the same way).
-            ServiceError::Store(crate::store::StoreError::Rejected(_)) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the broker's store refused this request's data; nothing was issued".to_owned(),
-            ),
-            ServiceError::Store(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the broker's store is unavailable; nothing was issued".to_owned(),
-            ),
-            ServiceError::Frozen => (
-                StatusCode::FORBIDDEN,
-                "exchanges are frozen by an operator; nothing was issued".to_owned(),
-            ),
-            ServiceError::TooManyFailures { .. } => too_many_failures(),
+            // Nothing was issued: say so on the store's two answers.
+            ServiceError::Store(StoreError::Rejected(_) | StoreError::Unavailable(_))
+            | ServiceError::Store(StoreError::Conflict(_) | StoreError::BadUrl(_)) => {
+                ApiError::with_message(code, format!("{}; nothing was issued", code.message()))
+            }
+            _ => ApiError::of(code),
         };
-        // Policy denials share one public code; the specific reason (no rule, deny rule, unknown
-        // credential) is in the audit log only, so callers cannot probe other policies.
-        let code = match &e {
-            ServiceError::Denied { reason, .. } if *reason != "claims_too_large" => "policy_denied",
-            _ => code,
-        };
-        let mut err = Self::new(status, code, message);
-        err.detail = detail;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            err.retry_after = Some(5);
+        let answer = answer.detail(e.to_string());
+        match e {
+            ServiceError::RateLimited { retry_after_secs }
+            | ServiceError::TooManyFailures { retry_after_secs } => {
+                answer.retry_after(retry_after_secs)
+            }
+            _ => answer,
         }
-        if let ServiceError::RateLimited { retry_after_secs }
-        | ServiceError::TooManyFailures { retry_after_secs } = e
-        {
-            err.retry_after = Some(retry_after_secs);
-        }
-        err
     }
-}
-
-fn too_many_failures() -> (StatusCode, String) {
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        "too many requests from this client failed verification; retry after the time in Retry-After"
-            .to_owned(),
-    )
 }
 
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> Self {
-        let code = e.reason_code();
-        let detail = Some(e.to_string());
-        let (status, message) = match &e {
-            AdminError::MissingToken => (
-                StatusCode::UNAUTHORIZED,
-                "send an operator token as `Authorization: Bearer <token>`".to_owned(),
+        let code = e.reason();
+        let answer = match &e {
+            AdminError::MissingToken => ApiError::with_message(
+                code,
+                "send an operator token as `Authorization: Bearer <token>`",
             ),
-            AdminError::Unauthorized => (
-                StatusCode::UNAUTHORIZED,
-                "the bearer token is not a valid operator token".to_owned(),
-            ),
-            AdminError::Replayed { .. } => (
-                StatusCode::UNAUTHORIZED,
-                token_message("token_replayed").to_owned(),
-            ),
-            AdminError::Forbidden { needed, .. } => (
-                StatusCode::FORBIDDEN,
-                format!("this endpoint needs the {needed} role"),
-            ),
-            AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
+            AdminError::Forbidden { needed, .. } => {
+                ApiError::with_message(code, format!("this endpoint needs the {needed} role"))
+            }
+            AdminError::BadRequest(m) => ApiError::with_message(code, m),
             // The operator asked by name; what exists is configuration an admin may see.
-            AdminError::UnknownFilterValue { .. } => (StatusCode::BAD_REQUEST, e.to_string()),
-            AdminError::InvalidText(t) => (
-                StatusCode::BAD_REQUEST,
-                format!("request text the broker cannot accept: {t}"),
-            ),
-            AdminError::Store(crate::store::StoreError::Rejected(_)) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the broker's store refused this request's data".to_owned(),
-            ),
-            AdminError::Store(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the broker's store is unavailable".to_owned(),
-            ),
-            AdminError::TooManyFailures { .. } => too_many_failures(),
+            AdminError::UnknownFilterValue { .. } => ApiError::with_message(code, e.to_string()),
+            AdminError::InvalidText(t) => invalid_text(t),
+            _ => ApiError::of(code),
         };
-        let mut err = Self::new(status, code, message);
-        err.detail = detail;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            err.retry_after = Some(5);
+        let answer = answer.detail(e.to_string());
+        match e {
+            AdminError::TooManyFailures { retry_after_secs } => {
+                answer.retry_after(retry_after_secs)
+            }
+            _ => answer,
         }
-        if let AdminError::TooManyFailures { retry_after_secs } = e {
-            err.retry_after = Some(retry_after_secs);
-        }
-        err
     }
 }
 
 impl From<WebhookError> for ApiError {
     fn from(e: WebhookError) -> Self {
-        let code = e.reason_code();
-        let detail = Some(e.to_string());
-        let (status, message) = match &e {
-            WebhookError::NotConfigured => (StatusCode::NOT_FOUND, "no such endpoint".to_owned()),
-            WebhookError::BadSignature => (
-                StatusCode::UNAUTHORIZED,
-                "the delivery's signature or token does not verify".to_owned(),
-            ),
-            WebhookError::Replayed(_) => (
-                StatusCode::CONFLICT,
-                "this delivery was already processed".to_owned(),
-            ),
-            WebhookError::OutOfScope(_) => (
-                StatusCode::FORBIDDEN,
-                "the delivery concerns a repository outside the scope of the secret that signed it"
-                    .to_owned(),
-            ),
-            WebhookError::BadRequest(m) => (StatusCode::BAD_REQUEST, m.clone()),
-            WebhookError::Store(crate::store::StoreError::Rejected(_)) => (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the broker's store refused this delivery's data".to_owned(),
-            ),
-            WebhookError::Store(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the broker's store is unavailable".to_owned(),
-            ),
-            WebhookError::TooManyFailures { .. } => too_many_failures(),
+        let code = e.reason();
+        let answer = match &e {
+            WebhookError::BadSignature => {
+                ApiError::with_message(code, "the delivery's signature or token does not verify")
+            }
+            WebhookError::BadRequest(m) => ApiError::with_message(code, m),
+            WebhookError::Store(StoreError::Rejected(_)) => {
+                ApiError::with_message(code, "the broker's store refused this delivery's data")
+            }
+            _ => ApiError::of(code),
         };
-        let mut err = Self::new(status, code, message);
-        err.detail = detail;
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            err.retry_after = Some(5);
+        let answer = answer.detail(e.to_string());
+        match e {
+            WebhookError::TooManyFailures { retry_after_secs } => {
+                answer.retry_after(retry_after_secs)
+            }
+            _ => answer,
         }
-        if let WebhookError::TooManyFailures { retry_after_secs } = e {
-            err.retry_after = Some(retry_after_secs);
-        }
-        err
-    }
-}
-
-fn token_status(v: &VerifyError) -> (StatusCode, String) {
-    let code = v.reason_code();
-    if v.is_unavailable() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the token's issuer keys are unavailable; try again".into(),
-        )
-    } else if code == "token_too_large" {
-        (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "the bearer token is too large".into(),
-        )
-    } else {
-        (StatusCode::UNAUTHORIZED, token_message(code).to_owned())
     }
 }
 
@@ -293,21 +192,21 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(
                 status = self.status.as_u16(),
-                code = self.code,
+                code = self.code.as_str(),
                 detail = self.detail.as_deref(),
                 "request failed"
             );
         } else {
             tracing::info!(
                 status = self.status.as_u16(),
-                code = self.code,
+                code = self.code.as_str(),
                 detail = self.detail.as_deref(),
                 "request refused"
             );
         }
         let mut resp = (
             self.status,
-            Json(json!({"error": self.code, "message": self.message})),
+            Json(json!({"error": self.code.as_str(), "message": self.message})),
         )
             .into_response();
         if let Some(v) = self
@@ -326,7 +225,7 @@ impl ApiError {
     /// 503 at the connection cap) where no request reached the router. Not logged here: those
     /// paths count instead (an attacker's sockets must not become log lines).
     pub fn http1_bytes(&self) -> Vec<u8> {
-        let body = json!({"error": self.code, "message": self.message}).to_string();
+        let body = json!({"error": self.code.as_str(), "message": self.message}).to_string();
         let mut head = format!(
             "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
             self.status.as_u16(),
@@ -355,7 +254,7 @@ mod tests {
             (
                 ServiceError::Denied {
                     credential: "x".into(),
-                    reason: "no_matching_rule",
+                    reason: ReasonCode::NoMatchingRule,
                 },
                 403,
                 "policy_denied",
@@ -425,13 +324,13 @@ mod tests {
             ),
         ] {
             let a = ApiError::from(e);
-            assert_eq!((a.status.as_u16(), a.code), (status, code));
+            assert_eq!((a.status.as_u16(), a.code.as_str()), (status, code));
         }
         let a = ApiError::from(AdminError::TooManyFailures {
             retry_after_secs: 7,
         });
         assert_eq!(
-            (a.status.as_u16(), a.code, a.retry_after),
+            (a.status.as_u16(), a.code.as_str(), a.retry_after),
             (429, "too_many_failures", Some(7))
         );
         for (e, status, code) in cases {

@@ -18,6 +18,7 @@ pub use conn::{ConnLimits, default_max_connections, serve};
 
 use crate::audit::Action;
 use crate::providers::Field;
+use crate::reason::ReasonCode;
 use crate::secret::Sensitive;
 use crate::service::ServiceError;
 use crate::service::{Broker, ExchangeRequest, RequestCtx};
@@ -170,20 +171,10 @@ fn with_layers(api: Router, limits: &HttpLimits) -> Router {
 
 async fn overloaded(err: tower::BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "the request took too long",
-        );
         // Like every other 503: tell clients when to come back (a hung store or target).
-        e.retry_after = Some(5);
-        e
+        ApiError::of(ReasonCode::Timeout)
     } else {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "the broker is at capacity; retry shortly",
-        );
+        let mut e = ApiError::of(ReasonCode::Overloaded);
         e.retry_after = Some(1);
         e
     }
@@ -258,15 +249,11 @@ async fn log_request(req: Request, next: axum::middleware::Next) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    ApiError::of(ReasonCode::NotFound)
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this endpoint does not accept that method",
-    )
+    ApiError::of(ReasonCode::MethodNotAllowed)
 }
 
 fn ctx(headers: &HeaderMap, addr: Option<SocketAddr>) -> RequestCtx {
@@ -301,7 +288,7 @@ fn bearer(headers: &HeaderMap) -> Result<Sensitive, ServiceError> {
 
 fn bad_body(message: String) -> ServiceError {
     ServiceError::BadRequest {
-        code: "bad_request",
+        code: ReasonCode::BadRequest,
         message,
     }
 }
@@ -311,8 +298,8 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ServiceError
     body.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ServiceError::BadRequest {
-                code: "payload_too_large",
-                message: "the request body is too large".into(),
+                code: ReasonCode::PayloadTooLarge,
+                message: ReasonCode::PayloadTooLarge.message().into(),
             }
         } else {
             bad_body("the request body could not be read".into())
@@ -346,8 +333,8 @@ fn json_error(e: serde_json::Error, body: &[u8]) -> ServiceError {
 
 fn not_object() -> ServiceError {
     ServiceError::BadRequest {
-        code: "body_not_object",
-        message: "the request body must be a JSON object".into(),
+        code: ReasonCode::BodyNotObject,
+        message: ReasonCode::BodyNotObject.message().into(),
     }
 }
 
@@ -556,11 +543,7 @@ async fn metrics(
             subtle::ConstantTimeEq::ct_eq(got.expose().as_bytes(), want.expose().as_bytes()).into()
         });
         if !ok {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "a valid metrics bearer token is required",
-            ));
+            return Err(ApiError::of(ReasonCode::Unauthorized));
         }
     }
     // Store-derived gauges are read on scrape: cheap indexed queries, and always current.

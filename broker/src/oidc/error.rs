@@ -4,6 +4,7 @@
 //! key material. Messages name the check that failed; `reason_code` is the stable form that goes
 //! into audit events and HTTP problem bodies.
 
+use crate::reason::ReasonCode;
 use thiserror::Error;
 
 /// Why a token was refused. Every variant fails closed.
@@ -45,23 +46,28 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
-    /// Stable snake_case code for audit events and problem responses.
-    pub fn reason_code(&self) -> &'static str {
+    /// Stable code for audit events and problem responses (`crate::reason`).
+    pub fn reason(&self) -> ReasonCode {
         match self {
-            VerifyError::MalformedToken(_) => "malformed_token",
-            VerifyError::TokenTooLarge => "token_too_large",
-            VerifyError::UnknownIssuer => "unknown_issuer",
-            VerifyError::UnsupportedAlgorithm => "unsupported_algorithm",
-            VerifyError::UnknownKey => "unknown_key",
-            VerifyError::BadSignature => "bad_signature",
-            VerifyError::BadAudience => "bad_audience",
-            VerifyError::TokenExpired => "token_expired",
-            VerifyError::TokenNotYetValid => "token_not_yet_valid",
-            VerifyError::TokenTooOld => "token_too_old",
-            VerifyError::MissingClaim(_) => "missing_claim",
-            VerifyError::InvalidClaim(_) => "invalid_claim",
-            VerifyError::IssuerUnavailable => "issuer_unavailable",
+            VerifyError::MalformedToken(_) => ReasonCode::MalformedToken,
+            VerifyError::TokenTooLarge => ReasonCode::TokenTooLarge,
+            VerifyError::UnknownIssuer => ReasonCode::UnknownIssuer,
+            VerifyError::UnsupportedAlgorithm => ReasonCode::UnsupportedAlgorithm,
+            VerifyError::UnknownKey => ReasonCode::UnknownKey,
+            VerifyError::BadSignature => ReasonCode::BadSignature,
+            VerifyError::BadAudience => ReasonCode::BadAudience,
+            VerifyError::TokenExpired => ReasonCode::TokenExpired,
+            VerifyError::TokenNotYetValid => ReasonCode::TokenNotYetValid,
+            VerifyError::TokenTooOld => ReasonCode::TokenTooOld,
+            VerifyError::MissingClaim(_) => ReasonCode::MissingClaim,
+            VerifyError::InvalidClaim(_) => ReasonCode::InvalidClaim,
+            VerifyError::IssuerUnavailable => ReasonCode::IssuerUnavailable,
         }
+    }
+
+    /// [`VerifyError::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
     }
 
     /// True when the failure is ours (or the issuer's), not the caller's: HTTP maps it to 503.

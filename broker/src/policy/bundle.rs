@@ -101,15 +101,21 @@ pub enum Decision {
 }
 
 impl Decision {
-    /// Stable reason code, as audited and returned to clients.
-    pub fn reason_code(&self) -> &'static str {
+    /// Stable reason code, as audited (`crate::reason`).
+    pub fn reason(&self) -> crate::reason::ReasonCode {
+        use crate::reason::ReasonCode;
         match self {
-            Decision::Allow { .. } => "ok",
-            Decision::DenyRule { .. } => "denied_by_rule",
-            Decision::NoRule => "no_matching_rule",
-            Decision::UnknownCredential => "unknown_credential",
-            Decision::ClaimsRejected => "claims_too_large",
+            Decision::Allow { .. } => ReasonCode::Ok,
+            Decision::DenyRule { .. } => ReasonCode::DeniedByRule,
+            Decision::NoRule => ReasonCode::NoMatchingRule,
+            Decision::UnknownCredential => ReasonCode::UnknownCredential,
+            Decision::ClaimsRejected => ReasonCode::ClaimsTooLarge,
         }
+    }
+
+    /// [`Decision::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
     }
     pub fn is_allow(&self) -> bool {
         matches!(self, Decision::Allow { .. })

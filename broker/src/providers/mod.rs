@@ -10,6 +10,7 @@ pub mod postgres;
 pub mod template;
 
 use crate::oidc::VerifiedClaims;
+use crate::reason::ReasonCode;
 use crate::secret::Sensitive;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -142,14 +143,32 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
-    pub fn reason_code(&self) -> &'static str {
+    pub fn reason(&self) -> ReasonCode {
         match self {
-            ProviderError::TargetUnavailable(_) => "target_unavailable",
-            ProviderError::InvalidClaim(_) => "invalid_claim_value",
-            ProviderError::Misconfigured(_) => "provider_misconfigured",
-            ProviderError::Internal(_) => "provider_error",
+            ProviderError::TargetUnavailable(_) => ReasonCode::TargetUnavailable,
+            ProviderError::InvalidClaim(_) => ReasonCode::InvalidClaimValue,
+            ProviderError::Misconfigured(_) => ReasonCode::ProviderMisconfigured,
+            ProviderError::Internal(_) => ReasonCode::ProviderError,
         }
     }
+
+    /// [`ProviderError::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
+    }
+}
+
+/// Why a provider cannot serve a policy bundle's credential definitions (the bundle is rejected
+/// whole, at start or on reload).
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error(transparent)]
+    Postgres(#[from] postgres::PostgresConfigError),
+    #[error(transparent)]
+    AwsSts(#[from] aws_sts::AwsConfigError),
+    /// Any other provider's refusal of one definition.
+    #[error("credential {credential:?}: {reason}")]
+    Refused { credential: String, reason: String },
 }
 
 /// Health of a provider for `/readyz`.
@@ -168,6 +187,25 @@ pub struct RevokeAllReport {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<String>,
 }
+
+/// A lock every broker replica respects, for a provider's read-modify-write of state kept
+/// outside the broker (an AWS role's deny policy). Owned here so that providers depend on this
+/// interface, never on the broker's store; `app.rs` hands them the store's implementation.
+#[async_trait]
+pub trait ReplicaLock: Send + Sync + std::fmt::Debug {
+    /// Run `work` while holding the lock named `key` (waiting for it, within a bound the
+    /// implementation sets). An error: the lock could not be taken, and `work` may not have run.
+    async fn run_locked(
+        &self,
+        key: &str,
+        work: futures::future::BoxFuture<'_, ()>,
+    ) -> Result<(), LockError>;
+}
+
+/// A [`ReplicaLock`] that could not be taken (its message names no secret).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LockError(pub String);
 
 /// The one trait at the provider boundary.
 #[async_trait]
@@ -208,7 +246,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// configuration (e.g. a named target exists) and note what the provider must know about
     /// them (e.g. the roles revoke-all covers). Called at start and on every reload; an error
     /// rejects the bundle.
-    fn check_definitions(&self, _defs: &[CredentialDef]) -> Result<(), String> {
+    fn check_definitions(&self, _defs: &[CredentialDef]) -> Result<(), DefinitionError> {
         Ok(())
     }
 

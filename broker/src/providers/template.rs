@@ -48,9 +48,18 @@ fn valid_value(v: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._/:@+=-".contains(&b))
 }
 
+/// Why a template does not parse; names the template and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template {0:?}: unclosed ${{")]
+    Unclosed(String),
+    #[error("template {template:?}: bad placeholder name {name:?}")]
+    BadName { template: String, name: String },
+}
+
 impl Template {
     /// Parse `source`; errors name the problem.
-    pub fn parse(source: &str) -> Result<Self, String> {
+    pub fn parse(source: &str) -> Result<Self, TemplateError> {
         let mut parts = Vec::new();
         let mut rest = source;
         while let Some(start) = rest.find("${") {
@@ -60,12 +69,13 @@ impl Template {
             let after = &rest[start + 2..];
             let end = after
                 .find('}')
-                .ok_or_else(|| format!("template {source:?}: unclosed ${{"))?;
+                .ok_or_else(|| TemplateError::Unclosed(source.to_owned()))?;
             let name = &after[..end];
             if !valid_name(name) {
-                return Err(format!(
-                    "template {source:?}: bad placeholder name {name:?}"
-                ));
+                return Err(TemplateError::BadName {
+                    template: source.to_owned(),
+                    name: name.to_owned(),
+                });
             }
             parts.push(Part::Claim(name.to_owned()));
             rest = &after[end + 1..];

@@ -25,6 +25,7 @@ pub mod fields;
 pub mod limiter;
 
 use crate::audit::{Action, AuditEvent, Outcome, RefusalAggregate};
+use crate::reason::ReasonCode;
 use crate::time::serde_duration;
 use aggregate::{Aggregate, Aggregator, Key};
 use limiter::FailureLimiter;
@@ -103,9 +104,6 @@ impl Disposition {
     }
 }
 
-/// The reason code of refusals over the failure limit.
-pub const TOO_MANY_FAILURES: &str = "too_many_failures";
-
 /// The limiter and aggregator of one broker process.
 #[derive(Debug)]
 pub struct Refusals {
@@ -162,7 +160,7 @@ impl Refusals {
             .charge(&client, now);
         let (reason, limited) = match charged {
             Ok(()) => (ev.reason.clone(), None),
-            Err(secs) => (TOO_MANY_FAILURES.to_owned(), Some(secs)),
+            Err(secs) => (ReasonCode::TooManyFailures.as_str().to_owned(), Some(secs)),
         };
         let key = Key {
             client,
@@ -251,30 +249,34 @@ fn from_event(ev: AuditEvent) -> Option<Aggregate> {
 /// aggregated. Policy denials, replays and rate limits follow a verified token and keep their
 /// own row.
 pub fn unauthenticated(action: Action, reason: &str) -> bool {
+    use ReasonCode as R;
+    let Some(reason) = ReasonCode::parse(reason) else {
+        return false;
+    };
     match action {
         Action::Exchange | Action::Revoke => matches!(
             reason,
-            "bad_request"
-                | "body_not_object"
-                | "invalid_text"
-                | "payload_too_large"
-                | "missing_token"
-                | "invalid_revocation_token"
-                | "malformed_token"
-                | "token_too_large"
-                | "unknown_issuer"
-                | "unsupported_algorithm"
-                | "unknown_key"
-                | "bad_signature"
-                | "bad_audience"
-                | "token_expired"
-                | "token_not_yet_valid"
-                | "token_too_old"
-                | "missing_claim"
-                | "invalid_claim"
+            R::BadRequest
+                | R::BodyNotObject
+                | R::InvalidText
+                | R::PayloadTooLarge
+                | R::MissingToken
+                | R::InvalidRevocationToken
+                | R::MalformedToken
+                | R::TokenTooLarge
+                | R::UnknownIssuer
+                | R::UnsupportedAlgorithm
+                | R::UnknownKey
+                | R::BadSignature
+                | R::BadAudience
+                | R::TokenExpired
+                | R::TokenNotYetValid
+                | R::TokenTooOld
+                | R::MissingClaim
+                | R::InvalidClaim
         ),
-        Action::Webhook => reason == "bad_signature",
-        Action::Admin => matches!(reason, "missing_token" | "operator_unauthorized"),
+        Action::Webhook => reason == R::BadSignature,
+        Action::Admin => matches!(reason, R::MissingToken | R::OperatorUnauthorized),
         _ => false,
     }
 }
@@ -348,7 +350,7 @@ mod tests {
         assert_eq!(counted + rows, 1000);
         let limited_ev = events
             .iter()
-            .find(|e| e.reason == TOO_MANY_FAILURES)
+            .find(|e| e.reason == ReasonCode::TooManyFailures.as_str())
             .unwrap();
         assert_eq!(limited_ev.aggregate.as_ref().unwrap().count, limited);
         assert_eq!(limited_ev.client_addr.as_deref(), Some("10.0.0.66"));

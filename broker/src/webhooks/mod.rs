@@ -26,6 +26,7 @@ pub use event::{HookEvent, JobEnd};
 pub use scope::Scope;
 
 use crate::oidc::{IssuerConfig, Platform};
+use crate::reason::ReasonCode;
 use crate::secret::SecretRef;
 use crate::secret::Sensitive;
 use crate::store::StoreError;
@@ -416,17 +417,22 @@ pub enum WebhookError {
 
 impl WebhookError {
     /// Stable reason code (also the audit `reason`).
-    pub fn reason_code(&self) -> &'static str {
+    pub fn reason(&self) -> ReasonCode {
         match self {
-            WebhookError::NotConfigured => "not_found",
-            WebhookError::BadSignature => "bad_signature",
-            WebhookError::OutOfScope(_) => "webhook_out_of_scope",
-            WebhookError::Replayed(_) => "replayed_delivery",
-            WebhookError::BadRequest(_) => "bad_request",
-            WebhookError::Store(e @ crate::store::StoreError::Rejected(_)) => e.reason_code(),
-            WebhookError::Store(_) => "store_unavailable",
-            WebhookError::TooManyFailures { .. } => crate::refusals::TOO_MANY_FAILURES,
+            WebhookError::NotConfigured => ReasonCode::NotFound,
+            WebhookError::BadSignature => ReasonCode::BadSignature,
+            WebhookError::OutOfScope(_) => ReasonCode::WebhookOutOfScope,
+            WebhookError::Replayed(_) => ReasonCode::ReplayedDelivery,
+            WebhookError::BadRequest(_) => ReasonCode::BadRequest,
+            WebhookError::Store(crate::store::StoreError::Rejected(_)) => ReasonCode::StoreRejected,
+            WebhookError::Store(_) => ReasonCode::StoreUnavailable,
+            WebhookError::TooManyFailures { .. } => ReasonCode::TooManyFailures,
         }
+    }
+
+    /// [`WebhookError::reason`] as its wire string.
+    pub fn reason_code(&self) -> &'static str {
+        self.reason().as_str()
     }
 }
 

@@ -20,8 +20,8 @@ use super::naming;
 use crate::audit::JobAttribution;
 use crate::config::AwsTargetConfig;
 use crate::providers::{
-    CredentialDef, CredentialKind, CredentialSpec, Field, IssuedCredential, MintRequest, Minted,
-    Provider, ProviderError, RevokeAllReport,
+    CredentialDef, CredentialKind, CredentialSpec, DefinitionError, Field, IssuedCredential,
+    MintRequest, Minted, Provider, ProviderError, ReplicaLock, RevokeAllReport,
 };
 use crate::secret::Sensitive;
 use crate::time::SharedClock;
@@ -90,8 +90,8 @@ pub struct AwsStsProvider {
     /// Resource ids whose AssumeRole was refused or never reached AWS: the undo that follows
     /// in this process has nothing to deny.
     never_issued: moka::future::Cache<String, ()>,
-    /// The broker's store, whose lock serialises deny-policy writes across replicas.
-    store: Option<crate::store::Store>,
+    /// The lock that serialises deny-policy writes across replicas (none: this process only).
+    replica_lock: Option<Arc<dyn ReplicaLock>>,
 }
 
 impl fmt::Debug for AwsStsProvider {
@@ -294,13 +294,13 @@ impl AwsStsProvider {
                 .max_capacity(100_000)
                 .time_to_live(NEVER_ISSUED_TTL)
                 .build(),
-            store: None,
+            replica_lock: None,
         }
     }
 
-    /// Serialise deny-policy writes across every replica sharing `store`.
-    pub fn with_store(mut self, store: crate::store::Store) -> Self {
-        self.store = Some(store);
+    /// Serialise deny-policy writes across every replica through `lock`.
+    pub fn with_replica_lock(mut self, lock: Arc<dyn ReplicaLock>) -> Self {
+        self.replica_lock = Some(lock);
         self
     }
 
@@ -382,23 +382,31 @@ impl AwsStsProvider {
         &self,
         t: &Target,
         arn: &str,
-        change: impl Fn(&mut DenyDocument) -> bool,
-        check: impl Fn(&DenyDocument) -> bool,
+        change: impl Fn(&mut DenyDocument) -> bool + Send + Sync,
+        check: impl Fn(&DenyDocument) -> bool + Send + Sync,
     ) -> Result<Option<String>, ProviderError> {
         let role = role_name(arn)?;
         let lock = self.role_lock(arn);
         let _held = lock.lock().await;
-        // Other replicas write the same policy: serialise through the shared store.
-        match &self.store {
-            Some(store) => store
-                .locked(
-                    &format!("aws-deny:{arn}"),
-                    self.write_deny(t, &role, change, check),
-                )
-                .await
-                .map_err(|e| ProviderError::TargetUnavailable(format!("deny-policy lock: {e}")))?,
-            None => self.write_deny(t, &role, change, check).await,
-        }
+        // Other replicas write the same policy: serialise through the replica lock.
+        let Some(replica_lock) = &self.replica_lock else {
+            return self.write_deny(t, &role, change, check).await;
+        };
+        let mut written = None;
+        replica_lock
+            .run_locked(
+                &format!("aws-deny:{arn}"),
+                Box::pin(async {
+                    written = Some(self.write_deny(t, &role, change, check).await);
+                }),
+            )
+            .await
+            .map_err(|e| ProviderError::TargetUnavailable(format!("deny-policy lock: {e}")))?;
+        written.unwrap_or_else(|| {
+            Err(ProviderError::TargetUnavailable(
+                "deny-policy lock: the write did not run".into(),
+            ))
+        })
     }
 
     /// The read-modify-write of a role's deny policy (the caller holds the locks).
@@ -406,8 +414,8 @@ impl AwsStsProvider {
         &self,
         t: &Target,
         role: &str,
-        change: impl Fn(&mut DenyDocument) -> bool,
-        check: impl Fn(&DenyDocument) -> bool,
+        change: impl Fn(&mut DenyDocument) -> bool + Send + Sync,
+        check: impl Fn(&DenyDocument) -> bool + Send + Sync,
     ) -> Result<Option<String>, ProviderError> {
         let role = role.to_owned();
         for _ in 0..WRITE_ROUNDS {
@@ -500,8 +508,8 @@ fn deny_error(e: DenyError) -> ProviderError {
 
 #[async_trait]
 impl Provider for AwsStsProvider {
-    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), String> {
-        AwsStsProvider::check_definitions(self, defs).map_err(|e| e.to_string())
+    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), DefinitionError> {
+        Ok(AwsStsProvider::check_definitions(self, defs)?)
     }
 
     fn kind(&self) -> CredentialKind {

@@ -32,7 +32,7 @@ pub enum SessionPolicyError {
     #[error("session_policy is nested too deeply")]
     TooDeep,
     #[error("session_policy: {0}")]
-    Template(String),
+    Template(crate::providers::template::TemplateError),
     #[error("session_policy is {0} characters; AWS accepts at most {MAX_POLICY_CHARS}")]
     TooLarge(usize),
     #[error("session_policy: claim {0:?} is missing")]

@@ -13,9 +13,18 @@ fn iam_name_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"+=,.@_-".contains(&b)
 }
 
+/// A string that is not an ARN of the kind asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArnError {
+    #[error("{0:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)")]
+    Role(String),
+    #[error("{0:?} is not an IAM managed policy ARN")]
+    Policy(String),
+}
+
 impl RoleArn {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)");
+    pub fn parse(s: &str) -> Result<Self, ArnError> {
+        let bad = || ArnError::Role(s.to_owned());
         let parts: Vec<&str> = s.splitn(6, ':').collect();
         let [arn, partition, service, region, account, resource] = parts.as_slice() else {
             return Err(bad());
@@ -71,7 +80,7 @@ impl<'de> Deserialize<'de> for RoleArn {
 pub struct PolicyArn(String);
 
 impl PolicyArn {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ArnError> {
         let parts: Vec<&str> = s.splitn(6, ':').collect();
         let ok = matches!(parts.as_slice(), ["arn", p, "iam", "", acct, res]
             if p.starts_with("aws")
@@ -81,7 +90,7 @@ impl PolicyArn {
                 && res.starts_with("policy/")
                 && res.bytes().all(|b| iam_name_char(b) || b == b'/'));
         if !ok {
-            return Err(format!("{s:?} is not an IAM managed policy ARN"));
+            return Err(ArnError::Policy(s.to_owned()));
         }
         Ok(Self(s.to_owned()))
     }

@@ -21,9 +21,20 @@ pub const MAX_PREFIX_BYTES: usize = 16;
 /// The default prefix.
 pub const DEFAULT_PREFIX: &str = "brk_";
 
+/// Why a configured role prefix is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error(
+        "role_prefix must be 1 to {MAX_PREFIX_BYTES} characters of [a-z0-9_] starting with a letter"
+    )]
+    Shape,
+    #[error("role_prefix must not start with pg_ (reserved by Postgres)")]
+    Reserved,
+}
+
 /// Check a configured role prefix: `[a-z][a-z0-9_]*`, at most 16 bytes, not `pg_` (reserved by
 /// Postgres for its own roles).
-pub fn check_prefix(prefix: &str) -> Result<(), String> {
+pub fn check_prefix(prefix: &str) -> Result<(), PrefixError> {
     let ok = !prefix.is_empty()
         && prefix.len() <= MAX_PREFIX_BYTES
         && prefix
@@ -34,12 +45,10 @@ pub fn check_prefix(prefix: &str) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !ok {
-        return Err(format!(
-            "role_prefix must be 1 to {MAX_PREFIX_BYTES} characters of [a-z0-9_] starting with a letter"
-        ));
+        return Err(PrefixError::Shape);
     }
     if prefix.starts_with("pg_") {
-        return Err("role_prefix must not start with pg_ (reserved by Postgres)".into());
+        return Err(PrefixError::Reserved);
     }
     Ok(())
 }

@@ -21,6 +21,7 @@ use super::naming;
 use super::scram;
 use super::sql::{Values, quote_ident, quote_literal};
 use crate::config::{PostgresTargetConfig, SslMode};
+use crate::providers::DefinitionError;
 use crate::providers::{
     CredentialDef, CredentialKind, CredentialSpec, Field, Health, IssuedCredential, MintRequest,
     Minted, Provider, ProviderError,
@@ -428,8 +429,8 @@ fn detail_str<'a>(c: &'a IssuedCredential, key: &str) -> Result<&'a str, Provide
 
 #[async_trait]
 impl Provider for PostgresProvider {
-    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), String> {
-        PostgresProvider::check_definitions(self, defs).map_err(|e| e.to_string())
+    fn check_definitions(&self, defs: &[CredentialDef]) -> Result<(), DefinitionError> {
+        Ok(PostgresProvider::check_definitions(self, defs)?)
     }
 
     fn kind(&self) -> CredentialKind {

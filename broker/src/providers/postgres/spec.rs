@@ -11,12 +11,15 @@ pub const MAX_STATEMENTS: usize = 32;
 #[serde(transparent)]
 pub struct PgName(String);
 
+/// A string that cannot be a Postgres name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a Postgres name (1 to {MAX_IDENT_BYTES} bytes, no NUL)")]
+pub struct PgNameError(pub String);
+
 impl PgName {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, PgNameError> {
         if s.is_empty() || s.len() > MAX_IDENT_BYTES || s.contains('\0') {
-            return Err(format!(
-                "{s:?} is not a Postgres name (1 to {MAX_IDENT_BYTES} bytes, no NUL)"
-            ));
+            return Err(PgNameError(s.to_owned()));
         }
         Ok(Self(s.to_owned()))
     }
