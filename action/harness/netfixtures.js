@@ -9,7 +9,7 @@
 //   127.0.0.1:port inside. The broker serves plain HTTP, so this plays a TLS load balancer in
 //   front of it.
 //
-// CLI (used by integration/tests/pipelines.rs):
+// CLI (used by integration/tests/suite/pipelines.rs):
 //   node action/harness/netfixtures.js DIR BROKER_PORT
 // writes DIR/fixtures.json ({proxy_url, tls_port, ca_path}) once listening, rewrites
 // DIR/tunnels.json at every tunnel the proxy opens, and runs until killed.

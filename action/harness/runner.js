@@ -6,7 +6,7 @@
 // The job's OIDC token endpoint (ACTIONS_ID_TOKEN_REQUEST_URL/_TOKEN) comes from the caller's
 // environment: in tests it is a local server of ours.
 //
-// CLI (used by integration/tests/pipelines.rs):
+// CLI (used by integration/tests/suite/pipelines.rs):
 //   node action/harness/runner.js DIR
 // reads DIR/inputs.json, runs main then post, and writes DIR/result.json
 // ({main: {...}, post: {...}}, each with code, stdout, stderr, outputs, env, state).

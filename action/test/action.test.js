@@ -1,7 +1,7 @@
 'use strict';
 // The bundled action (dist/) run as the runner runs it (harness/runner.js), against local
 // stand-ins: a token endpoint playing the runner's ACTIONS_ID_TOKEN_REQUEST_URL, and a fake
-// broker scripted per test. The real broker is exercised by integration/tests/pipelines.rs.
+// broker scripted per test. The real broker is exercised by integration/tests/suite/pipelines.rs.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const http = require('node:http');

@@ -2,7 +2,7 @@
 //! the process abort at that point (as if killed), so end-to-end tests can prove that a crash at
 //! any step leaves nothing orphaned. Without the feature this compiles to nothing.
 //!
-//! Points (in the order one exchange and one revocation pass them; `integration/tests/faults.rs`
+//! Points (in the order one exchange and one revocation pass them; `integration/tests/suite/faults.rs`
 //! kills the broker at each): `after_intent` (grant `issuing` committed, nothing minted),
 //! `after_mint` (minted, not finalised), `after_activate` (grant `active`, response not sent),
 //! `before_revoke` (grant claimed `revoking`, nothing revoked), `after_revoke` (revoked at the
