@@ -15,10 +15,10 @@
 //! to check the deny is there (a concurrent writer may have overwritten it: then it is written
 //! again). Writes to one role are serialised within this process.
 
+use super::config::AwsTargetConfig;
 use super::deny::{DENY_POLICY_NAME, DenyDocument, DenyError};
 use super::naming;
 use crate::audit::JobAttribution;
-use crate::config::AwsTargetConfig;
 use crate::providers::{
     CredentialDef, CredentialKind, CredentialSpec, DefinitionError, Field, IssuedCredential,
     MintRequest, Minted, Provider, ProviderError, ReplicaLock, RevokeAllReport,

@@ -17,10 +17,10 @@
 //! another database, the same in every database `pg_shdepend` lists, then `DROP ROLE`. A role
 //! already gone is success; a role without the target's prefix is never touched.
 
+use super::config::{PostgresTargetConfig, SslMode};
 use super::naming;
 use super::scram;
 use super::sql::{Values, quote_ident, quote_literal};
-use crate::config::{PostgresTargetConfig, SslMode};
 use crate::providers::DefinitionError;
 use crate::providers::{
     CredentialDef, CredentialKind, CredentialSpec, Field, Health, IssuedCredential, MintRequest,
@@ -779,7 +779,7 @@ mod tests {
     async fn debug_hides_the_admin_password_and_bad_urls_are_not_echoed() {
         let mut targets = BTreeMap::new();
         let cfg = |url: &str| PostgresTargetConfig {
-            admin_url: crate::config::SecretRef::inline(url),
+            admin_url: crate::secret::SecretRef::inline(url),
             host: "db".into(),
             port: 5432,
             sslmode: SslMode::Disable,
@@ -811,7 +811,7 @@ mod tests {
         targets.insert(
             "main".to_owned(),
             PostgresTargetConfig {
-                admin_url: crate::config::SecretRef::inline(format!(
+                admin_url: crate::secret::SecretRef::inline(format!(
                     "postgres://admin:pw@127.0.0.1:{port}/postgres"
                 )),
                 host: "db".into(),
