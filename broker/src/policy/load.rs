@@ -208,7 +208,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = crate::time::parse_duration(s)?;
+    let d = crate::time::parse_duration(s).map_err(|e| e.to_string())?;
     if d <= Duration::ZERO {
         return Err(format!("duration {s:?} must be positive"));
     }
