@@ -89,19 +89,16 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         rate_per_minute: cfg.limits.exchanges_per_minute_per_repository,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    broker.set_operators(
-        crate::admin::Operators::from_config_with_oidc(
-            &cfg.operators,
-            &cfg.issuers,
-            &cfg.audience,
-            clock,
-        )
-        .map_err(|e| anyhow::anyhow!(e))?,
-    );
-    broker.set_webhooks(
-        crate::webhooks::Webhooks::from_config(&cfg.webhooks, &cfg.issuers)
-            .map_err(|e| anyhow::anyhow!(e))?,
-    );
+    broker.set_operators(crate::admin::Operators::from_config_with_oidc(
+        &cfg.operators,
+        &cfg.issuers,
+        &cfg.audience,
+        clock,
+    )?);
+    broker.set_webhooks(crate::webhooks::Webhooks::from_config(
+        &cfg.webhooks,
+        &cfg.issuers,
+    )?);
     broker.set_refusal_limits(&cfg.refusals);
     Ok(Arc::new(broker))
 }
