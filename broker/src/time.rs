@@ -53,22 +53,19 @@ impl Clock for ManualClock {
 }
 
 /// Why a duration could not be parsed; names the text, which is never a secret.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
     #[error("invalid duration {text:?}: {reason}")]
-    Invalid {
-        text: String,
-        reason: humantime::DurationError,
-    },
+    Invalid { text: String, reason: String },
     #[error("duration {0:?} is out of range")]
     OutOfRange(String),
 }
 
 /// Parse a human duration such as `15m`, `1h30m`, `900s`.
 pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
-    let std = humantime::parse_duration(s.trim()).map_err(|reason| DurationError::Invalid {
+    let std = humantime::parse_duration(s.trim()).map_err(|e| DurationError::Invalid {
         text: s.to_owned(),
-        reason,
+        reason: e.to_string(),
     })?;
     Duration::try_from(std).map_err(|_| DurationError::OutOfRange(s.to_owned()))
 }

@@ -177,9 +177,9 @@ impl ClaimsUsed {
     }
 
     /// `claims` as the CEL value an evaluation sees.
-    fn to_value(&self, claims: &Map<String, Json>) -> Result<Value, String> {
+    fn to_value(&self, claims: &Map<String, Json>) -> Result<Value, EvalError> {
         let not_representable =
-            |e: cel::SerializationError| format!("claims not representable: {e}");
+            |e: cel::SerializationError| EvalError::NotRepresentable(e.to_string());
         match self {
             Self::All => cel::to_value(claims).map_err(not_representable),
             Self::Named(names) => {
@@ -578,6 +578,26 @@ pub fn check_claims(claims: &Map<String, Json>) -> Result<(), ClaimsError> {
     Ok(())
 }
 
+/// Why claims could not be evaluated, or an expression did not yield a bool. Policies fail
+/// closed on it: a deny rule counts as matched, an allow rule does not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    /// The claims were refused before any rule ran ([`check_claims`]).
+    #[error(transparent)]
+    Claims(#[from] ClaimsError),
+    #[error("claims not representable: {0}")]
+    NotRepresentable(String),
+    /// The evaluation context could not be built (the CEL library's message).
+    #[error("{0}")]
+    Context(String),
+    /// The expression yielded a value of another type (its CEL type name).
+    #[error("evaluated to {0}, not a bool")]
+    NotBool(String),
+    /// The CEL runtime's message (no such key, a type mismatch, …).
+    #[error("{0}")]
+    Execution(String),
+}
+
 /// Variables and functions for evaluating a bundle's expressions over one exchange.
 pub struct Activation {
     ctx: Context<'static, 'static>,
@@ -593,7 +613,7 @@ impl Activation {
         used: &ClaimsUsed,
         issuer: &str,
         platform: &str,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, EvalError> {
         let mut ctx = Context::with_env(Arc::clone(env));
         ctx.add_variable_from_value("claims", used.to_value(claims)?);
         ctx.add_variable_from_value("issuer", issuer.to_owned());
@@ -609,25 +629,25 @@ impl Activation {
                 Ok(Value::Bool(re.is_match(&subject)))
             },
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| EvalError::Context(e.to_string()))?;
         Ok(Self { ctx })
     }
 
     /// Evaluate a whole `when`; anything but a bool is an error.
-    pub fn eval(&self, e: &CompiledExpr) -> Result<bool, String> {
+    pub fn eval(&self, e: &CompiledExpr) -> Result<bool, EvalError> {
         self.eval_ast(&e.ast)
     }
 
     /// Evaluate one conjunct.
-    pub fn eval_conjunct(&self, c: &Conjunct) -> Result<bool, String> {
+    pub fn eval_conjunct(&self, c: &Conjunct) -> Result<bool, EvalError> {
         self.eval_ast(&c.ast)
     }
 
-    fn eval_ast(&self, ast: &IdedExpr) -> Result<bool, String> {
+    fn eval_ast(&self, ast: &IdedExpr) -> Result<bool, EvalError> {
         match Value::resolve(ast, &self.ctx) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!("evaluated to {:?}, not a bool", other.type_of())),
-            Err(e) => Err(e.to_string()),
+            Ok(other) => Err(EvalError::NotBool(format!("{:?}", other.type_of()))),
+            Err(e) => Err(EvalError::Execution(e.to_string())),
         }
     }
 }
@@ -650,7 +670,9 @@ mod tests {
         let claims = claims.as_object().cloned().unwrap_or_default();
         let t = Arc::new(t);
         let eval_with = |used: &ClaimsUsed| {
-            Activation::new(&env, &t, &claims, used, "github", "github")?.eval(&c)
+            Activation::new(&env, &t, &claims, used, "github", "github")
+                .and_then(|a| a.eval(&c))
+                .map_err(|e| e.to_string())
         };
         // Converting only the claims the expression names never changes a result.
         let all = eval_with(&ClaimsUsed::All);

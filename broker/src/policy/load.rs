@@ -47,8 +47,8 @@ pub enum LoadErrorKind {
         name: String,
         first: String,
     },
-    #[error("{0}")]
-    Duration(String),
+    #[error(transparent)]
+    Duration(TtlError),
     #[error(
         "credential {name:?} must have exactly one kind key (api_token, postgres, aws_sts), found {found}"
     )]
@@ -207,10 +207,19 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
-fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = crate::time::parse_duration(s).map_err(|e| e.to_string())?;
+/// A `max_ttl` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TtlError {
+    #[error(transparent)]
+    Parse(#[from] crate::time::DurationError),
+    #[error("duration {0:?} must be positive")]
+    NotPositive(String),
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, TtlError> {
+    let d = crate::time::parse_duration(s)?;
     if d <= Duration::ZERO {
-        return Err(format!("duration {s:?} must be positive"));
+        return Err(TtlError::NotPositive(s.to_owned()));
     }
     Ok(d)
 }
