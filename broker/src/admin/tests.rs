@@ -1,3 +1,4 @@
+// Long on purpose: test file (one scenario per operator endpoint through the real router).
 //! Operator endpoints through the real router: authentication, roles, job tokens refused,
 //! audit of every call, freeze/unfreeze, and revoke-all over 1,000 grants.
 
