@@ -33,6 +33,26 @@ fn def(yaml: &str) -> CredentialDef {
     }
 }
 
+/// Mint `d` for five minutes from `now`.
+async fn mint_5m(
+    p: &AwsStsProvider,
+    grant_id: Uuid,
+    d: &CredentialDef,
+    rid: &str,
+    claims: &crate::oidc::VerifiedClaims,
+    now: OffsetDateTime,
+) -> Result<Minted, ProviderError> {
+    p.mint(MintRequest {
+        grant_id,
+        credential: d,
+        resource_id: rid,
+        claims,
+        now,
+        expires_at: now + Duration::minutes(5),
+    })
+    .await
+}
+
 #[tokio::test]
 async fn endpoint_down_is_target_unavailable_and_the_undo_needs_no_call() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -66,17 +86,7 @@ async fn endpoint_down_is_target_unavailable_and_the_undo_needs_no_call() {
     let claims = super::super::session_policy::tests::claims(
         json!({"repository": "acme/api", "run_id": "7"}),
     );
-    let err = p
-        .mint(MintRequest {
-            grant_id: gid,
-            credential: &d,
-            resource_id: &rid,
-            claims: &claims,
-            now,
-            expires_at: now + Duration::minutes(5),
-        })
-        .await
-        .unwrap_err();
+    let err = mint_5m(&p, gid, &d, &rid, &claims, now).await.unwrap_err();
     assert_eq!(err.reason_code(), "target_unavailable", "{err}");
     let ic = IssuedCredential {
         name: d.name.clone(),
@@ -115,15 +125,7 @@ async fn hostile_claims_in_the_session_policy_fail_before_any_call() {
     let claims =
         super::super::session_policy::tests::claims(json!({"repository": "x\",\"Resource\":\"*"}));
     let rid = p.resource_id(Uuid::now_v7(), &d);
-    let err = p
-        .mint(MintRequest {
-            grant_id: Uuid::now_v7(),
-            credential: &d,
-            resource_id: &rid,
-            claims: &claims,
-            now,
-            expires_at: now + Duration::minutes(5),
-        })
+    let err = mint_5m(&p, Uuid::now_v7(), &d, &rid, &claims, now)
         .await
         .unwrap_err();
     assert_eq!(err.reason_code(), "invalid_claim_value");

@@ -39,11 +39,10 @@ fn database_url_encodes_parts() {
     );
 }
 
-#[tokio::test]
-async fn debug_hides_the_admin_password_and_bad_urls_are_not_echoed() {
-    let mut targets = BTreeMap::new();
-    let cfg = |url: &str| PostgresTargetConfig {
-        admin_url: crate::secret::SecretRef::inline(url),
+/// A target with the given admin URL, one connection and a short connect timeout.
+fn target(admin_url: &str) -> PostgresTargetConfig {
+    PostgresTargetConfig {
+        admin_url: crate::secret::SecretRef::inline(admin_url),
         host: "db".into(),
         port: 5432,
         sslmode: SslMode::Disable,
@@ -51,14 +50,22 @@ async fn debug_hides_the_admin_password_and_bad_urls_are_not_echoed() {
         connect_timeout: time::Duration::seconds(1),
         role_prefix: "brk_".into(),
         scram_iterations: 1,
-    };
+    }
+}
+
+#[tokio::test]
+async fn debug_hides_the_admin_password_and_bad_urls_are_not_echoed() {
+    let mut targets = BTreeMap::new();
     targets.insert(
         "main".to_owned(),
-        cfg("postgres://admin:hunter2@127.0.0.1:1/postgres"),
+        target("postgres://admin:hunter2@127.0.0.1:1/postgres"),
     );
     let p = PostgresProvider::new(&targets).unwrap();
     assert!(!format!("{p:?}").contains("hunter2"));
-    targets.insert("bad".to_owned(), cfg("postgres://u:hunter2@x:notaport/db"));
+    targets.insert(
+        "bad".to_owned(),
+        target("postgres://u:hunter2@x:notaport/db"),
+    );
     let e = PostgresProvider::new(&targets).unwrap_err().to_string();
     assert!(e.contains("targets.postgres.bad.admin_url"), "{e}");
     assert!(!e.contains("hunter2"), "{e}");
@@ -74,18 +81,7 @@ async fn unreachable_target_is_target_unavailable_and_undo_needs_no_server() {
         .port();
     targets.insert(
         "main".to_owned(),
-        PostgresTargetConfig {
-            admin_url: crate::secret::SecretRef::inline(format!(
-                "postgres://admin:pw@127.0.0.1:{port}/postgres"
-            )),
-            host: "db".into(),
-            port: 5432,
-            sslmode: SslMode::Disable,
-            pool_size: 1,
-            connect_timeout: time::Duration::seconds(1),
-            role_prefix: "brk_".into(),
-            scram_iterations: 1,
-        },
+        target(&format!("postgres://admin:pw@127.0.0.1:{port}/postgres")),
     );
     let p = PostgresProvider::new(&targets).unwrap();
     let def = CredentialDef {
