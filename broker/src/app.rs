@@ -33,22 +33,9 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         .await
         .context("connecting to the store")?;
     store.migrate().await.context("applying store migrations")?;
-    let keys = match &cfg.api_tokens.signing_key {
-        Some(k) => {
-            let active = k
-                .resolve()
-                .map_err(|e| anyhow::anyhow!("api_tokens.signing_key: {e}"))?;
-            let retired = cfg
-                .api_tokens
-                .retired_keys
-                .iter()
-                .map(|r| {
-                    r.resolve()
-                        .map_err(|e| anyhow::anyhow!("api_tokens.retired_keys: {e}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            SigningKeys::from_pems(&active, &retired).context("api_tokens.signing_key")?
-        }
+    // The configured keys (active and retired), or an ephemeral one when none is configured.
+    let keys = match cfg.api_tokens.signing_keys()? {
+        Some(keys) => keys,
         None => {
             tracing::warn!(
                 "api_tokens.signing_key not set: using an ephemeral key (tokens stop verifying on restart; do not run replicas like this)"
@@ -102,19 +89,16 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         rate_per_minute: cfg.limits.exchanges_per_minute_per_repository,
     })
     .map_err(|e| anyhow::anyhow!(e))?;
-    broker.set_operators(
-        crate::admin::Operators::from_config_with_oidc(
-            &cfg.operators,
-            &cfg.issuers,
-            &cfg.audience,
-            clock,
-        )
-        .map_err(|e| anyhow::anyhow!(e))?,
-    );
-    broker.set_webhooks(
-        crate::webhooks::Webhooks::from_config(&cfg.webhooks, &cfg.issuers)
-            .map_err(|e| anyhow::anyhow!(e))?,
-    );
+    broker.set_operators(crate::admin::Operators::from_config_with_oidc(
+        &cfg.operators,
+        &cfg.issuers,
+        &cfg.audience,
+        clock,
+    )?);
+    broker.set_webhooks(crate::webhooks::Webhooks::from_config(
+        &cfg.webhooks,
+        &cfg.issuers,
+    )?);
     broker.set_refusal_limits(&cfg.refusals);
     Ok(Arc::new(broker))
 }

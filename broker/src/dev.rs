@@ -16,8 +16,18 @@ use std::path::{Path, PathBuf};
 /// The audience dev tokens carry and the dev broker requires.
 pub const DEV_AUDIENCE: &str = "broker-dev";
 
+/// The embedded dev config failed its own validation (a bug, or a bad `--listen`/data dir):
+/// every problem, one a line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct DevConfigError(pub Vec<String>);
+
 /// Build the dev config. `data_dir` holds the SQLite file.
-pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<Config, String> {
+pub fn config(
+    listen: SocketAddr,
+    data_dir: &Path,
+    policies: PathBuf,
+) -> Result<Config, DevConfigError> {
     let db = data_dir.join("broker.db");
     let cfg = Config {
         listen,
@@ -59,7 +69,7 @@ pub fn config(listen: SocketAddr, data_dir: &Path, policies: PathBuf) -> Result<
     if problems.is_empty() {
         Ok(cfg)
     } else {
-        Err(problems.join("\n"))
+        Err(DevConfigError(problems))
     }
 }
 

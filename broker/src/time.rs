@@ -52,11 +52,22 @@ impl Clock for ManualClock {
     }
 }
 
+/// Why a duration could not be parsed; names the text, which is never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("invalid duration {text:?}: {reason}")]
+    Invalid { text: String, reason: String },
+    #[error("duration {0:?} is out of range")]
+    OutOfRange(String),
+}
+
 /// Parse a human duration such as `15m`, `1h30m`, `900s`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let std =
-        humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))?;
-    Duration::try_from(std).map_err(|_| format!("duration {s:?} is out of range"))
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let std = humantime::parse_duration(s.trim()).map_err(|e| DurationError::Invalid {
+        text: s.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Duration::try_from(std).map_err(|_| DurationError::OutOfRange(s.to_owned()))
 }
 
 /// Serde helpers for durations written as `15m` in YAML/JSON.
@@ -115,6 +126,7 @@ mod tests {
         assert_eq!(parse_duration("15m"), Ok(Duration::minutes(15)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::minutes(90)));
         assert_eq!(format_duration(Duration::minutes(90)), "1h30m");
-        assert!(parse_duration("soon").is_err());
+        let e = parse_duration("soon").unwrap_err().to_string();
+        assert!(e.starts_with("invalid duration \"soon\": "), "{e}");
     }
 }

@@ -44,17 +44,23 @@ fn eq_opt(want: &Option<String>, have: Option<&str>) -> bool {
     want.as_deref().is_none_or(|w| have == Some(w))
 }
 
+/// A filter that cannot be used as asked (a 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error(
+        "filter: issued_after/issued_before select existing grants; a freeze applies to new \
+         exchanges"
+    )]
+    TimeBoundsOnFreeze,
+}
+
 impl GrantFilter {
     /// A problem with the filter, for a 400.
-    pub fn check(&self, for_freeze: bool) -> Result<(), String> {
+    pub fn check(&self, for_freeze: bool) -> Result<(), FilterError> {
         // Unknown names (issuer, credential, kind) are refused by `unknown_value`, which lists
         // what exists.
         if for_freeze && (self.issued_after.is_some() || self.issued_before.is_some()) {
-            return Err(
-                "filter: issued_after/issued_before select existing grants; a freeze applies to \
-                 new exchanges"
-                    .into(),
-            );
+            return Err(FilterError::TimeBoundsOnFreeze);
         }
         Ok(())
     }
@@ -173,6 +179,20 @@ mod tests {
                 details: serde_json::Value::Null,
             }],
         }
+    }
+
+    #[test]
+    fn a_freeze_takes_no_time_bounds() {
+        let f = GrantFilter {
+            issued_after: Some(OffsetDateTime::UNIX_EPOCH),
+            ..GrantFilter::default()
+        };
+        assert!(f.check(false).is_ok());
+        assert_eq!(
+            f.check(true).unwrap_err().to_string(),
+            "filter: issued_after/issued_before select existing grants; a freeze applies to new \
+             exchanges"
+        );
     }
 
     #[test]

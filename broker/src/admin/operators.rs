@@ -207,12 +207,33 @@ pub fn validate_issuers(ops: &[OperatorConfig], issuers: &[IssuerConfig]) -> Vec
         .collect()
 }
 
+/// Why the configured operators cannot be used; names the entry (`operators[i]…`), never a
+/// token or hash.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorsError {
+    #[error("OIDC operators need the issuer configuration")]
+    OidcNeedsIssuers,
+    /// Every problem `validate` and `validate_issuers` found.
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("operators[{index}].oidc: {source}")]
+    Verifier {
+        index: usize,
+        source: crate::oidc::VerifyConfigError,
+    },
+    #[error("operators[{index}].oidc.rule: {source}")]
+    Rule {
+        index: usize,
+        source: expr::ExprError,
+    },
+}
+
 impl Operators {
     /// From validated config with token hashes only; an invalid entry (or an OIDC one: use
     /// [`Self::from_config_with_oidc`]) is an error naming it.
-    pub fn from_config(ops: &[OperatorConfig]) -> Result<Self, String> {
+    pub fn from_config(ops: &[OperatorConfig]) -> Result<Self, OperatorsError> {
         if ops.iter().any(|o| o.oidc.is_some()) {
-            return Err("OIDC operators need the issuer configuration".into());
+            return Err(OperatorsError::OidcNeedsIssuers);
         }
         Self::from_config_with_oidc(ops, &[], "-", Arc::new(crate::time::SystemClock))
     }
@@ -224,11 +245,11 @@ impl Operators {
         issuers: &[IssuerConfig],
         audience: &str,
         clock: SharedClock,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, OperatorsError> {
         let mut problems = validate(ops);
         problems.extend(validate_issuers(ops, issuers));
         if !problems.is_empty() {
-            return Err(problems.join("; "));
+            return Err(OperatorsError::Invalid(problems));
         }
         let mut list = Vec::new();
         let mut oidc = Vec::new();
@@ -254,11 +275,11 @@ impl Operators {
                 clock.clone(),
                 VerifierOptions::default(),
             )
-            .map_err(|e| format!("operators[{i}].oidc: {e}"))?;
+            .map_err(|source| OperatorsError::Verifier { index: i, source })?;
             let env = Arc::new(expr::new_env());
             let mut regexes = RegexTable::default();
             let compiled = expr::compile(&env, &rule.rule, &mut regexes)
-                .map_err(|e| format!("operators[{i}].oidc.rule: {e}"))?;
+                .map_err(|source| OperatorsError::Rule { index: i, source })?;
             oidc.push(Arc::new(OidcOperator {
                 name: o.name.clone(),
                 role: o.role,

@@ -1,3 +1,4 @@
+// Long on purpose: test file (one scenario per operator endpoint through the real router).
 //! Operator endpoints through the real router: authentication, roles, job tokens refused,
 //! audit of every call, freeze/unfreeze, and revoke-all over 1,000 grants.
 
@@ -798,7 +799,8 @@ fn oidc_operator_config_is_checked() {
     let clock: SharedClock = Arc::new(ManualClock::at_unix(1_900_000_000));
     let err =
         Operators::from_config_with_oidc(&[rule("nope", "true")], &issuers, AUD, clock.clone())
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("operators[0].oidc.issuer"), "{err}");
     let err = Operators::from_config_with_oidc(
         &[rule("github", "claims.(")],
@@ -806,13 +808,16 @@ fn oidc_operator_config_is_checked() {
         AUD,
         clock.clone(),
     )
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("operators[0].oidc.rule"), "{err}");
     let both = OperatorConfig {
         token_sha256: Some(operators::new_token().1),
         ..rule("github", "true")
     };
-    let err = Operators::from_config_with_oidc(&[both], &issuers, AUD, clock).unwrap_err();
+    let err = Operators::from_config_with_oidc(&[both], &issuers, AUD, clock)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("exactly one of token_sha256 and oidc"),
         "{err}"

@@ -11,7 +11,7 @@
 //! - claims over the size bounds are refused before any expression runs.
 
 use super::PolicyInput;
-use super::expr::{self, Activation, ClaimsUsed, CompiledExpr, RegexTable};
+use super::expr::{self, Activation, ClaimsUsed, CompiledExpr, EvalError, RegexTable};
 use crate::providers::CredentialDef;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -197,7 +197,7 @@ const _: fn() = || {
 pub(super) enum Outcome {
     True,
     False,
-    Error(String),
+    Error(EvalError),
 }
 
 impl Bundle {
@@ -226,8 +226,8 @@ impl Bundle {
         self.regexes.len()
     }
 
-    pub(super) fn activation(&self, input: &PolicyInput<'_>) -> Result<Activation, String> {
-        expr::check_claims(input.claims).map_err(|e| e.to_string())?;
+    pub(super) fn activation(&self, input: &PolicyInput<'_>) -> Result<Activation, EvalError> {
+        expr::check_claims(input.claims)?;
         Activation::new(
             &self.env,
             &self.regexes,

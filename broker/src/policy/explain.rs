@@ -3,14 +3,14 @@
 
 use super::PolicyInput;
 use super::bundle::{Bundle, Effect, Evaluation, Outcome};
+use super::expr::EvalError;
 use std::fmt;
 
 /// The result of one conjunct, evaluated on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConjunctResult {
     pub source: String,
-    /// `Err` carries the CEL error message.
-    pub result: Result<bool, String>,
+    pub result: Result<bool, EvalError>,
 }
 
 /// What one rule did.
@@ -25,7 +25,7 @@ pub enum RuleStatus {
     },
     /// Evaluation failed: a deny rule counts as matched, an allow rule does not.
     Error {
-        message: String,
+        error: EvalError,
         failing: Vec<ConjunctResult>,
     },
 }
@@ -49,7 +49,7 @@ pub struct Explanation {
     pub issuer: String,
     pub platform: String,
     /// Why claims were refused before any rule ran, if they were.
-    pub claims_rejected: Option<String>,
+    pub claims_rejected: Option<EvalError>,
     pub rules: Vec<RuleExplanation>,
     pub evaluation: Evaluation,
 }
@@ -95,8 +95,8 @@ impl Bundle {
                 match Self::run_rule(&act, rule) {
                     Outcome::True => RuleStatus::Matched,
                     Outcome::False => RuleStatus::NotMatched { failing: failing() },
-                    Outcome::Error(message) => RuleStatus::Error {
-                        message,
+                    Outcome::Error(error) => RuleStatus::Error {
+                        error,
                         failing: failing(),
                     },
                 }
@@ -158,12 +158,12 @@ impl fmt::Display for Explanation {
                     writeln!(f, "not matched{note}")?;
                     write_failing(f, failing)?;
                 }
-                RuleStatus::Error { message, failing } => {
+                RuleStatus::Error { error, failing } => {
                     let counts = match r.effect {
                         Effect::Deny => "counts as matched: deny rules fail closed",
                         Effect::Allow => "counts as not matched",
                     };
-                    writeln!(f, "ERROR ({counts}){note}: {message}")?;
+                    writeln!(f, "ERROR ({counts}){note}: {error}")?;
                     write_failing(f, failing)?;
                 }
             }

@@ -165,7 +165,7 @@ impl Broker {
         let checked = if reason.is_empty() {
             Err("reason: required".to_owned())
         } else {
-            filter.check(false)
+            filter.check(false).map_err(|e| e.to_string())
         };
         if let Err(msg) = checked {
             let mut ev = self.admin_event(ctx, ReasonCode::BadRequest);
@@ -315,7 +315,7 @@ impl Broker {
         let checked = if reason.is_empty() {
             Err("reason: required".to_owned())
         } else {
-            filter.check(true)
+            filter.check(true).map_err(|e| e.to_string())
         };
         let mut ev = self.admin_event(ctx, ReasonCode::Freeze);
         ev.actor = Some(op.actor());

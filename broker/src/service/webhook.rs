@@ -106,7 +106,10 @@ impl Broker {
                 tracing::debug!(source = d.source.as_str(), why, "webhook delivery ignored");
                 return Ok(HookOutcome::Ignored(why));
             }
-            Err(msg) => return Err(self.hook_refuse(ev, WebhookError::BadRequest(msg)).await),
+            Err(e) => {
+                let err = WebhookError::BadRequest(e.to_string());
+                return Err(self.hook_refuse(ev, err).await);
+            }
         };
 
         // 2b. The repository the delivery names must be inside the secret's scope (a delivery

@@ -64,17 +64,26 @@ fn text(v: Option<&Value>) -> Option<String> {
         .map(|s| s.chars().filter(|c| !c.is_control()).take(200).collect())
 }
 
-fn parse(body: &[u8]) -> Result<Value, String> {
-    serde_json::from_slice(body).map_err(|e| {
-        format!(
-            "invalid JSON body: {}",
-            e.to_string().chars().take(200).collect::<String>()
-        )
-    })
+/// Why a verified delivery cannot be read; the message goes back in the `400` response, so it
+/// names a key and what was expected, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    /// The body is not JSON (the parser's message, cut to 200 characters).
+    #[error("invalid JSON body: {0}")]
+    InvalidJson(String),
+    /// A field the match needs is missing or malformed: `<key>: <what was expected>`.
+    #[error("{0}")]
+    BadField(&'static str),
+}
+use EventError::BadField;
+
+fn parse(body: &[u8]) -> Result<Value, EventError> {
+    serde_json::from_slice(body)
+        .map_err(|e| EventError::InvalidJson(e.to_string().chars().take(200).collect()))
 }
 
 /// A GitHub delivery with event type `event`.
-pub fn github(event: Option<&str>, body: &[u8]) -> Result<HookEvent, String> {
+pub fn github(event: Option<&str>, body: &[u8]) -> Result<HookEvent, EventError> {
     match event {
         Some("workflow_job") => {}
         Some("ping") => return Ok(HookEvent::Ignored("ping")),
@@ -84,7 +93,9 @@ pub fn github(event: Option<&str>, body: &[u8]) -> Result<HookEvent, String> {
     if v.get("action").and_then(Value::as_str) != Some("completed") {
         return Ok(HookEvent::Ignored("job not completed"));
     }
-    let job = v.get("workflow_job").ok_or("workflow_job: missing")?;
+    let job = v
+        .get("workflow_job")
+        .ok_or(BadField("workflow_job: missing"))?;
     let check_run = job
         .get("check_run_url")
         .and_then(Value::as_str)
@@ -92,18 +103,18 @@ pub fn github(event: Option<&str>, body: &[u8]) -> Result<HookEvent, String> {
         .map(|tail| Value::String(tail.to_owned()));
     let job_id = id(check_run.as_ref())
         .or_else(|| id(job.get("id")))
-        .ok_or("workflow_job.id: expected a positive integer")?;
+        .ok_or(BadField("workflow_job.id: expected a positive integer"))?;
     Ok(HookEvent::JobEnd(JobEnd {
         repository_id: id(v.get("repository").and_then(|r| r.get("id")))
-            .ok_or("repository.id: expected a positive integer")?,
+            .ok_or(BadField("repository.id: expected a positive integer"))?,
         job_id,
         run_id: Some(
-            id(job.get("run_id")).ok_or("workflow_job.run_id: expected a positive integer")?,
+            id(job.get("run_id"))
+                .ok_or(BadField("workflow_job.run_id: expected a positive integer"))?,
         ),
-        run_attempt: Some(
-            id(job.get("run_attempt"))
-                .ok_or("workflow_job.run_attempt: expected a positive integer")?,
-        ),
+        run_attempt: Some(id(job.get("run_attempt")).ok_or(BadField(
+            "workflow_job.run_attempt: expected a positive integer",
+        ))?),
         repository: text(v.get("repository").and_then(|r| r.get("full_name"))),
         job_name: text(job.get("name")),
         status: text(job.get("conclusion")),
@@ -111,7 +122,7 @@ pub fn github(event: Option<&str>, body: &[u8]) -> Result<HookEvent, String> {
 }
 
 /// A GitLab delivery with event type `event` (`X-Gitlab-Event`).
-pub fn gitlab(event: Option<&str>, body: &[u8]) -> Result<HookEvent, String> {
+pub fn gitlab(event: Option<&str>, body: &[u8]) -> Result<HookEvent, EventError> {
     if event != Some("Job Hook") {
         return Ok(HookEvent::Ignored("not a job event"));
     }
@@ -124,8 +135,9 @@ pub fn gitlab(event: Option<&str>, body: &[u8]) -> Result<HookEvent, String> {
         return Ok(HookEvent::Ignored("job not finished"));
     }
     Ok(HookEvent::JobEnd(JobEnd {
-        repository_id: id(v.get("project_id")).ok_or("project_id: expected a positive integer")?,
-        job_id: id(v.get("build_id")).ok_or("build_id: expected a positive integer")?,
+        repository_id: id(v.get("project_id"))
+            .ok_or(BadField("project_id: expected a positive integer"))?,
+        job_id: id(v.get("build_id")).ok_or(BadField("build_id: expected a positive integer"))?,
         run_id: None,
         run_attempt: None,
         repository: text(v.get("project").and_then(|p| p.get("path_with_namespace"))),
@@ -211,7 +223,9 @@ mod tests {
             } else {
                 v["workflow_job"][path] = bad;
             }
-            let err = github(Some("workflow_job"), &bytes(&v)).unwrap_err();
+            let err = github(Some("workflow_job"), &bytes(&v))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(path), "{err}");
         }
     }
@@ -247,6 +261,7 @@ mod tests {
         assert!(
             gitlab(Some("Job Hook"), &bytes(&v))
                 .unwrap_err()
+                .to_string()
                 .contains("build_id")
         );
     }

@@ -1,3 +1,4 @@
+// Long on purpose: test file (one case per verification rule, against a real local issuer).
 //! Verifier tests against a real local issuer (`testkit::TestIssuer`) and a manual clock.
 
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! AWS STS provider: an AWS session that exists for one CI job, with revocation.
 //!
+//! - `config`: the `targets.aws.<name>` section of the broker config (keys, defaults, checks).
 //! - `spec`: the `aws_sts:` keys of a credential definition (role ARN, region, policies).
 //! - `naming`: resource ids, role session names / source identities, session tags.
 //! - `session_policy`: the inline session policy template (JSON over claims, size-checked).
@@ -7,6 +8,7 @@
 //!   pruning, IAM's size limit).
 //! - `provider`: `AssumeRole` with the broker's own identity; revoke by `PutRolePolicy`.
 
+pub mod config;
 pub mod deny;
 pub mod naming;
 pub mod provider;

@@ -119,7 +119,7 @@ fn managed<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PolicyArn>, D::Error> 
 fn region<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     let v = Option::<String>::deserialize(d)?;
     if let Some(r) = &v
-        && !crate::config::valid_aws_region(r)
+        && !super::config::valid_aws_region(r)
     {
         return Err(serde::de::Error::custom(format!(
             "{r:?} is not an AWS region name"
