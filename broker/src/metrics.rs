@@ -202,15 +202,11 @@ fn s(v: &str) -> String {
 
 /// Count one unauthenticated refusal (`refusals.rs`); `audit` is `row`, `aggregated` or
 /// `limited`.
-pub fn refusal(action: crate::audit::Action, reason: &str, audit: &str) {
-    let action = serde_json::to_value(action)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
+pub fn refusal(action: &str, reason: &str, audit: &str) {
     METRICS
         .refusals
         .get_or_create(&RefusalLabels {
-            action,
+            action: s(action),
             reason: s(reason),
             audit: s(audit),
         })
@@ -300,18 +296,21 @@ pub fn policy_reload(ok: bool) {
 
 /// Replace the store-derived gauges. Kinds absent from `g` drop to 0 rather than vanish, so a
 /// dashboard sees the fall.
-pub fn set_store_gauges(active_by_kind: &[(String, i64)], reaper_lag_seconds: f64) {
-    use crate::providers::CredentialKind as K;
-    for kind in [K::ApiToken, K::Postgres, K::AwsSts] {
+/// `kinds` are every credential kind the build knows (the caller names them, so this module
+/// imports nothing of the broker).
+pub fn set_store_gauges(
+    kinds: &[&'static str],
+    active_by_kind: &[(String, i64)],
+    reaper_lag_seconds: f64,
+) {
+    for kind in kinds {
         let n = active_by_kind
             .iter()
-            .find(|(k, _)| k == kind.as_str())
+            .find(|(k, _)| k == kind)
             .map_or(0, |(_, n)| *n);
         METRICS
             .active_grants
-            .get_or_create(&KindLabels {
-                kind: s(kind.as_str()),
-            })
+            .get_or_create(&KindLabels { kind: s(kind) })
             .set(n);
     }
     METRICS.reaper_lag_seconds.set(reaper_lag_seconds);
@@ -386,7 +385,11 @@ mod tests {
 
     #[test]
     fn store_gauges_zero_missing_kinds() {
-        set_store_gauges(&[("api_token".into(), 7)], 2.5);
+        set_store_gauges(
+            &["api_token", "postgres", "aws_sts"],
+            &[("api_token".into(), 7)],
+            2.5,
+        );
         let text = render();
         assert_eq!(
             series(&text, r#"broker_active_grants{kind="api_token"}"#),

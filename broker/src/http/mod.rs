@@ -1,3 +1,4 @@
+// Long on purpose (~610 lines): the public router and every public handler read in one place; the operator and webhook routes are in admin.rs and hooks.rs, connections in conn.rs, errors in error.rs.
 //! HTTP API (axum). The only module that knows HTTP: it parses requests into service calls and
 //! maps every error through [`error::ApiError`].
 //!
@@ -553,7 +554,8 @@ async fn metrics(
             let lag = g
                 .oldest_overdue
                 .map_or(0.0, |t| (now - t).as_seconds_f64().max(0.0));
-            crate::metrics::set_store_gauges(&g.active_by_kind, lag);
+            let kinds = crate::providers::CredentialKind::ALL.map(|k| k.as_str());
+            crate::metrics::set_store_gauges(&kinds, &g.active_by_kind, lag);
         }
         Err(e) => {
             tracing::warn!(error = %e, "metrics: store gauges not refreshed");

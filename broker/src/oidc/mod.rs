@@ -8,6 +8,7 @@
 //! INTERFACE CONTRACT (other modules rely on these names; the implementation behind them is
 //! owned by this module).
 
+mod attribution;
 mod config;
 pub mod dev;
 mod error;
@@ -19,6 +20,7 @@ mod unverified;
 pub use unverified::claims_for_display as unverified_claims_for_display;
 mod verifier;
 
+pub use attribution::JobAttribution;
 pub use config::{GITHUB_ISSUER, GITHUB_JWKS, IssuerConfig, validate_issuers};
 pub use error::{VerifyConfigError, VerifyError};
 pub use verifier::{IssuerHealth, Verifier, VerifierOptions};

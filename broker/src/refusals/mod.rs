@@ -177,7 +177,7 @@ impl Refusals {
             (None, true) => Disposition::Record,
             (None, false) => Disposition::Collapse,
         };
-        crate::metrics::refusal(ev.action, &ev.reason, d.as_str());
+        crate::metrics::refusal(ev.action.as_str(), &ev.reason, d.as_str());
         d
     }
 

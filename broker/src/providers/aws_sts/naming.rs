@@ -13,7 +13,7 @@
 //!   spaces and `_.:/=+-@`); anything else becomes `_`. Only ASCII is kept: CloudTrail and
 //!   condition keys compare bytes, and look-alike Unicode has no business in a tag.
 
-use crate::audit::JobAttribution;
+use crate::oidc::JobAttribution;
 use uuid::Uuid;
 
 /// Longest role session name and source identity AWS accepts.

@@ -19,7 +19,7 @@
 use super::config::AwsTargetConfig;
 use super::deny::{DENY_POLICY_NAME, DenyDocument, DenyError};
 use super::naming;
-use crate::audit::JobAttribution;
+use crate::oidc::JobAttribution;
 use crate::providers::{
     CredentialDef, CredentialKind, CredentialSpec, DefinitionError, Field, IssuedCredential,
     MintRequest, Minted, Provider, ProviderError, ReplicaLock, RevokeAllReport,
