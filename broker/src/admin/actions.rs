@@ -88,7 +88,8 @@ pub struct RevokeAllReport {
     pub complete: bool,
     /// `!complete` (kept for clients of the earlier answer).
     pub truncated: bool,
-    /// Store pages read (each [`REVOKE_ALL_PAGE`] grants at most).
+    /// Store pages taken (each [`REVOKE_ALL_PAGE`] grants at most, or
+    /// more, up to 5,000, after pages revoked in the store alone: `service/operators.rs`).
     pub pages: usize,
     /// Grants revoked set-based (in-store credentials, a page per transaction).
     pub revoked_in_store: usize,
