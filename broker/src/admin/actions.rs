@@ -89,7 +89,7 @@ pub struct RevokeAllReport {
     /// `!complete` (kept for clients of the earlier answer).
     pub truncated: bool,
     /// Store pages taken (each [`REVOKE_ALL_PAGE`] grants at most, or
-    /// more, up to 5,000, after pages revoked in the store alone: `service/operators.rs`).
+    /// more after pages revoked in the store alone: `Store::in_store_revoke_page`).
     pub pages: usize,
     /// Grants revoked set-based (in-store credentials, a page per transaction).
     pub revoked_in_store: usize,

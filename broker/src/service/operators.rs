@@ -14,13 +14,6 @@ use crate::store::{FreezeRecord, GrantCursor};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// Grants a revoke-all page holds once the pages before it were all revoked in the store alone
-/// (API tokens): such a page is one transaction whatever its length, so larger pages spread
-/// its fixed costs (round trips, the commit's WAL flush) over more grants. The first page, and
-/// any page after one with grants revoked outside the store, holds [`REVOKE_ALL_PAGE`]. A page
-/// of this size holds the audit chain head for about half a second on a 2-core machine.
-const REVOKE_ALL_STORE_PAGE: u32 = 5_000;
-
 impl Broker {
     /// An operator call's audit event, with `reason` (the outcome is set by the caller).
     pub(super) fn admin_event(&self, ctx: &RequestCtx, reason: ReasonCode) -> AuditEvent {
@@ -156,7 +149,7 @@ impl Broker {
     /// first, keyset-paged); grants revoked in the store alone (API tokens) are revoked a page
     /// per transaction with one audit event each; the others are claimed and revoked one by one,
     /// [`REVOKE_ALL_PARALLELISM`] at a time. Pages of in-store grants grow to
-    /// [`REVOKE_ALL_STORE_PAGE`], and the next page is read while the current one is written.
+    /// what the store prefers ([`crate::store::Store::in_store_revoke_page`]), and the next page is read while the current one is written.
     /// Stops taking pages after
     /// [`REVOKE_ALL_CALL_BUDGET`] (`complete: false`); calling again continues, since nothing
     /// revoked is selected again. A broker killed mid-call leaves every page either revoked
@@ -199,11 +192,7 @@ impl Broker {
             }
             let page = match prefetched.take() {
                 Some(page) => page,
-                None => {
-                    self.store
-                        .active_grants_page(&select, cursor, size)
-                        .await?
-                }
+                None => self.store.active_grants_page(&select, cursor, size).await?,
             };
             report.pages += 1;
             let Some(last) = page.last() else {
@@ -218,13 +207,12 @@ impl Broker {
             report.matched += page.len();
             let (in_store, outside): (Vec<_>, Vec<_>) =
                 page.into_iter().partition(|g| self.revoked_in_store(g));
-            // A page revoked in the store alone costs one transaction whatever its length, so
-            // while pages keep being that kind they grow; a page with other grants (revoked
-            // one by one) sends the next back to the small size.
-            size = if outside.is_empty() {
-                REVOKE_ALL_STORE_PAGE
-            } else {
-                REVOKE_ALL_PAGE
+            // A page revoked in the store alone is one transaction whatever its length, so
+            // while pages keep being that kind they grow to what the store prefers; a page with
+            // other grants (revoked one by one) sends the next back to the small size.
+            size = match self.store.in_store_revoke_page() {
+                Some(n) if outside.is_empty() => n,
+                _ => REVOKE_ALL_PAGE,
             };
             // The next page is read on another pool connection while this one is written: it
             // starts strictly after this page's last grant, so the two never overlap, and a
