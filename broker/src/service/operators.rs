@@ -149,7 +149,8 @@ impl Broker {
     /// first, keyset-paged); grants revoked in the store alone (API tokens) are revoked a page
     /// per transaction with one audit event each; the others are claimed and revoked one by one,
     /// [`REVOKE_ALL_PARALLELISM`] at a time. Pages of in-store grants grow to
-    /// what the store prefers ([`crate::store::Store::in_store_revoke_page`]), and the next page is read while the current one is written.
+    /// what the store prefers ([`crate::store::Store::in_store_revoke_page`]), and there the next
+    /// page is read while the current one is written.
     /// Stops taking pages after
     /// [`REVOKE_ALL_CALL_BUDGET`] (`complete: false`); calling again continues, since nothing
     /// revoked is selected again. A broker killed mid-call leaves every page either revoked
@@ -184,6 +185,7 @@ impl Broker {
         let actor_ref = actor.as_str();
         let mut cursor: Option<GrantCursor> = None;
         let mut size = REVOKE_ALL_PAGE;
+        let read_ahead = self.store.in_store_revoke_page().is_some();
         // The page read while the one before it was written.
         let mut prefetched: Option<Vec<crate::store::Grant>> = None;
         loop {
@@ -219,7 +221,7 @@ impl Broker {
             // grant it reads that changes meanwhile is re-checked when revoked (`status =
             // 'active'` in the store, the claim for the others).
             let next = async {
-                if full {
+                if full && read_ahead {
                     Some(self.store.active_grants_page(&select, cursor, size).await)
                 } else {
                     None
@@ -232,6 +234,7 @@ impl Broker {
                 report.complete = true;
                 break;
             }
+            // `None` without the read-ahead: the next turn reads the page itself.
             prefetched = next.transpose()?;
         }
         report.truncated = !report.complete;
