@@ -148,10 +148,9 @@ impl Broker {
     /// Revoke every active grant matching `filter`: selected in SQL a page at a time (oldest
     /// first, keyset-paged); grants revoked in the store alone (API tokens) are revoked a page
     /// per transaction with one audit event each; the others are claimed and revoked one by one,
-    /// [`REVOKE_ALL_PARALLELISM`] at a time. Pages of in-store grants grow to
-    /// what the store prefers ([`crate::store::Store::in_store_revoke_page`]), and there the next
-    /// page is read while the current one is written.
-    /// Stops taking pages after
+    /// [`REVOKE_ALL_PARALLELISM`] at a time. Pages of in-store grants grow to what the store
+    /// prefers ([`crate::store::Store::in_store_revoke_page`]), and there the next page is read
+    /// while the current one is written. Stops taking pages after
     /// [`REVOKE_ALL_CALL_BUDGET`] (`complete: false`); calling again continues, since nothing
     /// revoked is selected again. A broker killed mid-call leaves every page either revoked
     /// and audited (one transaction) or untouched; per-grant revocations it had claimed are
