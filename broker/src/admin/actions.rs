@@ -88,7 +88,8 @@ pub struct RevokeAllReport {
     pub complete: bool,
     /// `!complete` (kept for clients of the earlier answer).
     pub truncated: bool,
-    /// Store pages read (each [`REVOKE_ALL_PAGE`] grants at most).
+    /// Store pages taken (each [`REVOKE_ALL_PAGE`] grants at most, or
+    /// more after pages revoked in the store alone: `Store::in_store_revoke_page`).
     pub pages: usize,
     /// Grants revoked set-based (in-store credentials, a page per transaction).
     pub revoked_in_store: usize,

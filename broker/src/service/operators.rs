@@ -148,7 +148,9 @@ impl Broker {
     /// Revoke every active grant matching `filter`: selected in SQL a page at a time (oldest
     /// first, keyset-paged); grants revoked in the store alone (API tokens) are revoked a page
     /// per transaction with one audit event each; the others are claimed and revoked one by one,
-    /// [`REVOKE_ALL_PARALLELISM`] at a time. Stops taking pages after
+    /// [`REVOKE_ALL_PARALLELISM`] at a time. Pages of in-store grants grow to what the store
+    /// prefers ([`crate::store::Store::in_store_revoke_page`]), and there the next page is read
+    /// while the current one is written. Stops taking pages after
     /// [`REVOKE_ALL_CALL_BUDGET`] (`complete: false`); calling again continues, since nothing
     /// revoked is selected again. A broker killed mid-call leaves every page either revoked
     /// and audited (one transaction) or untouched; per-grant revocations it had claimed are
@@ -181,14 +183,18 @@ impl Broker {
         let mut report = RevokeAllReport::default();
         let actor_ref = actor.as_str();
         let mut cursor: Option<GrantCursor> = None;
+        let mut size = REVOKE_ALL_PAGE;
+        let read_ahead = self.store.in_store_revoke_page().is_some();
+        // The page read while the one before it was written.
+        let mut prefetched: Option<Vec<crate::store::Grant>> = None;
         loop {
             if started.elapsed() >= REVOKE_ALL_CALL_BUDGET {
                 break;
             }
-            let page = self
-                .store
-                .active_grants_page(&select, cursor, REVOKE_ALL_PAGE)
-                .await?;
+            let page = match prefetched.take() {
+                Some(page) => page,
+                None => self.store.active_grants_page(&select, cursor, size).await?,
+            };
             report.pages += 1;
             let Some(last) = page.last() else {
                 report.complete = true;
@@ -198,41 +204,37 @@ impl Broker {
                 created_at: last.created_at,
                 id: last.id,
             });
-            let full = page.len() >= REVOKE_ALL_PAGE as usize;
+            let full = page.len() >= size as usize;
             report.matched += page.len();
             let (in_store, outside): (Vec<_>, Vec<_>) =
                 page.into_iter().partition(|g| self.revoked_in_store(g));
-            if !in_store.is_empty() {
-                let now = self.clock.now();
-                let events: Vec<_> = in_store
-                    .iter()
-                    .map(|g| self.revoked_event(g, now, actor_ref, ctx))
-                    .collect();
-                let moved = self.store.revoke_in_store(now, &events).await?;
-                let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
-                for g in &in_store {
-                    if moved.contains(&g.id) {
-                        report.tally.revoked(g.credentials.iter().map(|c| c.kind));
-                        report.revoked_in_store += 1;
-                        crate::metrics::revocation("requested", true, false);
-                    } else {
-                        report.tally.already_in_progress += 1;
-                    }
+            // A page revoked in the store alone is one transaction whatever its length, so
+            // while pages keep being that kind they grow to what the store prefers; a page with
+            // other grants (revoked one by one) sends the next back to the small size.
+            size = match self.store.in_store_revoke_page() {
+                Some(n) if outside.is_empty() => n,
+                _ => REVOKE_ALL_PAGE,
+            };
+            // The next page is read on another pool connection while this one is written: it
+            // starts strictly after this page's last grant, so the two never overlap, and a
+            // grant it reads that changes meanwhile is re-checked when revoked (`status =
+            // 'active'` in the store, the claim for the others).
+            let next = async {
+                if full && read_ahead {
+                    Some(self.store.active_grants_page(&select, cursor, size).await)
+                } else {
+                    None
                 }
-            }
-            let outside = self
-                .revoke_grants(
-                    outside.iter().map(|g| g.id).collect(),
-                    REVOKE_ALL_PARALLELISM,
-                    actor_ref,
-                    ctx,
-                )
-                .await;
-            report.tally.merge(outside);
+            };
+            let write = self.revoke_page(in_store, outside, actor_ref, ctx, &mut report);
+            let (next, written) = futures::join!(next, write);
+            written?;
             if !full {
                 report.complete = true;
                 break;
             }
+            // `None` without the read-ahead: the next turn reads the page itself.
+            prefetched = next.transpose()?;
         }
         report.truncated = !report.complete;
         // A filter narrower than a kind (one repository, one issuer...) must not kill other
@@ -301,6 +303,46 @@ impl Broker {
         );
         self.admin_audit(&ev).await?;
         Ok(report)
+    }
+
+    /// Revoke one revoke-all page: the grants revoked in the store alone in one transaction
+    /// with one audit event each, the others one by one ([`REVOKE_ALL_PARALLELISM`] at a time).
+    async fn revoke_page(
+        &self,
+        in_store: Vec<crate::store::Grant>,
+        outside: Vec<crate::store::Grant>,
+        actor: &str,
+        ctx: &RequestCtx,
+        report: &mut RevokeAllReport,
+    ) -> Result<(), AdminError> {
+        if !in_store.is_empty() {
+            let now = self.clock.now();
+            let events: Vec<_> = in_store
+                .iter()
+                .map(|g| self.revoked_event(g, now, actor, ctx))
+                .collect();
+            let moved = self.store.revoke_in_store(now, &events).await?;
+            let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
+            for g in &in_store {
+                if moved.contains(&g.id) {
+                    report.tally.revoked(g.credentials.iter().map(|c| c.kind));
+                    report.revoked_in_store += 1;
+                    crate::metrics::revocation("requested", true, false);
+                } else {
+                    report.tally.already_in_progress += 1;
+                }
+            }
+        }
+        let outside = self
+            .revoke_grants(
+                outside.iter().map(|g| g.id).collect(),
+                REVOKE_ALL_PARALLELISM,
+                actor,
+                ctx,
+            )
+            .await;
+        report.tally.merge(outside);
+        Ok(())
     }
 
     /// Freeze new exchanges matching `filter` on every replica (replaces any freeze in force).
