@@ -1,3 +1,4 @@
+// About 600 lines on purpose: the Store facade is the whole interface of the store (one method per operation the rest of the broker may call); the queries are in grants.rs, audit_log.rs, records.rs and verify.rs.
 //! The store: grants (leases), replay records and audit events, in Postgres (production) or
 //! SQLite (embedded default). The only module that contains SQL.
 //!
