@@ -27,6 +27,7 @@ pub mod providers;
 pub mod reason;
 pub mod refusals;
 pub mod secret;
+pub mod secret_format;
 pub mod service;
 pub mod store;
 pub mod telemetry;

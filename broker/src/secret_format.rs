@@ -1,0 +1,236 @@
+//! Recognisable secrets: every secret the broker invents has one documented shape,
+//!
+//! ```text
+//! brk_<tag>_<32 random base62 characters>_<CRC-32 of everything before it, 6 base62 characters>
+//! ```
+//!
+//! so that a secret scanner can match it with almost no false positives (a fixed prefix, a fixed
+//! length, a checksum it can verify), and so that the broker can refuse a mistyped or truncated
+//! one without a store lookup. The tag names the kind ([`SecretKind`]); the table of tags is
+//! the one place they are defined, and `docs/leaks.md` lists it for scanner authors.
+//!
+//! 32 base62 characters carry about 190 bits from the operating system's CSPRNG; the checksum
+//! adds no secrecy, it only tells a well-formed secret from a random string.
+
+use crate::secret::Sensitive;
+
+/// What a recognisable secret is for. The tag in its prefix says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SecretKind {
+    /// An operator's admin API token.
+    Operator,
+    /// The revocation token a job uses to end its grant.
+    Revocation,
+    /// The password of a minted Postgres user.
+    PostgresPassword,
+    /// The password of a minted MySQL/MariaDB user.
+    MysqlPassword,
+    /// The password of a minted Redis ACL user.
+    RedisPassword,
+    /// An opaque API token (a reference token resolved by introspection).
+    ApiToken,
+}
+
+/// Length of the random part, in base62 characters.
+pub const RANDOM_LEN: usize = 32;
+/// Length of the checksum, in base62 characters (a CRC-32 fits in 6).
+pub const CHECKSUM_LEN: usize = 6;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
+impl SecretKind {
+    pub const ALL: [SecretKind; 6] = [
+        SecretKind::Operator,
+        SecretKind::Revocation,
+        SecretKind::PostgresPassword,
+        SecretKind::MysqlPassword,
+        SecretKind::RedisPassword,
+        SecretKind::ApiToken,
+    ];
+
+    /// The prefix, tag included: `brk_<tag>_`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            SecretKind::Operator => "brk_op_",
+            SecretKind::Revocation => "brk_rvk_",
+            SecretKind::PostgresPassword => "brk_pg_",
+            SecretKind::MysqlPassword => "brk_my_",
+            SecretKind::RedisPassword => "brk_rd_",
+            SecretKind::ApiToken => "brk_at_",
+        }
+    }
+
+    /// A short human name, for docs and audit.
+    pub fn name(self) -> &'static str {
+        match self {
+            SecretKind::Operator => "operator_token",
+            SecretKind::Revocation => "revocation_token",
+            SecretKind::PostgresPassword => "postgres_password",
+            SecretKind::MysqlPassword => "mysql_password",
+            SecretKind::RedisPassword => "redis_password",
+            SecretKind::ApiToken => "api_token",
+        }
+    }
+
+    /// Total length of a secret of this kind.
+    pub fn len(self) -> usize {
+        self.prefix().len() + RANDOM_LEN + 1 + CHECKSUM_LEN
+    }
+}
+
+/// Why a string is not a well-formed broker secret. Carries no part of the string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("no known broker secret prefix")]
+    UnknownPrefix,
+    #[error("wrong length or characters for a broker secret")]
+    Malformed,
+    #[error("checksum does not match (mistyped or truncated)")]
+    Checksum,
+}
+
+/// A new secret of `kind`, random from the operating system's CSPRNG.
+pub fn generate(kind: SecretKind) -> Sensitive {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let mut s = String::with_capacity(kind.len());
+    s.push_str(kind.prefix());
+    for _ in 0..RANDOM_LEN {
+        s.push(BASE62[rng.random_range(0..BASE62.len())] as char);
+    }
+    let sum = checksum(&s);
+    s.push('_');
+    s.push_str(&sum);
+    Sensitive::new(s)
+}
+
+/// The kind of a well-formed secret, checked offline: prefix, length, alphabet and checksum.
+pub fn parse(secret: &str) -> Result<SecretKind, FormatError> {
+    let kind = SecretKind::ALL
+        .into_iter()
+        .find(|k| secret.starts_with(k.prefix()))
+        .ok_or(FormatError::UnknownPrefix)?;
+    if secret.len() != kind.len() {
+        return Err(FormatError::Malformed);
+    }
+    let body_end = kind.prefix().len() + RANDOM_LEN;
+    let (body, rest) = secret.split_at(body_end);
+    let random = &body[kind.prefix().len()..];
+    let Some(sum) = rest.strip_prefix('_') else {
+        return Err(FormatError::Malformed);
+    };
+    if !random.bytes().chain(sum.bytes()).all(|b| b.is_ascii_alphanumeric()) {
+        return Err(FormatError::Malformed);
+    }
+    if checksum(body) != sum {
+        return Err(FormatError::Checksum);
+    }
+    Ok(kind)
+}
+
+/// Finds every well-formed broker secret in a text (a scanner's view; used by the leak CLI to
+/// pick tokens out of a file).
+pub fn find_all(text: &str) -> Vec<(SecretKind, &str)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(off) = text[i..].find("brk_") {
+        let start = i + off;
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |e| start + e);
+        let candidate = &text[start..end];
+        if let Ok(kind) = parse(candidate) {
+            out.push((kind, candidate));
+        }
+        i = end.max(start + 4);
+    }
+    out
+}
+
+/// The CRC-32 (ISO-HDLC, as zlib) of `body`, in 6 base62 characters, most significant first.
+fn checksum(body: &str) -> String {
+    let mut n = CRC32.checksum(body.as_bytes());
+    let mut digits = [b'0'; CHECKSUM_LEN];
+    for d in digits.iter_mut().rev() {
+        *d = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    String::from_utf8(digits.to_vec()).expect("base62 is ASCII")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_secrets_parse_as_their_kind() {
+        for kind in SecretKind::ALL {
+            let s = generate(kind);
+            assert_eq!(s.expose().len(), kind.len());
+            assert!(s.expose().starts_with(kind.prefix()));
+            assert_eq!(parse(s.expose()), Ok(kind), "{}", kind.name());
+        }
+        assert_ne!(
+            generate(SecretKind::ApiToken).expose(),
+            generate(SecretKind::ApiToken).expose()
+        );
+    }
+
+    #[test]
+    fn prefixes_are_unambiguous() {
+        for a in SecretKind::ALL {
+            for b in SecretKind::ALL {
+                if a != b {
+                    assert!(!a.prefix().starts_with(b.prefix()), "{a:?} {b:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_typo_or_truncation_is_refused_offline() {
+        let s = generate(SecretKind::PostgresPassword);
+        let s = s.expose();
+        assert_eq!(parse(&s[..s.len() - 1]), Err(FormatError::Malformed));
+        // Change one character of the random part.
+        let i = SecretKind::PostgresPassword.prefix().len() + 3;
+        let c = if &s[i..=i] == "a" { "b" } else { "a" };
+        let typo = format!("{}{c}{}", &s[..i], &s[i + 1..]);
+        assert_eq!(parse(&typo), Err(FormatError::Checksum));
+        assert_eq!(parse("brk_zz_whatever"), Err(FormatError::UnknownPrefix));
+        assert_eq!(parse(""), Err(FormatError::UnknownPrefix));
+        let bad_alphabet = format!("{}-{}", &s[..i], &s[i + 1..]);
+        assert_eq!(parse(&bad_alphabet), Err(FormatError::Malformed));
+    }
+
+    #[test]
+    fn the_checksum_is_a_known_crc32() {
+        // CRC-32/ISO-HDLC's check value: "123456789" gives 0xCBF43926.
+        let sum = checksum("123456789");
+        let decoded = sum.bytes().fold(0u64, |n, b| {
+            n * 62 + BASE62.iter().position(|&x| x == b).unwrap() as u64
+        });
+        assert_eq!(decoded, 0xCBF4_3926);
+    }
+
+    #[test]
+    fn find_all_picks_secrets_out_of_text() {
+        let a = generate(SecretKind::ApiToken);
+        let b = generate(SecretKind::Revocation);
+        let text = format!(
+            "log: token={} and\n\"{}\", not brk_at_short nor brk_pg_{}",
+            a.expose(),
+            b.expose(),
+            "x".repeat(40)
+        );
+        let found = find_all(&text);
+        assert_eq!(
+            found,
+            vec![
+                (SecretKind::ApiToken, a.expose()),
+                (SecretKind::Revocation, b.expose())
+            ]
+        );
+    }
+}
