@@ -4,7 +4,9 @@
 //! gathers the sections.
 
 pub use crate::providers::aws_sts::config::{AwsTargetConfig, valid_aws_region};
+pub use crate::providers::github_app::GithubAppConfig;
 pub use crate::providers::postgres::config::{PostgresTargetConfig, SslMode};
+pub use crate::providers::ssh_cert::SshCaConfig;
 use serde::Deserialize;
 use std::fmt;
 
@@ -18,6 +20,12 @@ pub struct TargetsConfig {
     /// AWS settings by name (`aws_sts:` credentials name one in `target`).
     #[serde(default)]
     pub aws: std::collections::BTreeMap<String, AwsTargetConfig>,
+    /// SSH user CAs by name (`ssh_cert:` credentials name one in `ca`).
+    #[serde(default)]
+    pub ssh_ca: std::collections::BTreeMap<String, SshCaConfig>,
+    /// GitHub Apps by name (`github_app:` credentials name one in `app`).
+    #[serde(default)]
+    pub github_app: std::collections::BTreeMap<String, GithubAppConfig>,
 }
 
 /// A target name as credentials name it in `target`: `[A-Za-z0-9_-]+`.
@@ -46,6 +54,20 @@ impl TargetsConfig {
             }
             p.extend(t.validate(&key));
         }
+        for (name, t) in &self.ssh_ca {
+            let key = format!("targets.ssh_ca.{name}");
+            if !valid_target_name(name) {
+                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
+            }
+            p.extend(t.validate(&key));
+        }
+        for (name, t) in &self.github_app {
+            let key = format!("targets.github_app.{name}");
+            if !valid_target_name(name) {
+                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
+            }
+            p.extend(t.validate(&key));
+        }
         p
     }
 }
@@ -58,6 +80,12 @@ impl fmt::Display for TargetsConfig {
         }
         for (name, t) in &self.aws {
             writeln!(f, "targets.aws.{name}: {}", t.describe())?;
+        }
+        for (name, t) in &self.ssh_ca {
+            writeln!(f, "targets.ssh_ca.{name}: {}", t.describe())?;
+        }
+        for (name, t) in &self.github_app {
+            writeln!(f, "targets.github_app.{name}: {}", t.describe())?;
         }
         Ok(())
     }

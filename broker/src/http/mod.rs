@@ -14,6 +14,7 @@ mod admin;
 mod conn;
 pub mod error;
 mod hooks;
+mod ssh;
 
 pub use conn::{ConnLimits, default_max_connections, serve};
 
@@ -83,7 +84,8 @@ pub fn routers(
         .route("/healthz", get(healthz))
         .route("/readyz", public_readyz)
         .layer(early_body_limit(limits.max_body_bytes))
-        .merge(hooks::routes(broker.webhooks().max_body_bytes()));
+        .merge(hooks::routes(broker.webhooks().max_body_bytes()))
+        .merge(ssh::routes());
     let operator = admin::routes().layer(early_body_limit(limits.max_body_bytes));
     let (public, admin) = if separate_admin {
         let admin = operator
@@ -357,6 +359,9 @@ struct ExchangeBody {
     credentials: Vec<String>,
     #[serde(default)]
     ttl: Option<String>,
+    /// Per-credential parameters, by credential name.
+    #[serde(default)]
+    parameters: std::collections::BTreeMap<String, Value>,
 }
 
 async fn exchange(
@@ -385,6 +390,7 @@ async fn exchange(
                 token,
                 credentials: body.credentials,
                 ttl: body.ttl,
+                parameters: body.parameters,
             },
             &ctx,
         )

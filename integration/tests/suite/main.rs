@@ -23,6 +23,7 @@ mod policy_diff;
 mod postgres_provider;
 mod replicas;
 mod revoke_all_mixed;
+mod ssh_cert;
 mod static_client;
 mod telemetry;
 mod webhooks;
