@@ -16,6 +16,7 @@ mod aws_sts;
 mod bench;
 mod e2e;
 mod faults;
+mod github_app;
 mod hostile;
 mod load;
 mod pipelines;
