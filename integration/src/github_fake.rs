@@ -107,7 +107,7 @@ fn app_public_key() -> jsonwebtoken::DecodingKey {
 }
 
 fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
+    broker::time::Clock::now(&broker::time::SystemClock).unix_timestamp()
 }
 
 impl FakeGithub {
@@ -304,7 +304,7 @@ async fn access_tokens(
         permissions: permissions.clone(),
         revoked: false,
     });
-    let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let expires = broker::time::Clock::now(&broker::time::SystemClock) + time::Duration::hours(1);
     let repositories: Vec<Value> = asked
         .iter()
         .map(|r| json!({"name": r, "full_name": format!("{owner}/{r}")}))

@@ -195,7 +195,7 @@ impl SshCertProvider {
         )
     }
 
-    fn spec<'a>(def: &'a CredentialDef) -> Result<&'a super::SshCertSpec, ProviderError> {
+    fn spec(def: &CredentialDef) -> Result<&super::SshCertSpec, ProviderError> {
         match &def.spec {
             CredentialSpec::SshCert(s) => Ok(s),
             _ => Err(ProviderError::Misconfigured(
