@@ -55,6 +55,10 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with("", Vec::new()).await
+}
+
+async fn env_with(extra: &str, envs: Vec<(String, String)>) -> Env {
     let dir = tempfile::tempdir().expect("tmp");
     keygen(&dir.path().join("ca"));
     let db = TestDb::postgres().await;
@@ -62,12 +66,12 @@ async fn env() -> Env {
     let policies = tempfile::tempdir().expect("tmp");
     std::fs::write(policies.path().join("ssh.yaml"), POLICY).expect("policy");
     let broker = BrokerProcess::start(
-        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url())).extra(
-            format!(
-                "targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n",
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
+            .extra(format!(
+                "targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n{extra}",
                 dir.path().join("ca").display()
-            ),
-        ),
+            ))
+            .env(envs),
     )
     .await
     .expect("broker starts");
@@ -389,6 +393,82 @@ async fn bad_parameters_are_refused() {
     // Only the one good exchange left a grant.
     let grants = e.db.store().active_grants(100).await.expect("grants");
     assert_eq!(grants.len(), 1);
+    let Env {
+        issuer,
+        db,
+        mut broker,
+        ..
+    } = e;
+    broker.kill();
+    issuer.shutdown().await;
+    db.cleanup().await;
+}
+
+const OPERATOR_TOKEN: &str = "brk_op_ssh_test_operator_token_0123456789abcdef";
+
+/// An operator's revoke-all reaches every live certificate through the KRL; a broker killed
+/// after signing (before the grant is committed) issued nothing and left no grant: the
+/// certificate never left the process.
+#[tokio::test]
+async fn revoke_all_lists_every_certificate_and_a_crash_issues_nothing() {
+    let operators = format!(
+        "operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
+        broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+    );
+    let e = env_with(&operators, Vec::new()).await;
+    let one = e.mint("ssh-deploy", Value::Null, "10m", "one").await;
+    let two = e.mint("ssh-staging", Value::Null, "10m", "two").await;
+    let krl_path = e.dir.path().join("krl");
+    std::fs::write(&krl_path, e.krl().await).expect("krl");
+    for f in ["one", "two"] {
+        assert!(
+            !krl_revokes(&krl_path, &cert_path(&e.dir.path().join(f))),
+            "{f} live"
+        );
+    }
+    let (status, report) = e
+        .api
+        .revoke_all(OPERATOR_TOKEN, &json!({"reason": "incident drill"}))
+        .await;
+    assert_eq!(status, 200, "{report}");
+    std::fs::write(&krl_path, e.krl().await).expect("krl");
+    for f in ["one", "two"] {
+        assert!(
+            krl_revokes(&krl_path, &cert_path(&e.dir.path().join(f))),
+            "{f} revoked"
+        );
+    }
+    assert!(one["grant_id"] != two["grant_id"]);
+    let Env {
+        issuer,
+        db,
+        mut broker,
+        ..
+    } = e;
+    broker.kill();
+    issuer.shutdown().await;
+    db.cleanup().await;
+
+    let mut e = env_with("", vec![("BROKER_FAULT_POINT".into(), "after_mint".into())]).await;
+    assert!(
+        e.api
+            .exchange_fails(
+                &acme_token(&e.issuer.url()),
+                &json!({"credentials": ["ssh-deploy"]})
+            )
+            .await,
+        "the crashed exchange must not succeed"
+    );
+    assert!(
+        e.broker.wait_exit().await.is_some(),
+        "aborted at the fault point"
+    );
+    let st = e.db.store().stats().await.expect("stats");
+    assert_eq!(
+        (st.active_grants, st.issuing_grants),
+        (0, 0),
+        "nothing recorded, nothing issued"
+    );
     let Env {
         issuer,
         db,
