@@ -410,3 +410,176 @@ impl Provider for SshCertProvider {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oidc::{Platform, VerifiedClaims};
+    use crate::providers::ssh_cert::{Extension, SshCertSpec};
+    use ssh_key::Certificate;
+
+    fn def(principals: &[&str], allow_generated_key: bool) -> CredentialDef {
+        CredentialDef {
+            name: "deploy-ssh".into(),
+            description: None,
+            max_ttl: Duration::minutes(15),
+            spec: CredentialSpec::SshCert(SshCertSpec {
+                ca: "main".into(),
+                principals: principals
+                    .iter()
+                    .map(|p| Template::parse(p).unwrap())
+                    .collect(),
+                extensions: vec![Extension::PermitPty],
+                force_command: Some("/bin/deploy".into()),
+                source_address: vec!["10.0.0.0/8".into()],
+                allow_generated_key,
+            }),
+        }
+    }
+
+    fn claims(owner: &str) -> VerifiedClaims {
+        VerifiedClaims {
+            issuer: "github".into(),
+            platform: Platform::Github,
+            iss: "https://token.actions.githubusercontent.com".into(),
+            sub: "repo:acme/api:ref:refs/heads/main".into(),
+            jti: Some("j".into()),
+            exp: OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap(),
+            iat: None,
+            single_use: true,
+            replay_until: OffsetDateTime::from_unix_timestamp(2_000_000_000).unwrap(),
+            claims: json!({"repository": "acme/api", "repository_owner": owner, "run_id": "42"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        }
+    }
+
+    async fn mint(
+        p: &SshCertProvider,
+        d: &CredentialDef,
+        c: &VerifiedClaims,
+        params: Value,
+    ) -> Result<(Minted, String), ProviderError> {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let gid = Uuid::now_v7();
+        let rid = p.resource_id(gid, d);
+        p.check_parameters(d, &params)?;
+        let m = p
+            .mint_with(
+                MintRequest {
+                    grant_id: gid,
+                    credential: d,
+                    resource_id: &rid,
+                    claims: c,
+                    now,
+                    expires_at: now + Duration::minutes(10),
+                },
+                &params,
+            )
+            .await?;
+        Ok((m, rid))
+    }
+
+    fn field<'a>(m: &'a Minted, k: &str) -> Option<&'a Field> {
+        m.fields.iter().find(|(n, _)| n == k).map(|(_, f)| f)
+    }
+
+    #[tokio::test]
+    async fn certificate_carries_the_policy_and_verifies_against_the_ca() {
+        let p = SshCertProvider::ephemeral("main").unwrap();
+        let d = def(&["deploy", "ci-${repository_owner}"], true);
+        let job = PrivateKey::random(&mut OsRng, Algorithm::Ed25519).unwrap();
+        let line = job.public_key().to_openssh().unwrap();
+        let (m, rid) = mint(&p, &d, &claims("acme"), json!({"public_key": line}))
+            .await
+            .unwrap();
+        assert!(field(&m, "private_key").is_none());
+        let Some(Field::Public(cert)) = field(&m, "certificate") else {
+            panic!("certificate is public")
+        };
+        let cert = Certificate::from_openssh(cert.as_str().unwrap()).unwrap();
+        let ca_fp = p.cas["main"].key.public_key().fingerprint(HashAlg::Sha256);
+        cert.validate_at(1_800_000_000, [&ca_fp]).unwrap();
+        assert!(
+            cert.validate_at(1_800_000_000 + 601, [&ca_fp]).is_err(),
+            "ends at the TTL"
+        );
+        assert_eq!(cert.valid_after(), 1_800_000_000 - 60, "backdated a minute");
+        assert_eq!(cert.valid_principals(), ["deploy", "ci-acme"]);
+        assert_eq!(cert.cert_type(), CertType::User);
+        assert_eq!(rid, format!("main:{}", cert.serial()));
+        assert!(cert.key_id().contains("repository=acme/api") && cert.key_id().contains("run=42"));
+        assert_eq!(cert.extensions().keys().collect::<Vec<_>>(), ["permit-pty"]);
+        assert_eq!(cert.critical_options()["force-command"], "/bin/deploy");
+        assert_eq!(cert.critical_options()["source-address"], "10.0.0.0/8");
+        assert_eq!(cert.public_key(), job.public_key().key_data());
+        assert_eq!(m.details["serial"], json!(cert.serial().to_string()));
+
+        // A pair made by the broker: the private key is secret and matches the certificate.
+        let (m, _) = mint(&p, &d, &claims("acme"), Value::Null).await.unwrap();
+        let Some(Field::Secret(k)) = field(&m, "private_key") else {
+            panic!("private key is secret")
+        };
+        let k = PrivateKey::from_openssh(k.expose()).unwrap();
+        let Some(Field::Public(cert)) = field(&m, "certificate") else {
+            panic!()
+        };
+        let cert = Certificate::from_openssh(cert.as_str().unwrap()).unwrap();
+        assert_eq!(cert.public_key(), k.public_key().key_data());
+        assert!(
+            !format!("{m:?}").contains("OPENSSH PRIVATE"),
+            "Debug redacts it"
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals() {
+        let p = SshCertProvider::ephemeral("main").unwrap();
+        // A claim that cannot be a principal.
+        let d = def(&["${repository_owner}"], true);
+        let err = mint(&p, &d, &claims("a,b"), Value::Null).await.unwrap_err();
+        assert_eq!(err.reason_code(), "invalid_claim_value");
+        // The job must send its key when the policy says so.
+        let d = def(&["deploy"], false);
+        let err = mint(&p, &d, &claims("acme"), Value::Null)
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "invalid_parameters");
+        let short_rsa = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAQQC7 x";
+        for bad in [
+            json!({"public_key": short_rsa}),
+            json!({"public_key": "nope"}),
+            json!([]),
+        ] {
+            assert_eq!(
+                mint(&p, &d, &claims("acme"), bad)
+                    .await
+                    .unwrap_err()
+                    .reason_code(),
+                "invalid_parameters"
+            );
+        }
+        // An unknown CA is refused at policy load.
+        let mut other = def(&["deploy"], true);
+        if let CredentialSpec::SshCert(s) = &mut other.spec {
+            s.ca = "other".into();
+        }
+        assert!(p.check_definitions(&[other]).is_err());
+        assert!(p.check_definitions(&[def(&["deploy"], true)]).is_ok());
+    }
+
+    #[test]
+    fn krl_lists_only_this_cas_serials() {
+        let p = SshCertProvider::ephemeral("main").unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let ids = vec!["main:7".to_owned(), "other:9".to_owned(), "junk".to_owned()];
+        let krl = p.krl("main", &ids, now).unwrap().unwrap();
+        assert!(krl.ends_with(&7u64.to_be_bytes()));
+        assert!(!krl.windows(8).any(|w| w == 9u64.to_be_bytes()));
+        assert!(p.krl("other", &ids, now).is_none(), "not a CA here");
+        assert!(p.ca_public_key("main").unwrap().starts_with("ssh-ed25519 "));
+        assert_ne!(serial_of(Uuid::nil(), "a"), serial_of(Uuid::nil(), "b"));
+        assert!(!format!("{p:?}").contains("PRIVATE"));
+    }
+}
