@@ -152,7 +152,8 @@ mod tests {
         .unwrap();
         let key_path = d.path().join("ca");
         std::fs::write(&key_path, key.to_openssh(ssh_key::LineEnding::LF).unwrap()).unwrap();
-        let rsa = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/rsa-1.pem");
+        let rsa =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/rsa-1.pem");
         let ok = format!(
             "{}targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n  github_app:\n    rel:\n      app_id: 42\n      private_key: {{file: {}}}\n",
             base(d.path()),
@@ -160,12 +161,25 @@ mod tests {
             rsa.display()
         );
         let cfg = Config::parse(&ok, "t").unwrap();
-        assert!(cfg.validate(Mode::Serve).is_empty(), "{:?}", cfg.validate(Mode::Serve));
+        assert!(
+            cfg.validate(Mode::Serve).is_empty(),
+            "{:?}",
+            cfg.validate(Mode::Serve)
+        );
         assert_eq!(cfg.targets.ssh_ca["main"].backdate, Duration::minutes(1));
-        assert_eq!(cfg.targets.github_app["rel"].api_url, "https://api.github.com");
+        assert_eq!(
+            cfg.targets.github_app["rel"].api_url,
+            "https://api.github.com"
+        );
         let shown = format!("{cfg}");
-        assert!(shown.contains("targets.ssh_ca.main: signing_key file"), "{shown}");
-        assert!(shown.contains("targets.github_app.rel: app_id 42"), "{shown}");
+        assert!(
+            shown.contains("targets.ssh_ca.main: signing_key file"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("targets.github_app.rel: app_id 42"),
+            "{shown}"
+        );
         assert!(!shown.contains("OPENSSH") && !format!("{cfg:?}").contains("OPENSSH"));
         let bad = format!(
             "{}targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n      backdate: 1h\n  github_app:\n    rel:\n      app_id: 0\n      private_key: {{file: {}}}\n      api_url: 'ftp://x'\n",

@@ -277,6 +277,53 @@ async fn certificate_logs_in_and_revoked_one_is_refused() {
         .await;
     assert!(out.status.success(), "{out:?}\n{}", sshd.log());
 
+    // The job client (`broker exchange`, the GitLab component's): `--ssh-key` makes the pair
+    // here, sends the public key, and writes `<name>.key` + `<name>.key-cert.pub` (0600).
+    let token_file = e.dir.path().join("job-token");
+    std::fs::write(&token_file, acme_token(&e.issuer.url())).expect("token");
+    let out_dir = e.dir.path().join("client-out");
+    let run = integration::broker_cli(
+        None,
+        &[
+            "exchange",
+            "--broker-url",
+            &e.broker.url,
+            "--credential",
+            "ssh-own-key",
+            "--ssh-key",
+            "ssh-own-key",
+            "--token-file",
+            &token_file.display().to_string(),
+            "--out-dir",
+            &out_dir.display().to_string(),
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.output());
+    let key = out_dir.join("ssh-own-key.key");
+    let cert = out_dir.join("ssh-own-key.key-cert.pub");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&key, &cert] {
+            assert_eq!(
+                std::fs::metadata(f).expect("file").permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+    let env_file = std::fs::read_to_string(out_dir.join("env")).expect("env");
+    assert!(
+        env_file.contains("SSH_OWN_KEY_IDENTITY_FILE="),
+        "{env_file}"
+    );
+    assert!(
+        !env_file.contains("PRIVATE KEY"),
+        "no key in the environment"
+    );
+    let out = sshd.login(&key, &cert, "echo from-the-client").await;
+    assert!(out.status.success(), "{out:?}\n{}", sshd.log());
+    assert_eq!(stdout(&out), "from-the-client");
+    secrets.add(std::fs::read_to_string(&key).expect("key"));
+
     // Wrong principal: a valid certificate of this CA for `staging`, which the host does not
     // accept for the user.
     let w = e.mint("ssh-staging", Value::Null, "10m", "w").await;
