@@ -332,23 +332,24 @@ async fn crash_after_mint_is_recovered_and_says_what_it_could_not_do() {
     );
     assert_eq!(e.github.tokens().len(), 1, "minted before the crash");
     e.broker.restart(&[]).await.expect("restart");
+    // The reaper claims the stale grant, revokes, and finishes it with its audit event.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let st = e.db.store().stats().await.expect("stats");
-        if st.issuing_grants == 0 {
-            break;
+    let rv = loop {
+        let events = audit_log(&e.db, 50).await;
+        if let Some(ev) = events
+            .into_iter()
+            .find(|ev| ev.action.as_str() == "recover")
+        {
+            break ev;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "the reaper did not recover the grant"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    let events = audit_log(&e.db, 50).await;
-    let rv = events
-        .iter()
-        .find(|ev| ev.action.as_str() == "recover")
-        .expect("recovery audited");
+    };
+    let st = e.db.store().stats().await.expect("stats");
+    assert_eq!((st.issuing_grants, st.active_grants), (0, 0));
     let d = rv.detail.clone().unwrap_or_default();
     assert!(d.contains("not held by this process"), "{d}");
     assert!(
