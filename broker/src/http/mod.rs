@@ -562,6 +562,13 @@ async fn metrics(
             crate::metrics::store_gauges_failed();
         }
     }
+    match b.store.freeze_state().await {
+        Ok(freeze) => crate::metrics::set_freeze_active(freeze.is_some()),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: freeze state not refreshed");
+            crate::metrics::store_gauges_failed();
+        }
+    }
     Ok((
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         crate::metrics::render(),

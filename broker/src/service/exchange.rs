@@ -445,8 +445,10 @@ impl Broker {
         expires_at: OffsetDateTime,
     ) -> Result<Vec<Minted>, (String, ProviderError)> {
         let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
-            let provider = self.provider(def.spec.kind())?;
-            provider
+            let kind = def.spec.kind();
+            let provider = self.provider(kind)?;
+            let started = std::time::Instant::now();
+            let minted = provider
                 .mint(MintRequest {
                     grant_id,
                     credential: def,
@@ -455,7 +457,9 @@ impl Broker {
                     now,
                     expires_at,
                 })
-                .await
+                .await;
+            metrics::provider_op(kind.as_str(), "mint", minted.is_ok(), started);
+            minted
         });
         let results = metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
         crate::fault::point("after_mint");
