@@ -125,6 +125,7 @@ struct Metrics {
     provider_seconds: ProviderHistogramFamily,
     audit_write_failures: Counter,
     freeze_active: Gauge,
+    audit_checkpoints: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -146,6 +147,7 @@ impl Metrics {
             provider_seconds: Family::new_with_constructor(stage_histogram),
             audit_write_failures: Counter::default(),
             freeze_active: Gauge::default(),
+            audit_checkpoints: Family::default(),
         };
         registry.register(
             "exchanges",
@@ -219,6 +221,11 @@ impl Metrics {
             "freeze_active",
             "1 while an operator freeze is in force (cluster-wide, from the store), else 0",
             m.freeze_active.clone(),
+        );
+        registry.register(
+            "audit_checkpoints",
+            "Scheduled signed audit checkpoints by result (ok, export_failed: taken but a destination did not get it, failed)",
+            m.audit_checkpoints.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -373,6 +380,14 @@ pub fn set_freeze_active(active: bool) {
     METRICS.freeze_active.set(i64::from(active));
 }
 
+/// Count one scheduled audit checkpoint by result.
+pub fn audit_checkpoint(result: &str) {
+    METRICS
+        .audit_checkpoints
+        .get_or_create(&ResultLabels { result: s(result) })
+        .inc();
+}
+
 /// Every metric in OpenMetrics text.
 pub fn render() -> String {
     let mut out = String::new();
@@ -508,6 +523,9 @@ mod tests {
             .get_or_create(&ResultLabels { result: l() })
             .inc();
         m.policy_reloads
+            .get_or_create(&ResultLabels { result: l() })
+            .inc();
+        m.audit_checkpoints
             .get_or_create(&ResultLabels { result: l() })
             .inc();
         m.policy_bundle

@@ -11,6 +11,7 @@
 //! Connections are accepted and bounded by `conn.rs`.
 
 mod admin;
+mod audit_stream;
 mod conn;
 pub mod error;
 mod hooks;

@@ -375,6 +375,39 @@ impl Store {
         Ok(report)
     }
 
+    /// Audit events after sequence number `after`, in chain order, at most `limit`, with their
+    /// chain links (the audit stream).
+    pub async fn audit_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::stream::ChainedEvent>, StoreError> {
+        let rows = bounded(audit_log::chain_page(&self.backend, after, limit)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::audit::stream::ChainedEvent {
+                seq: r.seq,
+                hash: r.hash,
+                prev_hash: r.prev_hash,
+                event: r.event,
+            })
+            .collect())
+    }
+    /// The sequence number through which the audit log was pruned (events at or before it are
+    /// gone), if it ever was.
+    pub async fn audit_pruned_through(&self) -> Result<Option<i64>, StoreError> {
+        let cut = bounded(audit_log::last_prune_checkpoint(&self.backend)).await?;
+        Ok(cut.map(|c| c.seq))
+    }
+
+    /// The newest checkpoint of `kind`, if any.
+    pub async fn newest_checkpoint(
+        &self,
+        kind: CheckpointKind,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        bounded(audit_log::newest_checkpoint(&self.backend, kind)).await
+    }
+
     /// The stored checkpoints, oldest first (at most `limit`).
     pub async fn audit_checkpoints(&self, limit: u32) -> Result<Vec<Checkpoint>, StoreError> {
         bounded(audit_log::checkpoints(&self.backend, limit)).await
