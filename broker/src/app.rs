@@ -207,6 +207,15 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
         _ => None,
     };
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
+    // A checkpoint signed with an ephemeral key could never be checked after a restart.
+    let mut schedule = cfg.audit.checkpoints.clone();
+    if cfg.api_tokens.signing_key.is_none() && schedule.enabled() {
+        tracing::warn!(
+            "audit.checkpoints: no persistent api_tokens.signing_key, so no scheduled checkpoints"
+        );
+        schedule.every = time::Duration::ZERO;
+    }
+    let checkpoints = tokio::spawn(broker.clone().run_checkpoints(schedule, stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
     let aggregates = tokio::spawn(flush_refusal_aggregates(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
@@ -220,7 +229,14 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
 
     http::serve(listener, app, conn_limits, shutdown_signal()).await;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(reaper, refresher, reloader, watcher, aggregates);
+    let _ = tokio::join!(
+        reaper,
+        refresher,
+        reloader,
+        watcher,
+        aggregates,
+        checkpoints
+    );
     if let Some(s) = admin_server {
         let _ = s.await;
     }

@@ -279,6 +279,9 @@ pub struct Config {
     /// per window); see `refusals/`.
     #[serde(default)]
     pub refusals: crate::refusals::RefusalConfig,
+    /// Signed audit checkpoints on a schedule and where they are exported (`audit/export.rs`).
+    #[serde(default)]
+    pub audit: crate::audit::export::AuditConfig,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -378,6 +381,7 @@ impl Config {
         ));
         p.extend(crate::webhooks::validate(&self.webhooks, &self.issuers));
         p.extend(crate::refusals::validate(&self.refusals));
+        p.extend(crate::audit::export::validate(&self.audit));
         if self
             .admin_listen
             .is_some_and(|a| a == self.listen && a.port() != 0)

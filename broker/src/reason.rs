@@ -121,6 +121,8 @@ reason_codes! {
         "check the URL (webhook endpoints exist only when `webhooks:` configures them)";
     MethodNotAllowed = "method_not_allowed", Some(405), "this endpoint does not accept that method",
         "use the method the API table lists";
+    AuditGap = "audit_gap", Some(410), "audit events after the requested sequence number were pruned",
+        "resume the stream from the sequence number in the message; the events before it are in your earlier copy or a signed checkpoint's export";
     HeaderTimeout = "header_timeout", Some(408), "the request's headers did not arrive in time",
         "the request's headers did not arrive within `limits.header_read_timeout`; the connection is closed";
     ReplayedDelivery = "replayed_delivery", Some(409), "this delivery was already processed",
@@ -170,6 +172,7 @@ reason_codes! {
     Unfreeze = "unfreeze", None, "an operator lifted the freeze", "";
     FreezeStatus = "freeze_status", None, "an operator read the freeze in force", "";
     AuditQuery = "audit_query", None, "an operator read the audit log", "";
+    AuditStream = "audit_stream", None, "an operator opened the audit stream", "";
 }
 
 impl std::fmt::Display for ReasonCode {

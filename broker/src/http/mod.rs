@@ -11,6 +11,7 @@
 //! Connections are accepted and bounded by `conn.rs`.
 
 mod admin;
+mod audit_stream;
 mod conn;
 pub mod error;
 mod hooks;
@@ -565,6 +566,13 @@ async fn metrics(
         }
         Err(e) => {
             tracing::warn!(error = %e, "metrics: store gauges not refreshed");
+            crate::metrics::store_gauges_failed();
+        }
+    }
+    match b.store.freeze_state().await {
+        Ok(freeze) => crate::metrics::set_freeze_active(freeze.is_some()),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: freeze state not refreshed");
             crate::metrics::store_gauges_failed();
         }
     }

@@ -481,9 +481,13 @@ impl Broker {
         parameters: &std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Result<Vec<Minted>, (String, ProviderError)> {
         let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
-            let provider = self.provider(def.spec.kind())?;
-            let params = parameters.get(&ic.name).unwrap_or(&serde_json::Value::Null);
-            provider
+            let kind = def.spec.kind();
+            let provider = self.provider(kind)?;
+            let params = parameters
+                .get(&ic.name)
+                .unwrap_or(&serde_json::Value::Null);
+            let started = std::time::Instant::now();
+            let minted = provider
                 .mint_with(
                     MintRequest {
                         grant_id,
@@ -495,7 +499,9 @@ impl Broker {
                     },
                     params,
                 )
-                .await
+                .await;
+            metrics::provider_op(kind.as_str(), "mint", minted.is_ok(), started);
+            minted
         });
         let results = metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
         crate::fault::point("after_mint");

@@ -12,6 +12,8 @@
 //!   503 and no credential.
 
 mod audit_query;
+mod audit_stream;
+mod checkpoints;
 mod error;
 mod exchange;
 mod exchange_record;
@@ -26,6 +28,8 @@ mod tests;
 mod ttl;
 mod webhook;
 
+pub use audit_stream::StreamPage;
+pub use checkpoints::CheckpointRunError;
 pub use error::ServiceError;
 pub use exchange::{ExchangeRequest, ExchangeResponse, IssuedOutput};
 use policies::check_bundle;

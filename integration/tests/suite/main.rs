@@ -12,6 +12,7 @@
 mod adversarial;
 mod audit_retention;
 mod audit_scale;
+mod audit_stream;
 mod aws_sts;
 mod bench;
 mod e2e;
