@@ -483,9 +483,7 @@ impl Broker {
         let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
             let kind = def.spec.kind();
             let provider = self.provider(kind)?;
-            let params = parameters
-                .get(&ic.name)
-                .unwrap_or(&serde_json::Value::Null);
+            let params = parameters.get(&ic.name).unwrap_or(&serde_json::Value::Null);
             let started = std::time::Instant::now();
             let minted = provider
                 .mint_with(
