@@ -350,8 +350,45 @@ async fn certificate_logs_in_and_revoked_one_is_refused() {
         (200, Some("revoked")),
         "{r}"
     );
-    let krl = e.krl().await;
-    sshd.write_krl(&krl);
+    // The host's refresh: `broker ssh-krl` puts the KRL in place of the file sshd reads.
+    let krl_out = sshd.krl_path().display().to_string();
+    let run = integration::broker_cli(
+        None,
+        &[
+            "ssh-krl",
+            "--broker-url",
+            &e.broker.url,
+            "--ca",
+            "main",
+            "--out",
+            &krl_out,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.output());
+    assert_eq!(std::fs::read(sshd.krl_path()).expect("krl"), e.krl().await);
+    let unknown = integration::broker_cli(
+        None,
+        &[
+            "ssh-krl",
+            "--broker-url",
+            &e.broker.url,
+            "--ca",
+            "nope",
+            "--out",
+            &krl_out,
+        ],
+    );
+    assert_eq!(
+        unknown.code,
+        2,
+        "an unknown CA is a usage error: {}",
+        unknown.output()
+    );
+    assert_eq!(
+        std::fs::read(sshd.krl_path()).expect("krl"),
+        e.krl().await,
+        "file kept"
+    );
     assert!(
         krl_revokes(&sshd.krl_path(), &cert_path(&a_key)),
         "ssh-keygen -Q: A revoked"
