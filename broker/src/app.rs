@@ -75,6 +75,23 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         );
         extra_providers.push(p);
     }
+    let ssh_cas = if cfg.targets.ssh_ca.is_empty() {
+        None
+    } else {
+        let p = Arc::new(
+            crate::providers::ssh_cert::SshCertProvider::new(&cfg.targets.ssh_ca)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        );
+        extra_providers.push(p.clone());
+        Some(p)
+    };
+    if !cfg.targets.github_app.is_empty() {
+        let p = Arc::new(
+            crate::providers::github_app::GithubAppProvider::new(&cfg.targets.github_app)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        );
+        extra_providers.push(p);
+    }
     let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
@@ -100,6 +117,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         &cfg.issuers,
     )?);
     broker.set_refusal_limits(&cfg.refusals);
+    broker.set_ssh_cas(ssh_cas);
     Ok(Arc::new(broker))
 }
 

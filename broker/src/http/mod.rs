@@ -15,6 +15,7 @@ mod audit_stream;
 mod conn;
 pub mod error;
 mod hooks;
+mod ssh;
 
 pub use conn::{ConnLimits, default_max_connections, serve};
 
@@ -84,7 +85,8 @@ pub fn routers(
         .route("/healthz", get(healthz))
         .route("/readyz", public_readyz)
         .layer(early_body_limit(limits.max_body_bytes))
-        .merge(hooks::routes(broker.webhooks().max_body_bytes()));
+        .merge(hooks::routes(broker.webhooks().max_body_bytes()))
+        .merge(ssh::routes());
     let operator = admin::routes().layer(early_body_limit(limits.max_body_bytes));
     let (public, admin) = if separate_admin {
         let admin = operator
@@ -358,6 +360,9 @@ struct ExchangeBody {
     credentials: Vec<String>,
     #[serde(default)]
     ttl: Option<String>,
+    /// Per-credential parameters, by credential name.
+    #[serde(default)]
+    parameters: std::collections::BTreeMap<String, Value>,
 }
 
 async fn exchange(
@@ -386,6 +391,7 @@ async fn exchange(
                 token,
                 credentials: body.credentials,
                 ttl: body.ttl,
+                parameters: body.parameters,
             },
             &ctx,
         )

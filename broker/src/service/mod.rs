@@ -22,6 +22,7 @@ mod policies;
 mod reaper;
 mod refuse;
 mod revoke;
+mod ssh;
 #[cfg(test)]
 mod tests;
 mod ttl;
@@ -82,6 +83,8 @@ pub struct Broker {
     pub(crate) webhooks: crate::webhooks::Webhooks,
     /// Limiter and aggregator of unauthenticated refusals; see `refusals/`.
     pub(crate) refusals: crate::refusals::Refusals,
+    /// The SSH user CAs (`targets.ssh_ca`), for their public keys and KRLs; see `ssh.rs`.
+    pub(crate) ssh_cas: Option<Arc<crate::providers::ssh_cert::SshCertProvider>>,
 }
 
 /// Per-repository exchange rate limit (in this replica's memory; monotonic time).
@@ -191,6 +194,7 @@ impl Broker {
             admin: crate::admin::AdminState::default(),
             webhooks: crate::webhooks::Webhooks::default(),
             refusals: crate::refusals::Refusals::default(),
+            ssh_cas: None,
         })
     }
 

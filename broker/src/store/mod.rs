@@ -453,6 +453,21 @@ impl Store {
         bounded(grants::credential_status(&self.backend, kind, resource_id)).await
     }
 
+    /// Resource ids of `kind` credentials whose grant is no longer active (revoked, being
+    /// revoked, failed, expired) and expires after `live_after`: what a revocation list names.
+    pub async fn revoked_resource_ids(
+        &self,
+        kind: CredentialKind,
+        live_after: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        bounded(grants::revoked_resource_ids(
+            &self.backend,
+            kind,
+            live_after,
+        ))
+        .await
+    }
+
     /// Claim one grant for a requested revocation: `active` | `issuing` | `revoking` (lease
     /// expired) → `revoking` with a lease until `now + lease`. Returns `None` if the grant is in a
     /// final state or another worker holds a live lease (idempotent revoke).
