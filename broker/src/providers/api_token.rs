@@ -325,6 +325,11 @@ impl ApiTokenProvider {
         &self.keys
     }
 
+    /// `iss` of minted tokens: the broker's public URL.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     /// Check a presented token's signature (any published key), issuer and expiry against
     /// `now`. Revocation is checked by the caller against the store.
     pub fn check(

@@ -15,6 +15,7 @@ mod audit_query;
 mod error;
 mod exchange;
 mod exchange_record;
+mod oauth;
 mod operators;
 mod policies;
 mod reaper;
@@ -27,6 +28,10 @@ mod webhook;
 
 pub use error::ServiceError;
 pub use exchange::{ExchangeRequest, ExchangeResponse, IssuedOutput};
+pub use oauth::{
+    GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT,
+    TokenExchangeRequest, TokenExchangeResponse,
+};
 use policies::check_bundle;
 pub use policies::{PolicyError, PolicyStatus};
 

@@ -18,6 +18,7 @@ mod e2e;
 mod faults;
 mod hostile;
 mod load;
+mod oauth;
 mod pipelines;
 mod policy_diff;
 mod postgres_provider;
