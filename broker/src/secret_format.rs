@@ -120,11 +120,7 @@ pub fn parse(secret: &str) -> Result<SecretKind, FormatError> {
     let Some(sum) = rest.strip_prefix('_') else {
         return Err(FormatError::Malformed);
     };
-    if !random
-        .bytes()
-        .chain(sum.bytes())
-        .all(|b| b.is_ascii_alphanumeric())
-    {
+    if !random.bytes().chain(sum.bytes()).all(|b| b.is_ascii_alphanumeric()) {
         return Err(FormatError::Malformed);
     }
     if checksum(body) != sum {
