@@ -66,6 +66,10 @@ reason_codes! {
         "a credential name, body key or value, or audit query parameter holds a control character (a NUL...) or is over 1,024 bytes: remove it";
     InvalidParameters = "invalid_parameters", Some(400), "a credential's parameters are malformed or not accepted",
         "fix `parameters.<credential>` in the request: the message names the credential and the parameter";
+    UnsupportedGrantType = "unsupported_grant_type", Some(400), "the grant_type is not supported",
+        "`POST /oauth2/token` takes `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` (RFC 8693)";
+    UnsupportedTokenType = "unsupported_token_type", Some(400), "the token type is not supported",
+        "send the job's OIDC token with `subject_token_type` `urn:ietf:params:oauth:token-type:id_token` or `...:jwt`; ask for `requested_token_type` `...:access_token` or `...:jwt` (or leave it out)";
     UnknownFilterValue = "unknown_filter_value", Some(400), "the filter names an issuer, credential or kind this broker does not have",
         "use one of the known values the message lists";
     // 401: the caller's token.
@@ -162,6 +166,8 @@ reason_codes! {
     Ok = "ok", None, "an exchange issued every credential asked for", "";
     NoMatchingRule = "no_matching_rule", None, "policy denial: no rule allows the credential for this job", "answered as `policy_denied`";
     DeniedByRule = "denied_by_rule", None, "policy denial: a deny rule matched", "answered as `policy_denied`";
+    AmbiguousTarget = "ambiguous_target", None, "policy denial: the token exchange's `resource`/`audience`/`scope` select more than one credential", "answered as OAuth `invalid_target`: name the credential as `audience`";
+    ScopeNotOffered = "scope_not_offered", None, "policy denial: no credential of the token exchange's target offers the requested scope", "answered as OAuth `invalid_scope`";
     UnknownCredential = "unknown_credential", None, "policy denial: no credential of that name", "answered as `policy_denied`";
     Requested = "requested", None, "a revocation asked for (by the job, an operator or a webhook) finished", "";
     Expired = "expired", None, "the reaper revoked a grant at its expiry", "";

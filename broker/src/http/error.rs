@@ -193,8 +193,107 @@ impl From<WebhookError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
+/// An error of the OAuth endpoints (`/oauth2/*`, `http/oauth.rs`): RFC 6749 section 5.2's body
+/// `{"error", "error_description"}` plus the broker's stable code as `reason`, never cached.
+/// The OAuth code is derived from the broker's answer: a malformed request is
+/// `invalid_request`, a job token that does not verify (or was used) `invalid_grant`, a policy
+/// refusal `invalid_target` (RFC 8693 section 2.2.2; `invalid_scope` when only the scope is
+/// not offered). These answer 400; rate limits (429), outages (503, `temporarily_unavailable`)
+/// and broker faults (500, `server_error`) keep their status and `Retry-After`.
+#[derive(Debug)]
+pub struct OAuthError {
+    api: ApiError,
+    error: &'static str,
+}
+
+impl OAuthError {
+    /// The RFC 6749 / RFC 8693 code for the broker's answer.
+    fn code(api: &ApiError) -> &'static str {
+        match api.code {
+            ReasonCode::UnsupportedGrantType => "unsupported_grant_type",
+            ReasonCode::PolicyDenied
+            | ReasonCode::ClaimsTooLarge
+            | ReasonCode::InvalidClaimValue
+            | ReasonCode::Frozen => "invalid_target",
+            ReasonCode::MissingToken => "invalid_request",
+            _ => match api.status.as_u16() {
+                401 => "invalid_grant",
+                429 | 503 => "temporarily_unavailable",
+                s if s < 500 => "invalid_request",
+                _ => "server_error",
+            },
+        }
+    }
+
+    /// The wire code (`invalid_grant`, ...).
+    pub fn error(&self) -> &'static str {
+        self.error
+    }
+}
+
+impl From<ServiceError> for OAuthError {
+    fn from(e: ServiceError) -> Self {
+        let scope = matches!(
+            e,
+            ServiceError::Denied {
+                reason: ReasonCode::ScopeNotOffered,
+                ..
+            }
+        );
+        let mut api = ApiError::from(e);
+        let error = if scope {
+            "invalid_scope"
+        } else {
+            Self::code(&api)
+        };
+        if !matches!(api.status.as_u16(), 429 | 500..=599) {
+            api.status = StatusCode::BAD_REQUEST;
+        }
+        Self { api, error }
+    }
+}
+
+impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
+        self.api.log();
+        let description = oauth_description(&self.api.message);
+        let mut resp = (
+            self.api.status,
+            [
+                (header::CACHE_CONTROL, "no-store"),
+                (header::PRAGMA, "no-cache"),
+            ],
+            Json(json!({
+                "error": self.error,
+                "error_description": description,
+                "reason": self.api.code.as_str(),
+            })),
+        )
+            .into_response();
+        if let Some(v) = self
+            .api
+            .retry_after
+            .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+/// RFC 6749 section 5.2: an `error_description` is printable ASCII without `"` and `\`.
+fn oauth_description(message: &str) -> String {
+    message
+        .chars()
+        .map(|c| if c == '"' { '\'' } else { c })
+        .filter(|c| matches!(c, ' '..='~') && *c != '\\')
+        .collect()
+}
+
+impl ApiError {
+    /// The one log line of an error answer: `warn` for server-side failures, `info` for
+    /// refusals; the detail never holds a secret.
+    fn log(&self) {
         if self.status.is_server_error() {
             tracing::warn!(
                 status = self.status.as_u16(),
@@ -210,6 +309,12 @@ impl IntoResponse for ApiError {
                 "request refused"
             );
         }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
         let mut resp = (
             self.status,
             Json(json!({"error": self.code.as_str(), "message": self.message})),
@@ -252,6 +357,70 @@ impl ApiError {
 mod tests {
     use super::*;
     use crate::providers::ProviderError;
+
+    #[test]
+    fn oauth_errors_follow_rfc_6749_and_8693() {
+        let denied = |reason| ServiceError::Denied {
+            credential: "x\"y".into(),
+            reason,
+        };
+        let bad = |code| ServiceError::BadRequest {
+            code,
+            message: "m".into(),
+        };
+        for (e, status, error) in [
+            (ServiceError::Replayed, 400, "invalid_grant"),
+            (
+                ServiceError::Token(crate::oidc::VerifyError::TokenExpired),
+                400,
+                "invalid_grant",
+            ),
+            (denied(ReasonCode::NoMatchingRule), 400, "invalid_target"),
+            (denied(ReasonCode::UnknownCredential), 400, "invalid_target"),
+            (denied(ReasonCode::AmbiguousTarget), 400, "invalid_target"),
+            (denied(ReasonCode::ScopeNotOffered), 400, "invalid_scope"),
+            (ServiceError::Frozen, 400, "invalid_target"),
+            (
+                bad(ReasonCode::UnsupportedGrantType),
+                400,
+                "unsupported_grant_type",
+            ),
+            (
+                bad(ReasonCode::UnsupportedTokenType),
+                400,
+                "invalid_request",
+            ),
+            (bad(ReasonCode::PayloadTooLarge), 400, "invalid_request"),
+            (ServiceError::MissingToken, 400, "invalid_request"),
+            (
+                ServiceError::Store(StoreError::Unavailable("x".into())),
+                503,
+                "temporarily_unavailable",
+            ),
+            (
+                ServiceError::RateLimited {
+                    retry_after_secs: 7,
+                },
+                429,
+                "temporarily_unavailable",
+            ),
+            (
+                ServiceError::Store(StoreError::Rejected("x".into())),
+                500,
+                "server_error",
+            ),
+        ] {
+            let o = OAuthError::from(e);
+            assert_eq!((o.api.status.as_u16(), o.error()), (status, error));
+            // RFC 6749 section 5.2: no `"` or `\` in a description.
+            let resp = o.into_response();
+            assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        }
+        assert_eq!(
+            oauth_description("credential \"x\\\"y\" é\n"),
+            "credential 'x'y' "
+        );
+    }
 
     #[test]
     fn mapping_is_stable() {

@@ -3,7 +3,8 @@
 //! maps every error through [`error::ApiError`].
 //!
 //! Endpoints: `POST /v1/exchange`, `POST /v1/revoke`, `POST /v1/introspect` (RFC 7662),
-//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, the operator endpoints
+//! `GET /.well-known/jwks.json`, `GET /healthz`, `GET /readyz`, the OAuth endpoints
+//! (`/oauth2/token`, `/oauth2/revoke`, RFC 8414 metadata: `oauth.rs`), the operator endpoints
 //! under `/v1/admin/` (`admin.rs`), and `GET /metrics` ([`metrics_router`]).
 //!
 //! Diagnostics (`/metrics`, the detailed `/readyz`) are served on the admin listener; the public
@@ -15,6 +16,7 @@ mod audit_stream;
 mod conn;
 pub mod error;
 mod hooks;
+mod oauth;
 mod ssh;
 
 pub use conn::{ConnLimits, default_max_connections, serve};
@@ -84,6 +86,7 @@ pub fn routers(
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", public_readyz)
+        .merge(oauth::routes())
         .layer(early_body_limit(limits.max_body_bytes))
         .merge(hooks::routes(broker.webhooks().max_body_bytes()))
         .merge(ssh::routes());

@@ -101,6 +101,26 @@ impl Template {
         })
     }
 
+    /// Whether some claims could render this template to exactly `s`: its literal parts
+    /// appear in order and each placeholder stands for a value [`Template::render`] accepts.
+    /// Used to select a credential by a requested scope before any token is verified; the
+    /// rendered value decides what is issued.
+    pub fn could_render(&self, s: &str) -> bool {
+        fn matches(parts: &[Part], s: &str) -> bool {
+            match parts.split_first() {
+                None => s.is_empty(),
+                Some((Part::Lit(l), rest)) => {
+                    s.strip_prefix(l.as_str()).is_some_and(|r| matches(rest, r))
+                }
+                Some((Part::Claim(_), rest)) => (1..=s.len().min(MAX_VALUE))
+                    .filter(|&n| s.is_char_boundary(n))
+                    .take_while(|&n| valid_value(&s[..n]))
+                    .any(|n| matches(rest, &s[n..])),
+            }
+        }
+        matches(&self.parts, s)
+    }
+
     /// Render over verified claims.
     pub fn render(&self, claims: &VerifiedClaims) -> Result<String, RenderError> {
         let mut out = String::new();
@@ -145,6 +165,29 @@ impl serde::Serialize for Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn could_render_matches_literals_in_order_and_valid_values() {
+        let t = Template::parse("deploy:${repository}").unwrap();
+        assert!(t.could_render("deploy:acme/api"));
+        assert!(!t.could_render("deploy:"), "a placeholder is never empty");
+        assert!(!t.could_render("release:acme/api"));
+        assert!(
+            !t.could_render("deploy:acme api"),
+            "space is not a valid value"
+        );
+        let t = Template::parse("${a}-${b}:x").unwrap();
+        assert!(t.could_render("p-q-r:x"));
+        assert!(!t.could_render("pq:x"));
+        let plain = Template::parse("read").unwrap();
+        assert!(plain.could_render("read"));
+        assert!(!plain.could_render("read2"));
+        assert!(
+            !Template::parse("${a}")
+                .unwrap()
+                .could_render(&"x".repeat(257))
+        );
+    }
     use crate::oidc::Platform;
     use time::OffsetDateTime;
 

@@ -17,6 +17,7 @@ mod checkpoints;
 mod error;
 mod exchange;
 mod exchange_record;
+mod oauth;
 mod operators;
 mod policies;
 mod reaper;
@@ -32,6 +33,10 @@ pub use audit_stream::StreamPage;
 pub use checkpoints::CheckpointRunError;
 pub use error::ServiceError;
 pub use exchange::{ExchangeRequest, ExchangeResponse, IssuedOutput};
+pub use oauth::{
+    GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_ACCESS_TOKEN, TOKEN_TYPE_ID_TOKEN, TOKEN_TYPE_JWT,
+    TokenExchangeRequest, TokenExchangeResponse,
+};
 use policies::check_bundle;
 pub use policies::{PolicyError, PolicyStatus};
 

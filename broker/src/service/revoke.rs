@@ -244,6 +244,16 @@ impl Broker {
         if status.is_final() {
             return Ok((grant_id, status));
         }
+        self.revoke_job_grant(grant_id, ctx).await
+    }
+
+    /// A revocation the job asked for (its revocation token, or RFC 7009 with its API token):
+    /// the grant's status after it.
+    pub(super) async fn revoke_job_grant(
+        &self,
+        grant_id: Uuid,
+        ctx: &RequestCtx,
+    ) -> Result<(Uuid, GrantStatus), ServiceError> {
         match self
             .revoke_grant(RevokeTarget::Id(grant_id), "job", ctx)
             .await

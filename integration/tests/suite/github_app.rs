@@ -332,7 +332,8 @@ async fn crash_after_mint_is_recovered_and_says_what_it_could_not_do() {
     );
     assert_eq!(e.github.tokens().len(), 1, "minted before the crash");
     e.broker.restart(&[]).await.expect("restart");
-    // The reaper claims the stale grant, revokes, and finishes it with its audit event.
+    // The grant leaves `issuing` when the reaper claims it; its audit event follows with the
+    // finish, so wait for the event itself.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let rv = loop {
         let events = audit_log(&e.db, 50).await;
@@ -348,8 +349,7 @@ async fn crash_after_mint_is_recovered_and_says_what_it_could_not_do() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     };
-    let st = e.db.store().stats().await.expect("stats");
-    assert_eq!((st.issuing_grants, st.active_grants), (0, 0));
+    assert_eq!(e.db.store().stats().await.expect("stats").issuing_grants, 0);
     let d = rv.detail.clone().unwrap_or_default();
     assert!(d.contains("not held by this process"), "{d}");
     assert!(

@@ -20,6 +20,7 @@ mod faults;
 mod github_app;
 mod hostile;
 mod load;
+mod oauth;
 mod pipelines;
 mod policy_diff;
 mod postgres_provider;
