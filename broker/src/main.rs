@@ -39,6 +39,9 @@ enum Cmd {
     Exchange(cli::exchange::ExchangeArgs),
     /// Revoke the grant of `broker exchange` (run when the job ends, also after failure).
     Revoke(cli::revoke::RevokeArgs),
+    /// Fetch an SSH CA's key revocation list into sshd's `RevokedKeys` file (run on each host
+    /// from a timer).
+    SshKrl(cli::ssh_krl::SshKrlArgs),
     /// Fail unless `broker exchange --out-dir` ran in this job and its `env` file was sourced
     /// (the GitLab component's script runs it first).
     Require(cli::require::RequireArgs),
@@ -57,6 +60,7 @@ async fn run(cmd: Cmd) -> Outcome {
         Cmd::Admin(a) => cli::admin::run(a).await,
         Cmd::Exchange(a) => cli::exchange::run(a).await,
         Cmd::Revoke(a) => cli::revoke::run(a).await,
+        Cmd::SshKrl(a) => cli::ssh_krl::run(a).await,
         Cmd::Require(a) => cli::require::run(a),
         Cmd::Keygen(a) => cli::keys::keygen(a),
     }

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod require;
 pub mod revoke;
 pub mod serve;
+pub mod ssh_krl;
 
 use anyhow::Context;
 use broker::config::Config;

@@ -61,6 +61,11 @@ impl Client {
         &self.http
     }
 
+    /// The broker's base URL (no trailing slash).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
     /// `POST /v1/exchange`, with retries. The token is fetched anew on every attempt.
     pub async fn exchange(
         &self,

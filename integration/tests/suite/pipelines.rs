@@ -1671,3 +1671,118 @@ async fn client_several_aws_credentials_become_sdk_profiles() {
     github.shutdown().await;
     db.cleanup().await;
 }
+
+/// The Action (dist/, in the node harness) against the real broker as an SSH CA and a real
+/// sshd: with `ssh-keys` the key pair is made on the runner and only its public key reaches the
+/// broker; the IdentityFile + CertificateFile pair (0600) logs in; after `post` revoked the
+/// grant and the host refreshed its KRL, the same files are refused.
+#[tokio::test]
+async fn github_action_ssh_certificate_logs_in_until_post_revokes_it() {
+    let node = PathBuf::from("node");
+    match node_major(&node) {
+        Some(v) if v >= 20 => {}
+        other => {
+            println!("SKIPPED: node >= 20 is needed for the action (found {other:?})");
+            return;
+        }
+    }
+    if !integration::sshd::available() {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    integration::sshd::keygen(&keys.path().join("ca"));
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(
+        policies.path().join("ssh.yaml"),
+        "credentials:\n  - name: deploy-ssh\n    max_ttl: 15m\n    ssh_cert:\n      ca: main\n      principals: [deploy]\n      allow_generated_key: false\n\
+         rules:\n  - name: acme-main\n    issuer: github\n    credentials: [deploy-ssh]\n    when: claims.repository_id == \"1000001\" && claims.ref == \"refs/heads/main\"\n",
+    )
+    .unwrap();
+    let github = TestIssuer::start().await;
+    let db = TestDb::postgres().await;
+    let broker = BrokerProcess::start(
+        &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&github.url())).extra(
+            format!(
+                "targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n",
+                keys.path().join("ca").display()
+            ),
+        ),
+    )
+    .await
+    .expect("broker starts");
+    let (tokens_url, tokens_stop) = token_endpoint(github.url(), Issued::default()).await;
+    let http = http::client();
+    let get = |path: &str| {
+        let req = http.get(format!("{}{path}", broker.url));
+        async move { req.send().await.unwrap().bytes().await.unwrap().to_vec() }
+    };
+    let ca_pub = String::from_utf8(get("/v1/ssh/main/ca.pub").await).unwrap();
+    let sshd =
+        integration::sshd::Sshd::start(&ca_pub, &get("/v1/ssh/main/krl").await, &["deploy"]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = json!({"broker-url": broker.url, "credentials": "deploy-ssh", "ssh-keys": "deploy-ssh",
+        "audience": AUD, "ttl": "5m", "export-env": "true"});
+    let mut child = start_harness(&node, dir.path(), &inputs, &runner_env(&tokens_url));
+    let main = wait_json(&dir.path().join("main.json"), &mut child.0, "harness main").await;
+    assert_eq!(main["code"], 0, "main failed: {main}");
+    let key = PathBuf::from(main["env"]["DEPLOY_SSH_IDENTITY_FILE"].as_str().unwrap());
+    let cert = PathBuf::from(main["env"]["DEPLOY_SSH_CERTIFICATE_FILE"].as_str().unwrap());
+    assert_eq!(
+        main["outputs"]["deploy-ssh-identity-file"],
+        json!(key.display().to_string())
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&key, &cert] {
+            assert_eq!(
+                std::fs::metadata(f).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+    let private = std::fs::read_to_string(&key).unwrap();
+    let out = sshd.login(&key, &cert, "echo via-the-action").await;
+    assert!(out.status.success(), "{out:?}\n{}", sshd.log());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "via-the-action"
+    );
+    // Keep copies: post deletes the files.
+    let (key2, cert2) = (dir.path().join("k"), dir.path().join("k-cert.pub"));
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create(true).mode(0o600);
+        std::io::Write::write_all(&mut o.open(&key2).unwrap(), private.as_bytes()).unwrap();
+    }
+    std::fs::copy(&cert, &cert2).unwrap();
+
+    let result = finish_harness(dir.path(), &mut child).await;
+    assert_eq!(result["post"]["code"], 0, "post failed: {}", result["post"]);
+    assert!(
+        !key.exists() && !cert.exists(),
+        "post deleted the key and certificate"
+    );
+    sshd.write_krl(&get("/v1/ssh/main/krl").await);
+    let out = sshd.login(&key2, &cert2, "echo after-post").await;
+    assert!(
+        !out.status.success(),
+        "revoked by post, refused after the KRL refresh"
+    );
+    assert!(sshd.log().contains("revoked by file"), "{}", sshd.log());
+    // The private key never left the runner: not in the broker's log, nor in the steps' output.
+    let secret_line = private.lines().nth(1).unwrap();
+    assert!(!broker.log().contains(secret_line));
+    for step in [&result["main"], &result["post"]] {
+        for stream in ["stdout", "stderr"] {
+            assert!(leaked(step[stream].as_str().unwrap(), &[secret_line]).is_empty());
+        }
+    }
+    drop(sshd);
+    let _ = tokens_stop.send(());
+    let mut broker = broker;
+    broker.kill();
+    github.shutdown().await;
+    db.cleanup().await;
+}

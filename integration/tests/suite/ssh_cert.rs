@@ -350,8 +350,45 @@ async fn certificate_logs_in_and_revoked_one_is_refused() {
         (200, Some("revoked")),
         "{r}"
     );
-    let krl = e.krl().await;
-    sshd.write_krl(&krl);
+    // The host's refresh: `broker ssh-krl` puts the KRL in place of the file sshd reads.
+    let krl_out = sshd.krl_path().display().to_string();
+    let run = integration::broker_cli(
+        None,
+        &[
+            "ssh-krl",
+            "--broker-url",
+            &e.broker.url,
+            "--ca",
+            "main",
+            "--out",
+            &krl_out,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.output());
+    assert_eq!(std::fs::read(sshd.krl_path()).expect("krl"), e.krl().await);
+    let unknown = integration::broker_cli(
+        None,
+        &[
+            "ssh-krl",
+            "--broker-url",
+            &e.broker.url,
+            "--ca",
+            "nope",
+            "--out",
+            &krl_out,
+        ],
+    );
+    assert_eq!(
+        unknown.code,
+        2,
+        "an unknown CA is a usage error: {}",
+        unknown.output()
+    );
+    assert_eq!(
+        std::fs::read(sshd.krl_path()).expect("krl"),
+        e.krl().await,
+        "file kept"
+    );
     assert!(
         krl_revokes(&sshd.krl_path(), &cert_path(&a_key)),
         "ssh-keygen -Q: A revoked"
@@ -515,6 +552,72 @@ async fn revoke_all_lists_every_certificate_and_a_crash_issues_nothing() {
         (st.active_grants, st.issuing_grants),
         (0, 0),
         "nothing recorded, nothing issued"
+    );
+    let Env {
+        issuer,
+        db,
+        mut broker,
+        ..
+    } = e;
+    broker.kill();
+    issuer.shutdown().await;
+    db.cleanup().await;
+}
+
+/// Figures (ignored unless asked: `-- --ignored --nocapture ssh_cert::krl_figures`): N
+/// certificate exchanges with broker-made keys, then an operator revoke-all, then the KRL's
+/// size and the time to build and serve it. Printed, never asserted beyond correctness.
+#[tokio::test]
+#[ignore]
+async fn krl_figures() {
+    let n: usize = integration::wait::env_num("SSH_KRL_N", 500);
+    let operators = format!(
+        "operators:\n  - name: secteam\n    role: admin\n    token_sha256: {}\n",
+        broker::secret::sha256_hex(OPERATOR_TOKEN.as_bytes())
+    );
+    let e = env_with(
+        &format!("{operators}limits:\n  exchanges_per_minute_per_repository: 0\n"),
+        Vec::new(),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        let reqs = chunk
+            .iter()
+            .map(|_| e.exchange(json!({"credentials": ["ssh-deploy"]})));
+        for (status, body) in futures::future::join_all(reqs).await {
+            assert_eq!(status, 200, "{body}");
+            done += 1;
+        }
+    }
+    let mint = started.elapsed();
+    let last = e.mint("ssh-deploy", Value::Null, "10m", "last").await;
+    let (status, _) = e
+        .api
+        .revoke_all(OPERATOR_TOKEN, &json!({"reason": "figures"}))
+        .await;
+    assert_eq!(status, 200);
+    let mut times = Vec::new();
+    let mut krl = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        krl = e.krl().await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let path = e.dir.path().join("krl");
+    std::fs::write(&path, &krl).expect("krl");
+    assert!(krl_revokes(&path, &cert_path(&e.dir.path().join("last"))));
+    assert!(last["grant_id"].is_string());
+    eprintln!(
+        "ssh_cert: {done} exchanges (broker-made Ed25519 keys) in {:.2}s = {:.0}/s; KRL of {} serials: {} bytes, served in {:?} median, {:?} max (20 fetches)",
+        mint.as_secs_f64(),
+        done as f64 / mint.as_secs_f64(),
+        done + 1,
+        krl.len(),
+        times[times.len() / 2],
+        times[times.len() - 1],
     );
     let Env {
         issuer,

@@ -44,6 +44,9 @@ struct App {
 struct Held {
     token: Sensitive,
     app: String,
+    /// GitHub's expiry: past it the token is dead anyway and the entry is dropped (a token
+    /// revoked by another replica would otherwise stay here for the life of the process).
+    github_expiry: OffsetDateTime,
 }
 
 /// The `github_app` provider: the configured Apps by name, and the tokens minted here.
@@ -409,13 +412,18 @@ impl Provider for GithubAppProvider {
         )
         .map_err(|_| ProviderError::TargetUnavailable(format!("{what}: unreadable expiry")))?;
         let hash = sha256_hex(token.expose().as_bytes());
-        self.held().insert(
-            req.resource_id.to_owned(),
-            Held {
-                token: token.clone(),
-                app: spec.app.clone(),
-            },
-        );
+        {
+            let mut held = self.held();
+            held.retain(|_, h| h.github_expiry > req.now);
+            held.insert(
+                req.resource_id.to_owned(),
+                Held {
+                    token: token.clone(),
+                    app: spec.app.clone(),
+                    github_expiry,
+                },
+            );
+        }
         let rfc3339 = |t: OffsetDateTime| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default()
