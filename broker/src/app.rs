@@ -100,6 +100,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         &cfg.issuers,
     )?);
     broker.set_refusal_limits(&cfg.refusals);
+    broker.set_leaks(crate::leaks::Leaks::from_config(&cfg.leaks)?);
     Ok(Arc::new(broker))
 }
 

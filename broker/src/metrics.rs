@@ -89,6 +89,17 @@ struct RefusalLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhereLabels {
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeakLabels {
+    source: String,
+    label: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DigestLabels {
     digest: String,
 }
@@ -114,6 +125,8 @@ struct Metrics {
     policy_bundle: Family<DigestLabels, Gauge>,
     store_gauge_errors: Counter,
     refusals: Family<RefusalLabels, Counter>,
+    malformed_secrets: Family<WhereLabels, Counter>,
+    leak_tokens: Family<LeakLabels, Counter>,
 }
 
 impl Metrics {
@@ -132,6 +145,8 @@ impl Metrics {
             policy_bundle: Family::default(),
             store_gauge_errors: Counter::default(),
             refusals: Family::default(),
+            malformed_secrets: Family::default(),
+            leak_tokens: Family::default(),
         };
         registry.register(
             "exchanges",
@@ -189,6 +204,16 @@ impl Metrics {
             "refusals",
             "Refusals of unauthenticated requests by action, reason code and how they were audited (row: one row each; aggregated: counted in an aggregate event; limited: over the client's failure limit, answered 429, counted in an aggregate event)",
             m.refusals.clone(),
+        );
+        registry.register(
+            "malformed_secrets",
+            "Presented broker secrets refused offline (wrong prefix, length or checksum), by endpoint",
+            m.malformed_secrets.clone(),
+        );
+        registry.register(
+            "leak_tokens",
+            "Tokens in leak reports by source (github, operator) and label (true_positive, false_positive, inactive)",
+            m.leak_tokens.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -263,6 +288,27 @@ pub fn revocation(cause: &str, ok: bool, retry: bool) {
     if retry {
         METRICS.revocation_retries.inc();
     }
+}
+
+/// Count one broker secret refused offline at `endpoint` (revoke, introspect, admin, leak).
+pub fn malformed_secret(endpoint: &str) {
+    METRICS
+        .malformed_secrets
+        .get_or_create(&WhereLabels {
+            endpoint: s(endpoint),
+        })
+        .inc();
+}
+
+/// Count one token of a leak report by its source and the label it was answered with.
+pub fn leak_token(source: &str, label: &str) {
+    METRICS
+        .leak_tokens
+        .get_or_create(&LeakLabels {
+            source: s(source),
+            label: s(label),
+        })
+        .inc();
 }
 
 /// Count one JWKS fetch: `Ok(())` or the fetch failure code.

@@ -120,7 +120,11 @@ pub fn parse(secret: &str) -> Result<SecretKind, FormatError> {
     let Some(sum) = rest.strip_prefix('_') else {
         return Err(FormatError::Malformed);
     };
-    if !random.bytes().chain(sum.bytes()).all(|b| b.is_ascii_alphanumeric()) {
+    if !random
+        .bytes()
+        .chain(sum.bytes())
+        .all(|b| b.is_ascii_alphanumeric())
+    {
         return Err(FormatError::Malformed);
     }
     if checksum(body) != sum {
@@ -146,6 +150,45 @@ pub fn find_all(text: &str) -> Vec<(SecretKind, &str)> {
         i = end.max(start + 4);
     }
     out
+}
+
+/// Length of the random part of a legacy token (`brk_op_`/`brk_rvk_` + 32 random bytes in
+/// base64url without padding), the shape operator and revocation tokens had before this format.
+pub const LEGACY_LEN: usize = 43;
+
+/// How a presented token of an expected kind is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `brk_<tag>_<32 base62>_<checksum>`, checksum verified.
+    Current,
+    /// The legacy shape, accepted for operator and revocation tokens only (operator tokens are
+    /// long-lived; revocation tokens of grants live during an upgrade): `brk_op_`/`brk_rvk_` and
+    /// 43 base64url characters. It has no checksum, so it is found by hash lookup alone.
+    Legacy,
+}
+
+/// Check offline that `secret` is a token of `kind`: the current shape with a good checksum,
+/// or (operator and revocation tokens only) the legacy shape. Nothing is looked up.
+pub fn check(secret: &str, kind: SecretKind) -> Result<Shape, FormatError> {
+    if !secret.starts_with(kind.prefix()) {
+        return Err(FormatError::UnknownPrefix);
+    }
+    let legacy_kind = matches!(kind, SecretKind::Operator | SecretKind::Revocation);
+    if legacy_kind && secret.len() == kind.prefix().len() + LEGACY_LEN {
+        let rest = &secret[kind.prefix().len()..];
+        return if rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            Ok(Shape::Legacy)
+        } else {
+            Err(FormatError::Malformed)
+        };
+    }
+    match parse(secret)? {
+        k if k == kind => Ok(Shape::Current),
+        _ => Err(FormatError::UnknownPrefix),
+    }
 }
 
 /// The CRC-32 (ISO-HDLC, as zlib) of `body`, in 6 base62 characters, most significant first.
@@ -202,6 +245,36 @@ mod tests {
         assert_eq!(parse(""), Err(FormatError::UnknownPrefix));
         let bad_alphabet = format!("{}-{}", &s[..i], &s[i + 1..]);
         assert_eq!(parse(&bad_alphabet), Err(FormatError::Malformed));
+    }
+
+    #[test]
+    fn check_accepts_the_legacy_shape_only_where_it_existed() {
+        use base64::Engine;
+        let legacy_body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 32]);
+        assert_eq!(legacy_body.len(), LEGACY_LEN);
+        for kind in [SecretKind::Operator, SecretKind::Revocation] {
+            let legacy = format!("{}{legacy_body}", kind.prefix());
+            assert_eq!(check(&legacy, kind), Ok(Shape::Legacy));
+            assert_eq!(
+                check(&legacy[..legacy.len() - 1], kind),
+                Err(FormatError::Malformed)
+            );
+            let bad = format!("{}{}+", kind.prefix(), &legacy_body[..LEGACY_LEN - 1]);
+            assert_eq!(check(&bad, kind), Err(FormatError::Malformed));
+            assert_eq!(check(generate(kind).expose(), kind), Ok(Shape::Current));
+        }
+        // No legacy shape for kinds that never had one.
+        let at = format!("brk_at_{legacy_body}");
+        assert_eq!(
+            check(&at, SecretKind::ApiToken),
+            Err(FormatError::Malformed)
+        );
+        // A secret of another kind is not this kind.
+        let pg = generate(SecretKind::PostgresPassword);
+        assert_eq!(
+            check(pg.expose(), SecretKind::Revocation),
+            Err(FormatError::UnknownPrefix)
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum Action {
     Admin,
     /// A job-end webhook delivery (`/v1/hooks/*`): acted on or refused.
     Webhook,
+    /// A leak report (`/v1/leaks/github`, `/v1/leaks`): acted on or refused.
+    LeakReported,
 }
 
 impl Action {
@@ -43,6 +45,7 @@ impl Action {
             Action::RevokeFailed => "revoke_failed",
             Action::Admin => "admin",
             Action::Webhook => "webhook",
+            Action::LeakReported => "leak_reported",
         }
     }
 }
@@ -165,6 +168,7 @@ mod tests {
             Action::RevokeFailed,
             Action::Admin,
             Action::Webhook,
+            Action::LeakReported,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
         }

@@ -14,6 +14,7 @@ mod admin;
 mod conn;
 pub mod error;
 mod hooks;
+mod leaks;
 
 pub use conn::{ConnLimits, default_max_connections, serve};
 
@@ -83,8 +84,11 @@ pub fn routers(
         .route("/healthz", get(healthz))
         .route("/readyz", public_readyz)
         .layer(early_body_limit(limits.max_body_bytes))
-        .merge(hooks::routes(broker.webhooks().max_body_bytes()));
-    let operator = admin::routes().layer(early_body_limit(limits.max_body_bytes));
+        .merge(hooks::routes(broker.webhooks().max_body_bytes()))
+        .merge(leaks::public_routes());
+    let operator = admin::routes()
+        .layer(early_body_limit(limits.max_body_bytes))
+        .merge(leaks::operator_routes());
     let (public, admin) = if separate_admin {
         let admin = operator
             .route("/healthz", get(healthz))

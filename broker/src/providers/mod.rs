@@ -116,6 +116,12 @@ pub struct MintRequest<'a> {
     pub expires_at: OffsetDateTime,
 }
 
+/// Key of `Minted::details` holding the lowercase hex SHA-256 of the credential's secret, where
+/// the broker invented it (Postgres passwords, opaque API tokens): what a leak report and
+/// introspection find the grant by. Safe to keep: the secrets are about 190 bits of randomness,
+/// so the hash reveals nothing.
+pub const SECRET_HASH_KEY: &str = "secret_sha256";
+
 /// A credential recorded in a grant, as the reaper and revoke path see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IssuedCredential {

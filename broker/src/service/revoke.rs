@@ -3,13 +3,14 @@
 //! revocations.
 
 use super::ServiceError;
-use super::{Broker, REVOCATION_PREFIX, RequestCtx};
+use super::{Broker, RequestCtx};
 use crate::admin::{RevokeFailure, RevokeTally};
 use crate::audit::{Action, AuditEvent, Outcome};
 use crate::metrics;
 use crate::providers::{CredentialKind, IssuedCredential, ProviderError};
 use crate::reason::ReasonCode;
 use crate::secret::{Sensitive, sha256_hex};
+use crate::secret_format::{self, FormatError, SecretKind};
 use crate::store::{ClaimedGrant, GrantStatus, RevokeCause};
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -227,8 +228,15 @@ impl Broker {
         let now = self.clock.now();
         let ev = self.base_event(now, Action::Revoke, ctx);
         let t = token.expose();
-        if !t.starts_with(REVOCATION_PREFIX) || t.len() > 128 {
-            return Err(self.refuse(ev, ServiceError::BadRevocationToken).await);
+        // Offline first: a mistyped or truncated token never reaches the store. A token of the
+        // legacy shape (no checksum) is looked up by hash as before.
+        if let Err(e) = secret_format::check(t, SecretKind::Revocation) {
+            metrics::malformed_secret("revoke");
+            let err = match e {
+                FormatError::UnknownPrefix => ServiceError::BadRevocationToken,
+                e => ServiceError::MalformedSecret(e),
+            };
+            return Err(self.refuse(ev, err).await);
         }
         let Some((grant_id, status)) = self
             .store

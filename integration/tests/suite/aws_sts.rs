@@ -338,7 +338,7 @@ async fn endpoint_down_is_target_unavailable_and_issues_nothing() {
 }
 
 /// Operator token configured for the broker under test (test-only).
-const OPERATOR_TOKEN: &str = "brk_op_test-operator-token-for-aws-e2e";
+const OPERATOR_TOKEN: &str = "brk_op_testOperatorTokenForAwsE2e000000_4ZgGRt";
 
 /// The emergency endpoint, unfiltered, puts the `aws:TokenIssueTime` deny on every brokered
 /// role (sessions issued before now die, whoever holds them) and says so in its report.

@@ -17,6 +17,7 @@ mod bench;
 mod e2e;
 mod faults;
 mod hostile;
+mod leaks;
 mod load;
 mod pipelines;
 mod policy_diff;

@@ -557,6 +557,7 @@ impl Provider for PostgresProvider {
             spec.database.as_str(),
             target.sslmode,
         );
+        let secret_hash = crate::secret::sha256_hex(password.expose().as_bytes());
         Ok(Minted {
             fields: vec![
                 ("host".into(), Field::Public(json!(target.host))),
@@ -577,6 +578,8 @@ impl Provider for PostgresProvider {
                 "owner": spec.owner.as_str(),
                 "username": username,
                 "valid_until": valid_until,
+                // What a leak report finds the grant by (the password itself is never kept).
+                super::super::SECRET_HASH_KEY: secret_hash,
             }),
         })
     }

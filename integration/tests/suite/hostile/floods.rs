@@ -252,7 +252,7 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
             Attack::GarbageToken => (401, "malformed_token"),
             Attack::LongNames => (400, "bad_request"),
             Attack::BadWebhook => (401, "bad_signature"),
-            Attack::BadRevocation => (401, "invalid_revocation_token"),
+            Attack::BadRevocation => (401, "malformed_secret"),
         };
         if (*status, code.as_str()) == (429, "too_many_failures") {
             limited += 1;
