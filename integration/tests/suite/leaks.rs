@@ -256,14 +256,14 @@ async fn a_signed_github_report_revokes_a_live_job_within_a_second() {
         .iter()
         .map(|a| (a["label"].as_str().unwrap(), a["status"].as_str().unwrap()))
         .collect();
-    assert_eq!(
-        labels,
-        [
-            ("true_positive", "revoked"),
-            ("true_positive", "revoked"),
-            ("false_positive", "unknown")
-        ]
+    // Tokens are looked up concurrently: the API token's grant may already have been revoked
+    // as the other grant of the password's job by the time it is looked at.
+    assert_eq!(labels[0], ("true_positive", "revoked"), "{answer}");
+    assert!(
+        matches!(labels[1], ("true_positive", "revoked" | "already_inactive")),
+        "{answer}"
     );
+    assert_eq!(labels[2], ("false_positive", "unknown"));
     assert_eq!(
         answer[0]["token_hash"],
         broker::secret::sha256_hex(password.as_bytes())
@@ -320,8 +320,9 @@ async fn a_signed_github_report_revokes_a_live_job_within_a_second() {
                 .as_deref()
                 .unwrap_or("")
                 .contains("postgres password")
+                && ev.detail.as_deref().unwrap_or("").contains("revoked: grant")
         })
-        .expect("the password's event");
+        .expect("the password's event of the first report");
     assert_eq!(first.job.repository.as_deref(), Some("acme/api"));
     assert_eq!(first.job.run_id.as_deref(), Some("77"));
     assert!(
