@@ -320,7 +320,11 @@ async fn a_signed_github_report_revokes_a_live_job_within_a_second() {
                 .as_deref()
                 .unwrap_or("")
                 .contains("postgres password")
-                && ev.detail.as_deref().unwrap_or("").contains("revoked: grant")
+                && ev
+                    .detail
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("revoked: grant")
         })
         .expect("the password's event of the first report");
     assert_eq!(first.job.repository.as_deref(), Some("acme/api"));
