@@ -127,6 +127,7 @@ struct Metrics {
     refusals: Family<RefusalLabels, Counter>,
     malformed_secrets: Family<WhereLabels, Counter>,
     leak_tokens: Family<LeakLabels, Counter>,
+    revocation_verifications: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -147,6 +148,7 @@ impl Metrics {
             refusals: Family::default(),
             malformed_secrets: Family::default(),
             leak_tokens: Family::default(),
+            revocation_verifications: Family::default(),
         };
         registry.register(
             "exchanges",
@@ -214,6 +216,11 @@ impl Metrics {
             "leak_tokens",
             "Tokens in leak reports by source (github, operator) and label (true_positive, false_positive, inactive)",
             m.leak_tokens.clone(),
+        );
+        registry.register(
+            "revocation_verifications",
+            "Checks after a revocation that the old access no longer works, by result (verified, unverified: alert on it)",
+            m.revocation_verifications.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -308,6 +315,14 @@ pub fn leak_token(source: &str, label: &str) {
             source: s(source),
             label: s(label),
         })
+        .inc();
+}
+
+/// Count one revocation's verification: `verified` or `unverified`.
+pub fn revocation_verification(result: &str) {
+    METRICS
+        .revocation_verifications
+        .get_or_create(&ResultLabels { result: s(result) })
         .inc();
 }
 

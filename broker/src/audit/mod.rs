@@ -102,6 +102,11 @@ pub struct AuditEvent {
     /// when nothing was cut.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub truncated: Vec<String>,
+    /// On a revocation: whether the target showed afterwards that the old access no longer
+    /// works (`Provider::verify_revoked`); absent where no target could be asked, so events
+    /// written before this field hash exactly as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
     /// Set on an aggregate event: refusals counted here instead of one row each
     /// (`refusals::aggregate`); absent on every other event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,6 +154,7 @@ impl AuditEvent {
             actor: None,
             detail: None,
             truncated: Vec::new(),
+            verified: None,
             aggregate: None,
         }
     }

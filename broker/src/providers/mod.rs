@@ -194,6 +194,17 @@ pub struct RevokeAllReport {
     pub details: Vec<String>,
 }
 
+/// What checking a revoked credential on its target found (`Provider::verify_revoked`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// The target cannot be asked (or the kind lives only in the broker's store).
+    NotApplicable,
+    /// The old access no longer works, as far as the target shows.
+    Verified,
+    /// It could not be shown: why, in words (never a secret).
+    Unverified(String),
+}
+
 /// A lock every broker replica respects, for a provider's read-modify-write of state kept
 /// outside the broker (an AWS role's deny policy). Owned here so that providers depend on this
 /// interface, never on the broker's store; `app.rs` hands them the store's implementation.
@@ -260,6 +271,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// (e.g. the deny statement put on an AWS role). Never a secret.
     fn revoke_description(&self, _credential: &IssuedCredential) -> Option<String> {
         None
+    }
+
+    /// After a successful `revoke`, check on the target that the old access no longer works
+    /// (Postgres: the role is gone or cannot log in and has no session; AWS: the deny
+    /// statement covering the session reads back). Default: not applicable.
+    async fn verify_revoked(&self, _credential: &IssuedCredential) -> Verification {
+        Verification::NotApplicable
     }
 
     /// Revoke every credential of this kind that is still alive (an operator's kill switch).

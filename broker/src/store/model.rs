@@ -166,6 +166,9 @@ pub struct AuditFilter {
     pub repository: Option<String>,
     pub outcome: Option<String>,
     pub reason: Option<String>,
+    /// Revocation events whose check on the target did (`true`) or did not (`false`) show
+    /// the old access gone (`AuditEvent::verified`).
+    pub verified: Option<bool>,
     /// Events at or after this time.
     pub since: Option<OffsetDateTime>,
     /// Events strictly before this time.

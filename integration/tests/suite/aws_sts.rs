@@ -257,6 +257,8 @@ async fn exchange_returns_working_credentials_and_revoke_denies_the_session() {
         .iter()
         .find(|ev| ev.action == broker::audit::Action::Revoke)
         .expect("revoke event");
+    // The deny statement was read back after writing it: the revocation is verified.
+    assert_eq!(revoked.verified, Some(true), "{revoked:?}");
     let detail = revoked.detail.as_deref().unwrap_or_default();
     assert!(
         detail.contains(&rid)

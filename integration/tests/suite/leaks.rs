@@ -341,6 +341,17 @@ async fn a_signed_github_report_revokes_a_live_job_within_a_second() {
     assert!(detail.contains("revoked: grant"), "{detail}");
     assert!(detail.contains("live "), "{detail}");
     assert!(events.iter().any(|ev| ev.reason == "leak_false_positive"));
+    // The revocation was proved on the target: the role is gone, its event says verified.
+    let pg_grant = s(&leaky_pg["grant_id"]);
+    let revoke = events
+        .iter()
+        .find(|ev| {
+            ev.action.as_str() == "revoke"
+                && ev.grant_id.map(|g| g.to_string()) == Some(pg_grant.clone())
+        })
+        .expect("the Postgres grant's revocation event");
+    assert_eq!(revoke.verified, Some(true), "{revoke:?}");
+    assert_eq!(revoke.actor.as_deref(), Some("leak:github"));
     assert!(
         events
             .iter()

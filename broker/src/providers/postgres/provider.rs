@@ -584,6 +584,31 @@ impl Provider for PostgresProvider {
         })
     }
 
+    /// The password is not kept, so a login cannot be tried; what the catalog shows is checked
+    /// instead: no role of that name that can log in, and no session of it left.
+    async fn verify_revoked(&self, credential: &IssuedCredential) -> crate::providers::Verification {
+        use crate::providers::Verification;
+        let username = credential.resource_id.as_str();
+        let Ok(target) = detail_str(credential, "target").and_then(|t| self.target(t)) else {
+            return Verification::Unverified("the credential names no configured target".into());
+        };
+        let row = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT (SELECT count(*) FROM pg_roles WHERE rolname = $1 AND rolcanlogin),
+                    (SELECT count(*) FROM pg_stat_activity WHERE usename = $1)",
+        )
+        .bind(username)
+        .fetch_one(&target.admin_pool)
+        .await;
+        match row {
+            Ok((0, 0)) => Verification::Verified,
+            Ok((logins, sessions)) => Verification::Unverified(format!(
+                "role can log in: {}; sessions left: {sessions}",
+                logins > 0
+            )),
+            Err(e) => Verification::Unverified(classify("checking the role", &e).to_string()),
+        }
+    }
+
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError> {
         let username = credential.resource_id.as_str();
         if self.never_created.remove(username).await.is_some() {
