@@ -278,6 +278,100 @@ mod tests {
         );
     }
 
+    /// The regexes shipped in `deploy/scanners/` (gitleaks, TruffleHog, GitHub custom
+    /// patterns) match a secret of every kind, with its exact extent, and no look-alike but a
+    /// wrong checksum (a regex cannot compute a CRC-32; docs/leaks.md says so).
+    #[test]
+    fn shipped_scanner_rules_match_every_kind_and_no_look_alike() {
+        let quoted = |text: &'static str, key: &str, open: &str, close: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(key))
+                .filter_map(|l| l.trim().strip_prefix(open)?.strip_suffix(close))
+                .map(str::to_owned)
+                .collect()
+        };
+        let gitleaks = quoted(
+            include_str!("../../deploy/scanners/gitleaks.toml"),
+            "regex =",
+            "'''",
+            "'''",
+        );
+        let trufflehog = quoted(
+            include_str!("../../deploy/scanners/trufflehog.yaml"),
+            "secret:",
+            "'",
+            "'",
+        );
+        let github: Vec<String> = quoted(
+            include_str!("../../deploy/scanners/github-custom-patterns.yaml"),
+            "secret_format:",
+            "'",
+            "'",
+        )
+        .into_iter()
+        // GitHub's before/after fields in the shape of the other rules' boundaries.
+        .map(|f| format!(r"(?:^|[^0-9A-Za-z_-])({f})(?:[^0-9A-Za-z_-]|$)"))
+        .collect();
+        assert_eq!((gitleaks.len(), trufflehog.len(), github.len()), (8, 3, 3));
+        for (file, rules) in [
+            ("gitleaks", &gitleaks),
+            ("trufflehog", &trufflehog),
+            ("github", &github),
+        ] {
+            let rules: Vec<regex::Regex> = rules
+                .iter()
+                .map(|r| regex::Regex::new(r).unwrap())
+                .collect();
+            let matches = |text: &str| -> Vec<String> {
+                rules
+                    .iter()
+                    .flat_map(|r| r.captures_iter(text))
+                    .filter_map(|c| c.get(1).map(|m| m.as_str().to_owned()))
+                    .collect()
+            };
+            for kind in SecretKind::ALL {
+                let s = generate(kind);
+                let s = s.expose();
+                for text in [format!("TOKEN={s}\n"), format!("\"{s}\""), s.to_owned()] {
+                    assert_eq!(matches(&text), vec![s.to_owned()], "{file} {kind:?}");
+                }
+                let i = kind.prefix().len() + 3;
+                let flipped = if &s[i..=i] == "a" { "b" } else { "a" };
+                let wrong_sum = format!("{}{flipped}{}", &s[..i], &s[i + 1..]);
+                assert_eq!(parse(&wrong_sum), Err(FormatError::Checksum));
+                assert_eq!(
+                    matches(&wrong_sum).len(),
+                    1,
+                    "{file}: a regex cannot see the checksum"
+                );
+                for look_alike in [
+                    s[..s.len() - 1].to_owned(),
+                    format!("{s}0"),
+                    format!("x{s}"),
+                    s.replacen("brk_", "brk_zz", 1),
+                    "ghp_16C7e42F292c6912E7710c838347Ae178B4a".to_owned(),
+                    "AKIAIOSFODNN7EXAMPLE".to_owned(),
+                ] {
+                    assert_eq!(
+                        matches(&look_alike),
+                        Vec::<String>::new(),
+                        "{file}: {look_alike}"
+                    );
+                }
+            }
+            let legacy = format!("brk_rvk_{}", crate::secret::random_token(32));
+            assert_eq!(
+                matches(&format!("t={legacy};")),
+                vec![legacy.clone()],
+                "{file} legacy"
+            );
+            assert!(
+                matches(&legacy[..legacy.len() - 1]).is_empty(),
+                "{file} legacy truncated"
+            );
+        }
+    }
+
     #[test]
     fn the_checksum_is_a_known_crc32() {
         // CRC-32/ISO-HDLC's check value: "123456789" gives 0xCBF43926.

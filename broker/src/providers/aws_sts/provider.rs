@@ -661,7 +661,10 @@ impl Provider for AwsStsProvider {
     }
 
     /// Read the role's deny policy back and check that it denies this session.
-    async fn verify_revoked(&self, credential: &IssuedCredential) -> crate::providers::Verification {
+    async fn verify_revoked(
+        &self,
+        credential: &IssuedCredential,
+    ) -> crate::providers::Verification {
         use crate::providers::Verification;
         let rid = credential.resource_id.as_str();
         let target = match detail_str(credential, "target").and_then(|t| self.target(t)) {
@@ -683,8 +686,12 @@ impl Provider for AwsStsProvider {
         };
         match self.read_deny(&target, &role).await {
             Ok(Some(doc)) if doc.denies(rid, until) => Verification::Verified,
-            Ok(_) => Verification::Unverified("the deny policy read back does not cover the session".into()),
-            Err(e) => Verification::Unverified(format!("reading the deny policy: {}", e.reason_code())),
+            Ok(_) => Verification::Unverified(
+                "the deny policy read back does not cover the session".into(),
+            ),
+            Err(e) => {
+                Verification::Unverified(format!("reading the deny policy: {}", e.reason_code()))
+            }
         }
     }
 

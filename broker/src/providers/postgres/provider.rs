@@ -586,7 +586,10 @@ impl Provider for PostgresProvider {
 
     /// The password is not kept, so a login cannot be tried; what the catalog shows is checked
     /// instead: no role of that name that can log in, and no session of it left.
-    async fn verify_revoked(&self, credential: &IssuedCredential) -> crate::providers::Verification {
+    async fn verify_revoked(
+        &self,
+        credential: &IssuedCredential,
+    ) -> crate::providers::Verification {
         use crate::providers::Verification;
         let username = credential.resource_id.as_str();
         let Ok(target) = detail_str(credential, "target").and_then(|t| self.target(t)) else {
