@@ -112,7 +112,7 @@ pub(super) async fn audit_records(
         .and_within("time", filter.since, filter.until);
     if let Some(v) = filter.verified {
         // A JSON boolean, read back as each backend spells it (no bound value needed).
-        q.push(&match (d, v) {
+        q.push(match (d, v) {
             (Dialect::Postgres, true) => " AND (event ->> 'verified') = 'true'",
             (Dialect::Postgres, false) => " AND (event ->> 'verified') = 'false'",
             (Dialect::Sqlite, true) => " AND json_type(event, '$.verified') = 'true'",

@@ -4,14 +4,12 @@
 //! a second, forged and garbage reports are refused and change nothing, and an operator's
 //! report (`broker leak report`) revokes an opaque API token.
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use base64::Engine;
-use broker::leaks::github_keys::p256_pem;
 use broker::oidc::testkit::TestIssuer;
 use broker::secret_format::{self, SecretKind};
 use broker::store::testdb::TestDb;
 use integration::http::{self, Api, json_string as s};
+use integration::leak_keys::KeyServer;
 use integration::pg::{self, PgRoleTarget};
 use integration::store_db::audit_log;
 use integration::{BrokerProcess, BrokerSetup, acme_token_with, broker_cli, github_issuer_yaml};
@@ -32,51 +30,6 @@ fn policy(pg: &PgRoleTarget) -> String {
             "credentials: [pg-app, api, api-opaque]"
         )
     )
-}
-
-/// GitHub's key list for these tests, served from a local port; signs reports.
-struct KeyServer {
-    url: String,
-    key: EcdsaKeyPair,
-    stranger: EcdsaKeyPair,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl KeyServer {
-    async fn start() -> Self {
-        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
-        let stranger = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
-        let doc = json!({"public_keys": [
-            {"key_identifier": "test-key-1", "key": p256_pem(key.public_key().as_ref()), "is_current": true}
-        ]})
-        .to_string();
-        let app = axum::Router::new().route(
-            "/meta/public_keys/secret_scanning",
-            axum::routing::get(move || {
-                let doc = doc.clone();
-                async move { ([("content-type", "application/json")], doc) }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/meta/public_keys/secret_scanning",
-            listener.local_addr().unwrap()
-        );
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Self {
-            url,
-            key,
-            stranger,
-            task,
-        }
-    }
-
-    fn sign_with(k: &EcdsaKeyPair, body: &[u8]) -> String {
-        let sig = k.sign(&SystemRandom::new(), body).unwrap();
-        base64::engine::general_purpose::STANDARD.encode(sig.as_ref())
-    }
 }
 
 struct Env {
