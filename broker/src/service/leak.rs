@@ -106,10 +106,23 @@ impl Broker {
         tokens: Vec<ReportedToken>,
         ctx: &RequestCtx,
     ) -> Result<Vec<TokenAnswer>, LeakError> {
+        // Every token is looked up before anything is revoked, so each answer says what the
+        // token was when the report arrived (a token whose grant another token of the same
+        // report revokes as its job's other grant is still `revoked`, not `already_inactive`).
+        let secrets: Vec<Sensitive> = tokens.iter().map(|t| t.token.clone()).collect();
+        let found: Vec<Result<Found, LeakError>> = futures::stream::iter(
+            secrets
+                .into_iter()
+                .map(|token| async move { self.leaked(&token).await }),
+        )
+        .buffered(PARALLELISM)
+        .collect()
+        .await;
         let results: Vec<Result<TokenAnswer, LeakError>> = futures::stream::iter(
             tokens
                 .into_iter()
-                .map(|t| async move { self.leak_one(src, &t, ctx).await }),
+                .zip(found)
+                .map(|(t, f)| async move { self.leak_one(src, &t, f?, ctx).await }),
         )
         .buffered(PARALLELISM)
         .collect()
@@ -156,11 +169,12 @@ impl Broker {
         Ok(answers)
     }
 
-    /// One reported token: find it, revoke what is live, audit.
+    /// One reported token, as it was found: revoke what is live, audit.
     async fn leak_one(
         &self,
         src: &ReportSource,
         t: &ReportedToken,
+        found: Found,
         ctx: &RequestCtx,
     ) -> Result<TokenAnswer, LeakError> {
         let answer = |label, status| TokenAnswer {
@@ -170,7 +184,6 @@ impl Broker {
             status,
         };
         let now = self.clock.now();
-        let found = self.leaked(&t.token).await?;
         let actor = src.actor();
         let place = format!(
             "found at {} ({})",
