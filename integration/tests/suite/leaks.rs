@@ -12,7 +12,9 @@ use integration::http::{self, Api, json_string as s};
 use integration::leak_keys::KeyServer;
 use integration::pg::{self, PgRoleTarget};
 use integration::store_db::audit_log;
-use integration::{BrokerProcess, BrokerSetup, acme_token_with, broker_cli, github_issuer_yaml};
+use integration::{
+    BrokerProcess, BrokerSetup, Secrets, acme_token_with, broker_cli, github_issuer_yaml,
+};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -309,6 +311,13 @@ async fn a_signed_github_report_revokes_a_live_job_within_a_second() {
             >= 1,
         "forged reports are audited"
     );
+    // Nothing the test saw, reported tokens included, is in the broker's log or store.
+    let mut secrets = Secrets::default();
+    for body in [&leaky_pg, &leaky_api, &bystander] {
+        secrets.add_response(body);
+    }
+    secrets.add(OPERATOR_TOKEN);
+    secrets.assert_not_leaked(&e.broker, e.db.url()).await;
     let all = serde_json::to_string(&events).unwrap();
     let log = e.broker.log();
     for secret in [&password, &api_token] {
