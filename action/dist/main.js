@@ -18123,7 +18123,7 @@ var require_summary = __commonJS({
     exports2.summary = exports2.markdownSummary = exports2.SUMMARY_DOCS_URL = exports2.SUMMARY_ENV_VAR = void 0;
     var os_1 = require("os");
     var fs_1 = require("fs");
-    var { access, appendFile, writeFile } = fs_1.promises;
+    var { access, appendFile, writeFile: writeFile2 } = fs_1.promises;
     exports2.SUMMARY_ENV_VAR = "GITHUB_STEP_SUMMARY";
     exports2.SUMMARY_DOCS_URL = "https://docs.github.com/actions/using-workflows/workflow-commands-for-github-actions#adding-a-job-summary";
     var Summary = class {
@@ -18181,7 +18181,7 @@ var require_summary = __commonJS({
         return __awaiter(this, void 0, void 0, function* () {
           const overwrite = !!(options === null || options === void 0 ? void 0 : options.overwrite);
           const filePath = yield this.filePath();
-          const writeFunc = overwrite ? writeFile : appendFile;
+          const writeFunc = overwrite ? writeFile2 : appendFile;
           yield writeFunc(filePath, this._buffer, { encoding: "utf8" });
           return this.emptyBuffer();
         });
@@ -19812,7 +19812,20 @@ var require_lib2 = __commonJS({
       "session_name",
       "expiration",
       "account_id",
-      "sslmode"
+      "sslmode",
+      // ssh_cert: a certificate and its public key are public by nature (hosts log the serial and
+      // key id); the private key, when the broker made one, is not.
+      "certificate",
+      "public_key",
+      "serial",
+      "key_id",
+      "principals",
+      "valid_after",
+      // github_app: what the token may reach (the token itself is secret).
+      "owner",
+      "repositories",
+      "permissions",
+      "api_url"
     ]);
     var MAX_RETRY_AFTER_MS = 3e4;
     function envStem(name) {
@@ -19872,7 +19885,13 @@ var require_lib2 = __commonJS({
     function secretValues(grant) {
       const out = [grant.revocationToken];
       for (const c of grant.credentials) {
-        for (const f of Object.values(c.fields)) if (f.secret && f.value) out.push(f.value);
+        for (const f of Object.values(c.fields)) {
+          if (!f.secret || !f.value) continue;
+          out.push(f.value);
+          if (f.value.includes("\n")) {
+            for (const line of f.value.split("\n")) if (line.trim().length >= 8 && !line.startsWith("-----")) out.push(line.trim());
+          }
+        }
       }
       return out;
     }
@@ -19914,6 +19933,10 @@ var require_lib2 = __commonJS({
           const mode = f("sslmode") ? f("sslmode").value : url && sslModeOf(url.value);
           if (mode) push(`${p}PGSSLMODE`, { value: mode, secret: false });
           push(custom || `${p}DATABASE_URL`, url);
+        } else if (c.kind === "github_app") {
+          push(custom || (count.github_app > 1 ? `${stem}_TOKEN` : "GH_TOKEN"), f("token"));
+        } else if (c.kind === "ssh_cert") {
+          push(`${stem}_SSH_SERIAL`, f("serial"));
         } else if (c.kind === "aws_sts") {
           if (count.aws_sts > 1) continue;
           push("AWS_ACCESS_KEY_ID", f("access_key_id"));
@@ -19972,6 +19995,21 @@ ${v("region") ? `region = ${v("region")}
 `;
       }
       return { credentials, config, profiles: aws.map((c) => c.name) };
+    }
+    function parseSshKeys(input, requests) {
+      const names = String(input || "").split(/[,\n]/).map((s) => s.trim()).filter((s) => s && !s.startsWith("#"));
+      for (const n of names) {
+        if (!requests.some((r) => r.name === n)) throw new Error(`ssh-keys: ${JSON.stringify(n)} is not in credentials`);
+      }
+      return [...new Set(names)];
+    }
+    function sshFiles(grant, localKeys) {
+      return grant.credentials.filter((c) => c.kind === "ssh_cert").map((c) => ({
+        name: c.name,
+        identity: localKeys && localKeys[c.name] || c.fields.private_key && c.fields.private_key.value || null,
+        certificate: c.fields.certificate ? `${c.fields.certificate.value}
+` : null
+      }));
     }
     function outputs(grant) {
       const out = [
@@ -20142,6 +20180,8 @@ ${v("region") ? `region = ${v("region")}
       accountOfArn,
       sslModeOf,
       outputs,
+      parseSshKeys,
+      sshFiles,
       BrokerError,
       NetworkError,
       TlsError,
@@ -20219,6 +20259,59 @@ var require_transport = __commonJS({
   }
 });
 
+// src/ssh.js
+var require_ssh = __commonJS({
+  "src/ssh.js"(exports2, module2) {
+    "use strict";
+    var crypto = require("node:crypto");
+    function u32(n) {
+      const b = Buffer.alloc(4);
+      b.writeUInt32BE(n);
+      return b;
+    }
+    function str(buf) {
+      const b = Buffer.isBuffer(buf) ? buf : Buffer.from(buf);
+      return Buffer.concat([u32(b.length), b]);
+    }
+    function ed25519KeyPair(comment = "broker-action") {
+      const { publicKey, privateKey } = crypto.generateKeyPairSync("ed25519");
+      const pub = publicKey.export({ type: "spki", format: "der" }).subarray(-32);
+      const seed = privateKey.export({ type: "pkcs8", format: "der" }).subarray(-32);
+      const blob = Buffer.concat([str("ssh-ed25519"), str(pub)]);
+      const check = crypto.randomBytes(4);
+      let priv = Buffer.concat([
+        check,
+        check,
+        str("ssh-ed25519"),
+        str(pub),
+        str(Buffer.concat([seed, pub])),
+        str(comment)
+      ]);
+      const pad = [];
+      for (let i = 1; (priv.length + pad.length) % 8 !== 0; i++) pad.push(i);
+      priv = Buffer.concat([priv, Buffer.from(pad)]);
+      const body = Buffer.concat([
+        Buffer.from("openssh-key-v1\0"),
+        str("none"),
+        str("none"),
+        str(""),
+        u32(1),
+        str(blob),
+        str(priv)
+      ]).toString("base64");
+      const lines = body.match(/.{1,70}/g).join("\n");
+      return {
+        publicLine: `ssh-ed25519 ${blob.toString("base64")} ${comment}`,
+        privateKey: `-----BEGIN OPENSSH PRIVATE KEY-----
+${lines}
+-----END OPENSSH PRIVATE KEY-----
+`
+      };
+    }
+    module2.exports = { ed25519KeyPair };
+  }
+});
+
 // src/main.js
 var fs = require("node:fs");
 var os = require("node:os");
@@ -20226,16 +20319,37 @@ var path = require("node:path");
 var core = require_core();
 var lib = require_lib2();
 var transport = require_transport();
+var ssh = require_ssh();
+var filesDir = null;
+function writeFile(name, text) {
+  if (!filesDir) {
+    const base = process.env.RUNNER_TEMP || os.tmpdir();
+    filesDir = fs.mkdtempSync(path.join(base, "broker-"));
+    fs.chmodSync(filesDir, 448);
+    core.saveState("files-dir", filesDir);
+  }
+  const p = path.join(filesDir, name);
+  fs.writeFileSync(p, text, { mode: 384, flag: "wx" });
+  return p;
+}
+function writeSshFiles(grant, localKeys) {
+  const vars = [];
+  for (const f of lib.sshFiles(grant, localKeys)) {
+    if (!f.identity || !f.certificate) {
+      throw new Error(`credential ${f.name}: the broker sent no certificate or private key; list it in ssh-keys`);
+    }
+    const stem = lib.envStem(f.name);
+    const key = writeFile(`${f.name}.key`, f.identity);
+    const cert = writeFile(`${f.name}.key-cert.pub`, f.certificate);
+    core.setOutput(`${f.name}-identity-file`, key);
+    core.setOutput(`${f.name}-certificate-file`, cert);
+    vars.push({ name: `${stem}_IDENTITY_FILE`, value: key, secret: false });
+    vars.push({ name: `${stem}_CERTIFICATE_FILE`, value: cert, secret: false });
+  }
+  return vars;
+}
 function writeAwsProfiles(profiles) {
-  const base = process.env.RUNNER_TEMP || os.tmpdir();
-  const dir = fs.mkdtempSync(path.join(base, "broker-"));
-  fs.chmodSync(dir, 448);
-  core.saveState("files-dir", dir);
-  const write = (name, text) => {
-    const p = path.join(dir, name);
-    fs.writeFileSync(p, text, { mode: 384, flag: "wx" });
-    return p;
-  };
+  const write = writeFile;
   return [
     { name: "AWS_SHARED_CREDENTIALS_FILE", value: write("aws-credentials", profiles.credentials), secret: false },
     { name: "AWS_CONFIG_FILE", value: write("aws-config", profiles.config), secret: false }
@@ -20257,7 +20371,19 @@ async function run() {
       return;
     }
     core.saveState("broker-url", brokerUrl);
-    const body = JSON.stringify({ credentials: requests.map((r) => r.name), ...ttl ? { ttl } : {} });
+    const localKeys = {};
+    const parameters = {};
+    for (const name of lib.parseSshKeys(core.getInput("ssh-keys"), requests)) {
+      const pair = ssh.ed25519KeyPair(`broker-action ${process.env.GITHUB_REPOSITORY || ""}`.trim());
+      for (const line of pair.privateKey.split("\n")) if (line && !line.startsWith("-----")) core.setSecret(line);
+      localKeys[name] = pair.privateKey;
+      parameters[name] = { public_key: pair.publicLine };
+    }
+    const body = JSON.stringify({
+      credentials: requests.map((r) => r.name),
+      ...ttl ? { ttl } : {},
+      ...Object.keys(parameters).length ? { parameters } : {}
+    });
     const answer = await lib.postWithRetries(async () => {
       lastToken = await core.getIDToken(audience);
       return {
@@ -20275,10 +20401,11 @@ async function run() {
     core.saveState("revocation-token", grant.revocationToken);
     core.saveState("grant-id", grant.grantId);
     for (const o of lib.outputs(grant)) core.setOutput(o.name, o.value);
+    const sshVars = writeSshFiles(grant, localKeys);
     core.exportVariable("BROKER_GRANT_ID", grant.grantId);
     const exported = ["BROKER_GRANT_ID"];
     if (exportEnv) {
-      const vars = lib.envVars(grant, requests);
+      const vars = lib.envVars(grant, requests).concat(sshVars);
       const profiles = lib.awsProfiles(grant);
       if (profiles) vars.push(...writeAwsProfiles(profiles));
       for (const v of vars) {

@@ -19812,7 +19812,20 @@ var require_lib2 = __commonJS({
       "session_name",
       "expiration",
       "account_id",
-      "sslmode"
+      "sslmode",
+      // ssh_cert: a certificate and its public key are public by nature (hosts log the serial and
+      // key id); the private key, when the broker made one, is not.
+      "certificate",
+      "public_key",
+      "serial",
+      "key_id",
+      "principals",
+      "valid_after",
+      // github_app: what the token may reach (the token itself is secret).
+      "owner",
+      "repositories",
+      "permissions",
+      "api_url"
     ]);
     var MAX_RETRY_AFTER_MS = 3e4;
     function envStem(name) {
@@ -19872,7 +19885,13 @@ var require_lib2 = __commonJS({
     function secretValues(grant) {
       const out = [grant.revocationToken];
       for (const c of grant.credentials) {
-        for (const f of Object.values(c.fields)) if (f.secret && f.value) out.push(f.value);
+        for (const f of Object.values(c.fields)) {
+          if (!f.secret || !f.value) continue;
+          out.push(f.value);
+          if (f.value.includes("\n")) {
+            for (const line of f.value.split("\n")) if (line.trim().length >= 8 && !line.startsWith("-----")) out.push(line.trim());
+          }
+        }
       }
       return out;
     }
@@ -19914,6 +19933,10 @@ var require_lib2 = __commonJS({
           const mode = f("sslmode") ? f("sslmode").value : url && sslModeOf(url.value);
           if (mode) push(`${p}PGSSLMODE`, { value: mode, secret: false });
           push(custom || `${p}DATABASE_URL`, url);
+        } else if (c.kind === "github_app") {
+          push(custom || (count.github_app > 1 ? `${stem}_TOKEN` : "GH_TOKEN"), f("token"));
+        } else if (c.kind === "ssh_cert") {
+          push(`${stem}_SSH_SERIAL`, f("serial"));
         } else if (c.kind === "aws_sts") {
           if (count.aws_sts > 1) continue;
           push("AWS_ACCESS_KEY_ID", f("access_key_id"));
@@ -19972,6 +19995,21 @@ ${v("region") ? `region = ${v("region")}
 `;
       }
       return { credentials, config, profiles: aws.map((c) => c.name) };
+    }
+    function parseSshKeys(input, requests) {
+      const names = String(input || "").split(/[,\n]/).map((s) => s.trim()).filter((s) => s && !s.startsWith("#"));
+      for (const n of names) {
+        if (!requests.some((r) => r.name === n)) throw new Error(`ssh-keys: ${JSON.stringify(n)} is not in credentials`);
+      }
+      return [...new Set(names)];
+    }
+    function sshFiles(grant, localKeys) {
+      return grant.credentials.filter((c) => c.kind === "ssh_cert").map((c) => ({
+        name: c.name,
+        identity: localKeys && localKeys[c.name] || c.fields.private_key && c.fields.private_key.value || null,
+        certificate: c.fields.certificate ? `${c.fields.certificate.value}
+` : null
+      }));
     }
     function outputs(grant) {
       const out = [
@@ -20142,6 +20180,8 @@ ${v("region") ? `region = ${v("region")}
       accountOfArn,
       sslModeOf,
       outputs,
+      parseSshKeys,
+      sshFiles,
       BrokerError,
       NetworkError,
       TlsError,

@@ -14,6 +14,11 @@ const PUBLIC_FIELDS = new Set([
   'kind', 'expires_at', 'token_type', 'audience', 'scope', 'token_id', 'username', 'user',
   'host', 'port', 'database', 'region', 'role_arn', 'session_name', 'expiration', 'account_id',
   'sslmode',
+  // ssh_cert: a certificate and its public key are public by nature (hosts log the serial and
+  // key id); the private key, when the broker made one, is not.
+  'certificate', 'public_key', 'serial', 'key_id', 'principals', 'valid_after',
+  // github_app: what the token may reach (the token itself is secret).
+  'owner', 'repositories', 'permissions', 'api_url',
 ]);
 
 const MAX_RETRY_AFTER_MS = 30_000;
@@ -87,11 +92,20 @@ function parseGrant(body) {
   };
 }
 
-/** Every secret value of a grant (what must be masked before anything is printed). */
+/**
+ * Every secret value of a grant (what must be masked before anything is printed). A value of
+ * several lines (a private key) is also given line by line: the runner masks per line.
+ */
 function secretValues(grant) {
   const out = [grant.revocationToken];
   for (const c of grant.credentials) {
-    for (const f of Object.values(c.fields)) if (f.secret && f.value) out.push(f.value);
+    for (const f of Object.values(c.fields)) {
+      if (!f.secret || !f.value) continue;
+      out.push(f.value);
+      if (f.value.includes('\n')) {
+        for (const line of f.value.split('\n')) if (line.trim().length >= 8 && !line.startsWith('-----')) out.push(line.trim());
+      }
+    }
   }
   return out;
 }
@@ -152,6 +166,13 @@ function envVars(grant, requests) {
       const mode = f('sslmode') ? f('sslmode').value : url && sslModeOf(url.value);
       if (mode) push(`${p}PGSSLMODE`, { value: mode, secret: false });
       push(custom || `${p}DATABASE_URL`, url);
+    } else if (c.kind === 'github_app') {
+      // One App token: GH_TOKEN (what `gh` and most tools read); several: <NAME>_TOKEN each.
+      push(custom || (count.github_app > 1 ? `${stem}_TOKEN` : 'GH_TOKEN'), f('token'));
+    } else if (c.kind === 'ssh_cert') {
+      // The key and certificate go to files (main.js: <NAME>_IDENTITY_FILE,
+      // <NAME>_CERTIFICATE_FILE), never to the environment.
+      push(`${stem}_SSH_SERIAL`, f('serial'));
     } else if (c.kind === 'aws_sts') {
       if (count.aws_sts > 1) continue; // awsProfiles
       push('AWS_ACCESS_KEY_ID', f('access_key_id'));
@@ -214,6 +235,31 @@ function awsProfiles(grant) {
     config += `[profile ${c.name}]\n${v('region') ? `region = ${v('region')}\n` : ''}\n`;
   }
   return { credentials, config, profiles: aws.map((c) => c.name) };
+}
+
+/**
+ * The `ssh-keys` input: credential names (commas or newlines) whose key pair the action makes on
+ * the runner, sending only the public key. Each must also be requested.
+ */
+function parseSshKeys(input, requests) {
+  const names = String(input || '').split(/[,\n]/).map((s) => s.trim()).filter((s) => s && !s.startsWith('#'));
+  for (const n of names) {
+    if (!requests.some((r) => r.name === n)) throw new Error(`ssh-keys: ${JSON.stringify(n)} is not in credentials`);
+  }
+  return [...new Set(names)];
+}
+
+/**
+ * The files of each ssh_cert credential: `{name, identity, certificate}` where identity is the
+ * runner's own private key (`localKeys[name]`) or the one the broker made, or null when
+ * neither is there (the credential then cannot be used and main fails).
+ */
+function sshFiles(grant, localKeys) {
+  return grant.credentials.filter((c) => c.kind === 'ssh_cert').map((c) => ({
+    name: c.name,
+    identity: (localKeys && localKeys[c.name]) || (c.fields.private_key && c.fields.private_key.value) || null,
+    certificate: c.fields.certificate ? `${c.fields.certificate.value}\n` : null,
+  }));
 }
 
 /** Step outputs: `grant-id`, `expires-at`, and `<credential>-<field>` for every field. */
@@ -407,7 +453,7 @@ const NO_ID_TOKEN_HELP = 'ACTIONS_ID_TOKEN_REQUEST_URL is not set, so this job c
 module.exports = {
   parseAttempts,
   PUBLIC_FIELDS, envStem, parseCredentials, parseBool, parseGrant, secretValues, envVars, awsProfiles,
-  accountOfArn, sslModeOf, outputs,
+  accountOfArn, sslModeOf, outputs, parseSshKeys, sshFiles,
   BrokerError, NetworkError, TlsError, transportError, retryable, delayMs, postWithRetries, unverifiedClaims, explainRefusal,
   NO_ID_TOKEN_HELP,
 };

@@ -11,22 +11,53 @@ const path = require('node:path');
 const core = require('@actions/core');
 const lib = require('./lib');
 const transport = require('./transport');
+const ssh = require('./ssh');
+
+let filesDir = null;
+/**
+ * Write a credential file (0600) in this step's 0700 directory under the runner's per-job temp
+ * dir (made on first use; the post step deletes it) and return its path.
+ */
+function writeFile(name, text) {
+  if (!filesDir) {
+    const base = process.env.RUNNER_TEMP || os.tmpdir();
+    filesDir = fs.mkdtempSync(path.join(base, 'broker-'));
+    fs.chmodSync(filesDir, 0o700);
+    core.saveState('files-dir', filesDir);
+  }
+  const p = path.join(filesDir, name);
+  fs.writeFileSync(p, text, { mode: 0o600, flag: 'wx' });
+  return p;
+}
 
 /**
- * Several aws_sts credentials: write a shared credentials file and a config file (0600, in a
- * 0700 directory under the runner's per-job temp dir) and return the variables naming them.
- * The post step deletes the directory.
+ * ssh_cert credentials: an `IdentityFile` and its `CertificateFile` (both 0600) per credential,
+ * with `<NAME>_IDENTITY_FILE` / `<NAME>_CERTIFICATE_FILE` variables and outputs
+ * `<name>-identity-file` / `<name>-certificate-file` naming them (paths are not secret).
+ */
+function writeSshFiles(grant, localKeys) {
+  const vars = [];
+  for (const f of lib.sshFiles(grant, localKeys)) {
+    if (!f.identity || !f.certificate) {
+      throw new Error(`credential ${f.name}: the broker sent no certificate or private key; list it in ssh-keys`);
+    }
+    const stem = lib.envStem(f.name);
+    const key = writeFile(`${f.name}.key`, f.identity);
+    const cert = writeFile(`${f.name}.key-cert.pub`, f.certificate);
+    core.setOutput(`${f.name}-identity-file`, key);
+    core.setOutput(`${f.name}-certificate-file`, cert);
+    vars.push({ name: `${stem}_IDENTITY_FILE`, value: key, secret: false });
+    vars.push({ name: `${stem}_CERTIFICATE_FILE`, value: cert, secret: false });
+  }
+  return vars;
+}
+
+/**
+ * Several aws_sts credentials: write a shared credentials file and a config file and return
+ * the variables naming them.
  */
 function writeAwsProfiles(profiles) {
-  const base = process.env.RUNNER_TEMP || os.tmpdir();
-  const dir = fs.mkdtempSync(path.join(base, 'broker-'));
-  fs.chmodSync(dir, 0o700);
-  core.saveState('files-dir', dir);
-  const write = (name, text) => {
-    const p = path.join(dir, name);
-    fs.writeFileSync(p, text, { mode: 0o600, flag: 'wx' });
-    return p;
-  };
+  const write = writeFile;
   return [
     { name: 'AWS_SHARED_CREDENTIALS_FILE', value: write('aws-credentials', profiles.credentials), secret: false },
     { name: 'AWS_CONFIG_FILE', value: write('aws-config', profiles.config), secret: false },
@@ -50,7 +81,20 @@ async function run() {
     }
     core.saveState('broker-url', brokerUrl);
 
-    const body = JSON.stringify({ credentials: requests.map((r) => r.name), ...(ttl ? { ttl } : {}) });
+    // Key pairs made here for the credentials named in ssh-keys: only the public key is sent.
+    const localKeys = {};
+    const parameters = {};
+    for (const name of lib.parseSshKeys(core.getInput('ssh-keys'), requests)) {
+      const pair = ssh.ed25519KeyPair(`broker-action ${process.env.GITHUB_REPOSITORY || ''}`.trim());
+      for (const line of pair.privateKey.split('\n')) if (line && !line.startsWith('-----')) core.setSecret(line);
+      localKeys[name] = pair.privateKey;
+      parameters[name] = { public_key: pair.publicLine };
+    }
+    const body = JSON.stringify({
+      credentials: requests.map((r) => r.name),
+      ...(ttl ? { ttl } : {}),
+      ...(Object.keys(parameters).length ? { parameters } : {}),
+    });
     const answer = await lib.postWithRetries(async () => {
       // A fresh token per attempt: the broker accepts each job token once.
       lastToken = await core.getIDToken(audience); // getIDToken masks it
@@ -71,11 +115,14 @@ async function run() {
     core.saveState('grant-id', grant.grantId);
 
     for (const o of lib.outputs(grant)) core.setOutput(o.name, o.value);
+    // SSH key and certificate files are written whether or not export-env is set: outputs name
+    // them, and no secret goes into a variable.
+    const sshVars = writeSshFiles(grant, localKeys);
     // The grant id is not secret: later steps (and people reading the log) may use it.
     core.exportVariable('BROKER_GRANT_ID', grant.grantId);
     const exported = ['BROKER_GRANT_ID'];
     if (exportEnv) {
-      const vars = lib.envVars(grant, requests);
+      const vars = lib.envVars(grant, requests).concat(sshVars);
       const profiles = lib.awsProfiles(grant);
       if (profiles) vars.push(...writeAwsProfiles(profiles));
       for (const v of vars) {

@@ -296,3 +296,51 @@ test('credential shapes in the job: postgres PG*, several aws_sts as profiles in
   assert.equal(post.code, 0, post.stdout + post.stderr);
   assert.ok(!fs.existsSync(path.dirname(credFile)), 'post deleted the credential files');
 });
+
+test('ssh_cert: the key pair is made on the runner, only the public key is sent, key + certificate in 0600 files; github_app: GH_TOKEN', async (t) => {
+  const tokens = await tokenEndpoint();
+  let sentPublicKey = null;
+  const broker = await serve((req, n, body) => {
+    if (req.url !== '/v1/exchange') return [200, { grant_id: 'grant-9', status: 'revoked' }];
+    const asked = JSON.parse(body);
+    sentPublicKey = asked.parameters && asked.parameters['deploy-ssh'] && asked.parameters['deploy-ssh'].public_key;
+    return [200, {
+      grant_id: 'grant-9', expires_at: '2030-01-01T00:00:00Z', revocation_token: 'brk_rvk_REVOKE_SECRET',
+      credentials: {
+        'deploy-ssh': { kind: 'ssh_cert', certificate: `ssh-ed25519-cert-v01@openssh.com CERTDATA`, public_key: sentPublicKey, serial: '77', principals: ['deploy'] },
+        'made-ssh': { kind: 'ssh_cert', certificate: 'ssh-ed25519-cert-v01@openssh.com CERT2', private_key: '-----BEGIN OPENSSH PRIVATE KEY-----\nBROKER_MADE_KEY_LINE\n-----END OPENSSH PRIVATE KEY-----\n', serial: '78' },
+        release: { kind: 'github_app', token: 'ghs_APP_TOKEN_SECRET', repositories: ['api'], permissions: { contents: 'read' } },
+      },
+    }];
+  });
+  t.after(() => { tokens.close(); broker.close(); });
+  const inputs = { 'broker-url': broker.url, credentials: 'deploy-ssh, made-ssh, release', 'ssh-keys': 'deploy-ssh', 'export-env': 'true' };
+  const main = await runStep('main', { inputs, env: env(tokens) });
+  assert.equal(main.code, 0, main.stdout + main.stderr);
+  assert.match(sentPublicKey, /^ssh-ed25519 AAAA/);
+  const exchange = broker.calls.find((c) => c.url === '/v1/exchange');
+  assert.ok(!/PRIVATE KEY/.test(exchange.body), 'no private key is sent');
+  assert.ok(!('made-ssh' in (JSON.parse(exchange.body).parameters || {})));
+  const e = main.env;
+  const key = e.DEPLOY_SSH_IDENTITY_FILE;
+  const cert = e.DEPLOY_SSH_CERTIFICATE_FILE;
+  assert.equal(main.outputs['deploy-ssh-identity-file'], key);
+  assert.equal(main.outputs['deploy-ssh-certificate-file'], cert);
+  for (const f of [key, cert, e.MADE_SSH_IDENTITY_FILE]) assert.equal(fs.statSync(f).mode & 0o777, 0o600, f);
+  assert.equal(fs.readFileSync(cert, 'utf8'), 'ssh-ed25519-cert-v01@openssh.com CERTDATA\n');
+  assert.match(fs.readFileSync(key, 'utf8'), /^-----BEGIN OPENSSH PRIVATE KEY-----/);
+  assert.match(fs.readFileSync(e.MADE_SSH_IDENTITY_FILE, 'utf8'), /BROKER_MADE_KEY_LINE/);
+  try {
+    const derived = execFileSync('ssh-keygen', ['-y', '-f', key], { encoding: 'utf8' });
+    assert.equal(derived.split(' ').slice(0, 2).join(' '), sentPublicKey.split(' ').slice(0, 2).join(' '));
+  } catch (err) {
+    if (err.code !== 'ENOENT') throw err;
+  }
+  assert.equal(e.GH_TOKEN, 'ghs_APP_TOKEN_SECRET');
+  assert.ok(!Object.values(e).some((v) => /PRIVATE KEY|BROKER_MADE_KEY_LINE/.test(v)), 'no key in the environment');
+  for (const s of ['ghs_APP_TOKEN_SECRET', 'BROKER_MADE_KEY_LINE']) assert.ok(masked(main).includes(s), s);
+  assert.deepEqual(leaks(main, ['ghs_APP_TOKEN_SECRET', 'BROKER_MADE_KEY_LINE', 'brk_rvk_REVOKE_SECRET']), []);
+  const post = await runStep('post', { inputs, state: main.state });
+  assert.equal(post.code, 0, post.stdout + post.stderr);
+  assert.ok(!fs.existsSync(key) && !fs.existsSync(cert), 'post deleted the key and certificate');
+});

@@ -267,3 +267,55 @@ test('refusals are explained with the claims the policy saw', () => {
   assert.doesNotMatch(lines, /SIGNATURE/);
   assert.equal(lib.unverifiedClaims('not-a-jwt'), null);
 });
+
+test('ssh_cert and github_app: certificate public, keys and tokens secret, GH_TOKEN, no key in env', () => {
+  const g = lib.parseGrant({
+    grant_id: 'g', expires_at: 'e', revocation_token: 'brk_rvk_SECRET_R',
+    credentials: {
+      'deploy-ssh': {
+        kind: 'ssh_cert', certificate: 'ssh-ed25519-cert-v01@openssh.com AAAA', public_key: 'ssh-ed25519 AAAA',
+        private_key: '-----BEGIN OPENSSH PRIVATE KEY-----\nSECRETLINE_ONE_XXXX\nSECRETLINE_TWO_YYYY\n-----END OPENSSH PRIVATE KEY-----\n',
+        serial: '123', key_id: 'broker grant=g', principals: ['deploy'],
+      },
+      release: { kind: 'github_app', token: 'ghs_SECRET_G', repositories: ['api'], permissions: { contents: 'read' } },
+    },
+  });
+  const ssh = g.credentials.find((c) => c.name === 'deploy-ssh');
+  assert.equal(ssh.fields.certificate.secret, false);
+  assert.equal(ssh.fields.private_key.secret, true);
+  const secrets = lib.secretValues(g);
+  assert.ok(secrets.includes('ghs_SECRET_G'));
+  assert.ok(secrets.includes('SECRETLINE_ONE_XXXX') && secrets.includes('SECRETLINE_TWO_YYYY'), 'each key line masked');
+  const vars = lib.envVars(g, [{ name: 'deploy-ssh' }, { name: 'release' }]);
+  assert.deepEqual(vars.find((v) => v.name === 'GH_TOKEN'), { name: 'GH_TOKEN', value: 'ghs_SECRET_G', secret: true });
+  assert.ok(!vars.some((v) => /SECRETLINE/.test(v.value)), 'no private key in the environment');
+  const renamed = lib.envVars(g, [{ name: 'release', envName: 'GITHUB_TOKEN' }]);
+  assert.ok(renamed.some((v) => v.name === 'GITHUB_TOKEN'));
+  const files = lib.sshFiles(g, {});
+  assert.equal(files.length, 1);
+  assert.match(files[0].identity, /SECRETLINE_ONE/);
+  assert.equal(files[0].certificate, 'ssh-ed25519-cert-v01@openssh.com AAAA\n');
+  assert.equal(lib.sshFiles(g, { 'deploy-ssh': 'LOCAL' })[0].identity, 'LOCAL', 'the runner key wins');
+  assert.deepEqual(lib.parseSshKeys('deploy-ssh, deploy-ssh', [{ name: 'deploy-ssh' }]), ['deploy-ssh']);
+  assert.throws(() => lib.parseSshKeys('other', [{ name: 'deploy-ssh' }]), /not in credentials/);
+});
+
+test('ed25519KeyPair: OpenSSH reads the private key and derives the same public key', (t) => {
+  const { execFileSync } = require('node:child_process');
+  const fs = require('node:fs');
+  const os = require('node:os');
+  const path = require('node:path');
+  const { ed25519KeyPair } = require('../src/ssh');
+  try { execFileSync('ssh-keygen', ['-?'], { stdio: 'ignore' }); } catch (e) {
+    if (e.code === 'ENOENT') { t.skip('ssh-keygen is not installed'); return; }
+  }
+  const pair = ed25519KeyPair('test-comment');
+  assert.match(pair.publicLine, /^ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI[A-Za-z0-9+/=]+ test-comment$/);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ssh-test-'));
+  const key = path.join(dir, 'id');
+  fs.writeFileSync(key, pair.privateKey, { mode: 0o600 });
+  const derived = execFileSync('ssh-keygen', ['-y', '-f', key], { encoding: 'utf8' }).trim();
+  assert.equal(derived.split(' ').slice(0, 2).join(' '), pair.publicLine.split(' ').slice(0, 2).join(' '));
+  assert.notEqual(ed25519KeyPair().publicLine, pair.publicLine, 'a fresh pair each time');
+  fs.rmSync(dir, { recursive: true, force: true });
+});

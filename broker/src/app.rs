@@ -75,6 +75,23 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         );
         extra_providers.push(p);
     }
+    let ssh_cas = if cfg.targets.ssh_ca.is_empty() {
+        None
+    } else {
+        let p = Arc::new(
+            crate::providers::ssh_cert::SshCertProvider::new(&cfg.targets.ssh_ca)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        );
+        extra_providers.push(p.clone());
+        Some(p)
+    };
+    if !cfg.targets.github_app.is_empty() {
+        let p = Arc::new(
+            crate::providers::github_app::GithubAppProvider::new(&cfg.targets.github_app)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        );
+        extra_providers.push(p);
+    }
     let mut broker = Broker::new(BrokerParts {
         verifier,
         store,
@@ -101,6 +118,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
     )?);
     broker.set_refusal_limits(&cfg.refusals);
     broker.set_leaks(crate::leaks::Leaks::from_config(&cfg.leaks)?);
+    broker.set_ssh_cas(ssh_cas);
     Ok(Arc::new(broker))
 }
 
@@ -190,6 +208,15 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
         _ => None,
     };
     let reaper = tokio::spawn(broker.clone().run_reaper(stop_rx.clone()));
+    // A checkpoint signed with an ephemeral key could never be checked after a restart.
+    let mut schedule = cfg.audit.checkpoints.clone();
+    if cfg.api_tokens.signing_key.is_none() && schedule.enabled() {
+        tracing::warn!(
+            "audit.checkpoints: no persistent api_tokens.signing_key, so no scheduled checkpoints"
+        );
+        schedule.every = time::Duration::ZERO;
+    }
+    let checkpoints = tokio::spawn(broker.clone().run_checkpoints(schedule, stop_rx.clone()));
     let refresher = tokio::spawn(refresh_keys(broker.clone(), stop_rx.clone()));
     let aggregates = tokio::spawn(flush_refusal_aggregates(broker.clone(), stop_rx.clone()));
     let reloader = tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone()));
@@ -203,7 +230,14 @@ pub async fn serve(cfg: Config, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Re
 
     http::serve(listener, app, conn_limits, shutdown_signal()).await;
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(reaper, refresher, reloader, watcher, aggregates);
+    let _ = tokio::join!(
+        reaper,
+        refresher,
+        reloader,
+        watcher,
+        aggregates,
+        checkpoints
+    );
     if let Some(s) = admin_server {
         let _ = s.await;
     }

@@ -282,6 +282,9 @@ pub struct Config {
     /// Leak reports (`/v1/leaks/github`, `/v1/leaks`); see `leaks/` and docs/leaks.md.
     #[serde(default)]
     pub leaks: crate::leaks::LeaksConfig,
+    /// Signed audit checkpoints on a schedule and where they are exported (`audit/export.rs`).
+    #[serde(default)]
+    pub audit: crate::audit::export::AuditConfig,
 }
 
 /// Whether the built-in dev issuer may be configured.
@@ -382,6 +385,7 @@ impl Config {
         p.extend(crate::webhooks::validate(&self.webhooks, &self.issuers));
         p.extend(crate::refusals::validate(&self.refusals));
         p.extend(crate::leaks::validate(&self.leaks));
+        p.extend(crate::audit::export::validate(&self.audit));
         if self
             .admin_listen
             .is_some_and(|a| a == self.listen && a.port() != 0)

@@ -100,11 +100,19 @@ struct LeakLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    kind: String,
+    op: String,
+    result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DigestLabels {
     digest: String,
 }
 
 type HistogramFamily = Family<StageLabels, Histogram, fn() -> Histogram>;
+type ProviderHistogramFamily = Family<ProviderLabels, Histogram, fn() -> Histogram>;
 
 fn stage_histogram() -> Histogram {
     // 0.25 ms .. ~4 s: policy evaluation sits at the bottom, a slow provider at the top.
@@ -128,6 +136,10 @@ struct Metrics {
     malformed_secrets: Family<WhereLabels, Counter>,
     leak_tokens: Family<LeakLabels, Counter>,
     revocation_verifications: Family<ResultLabels, Counter>,
+    provider_seconds: ProviderHistogramFamily,
+    audit_write_failures: Counter,
+    freeze_active: Gauge,
+    audit_checkpoints: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -149,6 +161,10 @@ impl Metrics {
             malformed_secrets: Family::default(),
             leak_tokens: Family::default(),
             revocation_verifications: Family::default(),
+            provider_seconds: Family::new_with_constructor(stage_histogram),
+            audit_write_failures: Counter::default(),
+            freeze_active: Gauge::default(),
+            audit_checkpoints: Family::default(),
         };
         registry.register(
             "exchanges",
@@ -221,6 +237,27 @@ impl Metrics {
             "revocation_verifications",
             "Checks after a revocation that the old access no longer works, by result (verified, unverified: alert on it)",
             m.revocation_verifications.clone(),
+        );
+        registry.register_with_unit(
+            "provider_operation",
+            "Time a credential provider took to mint or revoke, by kind, operation (mint, revoke) and result (success, failure)",
+            prometheus_client::registry::Unit::Seconds,
+            m.provider_seconds.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Store writes carrying audit events that failed (the request they belonged to failed closed)",
+            m.audit_write_failures.clone(),
+        );
+        registry.register(
+            "freeze_active",
+            "1 while an operator freeze is in force (cluster-wide, from the store), else 0",
+            m.freeze_active.clone(),
+        );
+        registry.register(
+            "audit_checkpoints",
+            "Scheduled signed audit checkpoints by result (ok, export_failed: taken but a destination did not get it, failed)",
+            m.audit_checkpoints.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -382,6 +419,36 @@ pub fn store_gauges_failed() {
     METRICS.store_gauge_errors.inc();
 }
 
+/// Record one provider call: `op` is `mint` or `revoke`.
+pub fn provider_op(kind: &str, op: &str, ok: bool, started: Instant) {
+    METRICS
+        .provider_seconds
+        .get_or_create(&ProviderLabels {
+            kind: s(kind),
+            op: s(op),
+            result: s(if ok { "success" } else { "failure" }),
+        })
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// A store write carrying audit events failed.
+pub fn audit_write_failed() {
+    METRICS.audit_write_failures.inc();
+}
+
+/// Whether an operator freeze is in force (read from the store on scrape).
+pub fn set_freeze_active(active: bool) {
+    METRICS.freeze_active.set(i64::from(active));
+}
+
+/// Count one scheduled audit checkpoint by result.
+pub fn audit_checkpoint(result: &str) {
+    METRICS
+        .audit_checkpoints
+        .get_or_create(&ResultLabels { result: s(result) })
+        .inc();
+}
+
 /// Every metric in OpenMetrics text.
 pub fn render() -> String {
     let mut out = String::new();
@@ -484,5 +551,98 @@ mod tests {
             Some(1.0)
         );
         assert!(series(&text, "broker_revocation_retries_total").unwrap_or(0.0) >= 1.0);
+    }
+
+    /// The alerting rules and the dashboard in `deploy/` name only metrics the broker exports
+    /// (a renamed metric would leave an alert that can never fire).
+    #[test]
+    fn deploy_rules_and_dashboard_name_exported_metrics() {
+        // A registry of its own with one series in every family (an empty family is not
+        // rendered), so other tests' series do not matter.
+        let m = Metrics::new();
+        let l = || s("x");
+        m.exchanges
+            .get_or_create(&ExchangeLabels {
+                outcome: l(),
+                reason: l(),
+                kind: l(),
+            })
+            .inc();
+        m.stage_seconds
+            .get_or_create(&StageLabels { stage: l() })
+            .observe(1.0);
+        m.active_grants
+            .get_or_create(&KindLabels { kind: l() })
+            .set(1);
+        m.revocations
+            .get_or_create(&RevocationLabels {
+                cause: l(),
+                result: l(),
+            })
+            .inc();
+        m.jwks_fetches
+            .get_or_create(&ResultLabels { result: l() })
+            .inc();
+        m.policy_reloads
+            .get_or_create(&ResultLabels { result: l() })
+            .inc();
+        m.audit_checkpoints
+            .get_or_create(&ResultLabels { result: l() })
+            .inc();
+        m.policy_bundle
+            .get_or_create(&DigestLabels { digest: l() })
+            .set(1);
+        m.refusals
+            .get_or_create(&RefusalLabels {
+                action: l(),
+                reason: l(),
+                audit: l(),
+            })
+            .inc();
+        m.provider_seconds
+            .get_or_create(&ProviderLabels {
+                kind: l(),
+                op: l(),
+                result: l(),
+            })
+            .observe(1.0);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/");
+        let mut named = 0;
+        for file in [
+            "prometheus/broker-rules.yaml",
+            "prometheus/broker-rules.test.yaml",
+            "grafana/broker-dashboard.json",
+        ] {
+            let body = std::fs::read_to_string(format!("{deploy}{file}")).unwrap();
+            let mut rest = body.as_str();
+            while let Some(i) = rest.find("broker_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                // `broker_rules`-style words in prose are not metric names.
+                if !rest.starts_with(['{', ')', '[', ' ', '\'', '"']) || name == "broker_audit" {
+                    continue;
+                }
+                let family = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(&name);
+                assert!(
+                    families.contains(&family),
+                    "{file} names {name}, which the broker does not export"
+                );
+                named += 1;
+            }
+        }
+        assert!(named > 20, "only {named} metric names found in deploy/");
     }
 }

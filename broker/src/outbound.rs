@@ -35,7 +35,9 @@ impl From<reqwest::Error> for BuildError {
 #[derive(Debug, Clone, Copy)]
 #[must_use]
 pub struct Outbound {
-    timeout: Duration,
+    /// `None`: a long-lived answer (a stream), bounded by `read_timeout` instead.
+    timeout: Option<Duration>,
+    read_timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
     follow_redirects: bool,
     user_agent: &'static str,
@@ -46,11 +48,20 @@ impl Outbound {
     /// [`USER_AGENT`].
     pub fn new(timeout: Duration) -> Self {
         Self {
-            timeout,
+            timeout: Some(timeout),
+            read_timeout: None,
             connect_timeout: None,
             follow_redirects: false,
             user_agent: USER_AGENT,
         }
+    }
+
+    /// For answers that last (a followed stream): no limit on the whole request, but give up when
+    /// nothing arrives for `idle`.
+    pub fn streaming(mut self, idle: Duration) -> Self {
+        self.timeout = None;
+        self.read_timeout = Some(idle);
+        self
     }
 
     /// Give up connecting after `timeout`.
@@ -82,9 +93,13 @@ impl Outbound {
     }
 
     fn builder(&self) -> reqwest::ClientBuilder {
-        let mut b = reqwest::Client::builder()
-            .timeout(self.timeout)
-            .user_agent(self.user_agent);
+        let mut b = reqwest::Client::builder().user_agent(self.user_agent);
+        if let Some(t) = self.timeout {
+            b = b.timeout(t);
+        }
+        if let Some(t) = self.read_timeout {
+            b = b.read_timeout(t);
+        }
         if !self.follow_redirects {
             b = b.redirect(reqwest::redirect::Policy::none());
         }

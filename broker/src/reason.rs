@@ -64,6 +64,8 @@ reason_codes! {
         "send a JSON object";
     InvalidText = "invalid_text", Some(400), "request text the broker cannot accept",
         "a credential name, body key or value, or audit query parameter holds a control character (a NUL...) or is over 1,024 bytes: remove it";
+    InvalidParameters = "invalid_parameters", Some(400), "a credential's parameters are malformed or not accepted",
+        "fix `parameters.<credential>` in the request: the message names the credential and the parameter";
     UnknownFilterValue = "unknown_filter_value", Some(400), "the filter names an issuer, credential or kind this broker does not have",
         "use one of the known values the message lists";
     // 401: the caller's token.
@@ -110,6 +112,8 @@ reason_codes! {
         "a claim cannot be used for the credential: fix the policy";
     Frozen = "frozen", Some(403), "exchanges are frozen by an operator; nothing was issued",
         "wait for the operators to lift the freeze (`GET /v1/admin/freeze` shows it)";
+    ParametersExceedPolicy = "parameters_exceed_policy", Some(403), "a credential's parameters ask for more than the policy allows",
+        "ask for no more than the credential's policy names (permissions, levels, repositories), or change the policy";
     OperatorForbidden = "operator_forbidden", Some(403), "the operator lacks the role this endpoint needs",
         "use an operator with the role the message names";
     WebhookOutOfScope = "webhook_out_of_scope", Some(403), "the delivery concerns a repository outside the scope of the secret that signed it",
@@ -119,6 +123,8 @@ reason_codes! {
         "check the URL (webhook endpoints exist only when `webhooks:` configures them)";
     MethodNotAllowed = "method_not_allowed", Some(405), "this endpoint does not accept that method",
         "use the method the API table lists";
+    AuditGap = "audit_gap", Some(410), "audit events after the requested sequence number were pruned",
+        "resume the stream from the sequence number in the message; the events before it are in your earlier copy or a signed checkpoint's export";
     HeaderTimeout = "header_timeout", Some(408), "the request's headers did not arrive in time",
         "the request's headers did not arrive within `limits.header_read_timeout`; the connection is closed";
     ReplayedDelivery = "replayed_delivery", Some(409), "this delivery was already processed",
@@ -172,6 +178,7 @@ reason_codes! {
     AuditQuery = "audit_query", None, "an operator read the audit log", "";
     LeakReported = "leak_reported", None, "a leak report named a credential the broker issued; what was revoked is in the event", "";
     LeakFalsePositive = "leak_false_positive", None, "a leak report named tokens the broker did not issue (hashes in the event)", "";
+    AuditStream = "audit_stream", None, "an operator opened the audit stream", "";
 }
 
 impl std::fmt::Display for ReasonCode {

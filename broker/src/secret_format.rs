@@ -73,8 +73,8 @@ impl SecretKind {
         }
     }
 
-    /// Total length of a secret of this kind.
-    #[allow(clippy::len_without_is_empty)] // a kind has a length, never an emptiness
+    /// Total length of a secret of this kind (never empty: a kind has no `is_empty`).
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(self) -> usize {
         self.prefix().len() + RANDOM_LEN + 1 + CHECKSUM_LEN
     }

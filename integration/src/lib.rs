@@ -7,13 +7,16 @@
 //! - [`pg`]: the Postgres test server as a credential target ([`pg::PgApp`]);
 //! - [`store_db`]: raw SQL against the broker's own store on either backend;
 //! - [`moto`]: moto in server mode, the AWS end of the AWS tests;
+//! - [`github_fake`]: a local fake of the GitHub App API calls ([`github_fake::FakeGithub`]);
 //! - [`http`]: the one HTTP client builder and the broker's API calls;
 //! - [`proxy`]: a TCP proxy a test cuts or stalls ([`FaultProxy`]);
 //! - [`secrets`]: the leak check every test ends with ([`Secrets`]);
+//! - [`sshd`]: a real OpenSSH server for the SSH certificate tests ([`sshd::Sshd`]);
 //! - [`tools`]: outside tools some tests drive (gitlab-ci-local);
 //! - [`wait`]: free ports, bounded polling, numbers from the environment, percentiles.
 
 pub mod broker_process;
+pub mod github_fake;
 pub mod http;
 pub mod issuer;
 pub mod leak_keys;
@@ -21,6 +24,7 @@ pub mod moto;
 pub mod pg;
 pub mod proxy;
 pub mod secrets;
+pub mod sshd;
 pub mod store_db;
 pub mod tools;
 pub mod wait;

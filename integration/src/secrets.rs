@@ -24,6 +24,7 @@ pub const SECRET_FIELDS: &[&str] = &[
     "database_url",
     "secret_access_key",
     "session_token",
+    "private_key",
 ];
 
 /// Shortest fragment searched for: long enough to be unique to one secret.

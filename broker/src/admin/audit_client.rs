@@ -163,7 +163,7 @@ fn cells(ev: &AuditEvent) -> [String; 11] {
 }
 
 /// Control characters (escape sequences, newlines) replaced so one event is one safe line.
-fn clean(s: &str) -> String {
+pub(crate) fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()

@@ -242,7 +242,14 @@ mod tests {
             .unknown_value(&issuers, &creds)
             .unwrap();
         assert_eq!(field, "kind");
-        assert_eq!(known, vec!["api_token", "aws_sts", "postgres"]);
+        // Every kind this build knows, sorted (the list grows with each kind).
+        let mut kinds: Vec<&str> = crate::providers::CredentialKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect();
+        kinds.sort_unstable();
+        assert_eq!(known, kinds);
+        assert!(known.contains(&"api_token".to_owned()) && known.contains(&"ssh_cert".to_owned()));
         // Repositories are not a closed set: any value is a valid (possibly empty) selection.
         assert_eq!(
             f(serde_json::json!({"repository": "nobody/nothing"})).unknown_value(&issuers, &creds),

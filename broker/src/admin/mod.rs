@@ -12,6 +12,7 @@
 mod actions;
 pub mod audit_client;
 pub mod audit_query;
+pub mod audit_tail;
 pub mod client;
 pub mod filter;
 pub mod operators;
@@ -79,6 +80,9 @@ pub enum AdminError {
     InvalidText(#[from] crate::store::text::TextError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The audit stream was asked to resume before the newest prune cut: events are gone.
+    #[error("audit events through sequence number {pruned_through} were pruned")]
+    AuditGap { pruned_through: i64 },
     /// This client sent too many requests without a valid operator token (`refusals.rs`).
     #[error("too many failed verifications from this client")]
     TooManyFailures { retry_after_secs: u64 },
@@ -99,6 +103,7 @@ impl AdminError {
             AdminError::Store(StoreError::Rejected(_)) => ReasonCode::StoreRejected,
             AdminError::Store(_) => ReasonCode::StoreUnavailable,
             AdminError::TooManyFailures { .. } => ReasonCode::TooManyFailures,
+            AdminError::AuditGap { .. } => ReasonCode::AuditGap,
         }
     }
 

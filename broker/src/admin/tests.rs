@@ -411,6 +411,7 @@ async fn revoke_all_revokes_a_thousand_grants_in_one_call() {
                     token: job_token(&h, repo, 1),
                     credentials: vec!["deploy-api".into()],
                     ttl: None,
+                    parameters: Default::default(),
                 },
                 &ctx,
             )
@@ -896,6 +897,7 @@ async fn revoke_all_finds_the_newest_matching_grants_past_the_first_page() {
                     token: job_token(&h, repo, 1),
                     credentials: vec!["deploy-api".into()],
                     ttl: None,
+                    parameters: Default::default(),
                 },
                 &ctx,
             )

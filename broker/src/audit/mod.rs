@@ -6,6 +6,8 @@
 //! which is not `Serialize`, so they cannot be put here.
 
 pub mod checkpoint;
+pub mod export;
+pub mod stream;
 
 pub use crate::oidc::JobAttribution;
 use serde::{Deserialize, Serialize};

@@ -21,6 +21,10 @@ pub struct AuditArgs {
 enum AuditCmd {
     /// Query a running broker's audit log (`GET /v1/audit`, auditor or admin token).
     Query(Box<QueryArgs>),
+    /// Stream a running broker's audit log (`GET /v1/audit/stream`) as JSON lines, oldest first,
+    /// one CloudEvents envelope per event; with --follow, keep printing new events, reconnecting
+    /// (to the next --url) from the last one printed. For log shippers and SIEMs.
+    Tail(TailArgs),
     /// List recent audit events, newest first.
     List {
         #[command(flatten)]
@@ -69,6 +73,29 @@ enum AuditCmd {
         #[arg(long)]
         before: String,
     },
+}
+
+#[derive(Args)]
+struct TailArgs {
+    /// The broker's operator URL; repeat (or separate with commas) to name each replica, tried
+    /// in turn when one fails.
+    #[arg(
+        long = "url",
+        env = "BROKER_URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    urls: Vec<String>,
+    /// File holding an auditor or admin operator token.
+    #[arg(long, env = "BROKER_OPERATOR_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// Start after this sequence number (the `seq` of the last event you kept; 0: from the
+    /// oldest event kept).
+    #[arg(long, default_value_t = 0)]
+    after: i64,
+    /// Keep streaming new events; never exits by itself.
+    #[arg(long)]
+    follow: bool,
 }
 
 #[derive(Args)]
@@ -125,6 +152,7 @@ struct QueryArgs {
 pub async fn run(args: AuditArgs) -> Outcome {
     match args.cmd {
         AuditCmd::Query(a) => query(*a).await,
+        AuditCmd::Tail(a) => tail(a).await,
         AuditCmd::List {
             store,
             grant,
@@ -203,6 +231,30 @@ async fn query(a: QueryArgs) -> Outcome {
     if let Some(c) = o.next_cursor {
         eprintln!("more events match: continue with --cursor {c}");
     }
+    Ok(Exit::Ok)
+}
+
+async fn tail(a: TailArgs) -> Outcome {
+    use std::io::Write;
+    let token = broker::admin::client::read_token(&a.token_file).map_err(query_failure)?;
+    let stdout = std::io::stdout();
+    let last = broker::admin::audit_tail::tail(
+        &a.urls,
+        &token,
+        a.after,
+        a.follow,
+        |line| {
+            // One line at a time, flushed: a shipper reading the pipe sees each event at once.
+            let mut out = stdout.lock();
+            writeln!(out, "{line}")
+                .and_then(|()| out.flush())
+                .map_err(|e| CallError::Output(format!("writing output: {}", e.kind())))
+        },
+        |note| eprintln!("{note}"),
+    )
+    .await
+    .map_err(query_failure)?;
+    eprintln!("caught up at seq {last}");
     Ok(Exit::Ok)
 }
 

@@ -22,6 +22,10 @@ pub struct ExchangeArgs {
     /// Requested lifetime (capped by policy).
     #[arg(long)]
     ttl: Option<String>,
+    /// An `ssh_cert` credential whose Ed25519 key pair is made here: only the public key is
+    /// sent; the private key goes to `<name>.key` in --out-dir (required). Repeatable.
+    #[arg(long = "ssh-key", value_delimiter = ',')]
+    ssh_keys: Vec<String>,
     /// What to print on stdout: env (`export` lines), dotenv, json. Default: env, or nothing
     /// with --out-dir.
     #[arg(long)]
@@ -71,22 +75,67 @@ fn token_source(args: &ExchangeArgs) -> Result<TokenSource, Exit> {
     })
 }
 
+/// Key pairs for `--ssh-key` credentials: the private keys by name and the request's
+/// `parameters` (their public keys).
+fn ssh_key_pairs(
+    args: &ExchangeArgs,
+) -> Result<(Vec<(String, broker::secret::Sensitive)>, serde_json::Value), Exit> {
+    let mut keys = Vec::new();
+    let mut params = serde_json::Map::new();
+    for name in &args.ssh_keys {
+        if !args.credentials.iter().any(|c| &c.name == name) {
+            eprintln!("error: --ssh-key {name}: not a requested --credential [usage]");
+            return Err(Exit::Usage);
+        }
+        if args.out_dir.is_none() {
+            eprintln!("error: --ssh-key needs --out-dir (the private key goes to a file) [usage]");
+            return Err(Exit::Usage);
+        }
+        let pair = ssh_key::PrivateKey::random(
+            &mut ssh_key::rand_core::OsRng,
+            ssh_key::Algorithm::Ed25519,
+        );
+        let made = pair.ok().and_then(|p| {
+            let public = p.public_key().to_openssh().ok()?;
+            let private = p.to_openssh(ssh_key::LineEnding::LF).ok()?;
+            Some((public, broker::secret::Sensitive::new(private.to_string())))
+        });
+        let Some((public, private)) = made else {
+            eprintln!("error: could not make an SSH key pair [internal]");
+            return Err(Exit::Usage);
+        };
+        params.insert(name.clone(), serde_json::json!({ "public_key": public }));
+        keys.push((name.clone(), private));
+    }
+    let params = if params.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::Value::Object(params)
+    };
+    Ok((keys, params))
+}
+
 pub async fn run(args: ExchangeArgs) -> Outcome {
     let client = args.client.client()?;
     let source = match token_source(&args) {
         Ok(s) => s,
         Err(exit) => return Ok(exit),
     };
+    let (ssh_keys, parameters) = match ssh_key_pairs(&args) {
+        Ok(k) => k,
+        Err(exit) => return Ok(exit),
+    };
     let result = client
-        .exchange(
+        .exchange_with(
             &source,
             &env,
             &args.credentials,
             args.ttl.as_deref(),
+            &parameters,
             &notice(),
         )
         .await;
-    let ex = match result {
+    let mut ex = match result {
         Ok(ex) => ex,
         Err(e) => {
             let exit = exit_of(&e);
@@ -100,6 +149,13 @@ pub async fn run(args: ExchangeArgs) -> Outcome {
             return Ok(exit);
         }
     };
+    // The keys made here join their certificates (written to `<name>.key` by the shape).
+    for (name, key) in ssh_keys {
+        if let Some(c) = ex.grant.credentials.iter_mut().find(|c| c.name == name) {
+            c.fields
+                .insert("private_key".into(), client::FieldValue::Secret(key));
+        }
+    }
     let g = &ex.grant;
     let format = args.format.or(if args.out_dir.is_some() {
         None

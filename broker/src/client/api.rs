@@ -70,11 +70,29 @@ impl Client {
         ttl: Option<&str>,
         notice: &Notice,
     ) -> Result<Exchanged, ClientError> {
+        self.exchange_with(token, env, credentials, ttl, &Value::Null, notice)
+            .await
+    }
+
+    /// [`Client::exchange`] with per-credential `parameters` (an object by credential name, or
+    /// null for none): an SSH public key, a GitHub App token's narrower permissions.
+    pub async fn exchange_with(
+        &self,
+        token: &TokenSource,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+        credentials: &[CredentialRequest],
+        ttl: Option<&str>,
+        parameters: &Value,
+        notice: &Notice,
+    ) -> Result<Exchanged, ClientError> {
         let mut body = serde_json::json!({
             "credentials": credentials.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
         });
         if let Some(t) = ttl {
             body["ttl"] = Value::String(t.to_owned());
+        }
+        if !parameters.is_null() {
+            body["parameters"] = parameters.clone();
         }
         let url = format!("{}/v1/exchange", self.base);
         let (u, b) = (&url, &body);

@@ -24,6 +24,19 @@ const PUBLIC_FIELDS: &[&str] = &[
     "session_name",
     "expiration",
     "account_id",
+    // ssh_cert: the certificate and public key are public by nature (hosts log serial and key
+    // id); a broker-made private key is not.
+    "certificate",
+    "public_key",
+    "serial",
+    "key_id",
+    "principals",
+    "valid_after",
+    // github_app: what the token reaches (the token is secret).
+    "owner",
+    "repositories",
+    "permissions",
+    "api_url",
 ];
 
 /// A value of a minted credential.

@@ -86,6 +86,51 @@ impl Grant {
                         pgpass_vars.push(format!("{prefix}PGPASSFILE"));
                     }
                 }
+                "github_app" => {
+                    // One App token: GH_TOKEN (what `gh` and most tools read); several:
+                    // <NAME>_TOKEN each.
+                    if let Some(t) = field("token") {
+                        let var = custom.unwrap_or_else(|| {
+                            if several("github_app") {
+                                format!("{stem}_TOKEN")
+                            } else {
+                                "GH_TOKEN".into()
+                            }
+                        });
+                        vars.push((var, t));
+                    }
+                }
+                "ssh_cert" => {
+                    if let Some(serial) = field("serial") {
+                        vars.push((format!("{stem}_SSH_SERIAL"), serial));
+                    }
+                    // A private key (several lines) only ever goes to a file.
+                    let Some(dir) = dir else {
+                        if field("private_key").is_some() {
+                            return Err(ClientError::Usage(format!(
+                                "credential {:?}: an SSH key and certificate are given as files: \
+                                 give --out-dir",
+                                c.name
+                            )));
+                        }
+                        if let Some(cert) = field("certificate") {
+                            vars.push((format!("{stem}_CERTIFICATE"), cert));
+                        }
+                        continue;
+                    };
+                    let key_file = format!("{}.key", c.name);
+                    if let Some(k) = field("private_key") {
+                        let path = dir.join(&key_file).display().to_string();
+                        vars.push((format!("{stem}_IDENTITY_FILE"), public(path)));
+                        files.push((key_file.clone(), k));
+                    }
+                    if let Some(cert) = field("certificate") {
+                        let cert_file = format!("{key_file}-cert.pub");
+                        let path = dir.join(&cert_file).display().to_string();
+                        vars.push((format!("{stem}_CERTIFICATE_FILE"), public(path)));
+                        files.push((cert_file, public(format!("{}\n", cert.expose()))));
+                    }
+                }
                 "aws_sts" => {
                     let expiration = field("expiration").or_else(|| field("expires_at"));
                     let account =
@@ -223,6 +268,11 @@ pub const AWS_CONFIG_FILE: &str = "aws-config";
 /// - `aws_sts` → `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`
 ///   and `AWS_DEFAULT_REGION`, `AWS_CREDENTIAL_EXPIRATION` (public), `AWS_ACCOUNT_ID` (public;
 ///   from `account_id` or the role ARN) when known.
+/// - `github_app` → `GH_TOKEN` (several: `<NAME>_TOKEN` each; `NAME=VAR` renames).
+/// - `ssh_cert` → with an output directory, `<name>.key` (the broker-made private key, if any)
+///   and `<name>.key-cert.pub` (0600) and `<NAME>_IDENTITY_FILE` / `<NAME>_CERTIFICATE_FILE`
+///   naming them; without one, `<NAME>_CERTIFICATE` (a private key then needs the directory);
+///   `<NAME>_SSH_SERIAL` either way.
 /// - any other kind → `<NAME>_<FIELD>` for every field.
 ///
 /// Several credentials of one kind never share names: several `postgres` credentials each get

@@ -400,3 +400,48 @@ fn claims_are_decoded_for_explanations() {
     assert!(text.contains("refs/heads/x") && text.contains("policy explain"));
     assert!(!text.contains("sig"));
 }
+
+#[test]
+fn ssh_cert_goes_to_key_and_certificate_files_and_github_app_to_gh_token() {
+    let body = serde_json::json!({
+        "grant_id": "g", "expires_at": "e", "revocation_token": "brk_rvk_SECRETREVOKE",
+        "credentials": {
+            "deploy-ssh": {"kind": "ssh_cert", "certificate": "ssh-ed25519-cert-v01@openssh.com AAAA",
+                "private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nKEYLINE\n-----END OPENSSH PRIVATE KEY-----\n",
+                "serial": "77"},
+            "release": {"kind": "github_app", "token": "ghs_SECRETAPP", "repositories": ["api"]}
+        }
+    });
+    let g = Grant::from_json(&body).unwrap();
+    // The private key never goes to a variable: without a directory it is refused.
+    assert!(g.shape(&[], None).is_err());
+    let tmp = tempfile::tempdir().unwrap();
+    let s = g.shape(&[], Some(tmp.path())).unwrap();
+    let var = |k: &str| {
+        s.vars
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.expose().to_owned())
+    };
+    assert_eq!(var("GH_TOKEN").as_deref(), Some("ghs_SECRETAPP"));
+    assert_eq!(var("DEPLOY_SSH_SSH_SERIAL").as_deref(), Some("77"));
+    let key = var("DEPLOY_SSH_IDENTITY_FILE").unwrap();
+    let cert = var("DEPLOY_SSH_CERTIFICATE_FILE").unwrap();
+    assert!(key.ends_with("deploy-ssh.key") && cert.ends_with("deploy-ssh.key-cert.pub"));
+    assert!(!s.vars.iter().any(|(_, v)| v.expose().contains("KEYLINE")));
+    let written = write_dir(tmp.path(), &s).unwrap();
+    assert!(written.contains(&Path::new(&key).to_path_buf()));
+    assert!(std::fs::read_to_string(&key).unwrap().contains("KEYLINE"));
+    assert_eq!(
+        std::fs::read_to_string(&cert).unwrap(),
+        "ssh-ed25519-cert-v01@openssh.com AAAA\n"
+    );
+    // A certificate for the job's own key needs no directory.
+    let mut own = body.clone();
+    own["credentials"]["deploy-ssh"]
+        .as_object_mut()
+        .unwrap()
+        .remove("private_key");
+    let s = Grant::from_json(&own).unwrap().shape(&[], None).unwrap();
+    assert!(s.vars.iter().any(|(n, _)| n == "DEPLOY_SSH_CERTIFICATE"));
+}

@@ -4,7 +4,9 @@
 //! gathers the sections.
 
 pub use crate::providers::aws_sts::config::{AwsTargetConfig, valid_aws_region};
+pub use crate::providers::github_app::GithubAppConfig;
 pub use crate::providers::postgres::config::{PostgresTargetConfig, SslMode};
+pub use crate::providers::ssh_cert::SshCaConfig;
 use serde::Deserialize;
 use std::fmt;
 
@@ -18,6 +20,12 @@ pub struct TargetsConfig {
     /// AWS settings by name (`aws_sts:` credentials name one in `target`).
     #[serde(default)]
     pub aws: std::collections::BTreeMap<String, AwsTargetConfig>,
+    /// SSH user CAs by name (`ssh_cert:` credentials name one in `ca`).
+    #[serde(default)]
+    pub ssh_ca: std::collections::BTreeMap<String, SshCaConfig>,
+    /// GitHub Apps by name (`github_app:` credentials name one in `app`).
+    #[serde(default)]
+    pub github_app: std::collections::BTreeMap<String, GithubAppConfig>,
 }
 
 /// A target name as credentials name it in `target`: `[A-Za-z0-9_-]+`.
@@ -46,6 +54,20 @@ impl TargetsConfig {
             }
             p.extend(t.validate(&key));
         }
+        for (name, t) in &self.ssh_ca {
+            let key = format!("targets.ssh_ca.{name}");
+            if !valid_target_name(name) {
+                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
+            }
+            p.extend(t.validate(&key));
+        }
+        for (name, t) in &self.github_app {
+            let key = format!("targets.github_app.{name}");
+            if !valid_target_name(name) {
+                p.push(format!("{key}: target names are [A-Za-z0-9_-]"));
+            }
+            p.extend(t.validate(&key));
+        }
         p
     }
 }
@@ -58,6 +80,12 @@ impl fmt::Display for TargetsConfig {
         }
         for (name, t) in &self.aws {
             writeln!(f, "targets.aws.{name}: {}", t.describe())?;
+        }
+        for (name, t) in &self.ssh_ca {
+            writeln!(f, "targets.ssh_ca.{name}: {}", t.describe())?;
+        }
+        for (name, t) in &self.github_app {
+            writeln!(f, "targets.github_app.{name}: {}", t.describe())?;
         }
         Ok(())
     }
@@ -112,6 +140,67 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn ssh_ca_and_github_app_targets_parse_and_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let key = ssh_key::PrivateKey::random(
+            &mut ssh_key::rand_core::OsRng,
+            ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        let key_path = d.path().join("ca");
+        std::fs::write(&key_path, key.to_openssh(ssh_key::LineEnding::LF).unwrap()).unwrap();
+        let rsa =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/keys/rsa-1.pem");
+        let ok = format!(
+            "{}targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n  github_app:\n    rel:\n      app_id: 42\n      private_key: {{file: {}}}\n",
+            base(d.path()),
+            key_path.display(),
+            rsa.display()
+        );
+        let cfg = Config::parse(&ok, "t").unwrap();
+        assert!(
+            cfg.validate(Mode::Serve).is_empty(),
+            "{:?}",
+            cfg.validate(Mode::Serve)
+        );
+        assert_eq!(cfg.targets.ssh_ca["main"].backdate, Duration::minutes(1));
+        assert_eq!(
+            cfg.targets.github_app["rel"].api_url,
+            "https://api.github.com"
+        );
+        let shown = format!("{cfg}");
+        assert!(
+            shown.contains("targets.ssh_ca.main: signing_key file"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("targets.github_app.rel: app_id 42"),
+            "{shown}"
+        );
+        assert!(!shown.contains("OPENSSH") && !format!("{cfg:?}").contains("OPENSSH"));
+        let bad = format!(
+            "{}targets:\n  ssh_ca:\n    main:\n      signing_key: {{file: {}}}\n      backdate: 1h\n  github_app:\n    rel:\n      app_id: 0\n      private_key: {{file: {}}}\n      api_url: 'ftp://x'\n",
+            base(d.path()),
+            rsa.display(),
+            key_path.display()
+        );
+        let p = Config::parse(&bad, "t")
+            .unwrap()
+            .validate(Mode::Serve)
+            .join("\n");
+        for key in [
+            "targets.ssh_ca.main.signing_key",
+            "targets.ssh_ca.main.backdate",
+            "targets.github_app.rel.app_id",
+            "targets.github_app.rel.private_key",
+            "targets.github_app.rel.api_url",
+        ] {
+            assert!(p.contains(key), "missing {key} in {p}");
+        }
+        assert!(!p.contains("BEGIN"), "no key material in errors");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub(super) fn routes() -> Router<Arc<Broker>> {
         .route("/v1/admin/freeze", post(freeze).get(freeze_status))
         .route("/v1/admin/unfreeze", post(unfreeze))
         .route("/v1/audit", get(audit_query))
+        .route("/v1/audit/stream", get(super::audit_stream::stream))
 }
 
 #[derive(Deserialize, Default)]

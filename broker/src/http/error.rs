@@ -152,6 +152,12 @@ impl From<AdminError> for ApiError {
             // The operator asked by name; what exists is configuration an admin may see.
             AdminError::UnknownFilterValue { .. } => ApiError::with_message(code, e.to_string()),
             AdminError::InvalidText(t) => invalid_text(t),
+            AdminError::AuditGap { pruned_through } => ApiError::with_message(
+                code,
+                format!(
+                    "audit events through sequence number {pruned_through} were pruned; resume with after={pruned_through}"
+                ),
+            ),
             _ => ApiError::of(code),
         };
         let answer = answer.detail(e.to_string());

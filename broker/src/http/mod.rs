@@ -11,10 +11,12 @@
 //! Connections are accepted and bounded by `conn.rs`.
 
 mod admin;
+mod audit_stream;
 mod conn;
 pub mod error;
 mod hooks;
 mod leaks;
+mod ssh;
 
 pub use conn::{ConnLimits, default_max_connections, serve};
 
@@ -85,7 +87,8 @@ pub fn routers(
         .route("/readyz", public_readyz)
         .layer(early_body_limit(limits.max_body_bytes))
         .merge(hooks::routes(broker.webhooks().max_body_bytes()))
-        .merge(leaks::public_routes());
+        .merge(leaks::public_routes())
+        .merge(ssh::routes());
     let operator = admin::routes()
         .layer(early_body_limit(limits.max_body_bytes))
         .merge(leaks::operator_routes());
@@ -361,6 +364,9 @@ struct ExchangeBody {
     credentials: Vec<String>,
     #[serde(default)]
     ttl: Option<String>,
+    /// Per-credential parameters, by credential name.
+    #[serde(default)]
+    parameters: std::collections::BTreeMap<String, Value>,
 }
 
 async fn exchange(
@@ -389,6 +395,7 @@ async fn exchange(
                 token,
                 credentials: body.credentials,
                 ttl: body.ttl,
+                parameters: body.parameters,
             },
             &ctx,
         )
@@ -563,6 +570,13 @@ async fn metrics(
         }
         Err(e) => {
             tracing::warn!(error = %e, "metrics: store gauges not refreshed");
+            crate::metrics::store_gauges_failed();
+        }
+    }
+    match b.store.freeze_state().await {
+        Ok(freeze) => crate::metrics::set_freeze_active(freeze.is_some()),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: freeze state not refreshed");
             crate::metrics::store_gauges_failed();
         }
     }

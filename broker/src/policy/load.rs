@@ -8,7 +8,10 @@
 use super::bundle::{ANY_CREDENTIAL, Bundle, Effect, Rule, TestCase};
 use super::expr::{self, ExprError, RegexTable};
 use crate::oidc::Platform;
-use crate::providers::{ApiTokenSpec, AwsStsSpec, CredentialDef, CredentialSpec, PostgresSpec};
+use crate::providers::{
+    ApiTokenSpec, AwsStsSpec, CredentialDef, CredentialSpec, GithubAppSpec, PostgresSpec,
+    SshCertSpec,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use serde_saphyr::Spanned;
@@ -51,7 +54,7 @@ pub enum LoadErrorKind {
     #[error(transparent)]
     Duration(TtlError),
     #[error(
-        "credential {name:?} must have exactly one kind key (api_token, postgres, aws_sts), found {found}"
+        "credential {name:?} must have exactly one kind key (api_token, postgres, aws_sts, ssh_cert, github_app), found {found}"
     )]
     KindCount { name: String, found: usize },
     #[error("rule {rule:?}: when: {error}")]
@@ -156,6 +159,10 @@ struct RawCredential {
     postgres: Option<PostgresSpec>,
     #[serde(default)]
     aws_sts: Option<AwsStsSpec>,
+    #[serde(default)]
+    ssh_cert: Option<SshCertSpec>,
+    #[serde(default)]
+    github_app: Option<GithubAppSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +362,12 @@ impl<'o> Loader<'o> {
         }
         if let Some(a) = c.aws_sts {
             specs.push(CredentialSpec::AwsSts(a));
+        }
+        if let Some(a) = c.ssh_cert {
+            specs.push(CredentialSpec::SshCert(a));
+        }
+        if let Some(a) = c.github_app {
+            specs.push(CredentialSpec::GithubApp(a));
         }
         if specs.len() != 1 {
             let kind = LoadErrorKind::KindCount {

@@ -46,7 +46,9 @@ const DURATION: &str = r"^\s*[0-9]+\s*[a-zA-Z]*(\s*[0-9]+\s*[a-zA-Z]*)*\s*$";
 #[schemars(extend("oneOf" = [
     {"required": ["api_token"]},
     {"required": ["postgres"]},
-    {"required": ["aws_sts"]}
+    {"required": ["aws_sts"]},
+    {"required": ["ssh_cert"]},
+    {"required": ["github_app"]}
 ]))]
 #[allow(dead_code)]
 struct Credential {
@@ -69,6 +71,79 @@ struct Credential {
     #[serde(default)]
     #[schemars(with = "AwsSts")]
     aws_sts: Option<AwsSts>,
+    /// An SSH user certificate signed by a CA under `targets.ssh_ca`.
+    #[serde(default)]
+    #[schemars(with = "SshCert")]
+    ssh_cert: Option<SshCert>,
+    /// A GitHub App installation token limited to repositories and permissions.
+    #[serde(default)]
+    #[schemars(with = "GithubApp")]
+    github_app: Option<GithubApp>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct GithubApp {
+    /// An App under `targets.github_app` in the broker config.
+    app: String,
+    /// The organization or user whose installation mints the token (templated).
+    owner: String,
+    /// Repository names within `owner` (templated); empty: all the installation reaches.
+    #[serde(default)]
+    #[schemars(length(max = 500))]
+    repositories: Vec<String>,
+    /// Permission name to level, as GitHub documents them (checked at load).
+    #[schemars(length(min = 1))]
+    permissions: std::collections::BTreeMap<String, GithubLevel>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum GithubLevel {
+    Read,
+    Write,
+    Admin,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct SshCert {
+    /// A CA under `targets.ssh_ca` in the broker config.
+    ca: String,
+    /// Principals the certificate is valid for, templated over claims.
+    #[schemars(length(min = 1, max = 32))]
+    principals: Vec<String>,
+    /// Extensions granted (none by default: no pty, no forwarding).
+    #[serde(default)]
+    extensions: Vec<SshExtension>,
+    /// `force-command` critical option.
+    force_command: Option<String>,
+    /// `source-address` critical option: addresses or CIDR blocks.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    source_address: Vec<String>,
+    /// Whether the job may ask the broker to generate the key pair (default true).
+    allow_generated_key: Option<bool>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[allow(dead_code)]
+enum SshExtension {
+    #[serde(rename = "permit-pty")]
+    PermitPty,
+    #[serde(rename = "permit-agent-forwarding")]
+    PermitAgentForwarding,
+    #[serde(rename = "permit-port-forwarding")]
+    PermitPortForwarding,
+    #[serde(rename = "permit-X11-forwarding")]
+    PermitX11Forwarding,
+    #[serde(rename = "permit-user-rc")]
+    PermitUserRc,
+    #[serde(rename = "no-touch-required")]
+    NoTouchRequired,
 }
 
 #[derive(Deserialize, JsonSchema)]

@@ -376,6 +376,11 @@ impl ApiTokenProvider {
         Self { keys, issuer }
     }
 
+    /// The broker's own issuer (its public URL), the `iss` of the tokens it signs.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     pub fn keys(&self) -> &SigningKeys {
         &self.keys
     }

@@ -6,7 +6,9 @@
 
 pub mod api_token;
 pub mod aws_sts;
+pub mod github_app;
 pub mod postgres;
+pub mod ssh_cert;
 pub mod template;
 
 use crate::oidc::VerifiedClaims;
@@ -19,7 +21,9 @@ use uuid::Uuid;
 
 pub use api_token::ApiTokenSpec;
 pub use aws_sts::AwsStsSpec;
+pub use github_app::GithubAppSpec;
 pub use postgres::PostgresSpec;
+pub use ssh_cert::SshCertSpec;
 
 /// Credential kinds, as stored in grants and audit events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -28,20 +32,26 @@ pub enum CredentialKind {
     ApiToken,
     Postgres,
     AwsSts,
+    SshCert,
+    GithubApp,
 }
 
 impl CredentialKind {
     /// Every kind this build knows.
-    pub const ALL: [CredentialKind; 3] = [
+    pub const ALL: [CredentialKind; 5] = [
         CredentialKind::ApiToken,
         CredentialKind::Postgres,
         CredentialKind::AwsSts,
+        CredentialKind::SshCert,
+        CredentialKind::GithubApp,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             CredentialKind::ApiToken => "api_token",
             CredentialKind::Postgres => "postgres",
             CredentialKind::AwsSts => "aws_sts",
+            CredentialKind::SshCert => "ssh_cert",
+            CredentialKind::GithubApp => "github_app",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -49,6 +59,8 @@ impl CredentialKind {
             "api_token" => Some(CredentialKind::ApiToken),
             "postgres" => Some(CredentialKind::Postgres),
             "aws_sts" => Some(CredentialKind::AwsSts),
+            "ssh_cert" => Some(CredentialKind::SshCert),
+            "github_app" => Some(CredentialKind::GithubApp),
             _ => None,
         }
     }
@@ -61,6 +73,8 @@ pub enum CredentialSpec {
     ApiToken(ApiTokenSpec),
     Postgres(PostgresSpec),
     AwsSts(AwsStsSpec),
+    SshCert(SshCertSpec),
+    GithubApp(GithubAppSpec),
 }
 
 impl CredentialSpec {
@@ -69,6 +83,8 @@ impl CredentialSpec {
             CredentialSpec::ApiToken(_) => CredentialKind::ApiToken,
             CredentialSpec::Postgres(_) => CredentialKind::Postgres,
             CredentialSpec::AwsSts(_) => CredentialKind::AwsSts,
+            CredentialSpec::SshCert(_) => CredentialKind::SshCert,
+            CredentialSpec::GithubApp(_) => CredentialKind::GithubApp,
         }
     }
 }
@@ -146,6 +162,14 @@ pub enum ProviderError {
     Misconfigured(String),
     #[error("internal provider error: {0}")]
     Internal(String),
+    /// The request's parameters for this credential are malformed or not accepted by its kind
+    /// (the message names the parameter, never its value).
+    #[error("invalid parameters: {0}")]
+    InvalidParameters(String),
+    /// The request's parameters ask for more than the policy allows (a permission, a level, a
+    /// repository).
+    #[error("parameters exceed the policy: {0}")]
+    ExceedsPolicy(String),
 }
 
 impl ProviderError {
@@ -155,6 +179,8 @@ impl ProviderError {
             ProviderError::InvalidClaim(_) => ReasonCode::InvalidClaimValue,
             ProviderError::Misconfigured(_) => ReasonCode::ProviderMisconfigured,
             ProviderError::Internal(_) => ReasonCode::ProviderError,
+            ProviderError::InvalidParameters(_) => ReasonCode::InvalidParameters,
+            ProviderError::ExceedsPolicy(_) => ReasonCode::ParametersExceedPolicy,
         }
     }
 
@@ -239,6 +265,34 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     }
 
     async fn mint(&self, req: MintRequest<'_>) -> Result<Minted, ProviderError>;
+
+    /// Check the parameters a request sends for one credential (`parameters.<name>` of the
+    /// exchange body; `null` when none), before anything is recorded. Kinds that take none
+    /// refuse any.
+    fn check_parameters(
+        &self,
+        credential: &CredentialDef,
+        params: &serde_json::Value,
+    ) -> Result<(), ProviderError> {
+        if params.is_null() {
+            Ok(())
+        } else {
+            Err(ProviderError::InvalidParameters(format!(
+                "{} credentials take no parameters",
+                credential.spec.kind().as_str()
+            )))
+        }
+    }
+
+    /// [`Provider::mint`] with the request's parameters (already passed through
+    /// [`Provider::check_parameters`]); kinds that take parameters override this.
+    async fn mint_with(
+        &self,
+        req: MintRequest<'_>,
+        _params: &serde_json::Value,
+    ) -> Result<Minted, ProviderError> {
+        self.mint(req).await
+    }
 
     /// True if `mint` only computes in this process (no side effect anywhere else, e.g. a
     /// signed token): an exchange made only of such credentials mints first and commits the

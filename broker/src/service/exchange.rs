@@ -28,6 +28,9 @@ pub struct ExchangeRequest {
     pub credentials: Vec<String>,
     /// As written by the caller (`15m`).
     pub ttl: Option<String>,
+    /// Per-credential parameters (`parameters.<name>` of the body: an SSH public key...), each
+    /// checked by its credential's provider before anything is recorded.
+    pub parameters: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// One minted credential in a response.
@@ -224,6 +227,18 @@ impl Broker {
                     return Err(self.refuse_exchange(ctx, rec, err, None).await);
                 }
             };
+            let params = req.parameters.get(name).unwrap_or(&serde_json::Value::Null);
+            if let Err(e) = provider.check_parameters(def, params) {
+                let code = match e {
+                    ProviderError::ExceedsPolicy(_) => ReasonCode::ParametersExceedPolicy,
+                    _ => ReasonCode::InvalidParameters,
+                };
+                let err = ServiceError::BadRequest {
+                    code,
+                    message: format!("parameters.{name}: {}", parameter_message(&e)),
+                };
+                return Err(self.refuse_exchange(ctx, rec, err, None).await);
+            }
             issued.push(IssuedCredential {
                 name: name.clone(),
                 kind: def.spec.kind(),
@@ -288,7 +303,15 @@ impl Broker {
         } = plan;
         let (now, expires_at) = (rec.at, new_grant.expires_at);
         let minted = match self
-            .mint_every(&defs, &issued, grant_id, claims, now, expires_at)
+            .mint_every(
+                &defs,
+                &issued,
+                grant_id,
+                claims,
+                now,
+                expires_at,
+                &req.parameters,
+            )
             .await
         {
             Ok(m) => m,
@@ -300,11 +323,12 @@ impl Broker {
         };
         let real_expiry = latest_expiry(&minted, expires_at);
         let mut grant = new_grant;
+        let notes = audit_notes(&issued, &minted);
         grant.expires_at = real_expiry;
         for (c, m) in grant.credentials.iter_mut().zip(&minted) {
             c.details = m.details.clone();
         }
-        let allow = self.exchange_event(
+        let mut allow = self.exchange_event(
             ctx,
             rec,
             ExchangeOutcome::Issued {
@@ -312,6 +336,7 @@ impl Broker {
                 expires_at: real_expiry,
             },
         );
+        allow.detail = notes;
         let issue = self.store.issue_grant(&grant, jti.as_ref(), &allow);
         return match metrics::timed(Stage::Activate, issue).await {
             Ok(()) => Ok(respond(
@@ -380,7 +405,15 @@ impl Broker {
 
         // 5. Mint every credential concurrently; all or nothing.
         let minted = match self
-            .mint_every(&defs, &issued, grant_id, claims, now, expires_at)
+            .mint_every(
+                &defs,
+                &issued,
+                grant_id,
+                claims,
+                now,
+                expires_at,
+                &req.parameters,
+            )
             .await
         {
             Ok(m) => m,
@@ -394,7 +427,7 @@ impl Broker {
         // 6. Finalise: grant active + the allow audit event, one transaction.
         let real_expiry = latest_expiry(&minted, expires_at);
         let details: Vec<serde_json::Value> = minted.iter().map(|m| m.details.clone()).collect();
-        let allow = self.exchange_event(
+        let mut allow = self.exchange_event(
             ctx,
             rec,
             ExchangeOutcome::Issued {
@@ -402,6 +435,7 @@ impl Broker {
                 expires_at: real_expiry,
             },
         );
+        allow.detail = audit_notes(&issued, &minted);
         if let Err(e) = metrics::timed(
             Stage::Activate,
             self.store
@@ -434,6 +468,7 @@ impl Broker {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Mint every credential concurrently: all of them (in request order), or the first
     /// failure's credential name and error (the others may have been minted: the caller undoes).
     async fn mint_every(
@@ -444,19 +479,28 @@ impl Broker {
         claims: &crate::oidc::VerifiedClaims,
         now: OffsetDateTime,
         expires_at: OffsetDateTime,
+        parameters: &std::collections::BTreeMap<String, serde_json::Value>,
     ) -> Result<Vec<Minted>, (String, ProviderError)> {
         let mints = defs.iter().zip(issued).map(|(def, ic)| async move {
-            let provider = self.provider(def.spec.kind())?;
-            provider
-                .mint(MintRequest {
-                    grant_id,
-                    credential: def,
-                    resource_id: &ic.resource_id,
-                    claims,
-                    now,
-                    expires_at,
-                })
-                .await
+            let kind = def.spec.kind();
+            let provider = self.provider(kind)?;
+            let params = parameters.get(&ic.name).unwrap_or(&serde_json::Value::Null);
+            let started = std::time::Instant::now();
+            let minted = provider
+                .mint_with(
+                    MintRequest {
+                        grant_id,
+                        credential: def,
+                        resource_id: &ic.resource_id,
+                        claims,
+                        now,
+                        expires_at,
+                    },
+                    params,
+                )
+                .await;
+            metrics::provider_op(kind.as_str(), "mint", minted.is_ok(), started);
+            minted
         });
         let results = metrics::timed(Stage::Mint, futures::future::join_all(mints)).await;
         crate::fault::point("after_mint");
@@ -511,6 +555,11 @@ impl Broker {
                 return Err(bad(format!("credentials: {n:?} named twice")));
             }
         }
+        if let Some(n) = req.parameters.keys().find(|n| !seen.contains(n)) {
+            return Err(bad(format!(
+                "parameters: {n:?} is not a requested credential"
+            )));
+        }
         match &req.ttl {
             None => Ok(None),
             Some(t) => match crate::time::parse_duration(t) {
@@ -559,6 +608,29 @@ impl Broker {
             }
         }
         err
+    }
+}
+
+/// What providers ask the exchange's audit event to say of what they minted (the `audit` string
+/// of their details, never a secret: a GitHub token's SHA-256), one `name: note` per credential.
+fn audit_notes(issued: &[IssuedCredential], minted: &[Minted]) -> Option<String> {
+    let notes: Vec<String> = issued
+        .iter()
+        .zip(minted)
+        .filter_map(|(ic, m)| {
+            let note = m.details.get("audit")?.as_str()?;
+            Some(format!("{}: {note}", ic.name))
+        })
+        .collect();
+    (!notes.is_empty()).then(|| notes.join("; "))
+}
+
+/// A provider's refusal of parameters as the caller sees it (its text names parameters, never
+/// their values).
+fn parameter_message(e: &ProviderError) -> String {
+    match e {
+        ProviderError::InvalidParameters(m) | ProviderError::ExceedsPolicy(m) => m.clone(),
+        other => other.reason_code().to_owned(),
     }
 }
 

@@ -12,6 +12,8 @@
 //!   503 and no credential.
 
 mod audit_query;
+mod audit_stream;
+mod checkpoints;
 mod error;
 mod exchange;
 mod exchange_record;
@@ -21,11 +23,14 @@ mod policies;
 mod reaper;
 mod refuse;
 mod revoke;
+mod ssh;
 #[cfg(test)]
 mod tests;
 mod ttl;
 mod webhook;
 
+pub use audit_stream::StreamPage;
+pub use checkpoints::CheckpointRunError;
 pub use error::ServiceError;
 pub use exchange::{ExchangeRequest, ExchangeResponse, IssuedOutput};
 use policies::check_bundle;
@@ -81,6 +86,8 @@ pub struct Broker {
     pub(crate) refusals: crate::refusals::Refusals,
     /// Leak report endpoints (none by default: `/v1/leaks/github` answers 404); see `leaks/`.
     pub(crate) leaks: crate::leaks::Leaks,
+    /// The SSH user CAs (`targets.ssh_ca`), for their public keys and KRLs; see `ssh.rs`.
+    pub(crate) ssh_cas: Option<Arc<crate::providers::ssh_cert::SshCertProvider>>,
 }
 
 /// Per-repository exchange rate limit (in this replica's memory; monotonic time).
@@ -191,6 +198,7 @@ impl Broker {
             webhooks: crate::webhooks::Webhooks::default(),
             refusals: crate::refusals::Refusals::default(),
             leaks: crate::leaks::Leaks::default(),
+            ssh_cas: None,
         })
     }
 

@@ -53,9 +53,13 @@ impl Broker {
         &self,
         creds: &[IssuedCredential],
     ) -> Result<(), ProviderError> {
-        let futs = creds
-            .iter()
-            .map(|c| async move { self.provider(c.kind)?.revoke(c).await });
+        let futs = creds.iter().map(|c| async move {
+            let provider = self.provider(c.kind)?;
+            let started = std::time::Instant::now();
+            let revoked = provider.revoke(c).await;
+            crate::metrics::provider_op(c.kind.as_str(), "revoke", revoked.is_ok(), started);
+            revoked
+        });
         let results = futures::future::join_all(futs).await;
         results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }

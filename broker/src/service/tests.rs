@@ -191,6 +191,7 @@ impl Harness {
             token: token.clone(),
             credentials: creds.iter().map(|s| (*s).to_owned()).collect(),
             ttl: ttl.map(str::to_owned),
+            parameters: Default::default(),
         };
         self.broker.exchange(req, &RequestCtx::default()).await
     }

@@ -296,6 +296,25 @@ pub(super) async fn checkpoints(db: &Backend, limit: u32) -> Result<Vec<Checkpoi
     rows.iter().map(checkpoint_from_row).collect()
 }
 
+/// The newest checkpoint of `kind`, if any.
+pub(super) async fn newest_checkpoint(
+    db: &Backend,
+    kind: CheckpointKind,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let mut pooled = db.acquire().await?;
+    let row = pooled
+        .conn()
+        .fetch_optional(
+            &Sql::new(format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE kind = $1
+                 ORDER BY id DESC LIMIT 1"
+            ))
+            .bind(kind.as_str()),
+        )
+        .await?;
+    row.as_ref().map(checkpoint_from_row).transpose()
+}
+
 fn count_i64(n: u64) -> Result<i64, StoreError> {
     i64::try_from(n).map_err(|_| StoreError::Conflict("event count out of range".to_owned()))
 }

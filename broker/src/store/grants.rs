@@ -163,6 +163,32 @@ pub(super) async fn credential_by_secret_hash(
     .transpose()
 }
 
+/// See `Store::revoked_resource_ids`. (Uses the `(status, expires_at)` index.)
+pub(super) async fn revoked_resource_ids(
+    db: &Backend,
+    kind: CredentialKind,
+    live_after: OffsetDateTime,
+) -> Result<Vec<String>, StoreError> {
+    let mut pooled = db.acquire().await?;
+    let rows = pooled
+        .conn()
+        .fetch_all(
+            &Sql::new(
+                "SELECT c.resource_id
+                 FROM grants g JOIN grant_credentials c ON c.grant_id = g.id
+                 WHERE g.status IN ('revoking', 'revoked', 'failed', 'expired')
+                   AND g.expires_at > $1 AND c.kind = $2
+                 ORDER BY c.resource_id",
+            )
+            .bind(live_after)
+            .bind(kind.as_str()),
+        )
+        .await?;
+    rows.iter()
+        .map(|r| r.get::<String>("resource_id"))
+        .collect()
+}
+
 /// `active` | `issuing` | `revoking` (lease over) → `revoking` with a lease.
 ///
 /// One statement in its own implicit transaction. On Postgres it is committed without waiting

@@ -79,6 +79,19 @@ async fn bounded<T>(
     }
 }
 
+/// [`bounded`] for a write that carries audit events: a failure other than a replay refusal
+/// is counted (`broker_audit_write_failures_total`), since the events it carried were not
+/// written.
+async fn audited<T>(
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let result = bounded(fut).await;
+    if matches!(&result, Err(e) if !matches!(e, StoreError::Replayed)) {
+        crate::metrics::audit_write_failed();
+    }
+    result
+}
+
 impl Store {
     /// Connect by URL: `postgres://…` or `sqlite:PATH` / `sqlite::memory:`. Does not migrate.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
@@ -190,10 +203,10 @@ impl Store {
                     expires_at,
                     details: details.to_vec(),
                 };
-                bounded(self.writer()?.submit(op, audit)).await
+                audited(self.writer()?.submit(op, audit)).await
             }
             Backend::Sqlite(_) => {
-                bounded(sqlite::activate_grant(
+                audited(sqlite::activate_grant(
                     &self.backend,
                     id,
                     expires_at,
@@ -225,10 +238,10 @@ impl Store {
                     grant: Box::new(grant.clone()),
                     jti: jti.cloned(),
                 };
-                bounded(self.writer()?.submit(op, audit)).await
+                audited(self.writer()?.submit(op, audit)).await
             }
             Backend::Sqlite(_) => {
-                bounded(sqlite::insert_grant(&self.backend, grant, jti, Some(audit))).await
+                audited(sqlite::insert_grant(&self.backend, grant, jti, Some(audit))).await
             }
         }
     }
@@ -245,7 +258,7 @@ impl Store {
         let release_jti = release_jti.as_deref();
         let audit = text::escape_event(audit);
         let audit = &*audit;
-        bounded(grants::fail_grant(&self.backend, id, release_jti, audit)).await
+        audited(grants::fail_grant(&self.backend, id, release_jti, audit)).await
     }
     /// Append one audit event on its own.
     pub async fn append_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
@@ -253,9 +266,9 @@ impl Store {
         let audit = &*audit;
         match &self.backend {
             Backend::Postgres(_) => {
-                bounded(self.writer()?.submit(group_commit::Op::Append, audit)).await
+                audited(self.writer()?.submit(group_commit::Op::Append, audit)).await
             }
-            Backend::Sqlite(_) => bounded(audit_log::append_audit(&self.backend, audit)).await,
+            Backend::Sqlite(_) => audited(audit_log::append_audit(&self.backend, audit)).await,
         }
     }
     /// Read audit events back, newest first.
@@ -362,6 +375,39 @@ impl Store {
         Ok(report)
     }
 
+    /// Audit events after sequence number `after`, in chain order, at most `limit`, with their
+    /// chain links (the audit stream).
+    pub async fn audit_after(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::audit::stream::ChainedEvent>, StoreError> {
+        let rows = bounded(audit_log::chain_page(&self.backend, after, limit)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::audit::stream::ChainedEvent {
+                seq: r.seq,
+                hash: r.hash,
+                prev_hash: r.prev_hash,
+                event: r.event,
+            })
+            .collect())
+    }
+    /// The sequence number through which the audit log was pruned (events at or before it are
+    /// gone), if it ever was.
+    pub async fn audit_pruned_through(&self) -> Result<Option<i64>, StoreError> {
+        let cut = bounded(audit_log::last_prune_checkpoint(&self.backend)).await?;
+        Ok(cut.map(|c| c.seq))
+    }
+
+    /// The newest checkpoint of `kind`, if any.
+    pub async fn newest_checkpoint(
+        &self,
+        kind: CheckpointKind,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        bounded(audit_log::newest_checkpoint(&self.backend, kind)).await
+    }
+
     /// The stored checkpoints, oldest first (at most `limit`).
     pub async fn audit_checkpoints(&self, limit: u32) -> Result<Vec<Checkpoint>, StoreError> {
         bounded(audit_log::checkpoints(&self.backend, limit)).await
@@ -381,7 +427,7 @@ impl Store {
         let freeze = freeze.map(text::escape_freeze);
         let audit = text::escape_event(audit);
         let audit = &*audit;
-        bounded(audit_log::set_freeze(&self.backend, freeze.as_ref(), audit)).await
+        audited(audit_log::set_freeze(&self.backend, freeze.as_ref(), audit)).await
     }
 
     pub async fn grant(&self, id: Uuid) -> Result<Option<Grant>, StoreError> {
@@ -414,6 +460,21 @@ impl Store {
         sha256_hex: &str,
     ) -> Result<Option<SecretMatch>, StoreError> {
         bounded(grants::credential_by_secret_hash(&self.backend, sha256_hex)).await
+    }
+
+    /// Resource ids of `kind` credentials whose grant is no longer active (revoked, being
+    /// revoked, failed, expired) and expires after `live_after`: what a revocation list names.
+    pub async fn revoked_resource_ids(
+        &self,
+        kind: CredentialKind,
+        live_after: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        bounded(grants::revoked_resource_ids(
+            &self.backend,
+            kind,
+            live_after,
+        ))
+        .await
     }
 
     /// Claim one grant for a requested revocation: `active` | `issuing` | `revoking` (lease
@@ -468,9 +529,9 @@ impl Store {
         let audit = &*audit;
         let op = group_commit::Op::Finish { id, cause, now };
         match &self.backend {
-            Backend::Postgres(_) => bounded(self.writer()?.submit(op, audit)).await,
+            Backend::Postgres(_) => audited(self.writer()?.submit(op, audit)).await,
             Backend::Sqlite(_) => {
-                bounded(grants::finish_revoke(&self.backend, id, cause, now, audit)).await
+                audited(grants::finish_revoke(&self.backend, id, cause, now, audit)).await
             }
         }
     }
@@ -486,7 +547,7 @@ impl Store {
         let error = codec::clip_error(&text::escape(error));
         let audit = text::escape_event(audit);
         let audit = &*audit;
-        bounded(grants::revoke_failed(
+        audited(grants::revoke_failed(
             &self.backend,
             id,
             &error,
@@ -528,7 +589,7 @@ impl Store {
         audits: &[AuditEvent],
     ) -> Result<Vec<Uuid>, StoreError> {
         let audits = text::escape_events(audits);
-        bounded(grants::revoke_in_store(&self.backend, now, &audits)).await
+        audited(grants::revoke_in_store(&self.backend, now, &audits)).await
     }
     /// Record a single-use job token's `jti` on its own (a job token used as an OIDC operator
     /// credential). A live record → `StoreError::Replayed`; an expired one is replaced. Shares

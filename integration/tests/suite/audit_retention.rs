@@ -215,3 +215,92 @@ async fn checkpoints_prove_the_log_across_prune_and_catch_tampering() {
     gitlab.shutdown().await;
     db.cleanup().await;
 }
+
+/// The broker takes signed checkpoints itself: at start when none is recent, into its log, a
+/// directory and a URL; a second replica on the same store does not take another inside the
+/// period; the exported file verifies against the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_checkpoints_are_taken_once_per_period_and_exported() {
+    use std::sync::{Arc, Mutex};
+    let db = TestDb::postgres().await;
+    let issuer = TestIssuer::start().await;
+    let gitlab = TestIssuer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = integration::write_signing_key(dir.path());
+    let out = dir.path().join("checkpoints");
+    std::fs::create_dir(&out).unwrap();
+    // The export URL: a local receiver that keeps every body it is sent.
+    let received: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/checkpoints",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let ct = headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                sink.lock().unwrap().push((ct, body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/checkpoints", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let setup = BrokerSetup::examples(db.url(), &issuer.url(), &gitlab.url()).extra(format!(
+        "api_tokens:\n  signing_key: {{file: {key}}}\n\
+         audit:\n  checkpoints:\n    every: 1h\n    export_dir: {out}\n    export_url: {receiver}\n",
+        key = key.display(),
+        out = out.display(),
+    ));
+    let a = BrokerProcess::start(&setup).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let file = loop {
+        let files: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        if let [f] = files.as_slice() {
+            break f.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint file: {files:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    // The second replica starts inside the period: it takes none.
+    let b = BrokerProcess::start(&setup).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+    let store = broker::store::Store::connect(db.url()).await.unwrap();
+    let cps = store.audit_checkpoints(100).await.unwrap();
+    assert_eq!(cps.len(), 1, "{cps:?}");
+
+    // The same JWT went to the URL and into the log, and it verifies against the store.
+    let jwt = std::fs::read_to_string(&file).unwrap();
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "application/jwt");
+    assert_eq!(got[0].1, jwt.trim());
+    assert!(
+        a.log().contains(jwt.trim()),
+        "the log carries the checkpoint"
+    );
+    assert!(!b.log().contains(jwt.trim()));
+    let v = cli(&[
+        "audit",
+        "verify",
+        "--config",
+        s(&a.config_path),
+        "--checkpoint",
+        s(&file),
+    ]);
+    assert_eq!(v.code, 0, "{}", v.out);
+    assert!(v.out.contains("checkpoint matched"), "{}", v.out);
+    server.abort();
+}
