@@ -451,7 +451,7 @@ async fn bad_parameters_are_refused() {
     db.cleanup().await;
 }
 
-const OPERATOR_TOKEN: &str = "brk_op_ssh_test_operator_token_0123456789abcdef";
+const OPERATOR_TOKEN: &str = "brk_op_sshTestOperatorToken0123456789ab_1M2WUX";
 
 /// An operator's revoke-all reaches every live certificate through the KRL; a broker killed
 /// after signing (before the grant is committed) issued nothing and left no grant: the
