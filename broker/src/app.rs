@@ -117,6 +117,7 @@ pub async fn build(cfg: &Config, clock: SharedClock) -> anyhow::Result<Arc<Broke
         &cfg.issuers,
     )?);
     broker.set_refusal_limits(&cfg.refusals);
+    broker.set_leaks(crate::leaks::Leaks::from_config(&cfg.leaks)?);
     broker.set_ssh_cas(ssh_cas);
     Ok(Arc::new(broker))
 }

@@ -279,6 +279,9 @@ pub struct Config {
     /// per window); see `refusals/`.
     #[serde(default)]
     pub refusals: crate::refusals::RefusalConfig,
+    /// Leak reports (`/v1/leaks/github`, `/v1/leaks`); see `leaks/` and docs/leaks.md.
+    #[serde(default)]
+    pub leaks: crate::leaks::LeaksConfig,
     /// Signed audit checkpoints on a schedule and where they are exported (`audit/export.rs`).
     #[serde(default)]
     pub audit: crate::audit::export::AuditConfig,
@@ -381,6 +384,7 @@ impl Config {
         ));
         p.extend(crate::webhooks::validate(&self.webhooks, &self.issuers));
         p.extend(crate::refusals::validate(&self.refusals));
+        p.extend(crate::leaks::validate(&self.leaks));
         p.extend(crate::audit::export::validate(&self.audit));
         if self
             .admin_listen
@@ -446,6 +450,7 @@ impl fmt::Display for Config {
             writeln!(f, "admin_listen: {a}")?;
         }
         write!(f, "{}", self.webhooks)?;
+        write!(f, "{}", self.leaks)?;
         writeln!(f, "public_url: {}", self.public_url)?;
         writeln!(f, "audience: {}", self.audience)?;
         writeln!(f, "store.url: {}", self.store.url.describe())?;

@@ -64,6 +64,7 @@ pub fn config(
         },
         telemetry: Default::default(),
         refusals: Default::default(),
+        leaks: Default::default(),
         audit: Default::default(),
     };
     let problems = cfg.validate(Mode::Dev);

@@ -19,6 +19,7 @@ pub mod fault;
 #[cfg(any(test, feature = "testkit"))]
 pub mod fuzzing;
 pub mod http;
+pub mod leaks;
 pub mod metrics;
 pub mod oidc;
 pub mod outbound;

@@ -35,6 +35,8 @@ enum Cmd {
     OperatorToken(cli::keys::OperatorTokenArgs),
     /// Break glass: call the operator API of a running broker.
     Admin(cli::admin::AdminArgs),
+    /// Report leaked broker secrets: live ones are revoked at once (operator API).
+    Leak(cli::leak::LeakArgs),
     /// Exchange this CI job's OIDC token for credentials (run inside the job).
     Exchange(cli::exchange::ExchangeArgs),
     /// Revoke the grant of `broker exchange` (run when the job ends, also after failure).
@@ -58,6 +60,7 @@ async fn run(cmd: Cmd) -> Outcome {
         Cmd::Audit(a) => cli::audit::run(a).await,
         Cmd::OperatorToken(a) => cli::keys::operator_token(a),
         Cmd::Admin(a) => cli::admin::run(a).await,
+        Cmd::Leak(a) => cli::leak::run(a).await,
         Cmd::Exchange(a) => cli::exchange::run(a).await,
         Cmd::Revoke(a) => cli::revoke::run(a).await,
         Cmd::SshKrl(a) => cli::ssh_krl::run(a).await,

@@ -89,6 +89,17 @@ struct RefusalLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhereLabels {
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeakLabels {
+    source: String,
+    label: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProviderLabels {
     kind: String,
     op: String,
@@ -122,6 +133,9 @@ struct Metrics {
     policy_bundle: Family<DigestLabels, Gauge>,
     store_gauge_errors: Counter,
     refusals: Family<RefusalLabels, Counter>,
+    malformed_secrets: Family<WhereLabels, Counter>,
+    leak_tokens: Family<LeakLabels, Counter>,
+    revocation_verifications: Family<ResultLabels, Counter>,
     provider_seconds: ProviderHistogramFamily,
     audit_write_failures: Counter,
     freeze_active: Gauge,
@@ -144,6 +158,9 @@ impl Metrics {
             policy_bundle: Family::default(),
             store_gauge_errors: Counter::default(),
             refusals: Family::default(),
+            malformed_secrets: Family::default(),
+            leak_tokens: Family::default(),
+            revocation_verifications: Family::default(),
             provider_seconds: Family::new_with_constructor(stage_histogram),
             audit_write_failures: Counter::default(),
             freeze_active: Gauge::default(),
@@ -205,6 +222,21 @@ impl Metrics {
             "refusals",
             "Refusals of unauthenticated requests by action, reason code and how they were audited (row: one row each; aggregated: counted in an aggregate event; limited: over the client's failure limit, answered 429, counted in an aggregate event)",
             m.refusals.clone(),
+        );
+        registry.register(
+            "malformed_secrets",
+            "Presented broker secrets refused offline (wrong prefix, length or checksum), by endpoint",
+            m.malformed_secrets.clone(),
+        );
+        registry.register(
+            "leak_tokens",
+            "Tokens in leak reports by source (github, operator) and label (true_positive, false_positive, inactive)",
+            m.leak_tokens.clone(),
+        );
+        registry.register(
+            "revocation_verifications",
+            "Checks after a revocation that the old access no longer works, by result (verified, unverified: alert on it)",
+            m.revocation_verifications.clone(),
         );
         registry.register_with_unit(
             "provider_operation",
@@ -300,6 +332,35 @@ pub fn revocation(cause: &str, ok: bool, retry: bool) {
     if retry {
         METRICS.revocation_retries.inc();
     }
+}
+
+/// Count one broker secret refused offline at `endpoint` (revoke, introspect, admin, leak).
+pub fn malformed_secret(endpoint: &str) {
+    METRICS
+        .malformed_secrets
+        .get_or_create(&WhereLabels {
+            endpoint: s(endpoint),
+        })
+        .inc();
+}
+
+/// Count one token of a leak report by its source and the label it was answered with.
+pub fn leak_token(source: &str, label: &str) {
+    METRICS
+        .leak_tokens
+        .get_or_create(&LeakLabels {
+            source: s(source),
+            label: s(label),
+        })
+        .inc();
+}
+
+/// Count one revocation's verification: `verified` or `unverified`.
+pub fn revocation_verification(result: &str) {
+    METRICS
+        .revocation_verifications
+        .get_or_create(&ResultLabels { result: s(result) })
+        .inc();
 }
 
 /// Count one JWKS fetch: `Ok(())` or the fetch failure code.

@@ -101,6 +101,8 @@ reason_codes! {
         "do not reuse job tokens: request one per exchange";
     InvalidRevocationToken = "invalid_revocation_token", Some(401), "the revocation token is not valid",
         "send the `revocation_token` of the exchange's answer";
+    MalformedSecret = "malformed_secret", Some(401), "the token is not a well-formed broker secret (wrong prefix, length or checksum)",
+        "send the token exactly as the broker issued it: it was mistyped or truncated (checked offline, before any lookup)";
     OperatorUnauthorized = "operator_unauthorized", Some(401), "the bearer token is not a valid operator token",
         "send an operator token, or a job token an `operators[].oidc` rule matches";
     Unauthorized = "unauthorized", Some(401), "a valid metrics bearer token is required",
@@ -160,6 +162,8 @@ reason_codes! {
         "retry after `Retry-After` (also: the connection cap is reached and no idle connection could be closed)";
     Timeout = "timeout", Some(503), "the request took too long",
         "retry after `Retry-After`; nothing was issued";
+    LeakKeysUnavailable = "leak_keys_unavailable", Some(503), "the leak report's signing keys cannot be fetched; try again",
+        "GitHub resends the report; check that `leaks.github.keys_url` is reachable from the broker";
     RevokePending = "revoke_pending", Some(503), "revocation failed and will be retried automatically",
         "nothing to do: the reaper retries; the credentials expire at their TTL regardless";
     // Audited only: why a policy denied (answered as `policy_denied`), and what succeeded.
@@ -178,6 +182,8 @@ reason_codes! {
     Unfreeze = "unfreeze", None, "an operator lifted the freeze", "";
     FreezeStatus = "freeze_status", None, "an operator read the freeze in force", "";
     AuditQuery = "audit_query", None, "an operator read the audit log", "";
+    LeakReported = "leak_reported", None, "a leak report named a credential the broker issued; what was revoked is in the event", "";
+    LeakFalsePositive = "leak_false_positive", None, "a leak report named tokens the broker did not issue (hashes in the event)", "";
     AuditStream = "audit_stream", None, "an operator opened the audit stream", "";
 }
 

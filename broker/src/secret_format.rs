@@ -153,6 +153,45 @@ pub fn find_all(text: &str) -> Vec<(SecretKind, &str)> {
     out
 }
 
+/// Length of the random part of a legacy token (`brk_op_`/`brk_rvk_` + 32 random bytes in
+/// base64url without padding), the shape operator and revocation tokens had before this format.
+pub const LEGACY_LEN: usize = 43;
+
+/// How a presented token of an expected kind is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `brk_<tag>_<32 base62>_<checksum>`, checksum verified.
+    Current,
+    /// The legacy shape, accepted for operator and revocation tokens only (operator tokens are
+    /// long-lived; revocation tokens of grants live during an upgrade): `brk_op_`/`brk_rvk_` and
+    /// 43 base64url characters. It has no checksum, so it is found by hash lookup alone.
+    Legacy,
+}
+
+/// Check offline that `secret` is a token of `kind`: the current shape with a good checksum,
+/// or (operator and revocation tokens only) the legacy shape. Nothing is looked up.
+pub fn check(secret: &str, kind: SecretKind) -> Result<Shape, FormatError> {
+    if !secret.starts_with(kind.prefix()) {
+        return Err(FormatError::UnknownPrefix);
+    }
+    let legacy_kind = matches!(kind, SecretKind::Operator | SecretKind::Revocation);
+    if legacy_kind && secret.len() == kind.prefix().len() + LEGACY_LEN {
+        let rest = &secret[kind.prefix().len()..];
+        return if rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            Ok(Shape::Legacy)
+        } else {
+            Err(FormatError::Malformed)
+        };
+    }
+    match parse(secret)? {
+        k if k == kind => Ok(Shape::Current),
+        _ => Err(FormatError::UnknownPrefix),
+    }
+}
+
 /// The CRC-32 (ISO-HDLC, as zlib) of `body`, in 6 base62 characters, most significant first.
 fn checksum(body: &str) -> String {
     let mut n = CRC32.checksum(body.as_bytes());
@@ -207,6 +246,130 @@ mod tests {
         assert_eq!(parse(""), Err(FormatError::UnknownPrefix));
         let bad_alphabet = format!("{}-{}", &s[..i], &s[i + 1..]);
         assert_eq!(parse(&bad_alphabet), Err(FormatError::Malformed));
+    }
+
+    #[test]
+    fn check_accepts_the_legacy_shape_only_where_it_existed() {
+        use base64::Engine;
+        let legacy_body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 32]);
+        assert_eq!(legacy_body.len(), LEGACY_LEN);
+        for kind in [SecretKind::Operator, SecretKind::Revocation] {
+            let legacy = format!("{}{legacy_body}", kind.prefix());
+            assert_eq!(check(&legacy, kind), Ok(Shape::Legacy));
+            assert_eq!(
+                check(&legacy[..legacy.len() - 1], kind),
+                Err(FormatError::Malformed)
+            );
+            let bad = format!("{}{}+", kind.prefix(), &legacy_body[..LEGACY_LEN - 1]);
+            assert_eq!(check(&bad, kind), Err(FormatError::Malformed));
+            assert_eq!(check(generate(kind).expose(), kind), Ok(Shape::Current));
+        }
+        // No legacy shape for kinds that never had one.
+        let at = format!("brk_at_{legacy_body}");
+        assert_eq!(
+            check(&at, SecretKind::ApiToken),
+            Err(FormatError::Malformed)
+        );
+        // A secret of another kind is not this kind.
+        let pg = generate(SecretKind::PostgresPassword);
+        assert_eq!(
+            check(pg.expose(), SecretKind::Revocation),
+            Err(FormatError::UnknownPrefix)
+        );
+    }
+
+    /// The regexes shipped in `deploy/scanners/` (gitleaks, TruffleHog, GitHub custom
+    /// patterns) match a secret of every kind, with its exact extent, and no look-alike but a
+    /// wrong checksum (a regex cannot compute a CRC-32; docs/leaks.md says so).
+    #[test]
+    fn shipped_scanner_rules_match_every_kind_and_no_look_alike() {
+        let quoted = |text: &'static str, key: &str, open: &str, close: &str| -> Vec<String> {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix(key))
+                .filter_map(|l| l.trim().strip_prefix(open)?.strip_suffix(close))
+                .map(str::to_owned)
+                .collect()
+        };
+        let gitleaks = quoted(
+            include_str!("../../deploy/scanners/gitleaks.toml"),
+            "regex =",
+            "'''",
+            "'''",
+        );
+        let trufflehog = quoted(
+            include_str!("../../deploy/scanners/trufflehog.yaml"),
+            "secret:",
+            "'",
+            "'",
+        );
+        let github: Vec<String> = quoted(
+            include_str!("../../deploy/scanners/github-custom-patterns.yaml"),
+            "secret_format:",
+            "'",
+            "'",
+        )
+        .into_iter()
+        // GitHub's before/after fields in the shape of the other rules' boundaries.
+        .map(|f| format!(r"(?:^|[^0-9A-Za-z_-])({f})(?:[^0-9A-Za-z_-]|$)"))
+        .collect();
+        assert_eq!((gitleaks.len(), trufflehog.len(), github.len()), (8, 3, 3));
+        for (file, rules) in [
+            ("gitleaks", &gitleaks),
+            ("trufflehog", &trufflehog),
+            ("github", &github),
+        ] {
+            let rules: Vec<regex::Regex> = rules
+                .iter()
+                .map(|r| regex::Regex::new(r).unwrap())
+                .collect();
+            let matches = |text: &str| -> Vec<String> {
+                rules
+                    .iter()
+                    .flat_map(|r| r.captures_iter(text))
+                    .filter_map(|c| c.get(1).map(|m| m.as_str().to_owned()))
+                    .collect()
+            };
+            for kind in SecretKind::ALL {
+                let s = generate(kind);
+                let s = s.expose();
+                for text in [format!("TOKEN={s}\n"), format!("\"{s}\""), s.to_owned()] {
+                    assert_eq!(matches(&text), vec![s.to_owned()], "{file} {kind:?}");
+                }
+                let i = kind.prefix().len() + 3;
+                let flipped = if &s[i..=i] == "a" { "b" } else { "a" };
+                let wrong_sum = format!("{}{flipped}{}", &s[..i], &s[i + 1..]);
+                assert_eq!(parse(&wrong_sum), Err(FormatError::Checksum));
+                assert_eq!(
+                    matches(&wrong_sum).len(),
+                    1,
+                    "{file}: a regex cannot see the checksum"
+                );
+                for look_alike in [
+                    s[..s.len() - 1].to_owned(),
+                    format!("{s}0"),
+                    format!("x{s}"),
+                    s.replacen("brk_", "brk_zz", 1),
+                    "ghp_16C7e42F292c6912E7710c838347Ae178B4a".to_owned(),
+                    "AKIAIOSFODNN7EXAMPLE".to_owned(),
+                ] {
+                    assert_eq!(
+                        matches(&look_alike),
+                        Vec::<String>::new(),
+                        "{file}: {look_alike}"
+                    );
+                }
+            }
+            let legacy = format!("brk_rvk_{}", crate::secret::random_token(32));
+            assert_eq!(
+                matches(&format!("t={legacy};")),
+                vec![legacy.clone()],
+                "{file} legacy"
+            );
+            assert!(
+                matches(&legacy[..legacy.len() - 1]).is_empty(),
+                "{file} legacy truncated"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod broker_process;
 pub mod github_fake;
 pub mod http;
 pub mod issuer;
+pub mod leak_keys;
 pub mod moto;
 pub mod pg;
 pub mod proxy;

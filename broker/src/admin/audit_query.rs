@@ -24,7 +24,7 @@ pub const MAX_AUDIT_LIMIT: u32 = 1000;
 const MAX_VALUE: usize = 1024;
 
 /// The query parameters `GET /v1/audit` accepts.
-pub const AUDIT_PARAMS: [&str; 13] = [
+pub const AUDIT_PARAMS: [&str; 14] = [
     "since",
     "until",
     "repository",
@@ -34,6 +34,7 @@ pub const AUDIT_PARAMS: [&str; 13] = [
     "kind",
     "outcome",
     "reason",
+    "verified",
     "grant_id",
     "request_id",
     "limit",
@@ -69,6 +70,8 @@ pub enum AuditQueryError {
     UnknownKind(String),
     #[error("outcome: one of {}", OUTCOMES.join(", "))]
     Outcome,
+    #[error("verified: true or false")]
+    Verified,
     #[error("grant_id: not a UUID")]
     GrantId,
     #[error("limit: an integer from 1 to {MAX_AUDIT_LIMIT}")]
@@ -116,6 +119,13 @@ pub fn parse_audit_query(pairs: &[(String, String)]) -> Result<AuditFilter, Audi
                 f.outcome = text;
             }
             "reason" => f.reason = text,
+            "verified" => {
+                f.verified = Some(match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(AuditQueryError::Verified),
+                });
+            }
             "grant_id" => {
                 f.grant_id = Some(Uuid::parse_str(value).map_err(|_| AuditQueryError::GrantId)?);
             }
@@ -165,6 +175,7 @@ pub(crate) fn describe(f: &AuditFilter) -> String {
         "kind": f.kind,
         "outcome": f.outcome,
         "reason": f.reason,
+        "verified": f.verified,
         "grant_id": f.grant_id,
         "request_id": f.request_id,
         "cursor": f.cursor,

@@ -57,6 +57,10 @@ pub enum AdminError {
     /// Unknown token, or not an operator token at all (a job token).
     #[error("not a valid operator token")]
     Unauthorized,
+    /// A `brk_op_` token with a wrong length or checksum: refused offline, before any hash
+    /// comparison.
+    #[error("malformed operator token: {0}")]
+    MalformedToken(crate::secret_format::FormatError),
     /// A single-use job token (OIDC operator) presented a second time.
     #[error("operator {name:?}: job token already used")]
     Replayed { name: String },
@@ -90,6 +94,7 @@ impl AdminError {
         match self {
             AdminError::MissingToken => ReasonCode::MissingToken,
             AdminError::Unauthorized => ReasonCode::OperatorUnauthorized,
+            AdminError::MalformedToken(_) => ReasonCode::MalformedSecret,
             AdminError::Replayed { .. } => ReasonCode::TokenReplayed,
             AdminError::Forbidden { .. } => ReasonCode::OperatorForbidden,
             AdminError::BadRequest(_) => ReasonCode::BadRequest,

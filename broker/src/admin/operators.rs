@@ -15,7 +15,7 @@
 
 use crate::oidc::{IssuerConfig, Verifier, VerifierOptions};
 use crate::policy::expr::{self, Activation, ClaimsUsed, CompiledExpr, RegexTable};
-use crate::secret::{Sensitive, random_token, sha256_hex};
+use crate::secret::{Sensitive, sha256_hex};
 use crate::store::JtiRecord;
 use crate::time::SharedClock;
 use serde::{Deserialize, Serialize};
@@ -350,7 +350,7 @@ impl Operators {
     /// The operator this token belongs to, if any.
     pub fn authenticate(&self, token: &Sensitive) -> Option<Operator> {
         let t = token.expose();
-        if !t.starts_with(OPERATOR_PREFIX) || t.len() > 256 {
+        if crate::secret_format::check(t, crate::secret_format::SecretKind::Operator).is_err() {
             return None;
         }
         let digest = parse_hash(&sha256_hex(t.as_bytes()))?;
@@ -368,9 +368,9 @@ impl Operators {
 
 /// A new operator token and the hash to put in the config.
 pub fn new_token() -> (Sensitive, String) {
-    let token = format!("{OPERATOR_PREFIX}{}", random_token(32));
-    let hash = sha256_hex(token.as_bytes());
-    (Sensitive::new(token), hash)
+    let token = crate::secret_format::generate(crate::secret_format::SecretKind::Operator);
+    let hash = sha256_hex(token.expose().as_bytes());
+    (token, hash)
 }
 
 #[cfg(test)]
@@ -412,6 +412,18 @@ mod tests {
         // A job token (a JWT) never matches, whatever its content.
         assert_eq!(ops.authenticate(&Sensitive::new("eyJhbGciOi.x.y")), None);
         assert_eq!(Operators::default().authenticate(&alice_tok), None);
+        // The legacy shape (`brk_op_` + 43 base64url characters, no checksum) still
+        // authenticates by hash; a truncated current one never does.
+        let legacy = format!("{OPERATOR_PREFIX}{}", crate::secret::random_token(32));
+        let ops =
+            Operators::from_config(&[cfg("old", Role::Admin, &sha256_hex(legacy.as_bytes()))])
+                .unwrap();
+        assert_eq!(
+            ops.authenticate(&Sensitive::new(legacy)).unwrap().name,
+            "old"
+        );
+        let t = alice_tok.expose();
+        assert_eq!(ops.authenticate(&Sensitive::new(&t[..t.len() - 1])), None);
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Action {
     Admin,
     /// A job-end webhook delivery (`/v1/hooks/*`): acted on or refused.
     Webhook,
+    /// A leak report (`/v1/leaks/github`, `/v1/leaks`): acted on or refused.
+    LeakReported,
 }
 
 impl Action {
@@ -45,6 +47,7 @@ impl Action {
             Action::RevokeFailed => "revoke_failed",
             Action::Admin => "admin",
             Action::Webhook => "webhook",
+            Action::LeakReported => "leak_reported",
         }
     }
 }
@@ -101,6 +104,11 @@ pub struct AuditEvent {
     /// when nothing was cut.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub truncated: Vec<String>,
+    /// On a revocation: whether the target showed afterwards that the old access no longer
+    /// works (`Provider::verify_revoked`); absent where no target could be asked, so events
+    /// written before this field hash exactly as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
     /// Set on an aggregate event: refusals counted here instead of one row each
     /// (`refusals::aggregate`); absent on every other event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,6 +156,7 @@ impl AuditEvent {
             actor: None,
             detail: None,
             truncated: Vec::new(),
+            verified: None,
             aggregate: None,
         }
     }
@@ -167,6 +176,7 @@ mod tests {
             Action::RevokeFailed,
             Action::Admin,
             Action::Webhook,
+            Action::LeakReported,
         ] {
             assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
         }

@@ -131,6 +131,9 @@ struct QueryArgs {
     /// A reason code (policy_denied, token_expired, ...).
     #[arg(long)]
     reason: Option<String>,
+    /// Only revocations whose check on the target could not show the old access gone.
+    #[arg(long)]
+    unverified: bool,
     #[arg(long)]
     grant_id: Option<String>,
     #[arg(long)]
@@ -204,6 +207,7 @@ async fn query(a: QueryArgs) -> Outcome {
         ("kind", a.kind),
         ("outcome", a.outcome),
         ("reason", a.reason),
+        ("verified", a.unverified.then(|| "false".to_owned())),
         ("grant_id", a.grant_id),
         ("request_id", a.request_id),
     ]

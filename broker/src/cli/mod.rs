@@ -12,6 +12,7 @@ pub mod exchange;
 pub mod exit;
 pub mod job;
 pub mod keys;
+pub mod leak;
 pub mod migrate;
 pub mod policy;
 pub mod require;

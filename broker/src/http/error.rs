@@ -312,6 +312,25 @@ impl ApiError {
     }
 }
 
+impl From<crate::leaks::LeakError> for ApiError {
+    fn from(e: crate::leaks::LeakError) -> Self {
+        use crate::leaks::LeakError;
+        let code = e.reason();
+        let answer = match &e {
+            LeakError::Signature(_) => {
+                ApiError::with_message(code, "the report's signature does not verify")
+            }
+            LeakError::BadRequest(r) => ApiError::with_message(code, r.to_string()),
+            _ => ApiError::of(code),
+        };
+        let answer = answer.detail(e.to_string());
+        match e {
+            LeakError::TooManyFailures { retry_after_secs } => answer.retry_after(retry_after_secs),
+            _ => answer,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();

@@ -16,6 +16,7 @@ mod audit_stream;
 mod conn;
 pub mod error;
 mod hooks;
+mod leaks;
 mod oauth;
 mod ssh;
 
@@ -89,8 +90,11 @@ pub fn routers(
         .merge(oauth::routes())
         .layer(early_body_limit(limits.max_body_bytes))
         .merge(hooks::routes(broker.webhooks().max_body_bytes()))
+        .merge(leaks::public_routes())
         .merge(ssh::routes());
-    let operator = admin::routes().layer(early_body_limit(limits.max_body_bytes));
+    let operator = admin::routes()
+        .layer(early_body_limit(limits.max_body_bytes))
+        .merge(leaks::operator_routes());
     let (public, admin) = if separate_admin {
         let admin = operator
             .route("/healthz", get(healthz))

@@ -157,6 +157,17 @@ struct ApiToken {
     scopes: Vec<String>,
     /// Template for `sub`; default: the job token's `sub`.
     subject: Option<String>,
+    /// `jwt` (default): a signed JWT; `opaque`: a random `brk_at_…` reference token that only
+    /// introspection resolves.
+    format: Option<TokenFormatName>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum TokenFormatName {
+    Jwt,
+    Opaque,
 }
 
 #[derive(Deserialize, JsonSchema)]

@@ -42,6 +42,26 @@ pub struct ApiTokenSpec {
     /// `sub` of the minted token; defaults to the job token's `sub`.
     #[serde(default)]
     pub subject: Option<Template>,
+    /// `jwt` (the default): a signed JWT a service may verify offline with the JWKS. `opaque`:
+    /// a random reference token `brk_at_…` (see `secret_format`) that only introspection
+    /// resolves, from its hash in the store.
+    #[serde(default, skip_serializing_if = "TokenFormat::is_jwt")]
+    pub format: TokenFormat,
+}
+
+/// How an API token is built (`api_token.format` in a credential definition).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenFormat {
+    #[default]
+    Jwt,
+    Opaque,
+}
+
+impl TokenFormat {
+    fn is_jwt(&self) -> bool {
+        *self == TokenFormat::Jwt
+    }
 }
 
 /// Errors loading signing keys.
@@ -281,6 +301,41 @@ pub enum TokenCheckError {
     Expired,
 }
 
+/// An opaque API token: random, recognisable (`brk_at_…`), resolved only by introspection.
+/// What introspection answers (the claims a JWT would carry) is kept with the grant as the
+/// credential's details, with the token's SHA-256 to find it by; the token itself is not kept.
+fn mint_opaque(claims: ApiTokenClaims, expires_at: OffsetDateTime) -> Minted {
+    let token = crate::secret_format::generate(crate::secret_format::SecretKind::ApiToken);
+    let mut details = serde_json::to_value(&claims).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut details {
+        m.insert("format".into(), json!("opaque"));
+        m.insert(
+            super::SECRET_HASH_KEY.into(),
+            json!(crate::secret::sha256_hex(token.expose().as_bytes())),
+        );
+    }
+    Minted {
+        fields: vec![
+            ("token".into(), Field::Secret(token)),
+            ("token_type".into(), Field::Public(json!("Bearer"))),
+            ("audience".into(), Field::Public(json!(claims.aud))),
+            ("scope".into(), Field::Public(json!(claims.scope))),
+            ("token_id".into(), Field::Public(json!(claims.jti))),
+        ],
+        expires_at,
+        details,
+    }
+}
+
+/// The claims kept with an opaque token's grant (from [`mint_opaque`]'s details), for
+/// introspection.
+pub fn opaque_claims(details: &Value) -> Option<ApiTokenClaims> {
+    if details.get("format").and_then(Value::as_str) != Some("opaque") {
+        return None;
+    }
+    serde_json::from_value(details.clone()).ok()
+}
+
 /// The API-token provider.
 pub struct ApiTokenProvider {
     keys: Arc<SigningKeys>,
@@ -337,6 +392,16 @@ impl ApiTokenProvider {
         token: &str,
         now: OffsetDateTime,
     ) -> Result<ApiTokenClaims, TokenCheckError> {
+        let claims = self.check_signature(token)?;
+        if claims.exp <= now.unix_timestamp() {
+            return Err(TokenCheckError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// A presented token's signature (any published key) and issuer, whatever its expiry: a
+    /// leak report names the grant of an expired token too.
+    pub fn check_signature(&self, token: &str) -> Result<ApiTokenClaims, TokenCheckError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenCheckError::NotOurs)?;
         if header.alg != Algorithm::EdDSA || header.typ.as_deref() != Some(TOKEN_TYPE) {
             return Err(TokenCheckError::NotOurs);
@@ -354,9 +419,6 @@ impl ApiTokenProvider {
         v.set_required_spec_claims(&["exp", "iss", "jti"]);
         let data = jsonwebtoken::decode::<ApiTokenClaims>(token, &key.decoding, &v)
             .map_err(|_| TokenCheckError::NotOurs)?;
-        if data.claims.exp <= now.unix_timestamp() {
-            return Err(TokenCheckError::Expired);
-        }
         Ok(data.claims)
     }
 }
@@ -423,6 +485,9 @@ impl Provider for ApiTokenProvider {
             gid: req.grant_id.to_string(),
             job: Value::Object(job),
         };
+        if spec.format == TokenFormat::Opaque {
+            return Ok(mint_opaque(claims, req.expires_at));
+        }
         let token = self
             .keys
             .active
@@ -462,6 +527,7 @@ mod tests {
                 audience: "https://deploy.example".into(),
                 scopes: vec![Template::parse("deploy:${repository}").unwrap()],
                 subject: None,
+                format: TokenFormat::Jwt,
             }),
         }
     }

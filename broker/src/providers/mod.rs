@@ -132,6 +132,12 @@ pub struct MintRequest<'a> {
     pub expires_at: OffsetDateTime,
 }
 
+/// Key of `Minted::details` holding the lowercase hex SHA-256 of the credential's secret, where
+/// the broker invented it (Postgres passwords, opaque API tokens): what a leak report and
+/// introspection find the grant by. Safe to keep: the secrets are about 190 bits of randomness,
+/// so the hash reveals nothing.
+pub const SECRET_HASH_KEY: &str = "secret_sha256";
+
 /// A credential recorded in a grant, as the reaper and revoke path see it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IssuedCredential {
@@ -212,6 +218,17 @@ pub struct RevokeAllReport {
     /// Non-secret account of what was done, one line per target (for the audit event).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub details: Vec<String>,
+}
+
+/// What checking a revoked credential on its target found (`Provider::verify_revoked`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    /// The target cannot be asked (or the kind lives only in the broker's store).
+    NotApplicable,
+    /// The old access no longer works, as far as the target shows.
+    Verified,
+    /// It could not be shown: why, in words (never a secret).
+    Unverified(String),
 }
 
 /// A lock every broker replica respects, for a provider's read-modify-write of state kept
@@ -308,6 +325,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// (e.g. the deny statement put on an AWS role). Never a secret.
     fn revoke_description(&self, _credential: &IssuedCredential) -> Option<String> {
         None
+    }
+
+    /// After a successful `revoke`, check on the target that the old access no longer works
+    /// (Postgres: the role is gone or cannot log in and has no session; AWS: the deny
+    /// statement covering the session reads back). Default: not applicable.
+    async fn verify_revoked(&self, _credential: &IssuedCredential) -> Verification {
+        Verification::NotApplicable
     }
 
     /// Revoke every credential of this kind that is still alive (an operator's kill switch).

@@ -262,6 +262,7 @@ pub fn unauthenticated(action: Action, reason: &str) -> bool {
                 | R::PayloadTooLarge
                 | R::MissingToken
                 | R::InvalidRevocationToken
+                | R::MalformedSecret
                 | R::MalformedToken
                 | R::TokenTooLarge
                 | R::UnknownIssuer
@@ -275,8 +276,11 @@ pub fn unauthenticated(action: Action, reason: &str) -> bool {
                 | R::MissingClaim
                 | R::InvalidClaim
         ),
-        Action::Webhook => reason == R::BadSignature,
-        Action::Admin => matches!(reason, R::MissingToken | R::OperatorUnauthorized),
+        Action::Webhook | Action::LeakReported => reason == R::BadSignature,
+        Action::Admin => matches!(
+            reason,
+            R::MissingToken | R::OperatorUnauthorized | R::MalformedSecret
+        ),
         _ => false,
     }
 }

@@ -35,6 +35,10 @@ pub enum ServiceError {
     },
     #[error("invalid revocation token")]
     BadRevocationToken,
+    /// A broker secret (revocation token, opaque token) with a wrong prefix, length or
+    /// checksum: refused offline, before any store lookup.
+    #[error("malformed broker secret: {0}")]
+    MalformedSecret(crate::secret_format::FormatError),
     /// Too many exchanges for this repository; retry after the given seconds.
     #[error("rate limited")]
     RateLimited { retry_after_secs: u64 },
@@ -67,6 +71,7 @@ impl ServiceError {
             ServiceError::Denied { reason, .. } => *reason,
             ServiceError::Provider { error, .. } => error.reason(),
             ServiceError::BadRevocationToken => ReasonCode::InvalidRevocationToken,
+            ServiceError::MalformedSecret(_) => ReasonCode::MalformedSecret,
             ServiceError::MissingToken => ReasonCode::MissingToken,
             ServiceError::RateLimited { .. } => ReasonCode::RateLimited,
             ServiceError::RevokePending => ReasonCode::RevokePending,

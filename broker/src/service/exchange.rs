@@ -5,7 +5,7 @@
 use super::ServiceError;
 use super::exchange_record::{ExchangeOutcome, ExchangeRecord, PlannedGrant};
 use super::ttl::effective_ttl;
-use super::{Broker, REVOCATION_PREFIX, RequestCtx};
+use super::{Broker, RequestCtx};
 use crate::audit::JobAttribution;
 use crate::metrics::{self, Stage};
 use crate::oidc::Platform;
@@ -15,7 +15,8 @@ use crate::providers::{
     CredentialDef, CredentialKind, Field, IssuedCredential, MintRequest, Minted, ProviderError,
 };
 use crate::reason::ReasonCode;
-use crate::secret::{Sensitive, random_token, sha256_hex};
+use crate::secret::{Sensitive, sha256_hex};
+use crate::secret_format::SecretKind;
 use crate::store::{JtiRecord, NewGrant, StoreError};
 use time::{Duration, OffsetDateTime};
 use uuid::Uuid;
@@ -205,7 +206,7 @@ impl Broker {
         let now = rec.at;
         // 4. Intent: grant + resource ids + jti, committed before anything is minted.
         let grant_id = Uuid::now_v7();
-        let revocation_token = Sensitive::new(format!("{REVOCATION_PREFIX}{}", random_token(32)));
+        let revocation_token = crate::secret_format::generate(SecretKind::Revocation);
         let mut defs = Vec::with_capacity(req.credentials.len());
         let mut issued = Vec::with_capacity(req.credentials.len());
         for name in &req.credentials {

@@ -17,6 +17,7 @@ mod checkpoints;
 mod error;
 mod exchange;
 mod exchange_record;
+mod leak;
 mod oauth;
 mod operators;
 mod policies;
@@ -88,6 +89,8 @@ pub struct Broker {
     pub(crate) webhooks: crate::webhooks::Webhooks,
     /// Limiter and aggregator of unauthenticated refusals; see `refusals/`.
     pub(crate) refusals: crate::refusals::Refusals,
+    /// Leak report endpoints (none by default: `/v1/leaks/github` answers 404); see `leaks/`.
+    pub(crate) leaks: crate::leaks::Leaks,
     /// The SSH user CAs (`targets.ssh_ca`), for their public keys and KRLs; see `ssh.rs`.
     pub(crate) ssh_cas: Option<Arc<crate::providers::ssh_cert::SshCertProvider>>,
 }
@@ -199,6 +202,7 @@ impl Broker {
             admin: crate::admin::AdminState::default(),
             webhooks: crate::webhooks::Webhooks::default(),
             refusals: crate::refusals::Refusals::default(),
+            leaks: crate::leaks::Leaks::default(),
             ssh_cas: None,
         })
     }
@@ -211,6 +215,11 @@ impl Broker {
     /// The job-end webhook endpoints to serve (none by default: they answer 404).
     pub fn set_webhooks(&mut self, webhooks: crate::webhooks::Webhooks) {
         self.webhooks = webhooks;
+    }
+
+    /// The leak report endpoints to serve.
+    pub fn set_leaks(&mut self, leaks: crate::leaks::Leaks) {
+        self.leaks = leaks;
     }
 
     /// The configured webhook endpoints.
@@ -229,23 +238,58 @@ impl Broker {
         self.verifier.issuer_names()
     }
 
-    /// RFC 7662 introspection of an API token minted here.
+    /// RFC 7662 introspection of an API token minted here: a signed JWT (signature, then the
+    /// grant's status by its `jti`) or an opaque `brk_at_` token (its shape and checksum
+    /// offline, then the grant by the token's hash). Anything else is `active: false`, as the
+    /// RFC wants for every token that is not valid, whatever the reason.
     pub async fn introspect(&self, token: &str) -> Result<serde_json::Value, ServiceError> {
         let inactive = serde_json::json!({ "active": false });
         let now = self.clock.now();
-        let Ok(c) = self.api_tokens.check(token, now) else {
-            return Ok(inactive);
+        let opaque_prefix = crate::secret_format::SecretKind::ApiToken.prefix();
+        let c = if token.starts_with(opaque_prefix) {
+            // A mistyped or truncated token is answered without a store lookup.
+            if crate::secret_format::check(token, crate::secret_format::SecretKind::ApiToken)
+                .is_err()
+            {
+                metrics::malformed_secret("introspect");
+                return Ok(inactive);
+            }
+            let hash = crate::secret::sha256_hex(token.as_bytes());
+            let Some(m) = self.store.credential_by_secret_hash(&hash).await? else {
+                return Ok(inactive);
+            };
+            let claims = match m.credential.kind {
+                CredentialKind::ApiToken => {
+                    crate::providers::api_token::opaque_claims(&m.credential.details)
+                }
+                _ => None,
+            };
+            let Some(c) = claims else {
+                return Ok(inactive);
+            };
+            if m.grant_status != GrantStatus::Active
+                || m.expires_at <= now
+                || c.exp <= now.unix_timestamp()
+            {
+                return Ok(inactive);
+            }
+            c
+        } else {
+            let Ok(c) = self.api_tokens.check(token, now) else {
+                return Ok(inactive);
+            };
+            let Some(status) = self
+                .store
+                .credential_status(CredentialKind::ApiToken, &c.jti)
+                .await?
+            else {
+                return Ok(inactive);
+            };
+            if status.grant_status != GrantStatus::Active || status.expires_at <= now {
+                return Ok(inactive);
+            }
+            c
         };
-        let Some(status) = self
-            .store
-            .credential_status(CredentialKind::ApiToken, &c.jti)
-            .await?
-        else {
-            return Ok(inactive);
-        };
-        if status.grant_status != GrantStatus::Active || status.expires_at <= now {
-            return Ok(inactive);
-        }
         Ok(serde_json::json!({
             "active": true,
             "token_type": "Bearer",

@@ -73,6 +73,12 @@ impl Broker {
     ) -> Result<Operator, AdminError> {
         let result = match token {
             None => Err(AdminError::MissingToken),
+            // A token in the operator shape is checked offline first (prefix, length,
+            // checksum; the legacy shape has none and is compared by hash as before).
+            Some(t) if malformed_operator_token(&t).is_some() => Err(AdminError::MalformedToken(
+                malformed_operator_token(&t)
+                    .unwrap_or(crate::secret_format::FormatError::Malformed),
+            )),
             Some(t) => match self.admin.operators.authenticate_any(&t).await {
                 None => Err(AdminError::Unauthorized),
                 Some((op, _)) if !op.role.allows(needed) => Err(AdminError::Forbidden {
@@ -477,4 +483,16 @@ impl Broker {
             Ok(())
         }
     }
+}
+
+/// Why a bearer token in the operator shape (`brk_op_…`) is malformed, if it is; `None` for a
+/// well-formed one and for anything else (a job token for an OIDC operator rule).
+fn malformed_operator_token(
+    t: &crate::secret::Sensitive,
+) -> Option<crate::secret_format::FormatError> {
+    let t = t.expose();
+    if !t.starts_with(crate::admin::OPERATOR_PREFIX) {
+        return None;
+    }
+    crate::secret_format::check(t, crate::secret_format::SecretKind::Operator).err()
 }

@@ -528,3 +528,73 @@ async fn policy_reload_keeps_the_old_bundle_on_error() {
     assert_ne!(digest, before);
     assert!(h.broker.policy_status().last_error.is_none());
 }
+
+/// Revocation tokens are checked offline: a truncated or mistyped one is refused as
+/// `malformed_secret` (audited) without a lookup, and one of the legacy shape (grants live
+/// during an upgrade) still revokes its grant by hash.
+#[tokio::test]
+async fn revocation_tokens_are_checked_offline_and_the_legacy_shape_still_revokes() {
+    let h = harness().await;
+    let r = h
+        .exchange(&h.github_token(), &["deploy-api"], None)
+        .await
+        .unwrap();
+    let t = r.revocation_token.expose().to_owned();
+    assert!(
+        t.starts_with("brk_rvk_") && t.len() == 47,
+        "the recognisable shape"
+    );
+    let last = if t.ends_with('0') { "1" } else { "0" };
+    for bad in [&t[..t.len() - 1], &format!("{}{last}", &t[..t.len() - 1])] {
+        let err = h
+            .broker
+            .revoke_by_token(&Sensitive::new(bad), &RequestCtx::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason_code(), "malformed_secret");
+    }
+    assert_eq!(h.audit().await[0].reason, "malformed_secret");
+    let g = h.broker.store.grant(r.grant_id).await.unwrap().unwrap();
+    assert_eq!(
+        g.status,
+        GrantStatus::Active,
+        "nothing revoked by a malformed token"
+    );
+
+    // A grant whose revocation token has the legacy shape (no checksum).
+    let legacy = format!("brk_rvk_{}", crate::secret::random_token(32));
+    let now = h.clock.now();
+    let id = Uuid::now_v7();
+    h.broker
+        .store
+        .begin_grant(
+            &crate::store::NewGrant {
+                id,
+                revocation_hash: crate::secret::sha256_hex(legacy.as_bytes()),
+                issuer: "github".into(),
+                subject: "repo:acme/api:ref:refs/heads/main".into(),
+                repository: Some("acme/api".into()),
+                repository_id: Some("1000001".into()),
+                job: json!({}),
+                bundle_digest: "d".into(),
+                created_at: now,
+                expires_at: now + Duration::minutes(5),
+                credentials: vec![IssuedCredential {
+                    name: "deploy-api".into(),
+                    kind: CredentialKind::ApiToken,
+                    resource_id: format!("{}.deploy-api", id.simple()),
+                    details: json!({}),
+                }],
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let (gid, status) = h
+        .broker
+        .revoke_by_token(&Sensitive::new(legacy), &RequestCtx::default())
+        .await
+        .unwrap();
+    assert_eq!(gid, id);
+    assert!(status.is_final(), "{status:?}");
+}

@@ -110,6 +110,15 @@ pub(super) async fn audit_records(
         .and_eq("repository_id", &filter.repository_id)
         .and_eq("actor", &filter.actor)
         .and_within("time", filter.since, filter.until);
+    if let Some(v) = filter.verified {
+        // A JSON boolean, read back as each backend spells it (no bound value needed).
+        q.push(match (d, v) {
+            (Dialect::Postgres, true) => " AND (event ->> 'verified') = 'true'",
+            (Dialect::Postgres, false) => " AND (event ->> 'verified') = 'false'",
+            (Dialect::Sqlite, true) => " AND json_type(event, '$.verified') = 'true'",
+            (Dialect::Sqlite, false) => " AND json_type(event, '$.verified') = 'false'",
+        });
+    }
     if let Some(name) = &filter.credential {
         let n = q.next_param();
         q.push(&match d {

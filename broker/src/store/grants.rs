@@ -13,7 +13,7 @@ use super::codec::{corrupt, parse_cause, parse_kind, parse_status};
 use super::db::{Arg, Backend, Conn, Dialect, Row, Sql};
 use super::{
     ClaimedGrant, CredentialStatus, Grant, GrantCursor, GrantSelect, GrantStatus, JobMatch,
-    JtiRecord, RevokeCause, StoreError, StoreGauges, StoreStats,
+    JtiRecord, RevokeCause, SecretMatch, StoreError, StoreGauges, StoreStats,
 };
 use crate::audit::AuditEvent;
 use crate::providers::{CredentialKind, IssuedCredential};
@@ -116,6 +116,48 @@ pub(super) async fn credential_status(
             grant_id: r.uuid("id")?,
             grant_status: parse_status(&r.get::<String>("status")?)?,
             expires_at: r.time("expires_at")?,
+        })
+    })
+    .transpose()
+}
+
+/// The credential whose details hold this secret hash, and its grant. The comparison is
+/// written as `json_field` writes it, the expression `grant_credentials_secret_sha256_idx`
+/// indexes.
+pub(super) async fn credential_by_secret_hash(
+    db: &Backend,
+    hash: &str,
+) -> Result<Option<SecretMatch>, StoreError> {
+    let d = db.dialect();
+    let mut pooled = db.acquire().await?;
+    let row = pooled
+        .conn()
+        .fetch_optional(
+            &Sql::new(format!(
+                "SELECT g.id, g.status, g.expires_at, g.created_at, c.name, c.kind, c.resource_id,
+                        {} AS details
+                 FROM grant_credentials c JOIN grants g ON g.id = c.grant_id
+                 WHERE {} = $1",
+                d.json_text("c.details"),
+                d.json_field("c.details", crate::providers::SECRET_HASH_KEY),
+            ))
+            .bind(hash),
+        )
+        .await?;
+    row.map(|r| {
+        let details: String = r.get("details")?;
+        Ok(SecretMatch {
+            grant_id: r.uuid("id")?,
+            grant_status: parse_status(&r.get::<String>("status")?)?,
+            expires_at: r.time("expires_at")?,
+            created_at: r.time("created_at")?,
+            credential: IssuedCredential {
+                name: r.get("name")?,
+                kind: parse_kind(&r.get::<String>("kind")?)?,
+                resource_id: r.get("resource_id")?,
+                details: serde_json::from_str(&details)
+                    .map_err(|_| corrupt("credential details"))?,
+            },
         })
     })
     .transpose()

@@ -45,7 +45,7 @@ use db::Backend;
 pub use model::{
     AuditFilter, AuditPage, AuditRecord, ClaimedGrant, CredentialStatus, FreezeRecord, Grant,
     GrantCursor, GrantSelect, GrantStatus, JobMatch, JtiRecord, NewGrant, PruneReport, RevokeCause,
-    StoreError, StoreGauges, StoreStats,
+    SecretMatch, StoreError, StoreGauges, StoreStats,
 };
 use records::Purge;
 use time::{Duration, OffsetDateTime};
@@ -451,6 +451,15 @@ impl Store {
         resource_id: &str,
     ) -> Result<Option<CredentialStatus>, StoreError> {
         bounded(grants::credential_status(&self.backend, kind, resource_id)).await
+    }
+
+    /// The credential whose secret hashes to `sha256_hex` (kept in its details under
+    /// `providers::SECRET_HASH_KEY`: Postgres passwords, opaque API tokens), with its grant.
+    pub async fn credential_by_secret_hash(
+        &self,
+        sha256_hex: &str,
+    ) -> Result<Option<SecretMatch>, StoreError> {
+        bounded(grants::credential_by_secret_hash(&self.backend, sha256_hex)).await
     }
 
     /// Resource ids of `kind` credentials whose grant is no longer active (revoked, being

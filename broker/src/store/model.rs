@@ -146,6 +146,17 @@ pub struct CredentialStatus {
     pub expires_at: OffsetDateTime,
 }
 
+/// The credential whose secret has a given SHA-256 (a leak report, an opaque token's
+/// introspection), with its grant's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecretMatch {
+    pub grant_id: Uuid,
+    pub grant_status: GrantStatus,
+    pub expires_at: OffsetDateTime,
+    pub created_at: OffsetDateTime,
+    pub credential: IssuedCredential,
+}
+
 /// Filter for reading audit events back (`GET /v1/audit`, CLI, tests). Every field narrows the
 /// result (AND); `None` means "any". The backends apply all of them in SQL, never in memory.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +166,9 @@ pub struct AuditFilter {
     pub repository: Option<String>,
     pub outcome: Option<String>,
     pub reason: Option<String>,
+    /// Revocation events whose check on the target did (`true`) or did not (`false`) show
+    /// the old access gone (`AuditEvent::verified`).
+    pub verified: Option<bool>,
     /// Events at or after this time.
     pub since: Option<OffsetDateTime>,
     /// Events strictly before this time.

@@ -23,7 +23,7 @@ use sqlx::Row;
 use sqlx::postgres::PgPoolOptions;
 use std::time::{Duration, Instant};
 
-const AUDITOR_TOKEN: &str = "brk_op_audit-scale-benchmark-auditor";
+const AUDITOR_TOKEN: &str = "brk_op_auditScaleBenchmarkAuditor000000_3QhSfc";
 /// The 90 days end here (a fixed date keeps runs comparable).
 const END_UNIX: i64 = 1_793_491_200; // 2026-11-01T00:00:00Z
 const DAYS: i64 = 90;

@@ -257,6 +257,8 @@ async fn exchange_returns_working_credentials_and_revoke_denies_the_session() {
         .iter()
         .find(|ev| ev.action == broker::audit::Action::Revoke)
         .expect("revoke event");
+    // The deny statement was read back after writing it: the revocation is verified.
+    assert_eq!(revoked.verified, Some(true), "{revoked:?}");
     let detail = revoked.detail.as_deref().unwrap_or_default();
     assert!(
         detail.contains(&rid)
@@ -338,7 +340,7 @@ async fn endpoint_down_is_target_unavailable_and_issues_nothing() {
 }
 
 /// Operator token configured for the broker under test (test-only).
-const OPERATOR_TOKEN: &str = "brk_op_test-operator-token-for-aws-e2e";
+const OPERATOR_TOKEN: &str = "brk_op_testOperatorTokenForAwsE2e000000_4ZgGRt";
 
 /// The emergency endpoint, unfiltered, puts the `aws:TokenIssueTime` deny on every brokered
 /// role (sessions issued before now die, whoever holds them) and says so in its report.

@@ -19,6 +19,7 @@ mod e2e;
 mod faults;
 mod github_app;
 mod hostile;
+mod leaks;
 mod load;
 mod oauth;
 mod pipelines;

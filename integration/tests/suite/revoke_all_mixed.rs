@@ -19,7 +19,7 @@ use sqlx::postgres::PgPoolOptions;
 use std::sync::Arc;
 use std::time::Instant;
 
-const OPERATOR_TOKEN: &str = "brk_op_revoke-all-mixed-e2e-admin";
+const OPERATOR_TOKEN: &str = "brk_op_revokeAllMixedE2eAdmin0000000000_0DFieD";
 const GRANTS: usize = 1000;
 /// Exchanges in flight while building the grants.
 const CONCURRENCY: usize = 12;

@@ -660,6 +660,41 @@ impl Provider for AwsStsProvider {
         ))
     }
 
+    /// Read the role's deny policy back and check that it denies this session.
+    async fn verify_revoked(
+        &self,
+        credential: &IssuedCredential,
+    ) -> crate::providers::Verification {
+        use crate::providers::Verification;
+        let rid = credential.resource_id.as_str();
+        let target = match detail_str(credential, "target").and_then(|t| self.target(t)) {
+            Ok(t) => t.clone(),
+            Err(_) => return Verification::Unverified("no configured target".into()),
+        };
+        let Ok(role) = detail_str(credential, "role_arn").and_then(role_name) else {
+            return Verification::Unverified("no role ARN in the credential".into());
+        };
+        // The deny must hold until the session's expiry; a session never issued has nothing to
+        // deny (the mint recorded no expiry and the revoke wrote nothing).
+        let Some(until) = credential
+            .details
+            .get("expires_at")
+            .and_then(Value::as_str)
+            .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+        else {
+            return Verification::NotApplicable;
+        };
+        match self.read_deny(&target, &role).await {
+            Ok(Some(doc)) if doc.denies(rid, until) => Verification::Verified,
+            Ok(_) => Verification::Unverified(
+                "the deny policy read back does not cover the session".into(),
+            ),
+            Err(e) => {
+                Verification::Unverified(format!("reading the deny policy: {}", e.reason_code()))
+            }
+        }
+    }
+
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError> {
         let rid = credential.resource_id.as_str();
         if self.never_issued.remove(rid).await.is_some() {

@@ -557,6 +557,7 @@ impl Provider for PostgresProvider {
             spec.database.as_str(),
             target.sslmode,
         );
+        let secret_hash = crate::secret::sha256_hex(password.expose().as_bytes());
         Ok(Minted {
             fields: vec![
                 ("host".into(), Field::Public(json!(target.host))),
@@ -577,8 +578,38 @@ impl Provider for PostgresProvider {
                 "owner": spec.owner.as_str(),
                 "username": username,
                 "valid_until": valid_until,
+                // What a leak report finds the grant by (the password itself is never kept).
+                super::super::SECRET_HASH_KEY: secret_hash,
             }),
         })
+    }
+
+    /// The password is not kept, so a login cannot be tried; what the catalog shows is checked
+    /// instead: no role of that name that can log in, and no session of it left.
+    async fn verify_revoked(
+        &self,
+        credential: &IssuedCredential,
+    ) -> crate::providers::Verification {
+        use crate::providers::Verification;
+        let username = credential.resource_id.as_str();
+        let Ok(target) = detail_str(credential, "target").and_then(|t| self.target(t)) else {
+            return Verification::Unverified("the credential names no configured target".into());
+        };
+        let row = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT (SELECT count(*) FROM pg_roles WHERE rolname = $1 AND rolcanlogin),
+                    (SELECT count(*) FROM pg_stat_activity WHERE usename = $1)",
+        )
+        .bind(username)
+        .fetch_one(&target.admin_pool)
+        .await;
+        match row {
+            Ok((0, 0)) => Verification::Verified,
+            Ok((logins, sessions)) => Verification::Unverified(format!(
+                "role can log in: {}; sessions left: {sessions}",
+                logins > 0
+            )),
+            Err(e) => Verification::Unverified(classify("checking the role", &e).to_string()),
+        }
     }
 
     async fn revoke(&self, credential: &IssuedCredential) -> Result<(), ProviderError> {

@@ -13,16 +13,17 @@ use base64::Engine;
 use rand::Rng;
 use std::num::NonZeroU32;
 
-/// Length of generated passwords: 40 characters of `[A-Za-z0-9]`, about 238 bits of entropy.
-/// (The brief floor is 32 characters; alphanumerics only, so the password needs no escaping in
-/// a URL, a shell or a `.pgpass` file, and SASLprep leaves it unchanged.)
-pub const PASSWORD_LEN: usize = 40;
+/// Length of generated passwords: the recognisable shape of `crate::secret_format`,
+/// `brk_pg_<32 base62>_<checksum>`, 46 characters with about 190 bits of entropy. (The brief
+/// floor is 32 random characters; alphanumerics and `_` only, so the password needs no escaping
+/// in a URL, a shell or a `.pgpass` file, and SASLprep leaves it unchanged.)
+pub const PASSWORD_LEN: usize = 46;
 
 /// Default PBKDF2 iteration count in the verifier (`targets.postgres.<name>.scram_iterations`).
 ///
 /// Why 1, on purpose. Iterations (key stretching) slow down guessing a *chosen* password from a
-/// stolen verifier or a captured login. Ours are 40 random alphanumerics, about 238 bits: an
-/// attacker would need about 2^237 guesses on average, and 4,096 iterations would only add 12
+/// stolen verifier or a captured login. Ours carry 32 random base62 characters, about 190 bits: an
+/// attacker would need about 2^189 guesses on average, and 4,096 iterations would only add 12
 /// bits to a margin that is already beyond any computation. So stretching buys nothing here,
 /// while it costs on every use:
 /// - on the database server, at `CREATE ROLE`: Postgres checks that a supplied verifier is not
@@ -52,14 +53,10 @@ pub const INLINE_ITERATIONS: u32 = 64;
 /// Salt length in bytes (Postgres's own default).
 const SALT_LEN: usize = 16;
 
-/// A fresh random password from the thread CSPRNG (ChaCha, seeded and reseeded from the OS).
+/// A fresh random password in the recognisable `brk_pg_` shape (so a secret scanner finds a
+/// leaked one and a leak report can name it), random from the thread CSPRNG.
 pub fn generate_password() -> Sensitive {
-    let pw: String = rand::rng()
-        .sample_iter(rand::distr::Alphanumeric)
-        .take(PASSWORD_LEN)
-        .map(char::from)
-        .collect();
-    Sensitive::new(pw)
+    crate::secret_format::generate(crate::secret_format::SecretKind::PostgresPassword)
 }
 
 /// The SCRAM-SHA-256 verifier for `password` with a random salt and `iterations` rounds.
@@ -117,7 +114,16 @@ mod tests {
         let b = generate_password();
         assert_ne!(a, b);
         assert_eq!(a.expose().len(), PASSWORD_LEN);
-        assert!(a.expose().bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert!(a.expose().starts_with("brk_pg_"));
+        assert!(
+            a.expose()
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_')
+        );
+        assert_eq!(
+            crate::secret_format::parse(a.expose()),
+            Ok(crate::secret_format::SecretKind::PostgresPassword)
+        );
         let v1 = verifier(&a, DEFAULT_ITERATIONS);
         let v2 = verifier(&a, DEFAULT_ITERATIONS);
         // Random salt: the same password gives different verifiers.

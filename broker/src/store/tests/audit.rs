@@ -24,15 +24,20 @@ async fn audit_filters_each_narrow(store: Store) {
     c.actor = Some("job".into());
     c.job.repository = Some("acme/app".into());
     c.job.repository_id = Some("42".into());
+    c.verified = Some(true);
     let mut d = event(40, Action::Admin, Outcome::Success, None);
     d.actor = Some("operator:alice".into());
     d.reason = "revoke_all".into();
-    for e in [&a, &b, &c, &d] {
+    let mut e5 = event(50, Action::Expire, Outcome::Success, Some(pg.id));
+    e5.verified = Some(false);
+    for e in [&a, &b, &c, &d, &e5] {
         store.append_audit(e).await.unwrap();
     }
     #[rustfmt::skip]
     let cases: Vec<(AuditFilter, Vec<Uuid>, &str)> = vec![
-        (AuditFilter::default(), vec![d.id, c.id, b.id, a.id], ""),
+        (AuditFilter::default(), vec![e5.id, d.id, c.id, b.id, a.id], ""),
+        (af(|f| f.verified = Some(false)), vec![e5.id], "unverified revocations"),
+        (af(|f| f.verified = Some(true)), vec![c.id], "verified revocations"),
         (af(|f| f.until = Some(t(30))), vec![b.id, a.id], "until is exclusive"),
         (af(|f| { f.since = Some(t(20)); f.until = Some(t(40)) }), vec![c.id, b.id], ""),
         (af(|f| f.repository_id = Some("42".into())), vec![c.id, a.id], ""),
@@ -41,9 +46,9 @@ async fn audit_filters_each_narrow(store: Store) {
         (af(|f| f.credential = Some("db".into())), vec![a.id], "granted credential"),
         (af(|f| f.credential = Some("admin".into())), vec![b.id], "requested (denied) credential"),
         (af(|f| f.credential = Some("nope".into())), vec![], ""),
-        (af(|f| f.kind = Some("postgres".into())), vec![a.id], ""),
-        (af(|f| f.kind = Some("api_token".into())), vec![c.id, a.id], ""),
-        (af(|f| f.outcome = Some("success".into())), vec![d.id, c.id], ""),
+        (af(|f| f.kind = Some("postgres".into())), vec![e5.id, a.id], ""),
+        (af(|f| f.kind = Some("api_token".into())), vec![e5.id, c.id, a.id], ""),
+        (af(|f| f.outcome = Some("success".into())), vec![e5.id, d.id, c.id], ""),
         (af(|f| f.reason = Some("policy_denied".into())), vec![b.id], ""),
         (af(|f| f.grant_id = Some(tok.id)), vec![c.id], ""),
         (af(|f| f.request_id = Some("req-a".into())), vec![a.id], ""),

@@ -7,8 +7,8 @@
 //! sends 1,000-character ones, which reach the field caps.
 //!
 //! Here one attacker address (127.0.0.2: Linux routes all of 127/8 to loopback) floods garbage
-//! job tokens, 1,000-character credential names, bad revocation tokens and badly signed
-//! webhook deliveries, with a 1,000-character request id and user agent, while honest jobs
+//! job tokens, 1,000-character credential names, bad revocation tokens, badly signed
+//! webhook deliveries and badly signed leak reports (`/v1/leaks/github`), with a 1,000-character request id and user agent, while honest jobs
 //! exchange and revoke from 127.0.0.1 and, behind the attacker's own address (a shared NAT),
 //! with valid tokens. Asserted:
 //!
@@ -29,6 +29,7 @@ use broker::store::testdb::TestDb;
 use broker::webhooks::signature::github_sign;
 use futures::StreamExt;
 use integration::http;
+use integration::leak_keys::{KEY_ID, KeyServer};
 use integration::{
     BrokerProcess, BrokerSetup, Secrets, acme_token, github_issuer_yaml, github_policies,
 };
@@ -53,6 +54,7 @@ const GARBAGE_TOKENS: usize = 1000;
 const LONG_NAMES: usize = 500;
 const BAD_WEBHOOKS: usize = 500;
 const BAD_REVOCATIONS: usize = 200;
+const BAD_LEAK_REPORTS: usize = 200;
 const ATTACK_CONCURRENCY: usize = 16;
 /// Honest workers on 127.0.0.1, and honest jobs behind the attacker's address.
 const HONEST_WORKERS: usize = 3;
@@ -67,6 +69,7 @@ enum Attack {
     LongNames,
     BadWebhook,
     BadRevocation,
+    BadLeakReport,
 }
 
 fn plan() -> Vec<Attack> {
@@ -75,6 +78,7 @@ fn plan() -> Vec<Attack> {
     v.extend(std::iter::repeat_n(Attack::LongNames, LONG_NAMES));
     v.extend(std::iter::repeat_n(Attack::BadWebhook, BAD_WEBHOOKS));
     v.extend(std::iter::repeat_n(Attack::BadRevocation, BAD_REVOCATIONS));
+    v.extend(std::iter::repeat_n(Attack::BadLeakReport, BAD_LEAK_REPORTS));
     // Interleave deterministically (a stride coprime with the length).
     let n = v.len();
     (0..n).map(|i| v[(i * 7919) % n]).collect()
@@ -104,6 +108,21 @@ async fn send_attack(http: &reqwest::Client, url: &str, a: Attack, i: usize) -> 
         Attack::BadRevocation => http
             .post(format!("{url}/v1/revoke"))
             .bearer_auth(format!("brk_rvk_forged{i}")),
+        // A known key id with a signature that does not verify, or an unknown key id.
+        Attack::BadLeakReport => http
+            .post(format!("{url}/v1/leaks/github"))
+            .header(
+                "github-public-key-identifier",
+                if i.is_multiple_of(2) {
+                    KEY_ID.to_owned()
+                } else {
+                    format!("forged-{i}")
+                },
+            )
+            .header("github-public-key-signature", "MEUCIQDforged")
+            .body(format!(
+                r#"[{{"token":"brk_rvk_x{i}","type":"t","url":"u","source":"content"}}]"#
+            )),
     };
     let resp = r.send().await.expect("attack request");
     let status = resp.status().as_u16();
@@ -175,12 +194,15 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
     let issuer = TestIssuer::start_with(&[TestKey::Rsa1]).await;
     let db = TestDb::postgres().await;
     let policies = github_policies().unwrap();
+    let key_server = KeyServer::start().await;
     let extra = format!(
-        "webhooks:\n  github:\n    secrets: [{{value: {HOOK_SECRET}, scope: [\"*\"]}}]\n\
+        "leaks:\n  github:\n    keys_url: {}\n    refresh_cooldown: 1s\n\
+         webhooks:\n  github:\n    secrets: [{{value: {HOOK_SECRET}, scope: [\"*\"]}}]\n\
          refusals:\n  failures_per_minute_per_client: {PER_MINUTE}\n  \
          failure_burst_per_client: {BURST}\n  audit_rows_per_window: {ROWS_PER_WINDOW}\n  \
          audit_window: {WINDOW_SECS}s\n\
-         metrics:\n  danger_public_diagnostics: true\n"
+         metrics:\n  danger_public_diagnostics: true\n",
+        key_server.url
     );
     let mut broker = BrokerProcess::start(
         &BrokerSetup::new(db.url(), policies.path(), github_issuer_yaml(&issuer.url()))
@@ -252,7 +274,8 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
             Attack::GarbageToken => (401, "malformed_token"),
             Attack::LongNames => (400, "bad_request"),
             Attack::BadWebhook => (401, "bad_signature"),
-            Attack::BadRevocation => (401, "invalid_revocation_token"),
+            Attack::BadRevocation => (401, "malformed_secret"),
+            Attack::BadLeakReport => (401, "bad_signature"),
         };
         if (*status, code.as_str()) == (429, "too_many_failures") {
             limited += 1;
@@ -373,7 +396,7 @@ async fn refusal_floods_are_bounded_counted_and_leave_honest_jobs_alone() {
         "{refusal_rows} refusal rows > burst + rate × {span}s = {by_limiter}"
     );
     // At most rows_per_window per (action, reason) key and window, and one aggregate each.
-    let keys = 4 + 3; // the four refusal reasons, and too_many_failures per action
+    let keys = 5 + 4; // the five refusal reasons, and too_many_failures per action
     let windows = span / WINDOW_SECS + 2;
     assert!(refusal_rows <= keys * windows * ROWS_PER_WINDOW);
     assert!(

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const OPERATOR_TOKEN: &str = "brk_op_revoke-all-scale-admin";
+const OPERATOR_TOKEN: &str = "brk_op_revokeAllScaleAdmin0000000000000_1xzwYx";
 /// Bulk grants matched by the filtered run: the newest ones.
 const HOT: i64 = 1000;
 /// Honest jobs running beside each run.

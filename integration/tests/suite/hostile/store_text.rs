@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const OPERATOR_TOKEN: &str = "brk_op_store-text-auditor-token";
+const OPERATOR_TOKEN: &str = "brk_op_storeTextAuditorToken00000000000_3w9NnK";
 const HONEST: usize = 50;
 /// Poisoned requests per kind (five kinds).
 const PER_KIND: usize = 40;
